@@ -1,0 +1,50 @@
+# evo-compress developer commands. `make demo` and `make test` set everything up themselves.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Two shared cores: one torch/BLAS thread per process keeps tests and timings stable.
+export OMP_NUM_THREADS ?= 1
+export OPENBLAS_NUM_THREADS ?= 1
+export MKL_NUM_THREADS ?= 1
+# Hugging Face caches stay inside the project's cache folder.
+export HF_HOME ?= $(CURDIR)/.cache/huggingface
+
+.PHONY: setup demo test test-fast lint format bench gpu-check clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# A CPU build of torch from local disk first: a bare `torch` requirement would pull
+	# several GB of CUDA wheels.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/evo-compress run --config configs/synthetic.yaml
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check evo_compress tests benchmarks
+	$(VENV)/bin/ruff format --check evo_compress tests benchmarks
+	$(VENV)/bin/mypy
+
+format: setup
+	$(VENV)/bin/ruff check --fix evo_compress tests benchmarks
+	$(VENV)/bin/ruff format evo_compress tests benchmarks
+
+bench: setup
+	$(PY) benchmarks/bench_engine.py
+
+gpu-check: setup
+	@echo "gpu-check: the CUDA paths arrive with the real evaluator (issue 3); nothing to check yet"
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,223 @@
+"""The population config: one validated, frozen pydantic model per YAML section.
+
+``load_config`` turns every validation problem into one ``ConfigError`` line that names the
+field path in backticks and echoes the bad value. The reference is docs/config.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from evo_compress.exceptions import ConfigError, EvoCompressError
+
+if TYPE_CHECKING:
+    from evo_compress.genomes import SearchSpace
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    id: str = Field("synthetic-7b", description="Hub id or local folder of the model")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class HardwareConfig(_Section):
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    name: str | None = Field(None, description="Label for reports and the cache fingerprint")
+    memory_gb: float | None = Field(None, gt=0, description="Device memory available, GiB")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        ok = value in {"auto", "cpu", "cuda"} or (
+            value.startswith("cuda:") and value[5:].isdigit()
+        )
+        if not ok:
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return value
+
+
+class CarbonConfig(_Section):
+    grid_intensity_g_per_kwh: float = Field(
+        400.0, gt=0, description="Carbon intensity of the electricity, g CO2e per kWh"
+    )
+    deployment_tokens: float = Field(
+        1e9, gt=0, description="Tokens the deployment will serve; amortises one-time CO2"
+    )
+
+
+class ConstraintsConfig(_Section):
+    max_accuracy_drop: float | None = Field(
+        None, ge=0, description="Largest accuracy drop allowed vs the baseline recipe"
+    )
+    max_latency_ms: float | None = Field(None, gt=0, description="ms per output token")
+    max_memory_mb: float | None = Field(None, gt=0, description="MiB peak device memory")
+    max_energy_j: float | None = Field(None, gt=0, description="J per 1,000 tokens")
+    max_co2_g: float | None = Field(None, gt=0, description="g CO2e per 1,000 tokens")
+
+    def active(self) -> dict[str, float]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class OperatorSpec(_Section):
+    name: str
+    weight: float = Field(1.0, gt=0, description="Relative chance of being picked")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class OperatorsConfig(_Section):
+    crossover_prob: float = Field(0.9, ge=0, le=1)
+    mutation_prob: float = Field(1.0, ge=0, le=1)
+    crossover: tuple[OperatorSpec, ...] = (OperatorSpec(name="uniform"),)
+    mutation: tuple[OperatorSpec, ...] = (OperatorSpec(name="gene"),)
+
+    @field_validator("crossover", "mutation")
+    @classmethod
+    def _not_empty(cls, value: tuple[OperatorSpec, ...]) -> tuple[OperatorSpec, ...]:
+        if not value:
+            raise ValueError("must list at least one operator")
+        return value
+
+
+class SpaceConfig(_Section):
+    base: str = Field("llm-compression", description="Built-in space name or YAML path")
+    pin: dict[str, Any] = Field(default_factory=dict, description="gene -> fixed value")
+    genes: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="gene -> partial definition to merge (or a new gene)"
+    )
+    forbid: tuple[dict[str, Any], ...] = ()
+
+
+class SearchConfig(_Section):
+    algorithm: Literal["nsga2", "nsga3"] = "nsga2"
+    population_size: int = Field(24, ge=4)
+    offspring_size: int | None = Field(None, ge=1, description="Default: population_size")
+    generations: int = Field(
+        10, ge=1, description="Generations in total, the initial one included"
+    )
+    seed: int = Field(0, ge=0)
+    recipes: str = Field("baseline", description="Seed portfolio name or YAML file of recipes")
+    space: SpaceConfig = SpaceConfig()
+    operators: OperatorsConfig = OperatorsConfig()
+    max_redraws: int = Field(
+        100, ge=1, description="Attempts per offspring slot to find a recipe not yet evaluated"
+    )
+    nsga3_partitions: int | None = Field(
+        None, ge=1, description="Das-Dennis partitions for NSGA-III reference directions"
+    )
+
+
+class EvaluatorConfig(_Section):
+    name: str = "synthetic"
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+
+class CacheConfig(_Section):
+    enabled: bool = True
+    path: Path | None = Field(None, description="Default: <runs_root>/.cache/fitness.sqlite")
+
+
+class OutputConfig(_Section):
+    runs_root: Path = Path("runs")
+    run_dir: Path | None = Field(None, description="Default: <runs_root>/<timestamp>-<name>")
+
+
+class PopulationConfig(_Section):
+    name: str = Field("search", pattern=r"^[A-Za-z0-9_.-]+$")
+    model: ModelConfig = ModelConfig()
+    hardware: HardwareConfig = HardwareConfig()
+    carbon: CarbonConfig = CarbonConfig()
+    constraints: ConstraintsConfig = ConstraintsConfig()
+    search: SearchConfig = SearchConfig()
+    evaluator: EvaluatorConfig = EvaluatorConfig()
+    cache: CacheConfig = CacheConfig()
+    output: OutputConfig = OutputConfig()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _format_error(exc: ValidationError, source: str) -> str:
+    err = exc.errors()[0]
+    path = ".".join(str(p) for p in err["loc"])
+    message = err["msg"]
+    if err["type"] == "extra_forbidden":
+        return f"{source}: unknown key `{path}`"
+    value = err.get("input")
+    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    if err["type"] == "missing":
+        return f"{source}: `{path}` is required{more}"
+    return f"{source}: `{path}` {message.lower()}, got {value!r}{more}"
+
+
+def parse_config(data: Any, source: str = "config") -> PopulationConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: must be a mapping of sections, got {type(data).__name__}")
+    try:
+        config = PopulationConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, source)) from None
+    check_config(config, source)
+    return config
+
+
+def load_config(path: str | Path) -> PopulationConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    return parse_config(data, source=str(path))
+
+
+def check_config(config: PopulationConfig, source: str = "config") -> None:
+    """Cross-section checks that need the registries: names exist, the space builds."""
+    # Imported here: operators and fitness import this module's types.
+    from evo_compress.fitness import EVALUATORS
+    from evo_compress.operators import CROSSOVERS, MUTATIONS
+
+    try:
+        for kind, registry, specs in (
+            ("crossover", CROSSOVERS, config.search.operators.crossover),
+            ("mutation", MUTATIONS, config.search.operators.mutation),
+        ):
+            for i, spec in enumerate(specs):
+                if spec.name not in registry:
+                    where = f"`search.operators.{kind}[{i}].name`"
+                    raise ConfigError(f"{where}: {registry.unknown_message(spec.name)}")
+        if config.evaluator.name not in EVALUATORS:
+            raise ConfigError(
+                f"`evaluator.name`: {EVALUATORS.unknown_message(config.evaluator.name)}"
+            )
+        build_space(config)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def build_space(config: PopulationConfig) -> SearchSpace:
+    """The search space of this config: the base space with its overrides applied."""
+    from evo_compress.genomes import SearchSpace
+
+    space_cfg = config.search.space
+    try:
+        space = SearchSpace.load(space_cfg.base)
+        if space_cfg.pin or space_cfg.genes or space_cfg.forbid:
+            space = space.with_overrides(space_cfg.pin, space_cfg.genes, space_cfg.forbid)
+    except EvoCompressError as exc:
+        raise ConfigError(f"`search.space`: {exc}") from None
+    return space

@@ -1,0 +1,99 @@
+"""An immutable compression recipe: the canonical assignment of a search space's active genes.
+
+Recipes are made by ``SearchSpace.recipe`` (strict) or ``SearchSpace.repair`` (lenient), which
+drop inactive genes, snap numbers to their step and fill missing genes, so two recipes that
+mean the same thing have the same canonical JSON and the same content hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from evo_compress.exceptions import RecipeError
+from evo_compress.genomes.genes import Value
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{quant: {method: nf4}}`` and ``{"quant.method": nf4}`` both become the flat form."""
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"a recipe must be a mapping of genes, got {type(data).__name__}")
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, prefix=f"{name}."))
+        else:
+            if name in flat:
+                raise RecipeError(f"`{name}` is given twice")
+            flat[name] = value
+    return flat
+
+
+def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of ``flatten`` for dotted names: ``quant.method`` -> ``{quant: {method}}``."""
+    nested: dict[str, Any] = {}
+    for name, value in flat.items():
+        node = nested
+        *groups, leaf = name.split(".")
+        for group in groups:
+            node = node.setdefault(group, {})
+        node[leaf] = value
+    return nested
+
+
+class Recipe(Mapping[str, Value]):
+    """A read-only mapping ``gene name -> canonical value`` with a stable content hash."""
+
+    __slots__ = ("_hash", "_json", "_values")
+
+    def __init__(self, values: Mapping[str, Value]) -> None:
+        # Callers pass canonical values (SearchSpace guarantees it); we only fix the key order.
+        self._values: dict[str, Value] = {k: values[k] for k in sorted(values)}
+        self._json = json.dumps(self._values, sort_keys=True, separators=(",", ":"))
+        self._hash = hashlib.sha256(self._json.encode()).hexdigest()
+
+    @property
+    def hash(self) -> str:
+        """SHA-256 of the canonical JSON: equal recipes hash equal, across processes."""
+        return self._hash
+
+    @property
+    def short_hash(self) -> str:
+        return self._hash[:12]
+
+    def canonical_json(self) -> str:
+        return self._json
+
+    def to_dict(self, nested: bool = True) -> dict[str, Any]:
+        return nest(self._values) if nested else dict(self._values)
+
+    def __getitem__(self, name: str) -> Value:
+        return self._values[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Recipe):
+            return self._hash == other._hash
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._hash)
+
+    def __repr__(self) -> str:
+        return f"Recipe({self._json})"
+
+    def summary(self) -> str:
+        """A compact one-line form for tables: ``quant=awq/128 prune=wanda@0.5 ...``."""
+        groups: dict[str, list[str]] = {}
+        for name, value in self._values.items():
+            group, _, leaf = name.partition(".")
+            groups.setdefault(group, []).append(f"{leaf}={value}")
+        return " ".join(f"{group}({','.join(parts)})" for group, parts in groups.items())

@@ -1,0 +1,321 @@
+"""Search spaces: an ordered set of typed genes, their activation conditions and forbidden rules.
+
+Spaces are declared in YAML (``genomes/builtin/*.yaml`` ships ``llm-compression``) and can be
+narrowed, pinned or extended from the population config without writing Python.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from evo_compress.exceptions import RecipeError, SearchSpaceError
+from evo_compress.genomes.genes import (
+    ChoiceGene,
+    Clause,
+    Gene,
+    Value,
+    gene_from_data,
+)
+from evo_compress.genomes.recipe import Recipe, flatten
+
+_MAX_REPAIR_ROUNDS = 64
+
+
+@dataclass(frozen=True)
+class ForbidRule:
+    """A combination no recipe may have, with the reason shown to the user."""
+
+    when: Clause
+    reason: str
+
+    def describe(self) -> str:
+        parts = []
+        for name, negated, values in self.when.terms:
+            if len(values) == 1:
+                parts.append(f"{name} {'!=' if negated else '='} {values[0]}")
+            else:
+                parts.append(f"{name} {'not in' if negated else 'in'} {list(values)}")
+        return " and ".join(parts)
+
+    def to_data(self) -> dict[str, Any]:
+        return {"when": self.when.to_data(), "reason": self.reason}
+
+
+def builtin_space_names() -> list[str]:
+    folder = resources.files("evo_compress.genomes") / "builtin"
+    return sorted(
+        p.name[: -len(".yaml")]
+        for p in folder.iterdir()
+        if p.name.endswith(".yaml") and p.name != "portfolios.yaml"
+    )
+
+
+class SearchSpace:
+    """Genes in dependency order plus forbidden combinations.
+
+    Strict construction (``recipe``) rejects unknown genes, out-of-range values and forbidden
+    combinations with an error naming the gene; lenient ``repair`` moves any assignment to the
+    nearest valid recipe. Both return canonical ``Recipe`` objects.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        genes: Sequence[Gene],
+        forbid: Sequence[ForbidRule] = (),
+        description: str = "",
+    ) -> None:
+        self.name = name
+        self.description = description
+        by_name: dict[str, Gene] = {}
+        for gene in genes:
+            if gene.name in by_name:
+                raise SearchSpaceError(f"gene `{gene.name}` is declared twice")
+            by_name[gene.name] = gene
+        for gene in genes:
+            for dep in sorted(gene.active_if.genes()):
+                if dep not in by_name:
+                    raise SearchSpaceError(
+                        f"`genes.{gene.name}.active_if` names unknown gene `{dep}`"
+                    )
+        for i, rule in enumerate(forbid):
+            for dep in sorted(rule.when.genes()):
+                if dep not in by_name:
+                    raise SearchSpaceError(f"`forbid[{i}].when` names unknown gene `{dep}`")
+        self.genes: dict[str, Gene] = {g.name: g for g in _topological(genes)}
+        self.forbid: tuple[ForbidRule, ...] = tuple(forbid)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_data(cls, data: Mapping[str, Any], default_name: str = "custom") -> SearchSpace:
+        if not isinstance(data, Mapping):
+            raise SearchSpaceError("a search space must be a mapping with `genes`")
+        unknown = set(data) - {"name", "description", "genes", "forbid"}
+        if unknown:
+            raise SearchSpaceError(f"search space has unknown keys {sorted(unknown)}")
+        genes_data = data.get("genes")
+        if not isinstance(genes_data, Mapping) or not genes_data:
+            raise SearchSpaceError("`genes` must be a non-empty mapping of gene definitions")
+        genes = [gene_from_data(str(n), d) for n, d in genes_data.items()]
+        forbid = []
+        for i, item in enumerate(data.get("forbid") or []):
+            if (
+                not isinstance(item, Mapping)
+                or set(item) - {"when", "reason"}
+                or "when" not in item
+            ):
+                raise SearchSpaceError(f"`forbid[{i}]` must be {{when: {{...}}, reason: ...}}")
+            forbid.append(
+                ForbidRule(
+                    Clause.parse(item["when"], f"forbid[{i}].when"), str(item.get("reason", ""))
+                )
+            )
+        return cls(
+            str(data.get("name", default_name)), genes, forbid, str(data.get("description", ""))
+        )
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> SearchSpace:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            raise SearchSpaceError(f"cannot read search space {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise SearchSpaceError(f"search space {path} is not valid YAML: {exc}") from None
+        return cls.from_data(data, default_name=path.stem)
+
+    @classmethod
+    def builtin(cls, name: str = "llm-compression") -> SearchSpace:
+        names = builtin_space_names()
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=1)
+            hint = f" (did you mean `{close[0]}`?)" if close else ""
+            raise SearchSpaceError(f"unknown search space `{name}`{hint}; built in: {names}")
+        text = (resources.files("evo_compress.genomes") / "builtin" / f"{name}.yaml").read_text()
+        return cls.from_data(yaml.safe_load(text), default_name=name)
+
+    @classmethod
+    def load(cls, ref: str | Path) -> SearchSpace:
+        """A built-in name, or a path to a YAML file."""
+        if isinstance(ref, Path) or str(ref).endswith((".yaml", ".yml")) or "/" in str(ref):
+            return cls.from_yaml(ref)
+        return cls.builtin(str(ref))
+
+    def with_overrides(
+        self,
+        pin: Mapping[str, Any] | None = None,
+        genes: Mapping[str, Mapping[str, Any]] | None = None,
+        forbid: Sequence[Mapping[str, Any]] | None = None,
+    ) -> SearchSpace:
+        """A new space: ``genes`` merges partial definitions (narrow ranges, new choices, new
+        genes), ``pin`` fixes genes to one value, ``forbid`` adds rules."""
+        data = self.to_data()
+        gene_data: dict[str, Any] = data["genes"]
+        for name, partial in (genes or {}).items():
+            if not isinstance(partial, Mapping):
+                raise SearchSpaceError(f"`genes.{name}` must be a mapping, got {partial!r}")
+            if name in gene_data:
+                merged = {**gene_data[name], **partial}
+                if "default" not in partial:
+                    merged.pop("default", None)  # re-derived from the new domain below
+                    old_default = gene_data[name]["default"]
+                    probe = gene_from_data(name, merged)
+                    try:
+                        merged["default"] = probe.check(old_default)
+                    except RecipeError:
+                        merged["default"] = probe.default
+                gene_data[name] = merged
+            else:
+                gene_data[name] = dict(partial)
+        for name, value in (pin or {}).items():
+            if name not in gene_data:
+                raise SearchSpaceError(self._unknown_gene(name, "pin"))
+            gene = gene_from_data(name, gene_data[name])
+            try:
+                value = gene.check(value)
+            except RecipeError as exc:
+                raise SearchSpaceError(f"cannot pin: {exc}") from None
+            pinned = {"type": "choice", "choices": [value], "default": value}
+            for key in ("active_if", "doc"):
+                if key in gene_data[name]:
+                    pinned[key] = gene_data[name][key]
+            gene_data[name] = pinned
+        data["forbid"] = list(data.get("forbid", [])) + list(forbid or [])
+        return SearchSpace.from_data(data)
+
+    def to_data(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"name": self.name}
+        if self.description:
+            data["description"] = self.description
+        data["genes"] = {name: gene.to_data() for name, gene in self.genes.items()}
+        if self.forbid:
+            data["forbid"] = [rule.to_data() for rule in self.forbid]
+        return data
+
+    @property
+    def fingerprint(self) -> str:
+        text = json.dumps(self.to_data(), sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    # ------------------------------------------------------------------ recipes
+    def recipe(self, data: Mapping[str, Any] | Recipe | None = None) -> Recipe:
+        """Strict: validate ``data`` (nested or dotted) and return its canonical recipe.
+
+        Missing active genes take their defaults; genes that are inactive are dropped.
+        """
+        flat = flatten(data or {})
+        for name in flat:
+            if name not in self.genes:
+                raise RecipeError(self._unknown_gene(name, "recipe"))
+        values: dict[str, Value] = {}
+        for name, gene in self.genes.items():
+            if gene.active_if.holds(values):
+                values[name] = gene.check(flat.get(name, gene.default))
+        rule = self.violated_rule(values)
+        if rule is not None:
+            raise RecipeError(f"forbidden combination {rule.describe()}: {rule.reason}")
+        return Recipe(values)
+
+    def repair(self, data: Mapping[str, Any], rng: np.random.Generator) -> Recipe:
+        """Lenient: the nearest valid recipe. Unknown genes are dropped, numbers clipped and
+        snapped, invalid choices moved to the nearest (numeric) or a random one, genes that
+        became active sampled, and forbidden combinations broken by changing one of their genes."""
+        current = {k: v for k, v in flatten(data).items() if k in self.genes}
+        for _ in range(_MAX_REPAIR_ROUNDS):
+            values = self._resolve(current, rng)
+            rule = self.violated_rule(values)
+            if rule is None:
+                return Recipe(values)
+            current = values
+            self._break(rule, current, rng)
+        # A space whose rules cannot be satisfied from here: start over from random draws.
+        for _ in range(_MAX_REPAIR_ROUNDS):
+            values = self._resolve({}, rng)
+            if self.violated_rule(values) is None:
+                return Recipe(values)
+        raise SearchSpaceError(
+            f"search space `{self.name}`: could not find a recipe that satisfies its forbid rules"
+        )
+
+    def sample(self, rng: np.random.Generator) -> Recipe:
+        """A uniformly drawn valid recipe (per gene, in dependency order)."""
+        return self.repair({}, rng)
+
+    def baseline(self) -> Recipe:
+        """Every gene at its default: for ``llm-compression`` the uncompressed model."""
+        return self.recipe({})
+
+    def violated_rule(self, values: Mapping[str, Value]) -> ForbidRule | None:
+        for rule in self.forbid:
+            if rule.when.holds(values):
+                return rule
+        return None
+
+    def active_genes(self, values: Mapping[str, Any]) -> list[str]:
+        active: dict[str, Any] = {}
+        for name, gene in self.genes.items():
+            if gene.active_if.holds(active):
+                active[name] = values.get(name, gene.default)
+        return list(active)
+
+    # ------------------------------------------------------------------ helpers
+    def _resolve(self, current: Mapping[str, Any], rng: np.random.Generator) -> dict[str, Value]:
+        values: dict[str, Value] = {}
+        for name, gene in self.genes.items():
+            if gene.active_if.holds(values):
+                values[name] = (
+                    gene.clip(current[name], rng) if name in current else gene.sample(rng)
+                )
+        return values
+
+    def _break(self, rule: ForbidRule, values: dict[str, Any], rng: np.random.Generator) -> None:
+        terms = list(rule.when.terms)
+        for index in rng.permutation(len(terms)):
+            name, negated, allowed = terms[int(index)]
+            gene = self.genes[name]
+            if isinstance(gene, ChoiceGene):
+                options = [c for c in gene.choices if (c in allowed) == negated]
+            else:
+                draws = [gene.sample(rng) for _ in range(16)]
+                options = [v for v in draws if (v in allowed) == negated]
+            if options:
+                values[name] = options[int(rng.integers(len(options)))]
+                return
+
+    def _unknown_gene(self, name: str, where: str) -> str:
+        close = difflib.get_close_matches(name, list(self.genes), n=1)
+        hint = f" (did you mean `{close[0]}`?)" if close else ""
+        return f"{where}: unknown gene `{name}`{hint} in search space `{self.name}`"
+
+    def __repr__(self) -> str:
+        return f"SearchSpace({self.name!r}, {len(self.genes)} genes, {len(self.forbid)} rules)"
+
+
+def _topological(genes: Sequence[Gene]) -> list[Gene]:
+    """Genes ordered so each comes after the genes its condition reads; declared order breaks
+    ties, so the order (and hence every random draw) is stable."""
+    remaining = list(genes)
+    placed: dict[str, Gene] = {}
+    while remaining:
+        progressed = False
+        for gene in list(remaining):
+            if gene.active_if.genes() <= set(placed):
+                placed[gene.name] = gene
+                remaining.remove(gene)
+                progressed = True
+                break
+        if not progressed:
+            cycle = ", ".join(g.name for g in remaining)
+            raise SearchSpaceError(f"gene conditions form a cycle among: {cycle}")
+    return list(placed.values())
