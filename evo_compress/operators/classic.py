@@ -1,0 +1,100 @@
+"""Classic typed operators: uniform crossover over genes and per-gene mutation by gene type."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from evo_compress.exceptions import OperatorError
+from evo_compress.genomes import BoolGene, ChoiceGene, Gene, SearchSpace
+from evo_compress.genomes.genes import _RangeGene
+from evo_compress.operators._base import Crossover, Mutation
+
+
+class UniformCrossover(Crossover):
+    """Each gene comes from either parent with equal odds (``swap_prob`` for the second).
+
+    Genes only one parent has (active there, inactive in the other) are inherited with the
+    same odds; repair then drops the ones the child's other genes switch off.
+    """
+
+    name = "uniform"
+
+    def __init__(self, space: SearchSpace, swap_prob: float = 0.5) -> None:
+        super().__init__(space)
+        if not 0.0 <= swap_prob <= 1.0:
+            raise OperatorError(f"`swap_prob` must be in [0, 1], got {swap_prob}")
+        self.swap_prob = float(swap_prob)
+
+    def _do(self, parents: list[dict[str, Any]], rng: np.random.Generator) -> dict[str, Any]:
+        first, second = parents
+        child: dict[str, Any] = {}
+        for name in self.space.genes:  # space order keeps the RNG draws stable
+            if name not in first and name not in second:
+                continue
+            take_second = rng.random() < self.swap_prob
+            if name in second and (take_second or name not in first):
+                child[name] = second[name]
+            else:
+                child[name] = first[name]
+        return child
+
+
+class GeneMutation(Mutation):
+    """Mutate each active gene with probability ``gene_prob`` (default 1 / active genes), at
+    least one gene always: choices are reset to another choice, booleans flipped, numbers
+    moved by a Gaussian step of ``step_scale`` x their range (at least one step), clipped."""
+
+    name = "gene"
+
+    def __init__(
+        self, space: SearchSpace, gene_prob: float | None = None, step_scale: float = 0.2
+    ) -> None:
+        super().__init__(space)
+        if gene_prob is not None and not 0.0 < gene_prob <= 1.0:
+            raise OperatorError(f"`gene_prob` must be in (0, 1], got {gene_prob}")
+        if not step_scale > 0:
+            raise OperatorError(f"`step_scale` must be > 0, got {step_scale}")
+        self.gene_prob = gene_prob
+        self.step_scale = float(step_scale)
+
+    def _do(self, values: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        mutable = [n for n in values if n in self.space.genes and _can_vary(self.space.genes[n])]
+        if not mutable:
+            return values
+        prob = self.gene_prob if self.gene_prob is not None else 1.0 / len(mutable)
+        chosen = [n for n in mutable if rng.random() < prob]
+        if not chosen:
+            chosen = [mutable[int(rng.integers(len(mutable)))]]
+        out = dict(values)
+        for name in chosen:
+            out[name] = self._mutate_gene(self.space.genes[name], out[name], rng)
+        return out
+
+    def _mutate_gene(self, gene: Gene, value: Any, rng: np.random.Generator) -> Any:
+        if isinstance(gene, BoolGene):
+            return not value
+        if isinstance(gene, ChoiceGene):
+            others = [c for c in gene.choices if c != value]
+            return others[int(rng.integers(len(others)))]
+        assert isinstance(gene, _RangeGene)
+        span = gene.high - gene.low
+        delta = rng.normal(0.0, self.step_scale * span)
+        steps = round(delta / gene.step)
+        if steps == 0:
+            steps = 1 if rng.random() < 0.5 else -1
+        moved = value + steps * gene.step
+        if moved < gene.low or moved > gene.high:
+            moved = (
+                value - steps * gene.step
+            )  # bounce back into range rather than stick at a bound
+        return gene.clip(moved, rng)
+
+
+def _can_vary(gene: Gene) -> bool:
+    if isinstance(gene, ChoiceGene):
+        return len(gene.choices) > 1
+    if isinstance(gene, _RangeGene):
+        return gene.n_steps > 0
+    return True
