@@ -1,0 +1,146 @@
+"""The evaluator extension point: recipe in, five objectives (or a recorded failure) out.
+
+Subclasses write ``_evaluate``; the public ``evaluate`` does the shared work: the back end's
+capability check (a recipe it cannot apply is infeasible with a reason, not a crash), timing,
+turning exceptions into failed results, and checking that five finite objectives came back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import traceback
+from abc import ABC, abstractmethod
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from evo_compress.config import CarbonConfig, HardwareConfig, ModelConfig
+from evo_compress.genomes import Recipe, SearchSpace
+from evo_compress.objectives import check_objectives
+from evo_compress.registry import Registry
+
+Status = Literal["ok", "failed", "infeasible"]
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """What one evaluation produced. ``metadata`` says how each value was obtained (measured,
+    estimated or synthetic, device, repeats, spread) and is stored as plain JSON."""
+
+    status: Status
+    objectives: dict[str, float] | None = None
+    reason: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    duration_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @classmethod
+    def success(
+        cls, objectives: Mapping[str, float], metadata: Mapping[str, Any]
+    ) -> EvaluationResult:
+        return cls("ok", check_objectives(objectives), None, dict(metadata))
+
+    @classmethod
+    def failure(
+        cls, reason: str, metadata: Mapping[str, Any] | None = None, status: Status = "failed"
+    ) -> EvaluationResult:
+        return cls(status, None, reason, dict(metadata or {}))
+
+    def with_duration(self, seconds: float) -> EvaluationResult:
+        return EvaluationResult(self.status, self.objectives, self.reason, self.metadata, seconds)
+
+
+@dataclass(frozen=True)
+class EvaluationContext:
+    """What an evaluator needs besides its own settings: the model, hardware and carbon data."""
+
+    model: ModelConfig = field(default_factory=lambda: ModelConfig())
+    hardware: HardwareConfig = field(default_factory=lambda: HardwareConfig())
+    carbon: CarbonConfig = field(default_factory=lambda: CarbonConfig())
+
+
+class Evaluator(ABC):
+    """Base of every fitness back end.
+
+    ``capabilities`` maps each gene the back end can apply to the values it supports (None:
+    any value). A recipe that sets any other gene away from its default is infeasible here.
+    """
+
+    name: ClassVar[str] = "evaluator"
+
+    def __init__(self, settings: Mapping[str, Any], context: EvaluationContext) -> None:
+        self.settings = dict(settings)
+        self.context = context
+
+    @abstractmethod
+    def capabilities(self) -> Mapping[str, Collection[Any] | None]:
+        """Genes this back end can apply, each with its supported values (None: all)."""
+
+    @abstractmethod
+    def _evaluate(self, recipe: Recipe) -> EvaluationResult:
+        """Apply ``recipe``, measure it and return the result (raise or return a failure)."""
+
+    def fingerprint_data(self) -> dict[str, Any]:
+        """Everything besides the recipe that changes the result; keys the fitness cache."""
+        return {
+            "evaluator": self.name,
+            "settings": self.settings,
+            "model": self.context.model.model_dump(mode="json"),
+            "hardware": self.context.hardware.model_dump(mode="json"),
+            "carbon": self.context.carbon.model_dump(mode="json"),
+        }
+
+    def fingerprint(self) -> str:
+        text = json.dumps(self.fingerprint_data(), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def infeasible_reason(self, recipe: Recipe, space: SearchSpace) -> str | None:
+        caps = self.capabilities()
+        for gene, value in recipe.items():
+            if gene in caps:
+                allowed = caps[gene]
+                if allowed is not None and value not in allowed:
+                    return (
+                        f"the {self.name} back end cannot apply `{gene}` = {value!r} "
+                        f"(supported: {sorted(map(str, allowed))})"
+                    )
+            elif gene in space.genes and value != space.genes[gene].default:
+                return f"the {self.name} back end cannot apply `{gene}` (only its default)"
+        return None
+
+    def evaluate(self, recipe: Recipe, space: SearchSpace) -> EvaluationResult:
+        """Evaluate one recipe; never raises for a recipe's own failure."""
+        start = time.perf_counter()
+        reason = self.infeasible_reason(recipe, space)
+        if reason is not None:
+            result = EvaluationResult.failure(reason, {"evaluator": self.name}, "infeasible")
+            return result.with_duration(time.perf_counter() - start)
+        try:
+            result = self._evaluate(recipe)
+            if result.ok:
+                # Re-check: a back end that returns NaN or four objectives is a failure.
+                result = EvaluationResult.success(result.objectives or {}, result.metadata)
+        except Exception as exc:  # a crash of one evaluation is data, not a crash of the search
+            result = EvaluationResult.failure(
+                f"{type(exc).__name__}: {exc}",
+                {"evaluator": self.name, "traceback": traceback.format_exc(limit=8)},
+            )
+        return result.with_duration(time.perf_counter() - start)
+
+    def close(self) -> None:
+        """Release models, servers or worker processes. Safe to call twice."""
+
+
+EVALUATORS: Registry[Evaluator] = Registry("evaluator")
+EVALUATORS.register("synthetic", "evo_compress.fitness.synthetic:SyntheticEvaluator")
+
+
+def make_evaluator(
+    name: str, settings: Mapping[str, Any], context: EvaluationContext
+) -> Evaluator:
+    return EVALUATORS.get(name)(settings, context)
