@@ -1,0 +1,119 @@
+"""Read results back out of a run store: the current Pareto front and the run's status."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from evo_compress.genomes import nest
+from evo_compress.runs.store import LOCK_NAME, RunStore
+
+
+@dataclass(frozen=True)
+class FrontMember:
+    id: int
+    generation: int
+    recipe: dict[str, Any]  # nested form
+    objectives: dict[str, float]
+    feasible: bool
+    how: dict[str, Any]  # how each value was obtained (evaluation metadata)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "recipe": self.recipe,
+            "objectives": self.objectives,
+            "feasible": self.feasible,
+        }
+
+
+def load_front(store: RunStore) -> list[FrontMember]:
+    """The front of the last checkpoint: its feasible rank-0 members, or, when no member is
+    feasible, the least-violating ones (flagged ``feasible: false``)."""
+    checkpoint = store.last_checkpoint()
+    if checkpoint is None:
+        return []
+    population = checkpoint.population
+    feasible = [e for e in population if float(e["cv"]) <= 0]
+    if feasible:
+        chosen = [e for e in feasible if e.get("rank") == 0]
+        is_feasible = True
+    else:
+        least = min(float(e["cv"]) for e in population)
+        chosen = [e for e in population if float(e["cv"]) == least]
+        is_feasible = False
+    members = []
+    for entry in sorted(chosen, key=lambda e: e["id"]):
+        row = store.individual(entry["id"])
+        evaluation = store.evaluation(entry["id"])
+        if evaluation is None or evaluation.result.objectives is None:
+            continue  # a failed evaluation is never on the front
+        members.append(
+            FrontMember(
+                id=row.id,
+                generation=row.generation,
+                recipe=nest(row.recipe),
+                objectives=evaluation.result.objectives,
+                feasible=is_feasible,
+                how=evaluation.result.metadata,
+            )
+        )
+    members.sort(key=lambda m: -m.objectives["accuracy"])
+    return members
+
+
+def run_status(store: RunStore) -> dict[str, Any]:
+    """A summary of a run for ``evo-compress status``."""
+    checkpoints = store.checkpoints()
+    evaluations = store.evaluations()
+    by_status: dict[str, int] = {}
+    by_source: dict[str, int] = {}
+    for row in evaluations.values():
+        by_status[row.result.status] = by_status.get(row.result.status, 0) + 1
+        by_source[row.source] = by_source.get(row.source, 0) + 1
+    target = int(store.get_meta("generations_target"))
+    done = checkpoints[-1].generation + 1 if checkpoints else 0
+    holder = lock_holder(store)
+    if holder is not None:
+        state = f"running (pid {holder})"
+    elif done >= target:
+        state = "finished"
+    else:
+        state = "stopped before its last generation (resume it)"
+    last = checkpoints[-1].stats if checkpoints else {}
+    return {
+        "name": store.get_meta("name"),
+        "run_dir": str(store.run_dir),
+        "state": state,
+        "generations_done": done,
+        "generations_target": target,
+        "individuals": len(store.individuals()),
+        "evaluations": len(evaluations),
+        "by_status": by_status,
+        "by_source": by_source,
+        "front_size": last.get("front_size"),
+        "hypervolume": last.get("hypervolume"),
+        "history": [
+            {k: c.stats.get(k) for k in ("generation", "front_size", "hypervolume", "failed")}
+            for c in checkpoints
+        ],
+    }
+
+
+def lock_holder(store: RunStore) -> str | None:
+    """The pid holding the run's writer lock, or None when no process holds it."""
+    path = store.run_dir / LOCK_NAME
+    if not path.exists():
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
