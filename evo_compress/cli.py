@@ -1,0 +1,442 @@
+"""The ``evo-compress`` command line: run, resume, status, front, validate.
+
+An ``EvoCompressError`` becomes one line on stderr and exit code 2; ``--debug`` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from evo_compress import __version__
+from evo_compress.exceptions import EvoCompressError, RecipeError
+from evo_compress.progress import ProgressListener
+
+app = typer.Typer(
+    name="evo-compress",
+    help="Search for Pareto-optimal compression recipes of a language model (NSGA-II/III).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+# Piped output (CI logs, files) gets wide lines instead of rich's 80-column default.
+console = Console(width=None if sys.stdout.isatty() else 140)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
+_state = {"debug": False}
+
+
+class FrontFormat(str, Enum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    try:
+        yield
+    except EvoCompressError as exc:
+        if _state["debug"]:
+            raise
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"evo-compress {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    debug: bool = typer.Option(
+        False, "--debug", help="Show full tracebacks instead of one-line errors."
+    ),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    _state["debug"] = debug
+
+
+# ---------------------------------------------------------------------- progress display
+class _RichProgress(ProgressListener):
+    """Live progress: generation, evaluations done/total, cache hits, front size, hypervolume."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.progress = Progress(
+            TextColumn("[bold]gen {task.fields[gen]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn(
+                "evals  cache hits {task.fields[hits]}  front {task.fields[front]}  "
+                "HV {task.fields[hv]}"
+            ),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        )
+        self.task: Any = None
+        self.hits = 0
+
+    def search_started(self, search: Any) -> None:
+        search_cfg = search.config.search
+        offspring = search_cfg.offspring_size or search_cfg.population_size
+        total = 1 + search_cfg.population_size + (search.target_generations - 1) * offspring
+        done = len(search.store.evaluations())
+        self.console.print(
+            f"run [bold]{search.store.run_dir}[/]  ({search_cfg.algorithm}, population "
+            f"{search_cfg.population_size}, {search.target_generations} generations, "
+            f"evaluator {search.evaluator.name})",
+            highlight=False,
+        )
+        if search.evaluator.name == "synthetic":
+            self.console.print(
+                "[yellow]evaluator `synthetic`: a closed-form test landscape, not measurements "
+                "of a model[/]"
+            )
+        self.progress.start()
+        self.task = self.progress.add_task(
+            "search", total=total, completed=done, gen="-", hits=0, front="-", hv="-"
+        )
+
+    def generation_started(self, generation: int, n_offspring: int) -> None:
+        self.progress.update(self.task, gen=generation)
+
+    def evaluation_finished(self, generation: int, result: Any, source: str) -> None:
+        if source == "cache":
+            self.hits += 1
+        self.progress.update(self.task, advance=1, hits=self.hits)
+
+    def generation_finished(self, stats: Any) -> None:
+        self.progress.update(self.task, front=stats.front_size, hv=f"{stats.hypervolume:.4f}")
+        if not self.console.is_terminal:
+            self.console.print(
+                f"generation {stats.generation}: {stats.offspring} offspring, "
+                f"{stats.evaluated} evaluated, {stats.cache_hits} cache hits, "
+                f"{stats.failed} failed, front {stats.front_size}, HV {stats.hypervolume:.4f}",
+                highlight=False,
+            )
+
+    def message(self, text: str) -> None:
+        self.console.print(text, highlight=False)
+
+    def stop(self) -> None:
+        self.progress.stop()
+
+
+def _drive(search: Any, listener: _RichProgress) -> None:
+    try:
+        search.run()
+    except KeyboardInterrupt:
+        listener.stop()
+        err_console.print(
+            f"interrupted: finished evaluations are saved in {search.store.run_dir}; "
+            f"continue with `evo-compress resume {search.store.run_dir}`",
+            highlight=False,
+        )
+        search.close()
+        raise typer.Exit(130) from None
+    except BaseException:
+        listener.stop()
+        search.close()
+        raise
+    listener.stop()
+    from evo_compress.runs.front import load_front
+
+    members = load_front(search.store)
+    _print_front_table(members)
+    console.print(
+        f"run directory: {search.store.run_dir}  (evo-compress front {search.store.run_dir} "
+        "--format json)",
+        highlight=False,
+    )
+    search.close()
+
+
+# ---------------------------------------------------------------------- commands
+@app.command()
+def run(
+    config: Path = typer.Option(..., "--config", "-c", help="Population config (YAML)."),
+    run_dir: Path | None = typer.Option(
+        None, "--run-dir", help="Where to write the run (default: <runs_root>/<timestamp>-<name>)."
+    ),
+    recipes: str | None = typer.Option(
+        None,
+        "--recipes",
+        help="First-generation seeds: baseline, conservative, aggressive, or a recipes YAML file.",
+    ),
+    generations: int | None = typer.Option(
+        None, "--generations", min=1, help="Generations in total, the initial one included."
+    ),
+    seed: int | None = typer.Option(
+        None, "--seed", min=0, help="Random seed (same seed, same front)."
+    ),
+    cache: Path | None = typer.Option(
+        None, "--cache", help="Fitness cache file (default: <runs_root>/.cache/fitness.sqlite)."
+    ),
+    no_cache: bool = typer.Option(
+        False, "--no-cache", help="Evaluate everything; read and write no cache."
+    ),
+) -> None:
+    """Start a new search from a population config."""
+    with _errors():
+        from evo_compress.config import load_config
+        from evo_compress.engine import Search
+
+        if cache is not None and no_cache:
+            raise EvoCompressError("`--cache` and `--no-cache` exclude each other")
+        cfg = load_config(config)
+        search_update: dict[str, Any] = {}
+        if recipes is not None:
+            search_update["recipes"] = recipes
+        if generations is not None:
+            search_update["generations"] = generations
+        if seed is not None:
+            search_update["seed"] = seed
+        update: dict[str, Any] = {"search": cfg.search.model_copy(update=search_update)}
+        if cache is not None or no_cache:
+            update["cache"] = cfg.cache.model_copy(
+                update={"enabled": not no_cache, "path": cache or cfg.cache.path}
+            )
+        cfg = cfg.model_copy(update=update)
+        listener = _RichProgress(console)
+        search = Search.start(cfg, run_dir=run_dir, listener=listener)
+        _drive(search, listener)
+
+
+@app.command()
+def resume(
+    run_dir: Path = typer.Argument(..., help="Run directory to continue."),
+    generations: int | None = typer.Option(
+        None, "--generations", min=1, help="New total of generations (extends a finished run)."
+    ),
+    cache: Path | None = typer.Option(None, "--cache", help="Use this fitness cache file."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Read and write no fitness cache."),
+) -> None:
+    """Continue a run from its last checkpoint, re-using every stored evaluation."""
+    with _errors():
+        from evo_compress.engine import Search
+
+        if cache is not None and no_cache:
+            raise EvoCompressError("`--cache` and `--no-cache` exclude each other")
+        cache_arg: Path | bool | None = False if no_cache else cache
+        listener = _RichProgress(console)
+        search = Search.resume(
+            run_dir, generations=generations, cache=cache_arg, listener=listener
+        )
+        _drive(search, listener)
+
+
+@app.command()
+def status(run_dir: Path = typer.Argument(..., help="Run directory.")) -> None:
+    """Show how far a run got: generations, evaluations, failures, front size, hypervolume."""
+    with _errors():
+        from evo_compress.runs import RunStore
+        from evo_compress.runs.front import run_status
+
+        with RunStore.open(run_dir) as store:
+            info = run_status(store)
+        console.print(f"[bold]{info['name']}[/]  {info['run_dir']}", highlight=False)
+        console.print(f"state: {info['state']}", highlight=False)
+        console.print(
+            f"generations: {info['generations_done']} of {info['generations_target']}",
+            highlight=False,
+        )
+        statuses = ", ".join(f"{v} {k}" for k, v in sorted(info["by_status"].items())) or "none"
+        sources = ", ".join(f"{v} {k}" for k, v in sorted(info["by_source"].items())) or "none"
+        console.print(
+            f"evaluations: {info['evaluations']} ({statuses}; {sources})", highlight=False
+        )
+        if info["hypervolume"] is not None:
+            console.print(
+                f"front: {info['front_size']} recipes, hypervolume {info['hypervolume']:.4f}",
+                highlight=False,
+            )
+
+
+@app.command()
+def front(
+    run_dir: Path = typer.Argument(..., help="Run directory."),
+    format: FrontFormat = typer.Option(FrontFormat.table, "--format", "-f", help="Output format."),
+) -> None:
+    """Print the Pareto front of a run (as of its last completed generation)."""
+    with _errors():
+        from evo_compress.runs import RunStore
+        from evo_compress.runs.front import load_front
+
+        with RunStore.open(run_dir) as store:
+            members = load_front(store)
+        if format is FrontFormat.json:
+            sys.stdout.write(json.dumps([m.to_json() for m in members], indent=2) + "\n")
+        elif format is FrontFormat.csv:
+            sys.stdout.write(_front_csv(members))
+        else:
+            _print_front_table(members)
+
+
+@app.command()
+def validate(
+    file: Path = typer.Argument(..., help="A population config, or a YAML file of recipes."),
+    space: str | None = typer.Option(
+        None, "--space", help="Search space for recipe files (default: llm-compression)."
+    ),
+) -> None:
+    """Check a config or recipe file without running anything."""
+    with _errors():
+        import yaml
+
+        from evo_compress.config import build_space, load_config
+
+        try:
+            data = yaml.safe_load(file.read_text())
+        except FileNotFoundError:
+            raise EvoCompressError(f"{file} does not exist") from None
+        except yaml.YAMLError as exc:
+            raise EvoCompressError(
+                f"{file} is not valid YAML: {str(exc).splitlines()[0]}"
+            ) from None
+        if _looks_like_config(data):
+            cfg = load_config(file)
+            space_obj = build_space(cfg)
+            console.print(
+                f"{file}: valid config `{cfg.name}` ({cfg.search.algorithm}, population "
+                f"{cfg.search.population_size}, {cfg.search.generations} generations, "
+                f"{len(space_obj.genes)} genes, evaluator {cfg.evaluator.name})",
+                highlight=False,
+            )
+            return
+        from evo_compress.genomes import SearchSpace, load_portfolio
+
+        space_obj = SearchSpace.load(space or "llm-compression")
+        if isinstance(data, list) or (isinstance(data, dict) and set(data) == {"recipes"}):
+            recipes = load_portfolio(str(file), space_obj)
+        else:
+            try:
+                recipes = [space_obj.recipe(data or {})]
+            except RecipeError as exc:
+                raise RecipeError(f"{file}: {exc}") from None
+        console.print(
+            f"{file}: {len(recipes)} valid recipe(s) in space `{space_obj.name}`", highlight=False
+        )
+        for recipe in recipes:
+            console.print(f"  {recipe.short_hash}  {recipe.summary()}", highlight=False)
+
+
+# ---------------------------------------------------------------------- helpers
+_CONFIG_KEYS = {
+    "name",
+    "model",
+    "hardware",
+    "carbon",
+    "constraints",
+    "search",
+    "evaluator",
+    "cache",
+    "output",
+}
+
+
+def _looks_like_config(data: Any) -> bool:
+    return isinstance(data, dict) and bool(set(data) & _CONFIG_KEYS)
+
+
+def _print_front_table(members: list[Any]) -> None:
+    from evo_compress.genomes import flatten
+    from evo_compress.objectives import OBJECTIVES
+
+    if not members:
+        console.print("the front is empty (no generation finished, or every evaluation failed)")
+        return
+    title = "Pareto front" if members[0].feasible else "No feasible recipe; least-violating"
+    table = Table(title=title)
+    table.add_column("id", justify="right")
+    for objective in OBJECTIVES:
+        arrow = "↑" if objective.direction == "max" else "↓"
+        table.add_column(f"{objective.name} {arrow}\n{objective.unit}", justify="right")
+    table.add_column("recipe (serving genes: --format json)")
+    for m in members:
+        shown = _compact(flatten(m.recipe))
+        table.add_row(
+            str(m.id),
+            *[_fmt(m.objectives[o.name]) for o in OBJECTIVES],
+            shown,
+        )
+    console.print(table)
+
+
+def _compact(flat: dict[str, Any]) -> str:
+    """``awq/128 wanda@0.5 lora:r16x500 kv:fp8`` - the compression genes at a glance."""
+    parts = []
+    quant = flat.get("quant.method", "none")
+    if quant != "none":
+        group = flat.get("quant.group_size")
+        parts.append(f"{quant}/{group}" if group else str(quant))
+    prune = flat.get("prune.method", "none")
+    if prune != "none":
+        pattern = flat.get("prune.pattern", "unstructured")
+        parts.append(
+            f"{prune}@{flat['prune.sparsity']}"
+            if pattern == "unstructured"
+            else f"{prune} {pattern}"
+        )
+    recovery = flat.get("recovery.method", "none")
+    if recovery != "none":
+        rank = f"r{flat['recovery.lora_rank']}x" if "recovery.lora_rank" in flat else ""
+        temp = f" T{flat['recovery.temperature']}" if "recovery.temperature" in flat else ""
+        parts.append(f"{recovery}:{rank}{flat.get('recovery.steps')}{temp}")
+    if flat.get("kv.dtype", "auto") != "auto":
+        parts.append(f"kv:{flat['kv.dtype']}")
+    if flat.get("kv.sliding_window"):
+        parts.append(f"window:{flat.get('kv.window')}")
+    known = {"quant.", "prune.", "recovery.", "kv.", "serve."}
+    parts += [f"{k}={v}" for k, v in flat.items() if not k.startswith(tuple(known))]
+    return " ".join(parts) or "uncompressed"
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4f}" if abs(value) < 10 else f"{value:,.1f}"
+
+
+def _front_csv(members: list[Any]) -> str:
+    from evo_compress.genomes import flatten
+    from evo_compress.objectives import OBJECTIVE_NAMES
+
+    genes = sorted({k for m in members for k in flatten(m.recipe)})
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["id", "feasible", *OBJECTIVE_NAMES, *genes])
+    for m in members:
+        flat = flatten(m.recipe)
+        writer.writerow(
+            [
+                m.id,
+                m.feasible,
+                *[m.objectives[n] for n in OBJECTIVE_NAMES],
+                *[flat.get(g, "") for g in genes],
+            ]
+        )
+    return out.getvalue()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
