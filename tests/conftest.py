@@ -1,0 +1,40 @@
+"""Shared fixtures: small configs for the synthetic evaluator, run directories under tmp_path."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# Two shared cores: keep every BLAS/torch pool at one thread in tests.
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+from evo_compress.config import PopulationConfig, parse_config  # noqa: E402
+
+
+def make_config(tmp_path: Path, **overrides: Any) -> PopulationConfig:
+    """A small, fast search config; ``overrides`` merge one level deep per section."""
+    data: dict[str, Any] = {
+        "name": "test",
+        "search": {"population_size": 8, "generations": 4, "seed": 3, "recipes": "conservative"},
+        "evaluator": {"name": "synthetic", "settings": {}},
+        "cache": {"enabled": False},
+        "output": {"runs_root": str(tmp_path / "runs")},
+    }
+    for section, value in overrides.items():
+        if isinstance(value, dict) and isinstance(data.get(section), dict):
+            data[section] = {**data[section], **value}
+        else:
+            data[section] = value
+    return parse_config(data)
+
+
+@pytest.fixture
+def config_factory(tmp_path: Path):  # type: ignore[no-untyped-def]
+    def factory(**overrides: Any) -> PopulationConfig:
+        return make_config(tmp_path, **overrides)
+
+    return factory

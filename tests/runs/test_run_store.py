@@ -1,0 +1,109 @@
+"""The run store: plain readable rows, the writer lock, clear errors on damaged files."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from evo_compress.engine import Search
+from evo_compress.exceptions import RunStoreError
+from evo_compress.runs import RunStore
+from evo_compress.runs.front import load_front, run_status
+from evo_compress.runs.store import DB_NAME
+
+
+@pytest.fixture
+def finished_run(config_factory, tmp_path):
+    run_dir = tmp_path / "run"
+    search = Search.start(config_factory(), run_dir=run_dir)
+    search.run()
+    search.close()
+    return run_dir
+
+
+def test_rows_are_plain_json_readable_without_evo_compress(finished_run):
+    db = sqlite3.connect(finished_run / DB_NAME)
+    recipe, parents, operators = db.execute(
+        "SELECT recipe, parents, operators FROM individuals WHERE generation = 2 LIMIT 1"
+    ).fetchone()
+    assert "quant.method" in json.loads(recipe)
+    assert isinstance(json.loads(parents), list) and json.loads(operators)
+    objectives, metadata = db.execute(
+        "SELECT objectives, metadata FROM evaluations WHERE status = 'ok' LIMIT 1"
+    ).fetchone()
+    assert set(json.loads(objectives)) == {"accuracy", "latency", "memory", "energy", "co2"}
+    assert json.loads(metadata)["synthetic"] is True
+    population, state = db.execute(
+        "SELECT population, algorithm_state FROM checkpoints ORDER BY generation DESC LIMIT 1"
+    ).fetchone()
+    # Big RNG integers are stored as text so jq and JavaScript read them exactly.
+    assert isinstance(json.loads(state)["rng"]["state"]["state"]["int"], str)
+    assert all("id" in entry for entry in json.loads(population))
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_config_is_frozen_in_the_run_dir(finished_run):
+    assert "population_size: 8" in (finished_run / "config.yaml").read_text()
+
+
+def test_a_second_process_cannot_take_the_lock(finished_run):
+    store = RunStore.open(finished_run)
+    store.lock()
+    code = (
+        "from evo_compress.runs import RunStore\n"
+        f"s = RunStore.open({str(finished_run)!r})\n"
+        "try:\n    s.lock()\nexcept Exception as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "in use by another evo-compress process" in out.stdout
+    assert "pid" in out.stdout
+    assert run_status(RunStore.open(finished_run))["state"].startswith("running")
+    store.close()
+    assert run_status(RunStore.open(finished_run))["state"] == "finished"
+
+
+def test_missing_and_foreign_directories_give_clear_errors(tmp_path):
+    with pytest.raises(RunStoreError, match="does not exist"):
+        RunStore.open(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RunStoreError, match="not a run directory"):
+        RunStore.open(tmp_path / "empty")
+
+
+def test_a_corrupted_database_gives_a_clear_error(finished_run):
+    (finished_run / DB_NAME).write_bytes(b"this is not sqlite" * 100)
+    for suffix in ("-wal", "-shm"):
+        (finished_run / (DB_NAME + suffix)).unlink(missing_ok=True)
+    with pytest.raises(RunStoreError, match=r"not a (readable SQLite run store|evo-compress)"):
+        RunStore.open(finished_run)
+
+
+def test_a_damaged_checkpoint_row_names_the_checkpoint(finished_run):
+    db = sqlite3.connect(finished_run / DB_NAME)
+    db.execute("UPDATE checkpoints SET population = '{broken' WHERE generation = 3")
+    db.commit()
+    db.close()
+    with RunStore.open(finished_run) as store, pytest.raises(RunStoreError, match="checkpoint 3"):
+        load_front(store)
+
+
+def test_a_store_from_a_newer_version_is_refused(finished_run):
+    db = sqlite3.connect(finished_run / DB_NAME)
+    db.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    db.commit()
+    db.close()
+    with pytest.raises(RunStoreError, match="newer evo-compress"):
+        RunStore.open(finished_run)
+
+
+def test_status_counts_generations_and_evaluations(finished_run):
+    with RunStore.open(finished_run) as store:
+        info = run_status(store)
+    assert info["generations_done"] == 4 == info["generations_target"]
+    assert info["evaluations"] == 1 + 8 * 4  # the baseline reference, then 4 generations
+    assert info["state"] == "finished"
+    assert [h["generation"] for h in info["history"]] == [0, 1, 2, 3]

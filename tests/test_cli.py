@@ -1,0 +1,176 @@
+"""The command line as a user runs it: real processes, one-line errors, every format."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+EXE = [sys.executable, "-m", "evo_compress.cli"]
+OBJECTIVES = {"accuracy", "latency", "memory", "energy", "co2"}
+
+
+def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([*EXE, *map(str, args)], capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def write_config(tmp_path: Path, **search) -> Path:
+    data = {
+        "name": "cli",
+        "search": {"population_size": 6, "generations": 3, "seed": 5, **search},
+        "evaluator": {"name": "synthetic"},
+        "output": {"runs_root": str(tmp_path / "runs")},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert "Traceback" not in proc.stderr
+    text = " ".join(lines)
+    assert text.startswith("error:")
+    for fragment in fragments:
+        assert fragment in text
+
+
+def test_run_then_status_front_and_resume(tmp_path):
+    config = write_config(tmp_path)
+    run_dir = tmp_path / "run"
+    out = cli("run", "--config", config, "--run-dir", run_dir, "--cache", tmp_path / "c.sqlite")
+    assert "generation 2:" in out.stdout and "Pareto front" in out.stdout
+    assert "synthetic" in out.stdout  # the synthetic evaluator says what it is
+
+    front = json.loads(cli("front", run_dir, "--format", "json").stdout)
+    assert front and all(set(m) == {"id", "recipe", "objectives", "feasible"} for m in front)
+    assert all(set(m["objectives"]) == OBJECTIVES and m["feasible"] for m in front)
+
+    rows = list(csv.DictReader(io.StringIO(cli("front", run_dir, "--format", "csv").stdout)))
+    assert [int(r["id"]) for r in rows] == [m["id"] for m in front]
+
+    status = cli("status", run_dir).stdout
+    assert "finished" in status and "3 of 3" in status
+
+    more = cli("resume", run_dir, "--generations", "5")
+    assert "generation 4:" in more.stdout and "generation 2:" not in more.stdout
+    assert "5 of 5" in cli("status", run_dir).stdout
+
+
+def test_second_run_hits_the_cache(tmp_path):
+    config = write_config(tmp_path)
+    cli("run", "--config", config, "--run-dir", tmp_path / "a")
+    again = cli("run", "--config", config, "--run-dir", tmp_path / "b")
+    assert "0 evaluated, 6 cache hits" in again.stdout
+    no_cache = cli("run", "--config", config, "--run-dir", tmp_path / "c", "--no-cache")
+    assert "6 evaluated, 0 cache hits" in no_cache.stdout
+
+
+def test_flags_override_the_config(tmp_path):
+    config = write_config(tmp_path)
+    run_dir = tmp_path / "run"
+    cli(
+        "run",
+        "--config",
+        config,
+        "--run-dir",
+        run_dir,
+        "--generations",
+        "2",
+        "--seed",
+        "9",
+        "--recipes",
+        "aggressive",
+        "--no-cache",
+    )
+    frozen = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert frozen["search"]["generations"] == 2
+    assert frozen["search"]["seed"] == 9
+    assert frozen["search"]["recipes"] == "aggressive"
+    assert frozen["cache"]["enabled"] is False
+
+
+@pytest.mark.parametrize(
+    ("content", "fragments"),
+    [
+        ("search: {population_size: 1}", ["`search.population_size`", "got 1"]),
+        ("search: {popsize: 10}", ["unknown key `search.popsize`"]),
+        ("evaluator: {name: synthetc}", ["did you mean `synthetic`"]),
+        (
+            "search: {operators: {mutation: [{name: flip}]}}",
+            ["`search.operators.mutation[0].name`", "flip"],
+        ),
+        ("search: {space: {pin: {quant.method: int3}}}", ["`quant.method`", "int3"]),
+        ("search: [unclosed", ["not valid YAML"]),
+    ],
+)
+def test_bad_configs_fail_with_one_line(tmp_path, content, fragments):
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    assert_one_line_error(cli("run", "--config", path, check=False), *fragments)
+    assert_one_line_error(cli("validate", path, check=False), *fragments)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("search: {population_size: 1}")
+    proc = cli("--debug", "run", "--config", path, check=False)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_missing_run_dir_and_missing_config(tmp_path):
+    assert_one_line_error(cli("status", tmp_path / "nope", check=False), "does not exist")
+    assert_one_line_error(cli("resume", tmp_path / "nope", check=False), "does not exist")
+    assert_one_line_error(cli("front", tmp_path / "nope", check=False), "does not exist")
+    assert_one_line_error(
+        cli("run", "--config", tmp_path / "none.yaml", check=False), "does not exist"
+    )
+
+
+def test_bad_recipes_flag_names_the_problem(tmp_path):
+    config = write_config(tmp_path)
+    proc = cli("run", "--config", config, "--recipes", "agressive", check=False)
+    assert_one_line_error(proc, "did you mean `aggressive`")
+    recipes = tmp_path / "seeds.yaml"
+    recipes.write_text("- {quant: {method: nf4}}\n- {prune: {method: wanda, sparsity: 0.9}}\n")
+    proc = cli("run", "--config", config, "--recipes", recipes, check=False)
+    assert_one_line_error(proc, "recipe 1", "`prune.sparsity`", "0.9")
+
+
+def test_validate_accepts_configs_and_recipe_files(tmp_path):
+    config = write_config(tmp_path)
+    assert "valid config `cli`" in cli("validate", config).stdout
+    assert "valid config" in cli("validate", "configs/synthetic.yaml").stdout
+    recipes = tmp_path / "seeds.yaml"
+    recipes.write_text("- {quant: {method: awq, group_size: 64}}\n- {}\n")
+    assert "2 valid recipe(s)" in cli("validate", recipes).stdout
+    one = tmp_path / "one.yaml"
+    one.write_text("prune: {method: wanda, pattern: 2:4}\n")  # unquoted: YAML reads 124
+    assert_one_line_error(cli("validate", one, check=False), "`prune.pattern`", "quotes")
+
+
+def test_help_explains_every_flag():
+    text = cli("run", "--help").stdout
+    for flag in (
+        "--config",
+        "--run-dir",
+        "--recipes",
+        "--generations",
+        "--seed",
+        "--cache",
+        "--no-cache",
+    ):
+        assert flag in text
+    for command in ("resume", "status", "front", "validate"):
+        assert "Usage" in cli(command, "--help").stdout

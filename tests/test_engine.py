@@ -1,0 +1,306 @@
+"""The search loop: determinism, resume, duplicates, failures, constraints, lineage, cache."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from evo_compress.engine import Search
+from evo_compress.exceptions import EvaluationError, RunStoreError
+from evo_compress.fitness import EVALUATORS, EvaluationResult
+from evo_compress.fitness.synthetic import SyntheticEvaluator
+from evo_compress.genomes import Recipe
+from evo_compress.runs import RunStore
+from evo_compress.runs.front import load_front
+
+
+def run_search(config: Any, run_dir: Path) -> list[Any]:
+    search = Search.start(config, run_dir=run_dir)
+    try:
+        search.run()
+        return [m.to_json() for m in load_front(search.store)]
+    finally:
+        search.close()
+
+
+def final_state(run_dir: Path) -> tuple[Any, ...]:
+    with RunStore.open(run_dir) as store:
+        checkpoint = store.last_checkpoint()
+        assert checkpoint is not None
+        rows = [(r.id, r.hash, r.parents, r.operators) for r in store.individuals()]
+        return checkpoint.population, checkpoint.algorithm_state, rows
+
+
+@pytest.mark.parametrize("algorithm", ["nsga2", "nsga3"])
+def test_same_seed_gives_the_same_front_bit_for_bit(config_factory, tmp_path, algorithm):
+    config = config_factory(search={"algorithm": algorithm})
+    first = run_search(config, tmp_path / "a")
+    second = run_search(config, tmp_path / "b")
+    assert first and first == second
+    assert final_state(tmp_path / "a") == final_state(tmp_path / "b")
+
+
+def test_a_different_seed_explores_differently(config_factory, tmp_path):
+    run_search(config_factory(search={"seed": 1}), tmp_path / "a")
+    run_search(config_factory(search={"seed": 2}), tmp_path / "b")
+    hashes_a = {row[1] for row in final_state(tmp_path / "a")[2]}
+    hashes_b = {row[1] for row in final_state(tmp_path / "b")[2]}
+    assert hashes_a != hashes_b
+
+
+@pytest.mark.parametrize("algorithm", ["nsga2", "nsga3"])
+def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(
+    config_factory, tmp_path, algorithm
+):
+    full = config_factory(search={"algorithm": algorithm, "generations": 5})
+    expected = run_search(full, tmp_path / "full")
+
+    short = config_factory(search={"algorithm": algorithm, "generations": 2})
+    run_search(short, tmp_path / "part")
+    search = Search.resume(tmp_path / "part", generations=5)
+    search.run()
+    resumed = [m.to_json() for m in load_front(search.store)]
+    search.close()
+    assert resumed == expected
+    assert final_state(tmp_path / "part") == final_state(tmp_path / "full")
+
+
+def test_resume_after_a_crash_mid_generation_reuses_stored_evaluations(config_factory, tmp_path):
+    config = config_factory(search={"generations": 4})
+    expected = run_search(config, tmp_path / "full")
+
+    class Crash(Exception):
+        pass
+
+    # Crash after two evaluations of generation 2: checkpoints 0 and 1 exist, generation 2's
+    # individuals and two of its evaluations are committed.
+    search = Search.start(config, run_dir=tmp_path / "crashed")
+    calls = {"n": 0}
+    original = search.evaluator.evaluate
+
+    def evaluate_then_crash(recipe: Recipe, space: Any) -> EvaluationResult:
+        if getattr(search, "_generation", 0) == 2:
+            calls["n"] += 1
+            if calls["n"] > 2:
+                raise Crash
+        return original(recipe, space)
+
+    search.evaluator.evaluate = evaluate_then_crash  # type: ignore[method-assign]
+    with pytest.raises(Crash):
+        search.run()
+    search.close()
+    with RunStore.open(tmp_path / "crashed") as store:
+        assert store.last_checkpoint().generation == 1  # type: ignore[union-attr]
+        evaluated_before = len(store.evaluations())
+
+    resumed = Search.resume(tmp_path / "crashed")
+    fresh: list[str] = []
+    resumed.listener.evaluation_finished = lambda g, r, source: fresh.append(source)  # type: ignore[method-assign]
+    resumed.run()
+    resumed.close()
+    assert fresh.count("run") == 2  # the two committed evaluations of generation 2 were reused
+    assert evaluated_before > 0
+    with RunStore.open(tmp_path / "crashed") as store:
+        front = [m.to_json() for m in load_front(store)]
+    assert front == expected
+    assert final_state(tmp_path / "crashed") == final_state(tmp_path / "full")
+
+
+def test_no_recipe_is_evaluated_twice_in_a_run(config_factory, tmp_path):
+    # A tiny space (everything pinned but two genes) forces many duplicate proposals.
+    config = config_factory(
+        search={
+            "population_size": 6,
+            "generations": 6,
+            "recipes": "baseline",
+            "space": {
+                "pin": {
+                    "quant.method": "awq",
+                    "recovery.method": "none",
+                    "kv.dtype": "auto",
+                    "kv.sliding_window": False,
+                    "serve.max_num_seqs": 32,
+                    "serve.gpu_memory_utilization": 0.9,
+                    "serve.attention_backend": "auto",
+                },
+                "genes": {"prune.method": {"choices": ["none", "wanda"]}},
+            },
+        }
+    )
+    search = Search.start(config, run_dir=tmp_path / "run")
+    search.run()
+    with search.store as store:
+        individuals = [r for r in store.individuals() if r.generation >= 0]
+        sources = [store.evaluation(r.id).source for r in individuals]  # type: ignore[union-attr]
+    hashes = [r.hash for r in individuals]
+    assert len(hashes) == len(set(hashes))
+    assert "run" not in sources[1:]  # nothing re-used except possibly the baseline reference
+
+
+def test_exhausted_space_stops_early_with_a_message(config_factory, tmp_path):
+    pins = {
+        "quant.method": "none",
+        "prune.method": "none",
+        "recovery.method": "none",
+        "kv.dtype": "auto",
+        "kv.sliding_window": False,
+        "serve.max_num_seqs": 32,
+        "serve.attention_backend": "auto",
+    }
+    config = config_factory(
+        search={
+            "population_size": 4,
+            "generations": 5,
+            "recipes": "baseline",
+            "max_redraws": 20,
+            "space": {
+                "pin": pins,
+                "genes": {"serve.gpu_memory_utilization": {"low": 0.8, "high": 0.95}},
+            },
+        }
+    )
+    messages: list[str] = []
+    search = Search.start(config, run_dir=tmp_path / "run")
+    search.listener.message = messages.append  # type: ignore[method-assign]
+    search.run()
+    search.close()
+    assert any("stopping early" in m for m in messages)
+
+
+def test_failed_evaluations_are_recorded_and_the_search_goes_on(config_factory, tmp_path):
+    config = config_factory(
+        evaluator={
+            "name": "synthetic",
+            "settings": {"fail_if": {"quant.method": ["rtn", "gptq"]}},
+        },
+        search={"generations": 4, "recipes": "aggressive"},
+    )
+    search = Search.start(config, run_dir=tmp_path / "run")
+    search.run()
+    with search.store as store:
+        failed = [
+            (store.individual(i), row)
+            for i, row in store.evaluations().items()
+            if row.result.status == "failed"
+        ]
+        front = load_front(store)
+    assert failed, "the aggressive portfolio has rtn and gptq recipes, which must fail"
+    for individual, row in failed:
+        assert individual.recipe["quant.method"] in {"rtn", "gptq"}
+        assert "fail_if" in (row.result.reason or "")
+        assert row.result.objectives is None
+    assert front and all(m.recipe["quant"]["method"] not in {"rtn", "gptq"} for m in front)
+
+
+class _NoPruningEvaluator(SyntheticEvaluator):
+    """A back end that cannot prune: pruning recipes are infeasible for it."""
+
+    name = "test-no-pruning"
+
+    def capabilities(self) -> Mapping[str, Collection[Any] | None]:
+        caps = dict(super().capabilities())
+        caps["prune.method"] = ["none"]
+        return caps
+
+
+def test_recipes_a_back_end_cannot_apply_are_infeasible_not_crashes(config_factory, tmp_path):
+    if "test-no-pruning" not in EVALUATORS:
+        EVALUATORS.register("test-no-pruning", _NoPruningEvaluator)
+    config = config_factory(evaluator={"name": "test-no-pruning", "settings": {}})
+    search = Search.start(config, run_dir=tmp_path / "run")
+    search.run()
+    with search.store as store:
+        rows = store.evaluations()
+        infeasible = [r for r in rows.values() if r.result.status == "infeasible"]
+        front = load_front(store)
+    assert infeasible
+    assert all("prune.method" in (r.result.reason or "") for r in infeasible)
+    assert all(m.recipe["prune"]["method"] == "none" for m in front)
+
+
+def test_accuracy_drop_constraint_holds_on_the_front(config_factory, tmp_path):
+    config = config_factory(constraints={"max_accuracy_drop": 0.01}, search={"generations": 4})
+    search = Search.start(config, run_dir=tmp_path / "run")
+    search.run()
+    with search.store as store:
+        baseline = store.evaluation(store.individual_at(-1, 0).id)  # type: ignore[union-attr]
+        front = load_front(store)
+        everything = store.evaluations()
+    assert baseline is not None and baseline.result.objectives is not None
+    limit = baseline.result.objectives["accuracy"] - 0.01
+    assert front and all(m.objectives["accuracy"] >= limit for m in front)
+    # The constraint was binding: some evaluated recipes fell below it and were kept off.
+    assert any(
+        r.result.objectives and r.result.objectives["accuracy"] < limit
+        for r in everything.values()
+    )
+
+
+def test_a_failed_baseline_with_an_accuracy_constraint_stops_with_a_reason(
+    config_factory, tmp_path
+):
+    config = config_factory(
+        constraints={"max_accuracy_drop": 0.05},
+        evaluator={"name": "synthetic", "settings": {"fail_if": {"quant.method": ["none"]}}},
+    )
+    search = Search.start(config, run_dir=tmp_path / "run")
+    with pytest.raises(EvaluationError, match="baseline recipe failed"):
+        search.run()
+    search.close()
+
+
+def test_lineage_links_every_child_to_earlier_parents_and_operators(config_factory, tmp_path):
+    search = Search.start(config_factory(), run_dir=tmp_path / "run")
+    search.run()
+    with search.store as store:
+        rows = {r.id: r for r in store.individuals()}
+    for row in rows.values():
+        if row.generation <= 0:
+            assert row.parents == []
+            continue
+        assert 1 <= len(row.parents) <= 2
+        assert all(rows[p].generation < row.generation for p in row.parents)
+        assert set(row.operators) <= {"uniform", "gene"} and row.operators
+
+
+def test_the_cache_is_shared_across_runs_and_gives_the_same_front(config_factory, tmp_path):
+    cache = {"enabled": True, "path": str(tmp_path / "cache.sqlite")}
+    config = config_factory(cache=cache)
+    first = run_search(config, tmp_path / "a")
+    search = Search.start(config, run_dir=tmp_path / "b")
+    search.run()
+    with search.store as store:
+        sources = {row.source for row in store.evaluations().values()}
+        second = [m.to_json() for m in load_front(store)]
+    assert sources == {"cache"}
+    assert second == first
+
+
+def test_resume_refuses_fewer_generations_than_done(config_factory, tmp_path):
+    run_search(config_factory(search={"generations": 3}), tmp_path / "run")
+    with pytest.raises(RunStoreError, match="fewer than the 3 generations"):
+        Search.resume(tmp_path / "run", generations=2)
+
+
+def test_a_running_search_locks_its_run_dir(config_factory, tmp_path):
+    search = Search.start(config_factory(), run_dir=tmp_path / "run")
+    with pytest.raises(RunStoreError, match="in use by another evo-compress process"):
+        Search.resume(tmp_path / "run")
+    search.close()
+    Search.resume(tmp_path / "run").close()  # released on close
+
+
+def test_starting_over_an_existing_run_dir_is_refused(config_factory, tmp_path):
+    run_search(config_factory(), tmp_path / "run")
+    with pytest.raises(RunStoreError, match="already holds a run"):
+        Search.start(config_factory(), run_dir=tmp_path / "run")
+
+
+def test_hypervolume_grows_over_generations(config_factory, tmp_path):
+    search = Search.start(config_factory(search={"generations": 6}), run_dir=tmp_path / "run")
+    history = search.run()
+    search.close()
+    assert history[-1].hypervolume > history[0].hypervolume > 0
