@@ -200,6 +200,13 @@ def check_config(config: PopulationConfig, source: str = "config") -> None:
                 if spec.name not in registry:
                     where = f"`search.operators.{kind}[{i}].name`"
                     raise ConfigError(f"{where}: {registry.unknown_message(spec.name)}")
+        if config.evaluator.name == "synthetic" and not config.model.id.startswith("synthetic"):
+            # The synthetic landscape knows nothing of a real model: never let it stand in.
+            raise ConfigError(
+                f"`evaluator.name`: the synthetic evaluator is a test landscape and cannot "
+                f"evaluate model `{config.model.id}`; use a model id starting with `synthetic` "
+                "or a real evaluator"
+            )
         if config.evaluator.name not in EVALUATORS:
             raise ConfigError(
                 f"`evaluator.name`: {EVALUATORS.unknown_message(config.evaluator.name)}"

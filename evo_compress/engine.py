@@ -5,6 +5,10 @@ loop owns what pymoo cannot know: typed recipe operators and duplicate re-draws 
 the seed portfolio (``_Seeding``), evaluation with the run store and the fitness cache,
 constraint values, lineage, and a plain-data checkpoint after every generation from which
 ``resume`` continues bit for bit.
+
+Only pymoo is used, not DEAP: pymoo ships NSGA-III's reference directions and normalisation,
+moocore's fast hypervolume, and an ask/tell interface whose state (population attributes,
+one numpy Generator, NSGA-III's ideal/nadir points) can be saved as plain data.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -97,6 +101,9 @@ class Search:
         self._mutation_p = _weights([s.weight for s in ops.mutation])
         self.reference: EvaluationResult | None = None
         self._seen: set[str] = set()
+        # Results of this run by recipe hash: a repeated recipe (the baseline reference in
+        # generation 0, say) re-uses its result instead of a store query per evaluation.
+        self._results: dict[str, EvaluationResult] = {}
         self._constraint_names = list(config.constraints.active())
         self.completed_generations = 0
 
@@ -217,7 +224,7 @@ class Search:
             self.listener.generation_started(generation, len(offspring))
             counts = self._evaluate_offspring(generation, offspring)
             algorithm.tell(infills=offspring)
-            stats = self._checkpoint(algorithm, generation, counts, time.perf_counter() - started)
+            stats = self._checkpoint(algorithm, generation, counts, started)
             history.append(stats)
             self.listener.generation_finished(stats)
             generation += 1
@@ -272,30 +279,35 @@ class Search:
         ops = self.config.search.operators
         taken = set(self._seen)
         out = []
-        for _slot in range(n):
-            for _attempt in range(self.config.search.max_redraws):
-                pair = selection.do(
-                    algorithm.problem,
-                    pop,
-                    1,
-                    2,
-                    to_pop=False,
-                    algorithm=algorithm,
-                    random_state=rng,
-                )[0]
+
+        def select(count: int) -> np.ndarray:
+            return selection.do(
+                algorithm.problem,
+                pop,
+                count,
+                2,
+                to_pop=False,
+                algorithm=algorithm,
+                random_state=rng,
+            )
+
+        # One tournament round for the whole generation (as pymoo's own mating does); a slot
+        # whose child is a duplicate draws a fresh pair.
+        pairs = select(n)
+        for slot in range(n):
+            for attempt in range(self.config.search.max_redraws):
+                pair = pairs[slot] if attempt == 0 else select(1)[0]
                 first, second = pop[int(pair[0])], pop[int(pair[1])]
                 recipe: Recipe = first.get("recipe")
                 parents: tuple[int, ...] = (int(first.get("iid")),)
                 names: tuple[str, ...] = ()
                 if rng.random() < ops.crossover_prob:
-                    op = self.crossovers[
-                        int(rng.choice(len(self.crossovers), p=self._crossover_p))
-                    ]
+                    op = self.crossovers[_pick(rng, self._crossover_p)]
                     recipe = op.do([first.get("recipe"), second.get("recipe")], rng)
                     parents += (int(second.get("iid")),)
                     names += (op.name,)
                 if rng.random() < ops.mutation_prob:
-                    mut = self.mutations[int(rng.choice(len(self.mutations), p=self._mutation_p))]
+                    mut = self.mutations[_pick(rng, self._mutation_p)]
                     recipe = mut.do(recipe, rng)
                     names += (mut.name,)
                 if recipe.hash not in taken:
@@ -310,7 +322,8 @@ class Search:
     def _reference(self) -> EvaluationResult:
         """Evaluate (or load) the uncompressed baseline of the base space: the reference for
         `max_accuracy_drop` and for the hypervolume's scale. Stored as generation -1."""
-        base = SearchSpace.load(self.config.search.space.base).baseline()
+        self._base_space = SearchSpace.load(self.config.search.space.base)
+        base = self._base_space.baseline()
         row = self.store.individual_at(-1, 0)
         if row is None:
             [ident] = self.store.add_individuals(
@@ -318,7 +331,7 @@ class Search:
             )
         else:
             ident = row.id
-        result, _ = self._evaluate(ident, base, SearchSpace.load(self.config.search.space.base))
+        result, _ = self._evaluate(ident, base, self._base_space, stored=row is not None)
         if not result.ok and self.config.constraints.max_accuracy_drop is not None:
             raise EvaluationError(
                 f"the baseline recipe failed ({result.reason}); "
@@ -351,7 +364,7 @@ class Search:
         for ind, row in zip(offspring, existing, strict=True):
             ident = row.id if row is not None else next(new_ids)
             recipe = ind.get("recipe")
-            result, source = self._evaluate(ident, recipe, self.space)
+            result, source = self._evaluate(ident, recipe, self.space, stored=row is not None)
             counts[source] = counts.get(source, 0) + 1
             counts["failed"] += not result.ok
             self.listener.evaluation_finished(generation, result, source)
@@ -363,26 +376,32 @@ class Search:
         return counts
 
     def _evaluate(
-        self, ident: int, recipe: Recipe, space: SearchSpace
+        self, ident: int, recipe: Recipe, space: SearchSpace, stored: bool
     ) -> tuple[EvaluationResult, str]:
-        """Stored evaluation of this individual (resume) > same recipe earlier in this run >
-        fitness cache > a real evaluation. Every new row is committed at once."""
-        row = self.store.evaluation(ident)
-        if row is not None:
-            return row.result, "run"
-        earlier = self.store.evaluation_by_hash(recipe.hash)
+        """Stored evaluation of this individual (``stored``: its row predates this process) >
+        same recipe earlier in this run > fitness cache > a real evaluation. Every new row is
+        committed at once."""
+        if stored:
+            row = self.store.evaluation(ident)
+            if row is not None:
+                self._results.setdefault(recipe.hash, row.result)
+                return row.result, "run"
+        earlier = self._results.get(recipe.hash)
         if earlier is not None:
-            self.store.add_evaluation(ident, earlier.result, "run")
-            return earlier.result, "run"
+            self.store.add_evaluation(ident, earlier, "run")
+            return earlier, "run"
+        result: EvaluationResult | None = None
         if self.cache is not None:
-            hit = self.cache.get(recipe, self.fingerprint)
-            if hit is not None:
-                self.store.add_evaluation(ident, hit, "cache")
-                return hit, "cache"
+            result = self.cache.get(recipe, self.fingerprint)
+            if result is not None:
+                self.store.add_evaluation(ident, result, "cache")
+                self._results[recipe.hash] = result
+                return result, "cache"
         result = self.evaluator.evaluate(recipe, space)
         self.store.add_evaluation(ident, result, "evaluated")
         if self.cache is not None:
             self.cache.put(recipe, self.fingerprint, result)
+        self._results[recipe.hash] = result
         return result, "evaluated"
 
     def _objectives(self, result: EvaluationResult) -> np.ndarray:
@@ -411,7 +430,7 @@ class Search:
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint(
-        self, algorithm: Any, generation: int, counts: dict[str, int], seconds: float
+        self, algorithm: Any, generation: int, counts: dict[str, int], started: float
     ) -> GenerationStats:
         pop = algorithm.pop
         front = front_members(pop)
@@ -424,8 +443,8 @@ class Search:
             failed=counts.get("failed", 0),
             front_size=len(front),
             hypervolume=self.hypervolume(pop[front].get("F")) if front else 0.0,
-            evaluations_total=len(self.store.evaluations()),
-            seconds=round(seconds, 3),
+            evaluations_total=self.store.count_evaluations(),
+            seconds=0.0,
         )
         population = []
         for ind in pop:
@@ -444,6 +463,8 @@ class Search:
             "crossover": [op.state_dict() for op in self.crossovers],
             "mutation": [op.state_dict() for op in self.mutations],
         }
+        # The generation's time covers everything but the checkpoint's own commit.
+        stats = replace(stats, seconds=round(time.perf_counter() - started, 4))
         self.store.save_checkpoint(
             Checkpoint(generation, population, state, operator_state, asdict(stats))
         )
@@ -607,6 +628,11 @@ def _individual_row(
         "parents": [int(p) for p in parents],
         "operators": list(operators),
     }
+
+
+def _pick(rng: np.random.Generator, p: np.ndarray) -> int:
+    """Index drawn with probabilities ``p``; a single choice consumes no randomness."""
+    return 0 if len(p) == 1 else int(rng.choice(len(p), p=p))
 
 
 def _weights(values: Sequence[float]) -> np.ndarray:

@@ -274,15 +274,8 @@ class RunStore:
         ).fetchone()
         return _evaluation(row) if row else None
 
-    def evaluation_by_hash(self, recipe_hash: str) -> EvaluationRow | None:
-        """The first evaluation in this run of any individual with this recipe."""
-        row = self._query(
-            "SELECT e.individual_id, e.status, e.objectives, e.reason, e.source, e.duration_s, "
-            "e.metadata FROM evaluations e JOIN individuals i ON i.id = e.individual_id "
-            "WHERE i.hash = ? ORDER BY e.individual_id LIMIT 1",
-            (recipe_hash,),
-        ).fetchone()
-        return _evaluation(row) if row else None
+    def count_evaluations(self) -> int:
+        return int(self._query("SELECT COUNT(*) FROM evaluations").fetchone()[0])
 
     def evaluations(self) -> dict[int, EvaluationRow]:
         rows = self._query(
