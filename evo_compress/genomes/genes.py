@@ -27,6 +27,14 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
+def _as_float(value: Any) -> float:
+    """``float(value)``, with integers too large for a float mapped to +-inf."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
 def _is_number(value: Any) -> bool:
     return _is_int(value) or (
         isinstance(value, (float, np.floating)) and not isinstance(value, bool)
@@ -167,7 +175,14 @@ class ChoiceGene(Gene):
     def __post_init__(self) -> None:
         if not self.choices:
             raise SearchSpaceError(f"`{self.name}.choices` must not be empty")
-        if len(set(self.choices)) != len(self.choices):
+        try:
+            distinct = len(set(self.choices))
+        except TypeError:
+            raise SearchSpaceError(
+                f"`{self.name}.choices` must be plain values (strings, numbers, booleans), "
+                f"got {list(self.choices)}"
+            ) from None
+        if distinct != len(self.choices):
             raise SearchSpaceError(f"`{self.name}.choices` has duplicates: {list(self.choices)}")
 
     def _numeric(self) -> bool:
@@ -192,7 +207,10 @@ class ChoiceGene(Gene):
         except RecipeError:
             pass
         if self._numeric() and _is_number(value):
-            return min(self.choices, key=lambda c: (abs(float(c) - float(value)), float(c)))
+            target = _as_float(value)
+            if math.isinf(target):
+                return (max if target > 0 else min)(self.choices, key=float)
+            return min(self.choices, key=lambda c: (abs(float(c) - target), float(c)))
         return self.sample(rng)
 
     def sample(self, rng: np.random.Generator) -> Value:
@@ -253,17 +271,17 @@ class _RangeGene(Gene):
         """Turn a snapped number into this gene's canonical type."""
 
     def check(self, value: Any) -> Value:
-        if not _is_number(value) or not math.isfinite(float(value)):
+        if not _is_number(value) or math.isnan(_as_float(value)):
             raise self._fail(value, f"a number in [{self.low}, {self.high}]")
         tolerance = self.step * 1e-9
-        if not self.low - tolerance <= float(value) <= self.high + tolerance:
+        if not self.low - tolerance <= _as_float(value) <= self.high + tolerance:
             raise self._fail(value, f"in [{self.low}, {self.high}]")
-        return self._snap(float(value))
+        return self._snap(_as_float(value))
 
     def clip(self, value: Any, rng: np.random.Generator) -> Value:
-        if not _is_number(value) or not math.isfinite(float(value)):
+        if not _is_number(value) or math.isnan(_as_float(value)):
             return self.sample(rng)
-        return self._snap(min(max(float(value), self.low), self.high))
+        return self._snap(min(max(_as_float(value), self.low), self.high))
 
     def sample(self, rng: np.random.Generator) -> Value:
         return self._cast(self.low + int(rng.integers(self.n_steps + 1)) * self.step)
@@ -344,12 +362,17 @@ def gene_from_data(name: str, data: Mapping[str, Any]) -> Gene:
         for key in ("low", "high"):
             if key not in data:
                 raise SearchSpaceError(f"`{where}.{key}` is required for a {kind} gene")
-        cast = int if kind == "int" else float
-        try:
-            kwargs["low"], kwargs["high"] = cast(data["low"]), cast(data["high"])
-            kwargs["step"] = cast(data.get("step", 1 if kind == "int" else 0.01))
-        except (TypeError, ValueError) as exc:
-            raise SearchSpaceError(f"`{where}`: low/high/step must be numbers ({exc})") from None
+        raw = {
+            "low": data["low"],
+            "high": data["high"],
+            "step": data.get("step", 1 if kind == "int" else 0.01),
+        }
+        for key, value in raw.items():
+            if not _is_number(value) or not math.isfinite(_as_float(value)):
+                raise SearchSpaceError(f"`{where}.{key}` must be a finite number, got {value!r}")
+            if kind == "int" and not float(value).is_integer():
+                raise SearchSpaceError(f"`{where}.{key}` must be an integer, got {value!r}")
+            kwargs[key] = int(value) if kind == "int" else float(value)
         kwargs["default"] = data.get("default", kwargs["low"])
     gene = GENE_TYPES[kind](**kwargs)
     try:

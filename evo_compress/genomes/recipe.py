@@ -23,12 +23,11 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, prefix=f"{name}."))
-        else:
-            if name in flat:
-                raise RecipeError(f"`{name}` is given twice")
-            flat[name] = value
+        items = flatten(value, prefix=f"{name}.") if isinstance(value, Mapping) else {name: value}
+        for item_name, item_value in items.items():
+            if item_name in flat:
+                raise RecipeError(f"`{item_name}` is given twice")
+            flat[item_name] = item_value
     return flat
 
 

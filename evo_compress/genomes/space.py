@@ -82,6 +82,14 @@ class SearchSpace:
             if gene.name in by_name:
                 raise SearchSpaceError(f"gene `{gene.name}` is declared twice")
             by_name[gene.name] = gene
+        for name in by_name:
+            group = name.rsplit(".", 1)[0] if "." in name else None
+            while group is not None:
+                if group in by_name:
+                    raise SearchSpaceError(
+                        f"gene `{group}` is also the group of gene `{name}`; rename one"
+                    )
+                group = group.rsplit(".", 1)[0] if "." in group else None
         for gene in genes:
             for dep in sorted(gene.active_if.genes()):
                 if dep not in by_name:
@@ -186,7 +194,17 @@ class SearchSpace:
                 value = gene.check(value)
             except RecipeError as exc:
                 raise SearchSpaceError(f"cannot pin: {exc}") from None
-            pinned = {"type": "choice", "choices": [value], "default": value}
+            if gene.type_name in ("int", "float"):
+                # A one-point range still snaps nearby numbers (0.1 + 0.2 -> 0.3).
+                pinned = {
+                    "type": gene.type_name,
+                    "low": value,
+                    "high": value,
+                    "step": gene_data[name]["step"],
+                    "default": value,
+                }
+            else:
+                pinned = {"type": "choice", "choices": [value], "default": value}
             for key in ("active_if", "doc"):
                 if key in gene_data[name]:
                     pinned[key] = gene_data[name][key]
@@ -214,7 +232,7 @@ class SearchSpace:
 
         Missing active genes take their defaults; genes that are inactive are dropped.
         """
-        flat = flatten(data or {})
+        flat = flatten({} if data is None else data)
         for name in flat:
             if name not in self.genes:
                 raise RecipeError(self._unknown_gene(name, "recipe"))

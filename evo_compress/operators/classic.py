@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -54,7 +55,7 @@ class GeneMutation(Mutation):
         super().__init__(space)
         if gene_prob is not None and not 0.0 < gene_prob <= 1.0:
             raise OperatorError(f"`gene_prob` must be in (0, 1], got {gene_prob}")
-        if not step_scale > 0:
+        if not (step_scale > 0 and math.isfinite(step_scale)):
             raise OperatorError(f"`step_scale` must be > 0, got {step_scale}")
         self.gene_prob = gene_prob
         self.step_scale = float(step_scale)
@@ -86,9 +87,13 @@ class GeneMutation(Mutation):
             steps = 1 if rng.random() < 0.5 else -1
         moved = value + steps * gene.step
         if moved < gene.low or moved > gene.high:
-            moved = (
-                value - steps * gene.step
-            )  # bounce back into range rather than stick at a bound
+            # Bounce back into range rather than stick at a bound.
+            moved = value - steps * gene.step
+        if moved < gene.low or moved > gene.high:
+            # The step overshoots both ways (a large step_scale): any other grid value will do.
+            grid = [gene.clip(gene.low + k * gene.step, rng) for k in range(gene.n_steps + 1)]
+            others = [v for v in grid if v != value]
+            return others[int(rng.integers(len(others)))]
         return gene.clip(moved, rng)
 
 
