@@ -32,19 +32,19 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
 lint: setup
-	$(VENV)/bin/ruff check evo_compress tests benchmarks
-	$(VENV)/bin/ruff format --check evo_compress tests benchmarks
+	$(VENV)/bin/ruff check evo_compress tests benchmarks scripts
+	$(VENV)/bin/ruff format --check evo_compress tests benchmarks scripts
 	$(VENV)/bin/mypy
 
 format: setup
-	$(VENV)/bin/ruff check --fix evo_compress tests benchmarks
-	$(VENV)/bin/ruff format evo_compress tests benchmarks
+	$(VENV)/bin/ruff check --fix evo_compress tests benchmarks scripts
+	$(VENV)/bin/ruff format evo_compress tests benchmarks scripts
 
 bench: setup
 	$(PY) benchmarks/bench_engine.py
 
 gpu-check: setup
-	@echo "gpu-check: the CUDA paths arrive with the real evaluator (issue 3); nothing to check yet"
+	$(PY) scripts/gpu_check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
