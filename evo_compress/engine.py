@@ -60,7 +60,12 @@ _POP_ATTRIBUTES = ("rank", "crowding", "niche", "dist_to_niche")
 
 def default_run_dir(config: PopulationConfig) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return config.output.runs_root / f"{stamp}-{config.name}"
+    path = config.output.runs_root / f"{stamp}-{config.name}"
+    suffix = 2
+    while path.exists():  # two runs started in the same second
+        path = config.output.runs_root / f"{stamp}-{config.name}-{suffix}"
+        suffix += 1
+    return path
 
 
 def default_cache_path(config: PopulationConfig) -> Path:

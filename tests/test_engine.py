@@ -307,3 +307,13 @@ def test_hypervolume_grows_over_generations(config_factory, tmp_path):
     history = search.run()
     search.close()
     assert history[-1].hypervolume > history[0].hypervolume > 0
+
+
+def test_default_run_dirs_never_collide(config_factory, tmp_path):
+    config = config_factory(search={"generations": 1})
+    first = Search.start(config)
+    second = Search.start(config)  # same name, very likely the same second
+    assert first.store.run_dir != second.store.run_dir
+    assert first.store.run_dir.parent == tmp_path / "runs"
+    first.close()
+    second.close()
