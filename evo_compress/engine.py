@@ -347,9 +347,11 @@ class Search:
     def _evaluate_offspring(self, generation: int, offspring: Population) -> dict[str, int]:
         rows = []
         existing = []
+        # Rows exist already only when a run killed in this generation is resumed.
+        recorded = {row.slot: row for row in self.store.individuals(generation)}
         for slot, ind in enumerate(offspring):
             recipe: Recipe = ind.get("recipe")
-            row = self.store.individual_at(generation, slot)
+            row = recorded.get(slot)
             if row is not None and row.hash != recipe.hash:
                 raise RunStoreError(
                     f"{self.store.run_dir}: generation {generation} slot {slot} was recorded "
