@@ -97,8 +97,8 @@ class _RichProgress(ProgressListener):
     def search_started(self, search: Any) -> None:
         search_cfg = search.config.search
         offspring = search_cfg.offspring_size or search_cfg.population_size
-        total = 1 + search_cfg.population_size + (search.target_generations - 1) * offspring
-        done = len(search.store.evaluations())
+        total = search_cfg.population_size + (search.target_generations - 1) * offspring
+        done = search.store.count_evaluations(min_generation=0)
         self.console.print(
             f"run [bold]{search.store.run_dir}[/]  ({search_cfg.algorithm}, population "
             f"{search_cfg.population_size}, {search.target_generations} generations, "
@@ -353,7 +353,8 @@ _CONFIG_KEYS = {
 
 
 def _looks_like_config(data: Any) -> bool:
-    return isinstance(data, dict) and bool(set(data) & _CONFIG_KEYS)
+    # An empty file is a valid config (every default), which is what `run` would make of it.
+    return data is None or (isinstance(data, dict) and bool(set(data) & _CONFIG_KEYS))
 
 
 def _print_front_table(members: list[Any]) -> None:

@@ -58,7 +58,7 @@ class ConstraintsConfig(_Section):
         None, ge=0, description="Largest accuracy drop allowed vs the baseline recipe"
     )
     max_latency_ms: float | None = Field(None, gt=0, description="ms per output token")
-    max_memory_mb: float | None = Field(None, gt=0, description="MiB peak device memory")
+    max_memory_mib: float | None = Field(None, gt=0, description="MiB peak device memory")
     max_energy_j: float | None = Field(None, gt=0, description="J per 1,000 tokens")
     max_co2_g: float | None = Field(None, gt=0, description="g CO2e per 1,000 tokens")
 
@@ -144,20 +144,50 @@ class PopulationConfig(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def _format_error(exc: ValidationError, source: str) -> str:
+_PHRASES = {
+    "greater_than_equal": "must be >= {ge}",
+    "greater_than": "must be > {gt}",
+    "less_than_equal": "must be <= {le}",
+    "less_than": "must be < {lt}",
+    "literal_error": "must be {expected}",
+    "int_parsing": "must be an integer",
+    "int_type": "must be an integer",
+    "int_from_float": "must be an integer",
+    "float_parsing": "must be a number",
+    "float_type": "must be a number",
+    "bool_parsing": "must be true or false",
+    "bool_type": "must be true or false",
+    "string_type": "must be a string",
+    "string_pattern_mismatch": "must match {pattern}",
+    "dict_type": "must be a mapping",
+    "list_type": "must be a list",
+    "tuple_type": "must be a list",
+    "model_type": "must be a mapping",
+    "finite_number": "must be a finite number",
+}
+
+
+def format_validation_error(exc: ValidationError, source: str, prefix: str = "") -> str:
+    """The first pydantic error as one line: "`search.population_size` must be >= 4, got 1"."""
     err = exc.errors()[0]
-    path = ".".join(str(p) for p in err["loc"])
-    message = err["msg"]
-    if err["type"] == "extra_forbidden":
-        return f"{source}: unknown key `{path}`"
-    value = err.get("input")
+    path = prefix + ".".join(str(p) for p in err["loc"])
     more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    if err["type"] == "extra_forbidden":
+        return f"{source}: unknown key `{path}`{more}"
     if err["type"] == "missing":
         return f"{source}: `{path}` is required{more}"
-    return f"{source}: `{path}` {message.lower()}, got {value!r}{more}"
+    template = _PHRASES.get(err["type"])
+    if template is not None:
+        phrase = template.format(**err.get("ctx", {}))
+    else:
+        phrase = str(err["msg"]).removeprefix("Value error, ")
+        phrase = phrase[:1].lower() + phrase[1:]
+    return f"{source}: `{path}` {phrase}, got {err.get('input')!r}{more}"
 
 
-def parse_config(data: Any, source: str = "config") -> PopulationConfig:
+def parse_config(data: Any, source: str = "config", check: bool = True) -> PopulationConfig:
+    """Validate ``data``; ``check=False`` skips the cross-section checks (used on resume, where
+    the run store holds the search space and the files the config names may have moved)."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -165,8 +195,9 @@ def parse_config(data: Any, source: str = "config") -> PopulationConfig:
     try:
         config = PopulationConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_error(exc, source)) from None
-    check_config(config, source)
+        raise ConfigError(format_validation_error(exc, source)) from None
+    if check:
+        check_config(config, source)
     return config
 
 
@@ -186,10 +217,13 @@ def load_config(path: str | Path) -> PopulationConfig:
 
 
 def check_config(config: PopulationConfig, source: str = "config") -> None:
-    """Cross-section checks that need the registries: names exist, the space builds."""
+    """Cross-section checks: registered names exist, the space builds, operators and the
+    evaluator accept their settings, the seed portfolio loads. What ``validate`` passes,
+    ``run`` accepts."""
     # Imported here: operators and fitness import this module's types.
-    from evo_compress.fitness import EVALUATORS
-    from evo_compress.operators import CROSSOVERS, MUTATIONS
+    from evo_compress.fitness import EVALUATORS, EvaluationContext
+    from evo_compress.genomes import load_portfolio
+    from evo_compress.operators import CROSSOVERS, MUTATIONS, make_crossover, make_mutation
 
     try:
         for kind, registry, specs in (
@@ -211,8 +245,21 @@ def check_config(config: PopulationConfig, source: str = "config") -> None:
             raise ConfigError(
                 f"`evaluator.name`: {EVALUATORS.unknown_message(config.evaluator.name)}"
             )
-        build_space(config)
-    except ConfigError as exc:
+        space = build_space(config)
+        for kind, make, specs in (
+            ("crossover", make_crossover, config.search.operators.crossover),
+            ("mutation", make_mutation, config.search.operators.mutation),
+        ):
+            for i, spec in enumerate(specs):
+                make(spec.name, space, spec.params, f"search.operators.{kind}[{i}]")
+        # Evaluator constructors only validate settings; models load on first use.
+        context = EvaluationContext(config.model, config.hardware, config.carbon)
+        EVALUATORS.get(config.evaluator.name)(config.evaluator.settings, context).close()
+        try:
+            load_portfolio(config.search.recipes, space)
+        except EvoCompressError as exc:
+            raise ConfigError(f"`search.recipes`: {exc}") from None
+    except EvoCompressError as exc:
         raise ConfigError(f"{source}: {exc}") from None
 
 

@@ -32,6 +32,7 @@ from pymoo.core.sampling import Sampling
 from pymoo.core.termination import NoTermination
 from pymoo.indicators.hv import HV
 from pymoo.operators.selection.tournament import TournamentSelection
+from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 from pymoo.util.ref_dirs import get_reference_directions
 
 from evo_compress import __version__
@@ -44,7 +45,7 @@ from evo_compress.fitness import (
     FitnessCache,
     make_evaluator,
 )
-from evo_compress.genomes import Recipe, SearchSpace, load_portfolio
+from evo_compress.genomes import Recipe, SearchSpace, builtin_portfolios, load_portfolio
 from evo_compress.objectives import OBJECTIVE_NAMES, OBJECTIVES, to_minimization
 from evo_compress.operators import Crossover, Mutation, make_crossover, make_mutation
 from evo_compress.progress import GenerationStats, ProgressListener
@@ -109,6 +110,7 @@ class Search:
         # Results of this run by recipe hash: a repeated recipe (the baseline reference in
         # generation 0, say) re-uses its result instead of a store query per evaluation.
         self._results: dict[str, EvaluationResult] = {}
+        self._archive: dict[int, np.ndarray] = {}  # the run's front: id -> minimisation F
         self._constraint_names = list(config.constraints.active())
         self.completed_generations = 0
 
@@ -122,7 +124,7 @@ class Search:
     ) -> Search:
         space = build_space(config)
         evaluator = _make_evaluator(config)
-        load_portfolio(config.search.recipes, space)  # fail now, before a run dir exists
+        seeds = load_portfolio(config.search.recipes, space)  # fail now, before a run dir
         run_dir = Path(run_dir or config.output.run_dir or default_run_dir(config))
         cache_path = config.cache.path or default_cache_path(config)
         config = config.model_copy(
@@ -138,6 +140,11 @@ class Search:
                 "name": config.name,
                 "tool_version": __version__,
                 "space": space.to_data(),
+                # The reference baseline's space, stored so resume needs no file the config
+                # named (a relative path may not resolve from another directory).
+                "base_space": SearchSpace.load(config.search.space.base).to_data(),
+                # Likewise the seed recipes, in case a run killed in generation 0 resumes.
+                "seed_recipes": [r.to_dict(nested=False) for r in seeds],
                 "fingerprint": evaluator.fingerprint(),
                 "generations_target": config.search.generations,
             },
@@ -166,7 +173,9 @@ class Search:
         store = RunStore.open(run_dir)
         try:
             store.lock()
-            config = parse_config(yaml.safe_load(store.get_meta("config")), f"{run_dir} config")
+            config = parse_config(
+                yaml.safe_load(store.get_meta("config")), f"{run_dir} config", check=False
+            )
             space = SearchSpace.from_data(store.get_meta("space"))
             target = int(generations or store.get_meta("generations_target"))
             done = store.last_checkpoint()
@@ -225,6 +234,7 @@ class Search:
                 self.listener.message(
                     "every recipe the operators can reach has been evaluated; stopping early"
                 )
+                self.store.set_meta({"stopped_early_at": generation})
                 break
             self.listener.generation_started(generation, len(offspring))
             counts = self._evaluate_offspring(generation, offspring)
@@ -260,10 +270,11 @@ class Search:
         """The seed portfolio, then random draws until the population is full."""
         size = self.config.search.population_size
         name = self.config.search.recipes
-        label = f"portfolio:{name}" if "/" not in name and not name.endswith(".yaml") else "file"
+        label = f"portfolio:{name}" if name in builtin_portfolios() else "file"
         chosen: list[tuple[Recipe, str]] = []
         hashes: set[str] = set()
-        for recipe in load_portfolio(name, self.space)[:size]:
+        for data in self.store.get_meta("seed_recipes")[:size]:
+            recipe = Recipe(data)  # stored canonical, so no re-validation against a file
             chosen.append((recipe, label))
             hashes.add(recipe.hash)
         attempts = 0
@@ -327,7 +338,7 @@ class Search:
     def _reference(self) -> EvaluationResult:
         """Evaluate (or load) the uncompressed baseline of the base space: the reference for
         `max_accuracy_drop` and for the hypervolume's scale. Stored as generation -1."""
-        self._base_space = SearchSpace.load(self.config.search.space.base)
+        self._base_space = SearchSpace.from_data(self.store.get_meta("base_space"))
         base = self._base_space.baseline()
         row = self.store.individual_at(-1, 0)
         if row is None:
@@ -435,12 +446,29 @@ class Search:
                 g[i] = (objectives[objective] - limit) / limit
         return g
 
+    # ------------------------------------------------------------------ the front
+    def _update_archive(self, offspring: Population | None) -> None:
+        """The run's front: feasible recipes no evaluated recipe dominates, over every
+        generation (not just the survivors, which truncation may thin out)."""
+        candidates = dict(self._archive)
+        for ind in offspring if offspring is not None else []:
+            if ind.get("CV")[0] <= 0:
+                candidates[int(ind.get("iid"))] = np.asarray(ind.get("F"), dtype=float)
+        if not candidates:
+            self._archive = {}
+            return
+        ids = sorted(candidates)
+        F = np.array([candidates[i] for i in ids])
+        first = NonDominatedSorting().do(F, only_non_dominated_front=True)
+        self._archive = {ids[int(i)]: F[int(i)] for i in sorted(first)}
+
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint(
         self, algorithm: Any, generation: int, counts: dict[str, int], started: float
     ) -> GenerationStats:
         pop = algorithm.pop
-        front = front_members(pop)
+        self._update_archive(algorithm.off)
+        front_F = np.array([self._archive[i] for i in sorted(self._archive)])
         stats = GenerationStats(
             generation=generation,
             offspring=len(algorithm.off) if algorithm.off is not None else 0,
@@ -448,9 +476,9 @@ class Search:
             cache_hits=counts.get("cache", 0),
             reused=counts.get("run", 0),
             failed=counts.get("failed", 0),
-            front_size=len(front),
-            hypervolume=self.hypervolume(pop[front].get("F")) if front else 0.0,
-            evaluations_total=self.store.count_evaluations(),
+            front_size=len(self._archive),
+            hypervolume=self.hypervolume(front_F) if self._archive else 0.0,
+            evaluations_total=self.store.count_evaluations(min_generation=0),
             seconds=0.0,
         )
         population = []
@@ -465,6 +493,7 @@ class Search:
             "rng": _rng_state_to_data(algorithm.random_state),
             "n_iter": int(algorithm.n_iter),
             "survival": _survival_state(algorithm),
+            "archive": sorted(self._archive),
         }
         operator_state = {
             "crossover": [op.state_dict() for op in self.crossovers],
@@ -512,6 +541,15 @@ class Search:
             for op, op_state in zip(ops, saved, strict=False):
                 op.load_state_dict(op_state)
         self._seen = self.store.hashes_up_to(checkpoint.generation)
+        self._archive = {}
+        for ident in state.get("archive", []):
+            evaluation = self.store.evaluation(ident)
+            if evaluation is None or evaluation.result.objectives is None:
+                raise RunStoreError(
+                    f"{self.store.run_dir}: checkpoint {checkpoint.generation}'s front names "
+                    f"individual {ident} without a successful evaluation; the store is damaged"
+                )
+            self._archive[ident] = to_minimization(evaluation.result.objectives)
 
     # ------------------------------------------------------------------ hypervolume
     def _hypervolume_scales(self) -> list[float]:
@@ -603,18 +641,6 @@ class _Mating:
 
 
 # ---------------------------------------------------------------------- helpers
-def front_members(pop: Population) -> list[int]:
-    """Indices of the feasible non-dominated members of a surviving population."""
-    feasible = [i for i, ind in enumerate(pop) if ind.get("CV")[0] <= 0]
-    if not feasible:
-        return []
-    from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
-
-    F = np.array([pop[i].get("F") for i in feasible])
-    first = NonDominatedSorting().do(F, only_non_dominated_front=True)
-    return sorted(feasible[int(i)] for i in first)
-
-
 def _set_fitness(pop: Population, F: np.ndarray, G: np.ndarray) -> None:
     F = F.reshape(len(pop), len(OBJECTIVES))
     G = G.reshape(len(pop), -1)

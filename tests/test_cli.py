@@ -174,3 +174,29 @@ def test_help_explains_every_flag():
         assert flag in text
     for command in ("resume", "status", "front", "validate"):
         assert "Usage" in cli(command, "--help").stdout
+
+
+@pytest.mark.parametrize(
+    ("section", "fragments"),
+    [
+        (
+            "search: {operators: {mutation: [{name: gene, params: {step_scale: 0}}]}}",
+            ["`search.operators.mutation[0].params`", "step_scale"],
+        ),
+        (
+            "search: {operators: {mutation: [{name: gene, params: {sigma: 1}}]}}",
+            ["`search.operators.mutation[0].params`", "sigma"],
+        ),
+        (
+            "evaluator: {name: synthetic, settings: {cost_s: -1}}",
+            ["`evaluator.settings.cost_s`", "-1"],
+        ),
+        ("search: {recipes: nowhere.yaml}", ["`search.recipes`", "nowhere.yaml"]),
+    ],
+)
+def test_validate_catches_what_run_would_reject(tmp_path, section, fragments):
+    path = tmp_path / "bad.yaml"
+    path.write_text(section + "\noutput: {runs_root: " + str(tmp_path / "runs") + "}\n")
+    assert_one_line_error(cli("validate", path, check=False), *fragments)
+    assert_one_line_error(cli("run", "--config", path, check=False), *fragments)
+    assert not (tmp_path / "runs").exists()  # no half-made run directory is left behind

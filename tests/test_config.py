@@ -19,7 +19,7 @@ def test_defaults_validate_and_round_trip_through_yaml():
 def test_the_demo_config_loads():
     config = load_config("configs/synthetic.yaml")
     assert isinstance(config, PopulationConfig)
-    assert config.constraints.active() == {"max_accuracy_drop": 0.05, "max_memory_mb": 16000}
+    assert config.constraints.active() == {"max_accuracy_drop": 0.05, "max_memory_mib": 16000}
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
@@ -317,3 +318,67 @@ def test_default_run_dirs_never_collide(config_factory, tmp_path):
     assert first.store.run_dir.parent == tmp_path / "runs"
     first.close()
     second.close()
+
+
+def test_the_front_is_an_archive_so_hypervolume_never_drops(config_factory, tmp_path):
+    search = Search.start(config_factory(search={"generations": 8}), run_dir=tmp_path / "run")
+    history = search.run()
+    with search.store as store:
+        front_ids = {m.id for m in load_front(store)}
+        rows = {r.id: r for r in store.individuals()}
+    hv = [h.hypervolume for h in history]
+    assert all(later >= earlier for earlier, later in itertools.pairwise(hv))
+    # Members may come from any generation, not only the last population.
+    assert len({rows[i].generation for i in front_ids}) > 1
+
+
+def test_resume_needs_no_file_the_config_named(config_factory, tmp_path, monkeypatch):
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(
+        "genes:\n"
+        "  quant.method: {type: choice, choices: [none, awq, int8_weight_only]}\n"
+        "  prune.method: {type: choice, choices: [none, wanda]}\n"
+        "  prune.sparsity: {type: float, low: 0.1, high: 0.6, step: 0.1,\n"
+        "                   active_if: {prune.method: [wanda]}}\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    config = config_factory(
+        search={"generations": 2, "recipes": "baseline", "space": {"base": "space.yaml"}}
+    )
+    search = Search.start(config, run_dir=tmp_path / "run")
+    search.run()
+    search.close()
+    space_file.unlink()
+    monkeypatch.chdir("/")
+    resumed = Search.resume(tmp_path / "run", generations=3)
+    assert len(resumed.run()) == 1
+    resumed.close()
+
+
+def test_an_early_stop_is_reported_by_status(config_factory, tmp_path):
+    from evo_compress.runs.front import run_status
+
+    pins = {
+        "quant.method": "none",
+        "prune.method": "none",
+        "recovery.method": "none",
+        "kv.dtype": "auto",
+        "kv.sliding_window": False,
+        "serve.max_num_seqs": 32,
+        "serve.attention_backend": "auto",
+        "serve.gpu_memory_utilization": 0.9,
+    }
+    config = config_factory(
+        search={
+            "population_size": 4,
+            "generations": 3,
+            "recipes": "baseline",
+            "max_redraws": 5,
+            "space": {"pin": pins},
+        }
+    )
+    search = Search.start(config, run_dir=tmp_path / "run")
+    search.run()
+    search.close()
+    with RunStore.open(tmp_path / "run") as store:
+        assert run_status(store)["state"].startswith("finished early")

@@ -242,6 +242,12 @@ class SyntheticEvaluator(Evaluator):
     def capabilities(self) -> Mapping[str, Collection[Any] | None]:
         return {name: None for name in self._space.genes}
 
+    def fingerprint_data(self) -> dict[str, Any]:
+        # Validated settings (defaults filled, 7 == 7.0), less cost_s: a pause changes no result.
+        data = super().fingerprint_data()
+        data["settings"] = self.config.model_dump(mode="json", exclude={"cost_s"})
+        return data
+
     def _evaluate(self, recipe: Recipe) -> EvaluationResult:
         if self.config.cost_s > 0:
             time.sleep(self.config.cost_s)

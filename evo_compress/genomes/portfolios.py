@@ -36,8 +36,8 @@ def load_portfolio(ref: str, space: SearchSpace) -> list[Recipe]:
             close = difflib.get_close_matches(ref, list(portfolios), n=1)
             hint = f" (did you mean `{close[0]}`?)" if close else ""
             raise RecipeError(
-                f"`--recipes {ref}` is neither a built-in portfolio{hint} "
-                f"({', '.join(portfolios)}) nor a file"
+                f"`{ref}` is neither a built-in portfolio{hint} "
+                f"({', '.join(portfolios)}) nor a recipes file"
             )
         try:
             entries = yaml.safe_load(path.read_text())

@@ -82,6 +82,8 @@ def _make(
         return factory(space, **params)
     except TypeError as exc:
         raise OperatorError(f"`{where}.params`: {exc}") from None
+    except OperatorError as exc:
+        raise OperatorError(f"`{where}.params`: {exc}") from None
 
 
 def make_crossover(

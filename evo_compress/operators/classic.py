@@ -14,10 +14,10 @@ from evo_compress.operators._base import Crossover, Mutation
 
 
 class UniformCrossover(Crossover):
-    """Each gene comes from either parent with equal odds (``swap_prob`` for the second).
+    """Each gene comes from the second parent with probability ``swap_prob``, else the first.
 
-    Genes only one parent has (active there, inactive in the other) are inherited with the
-    same odds; repair then drops the ones the child's other genes switch off.
+    A gene only one parent has (active there, inactive in the other) is taken from that
+    parent; repair then drops it if the child's other genes switch it off.
     """
 
     name = "uniform"

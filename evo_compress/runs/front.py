@@ -30,24 +30,22 @@ class FrontMember:
 
 
 def load_front(store: RunStore) -> list[FrontMember]:
-    """The front of the last checkpoint: its feasible rank-0 members, or, when no member is
-    feasible, the least-violating ones (flagged ``feasible: false``)."""
+    """The run's front as of its last checkpoint: every feasible recipe evaluated so far that
+    no other evaluated recipe dominates. When none is feasible, the least-violating members
+    of the population instead (flagged ``feasible: false``)."""
     checkpoint = store.last_checkpoint()
     if checkpoint is None:
         return []
-    population = checkpoint.population
-    feasible = [e for e in population if float(e["cv"]) <= 0]
-    if feasible:
-        chosen = [e for e in feasible if e.get("rank") == 0]
-        is_feasible = True
-    else:
+    chosen: list[int] = list(checkpoint.algorithm_state.get("archive", []))
+    is_feasible = bool(chosen)
+    if not chosen:
+        population = checkpoint.population
         least = min(float(e["cv"]) for e in population)
-        chosen = [e for e in population if float(e["cv"]) == least]
-        is_feasible = False
+        chosen = [e["id"] for e in population if float(e["cv"]) == least]
     members = []
-    for entry in sorted(chosen, key=lambda e: e["id"]):
-        row = store.individual(entry["id"])
-        evaluation = store.evaluation(entry["id"])
+    for ident in sorted(chosen):
+        row = store.individual(ident)
+        evaluation = store.evaluation(ident)
         if evaluation is None or evaluation.result.objectives is None:
             continue  # a failed evaluation is never on the front
         members.append(
@@ -76,8 +74,11 @@ def run_status(store: RunStore) -> dict[str, Any]:
     target = int(store.get_meta("generations_target"))
     done = checkpoints[-1].generation + 1 if checkpoints else 0
     holder = lock_holder(store)
+    stopped_early = store.get_meta("stopped_early_at", None)
     if holder is not None:
         state = f"running (pid {holder})"
+    elif stopped_early is not None and done >= int(stopped_early):
+        state = f"finished early: no new recipe could be drawn for generation {stopped_early}"
     elif done >= target:
         state = "finished"
     else:

@@ -274,8 +274,15 @@ class RunStore:
         ).fetchone()
         return _evaluation(row) if row else None
 
-    def count_evaluations(self) -> int:
-        return int(self._query("SELECT COUNT(*) FROM evaluations").fetchone()[0])
+    def count_evaluations(self, min_generation: int | None = None) -> int:
+        if min_generation is None:
+            return int(self._query("SELECT COUNT(*) FROM evaluations").fetchone()[0])
+        row = self._query(
+            "SELECT COUNT(*) FROM evaluations e JOIN individuals i ON i.id = e.individual_id "
+            "WHERE i.generation >= ?",
+            (min_generation,),
+        ).fetchone()
+        return int(row[0])
 
     def evaluations(self) -> dict[int, EvaluationRow]:
         rows = self._query(

@@ -48,3 +48,12 @@ def test_an_unusable_cache_file_gives_a_clear_error(tmp_path):
     bad.write_bytes(b"garbage" * 1000)
     with pytest.raises(RunStoreError, match="--no-cache"):
         FitnessCache(bad)
+
+
+def test_the_cache_key_ignores_spelling_and_the_simulated_pause():
+    context = EvaluationContext()
+    plain = make_evaluator("synthetic", {}, context).fingerprint()
+    assert make_evaluator("synthetic", {"n_params_b": 7}, context).fingerprint() == plain
+    assert make_evaluator("synthetic", {"n_params_b": 7.0}, context).fingerprint() == plain
+    assert make_evaluator("synthetic", {"cost_s": 0.5}, context).fingerprint() == plain
+    assert make_evaluator("synthetic", {"n_params_b": 8}, context).fingerprint() != plain
