@@ -38,3 +38,17 @@ def config_factory(tmp_path: Path):  # type: ignore[no-untyped-def]
         return make_config(tmp_path, **overrides)
 
     return factory
+
+
+# One hypothesis profile for every property test: no deadline (two shared cores make timings
+# noisy), no example database in the tree, a moderate number of examples.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile(
+    "evo-compress",
+    max_examples=150,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile("evo-compress")

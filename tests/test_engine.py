@@ -13,9 +13,10 @@ from evo_compress.engine import Search
 from evo_compress.exceptions import EvaluationError, RunStoreError
 from evo_compress.fitness import EVALUATORS, EvaluationResult
 from evo_compress.fitness.synthetic import SyntheticEvaluator
-from evo_compress.genomes import Recipe
+from evo_compress.genomes import Recipe, SearchSpace
 from evo_compress.runs import RunStore
 from evo_compress.runs.front import load_front
+from evo_compress.testing import pins_except
 
 
 def run_search(config: Any, run_dir: Path) -> list[Any]:
@@ -142,15 +143,7 @@ def test_no_recipe_is_evaluated_twice_in_a_run(config_factory, tmp_path):
 
 
 def test_exhausted_space_stops_early_with_a_message(config_factory, tmp_path):
-    pins = {
-        "quant.method": "none",
-        "prune.method": "none",
-        "recovery.method": "none",
-        "kv.dtype": "auto",
-        "kv.sliding_window": False,
-        "serve.max_num_seqs": 32,
-        "serve.attention_backend": "auto",
-    }
+    pins = pins_except(SearchSpace.builtin(), "serve.gpu_memory_utilization")
     config = config_factory(
         search={
             "population_size": 4,
@@ -358,16 +351,7 @@ def test_resume_needs_no_file_the_config_named(config_factory, tmp_path, monkeyp
 def test_an_early_stop_is_reported_by_status(config_factory, tmp_path):
     from evo_compress.runs.front import run_status
 
-    pins = {
-        "quant.method": "none",
-        "prune.method": "none",
-        "recovery.method": "none",
-        "kv.dtype": "auto",
-        "kv.sliding_window": False,
-        "serve.max_num_seqs": 32,
-        "serve.attention_backend": "auto",
-        "serve.gpu_memory_utilization": 0.9,
-    }
+    pins = pins_except(SearchSpace.builtin())
     config = config_factory(
         search={
             "population_size": 4,

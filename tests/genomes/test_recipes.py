@@ -13,22 +13,17 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from evo_compress.exceptions import EvoCompressError, RecipeError
 from evo_compress.genomes import FloatGene, IntGene, Recipe, SearchSpace, flatten, nest
+from evo_compress.testing import SEED_MAX
 
 SPACE = SearchSpace.builtin()
 ROOT = Path(__file__).resolve().parents[2]
 
-PROPERTY = settings(
-    max_examples=150,
-    deadline=None,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
-seeds = st.integers(min_value=0, max_value=2**32 - 1)
+seeds = st.integers(min_value=0, max_value=SEED_MAX)
 
 # Regression check on the canonical JSON format (key order, separators, number formatting)
 # and on the built-in space's defaults. Computed once with the code as written. The run
@@ -48,7 +43,6 @@ def inactive_genes(recipe: Recipe) -> list[str]:
 # ---------------------------------------------------------------------- canonical forms
 
 
-@PROPERTY
 @given(seed=seeds)
 def test_recipe_round_trips_through_its_nested_dict(seed: int) -> None:
     recipe = sample(seed)
@@ -58,7 +52,6 @@ def test_recipe_round_trips_through_its_nested_dict(seed: int) -> None:
     assert again.canonical_json() == recipe.canonical_json()
 
 
-@PROPERTY
 @given(seed=seeds)
 def test_nested_and_dotted_forms_hash_the_same(seed: int) -> None:
     recipe = sample(seed)
@@ -68,7 +61,6 @@ def test_nested_and_dotted_forms_hash_the_same(seed: int) -> None:
     assert SPACE.recipe(recipe).hash == recipe.hash
 
 
-@PROPERTY
 @given(seed=seeds, data=st.data())
 def test_mixed_nested_and_dotted_keys_hash_the_same(seed: int, data: st.DataObject) -> None:
     recipe = sample(seed)
@@ -82,7 +74,6 @@ def test_mixed_nested_and_dotted_keys_hash_the_same(seed: int, data: st.DataObje
     assert SPACE.recipe(mixed).hash == recipe.hash
 
 
-@PROPERTY
 @given(seed=seeds, extra_seed=seeds)
 def test_values_of_inactive_genes_do_not_change_the_hash(seed: int, extra_seed: int) -> None:
     recipe = sample(seed)
@@ -119,7 +110,6 @@ def _perturb(gene: FloatGene | IntGene, value: float, fraction: float) -> float:
     return min(max(moved, gene.low), gene.high)
 
 
-@PROPERTY
 @given(seed=seeds, fraction=st.floats(min_value=-0.4, max_value=0.4))
 def test_numbers_off_their_step_snap_to_the_same_hash(seed: int, fraction: float) -> None:
     recipe = sample(seed)
@@ -208,7 +198,6 @@ def test_none_recipe_is_the_baseline() -> None:
         assert value == SPACE.genes[name].default
 
 
-@PROPERTY
 @given(seed=seeds)
 def test_dropping_genes_at_their_default_keeps_the_hash(seed: int) -> None:
     recipe = sample(seed)
@@ -216,7 +205,6 @@ def test_dropping_genes_at_their_default_keeps_the_hash(seed: int) -> None:
     assert SPACE.recipe(minimal).hash == recipe.hash
 
 
-@PROPERTY
 @given(seed=seeds, data=st.data())
 def test_key_order_does_not_matter(seed: int, data: st.DataObject) -> None:
     recipe = sample(seed)
@@ -268,7 +256,6 @@ def test_equal_recipes_are_equal_python_objects() -> None:
 # ---------------------------------------------------------------------- JSON / YAML
 
 
-@PROPERTY
 @given(seed=seeds)
 def test_json_round_trip(seed: int) -> None:
     recipe = sample(seed)
@@ -278,7 +265,6 @@ def test_json_round_trip(seed: int) -> None:
     assert SPACE.recipe(json.loads(recipe.canonical_json())) == recipe
 
 
-@PROPERTY
 @given(seed=seeds)
 def test_yaml_round_trip(seed: int) -> None:
     recipe = sample(seed)
@@ -310,7 +296,6 @@ def test_recipe_is_read_only_and_to_dict_is_a_copy() -> None:
         recipe["quant.method"] = "awq"  # type: ignore[index]
 
 
-@PROPERTY
 @given(seed=seeds)
 def test_flatten_and_nest_are_inverse(seed: int) -> None:
     flat = sample(seed).to_dict(nested=False)

@@ -6,10 +6,9 @@ import copy
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from evo_compress.exceptions import RecipeError, SearchSpaceError
@@ -24,25 +23,11 @@ from evo_compress.genomes import (
     flatten,
     nest,
 )
+from evo_compress.testing import SEED_MAX, rng, samples
 
 SPACE = SearchSpace.builtin()
 
-PROPERTY = settings(
-    max_examples=150,
-    deadline=None,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
-seeds = st.integers(min_value=0, max_value=2**32 - 1)
-
-
-def rng(seed: int = 0) -> np.random.Generator:
-    return np.random.default_rng(seed)
-
-
-def samples(space: SearchSpace, n: int, seed: int = 0) -> list[Recipe]:
-    generator = rng(seed)
-    return [space.sample(generator) for _ in range(n)]
+seeds = st.integers(min_value=0, max_value=SEED_MAX)
 
 
 def is_canonical(space: SearchSpace, recipe: Recipe) -> bool:
@@ -417,7 +402,6 @@ def test_pinned_float_gene_still_snaps_noise() -> None:
 # ---------------------------------------------------------------------- sampling
 
 
-@PROPERTY
 @given(seed=seeds)
 def test_sample_is_deterministic_and_valid(seed: int) -> None:
     first = SPACE.sample(rng(seed))
@@ -473,7 +457,6 @@ junk_keys = st.sampled_from([*GENE_NAMES, "foo", "quant.bits", "x.y.z", "serve.p
 junk_dicts = st.dictionaries(junk_keys, junk_values, max_size=14)
 
 
-@PROPERTY
 @given(data=junk_dicts, seed=seeds, nested=st.booleans())
 def test_repair_of_junk_gives_a_canonical_valid_recipe(
     data: dict[str, Any], seed: int, nested: bool
@@ -488,7 +471,6 @@ def test_repair_of_junk_gives_a_canonical_valid_recipe(
     assert SPACE.repair(data, rng(seed)) == repaired  # deterministic for a seed
 
 
-@PROPERTY
 @given(
     data=junk_dicts,
     seed=seeds,
@@ -510,7 +492,6 @@ def test_repair_keeps_every_valid_active_value(
             assert value == valid, name
 
 
-@PROPERTY
 @given(seed=seeds, junk_seed=seeds, junk=st.lists(junk_values, min_size=1, max_size=8))
 def test_repair_of_a_valid_recipe_with_junk_on_the_side_returns_it(
     seed: int, junk_seed: int, junk: list[Any]

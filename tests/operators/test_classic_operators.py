@@ -6,9 +6,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from evo_compress.exceptions import OperatorError, RegistryError
@@ -31,6 +30,7 @@ from evo_compress.operators import (
     make_mutation,
 )
 from evo_compress.registry import Registry
+from evo_compress.testing import SEED_MAX, rng, samples
 
 SPACE = SearchSpace.builtin()
 # The same genes without forbid rules: there repair never has to move a gene off a value that
@@ -38,22 +38,7 @@ SPACE = SearchSpace.builtin()
 FREE_SPACE = SearchSpace.from_data({k: v for k, v in SPACE.to_data().items() if k != "forbid"})
 FORBID_GENES = {name for rule in SPACE.forbid for name in rule.when.genes()}
 
-PROPERTY = settings(
-    max_examples=120,
-    deadline=None,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
-seeds = st.integers(min_value=0, max_value=2**32 - 1)
-
-
-def rng(seed: int = 0) -> np.random.Generator:
-    return np.random.default_rng(seed)
-
-
-def samples(space: SearchSpace, n: int, seed: int) -> list[Recipe]:
-    generator = rng(seed)
-    return [space.sample(generator) for _ in range(n)]
+seeds = st.integers(min_value=0, max_value=SEED_MAX)
 
 
 def is_canonical(space: SearchSpace, recipe: Recipe) -> bool:
@@ -95,7 +80,6 @@ def test_crossover_factory_builds_a_crossover(crossover_name: str) -> None:
 
 
 @each_crossover
-@PROPERTY
 @given(seed_a=seeds, seed_b=seeds, seed=seeds)
 def test_crossover_contract(crossover_name: str, seed_a: int, seed_b: int, seed: int) -> None:
     op = make_crossover(crossover_name, SPACE, {})
@@ -117,7 +101,6 @@ def test_crossover_contract(crossover_name: str, seed_a: int, seed_b: int, seed:
 
 
 @each_crossover
-@PROPERTY
 @given(seed_a=seeds, seed_b=seeds, seed=seeds)
 def test_crossover_child_takes_each_gene_from_a_parent(
     crossover_name: str, seed_a: int, seed_b: int, seed: int
@@ -134,7 +117,6 @@ def test_crossover_child_takes_each_gene_from_a_parent(
 
 
 @each_crossover
-@PROPERTY
 @given(seed_a=seeds, seed=seeds)
 def test_crossover_of_a_recipe_with_itself_returns_it(
     crossover_name: str, seed_a: int, seed: int
@@ -188,7 +170,6 @@ def test_mutation_factory_builds_a_mutation(mutation_name: str) -> None:
 
 
 @each_mutation
-@PROPERTY
 @given(seed_parent=seeds, seed=seeds)
 def test_mutation_contract(mutation_name: str, seed_parent: int, seed: int) -> None:
     op = make_mutation(mutation_name, SPACE, {})
