@@ -122,9 +122,18 @@ class Search:
         run_dir: Path | None = None,
         listener: ProgressListener | None = None,
     ) -> Search:
-        space = build_space(config)
+        full_space = build_space(config)
         evaluator = _make_evaluator(config)
-        seeds = load_portfolio(config.search.recipes, space)  # fail now, before a run dir
+        # Search only what the back end can apply: no evaluation is spent on a recipe that
+        # would come back infeasible.
+        space = evaluator.restrict_space(full_space)
+        seeds = []
+        for recipe in load_portfolio(config.search.recipes, full_space):  # fail before a run dir
+            reason = evaluator.infeasible_reason(recipe, full_space)
+            if reason is None:
+                seeds.append(space.recipe(recipe))
+            elif listener is not None:
+                listener.message(f"seed recipe {recipe.summary()} skipped: {reason}")
         run_dir = Path(run_dir or config.output.run_dir or default_run_dir(config))
         cache_path = config.cache.path or default_cache_path(config)
         config = config.model_copy(

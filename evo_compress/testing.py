@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+from typing import Any
+
 import numpy as np
 
+from evo_compress.fitness._base import EvaluationResult
 from evo_compress.genomes import Recipe, SearchSpace
 
 SEED_MAX = 2**32 - 1  # upper bound for seeds drawn by property tests
@@ -27,3 +33,31 @@ def pins_except(space: SearchSpace, *free: str) -> dict[str, object]:
         for name, gene in space.genes.items()
         if name not in free and not gene.active_if.clauses
     }
+
+
+# Worker targets for the isolation tests: each does one thing a real evaluation might do.
+def worker_echo(payload: dict[str, Any]) -> EvaluationResult:
+    objectives = {"accuracy": 0.5, "latency": 1.0, "memory": 2.0, "energy": 3.0, "co2": 4.0}
+    return EvaluationResult.success(objectives, {"echo": payload, "pid": os.getpid()})
+
+
+def worker_raise(payload: dict[str, Any]) -> EvaluationResult:
+    raise ValueError(f"bad recipe {payload.get('name')}")
+
+
+def worker_sleep(payload: dict[str, Any]) -> EvaluationResult:
+    time.sleep(float(payload["seconds"]))
+    return worker_echo(payload)
+
+
+def worker_allocate(payload: dict[str, Any]) -> EvaluationResult:
+    blocks = []
+    for _ in range(int(payload["mib"])):
+        blocks.append(bytearray(1024 * 1024))  # touched, so resident
+        time.sleep(0.002)
+    return worker_echo({"held": len(blocks)})
+
+
+def worker_crash(payload: dict[str, Any]) -> EvaluationResult:
+    os.kill(os.getpid(), signal.SIGSEGV)
+    return worker_echo(payload)

@@ -11,9 +11,10 @@ import pytest
 
 from evo_compress.engine import Search
 from evo_compress.exceptions import EvaluationError, RunStoreError
-from evo_compress.fitness import EVALUATORS, EvaluationResult
+from evo_compress.fitness import EVALUATORS, EvaluationContext, EvaluationResult
 from evo_compress.fitness.synthetic import SyntheticEvaluator
 from evo_compress.genomes import Recipe, SearchSpace
+from evo_compress.progress import ProgressListener
 from evo_compress.runs import RunStore
 from evo_compress.runs.front import load_front
 from evo_compress.testing import pins_except
@@ -200,19 +201,33 @@ class _NoPruningEvaluator(SyntheticEvaluator):
         return caps
 
 
-def test_recipes_a_back_end_cannot_apply_are_infeasible_not_crashes(config_factory, tmp_path):
+def test_the_search_stays_inside_what_the_back_end_can_apply(config_factory, tmp_path):
     if "test-no-pruning" not in EVALUATORS:
         EVALUATORS.register("test-no-pruning", _NoPruningEvaluator)
     config = config_factory(evaluator={"name": "test-no-pruning", "settings": {}})
-    search = Search.start(config, run_dir=tmp_path / "run")
+    messages: list[str] = []
+    listener = ProgressListener()
+    listener.message = messages.append  # type: ignore[method-assign]
+    search = Search.start(config, run_dir=tmp_path / "run", listener=listener)
     search.run()
     with search.store as store:
         rows = store.evaluations()
-        infeasible = [r for r in rows.values() if r.result.status == "infeasible"]
-        front = load_front(store)
-    assert infeasible
-    assert all("prune.method" in (r.result.reason or "") for r in infeasible)
-    assert all(m.recipe["prune"]["method"] == "none" for m in front)
+        recipes = [r.recipe for r in store.individuals() if r.generation >= 0]
+    assert all(r.result.status == "ok" for r in rows.values())
+    assert recipes and all(r["prune.method"] == "none" for r in recipes)
+    # The conservative portfolio's pruning seeds were skipped, and said so.
+    assert any("skipped" in m and "prune.method" in m for m in messages)
+
+
+def test_a_recipe_the_back_end_cannot_apply_is_infeasible_with_a_reason():
+    space = SearchSpace.builtin()
+    evaluator = _NoPruningEvaluator({}, EvaluationContext())
+    result = evaluator.evaluate(space.recipe({"prune": {"method": "wanda"}}), space)
+    assert result.status == "infeasible"
+    assert "prune.method" in (result.reason or "") and "wanda" in (result.reason or "")
+    restricted = evaluator.restrict_space(space)
+    assert restricted.genes["prune.method"].choices == ("none",)  # type: ignore[attr-defined]
+    assert SyntheticEvaluator({}, EvaluationContext()).restrict_space(space) is space
 
 
 def test_accuracy_drop_constraint_holds_on_the_front(config_factory, tmp_path):

@@ -113,6 +113,43 @@ class Evaluator(ABC):
                 return f"the {self.name} back end cannot apply `{gene}` (only its default)"
         return None
 
+    def restrict_space(self, space: SearchSpace) -> SearchSpace:
+        """``space`` narrowed to what this back end can apply: genes it cannot apply are
+        pinned to their default, choices it does not support are dropped. Unchanged (the
+        same object) when the back end supports everything."""
+        from evo_compress.exceptions import ConfigError
+        from evo_compress.genomes import BoolGene, ChoiceGene
+
+        caps = self.capabilities()
+        pin: dict[str, Any] = {}
+        narrow: dict[str, dict[str, Any]] = {}
+        for name, gene in space.genes.items():
+            if name not in caps:
+                if not (isinstance(gene, ChoiceGene) and len(gene.choices) == 1):
+                    pin[name] = gene.default
+                continue
+            allowed = caps[name]
+            if allowed is None or not isinstance(gene, (ChoiceGene, BoolGene)):
+                continue
+            domain = gene.choices if isinstance(gene, ChoiceGene) else (False, True)
+            kept = [c for c in domain if c in allowed]
+            if not kept:
+                raise ConfigError(
+                    f"the {self.name} back end supports no value of gene `{name}` "
+                    f"({list(domain)}); pin it in `search.space.pin` or use another back end"
+                )
+            if len(kept) < len(domain):
+                if len(kept) == 1:
+                    pin[name] = kept[0]
+                else:
+                    default = gene.default if gene.default in kept else kept[0]
+                    narrow[name] = {"type": "choice", "choices": kept, "default": default}
+        if not pin and not narrow:
+            return space
+        restricted = space.with_overrides(pin=pin, genes=narrow)
+        restricted.name = space.name
+        return restricted
+
     def evaluate(self, recipe: Recipe, space: SearchSpace) -> EvaluationResult:
         """Evaluate one recipe; never raises for a recipe's own failure."""
         start = time.perf_counter()

@@ -1,0 +1,138 @@
+"""Run one evaluation in its own worker process, with a timeout and a memory limit.
+
+An exception, a crash (segfault, the kernel's OOM killer), running past the timeout or past
+the memory limit all come back as a failed ``EvaluationResult`` with the reason; the search
+process itself never loads the model. Workers are forked from a forkserver that has the heavy
+libraries imported already, so each evaluation gets a fresh process without paying for
+``import torch, transformers, lm_eval`` every time.
+"""
+
+from __future__ import annotations
+
+import importlib
+import multiprocessing as mp
+import os
+import signal
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from evo_compress.fitness._base import EvaluationResult
+
+_POLL_S = 0.1
+_CONTEXTS: dict[tuple[str, ...], Any] = {}
+
+
+@dataclass(frozen=True)
+class WorkerLimits:
+    timeout_s: float
+    memory_limit_mib: float | None = None
+
+
+def _context(preload: Sequence[str]) -> Any:
+    """A forkserver context that imports ``preload`` once; forking a warm server is cheap."""
+    key = tuple(preload)
+    if key not in _CONTEXTS:
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(list(preload))
+        _CONTEXTS[key] = ctx
+    return _CONTEXTS[key]
+
+
+def _child(target: str, payload: dict[str, Any], conn: Connection) -> None:
+    os.setpgrp()  # its own process group, so a kill also takes anything it started
+    try:
+        module_name, _, attr = target.partition(":")
+        function = getattr(importlib.import_module(module_name), attr)
+        result = function(payload)
+        conn.send(("ok", result))
+    except BaseException as exc:  # everything becomes data for the parent
+        conn.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc(limit=12)))
+    finally:
+        conn.close()
+
+
+def rss_mib(pid: int) -> float | None:
+    """Resident memory of a process (Linux /proc), or None where it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        return None
+    return None
+
+
+def run_in_worker(
+    target: str,
+    payload: dict[str, Any],
+    limits: WorkerLimits,
+    preload: Sequence[str] = (),
+) -> EvaluationResult:
+    """Call ``module:function(payload)`` in a worker process; the function returns an
+    ``EvaluationResult`` (or raises). Never raises for the evaluation's own failures."""
+    ctx = _context(preload)
+    parent, child = ctx.Pipe(duplex=False)
+    process = ctx.Process(target=_child, args=(target, payload, child), daemon=True)
+    start = time.perf_counter()
+    process.start()
+    child.close()
+    peak = 0.0
+    reason: str | None = None
+    message: Any = None
+    try:
+        while True:
+            if parent.poll(_POLL_S):
+                try:
+                    message = parent.recv()
+                except EOFError:
+                    message = None
+                break
+            if not process.is_alive():
+                break
+            elapsed = time.perf_counter() - start
+            rss = rss_mib(process.pid or 0) or 0.0
+            peak = max(peak, rss)
+            if elapsed > limits.timeout_s:
+                reason = f"timeout: the evaluation ran past {limits.timeout_s:g} s"
+                break
+            if limits.memory_limit_mib is not None and rss > limits.memory_limit_mib:
+                reason = (
+                    f"out of memory: the worker used {rss:,.0f} MiB, over the "
+                    f"{limits.memory_limit_mib:,.0f} MiB limit"
+                )
+                break
+    finally:
+        if reason is not None or message is None:
+            _kill(process)
+        process.join(timeout=10)
+        parent.close()
+    seconds = time.perf_counter() - start
+    meta = {"worker": {"pid": process.pid, "seconds": round(seconds, 3), "peak_rss_mib": peak}}
+    if reason is not None:
+        return EvaluationResult.failure(reason, meta).with_duration(seconds)
+    if message is None:
+        code = process.exitcode
+        how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        if code == -signal.SIGKILL:
+            how += " (killed: often the kernel's out-of-memory killer)"
+        return EvaluationResult.failure(f"the worker died ({how})", meta).with_duration(seconds)
+    if message[0] == "error":
+        meta["traceback"] = message[2]
+        return EvaluationResult.failure(message[1], meta).with_duration(seconds)
+    result: EvaluationResult = message[1]
+    merged = {**result.metadata, **meta}
+    return EvaluationResult(result.status, result.objectives, result.reason, merged, seconds)
+
+
+def _kill(process: Any) -> None:
+    if process.pid is None or not process.is_alive():
+        return
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        process.kill()
