@@ -228,6 +228,11 @@ def resume(
     ),
     cache: Path | None = typer.Option(None, "--cache", help="Use this fitness cache file."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Read and write no fitness cache."),
+    retry_failed: bool = typer.Option(
+        False,
+        "--retry-failed",
+        help="Evaluate failed recipes again (in the population, the cache and future draws).",
+    ),
 ) -> None:
     """Continue a run from its last checkpoint, re-using every stored evaluation."""
     with _errors():
@@ -238,7 +243,11 @@ def resume(
         cache_arg: Path | bool | None = False if no_cache else cache
         listener = _RichProgress(console)
         search = Search.resume(
-            run_dir, generations=generations, cache=cache_arg, listener=listener
+            run_dir,
+            generations=generations,
+            cache=cache_arg,
+            listener=listener,
+            retry_failed=retry_failed,
         )
         _drive(search, listener)
 

@@ -85,6 +85,7 @@ class Search:
         cache: FitnessCache | None,
         target_generations: int,
         listener: ProgressListener | None = None,
+        retry_failed: bool = False,
     ) -> None:
         self.config = config
         self.store = store
@@ -92,6 +93,7 @@ class Search:
         self.evaluator = evaluator
         self.cache = cache
         self.target_generations = target_generations
+        self.retry_failed = retry_failed
         self.listener = listener or ProgressListener()
         self.fingerprint = evaluator.fingerprint()
         ops = config.search.operators
@@ -176,9 +178,11 @@ class Search:
         generations: int | None = None,
         cache: Path | bool | None = None,
         listener: ProgressListener | None = None,
+        retry_failed: bool = False,
     ) -> Search:
         """Continue a run from its last checkpoint. ``generations`` sets a new total (to
-        extend a finished run); ``cache`` is a path, False (no cache) or None (as stored)."""
+        extend a finished run); ``cache`` is a path, False (no cache) or None (as stored);
+        ``retry_failed`` evaluates failed recipes again instead of re-using the failure."""
         store = RunStore.open(run_dir)
         try:
             store.lock()
@@ -209,7 +213,12 @@ class Search:
         except BaseException:
             store.close()
             raise
-        return cls(config, store, space, evaluator, _open_cache(config), target, listener)
+        cache_obj = _open_cache(config)
+        if retry_failed and cache_obj is not None:
+            cache_obj.forget_failures(evaluator.fingerprint())
+        return cls(
+            config, store, space, evaluator, cache_obj, target, listener, retry_failed=retry_failed
+        )
 
     def close(self) -> None:
         self.evaluator.close()
@@ -224,6 +233,7 @@ class Search:
         algorithm = self._algorithm()
         algorithm.setup(problem, seed=self.config.search.seed, termination=NoTermination())
         self.listener.search_started(self)
+        self.evaluator.prepare()
         self.reference = self._reference()
         self._hv_scales = self._hypervolume_scales()
 
@@ -410,7 +420,8 @@ class Search:
         committed at once."""
         if stored:
             row = self.store.evaluation(ident)
-            if row is not None:
+            retry = self.retry_failed and row is not None and row.result.status == "failed"
+            if row is not None and not retry:
                 self._results.setdefault(recipe.hash, row.result)
                 return row.result, "run"
         earlier = self._results.get(recipe.hash)
@@ -526,9 +537,13 @@ class Search:
                     f"{self.store.run_dir}: checkpoint {checkpoint.generation} names individual "
                     f"{ident}, which has no evaluation; the run store is damaged"
                 )
-            recipes.append(Recipe(row.recipe))
-            F.append(self._objectives(evaluation.result))
-            G.append(self._constraints(evaluation.result))
+            recipe = Recipe(row.recipe)
+            result = evaluation.result
+            if self.retry_failed and result.status == "failed":
+                result, _ = self._evaluate(ident, recipe, self.space, stored=True)
+            recipes.append(recipe)
+            F.append(self._objectives(result))
+            G.append(self._constraints(result))
         pop = Population.new("X", np.array([[r.hash] for r in recipes], dtype=object))
         _set_fitness(pop, np.array(F), np.array(G))
         for ind, recipe, entry in zip(pop, recipes, checkpoint.population, strict=True):
@@ -550,6 +565,9 @@ class Search:
             for op, op_state in zip(ops, saved, strict=False):
                 op.load_state_dict(op_state)
         self._seen = self.store.hashes_up_to(checkpoint.generation)
+        if self.retry_failed:
+            # Failed recipes outside the population may be drawn (and evaluated) again.
+            self._seen -= self.store.failed_hashes()
         self._archive = {}
         for ident in state.get("archive", []):
             evaluation = self.store.evaluation(ident)

@@ -381,3 +381,50 @@ def test_an_early_stop_is_reported_by_status(config_factory, tmp_path):
     search.close()
     with RunStore.open(tmp_path / "run") as store:
         assert run_status(store)["state"].startswith("finished early")
+
+
+class _FlakyEvaluator(SyntheticEvaluator):
+    """Fails every recipe while a marker file exists: a transient failure to retry."""
+
+    name = "test-flaky"
+    marker: Path | None = None
+
+    def _evaluate(self, recipe: Recipe) -> EvaluationResult:
+        if self.marker is not None and self.marker.exists():
+            return EvaluationResult.failure("transient: the device was busy")
+        return super()._evaluate(recipe)
+
+
+def test_resume_with_retry_failed_evaluates_failures_again(config_factory, tmp_path):
+    if "test-flaky" not in EVALUATORS:
+        EVALUATORS.register("test-flaky", _FlakyEvaluator)
+    _FlakyEvaluator.marker = tmp_path / "busy"
+    _FlakyEvaluator.marker.touch()
+    cache = {"enabled": True, "path": str(tmp_path / "cache.sqlite")}
+    config = config_factory(
+        evaluator={"name": "test-flaky", "settings": {}},
+        search={"generations": 2, "recipes": "aggressive"},
+        cache=cache,
+    )
+    run_search(config, tmp_path / "run")
+    with RunStore.open(tmp_path / "run") as store:
+        failed = {i for i, r in store.evaluations().items() if r.result.status == "failed"}
+    assert failed
+
+    _FlakyEvaluator.marker.unlink()
+    plain = Search.resume(tmp_path / "run", generations=3)  # without the flag: failures stay
+    plain.run()
+    plain.close()
+    with RunStore.open(tmp_path / "run") as store:
+        assert all(store.evaluation(i).result.status == "failed" for i in failed)  # type: ignore[union-attr]
+
+    retried = Search.resume(tmp_path / "run", generations=4, retry_failed=True)
+    retried.run()
+    retried.close()
+    with RunStore.open(tmp_path / "run") as store:
+        now = {i: store.evaluation(i) for i in failed}
+        front = load_front(store)
+    again = [i for i, row in now.items() if row is not None and row.result.ok]
+    assert again, "failed members of the population (and the baseline) were evaluated again"
+    assert all(now[i].source == "evaluated" for i in again)  # type: ignore[union-attr]
+    assert front and all(m.feasible for m in front)

@@ -169,12 +169,17 @@ class Evaluator(ABC):
             )
         return result.with_duration(time.perf_counter() - start)
 
+    def prepare(self) -> None:
+        """One-time work before the first evaluation (train or download the model, write
+        task files). Constructors only validate settings, so ``validate`` stays fast."""
+
     def close(self) -> None:
         """Release models, servers or worker processes. Safe to call twice."""
 
 
 EVALUATORS: Registry[Evaluator] = Registry("evaluator")
 EVALUATORS.register("synthetic", "evo_compress.fitness.synthetic:SyntheticEvaluator")
+EVALUATORS.register("transformers", "evo_compress.fitness.hf.evaluator:TransformersEvaluator")
 
 
 def make_evaluator(

@@ -274,6 +274,13 @@ class RunStore:
         ).fetchone()
         return _evaluation(row) if row else None
 
+    def failed_hashes(self) -> set[str]:
+        rows = self._query(
+            "SELECT i.hash FROM evaluations e JOIN individuals i ON i.id = e.individual_id "
+            "WHERE e.status = 'failed'"
+        )
+        return {r[0] for r in rows}
+
     def count_evaluations(self, min_generation: int | None = None) -> int:
         if min_generation is None:
             return int(self._query("SELECT COUNT(*) FROM evaluations").fetchone()[0])
