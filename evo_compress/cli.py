@@ -252,6 +252,78 @@ def resume(
         _drive(search, listener)
 
 
+class EvaluateFormat(str, Enum):
+    table = "table"
+    json = "json"
+
+
+@app.command()
+def evaluate(
+    config: Path = typer.Option(..., "--config", "-c", help="Population config (YAML)."),
+    recipe: str = typer.Option(
+        ..., "--recipe", "-r", help="A recipe YAML file, or an inline YAML/JSON mapping."
+    ),
+    format: EvaluateFormat = typer.Option(
+        EvaluateFormat.table, "--format", "-f", help="Output format."
+    ),
+    cache: Path | None = typer.Option(None, "--cache", help="Fitness cache file to use."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Evaluate even if cached."),
+) -> None:
+    """Evaluate one recipe with the config's evaluator and print its five objectives."""
+    with _errors():
+        import yaml
+
+        from evo_compress.config import build_space, load_config
+        from evo_compress.engine import default_cache_path, make_config_evaluator
+        from evo_compress.fitness import FitnessCache
+
+        if cache is not None and no_cache:
+            raise EvoCompressError("`--cache` and `--no-cache` exclude each other")
+        cfg = load_config(config)
+        space = build_space(cfg)
+        path = Path(recipe)
+        try:
+            data = yaml.safe_load(path.read_text() if path.is_file() else recipe)
+        except yaml.YAMLError as exc:
+            raise RecipeError(
+                f"`--recipe` is not valid YAML: {str(exc).splitlines()[0]}"
+            ) from None
+        if isinstance(data, str):
+            raise RecipeError(f"`--recipe {recipe}`: no such file, and not a YAML mapping")
+        parsed = space.recipe(data)
+        evaluator = make_config_evaluator(cfg)
+        store = None
+        if not no_cache and (cache is not None or cfg.cache.enabled):
+            store = FitnessCache(cache or cfg.cache.path or default_cache_path(cfg))
+        fingerprint = evaluator.fingerprint()
+        result = store.get(parsed, fingerprint) if store is not None else None
+        hit = result is not None
+        if result is None:
+            evaluator.prepare()
+            result = evaluator.evaluate(parsed, space)
+            if store is not None:
+                store.put(parsed, fingerprint, result)
+        evaluator.close()
+        if store is not None:
+            store.close()
+        if format is EvaluateFormat.json:
+            out = {
+                "recipe": parsed.to_dict(),
+                "hash": parsed.hash,
+                "status": result.status,
+                "objectives": result.objectives,
+                "reason": result.reason,
+                "cache_hit": hit,
+                "duration_s": result.duration_s,
+                "metadata": result.metadata,
+            }
+            sys.stdout.write(json.dumps(out, indent=2, default=str) + "\n")
+        else:
+            _print_evaluation(parsed, result, hit)
+        if not result.ok:
+            raise typer.Exit(1)
+
+
 @app.command()
 def status(run_dir: Path = typer.Argument(..., help="Run directory.")) -> None:
     """Show how far a run got: generations, evaluations, failures, front size, hypervolume."""
@@ -417,6 +489,33 @@ def _compact(flat: dict[str, Any]) -> str:
     known = {"quant.", "prune.", "recovery.", "kv.", "serve."}
     parts += [f"{k}={v}" for k, v in flat.items() if not k.startswith(tuple(known))]
     return " ".join(parts) or "uncompressed"
+
+
+def _print_evaluation(recipe: Any, result: Any, hit: bool) -> None:
+    from evo_compress.objectives import OBJECTIVES
+
+    source = "fitness cache" if hit else f"evaluated in {result.duration_s:.1f} s"
+    console.print(f"recipe {recipe.short_hash}: {recipe.summary()}  ({source})", highlight=False)
+    if not result.ok:
+        console.print(f"[bold red]{result.status}:[/] {result.reason}", highlight=False)
+        return
+    how = result.metadata.get("objectives", {})
+    table = Table()
+    for column in ("objective", "value", "unit", "how it was obtained"):
+        table.add_column(column, justify="right" if column == "value" else "left")
+    for objective in OBJECTIVES:
+        detail = how.get(objective.name, {})
+        text = detail.get("how", "") if isinstance(detail, dict) else str(detail)
+        if text == "synthetic":
+            text = "synthetic: computed, not measured"
+        elif (
+            isinstance(detail, dict) and detail.get("measured") is False and "estimat" not in text
+        ):
+            text = f"{text} (estimated)"
+        table.add_row(
+            objective.name, _fmt(result.objectives[objective.name]), objective.unit, text
+        )
+    console.print(table)
 
 
 def _fmt(value: float) -> str:

@@ -125,7 +125,7 @@ class Search:
         listener: ProgressListener | None = None,
     ) -> Search:
         full_space = build_space(config)
-        evaluator = _make_evaluator(config)
+        evaluator = make_config_evaluator(config)
         # Search only what the back end can apply: no evaluation is spent on a recipe that
         # would come back infeasible.
         space = evaluator.restrict_space(full_space)
@@ -204,7 +204,7 @@ class Search:
                 )
                 config = config.model_copy(update={"cache": cache_cfg})
             store.set_meta({"generations_target": target})
-            evaluator = _make_evaluator(config)
+            evaluator = make_config_evaluator(config)
             if evaluator.fingerprint() != store.get_meta("fingerprint"):
                 raise RunStoreError(
                     f"{run_dir}: the evaluator's settings or environment differ from the ones "
@@ -708,7 +708,8 @@ def _reference_directions(pop_size: int, partitions: int | None) -> np.ndarray:
     return get_reference_directions("das-dennis", len(OBJECTIVES), n_partitions=partitions)
 
 
-def _make_evaluator(config: PopulationConfig) -> Evaluator:
+def make_config_evaluator(config: PopulationConfig) -> Evaluator:
+    """The evaluator a config names, with its model, hardware and carbon context."""
     context = EvaluationContext(config.model, config.hardware, config.carbon)
     return make_evaluator(config.evaluator.name, config.evaluator.settings, context)
 

@@ -200,3 +200,48 @@ def test_validate_catches_what_run_would_reject(tmp_path, section, fragments):
     assert_one_line_error(cli("validate", path, check=False), *fragments)
     assert_one_line_error(cli("run", "--config", path, check=False), *fragments)
     assert not (tmp_path / "runs").exists()  # no half-made run directory is left behind
+
+
+def test_evaluate_one_recipe_as_table_and_json(tmp_path):
+    config = write_config(tmp_path)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("quant: {method: awq, group_size: 64}\n")
+    table = cli("evaluate", "--config", config, "--recipe", recipe, "--cache", tmp_path / "c.db")
+    assert "accuracy" in table.stdout and "computed, not measured" in table.stdout
+    out = json.loads(
+        cli(
+            "evaluate",
+            "-c",
+            config,
+            "-r",
+            "{quant: {method: awq, group_size: 64}}",
+            "--format",
+            "json",
+            "--cache",
+            tmp_path / "c.db",
+        ).stdout
+    )
+    assert out["cache_hit"] is True and out["status"] == "ok"
+    assert set(out["objectives"]) == OBJECTIVES
+    assert out["recipe"]["quant"] == {"method": "awq", "group_size": 64}
+
+
+def test_evaluate_reports_failures_and_bad_recipes(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "evaluator": {
+                    "name": "synthetic",
+                    "settings": {"fail_if": {"quant.method": ["rtn"]}},
+                },
+                "cache": {"enabled": False},
+            }
+        )
+    )
+    failed = cli("evaluate", "-c", config, "-r", "{quant: {method: rtn}}", check=False)
+    assert failed.returncode == 1 and "failed" in failed.stdout and "fail_if" in failed.stdout
+    bad = cli("evaluate", "-c", config, "-r", "{quant: {method: awk}}", check=False)
+    assert_one_line_error(bad, "`quant.method`", "awk")
+    missing = cli("evaluate", "-c", config, "-r", "nothere.yaml", check=False)
+    assert_one_line_error(missing, "nothere.yaml")
