@@ -1,0 +1,211 @@
+"""Task accuracy of an in-memory Hugging Face model, measured by lm-evaluation-harness.
+
+``measure_accuracy`` wraps the model in lm-eval's ``HFLM`` (no reload from disk, so a
+compressed model is measured as it is) and runs ``simple_evaluate`` on one task: the project's
+reference task (a ``TaskSpec`` or its name plus ``include_path``) or any lm-eval task name.
+lm-eval is imported on first use: importing it takes seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from evo_compress.exceptions import EvaluationError
+from evo_compress.reference import TaskSpec, default_cache_dir, set_hf_cache_env
+
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase
+
+# Indexing lm-eval's built-in tasks takes seconds: keep one TaskManager per set of paths.
+_TASK_MANAGERS: dict[tuple[tuple[str, ...], bool], Any] = {}
+_LOCK = threading.RLock()
+
+
+class _DropMessages(logging.Filter):
+    """Drops known, expected warnings: we pass a model object on purpose, in one process."""
+
+    FRAGMENTS = (
+        "`pretrained` model kwarg is not of type `str`",
+        "Passed an already-initialized model through `pretrained`",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(fragment in message for fragment in self.FRAGMENTS)
+
+
+_logging_quieted = False
+
+
+def _quiet_lm_eval_logging() -> None:
+    global _logging_quieted
+    if _logging_quieted:
+        return
+    _logging_quieted = True
+    logger = logging.getLogger("lm_eval")
+    if logger.level == logging.NOTSET or logger.level < logging.WARNING:
+        logger.setLevel(logging.WARNING)
+    logging.getLogger("lm_eval.models.huggingface").addFilter(_DropMessages())
+
+
+def _task_manager(include_path: Path | None, with_defaults: bool) -> Any:
+    from lm_eval.tasks import TaskManager
+
+    paths = (str(Path(include_path).resolve()),) if include_path is not None else ()
+    key = (paths, with_defaults)
+    with _LOCK:
+        if key not in _TASK_MANAGERS:
+            _TASK_MANAGERS[key] = TaskManager(
+                include_path=list(paths) or None, include_defaults=with_defaults
+            )
+        return _TASK_MANAGERS[key]
+
+
+def _find_task_manager(name: str, include_path: Path | None) -> Any:
+    if include_path is not None:
+        # The project's own tasks: index only their folder (milliseconds, not seconds).
+        manager = _task_manager(include_path, with_defaults=False)
+        if name in manager.all_tasks:
+            return manager
+    manager = _task_manager(include_path, with_defaults=True)
+    if name not in manager.all_tasks:
+        where = f" (include_path {include_path})" if include_path is not None else ""
+        raise EvaluationError(f"lm-eval knows no task `{name}`{where}")
+    return manager
+
+
+def _quiet_hflm(model: Any, tokenizer: Any, batch_size: int) -> Any:
+    """HFLM without its per-request progress bars (one evaluation of many in a search)."""
+    from lm_eval.models.huggingface import HFLM
+
+    class QuietHFLM(HFLM):
+        def generate_until(self, requests: Any, disable_tqdm: bool = False) -> Any:
+            return super().generate_until(requests, disable_tqdm=True)
+
+        def loglikelihood(self, requests: Any, disable_tqdm: bool = False) -> Any:
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests: Any, disable_tqdm: bool = False) -> Any:
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+    return QuietHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+
+@contextlib.contextmanager
+def _no_context_progress_bar() -> Iterator[None]:
+    """lm-eval draws a "building contexts" bar per task with no switch to turn it off; in a
+    search that is one bar per evaluation, so swap in a disabled tqdm for the call."""
+    import lm_eval.api.task as task_module
+    from tqdm import tqdm
+
+    original = task_module.tqdm
+    task_module.tqdm = functools.partial(tqdm, disable=True)
+    try:
+        yield
+    finally:
+        task_module.tqdm = original
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _main_metric(results: dict[str, Any], name: str) -> tuple[str, float, float | None]:
+    """The task's first metric under its first filter, e.g. ``exact_match,none`` or, for
+    gsm8k, ``exact_match,strict-match``; a group reports its aggregate."""
+    scores: dict[str, Any] = results["results"].get(name, {})
+    config = results.get("configs", {}).get(name, {})
+    metrics = [m["metric"] for m in config.get("metric_list", []) if isinstance(m, dict)]
+    keys = [k for k in scores if "," in k and not k.split(",")[0].endswith("_stderr")]
+    if metrics:  # stable sort: the first listed metric first, filters in lm-eval's order
+        keys.sort(key=lambda k: k.split(",")[0] != metrics[0])
+    for key in keys:
+        value = _number(scores[key])
+        if value is not None:
+            metric, _, filt = key.partition(",")
+            return metric, value, _number(scores.get(f"{metric}_stderr,{filt}"))
+    raise EvaluationError(f"lm-eval returned no numeric metric for task `{name}`: {scores}")
+
+
+def _n_docs(results: dict[str, Any], name: str) -> int:
+    counts = results.get("n-samples", {})
+    if name in counts:
+        return int(counts[name]["effective"])
+    members = results.get("group_subtasks", {}).get(name, [])
+    return sum(_n_docs(results, member) for member in members)
+
+
+def measure_accuracy(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    task: str | TaskSpec,
+    include_path: Path | None = None,
+    limit: int | None = None,
+    batch_size: int = 32,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Run one lm-eval task on ``model`` as it is in memory.
+
+    ``task`` is a ``TaskSpec`` (its ``include_path`` is used) or an lm-eval task name, looked
+    up in ``include_path`` first and then among lm-eval's built-in tasks. The model is moved
+    to ``device`` if it is elsewhere. Returns ``accuracy`` (the task's main metric, e.g.
+    ``exact_match``), ``metric``, ``n`` (documents scored), ``stderr`` (None when lm-eval
+    gives none), ``seconds`` (wall time, loading the task included) and ``task``.
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"`limit` must be >= 1 or None, got {limit}")
+    if isinstance(task, TaskSpec):
+        name, include_path = task.name, task.include_path
+    else:
+        name = task
+    start = time.perf_counter()
+    # Before lm-eval imports `datasets`: keep every Hugging Face cache in the project's.
+    set_hf_cache_env(default_cache_dir())
+    _quiet_lm_eval_logging()
+    from lm_eval import simple_evaluate
+
+    manager = _find_task_manager(name, include_path)
+    current = next(model.parameters()).device
+    if current.type != device.split(":")[0] or (":" in device and str(current) != device):
+        model.to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        lm = _quiet_hflm(model, tokenizer, batch_size)
+        with _LOCK, _no_context_progress_bar():
+            results = simple_evaluate(
+                model=lm,
+                tasks=[name],
+                task_manager=manager,
+                limit=limit,
+                log_samples=False,
+                bootstrap_iters=1000,
+                # Greedy decoding needs no seed; leave the caller's global RNGs untouched.
+                random_seed=None,
+                numpy_random_seed=None,
+                torch_random_seed=None,
+            )
+    finally:
+        model.train(was_training)
+    if results is None:  # only on non-zero ranks of a distributed run
+        raise EvaluationError(f"lm-eval returned no results for task `{name}`")
+    metric, value, stderr = _main_metric(results, name)
+    return {
+        "accuracy": value,
+        "metric": metric,
+        "n": _n_docs(results, name),
+        "stderr": stderr,
+        "seconds": time.perf_counter() - start,
+        "task": name,
+    }
