@@ -1,0 +1,855 @@
+"""Weight quantization on the transformers back end: apply a recipe's ``quant.*`` genes to a
+model, and measure the bytes its weights really occupy afterwards.
+
+torchao does the int8 (weight-only, w8a8), int4 (RTN, AWQ, GPTQ) and fp8 paths;
+bitsandbytes does nf4. Only the decoder's linear layers are quantized: the embeddings and
+the output head (``lm_head``) stay in full precision, as in AWQ, GPTQ and bitsandbytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from evo_compress.exceptions import EvaluationError
+
+METHODS = ("none", "int8_weight_only", "int8_w8a8", "fp8", "nf4", "awq", "gptq", "rtn")
+FOUR_BIT_METHODS = ("nf4", "awq", "gptq", "rtn")
+DEFAULT_GROUP_SIZE = 128  # the gene's default, used when a recipe leaves it out
+INT4: torch.dtype = torch.int4  # type: ignore[attr-defined]  # missing from torch's stubs
+
+AWQ_GRID = 20  # alphas 0, 0.05, ..., 0.95, as in llm-awq's auto_scale
+AWQ_MAX_ROWS = 512  # calibration rows (tokens) kept per layer group for the alpha search
+GPTQ_DAMP = 0.01  # fraction of the mean Hessian diagonal added to it, as in the GPTQ paper
+GPTQ_BLOCK = 128  # columns per lazy-batch update
+CALIBRATION_BATCH = 8  # calibration sequences per forward pass
+
+_INT4_STORAGE = (
+    "int4 values stored unpacked, one per int8 (torchao IntxUnpackedToInt8Tensor), "
+    "plus one scale (model dtype) and one int8 zero point per group"
+)
+
+
+class QuantizationUnsupportedError(EvaluationError):
+    """A quantization method (or its group size) cannot run on this device or model."""
+
+
+@dataclass(frozen=True)
+class QuantResult:
+    """A quantized model with what was done and the bytes its weights really occupy.
+
+    ``model`` may be a new object (bitsandbytes reloads the model); the model passed in may
+    have been modified in place (torchao quantizes in place, AWQ folds scales) and must not be
+    reused as the unquantized model.
+    """
+
+    model: nn.Module
+    details: dict[str, Any] = field(default_factory=dict)
+    weight_bytes: int = 0
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+def _is_wrapper_subclass(t: torch.Tensor) -> bool:
+    """A tensor subclass that stores its data in inner tensors (torchao), not in itself."""
+    return hasattr(t, "__tensor_flatten__") and type(t) not in (torch.Tensor, nn.Parameter)
+
+
+def _inner_tensors(obj: Any, depth: int = 0) -> Iterator[torch.Tensor]:
+    """Every plain tensor that holds the data of ``obj``: torchao subclasses are flattened to
+    their inner tensors, bitsandbytes parameters yield their packed data and the tensors of
+    their quantization state (absmax, code, nested state)."""
+    if depth > 8:
+        return
+    if isinstance(obj, torch.Tensor):
+        if _is_wrapper_subclass(obj):
+            names, _ = obj.__tensor_flatten__()  # type: ignore[attr-defined]
+            for name in names:
+                inner = getattr(obj, name, None)
+                if inner is not None:
+                    yield from _inner_tensors(inner, depth + 1)
+            return
+        yield obj
+        # bitsandbytes keeps quantization data beside the tensor: Params4bit.quant_state,
+        # Int8Params.SCB. `module` points back to the layer and is not data.
+        for name, value in vars(obj).items():
+            if name == "module":
+                continue
+            if isinstance(value, torch.Tensor) or type(value).__name__ == "QuantState":
+                yield from _inner_tensors(value, depth + 1)
+    elif type(obj).__name__ == "QuantState":
+        for value in vars(obj).values():
+            if isinstance(value, torch.Tensor) or type(value).__name__ == "QuantState":
+                yield from _inner_tensors(value, depth + 1)
+
+
+def tensor_bytes(tensors: Iterator[torch.Tensor] | list[torch.Tensor]) -> int:
+    """Bytes the given tensors' data occupies, each underlying tensor counted once."""
+    seen: set[tuple[int, int, torch.dtype]] = set()
+    total = 0
+    for top in tensors:
+        for t in _inner_tensors(top):
+            if t.device.type == "meta":
+                continue
+            key = (t.data_ptr(), t.numel(), t.dtype)
+            if key in seen:
+                continue
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def model_weight_bytes(model: nn.Module) -> int:
+    """Bytes the model's parameters and buffers occupy, measured from the tensors that hold
+    them (quantized data, scales, zero points, quantization state), shared tensors once."""
+    return tensor_bytes([*model.parameters(), *model.buffers()])
+
+
+# --------------------------------------------------------------------------- support checks
+
+
+def _device(device: torch.device | str) -> torch.device:
+    return device if isinstance(device, torch.device) else torch.device(device)
+
+
+def target_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """The linear layers that get quantized: every ``nn.Linear`` but the output head."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and module is not head
+    }
+
+
+@functools.cache
+def _probe(method: str, device_type: str) -> str | None:
+    """Quantize one small linear layer with ``method`` and run it: the honest test of
+    whether the installed libraries can do it here. None when it works."""
+    device = torch.device(device_type)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream untouched
+        torch.manual_seed(0)
+        layer = nn.Linear(128, 64, bias=False).to(device, dtype)
+        x = torch.randn(2, 128).to(device, dtype)
+    try:
+        if method == "nf4":
+            import bitsandbytes as bnb
+
+            packed, state = bnb.functional.quantize_4bit(
+                layer.weight.data, blocksize=64, quant_type="nf4"
+            )
+            y = bnb.matmul_4bit(x, packed.t(), quant_state=state)
+        else:
+            from torchao.quantization import quantize_
+
+            quantize_(layer, _torchao_config(method, 64, device))
+            y = layer(x)
+        ref = x @ layer.weight.dequantize().t() if method != "nf4" else None
+    except ImportError as exc:
+        return f"{method} needs a library that is not installed here ({exc})"
+    except Exception as exc:  # the library is there but cannot run on this device
+        return f"{method} does not run on this device ({device}): {type(exc).__name__}: {exc}"
+    if not torch.isfinite(y).all():
+        return f"{method} produced non-finite outputs on this device ({device})"
+    if ref is not None and not torch.allclose(y, ref, rtol=0.1, atol=0.1):
+        return f"{method} gave wrong results on this device ({device})"
+    return None
+
+
+def quantization_unsupported(
+    method: str,
+    device: torch.device | str,
+    *,
+    group_size: int | None = None,
+    model: nn.Module | None = None,
+) -> str | None:
+    """Why ``method`` cannot run on ``device`` (None if it can).
+
+    With ``group_size`` and ``model``, also checks that every quantized layer's input width
+    is a multiple of the group size: torchao's int4 tensors require it, and bitsandbytes'
+    CPU kernel dequantizes wrongly otherwise (checked on bitsandbytes 0.50).
+    """
+    dev = _device(device)
+    if method not in METHODS:
+        return f"unknown quantization method {method!r} (known: {', '.join(METHODS)})"
+    if method == "none":
+        return None
+    if method == "fp8":
+        capability = (
+            torch.cuda.get_device_capability(dev)
+            if dev.type == "cuda" and torch.cuda.is_available()
+            else None
+        )
+        if capability is None or capability < (8, 9):
+            where = dev.type if capability is None else f"{dev}, sm{capability[0]}{capability[1]}"
+            return f"fp8 needs a CUDA GPU with compute capability >= 8.9 (this device: {where})"
+    reason = _probe(method, dev.type)
+    if reason is not None:
+        return reason
+    if method in FOUR_BIT_METHODS and group_size is not None and model is not None:
+        widths = {lin.in_features for lin in target_linears(model).values()}
+        bad = sorted(w for w in widths if w % group_size)
+        if bad:
+            return (
+                f"{method} with group size {group_size} needs every quantized layer's input "
+                f"width to be a multiple of it; this model has widths {bad}"
+            )
+    return None
+
+
+# --------------------------------------------------------------------------- torchao paths
+
+
+def _torchao_config(method: str, group_size: int, device: torch.device) -> Any:
+    from torchao.quantization import (
+        Int8DynamicActivationInt8WeightConfig,
+        Int8WeightOnlyConfig,
+        IntxWeightOnlyConfig,
+    )
+    from torchao.quantization.granularity import PerGroup
+
+    if method == "int8_weight_only":
+        return Int8WeightOnlyConfig()
+    if method == "int8_w8a8":
+        return Int8DynamicActivationInt8WeightConfig()
+    if method == "fp8":
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig
+
+        return Float8DynamicActivationFloat8WeightConfig()
+    if method in ("rtn", "awq", "gptq"):
+        return IntxWeightOnlyConfig(weight_dtype=INT4, granularity=PerGroup(group_size))
+    raise ValueError(f"no torchao config for {method!r}")
+
+
+@functools.cache
+def _cuda_int4_works(group_size: int, dtype: torch.dtype) -> bool:
+    """torchao's packed int4 (tinygemm) path runs on this GPU for this dtype."""
+    try:
+        from torchao.quantization import Int4WeightOnlyConfig, quantize_
+
+        layer = nn.Linear(256, 64, bias=False, device="cuda", dtype=dtype)
+        quantize_(
+            layer,
+            Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d"),
+        )
+        y = layer(torch.randn(2, 256, device="cuda", dtype=dtype))
+        return bool(torch.isfinite(y).all()) and _is_wrapper_subclass(layer.weight)
+    except Exception:
+        return False
+
+
+def _int4_config(group_size: int, device: torch.device, dtype: torch.dtype) -> tuple[Any, str]:
+    """The int4 weight-only config used for storage, with a description of its format."""
+    if device.type == "cuda" and dtype == torch.bfloat16 and _cuda_int4_works(group_size, dtype):
+        from torchao.quantization import Int4WeightOnlyConfig
+
+        config = Int4WeightOnlyConfig(
+            group_size=group_size, int4_packing_format="tile_packed_to_4d"
+        )
+        return config, "int4 packed two per byte (torchao Int4TilePackedTo4dTensor, tinygemm)"
+    return _torchao_config("rtn", group_size, device), _INT4_STORAGE
+
+
+def _quantize_torchao(model: nn.Module, config: Any, names: set[str]) -> None:
+    from torchao.quantization import quantize_
+
+    quantize_(model, config, filter_fn=lambda _module, fqn: fqn in names)
+    # torchao skips a layer it cannot quantize (e.g. int4 with an incompatible shape) without
+    # an error; a layer left in float must never be reported as quantized.
+    left = [n for n, m in target_linears(model).items() if n in names and not _quantized(m)]
+    if left:
+        raise QuantizationUnsupportedError(
+            f"torchao left {len(left)} layer(s) unquantized, e.g. `{left[0]}`"
+        )
+
+
+def _quantized(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and (
+        _is_wrapper_subclass(weight) or weight.dtype in (torch.uint8, torch.int8)
+    )
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _decoder_layers(model: nn.Module, method: str) -> nn.ModuleList:
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise QuantizationUnsupportedError(
+            f"{method} needs a decoder with `model.layers` (Llama-style); "
+            f"{type(model).__name__} has none"
+        )
+    return layers
+
+
+@torch.no_grad()
+def _first_layer_inputs(
+    model: nn.Module, layers: nn.ModuleList, calibration: torch.Tensor, device: torch.device
+) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+    """The hidden states and keyword arguments (position embeddings, mask) the first decoder
+    layer receives for each calibration batch; the rest of the model is not run."""
+    captured: list[tuple[torch.Tensor, dict[str, Any]]] = []
+
+    def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        raise _StopForward
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for start in range(0, calibration.shape[0], CALIBRATION_BATCH):
+            batch = calibration[start : start + CALIBRATION_BATCH].to(device)
+            with contextlib.suppress(_StopForward):
+                model(input_ids=batch, use_cache=False)
+    finally:
+        handle.remove()
+    return captured
+
+
+def _run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    out = layer(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _check_calibration(calibration: torch.Tensor | None, method: str) -> torch.Tensor:
+    if calibration is None:
+        raise ValueError(f"{method} needs calibration input_ids (a LongTensor [N, T]), got None")
+    if calibration.dim() != 2 or calibration.dtype != torch.long or calibration.numel() == 0:
+        raise ValueError(
+            f"{method} calibration must be a non-empty LongTensor [N, T], got "
+            f"{calibration.dtype} of shape {tuple(calibration.shape)}"
+        )
+    return calibration
+
+
+# --------------------------------------------------------------------------- AWQ
+
+
+def _int4_fake_quant(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """What the storage path turns ``weight`` into: quantize with torchao's int4 tensor and
+    dequantize, so the alpha search sees exactly the error of the stored weights."""
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
+        IntxUnpackedToInt8Tensor,
+    )
+
+    q = IntxUnpackedToInt8Tensor.from_hp(weight, (1, group_size), INT4)
+    return q.dequantize()
+
+
+@dataclass
+class _GroupStats:
+    """Input activations of one group of linear layers that share an input."""
+
+    abs_sum: torch.Tensor | None = None
+    count: int = 0
+    rows: list[torch.Tensor] = field(default_factory=list)
+    kept: int = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        s = x.abs().sum(0)
+        self.abs_sum = s if self.abs_sum is None else self.abs_sum + s
+        self.count += x.shape[0]
+        if self.kept < AWQ_MAX_ROWS:
+            take = x[: AWQ_MAX_ROWS - self.kept]
+            self.rows.append(take)
+            self.kept += take.shape[0]
+
+
+def _awq_groups(layer: nn.Module) -> list[dict[str, Any]]:
+    """AWQ's scaling groups of one Llama-style decoder layer: (the linears that share an
+    input, where 1/s folds in). The fold target is a norm weight or a previous linear."""
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    need = {
+        "input_layernorm": layer,
+        "post_attention_layernorm": layer,
+        "q_proj": attn,
+        "k_proj": attn,
+        "v_proj": attn,
+        "o_proj": attn,
+        "gate_proj": mlp,
+        "up_proj": mlp,
+        "down_proj": mlp,
+    }
+    if any(parent is None or not hasattr(parent, name) for name, parent in need.items()):
+        raise QuantizationUnsupportedError(
+            "awq needs Llama-style decoder layers (input_layernorm, self_attn.q/k/v/o_proj, "
+            "post_attention_layernorm, mlp.gate/up/down_proj)"
+        )
+    assert attn is not None and mlp is not None
+    # v -> o folds only when v's outputs map one-to-one onto o's inputs (no grouped-query
+    # sharing), as in AWQ; otherwise o_proj gets plain RTN.
+    v_to_o = attn.v_proj.weight.shape == attn.o_proj.weight.shape
+    return [
+        {
+            "name": "qkv",
+            "linears": [attn.q_proj, attn.k_proj, attn.v_proj],
+            "prev": layer.input_layernorm,
+        },
+        {"name": "o", "linears": [attn.o_proj], "prev": attn.v_proj if v_to_o else None},
+        {
+            "name": "gate_up",
+            "linears": [mlp.gate_proj, mlp.up_proj],
+            "prev": layer.post_attention_layernorm,
+        },
+        {"name": "down", "linears": [mlp.down_proj], "prev": mlp.up_proj},
+    ]
+
+
+@torch.no_grad()
+def _awq_search(
+    linears: list[nn.Linear], stats: _GroupStats, group_size: int
+) -> tuple[float, torch.Tensor, float, float]:
+    """The alpha minimising the group's output error after int4 quantization, its scales,
+    and the error at that alpha and at alpha = 0 (plain RTN)."""
+    assert stats.abs_sum is not None
+    x = torch.cat(stats.rows)
+    x_mean = stats.abs_sum / stats.count
+    weights = [lin.weight.detach().float() for lin in linears]
+    refs = [x @ w.t() for w in weights]
+    best: tuple[float, torch.Tensor, float] | None = None
+    rtn_err = math.inf
+    for i in range(AWQ_GRID):
+        alpha = i / AWQ_GRID
+        s = x_mean.pow(alpha).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        err = 0.0
+        for w, ref in zip(weights, refs, strict=True):
+            wq = _int4_fake_quant((w * s).to(linears[0].weight.dtype), group_size).float()
+            err += float(((x / s) @ wq.t() - ref).pow(2).mean())
+        if i == 0:
+            rtn_err = err
+        if best is None or err < best[2]:
+            best = (alpha, s, err)
+    assert best is not None
+    return best[0], best[1], best[2], rtn_err
+
+
+@torch.no_grad()
+def _awq_apply_scales(group: dict[str, Any], s: torch.Tensor) -> None:
+    prev = group["prev"]
+    for lin in group["linears"]:
+        lin.weight.mul_(s.to(lin.weight.dtype).view(1, -1))
+    if isinstance(prev, nn.Linear):  # 1/s on the previous linear's output rows
+        prev.weight.div_(s.to(prev.weight.dtype).view(-1, 1))
+        if prev.bias is not None:
+            prev.bias.div_(s.to(prev.bias.dtype))
+    else:  # a norm: y = weight * normalized(x)
+        prev.weight.div_(s.to(prev.weight.dtype))
+
+
+@torch.no_grad()
+def _awq(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    group_size: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    """AWQ's activation-aware scaling, layer by layer, in place; quantization comes after.
+
+    Inputs of each layer come from the full-precision model (AWQ's own order): the scaling
+    is exact in full precision, so later layers' inputs do not depend on it.
+    """
+    layers = _decoder_layers(model, "awq")
+    inputs = _first_layer_inputs(model, layers, calibration, device)
+    alphas: dict[str, float] = {}
+    gains: dict[str, float] = {}
+    for index, layer in enumerate(layers):
+        groups = _awq_groups(layer)
+        stats = {g["name"]: _GroupStats() for g in groups}
+        handles = []
+        for g in groups:
+            hook_on = g["linears"][0]
+
+            def hook(
+                _m: nn.Module, args: tuple[Any, ...], group: _GroupStats = stats[g["name"]]
+            ) -> None:
+                group.add(args[0])
+
+            handles.append(hook_on.register_forward_pre_hook(hook))
+        try:
+            outputs = [_run_layer(layer, h, kw) for h, kw in inputs]
+        finally:
+            for handle in handles:
+                handle.remove()
+        for g in groups:
+            key = f"layers.{index}.{g['name']}"
+            if g["prev"] is None:
+                alphas[key] = 0.0  # no foldable predecessor: plain RTN
+                continue
+            alpha, s, err, rtn_err = _awq_search(g["linears"], stats[g["name"]], group_size)
+            alphas[key] = alpha
+            gains[key] = err / rtn_err if rtn_err > 0 else 1.0
+            if alpha > 0:
+                _awq_apply_scales(g, s)
+        # The folds must leave the full-precision layer unchanged: a norm that is not
+        # `weight * normalized(x)` (e.g. Gemma's 1 + weight) would not.
+        hidden, kw = inputs[0]
+        after = _run_layer(layer, hidden, kw)
+        tol = 1e-4 if after.dtype == torch.float32 else 3e-2
+        if (after - outputs[0]).float().norm() > tol * outputs[0].float().norm():
+            raise QuantizationUnsupportedError(
+                f"awq scale folding changed the output of layer {index} of "
+                f"{type(model).__name__}: its norms are not foldable"
+            )
+        inputs = [(out, kw) for out, (_h, kw) in zip(outputs, inputs, strict=True)]
+    return {
+        "alpha_grid": [i / AWQ_GRID for i in range(AWQ_GRID)],
+        "alphas": alphas,
+        "error_vs_rtn": {k: round(v, 4) for k, v in gains.items()},
+        "calibration_rows_per_group": AWQ_MAX_ROWS,
+    }
+
+
+# --------------------------------------------------------------------------- GPTQ
+
+
+def _symmetric_int4_scale(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """torchao's symmetric int4 scale for each row of ``w`` (one group): max|w| / 7.5,
+    rounded to the stored dtype, as ``choose_qparams_affine`` computes it."""
+    from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine
+
+    scale, _zero = choose_qparams_affine(
+        w.to(dtype),
+        MappingType.SYMMETRIC,
+        (1, w.shape[1]),
+        target_dtype=torch.int8,
+        quant_min=-8,
+        quant_max=7,
+        zero_point_dtype=torch.int8,
+    )
+    return scale.reshape(-1)
+
+
+@torch.no_grad()
+def gptq_quantize_weight(
+    weight: torch.Tensor, hessian: torch.Tensor, group_size: int, damp: float = GPTQ_DAMP
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ (Frantar et al., 2022) for one weight [out, in] with the Hessian 2 X^T X [in, in]:
+    columns quantized left to right, each one's error spread over the columns not yet
+    quantized through the inverse Hessian's Cholesky factor; one symmetric int4 scale per
+    row and group, chosen from the error-updated weights when the group starts. No act-order,
+    so groups stay contiguous and storable as torchao int4. Returns int8-held int4 values
+    [out, in] and scales [out, in / group_size] (in ``weight.dtype``)."""
+    rows, cols = weight.shape
+    W = weight.detach().float().clone()
+    H = hessian.detach().float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, device=H.device)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    qdata = torch.zeros(rows, cols, dtype=torch.int8, device=W.device)
+    scales = torch.zeros(rows, cols // group_size, dtype=weight.dtype, device=W.device)
+    scale = torch.ones(rows, device=W.device)
+    for i1 in range(0, cols, GPTQ_BLOCK):
+        i2 = min(i1 + GPTQ_BLOCK, cols)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % group_size == 0:
+                # The group's columns: the ones in this block are already error-updated.
+                group = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :group_size]
+                stored = _symmetric_int4_scale(group, weight.dtype)
+                scales[:, col // group_size] = stored
+                scale = stored.float()
+            w = W1[:, i]
+            q = torch.clamp(torch.round(w * (1.0 / scale)), -8, 7)
+            qdata[:, col] = q.to(torch.int8)
+            err = (w - q * scale) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return qdata, scales
+
+
+def _int4_tensor(qdata: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
+        IntxUnpackedToInt8Tensor,
+    )
+
+    return IntxUnpackedToInt8Tensor(
+        qdata=qdata,
+        scale=scales,
+        zero_point=torch.zeros_like(scales, dtype=torch.int8),
+        target_dtype=INT4,
+        block_size=(1, group_size),
+        dtype=scales.dtype,
+        activation_quantization=None,
+    )
+
+
+@dataclass
+class _Hessian:
+    """2/n X^T X of a linear layer's inputs, accumulated batch by batch (as GPTQ does)."""
+
+    matrix: torch.Tensor
+    count: int = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        n, m = self.count, x.shape[0]
+        self.matrix *= n / (n + m)
+        x = math.sqrt(2 / (n + m)) * x
+        self.matrix += x.t() @ x
+        self.count = n + m
+
+
+@torch.no_grad()
+def _gptq(
+    model: nn.Module, calibration: torch.Tensor, group_size: int, device: torch.device
+) -> dict[str, Any]:
+    """GPTQ layer by layer, in place: each decoder layer's linears are quantized from the
+    Hessians of their inputs, then the quantized layer produces the next layer's inputs."""
+    layers = _decoder_layers(model, "gptq")
+    inputs = _first_layer_inputs(model, layers, calibration, device)
+    rel_errors: dict[str, float] = {}
+    names = {id(m): n for n, m in target_linears(model).items()}
+    for layer in layers:
+        linears = {
+            names[id(m)]: m for m in layer.modules() if isinstance(m, nn.Linear) and id(m) in names
+        }
+        hessians = {
+            name: _Hessian(torch.zeros(lin.in_features, lin.in_features, device=lin.weight.device))
+            for name, lin in linears.items()
+        }
+        handles = []
+        for name, lin in linears.items():
+
+            def hook(_m: nn.Module, args: tuple[Any, ...], acc: _Hessian = hessians[name]) -> None:
+                acc.add(args[0])
+
+            handles.append(lin.register_forward_pre_hook(hook))
+        try:
+            for hidden, kw in inputs:
+                _run_layer(layer, hidden, kw)
+        finally:
+            for handle in handles:
+                handle.remove()
+        for name, lin in linears.items():
+            qdata, scales = gptq_quantize_weight(lin.weight, hessians[name].matrix, group_size)
+            stored = _int4_tensor(qdata, scales, group_size)
+            w = lin.weight.detach().float()
+            rel_errors[name] = float(
+                (stored.dequantize().float() - w).norm() / w.norm().clamp(min=1e-12)
+            )
+            lin.weight = nn.Parameter(stored, requires_grad=False)
+        inputs = [(_run_layer(layer, h, kw), kw) for h, kw in inputs]
+    return {
+        "damp": GPTQ_DAMP,
+        "block": GPTQ_BLOCK,
+        "act_order": False,
+        "true_sequential": False,
+        "symmetric": True,
+        "weight_relative_error_mean": sum(rel_errors.values()) / max(len(rel_errors), 1),
+    }
+
+
+# --------------------------------------------------------------------------- bitsandbytes
+
+
+def _nf4(
+    model: Any, group_size: int, device: torch.device, workdir: Path | None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Save the model and reload it with a 4-bit NF4 ``BitsAndBytesConfig``; bitsandbytes'
+    block size (its group size) is 64 there, so for another group size each layer is then
+    re-quantized from the saved full-precision weights with that block size."""
+    if workdir is None:
+        raise ValueError("nf4 needs a `workdir` to save the model to and reload it from")
+    import bitsandbytes as bnb
+    from transformers import BitsAndBytesConfig
+
+    compute_dtype = torch.float32 if device.type == "cpu" else model.dtype
+    targets = target_linears(model)
+    skip = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in targets]
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_use_double_quant=False,
+        llm_int8_skip_modules=skip or None,
+    )
+    path = Path(workdir) / "nf4-source"
+    model.save_pretrained(path)
+    device_map = "cpu" if device.type == "cpu" else {"": device.index or 0}
+    loaded = type(model).from_pretrained(
+        path,
+        quantization_config=config,
+        device_map=device_map,
+        dtype=model.dtype,
+        attn_implementation=model.config._attn_implementation,
+    )
+    modules = dict(loaded.named_modules())
+    layers: dict[str, Any] = {n: m for n, m in modules.items() if isinstance(m, bnb.nn.Linear4bit)}
+    if set(layers) != set(targets):
+        raise QuantizationUnsupportedError(
+            f"bitsandbytes quantized {len(layers)} layers, expected {len(targets)}"
+        )
+    if group_size != 64:
+        for name, layer in layers.items():
+            weight = targets[name].weight.detach().to(device).contiguous()
+            param = bnb.nn.Params4bit(
+                weight.clone(),
+                requires_grad=False,
+                blocksize=group_size,
+                compress_statistics=False,
+                quant_type="nf4",
+                quant_storage=torch.uint8,
+                module=layer,
+            )
+            layer.weight = param._quantize(device)
+    blocksizes = {layer.weight.quant_state.blocksize for layer in layers.values()}
+    if blocksizes != {group_size}:
+        raise QuantizationUnsupportedError(f"bitsandbytes used block sizes {sorted(blocksizes)}")
+    return loaded, {
+        "library": f"bitsandbytes {bnb.__version__}",
+        "config": {
+            "load_in_4bit": True,
+            "bnb_4bit_quant_type": "nf4",
+            "bnb_4bit_compute_dtype": str(compute_dtype).removeprefix("torch."),
+            "bnb_4bit_use_double_quant": False,
+            "blocksize": group_size,
+            "blocksize_set_by": "BitsAndBytesConfig (64)"
+            if group_size == 64
+            else "re-quantized per layer with Params4bit(blocksize=...)",
+        },
+        "storage": "nf4 packed two per uint8 byte, one fp32 absmax per block"
+        + (
+            " (bitsandbytes repacks to bf16 absmax at the first forward on AVX512-BF16 CPUs)"
+            if device.type == "cpu"
+            else ""
+        ),
+    }
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def apply_quantization(
+    model: nn.Module,
+    recipe: Mapping[str, Any],
+    device: torch.device | str,
+    calibration: torch.Tensor | None = None,
+    workdir: Path | None = None,
+) -> QuantResult:
+    """Apply the recipe's ``quant.method`` / ``quant.group_size`` to ``model`` on ``device``.
+
+    ``calibration`` (input_ids [N, T]) is needed by awq and gptq; ``workdir`` by nf4 (the
+    save + reload). Raises ``QuantizationUnsupportedError`` for a method this device or model
+    cannot run, never falling back silently.
+    """
+    dev = _device(device)
+    method = str(recipe.get("quant.method", "none"))
+    group_size = int(recipe.get("quant.group_size", DEFAULT_GROUP_SIZE))
+    four_bit = method in FOUR_BIT_METHODS
+    if method in ("awq", "gptq"):
+        calibration = _check_calibration(calibration, method)
+    reason = quantization_unsupported(
+        method, dev, group_size=group_size if four_bit else None, model=model
+    )
+    if reason is not None:
+        raise QuantizationUnsupportedError(reason)
+
+    start = time.perf_counter()
+    targets = target_linears(model)
+    n_weights = sum(m.weight.numel() for m in targets.values())
+    details: dict[str, Any] = {"method": method, "device": str(dev)}
+    if method == "none":
+        details.update(bits=None, library=None)
+        bytes_ = model_weight_bytes(model)
+        details.update(seconds=time.perf_counter() - start, weight_bytes=bytes_)
+        return QuantResult(model, details, bytes_)
+
+    import torchao
+
+    out_model = model
+    if method in ("int8_weight_only", "int8_w8a8", "fp8"):
+        config = _torchao_config(method, group_size, dev)
+        _quantize_torchao(model, config, set(targets))
+        details.update(
+            library=f"torchao {torchao.__version__}",
+            config=type(config).__name__,
+            bits=8,
+            storage={
+                "int8_weight_only": "int8 values, one fp scale per output row (Int8Tensor)",
+                "int8_w8a8": "int8 values, one fp scale per output row; activations "
+                "quantized to int8 per token at run time (Int8Tensor)",
+                "fp8": "float8 e4m3 values with scales (torchao Float8Tensor)",
+            }[method],
+        )
+    elif method in ("rtn", "awq"):
+        if method == "awq":
+            assert calibration is not None
+            details["awq"] = _awq(model, calibration, group_size, dev)
+        config, storage = _int4_config(group_size, dev, model.dtype)  # type: ignore[arg-type]
+        _quantize_torchao(model, config, set(targets))
+        details.update(
+            library=f"torchao {torchao.__version__}",
+            config=f"{type(config).__name__}(group_size={group_size})",
+            bits=4,
+            group_size=group_size,
+            storage=storage,
+        )
+    elif method == "gptq":
+        assert calibration is not None
+        details["gptq"] = _gptq(model, calibration, group_size, dev)
+        details.update(
+            library=f"evo-compress GPTQ, stored with torchao {torchao.__version__}",
+            config=f"IntxUnpackedToInt8Tensor(int4, block_size=(1, {group_size}))",
+            bits=4,
+            group_size=group_size,
+            storage=_INT4_STORAGE,
+        )
+    elif method == "nf4":
+        out_model, info = _nf4(model, group_size, dev, workdir)
+        details.update(info, bits=4, group_size=group_size)
+    else:  # quantization_unsupported() knows every method
+        raise AssertionError(method)
+
+    quantized = target_linears(out_model)
+    bytes_ = model_weight_bytes(out_model)
+    layer_bytes = tensor_bytes([t for m in quantized.values() for t in m.parameters()])
+    details.update(
+        seconds=time.perf_counter() - start,
+        quantized_layers=len(quantized),
+        kept_full_precision="embeddings and output head (lm_head); norms and biases",
+        weight_bytes=bytes_,
+        quantized_layer_bytes=layer_bytes,
+        bits_per_weight_measured=8 * layer_bytes / max(n_weights, 1),
+        calibration_shape=list(calibration.shape) if calibration is not None else None,
+    )
+    return QuantResult(out_model, details, bytes_)
+
+
+__all__ = [
+    "FOUR_BIT_METHODS",
+    "METHODS",
+    "QuantResult",
+    "QuantizationUnsupportedError",
+    "apply_quantization",
+    "gptq_quantize_weight",
+    "model_weight_bytes",
+    "quantization_unsupported",
+    "target_linears",
+    "tensor_bytes",
+]
