@@ -1,0 +1,601 @@
+"""Apply a recipe's pruning genes to a transformers causal LM in place: unstructured and N:M
+weight sparsity (magnitude, Wanda) or structured removal of MLP channels or attention heads.
+
+Only the linear layers of the decoder blocks are pruned (Llama family: ``self_attn.{q,k,v,o}_proj``
+and ``mlp.{gate,up,down}_proj``); embeddings, norms and ``lm_head`` are never touched.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from evo_compress.exceptions import RecipeError
+
+__all__ = [
+    "DEFAULT_SPARSITY",
+    "PATTERNS",
+    "PRUNE_METHODS",
+    "PruneResult",
+    "RecipeValueError",
+    "apply_pruning",
+    "collect_input_norms",
+    "decoder_layers",
+    "decoder_linears",
+    "dequantized_weight",
+    "measure_sparsity",
+    "reapply_masks",
+    "restore_4bit_layout",
+]
+
+PRUNE_METHODS = ("none", "magnitude", "wanda", "structured_mlp", "structured_heads")
+PATTERNS = ("unstructured", "2:4", "4:8")
+# The defaults of `prune.sparsity` and `prune.pattern` in the built-in `llm-compression` space.
+DEFAULT_SPARSITY = 0.5
+_DEFAULT_PATTERN = "unstructured"
+
+
+class RecipeValueError(RecipeError, ValueError):
+    """A recipe gene has a value this back end cannot apply (a ``RecipeError`` that is also a
+    ``ValueError``, so callers of the plain-torch API can catch either)."""
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    """What ``apply_pruning`` did.
+
+    ``masks`` maps each pruned parameter name (as in ``model.named_parameters()``) to its bool
+    keep-mask, for the unstructured and N:M methods, so training can re-apply them; it is empty
+    for structured methods, whose weights are removed. ``sparsity`` is measured on the model
+    after pruning: the fraction of the decoder linear weights (as counted before pruning) that
+    are now zero or removed. ``details`` is plain JSON.
+    """
+
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    sparsity: float = 0.0
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------- model structure
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain transformers model inside a peft wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base):
+        base = get_base()
+        if isinstance(base, nn.Module):
+            return base
+    return model
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of a causal LM (``model.model.layers`` in the Llama family)."""
+    base = _unwrap(model)
+    layers = getattr(getattr(base, "model", None), "layers", None)
+    if isinstance(layers, nn.ModuleList):
+        return layers
+    get_decoder = getattr(base, "get_decoder", None)
+    if callable(get_decoder):
+        layers = getattr(get_decoder(), "layers", None)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    raise ValueError(
+        f"{type(base).__name__} has no decoder layers at `model.layers`; pruning supports "
+        "Llama-family causal LMs"
+    )
+
+
+def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every linear layer inside the decoder blocks, by module name as in the plain model's
+    ``named_modules()`` (a peft wrapper is looked through: its ``base_layer`` is returned under
+    the original name and LoRA adapters are skipped). bitsandbytes' ``Linear4bit`` is included.
+    """
+    base = _unwrap(model)
+    layers = decoder_layers(base)
+    prefix = next(name for name, module in base.named_modules() if module is layers)
+    linears: dict[str, nn.Linear] = {}
+    for name, module in layers.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        parts = name.split(".")
+        if any(part.startswith("lora_") for part in parts):
+            continue
+        if parts[-1] == "base_layer":
+            parts = parts[:-1]
+        linears[f"{prefix}.{'.'.join(parts)}"] = module
+    return linears
+
+
+def _is_quantized(linear: nn.Module) -> bool:
+    return hasattr(linear.weight, "quant_state")
+
+
+def _canonical_4bit(data: torch.Tensor, quant_state: Any, copy_state: bool) -> tuple[Any, Any]:
+    """bitsandbytes' 4-bit weight in its canonical layout. On CPUs with AVX512-BF16,
+    ``Linear4bit`` re-packs its weight in place on the first eval-mode forward without grad
+    (``packing_format_for_cpu``); neither ``dequantize_4bit`` nor the autograd path of
+    ``matmul_4bit`` understands that layout (its backward is silently wrong), so undo it."""
+    if not getattr(quant_state, "packing_format_for_cpu", False):
+        return data, quant_state
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    if copy_state:
+        data, quant_state = data.clone(), copy.deepcopy(quant_state)
+    return _convert_weight_packed_for_cpu_inverse(data, quant_state)
+
+
+def restore_4bit_layout(model: nn.Module) -> int:
+    """Put every CPU-packed 4-bit decoder weight back in bitsandbytes' canonical layout (in
+    place, as bitsandbytes itself does before saving); returns how many were converted. Call
+    before training through ``Linear4bit`` layers on CPU."""
+    converted = 0
+    for linear in decoder_linears(model).values():
+        weight: Any = linear.weight
+        quant_state = getattr(weight, "quant_state", None)
+        if getattr(quant_state, "packing_format_for_cpu", False):
+            weight.data, weight.quant_state = _canonical_4bit(weight.data, quant_state, False)
+            converted += 1
+    return converted
+
+
+def dequantized_weight(linear: nn.Linear) -> torch.Tensor:
+    """The weight as a float matrix; bitsandbytes 4-bit weights are dequantized (nf4 has an
+    exact zero code, so pruned zeros survive quantization and are still counted)."""
+    weight = linear.weight
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is None:
+        return weight.detach()
+    import bitsandbytes.functional as bnb_functional
+
+    data, quant_state = _canonical_4bit(weight.data, quant_state, copy_state=True)
+    dense: torch.Tensor = bnb_functional.dequantize_4bit(data, quant_state)
+    return dense
+
+
+def measure_sparsity(model: nn.Module, reference_numel: int | None = None) -> float:
+    """Fraction of the decoder linear weights of ``model`` that are zero.
+
+    With ``reference_numel`` (the number of those weights before structured pruning), removed
+    weights count as pruned too: ``1 - nonzero_now / reference_numel``.
+    """
+    total = 0
+    nonzero = 0
+    for linear in decoder_linears(model).values():
+        weight = dequantized_weight(linear)
+        total += weight.numel()
+        nonzero += int(torch.count_nonzero(weight).item())
+    denominator = total if reference_numel is None else reference_numel
+    if denominator <= 0:
+        raise ValueError("the model has no decoder linear weights to measure")
+    return 1.0 - nonzero / denominator
+
+
+def reapply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+    """Zero every weight whose mask entry is False (after training or a LoRA merge moved it).
+
+    Mask names are parameter names of the plain model (``model.layers.0.mlp.up_proj.weight``);
+    a peft-wrapped model is looked through.
+    """
+    if not masks:
+        return
+    linears = decoder_linears(model)
+    with torch.no_grad():
+        for name, mask in masks.items():
+            module_name, _, param_name = name.rpartition(".")
+            linear = linears.get(module_name)
+            if linear is None:
+                raise ValueError(f"mask `{name}` names no decoder linear layer of the model")
+            if _is_quantized(linear):
+                raise ValueError(
+                    f"cannot re-apply mask `{name}` to a 4-bit quantized weight; apply masks "
+                    "before quantization"
+                )
+            param = getattr(linear, param_name)
+            if not isinstance(param, torch.Tensor) or param.shape != mask.shape:
+                raise ValueError(
+                    f"mask `{name}` has shape {tuple(mask.shape)}, the parameter "
+                    f"{tuple(param.shape) if isinstance(param, torch.Tensor) else param!r}"
+                )
+            param.masked_fill_(~mask.to(device=param.device, dtype=torch.bool), 0)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for param in model.parameters():
+        return param.device
+    return torch.device("cpu")
+
+
+def collect_input_norms(
+    model: nn.Module, calibration: torch.Tensor, batch_size: int = 8
+) -> dict[str, torch.Tensor]:
+    """L2 norm of every input feature of every decoder linear layer over all calibration tokens:
+    forward pre-hooks on the linears while ``calibration`` (input_ids [N, T]) runs through the
+    model once, in eval mode and without gradients. Module name -> float32 [in_features]."""
+    if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2:
+        raise ValueError("calibration must be an input_ids tensor of shape [N, T]")
+    if calibration.dtype not in (torch.int64, torch.int32) or calibration.numel() == 0:
+        raise ValueError(
+            f"calibration must be a non-empty integer (token id) tensor, got {calibration.dtype}"
+        )
+    linears = decoder_linears(model)
+    squares: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def make_hook(name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0].detach()
+            x = x.reshape(-1, x.shape[-1]).float()
+            total = (x * x).sum(dim=0)
+            squares[name] = squares[name] + total if name in squares else total
+
+        return hook
+
+    for name, linear in linears.items():
+        handles.append(linear.register_forward_pre_hook(make_hook(name)))
+    was_training = model.training
+    device = _model_device(model)
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, calibration.shape[0], batch_size):
+                chunk = calibration[start : start + batch_size].to(device=device, dtype=torch.long)
+                model(input_ids=chunk, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    missing = sorted(set(linears) - set(squares))
+    if missing:
+        raise ValueError(f"calibration never reached decoder linear layer(s) {missing[:3]}")
+    return {name: total.sqrt() for name, total in squares.items()}
+
+
+# ---------------------------------------------------------------------------- recipe genes
+
+
+def _prune_genes(recipe: Mapping[str, Any]) -> tuple[str, str | None, float]:
+    method = recipe.get("prune.method", "none")
+    if method not in PRUNE_METHODS:
+        raise RecipeValueError(
+            f"`prune.method` must be one of {', '.join(PRUNE_METHODS)}, got {method!r}"
+        )
+    pattern: str | None = None
+    if method in ("magnitude", "wanda"):
+        pattern = recipe.get("prune.pattern", _DEFAULT_PATTERN)
+        if pattern not in PATTERNS:
+            raise RecipeValueError(
+                f"`prune.pattern` must be one of {', '.join(PATTERNS)}, got {pattern!r}"
+            )
+    if method == "none":
+        return method, pattern, 0.0
+    if pattern in ("2:4", "4:8"):
+        return method, pattern, 0.5
+    sparsity = recipe.get("prune.sparsity", DEFAULT_SPARSITY)
+    if (
+        isinstance(sparsity, bool)
+        or not isinstance(sparsity, int | float)
+        or not math.isfinite(sparsity)
+        or not 0.0 <= sparsity < 1.0
+    ):
+        raise RecipeValueError(f"`prune.sparsity` must be a number in [0, 1), got {sparsity!r}")
+    return method, pattern, float(sparsity)
+
+
+# ---------------------------------------------------------------------------- unstructured / N:M
+
+
+def _unstructured_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keep-mask pruning the ``round(sparsity * in_features)`` lowest scores of every row."""
+    rows, cols = score.shape
+    prune = round(sparsity * cols)
+    mask = torch.ones(rows, cols, dtype=torch.bool, device=score.device)
+    if prune > 0:
+        lowest = torch.argsort(score, dim=1, stable=True)[:, :prune]
+        mask.scatter_(1, lowest, False)
+    return mask
+
+
+def _nm_mask(score: torch.Tensor, n: int, m: int, name: str) -> torch.Tensor:
+    """Keep-mask keeping the ``n`` highest scores in every group of ``m`` consecutive inputs."""
+    rows, cols = score.shape
+    if cols % m:
+        raise ValueError(f"`{name}` has {cols} input features, not a multiple of {m} ({n}:{m})")
+    groups = score.reshape(rows, cols // m, m)
+    keep = torch.topk(groups, n, dim=-1).indices
+    mask = torch.zeros_like(groups, dtype=torch.bool)
+    mask.scatter_(-1, keep, True)
+    return mask.reshape(rows, cols)
+
+
+def _prune_weights(
+    model: nn.Module,
+    method: str,
+    pattern: str,
+    sparsity: float,
+    calibration: torch.Tensor | None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    linears = decoder_linears(model)
+    norms = (
+        collect_input_norms(model, calibration)
+        if method == "wanda" and calibration is not None
+        else None
+    )
+    masks: dict[str, torch.Tensor] = {}
+    per_layer: dict[str, float] = {}
+    for name, linear in linears.items():
+        if _is_quantized(linear):
+            raise ValueError(f"`{name}` is 4-bit quantized; prune before quantization")
+        weight = linear.weight
+        score = weight.detach().abs().float()
+        if norms is not None:
+            score = score * norms[name].to(score.device)[None, :]
+        if pattern == "unstructured":
+            mask = _unstructured_mask(score, sparsity)
+        else:
+            n, m = (int(part) for part in pattern.split(":"))
+            mask = _nm_mask(score, n, m, name)
+        with torch.no_grad():
+            weight.masked_fill_(~mask, 0)
+        masks[f"{name}.weight"] = mask
+        per_layer[name] = round(1.0 - int(torch.count_nonzero(weight).item()) / weight.numel(), 6)
+    return masks, {"comparison_group": "output_row", "layers": per_layer}
+
+
+# ---------------------------------------------------------------------------- structured
+
+
+def _slice_linear(
+    linear: nn.Linear,
+    out_index: torch.Tensor | None = None,
+    in_index: torch.Tensor | None = None,
+) -> nn.Linear:
+    """A new ``nn.Linear`` with only the given output rows / input columns of ``linear``."""
+    if _is_quantized(linear):
+        raise ValueError("cannot slice a 4-bit quantized linear layer; prune before quantization")
+    weight = linear.weight.detach()
+    bias = linear.bias.detach() if linear.bias is not None else None
+    if out_index is not None:
+        weight = weight.index_select(0, out_index.to(weight.device))
+        if bias is not None:
+            bias = bias.index_select(0, out_index.to(bias.device))
+    if in_index is not None:
+        weight = weight.index_select(1, in_index.to(weight.device))
+    new = nn.Linear(
+        weight.shape[1],
+        weight.shape[0],
+        bias=bias is not None,
+        device=weight.device,
+        dtype=weight.dtype,
+    )
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if bias is not None and new.bias is not None:
+            new.bias.copy_(bias)
+    new.weight.requires_grad_(linear.weight.requires_grad)
+    return new
+
+
+def _names_by_id(model: nn.Module) -> dict[int, str]:
+    return {id(linear): name for name, linear in decoder_linears(model).items()}
+
+
+def _prune_mlp_channels(
+    model: nn.Module, sparsity: float, calibration: torch.Tensor | None
+) -> dict[str, Any]:
+    config: Any = model.config
+    size = int(config.intermediate_size)
+    requested = round(sparsity * size)
+    remove = min(requested, size - 1)
+    keep = size - remove
+    norms = collect_input_norms(model, calibration) if calibration is not None else None
+    names = _names_by_id(model)
+    for layer in decoder_layers(model):
+        mlp: Any = layer.mlp
+        gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        if not gate.out_features == up.out_features == down.in_features == size:
+            raise ValueError(
+                f"MLP of {type(layer).__name__} is not {size} channels wide; structured_mlp needs "
+                "a uniform `intermediate_size`"
+            )
+        down_columns = down.weight.detach().float().pow(2).sum(dim=0)
+        if norms is not None:
+            # Activation-aware (Wanda-like, per channel): ||X_c||^2 * ||W_down[:, c]||^2, where
+            # X_c is the c-th input of down_proj = act(gate x) * (up x) on calibration tokens.
+            score = norms[names[id(down)]].to(down_columns.device).pow(2) * down_columns
+        else:
+            score = (
+                gate.weight.detach().float().norm(dim=1)
+                * up.weight.detach().float().norm(dim=1)
+                * down_columns.sqrt()
+            )
+        kept = torch.topk(score, keep).indices.sort().values
+        mlp.gate_proj = _slice_linear(gate, out_index=kept)
+        mlp.up_proj = _slice_linear(up, out_index=kept)
+        mlp.down_proj = _slice_linear(down, in_index=kept)
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = keep
+    config.intermediate_size = keep
+    details: dict[str, Any] = {
+        "unit": "mlp_channel",
+        "score": "activation" if norms is not None else "weight_norm",
+        "units_before": size,
+        "units_removed": remove,
+        "units_after": keep,
+        "unit_sparsity": remove / size,
+    }
+    if remove != requested:
+        details["adjusted"] = f"kept 1 channel instead of removing all {requested}"
+    return details
+
+
+def _config_accepts(config: Any, heads: int, kv_heads: int) -> bool:
+    """Whether the config class validates with these head counts (transformers 5 Llama configs
+    require ``hidden_size % num_attention_heads == 0`` on save and load)."""
+    trial = copy.deepcopy(config)
+    trial.num_attention_heads = heads
+    trial.num_key_value_heads = kv_heads
+    validate = getattr(trial, "validate", None)
+    if not callable(validate):
+        return True
+    try:
+        validate()
+    except Exception:
+        return False
+    return True
+
+
+def _prune_heads(
+    model: nn.Module, sparsity: float, calibration: torch.Tensor | None
+) -> dict[str, Any]:
+    config: Any = model.config
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    if heads % kv_heads:
+        raise ValueError(f"{heads} attention heads are not a multiple of {kv_heads} KV heads")
+    group = heads // kv_heads
+    layers = decoder_layers(model)
+    head_dim = int(getattr(layers[0].self_attn, "head_dim", 0) or config.hidden_size // heads)
+
+    requested = round(sparsity * kv_heads)
+    target_keep = kv_heads - min(requested, kv_heads - 1)
+    # Closest group count the config class accepts; ties go to removing fewer groups.
+    keep = min(
+        (k for k in range(1, kv_heads + 1) if _config_accepts(config, k * group, k)),
+        key=lambda k: (abs(k - target_keep), -k),
+    )
+    remove = kv_heads - keep
+    norms = collect_input_norms(model, calibration) if calibration is not None else None
+    names = _names_by_id(model)
+    for layer in layers:
+        attn: Any = layer.self_attn
+        q, k, v, o = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        if q.out_features != heads * head_dim or k.out_features != kv_heads * head_dim:
+            raise ValueError("attention projections do not match the config's head counts")
+        columns = o.weight.detach().float().pow(2).sum(dim=0)
+        if norms is not None:
+            columns = columns * norms[names[id(o)]].to(columns.device).pow(2)
+        score = columns.reshape(kv_heads, group * head_dim).sum(dim=1)
+        kept_groups = torch.topk(score, keep).indices.sort().values.tolist()
+        q_rows = torch.cat(
+            [torch.arange(g * group * head_dim, (g + 1) * group * head_dim) for g in kept_groups]
+        )
+        kv_rows = torch.cat([torch.arange(g * head_dim, (g + 1) * head_dim) for g in kept_groups])
+        attn.q_proj = _slice_linear(q, out_index=q_rows)
+        attn.k_proj = _slice_linear(k, out_index=kv_rows)
+        attn.v_proj = _slice_linear(v, out_index=kv_rows)
+        attn.o_proj = _slice_linear(o, in_index=q_rows)
+        # Attributes some attention classes cache (older transformers, other families).
+        for attr in ("num_heads", "num_attention_heads"):
+            if isinstance(getattr(attn, attr, None), int):
+                setattr(attn, attr, keep * group)
+        for attr in ("num_key_value_heads", "num_kv_heads"):
+            if isinstance(getattr(attn, attr, None), int):
+                setattr(attn, attr, keep)
+        if isinstance(getattr(attn, "num_key_value_groups", None), int):
+            attn.num_key_value_groups = group
+        own_config = getattr(attn, "config", None)
+        if own_config is not None and own_config is not config:
+            own_config.num_attention_heads = keep * group
+            own_config.num_key_value_heads = keep
+            own_config.head_dim = head_dim
+    # head_dim stays: pin it so a reload does not derive hidden_size // num_attention_heads.
+    config.head_dim = head_dim
+    config.num_attention_heads = keep * group
+    config.num_key_value_heads = keep
+    details: dict[str, Any] = {
+        "unit": "kv_group",
+        "heads_per_group": group,
+        "head_dim": head_dim,
+        "score": "activation" if norms is not None else "weight_norm",
+        "units_before": kv_heads,
+        "units_removed": remove,
+        "units_after": keep,
+        "unit_sparsity": remove / kv_heads,
+        "requested_units_removed": requested,
+    }
+    if remove != requested:
+        reasons = []
+        if requested > kv_heads - 1:
+            reasons.append("at least one KV group is kept")
+        if keep != target_keep:
+            reasons.append(
+                f"{type(config).__name__} rejects {target_keep * group} heads "
+                f"(hidden_size {config.hidden_size})"
+            )
+        details["adjusted"] = (
+            f"removed {remove} of {kv_heads} KV groups instead of {requested}: "
+            + "; ".join(reasons)
+        )
+    return details
+
+
+# ---------------------------------------------------------------------------- entry point
+
+
+def apply_pruning(
+    model: nn.Module,
+    recipe: Mapping[str, Any],
+    calibration: torch.Tensor | None = None,
+) -> PruneResult:
+    """Prune ``model`` in place as the recipe's ``prune.*`` genes say.
+
+    - ``magnitude``: drop the smallest ``|W|`` within each output row (the same comparison
+      group as Wanda, so the two differ only by activation awareness).
+    - ``wanda``: drop the smallest ``|W_ij| * ||X_j||_2`` within each output row, with input
+      norms from one pass of ``calibration`` (input_ids [N, T], required) through the dense
+      model (the paper's sequential layer-by-layer variant is not used).
+    - patterns: ``unstructured`` prunes ``round(prune.sparsity * in_features)`` weights per row;
+      ``2:4`` / ``4:8`` keep the N best of every M consecutive inputs of a row (50%).
+    - ``structured_mlp``: removes ``round(sparsity * intermediate_size)`` MLP channels in every
+      layer (``||gate_c|| * ||up_c|| * ||down_c||``, or ``||X_c||^2 ||down_c||^2`` with
+      calibration) and updates ``config.intermediate_size``.
+    - ``structured_heads``: removes ``round(sparsity * num_key_value_heads)`` KV groups (a KV
+      head and its query heads) in every layer, scored by the squared norm of their ``o_proj``
+      input columns (activation-weighted with calibration); at least one group is kept and the
+      count moves to the nearest one the config class accepts (``details['adjusted']``).
+    """
+    method, pattern, sparsity = _prune_genes(recipe)
+    if method == "wanda" and calibration is None:
+        raise ValueError(
+            "prune.method `wanda` needs calibration token ids (a LongTensor [N, T]) to weigh "
+            "weights by input activation norms; got calibration=None"
+        )
+    linears = decoder_linears(model)
+    quantized = [name for name, linear in linears.items() if _is_quantized(linear)]
+    if quantized and method != "none":
+        raise ValueError(
+            f"`{quantized[0]}` is 4-bit quantized; prune the full-precision model, then quantize"
+        )
+    dense_numel = sum(linear.in_features * linear.out_features for linear in linears.values())
+    masks: dict[str, torch.Tensor] = {}
+    extra: dict[str, Any] = {}
+    if method in ("magnitude", "wanda"):
+        assert pattern is not None
+        masks, extra = _prune_weights(model, method, pattern, sparsity, calibration)
+    elif method == "structured_mlp":
+        extra = _prune_mlp_channels(model, sparsity, calibration)
+    elif method == "structured_heads":
+        extra = _prune_heads(model, sparsity, calibration)
+    measured = measure_sparsity(model, reference_numel=dense_numel)
+    details: dict[str, Any] = {
+        "method": method,
+        "pattern": pattern,
+        "requested_sparsity": sparsity,
+        "measured_sparsity": measured,
+        "calibration_tokens": (
+            int(calibration.numel())
+            if calibration is not None
+            and method in ("wanda", "structured_mlp", "structured_heads")
+            else 0
+        ),
+        "weights_before": dense_numel,
+        **extra,
+    }
+    return PruneResult(masks=masks, sparsity=measured, details=details)

@@ -1,0 +1,433 @@
+"""Recovery training after compression, as a recipe's ``recovery.*`` genes say: LoRA merged
+back (pruning masks re-applied), QLoRA adapters on an nf4 base, or KL distillation.
+
+Training is seeded and self-contained: the global torch RNG is forked and restored, so a
+recovery run neither depends on nor disturbs the caller's random state.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from evo_compress.exceptions import EvaluationError
+from evo_compress.fitness.hf.prune import (
+    RecipeValueError,
+    _is_quantized,
+    _model_device,
+    decoder_linears,
+    measure_sparsity,
+    reapply_masks,
+    restore_4bit_layout,
+)
+
+__all__ = [
+    "DEFAULT_LORA_RANK",
+    "DEFAULT_STEPS",
+    "DEFAULT_TEMPERATURE",
+    "RECOVERY_METHODS",
+    "RecoveryResult",
+    "apply_recovery",
+    "distillation_loss",
+    "measure_sparsity",
+    "reapply_masks",
+]
+
+RECOVERY_METHODS = ("none", "lora", "qlora", "distill")
+# Defaults of the genes in the built-in `llm-compression` space.
+DEFAULT_LORA_RANK = 16
+DEFAULT_STEPS = 200
+DEFAULT_TEMPERATURE = 2.0
+# Global-norm gradient clipping: keeps a high recovery lr from blowing up a damaged model.
+_MAX_GRAD_NORM = 1.0
+_CURVE_POINTS = 20
+
+Batch = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class RecoveryResult:
+    """What ``apply_recovery`` did. ``model`` is the model to evaluate next (the same object
+    for ``none``/``lora``/``distill``, a peft model for ``qlora``). ``loss_first`` and
+    ``loss_last`` are the training losses of the first and last step, each measured before that
+    step's update (NaN when nothing was trained). ``cpu_seconds`` is process CPU time, the
+    basis of energy estimates on CPUs without power counters."""
+
+    model: nn.Module
+    steps: int
+    wall_seconds: float
+    cpu_seconds: float
+    loss_first: float
+    loss_last: float
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------- recipe genes
+
+
+def _recovery_genes(recipe: Mapping[str, Any]) -> tuple[str, int, int, float]:
+    method = recipe.get("recovery.method", "none")
+    if method not in RECOVERY_METHODS:
+        raise RecipeValueError(
+            f"`recovery.method` must be one of {', '.join(RECOVERY_METHODS)}, got {method!r}"
+        )
+    rank = recipe.get("recovery.lora_rank", DEFAULT_LORA_RANK)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise RecipeValueError(f"`recovery.lora_rank` must be an integer >= 1, got {rank!r}")
+    steps = recipe.get("recovery.steps", DEFAULT_STEPS)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise RecipeValueError(f"`recovery.steps` must be an integer >= 0, got {steps!r}")
+    temperature = recipe.get("recovery.temperature", DEFAULT_TEMPERATURE)
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, int | float)
+        or not math.isfinite(temperature)
+        or temperature <= 0
+    ):
+        raise RecipeValueError(f"`recovery.temperature` must be a number > 0, got {temperature!r}")
+    return method, rank, steps, float(temperature)
+
+
+# ---------------------------------------------------------------------------- losses
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    positions: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """``T^2 * KL(teacher || student)`` of the temperature-softened next-token distributions,
+    averaged over the selected positions (``positions``: bool [B, S])."""
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ"
+        )
+    student = F.log_softmax(student_logits[positions].float() / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits[positions].float() / temperature, dim=-1)
+    if student.shape[0] == 0:
+        raise ValueError("no positions selected for the distillation loss")
+    kl = F.kl_div(student, teacher, reduction="batchmean", log_target=True)
+    return kl * (temperature * temperature)
+
+
+def _loss_positions(batch: Batch, logits_shape: torch.Size) -> torch.Tensor:
+    """Positions whose logits predict a labelled token (labels are shifted inside the model),
+    or every non-padding position when the batch has no labels."""
+    labels = batch.get("labels")
+    if labels is not None:
+        positions = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+        positions[:, :-1] = labels[:, 1:] != -100
+        return positions
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        return mask.bool()
+    return torch.ones(logits_shape[:2], dtype=torch.bool)
+
+
+def _to_device(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
+    if "input_ids" not in batch:
+        raise ValueError(f"a recovery batch needs `input_ids`, got keys {sorted(batch)}")
+    keys = ("input_ids", "attention_mask", "labels")
+    return {key: batch[key].to(device) for key in keys if batch.get(key) is not None}
+
+
+# ---------------------------------------------------------------------------- training loop
+
+
+def _train(
+    model: nn.Module,
+    params: list[torch.Tensor],
+    loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    batches: Sequence[Batch],
+    steps: int,
+    lr: float,
+    after_step: Callable[[], None] | None = None,
+) -> list[float]:
+    """AdamW (no weight decay) with global-norm clipping for ``steps`` steps, cycling over
+    ``batches``; returns the loss of every step (before its update)."""
+    if not params:
+        raise ValueError("recovery found no trainable parameters")
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    device = _model_device(model)
+    losses: list[float] = []
+    model.train()
+    try:
+        for step in range(steps):
+            batch = _to_device(batches[step % len(batches)], device)
+            loss = loss_fn(batch)
+            value = float(loss.detach().item())
+            if not math.isfinite(value):
+                raise EvaluationError(f"recovery loss is {value} at step {step}")
+            losses.append(value)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, _MAX_GRAD_NORM)
+            optimizer.step()
+            if after_step is not None:
+                after_step()
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        model.eval()
+    return losses
+
+
+def _lm_loss(model: nn.Module) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "labels" not in batch:
+            raise ValueError("lora / qlora recovery batches need `labels`")
+        loss: torch.Tensor = model(**batch, use_cache=False).loss
+        return loss
+
+    return loss_fn
+
+
+def _eval_loss(model: nn.Module, batch: Batch) -> float:
+    with torch.no_grad():
+        inputs = _to_device(batch, _model_device(model))
+        return float(model(**inputs, use_cache=False).loss.item())
+
+
+def _with_lora(model: nn.Module, rank: int) -> nn.Module:
+    """Wrap ``model`` in peft LoRA adapters on every decoder linear layer (exact module names,
+    so ``lm_head`` and any vision tower stay untouched)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = sorted(decoder_linears(model))
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=targets,
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    peft_model: nn.Module = get_peft_model(model, config)
+    return peft_model
+
+
+def _trainable(model: nn.Module) -> list[torch.Tensor]:
+    return [param for param in model.parameters() if param.requires_grad]
+
+
+def _curve(losses: list[float]) -> list[list[float]]:
+    if not losses:
+        return []
+    stride = max(1, math.ceil(len(losses) / _CURVE_POINTS))
+    points = [[step + 1, loss] for step, loss in enumerate(losses) if step % stride == 0]
+    if points[-1][0] != len(losses):
+        points.append([len(losses), losses[-1]])
+    return [[float(step), round(loss, 6)] for step, loss in points]
+
+
+def _recover_lora(
+    model: nn.Module,
+    rank: int,
+    steps: int,
+    batches: Sequence[Batch],
+    masks: Mapping[str, torch.Tensor] | None,
+    lr: float,
+) -> tuple[nn.Module, list[float], dict[str, Any]]:
+    quantized = [name for name, lin in decoder_linears(model).items() if _is_quantized(lin)]
+    if quantized:
+        raise ValueError(
+            "lora merges adapters into full-precision weights but the model is 4-bit quantized "
+            f"(`{quantized[0]}`); run lora before quantization, or use qlora"
+        )
+    previous = {id(param): param.requires_grad for param in model.parameters()}
+    peft_model = _with_lora(model, rank)
+    params = _trainable(peft_model)
+    losses = _train(peft_model, params, _lm_loss(peft_model), batches, steps, lr)
+    merged: nn.Module = peft_model.merge_and_unload()  # type: ignore[operator]
+    for param in merged.parameters():  # peft froze the base; the merged model is plain again
+        param.requires_grad_(previous.get(id(param), True))
+    # A merge adds the dense B @ A to every weight: the pruned zeros come back unless re-masked.
+    reapply_masks(merged, masks or {})
+    details: dict[str, Any] = {
+        "lora_rank": rank,
+        "lora_alpha": 2 * rank,
+        "target_modules": len(decoder_linears(merged)),
+        "trainable_params": sum(p.numel() for p in params),
+        "merged": True,
+        "masks_reapplied": len(masks or {}),
+    }
+    if losses:
+        # Re-masking drops the adapters' update to the pruned weights; this shows what it cost.
+        details["loss_after_merge"] = _eval_loss(merged, batches[0])
+    return merged, losses, details
+
+
+def _recover_qlora(
+    model: nn.Module, rank: int, steps: int, batches: Sequence[Batch], lr: float
+) -> tuple[nn.Module, list[float], dict[str, Any]]:
+    linears = decoder_linears(model)
+    quantized = [name for name, lin in linears.items() if _is_quantized(lin)]
+    if not quantized:
+        raise ValueError(
+            "qlora trains adapters on a 4-bit base, but no decoder linear layer is a "
+            "bitsandbytes Linear4bit; quantize the model to nf4 first"
+        )
+    from peft import prepare_model_for_kbit_training
+
+    # Freezes the base and upcasts its non-quantized fp16/bf16 params to fp32; gradient
+    # checkpointing stays off (tiny recovery batches; it also slows CPU runs).
+    repacked = restore_4bit_layout(model)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    peft_model = _with_lora(model, rank)
+    params = _trainable(peft_model)
+    losses = _train(peft_model, params, _lm_loss(peft_model), batches, steps, lr)
+    details = {
+        "lora_rank": rank,
+        "lora_alpha": 2 * rank,
+        "target_modules": len(linears),
+        "quantized_modules": len(quantized),
+        "cpu_packed_weights_restored": repacked,
+        "trainable_params": sum(p.numel() for p in params),
+        # Merging into nf4 would re-quantize (lossy); the dense adapters also mean the
+        # effective weights are no longer sparse, although the nf4 base keeps its zeros.
+        "merged": False,
+    }
+    return peft_model, losses, details
+
+
+def _recover_distill(
+    model: nn.Module,
+    teacher: nn.Module | None,
+    temperature: float,
+    steps: int,
+    batches: Sequence[Batch],
+    masks: Mapping[str, torch.Tensor] | None,
+    lr: float,
+) -> tuple[nn.Module, list[float], dict[str, Any]]:
+    if teacher is None:
+        raise ValueError("recovery.method `distill` needs a teacher (the uncompressed model)")
+    linears = decoder_linears(model)
+    quantized = [name for name, lin in linears.items() if _is_quantized(lin)]
+    if quantized:
+        raise ValueError(
+            "distill trains full-precision decoder weights but the model is 4-bit quantized "
+            f"(`{quantized[0]}`); run distillation before quantization"
+        )
+    teacher_device = _model_device(teacher)
+    teacher_was_training = teacher.training
+    teacher.eval()
+    previous = {id(param): param.requires_grad for param in model.parameters()}
+    for param in model.parameters():
+        param.requires_grad_(False)
+    params: list[torch.Tensor] = [linear.weight for linear in linears.values()]
+    for weight in params:
+        weight.requires_grad_(True)
+
+    def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {key: batch[key] for key in ("input_ids", "attention_mask") if key in batch}
+        student_logits = model(**inputs, use_cache=False).logits
+        with torch.no_grad():
+            teacher_inputs = {key: value.to(teacher_device) for key, value in inputs.items()}
+            teacher_logits = teacher(**teacher_inputs, use_cache=False).logits
+        teacher_logits = teacher_logits.to(student_logits.device)
+        positions = _loss_positions(batch, student_logits.shape).to(student_logits.device)
+        return distillation_loss(student_logits, teacher_logits, positions, temperature)
+
+    def after_step() -> None:
+        reapply_masks(model, masks or {})
+
+    try:
+        losses = _train(model, params, loss_fn, batches, steps, lr, after_step)
+    finally:
+        for param in model.parameters():
+            param.requires_grad_(previous[id(param)])
+        teacher.train(teacher_was_training)
+    details = {
+        "temperature": temperature,
+        "trained": "decoder_linear_weights",
+        "trainable_params": sum(p.numel() for p in params),
+        "masks_reapplied": len(masks or {}),
+    }
+    return model, losses, details
+
+
+# ---------------------------------------------------------------------------- entry point
+
+
+def apply_recovery(
+    model: nn.Module,
+    recipe: Mapping[str, Any],
+    batches: Sequence[Mapping[str, torch.Tensor]],
+    masks: Mapping[str, torch.Tensor] | None = None,
+    teacher: nn.Module | None = None,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> RecoveryResult:
+    """Train the compressed ``model`` for ``recovery.steps`` AdamW steps, cycling over
+    ``batches`` (``input_ids``, ``attention_mask``, ``labels`` with -100 on ignored positions).
+
+    - ``none``: returns the model untouched.
+    - ``lora``: peft LoRA (rank ``recovery.lora_rank``, alpha 2r, no dropout) on every decoder
+      linear layer, trained on the LM loss, merged, then ``masks`` re-applied so the pruned
+      weights are zero again; returns the plain model.
+    - ``qlora``: the same adapters on a model whose decoder linears are bitsandbytes
+      ``Linear4bit`` (nf4), left unmerged; returns the peft model.
+    - ``distill``: trains the decoder linear weights themselves (everything else frozen) on
+      ``T^2 * KL(teacher || student)`` at ``recovery.temperature`` over the positions that
+      predict a labelled token, re-applying ``masks`` after every step. ``teacher`` is the
+      uncompressed model; it runs in eval mode without gradients.
+
+    Deterministic for a given ``seed`` (LoRA initialisation included) on a given device.
+    """
+    method, rank, steps, temperature = _recovery_genes(recipe)
+    if method != "none" and steps > 0 and len(batches) == 0:
+        raise ValueError(f"recovery.method `{method}` needs at least one training batch")
+    wall_start = time.perf_counter()
+    cpu_start = time.process_time()
+    losses: list[float] = []
+    extra: dict[str, Any] = {}
+    result_model = model
+    with torch.random.fork_rng(devices=_cuda_devices(model)):
+        torch.manual_seed(seed)
+        if method == "lora":
+            result_model, losses, extra = _recover_lora(model, rank, steps, batches, masks, lr)
+        elif method == "qlora":
+            result_model, losses, extra = _recover_qlora(model, rank, steps, batches, lr)
+        elif method == "distill":
+            result_model, losses, extra = _recover_distill(
+                model, teacher, temperature, steps, batches, masks, lr
+            )
+    wall = time.perf_counter() - wall_start
+    cpu = time.process_time() - cpu_start
+    details: dict[str, Any] = {
+        "method": method,
+        "steps": len(losses),
+        "lr": lr,
+        "seed": seed,
+        "optimizer": "AdamW(weight_decay=0)",
+        "max_grad_norm": _MAX_GRAD_NORM if method != "none" else None,
+        "loss_curve": _curve(losses),
+        **extra,
+    }
+    if method in ("lora", "distill"):
+        details["decoder_zero_fraction"] = measure_sparsity(result_model)
+    return RecoveryResult(
+        model=result_model,
+        steps=len(losses),
+        wall_seconds=wall,
+        cpu_seconds=cpu,
+        loss_first=losses[0] if losses else math.nan,
+        loss_last=losses[-1] if losses else math.nan,
+        details=details,
+    )
+
+
+def _cuda_devices(model: nn.Module) -> list[int]:
+    """CUDA devices whose RNG a recovery run may draw from (forked and restored with the CPU's)."""
+    device = _model_device(model)
+    if device.type == "cuda":
+        return [device.index if device.index is not None else torch.cuda.current_device()]
+    return []
