@@ -1,0 +1,262 @@
+"""The transformers back end: apply a recipe to a real causal LM and measure five objectives.
+
+The search process only validates settings, resolves the model and task and fingerprints
+them; every evaluation runs in its own worker process (``fitness.worker``), where
+``pipeline.evaluate_in_worker`` loads the model, applies the recipe (``apply.py``) and
+measures it (``measure.py``, ``accuracy.py``, ``fitness/energy.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from collections.abc import Collection, Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from evo_compress.config import format_validation_error
+from evo_compress.exceptions import ConfigError, EvaluationError
+from evo_compress.fitness._base import EvaluationContext, EvaluationResult, Evaluator
+from evo_compress.fitness.worker import WorkerLimits, run_in_worker
+from evo_compress.genomes import Recipe
+
+REFERENCE_MODEL = "reference"  # `model.id` of the project's own trained model
+REFERENCE_TASK = "reference"  # `evaluator.settings.task` of the project's addition task
+_QUANT_METHODS = ("none", "int8_weight_only", "int8_w8a8", "fp8", "nf4", "awq", "gptq", "rtn")
+_ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2", "flashinfer")
+_PRELOAD = ("torch", "transformers", "evo_compress.fitness.hf.pipeline")
+
+
+class TransformersSettings(BaseModel):
+    """``evaluator.settings`` of the transformers back end (docs/config.md lists them)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    task: str = Field(REFERENCE_TASK, description="lm-eval task name, or `reference`")
+    task_include_path: Path | None = Field(None, description="Folder of extra lm-eval YAMLs")
+    limit: int | None = Field(None, ge=1, description="Evaluate at most this many task docs")
+    eval_batch_size: int = Field(32, ge=1)
+    calibration_file: Path | None = Field(
+        None, description="Text file, one sample per line, for Wanda/AWQ and recovery"
+    )
+    calibration_samples: int = Field(64, ge=1)
+    recovery_lr: float = Field(1e-3, gt=0)
+    recovery_batch_size: int = Field(16, ge=1)
+    latency_prompts: int = Field(16, ge=1, description="Prompts per latency batch round")
+    max_new_tokens: int = Field(8, ge=1)
+    latency_repeats: int = Field(3, ge=1)
+    threads: int = Field(2, ge=1, description="torch threads in the worker")
+    watts_per_core: float = Field(
+        15.0, gt=0, description="CPU energy estimate where no power counter can be read"
+    )
+    timeout_s: float = Field(900.0, gt=0)
+    memory_limit_mib: float | None = Field(
+        None, gt=0, description="Worker memory limit (default: 75% of the machine's RAM)"
+    )
+    seed: int = Field(0, ge=0)
+
+
+def _machine_memory_mib() -> float:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+    except (ValueError, OSError):
+        return 8192.0
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class TransformersEvaluator(Evaluator):
+    """Applies recipes with transformers, torchao, bitsandbytes, peft and torch-pruning;
+    measures accuracy with lm-eval and serving latency, memory and energy itself."""
+
+    name: ClassVar[str] = "transformers"
+
+    def __init__(self, settings: Mapping[str, Any], context: EvaluationContext) -> None:
+        super().__init__(settings, context)
+        try:
+            self.config = TransformersSettings.model_validate(dict(settings))
+        except ValidationError as exc:
+            message = format_validation_error(exc, "", prefix="evaluator.settings.")
+            raise ConfigError(message.removeprefix(": ")) from None
+        if context.model.id == REFERENCE_MODEL and self.config.task != REFERENCE_TASK:
+            raise ConfigError(
+                "`evaluator.settings.task`: the reference model only knows the `reference` "
+                f"task, got `{self.config.task}`"
+            )
+        self._device: str | None = None
+        self._model_path: Path | None = None
+        self._task: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ environment
+    @property
+    def device(self) -> str:
+        """``hardware.device`` resolved: auto means CUDA when torch sees a GPU."""
+        if self._device is None:
+            wanted = self.context.hardware.device
+            if wanted == "auto":
+                import torch
+
+                wanted = "cuda" if torch.cuda.is_available() else "cpu"
+            self._device = wanted
+        return self._device
+
+    def capabilities(self) -> Mapping[str, Collection[Any] | None]:
+        from evo_compress.fitness.hf.measure import attention_unsupported, kv_unsupported
+        from evo_compress.fitness.hf.quantize import quantization_unsupported
+
+        device = self.device
+        quant = [m for m in _QUANT_METHODS if quantization_unsupported(m, device) is None]
+        attention = [a for a in _ATTENTION if attention_unsupported(a, device) is None]
+        kv_dtype = [d for d in ("auto", "fp8") if kv_unsupported({"kv.dtype": d}, device) is None]
+        window = [
+            w for w in (False, True) if kv_unsupported({"kv.sliding_window": w}, device) is None
+        ]
+        return {
+            "quant.method": quant,
+            "quant.group_size": None,
+            "prune.method": None,
+            "prune.pattern": None,
+            "prune.sparsity": None,
+            "recovery.method": None,
+            "recovery.lora_rank": None,
+            "recovery.steps": None,
+            "recovery.temperature": None,
+            "kv.dtype": kv_dtype,
+            "kv.sliding_window": window,
+            "kv.window": None,
+            "serve.max_num_seqs": None,  # the batch size of the latency measurement
+            "serve.attention_backend": attention,
+            # serve.gpu_memory_utilization is a vLLM setting: pinned to its default here.
+        }
+
+    def fingerprint_data(self) -> dict[str, Any]:
+        data = super().fingerprint_data()
+        # The worker's limits change whether an evaluation finishes, not what it measures.
+        data["settings"] = self.config.model_dump(
+            mode="json", exclude={"timeout_s", "memory_limit_mib"}
+        )
+        data["model_content"] = self._model_fingerprint()
+        data["machine"] = {"cpu": cpu_name(), "device": self.device}
+        return data
+
+    def _model_fingerprint(self) -> str:
+        """What identifies the weights: the reference model's training recipe, or a local
+        folder's config and weight files (names, sizes), or the hub id and revision."""
+        model = self.context.model
+        if model.id == REFERENCE_MODEL:
+            from evo_compress.reference import REFERENCE_VERSION
+
+            return f"reference:{REFERENCE_VERSION}"
+        folder = Path(model.id)
+        if folder.is_dir():
+            digest = hashlib.sha256()
+            for path in sorted(folder.iterdir()):
+                if path.is_file() and path.suffix in {".json", ".safetensors", ".bin", ".model"}:
+                    digest.update(path.name.encode())
+                    digest.update(str(path.stat().st_size).encode())
+                    if path.suffix == ".json":
+                        digest.update(path.read_bytes())
+            return f"folder:{digest.hexdigest()}"
+        return f"hub:{model.id}@{model.revision or 'main'}"
+
+    # ------------------------------------------------------------------ preparation
+    def prepare(self) -> None:
+        """Train (once per machine) or locate the model; write the reference task files."""
+        from evo_compress.reference import (
+            default_cache_dir,
+            ensure_reference_model,
+            ensure_reference_task,
+            set_hf_cache_env,
+        )
+
+        cache_dir = default_cache_dir()
+        set_hf_cache_env(cache_dir)
+        model = self.context.model
+        if model.id == REFERENCE_MODEL:
+            self._model_path = ensure_reference_model(cache_dir, progress=True)
+        elif Path(model.id).is_dir():
+            self._model_path = Path(model.id).resolve()
+        else:
+            self._model_path = _download(model.id, model.revision)
+        if self.config.task == REFERENCE_TASK:
+            spec = ensure_reference_task(cache_dir)
+            self._task = {
+                "name": spec.name,
+                "include_path": str(spec.include_path),
+                # Calibration and recovery use the first few hundred; the worker gets no more.
+                "train_texts": list(spec.train_texts[:2048]),
+                "prompts": list(spec.prompts),
+            }
+        else:
+            self._task = {
+                "name": self.config.task,
+                "include_path": str(self.config.task_include_path or "") or None,
+                "train_texts": _read_lines(self.config.calibration_file),
+                "prompts": None,
+            }
+
+    # ------------------------------------------------------------------ evaluation
+    def _evaluate(self, recipe: Recipe) -> EvaluationResult:
+        if self._model_path is None or self._task is None:
+            self.prepare()
+        assert self._model_path is not None and self._task is not None
+        payload = {
+            "recipe": dict(recipe),
+            "recipe_hash": recipe.hash,
+            "model_path": str(self._model_path),
+            "dtype": self.context.model.dtype,
+            "device": self.device,
+            "task": self._task,
+            "settings": self.config.model_dump(mode="json"),
+            "carbon": self.context.carbon.model_dump(mode="json"),
+        }
+        memory = self.config.memory_limit_mib or 0.75 * _machine_memory_mib()
+        limits = WorkerLimits(timeout_s=self.config.timeout_s, memory_limit_mib=memory)
+        return run_in_worker(
+            "evo_compress.fitness.hf.pipeline:evaluate_in_worker", payload, limits, _PRELOAD
+        )
+
+
+def _read_lines(path: Path | None) -> list[str] | None:
+    if path is None:
+        return None
+    try:
+        return [line.rstrip("\n") for line in path.read_text().splitlines() if line.strip()]
+    except OSError as exc:
+        raise ConfigError(
+            f"`evaluator.settings.calibration_file`: cannot read {path}: {exc.strerror}"
+        ) from None
+
+
+def _download(model_id: str, revision: str | None) -> Path:
+    """A hub model through the Hugging Face cache (inside the project's cache folder)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model_id, revision=revision))
+    except Exception as exc:  # offline, unknown repo, gated model: all one clear line
+        raise EvaluationError(
+            f"`model.id` {model_id!r} is neither a local folder nor a model that could be "
+            f"fetched from the hub ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+        ) from None
+
+
+def json_safe(value: Any) -> Any:
+    """Metadata must be plain JSON: numpy scalars, paths and tuples become basic types."""
+    return json.loads(json.dumps(value, default=lambda o: getattr(o, "item", lambda: str(o))()))
+
+
+__all__ = ["TransformersEvaluator", "TransformersSettings", "cpu_name", "json_safe"]

@@ -1,0 +1,208 @@
+"""One evaluation, start to finish, inside a worker process: load, apply, measure.
+
+``evaluate_in_worker`` is what ``TransformersEvaluator`` runs through ``fitness.worker``;
+it takes and returns plain data only. Where each objective comes from:
+accuracy - lm-eval on the compressed model (``accuracy.py``);
+latency - median time per output token of greedy batched generation (``measure.py``);
+memory - weight footprint plus peak memory growth while serving (``measure.py``);
+energy - NVML / RAPL counters over the latency run, else CPU time x watts (``energy.py``);
+co2 - energy x grid intensity, plus the compression's one-time CO2 amortised.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from evo_compress.fitness._base import EvaluationResult
+from evo_compress.fitness.energy import EnergyMeter, amortised_co2_per_1k, co2_grams
+from evo_compress.fitness.hf.accuracy import measure_accuracy
+from evo_compress.fitness.hf.apply import apply_recipe
+from evo_compress.fitness.hf.measure import measure_latency, measure_memory
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(path: str, dtype: str, device: str) -> Any:
+    # On CPU, half precision kernels are slow or missing: "auto" means float32 there.
+    torch_dtype = _DTYPES.get(dtype, torch.float32 if device == "cpu" else "auto")
+    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    return model.to(device).eval()
+
+
+def _tokenize(tokenizer: Any, texts: list[str], device: str) -> dict[str, torch.Tensor]:
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    encoded = tokenizer(texts, return_tensors="pt", padding=True)
+    labels = encoded["input_ids"].clone()
+    labels[encoded["attention_mask"] == 0] = -100
+    return {
+        "input_ids": encoded["input_ids"].to(device),
+        "attention_mask": encoded["attention_mask"].to(device),
+        "labels": labels.to(device),
+    }
+
+
+def evaluate_in_worker(payload: dict[str, Any]) -> EvaluationResult:
+    settings = payload["settings"]
+    recipe = payload["recipe"]
+    device = payload["device"]
+    task = payload["task"]
+    torch.set_num_threads(int(settings["threads"]))
+    torch.manual_seed(int(settings["seed"]))
+    started = time.perf_counter()
+
+    tokenizer = AutoTokenizer.from_pretrained(payload["model_path"])
+    model = load_model(payload["model_path"], payload["dtype"], device)
+
+    texts: list[str] = list(task.get("train_texts") or [])
+    calibration = None
+    batches: list[dict[str, torch.Tensor]] = []
+    if texts:
+        calibration = _tokenize(tokenizer, texts[: settings["calibration_samples"]], device)[
+            "input_ids"
+        ]
+        size = int(settings["recovery_batch_size"])
+        batches = [
+            _tokenize(tokenizer, texts[i : i + size], device)
+            for i in range(0, min(len(texts), 512), size)
+        ]
+
+    with tempfile.TemporaryDirectory(prefix="evo-compress-") as workdir:
+        applied = apply_recipe(
+            model,
+            recipe,
+            device=device,
+            calibration=calibration,
+            batches=batches,
+            teacher=lambda: load_model(payload["model_path"], payload["dtype"], device),
+            workdir=Path(workdir),
+            recovery_lr=float(settings["recovery_lr"]),
+            seed=int(settings["seed"]),
+            watts_per_core=float(settings["watts_per_core"]),
+        )
+    model = applied.model
+
+    accuracy = measure_accuracy(
+        model,
+        tokenizer,
+        task["name"],
+        include_path=Path(task["include_path"]) if task.get("include_path") else None,
+        limit=settings["limit"],
+        batch_size=int(settings["eval_batch_size"]),
+        device=device,
+    )
+
+    batch_size = int(recipe.get("serve.max_num_seqs", 1))
+    pool = list(task.get("prompts") or [t.split("=")[0] + "=" for t in texts[:64]])
+    if not pool:
+        raise ValueError("no prompts for the latency measurement: the task gave none")
+    n_prompts = max(int(settings["latency_prompts"]), batch_size)
+    n_prompts = math.ceil(n_prompts / batch_size) * batch_size  # only full batches
+    prompts = [pool[i % len(pool)] for i in range(n_prompts)]
+    serving = EnergyMeter(device, watts_per_core=float(settings["watts_per_core"]))
+    memory, latency = measure_memory(
+        model,
+        lambda: measure_latency(
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens=int(settings["max_new_tokens"]),
+            batch_size=batch_size,
+            repeats=int(settings["latency_repeats"]),
+            device=device,
+            generate_kwargs=applied.generate_kwargs,
+            energy_meter=serving,
+        ),
+        device,
+    )
+
+    tokens = float(latency["tokens_generated"])
+    energy = serving.result
+    intensity = float(payload["carbon"]["grid_intensity_g_per_kwh"])
+    energy_per_1k = energy.joules / tokens * 1000.0
+    compression = applied.compression_energy
+    co2_serving = co2_grams(energy_per_1k, intensity)
+    co2_once = amortised_co2_per_1k(
+        compression.joules, intensity, float(payload["carbon"]["deployment_tokens"])
+    )
+    objectives = {
+        "accuracy": float(accuracy["accuracy"]),
+        "latency": float(latency["ms_per_token_median"]),
+        "memory": float(memory["mib"]),
+        "energy": energy_per_1k,
+        "co2": co2_serving + co2_once,
+    }
+    energy_how = {
+        "nvml": "NVML total-energy counter over the latency run",
+        "rapl": "RAPL package counters over the latency run",
+        "cpu-time-estimate": (
+            f"estimated: process CPU time x {settings['watts_per_core']} W per core "
+            "(no power counter readable)"
+        ),
+    }[energy.method]
+    metadata = {
+        "evaluator": "transformers",
+        "device": device,
+        "objectives": {
+            "accuracy": {
+                "how": f"lm-eval `{accuracy.get('task')}` {accuracy.get('metric')}",
+                "measured": True,
+                "n": accuracy.get("n"),
+                "stderr": accuracy.get("stderr"),
+            },
+            "latency": {
+                "how": "median ms per output token, greedy batched generate",
+                "measured": True,
+                "p95": latency["ms_per_token_p95"],
+                "ttft_ms_median": latency["ttft_ms_median"],
+                "ttft_ms_p95": latency["ttft_ms_p95"],
+                "repeats": latency["repeats"],
+                "samples": latency["samples"],
+                "batch_size": batch_size,
+                "spread": latency["spread"],
+            },
+            "memory": {"how": memory["how"], "measured": True, **_plain(memory)},
+            "energy": {
+                "how": energy_how,
+                "measured": energy.measured,
+                "joules": energy.joules,
+                "tokens": tokens,
+            },
+            "co2": {
+                "how": "energy x grid intensity + one-time compression CO2 amortised over "
+                f"{payload['carbon']['deployment_tokens']:g} tokens",
+                "measured": energy.measured and compression.measured,
+                "serving_g_per_1k": co2_serving,
+                "compression_g_per_1k": co2_once,
+            },
+        },
+        "compression": {"energy": compression.to_dict(), **applied.details},
+        "accuracy_run": _plain(accuracy),
+        "latency_run": _plain(latency),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    return EvaluationResult.success(objectives, _plain(metadata))
+
+
+def _plain(value: Any) -> Any:
+    """JSON-able copy: tensors and numpy scalars become numbers, everything else text."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if hasattr(value, "item"):
+        try:
+            return value.item()
+        except (ValueError, RuntimeError):
+            pass
+    return str(value)

@@ -1,0 +1,120 @@
+"""The transformers back end end to end on a tiny random Llama: recipes applied in a worker
+process, five objectives measured, failures recorded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from evo_compress.config import CarbonConfig, HardwareConfig, ModelConfig
+from evo_compress.exceptions import ConfigError
+from evo_compress.fitness import EvaluationContext, make_evaluator
+from evo_compress.genomes import SearchSpace
+from evo_compress.reference.tokenizer import build_tokenizer
+
+SPACE = SearchSpace.builtin()
+SETTINGS = {
+    "threads": 1,
+    "limit": 24,
+    "latency_prompts": 4,
+    "max_new_tokens": 4,
+    "latency_repeats": 2,
+    "calibration_samples": 16,
+    "timeout_s": 240,
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """A random ~100k-parameter Llama with the reference tokenizer, saved as a local folder
+    (random weights: accuracy is ~0, but every code path runs)."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = build_tokenizer(model_max_length=64)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def evaluator_for(folder: Path, **settings):
+    context = EvaluationContext(
+        ModelConfig(id=str(folder)), HardwareConfig(device="cpu"), CarbonConfig()
+    )
+    return make_evaluator("transformers", {**SETTINGS, **settings}, context)
+
+
+def test_baseline_and_int8_give_five_measured_objectives(tiny_model):
+    evaluator = evaluator_for(tiny_model)
+    evaluator.prepare()
+    base = evaluator.evaluate(SPACE.recipe({"serve": {"max_num_seqs": 2}}), SPACE)
+    assert base.ok, base.reason
+    int8 = evaluator.evaluate(
+        SPACE.recipe({"quant": {"method": "int8_weight_only"}, "serve": {"max_num_seqs": 2}}),
+        SPACE,
+    )
+    assert int8.ok, int8.reason
+    assert base.objectives and int8.objectives
+    assert all(v >= 0 for v in base.objectives.values())
+    how = base.metadata["objectives"]
+    assert how["accuracy"]["how"].startswith("lm-eval")
+    # No power counters on a CI machine: energy says it is an estimate.
+    assert how["energy"]["measured"] is False and "estimated" in how["energy"]["how"]
+    assert base.metadata["worker"]["pid"]  # ran in a worker process
+    weights = [r.metadata["compression"]["quant"]["weight_bytes"] for r in (base, int8)]
+    assert weights[1] < weights[0] / 2
+
+
+def test_pruning_and_recovery_run_in_the_pipeline(tiny_model):
+    evaluator = evaluator_for(tiny_model)
+    recipe = SPACE.recipe(
+        {
+            "prune": {"method": "wanda", "sparsity": 0.5},
+            "recovery": {"method": "lora", "lora_rank": 4, "steps": 50},
+            "quant": {"method": "rtn", "group_size": 32},
+            "serve": {"max_num_seqs": 1},
+        }
+    )
+    result = evaluator.evaluate(recipe, SPACE)
+    assert result.ok, result.reason
+    compression = result.metadata["compression"]
+    assert compression["prune"]["sparsity"] == pytest.approx(0.5, abs=0.02)
+    assert compression["recovery"]["steps"] == 50
+    assert compression["energy"]["joules"] > 0
+
+
+def test_a_timeout_is_a_recorded_failure(tiny_model):
+    evaluator = evaluator_for(tiny_model, timeout_s=0.5)
+    result = evaluator.evaluate(SPACE.baseline(), SPACE)
+    assert result.status == "failed" and (result.reason or "").startswith("timeout")
+
+
+def test_the_cpu_back_end_declares_what_it_cannot_apply(tiny_model):
+    evaluator = evaluator_for(tiny_model)
+    restricted = evaluator.restrict_space(SPACE)
+    quant = restricted.genes["quant.method"].choices  # type: ignore[attr-defined]
+    assert "fp8" not in quant and "int8_weight_only" in quant
+    assert restricted.genes["serve.gpu_memory_utilization"].high == 0.9  # type: ignore[attr-defined]
+    result = evaluator.evaluate(SPACE.recipe({"quant": {"method": "fp8"}}), SPACE)
+    assert result.status == "infeasible" and "fp8" in (result.reason or "")
+
+
+def test_bad_settings_name_the_field(tiny_model):
+    with pytest.raises(ConfigError, match=r"`evaluator.settings.threads`"):
+        evaluator_for(tiny_model, threads=0)
+    with pytest.raises(ConfigError, match=r"unknown key `evaluator.settings.thread`"):
+        evaluator_for(tiny_model, thread=2)
