@@ -9,7 +9,7 @@ export MKL_NUM_THREADS ?= 1
 # Hugging Face caches stay inside the project's cache folder.
 export HF_HOME ?= $(CURDIR)/.cache/huggingface
 
-.PHONY: setup demo test test-fast lint format bench gpu-check clean
+.PHONY: setup demo demo-synthetic test test-fast lint format bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
+	$(VENV)/bin/evo-compress run --config configs/demo.yaml
+
+demo-synthetic: setup
 	$(VENV)/bin/evo-compress run --config configs/synthetic.yaml
 
 test: setup
@@ -43,8 +46,10 @@ format: setup
 bench: setup
 	$(PY) benchmarks/bench_engine.py
 
-gpu-check: setup
-	$(PY) scripts/gpu_check.py
+# Runs with the machine's own python3 and its CUDA build of torch (setup installs a CPU
+# build into .venv); the machine needs the `hf` extra's other packages installed.
+gpu-check:
+	PYTHONPATH=$(CURDIR) python3 scripts/gpu_check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,30 +1,44 @@
-"""GPU smoke check (`make gpu-check`): proves the CUDA environment the evaluators will use.
+"""GPU check (`make gpu-check`): prove the CUDA paths of the transformers back end in one run.
 
-evo-compress has no CUDA code path of its own yet (the real model evaluator arrives with the
-fitness-evaluation work); until then this checks what it will rely on: torch sees a CUDA
-device, a bf16 matmul runs and agrees with the CPU, and the allocator's peak-memory counter
-works. Exit code 0 only when every check passed; on a machine without a GPU it says so and
-exits 1.
+1. The environment: torch sees a CUDA device, a bf16 matmul agrees with the CPU, the
+   allocator's peak counter works.
+2. The back end: four recipes (baseline, int8 weight-only, nf4, 50% Wanda pruning) evaluated
+   end to end on a ~1B-parameter model built from a Llama config with random weights
+   (latency, memory and energy do not depend on weight values; accuracy is meaningless and
+   printed only to show the path ran), each in its own worker process like a search does.
+
+Exit code 0 only when everything ran; without a GPU it says so and exits 1. Record the
+printed table, with the GPU's name, in BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+import tempfile
 import time
+from pathlib import Path
+
+RECIPES = {
+    "baseline": {},
+    "int8": {"quant": {"method": "int8_weight_only"}},
+    "nf4": {"quant": {"method": "nf4", "group_size": 64}},
+    "wanda-50%": {"prune": {"method": "wanda", "sparsity": 0.5}},
+}
 
 
-def main() -> int:
+def check_environment() -> bool:
     import torch
 
     if not torch.cuda.is_available():
         print("gpu-check: no CUDA device visible to torch; nothing to check on this machine")
-        return 1
+        return False
     device = torch.device("cuda")
     props = torch.cuda.get_device_properties(device)
     print(f"device: {props.name}, {props.total_memory / 2**30:.1f} GiB, torch {torch.__version__}")
     torch.manual_seed(0)
-    a = torch.randn(4096, 4096)
-    b = torch.randn(4096, 4096)
+    a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
     expected = (a.double() @ b.double()).float()
     torch.cuda.reset_peak_memory_stats(device)
     ga, gb = a.to(device, torch.bfloat16), b.to(device, torch.bfloat16)
@@ -36,12 +50,85 @@ def main() -> int:
     seconds = (time.perf_counter() - start) / 20
     error = (out.float().cpu() - expected).abs().max().item() / expected.abs().max().item()
     peak = torch.cuda.max_memory_allocated(device) / 2**20
-    tflops = 2 * 4096**3 / seconds / 1e12
     print(
-        f"bf16 matmul 4096^3: {seconds * 1e3:.3f} ms ({tflops:.0f} TFLOP/s), "
-        f"relative error {error:.2e}, allocator peak {peak:.0f} MiB"
+        f"bf16 matmul 4096^3: {seconds * 1e3:.3f} ms ({2 * 4096**3 / seconds / 1e12:.0f} "
+        f"TFLOP/s), relative error {error:.2e}, allocator peak {peak:.0f} MiB"
     )
-    ok = error < 2e-2 and peak > 0
+    return error < 2e-2 and peak > 0
+
+
+def build_model(folder: Path) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from evo_compress.reference import build_tokenizer
+
+    tokenizer = build_tokenizer(model_max_length=64)
+    config = LlamaConfig(  # TinyLlama-1.1B's shape, random weights
+        vocab_size=len(tokenizer),
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def check_back_end() -> bool:
+    from evo_compress.config import CarbonConfig, HardwareConfig, ModelConfig
+    from evo_compress.fitness import EvaluationContext, make_evaluator
+    from evo_compress.genomes import SearchSpace
+
+    space = SearchSpace.builtin()
+    ok = True
+    with tempfile.TemporaryDirectory(prefix="evo-gpu-check-") as tmp:
+        folder = Path(tmp) / "llama-1b-random"
+        build_model(folder)
+        context = EvaluationContext(
+            ModelConfig(id=str(folder), dtype="bfloat16"),
+            HardwareConfig(device="cuda"),
+            CarbonConfig(),
+        )
+        settings = {"limit": 32, "threads": 4, "latency_prompts": 32, "max_new_tokens": 16}
+        evaluator = make_evaluator("transformers", settings, context)
+        evaluator.prepare()
+        header = f"{'recipe':<10} {'status':<8} {'acc':>6} {'ms/tok':>8} {'MiB':>9} {'J/1k':>9}"
+        print(header)
+        rows = {}
+        for name, data in RECIPES.items():
+            recipe = space.recipe({**data, "serve": {"max_num_seqs": 16}})
+            result = evaluator.evaluate(recipe, space)
+            rows[name] = {
+                "status": result.status,
+                "objectives": result.objectives,
+                "reason": result.reason,
+            }
+            if result.ok and result.objectives:
+                o = result.objectives
+                print(
+                    f"{name:<10} {'ok':<8} {o['accuracy']:>6.3f} {o['latency']:>8.3f} "
+                    f"{o['memory']:>9.0f} {o['energy']:>9.2f}"
+                )
+            else:
+                ok = False
+                print(f"{name:<10} {result.status:<8} {result.reason}")
+        out = os.environ.get("OUT")
+        if out:
+            Path(out, "gpu_check.json").write_text(json.dumps(rows, indent=2))
+    return ok
+
+
+def main() -> int:
+    if not check_environment():
+        return 1
+    ok = check_back_end()
     print("gpu-check:", "PASS" if ok else "FAIL")
     return 0 if ok else 1
 
