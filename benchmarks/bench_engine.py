@@ -540,7 +540,7 @@ def render(info: dict[str, str], overhead: OverheadResult, quality: QualityResul
         "drawn again. Every hypervolume is computed by the same function: the feasible "
         "non-dominated set of everything the method evaluated (the engine's generation -1 "
         "baseline reference excluded), scored by `Search.hypervolume` (accuracy as 1 - acc, "
-        "other objectives divided by twice the baseline's value, reference point all ones; "
+        "other objectives divided by ten times the baseline's value, reference point all ones; "
         "higher is better).",
         "",
         "| method | evaluations | hypervolume median | min - max |",

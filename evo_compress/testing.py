@@ -61,3 +61,8 @@ def worker_allocate(payload: dict[str, Any]) -> EvaluationResult:
 def worker_crash(payload: dict[str, Any]) -> EvaluationResult:
     os.kill(os.getpid(), signal.SIGSEGV)
     return worker_echo(payload)
+
+
+def worker_print_then_raise(payload: dict[str, Any]) -> EvaluationResult:
+    print("chatter from a library", flush=True)
+    raise RuntimeError("and then it failed")

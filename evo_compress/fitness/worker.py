@@ -9,10 +9,12 @@ libraries imported already, so each evaluation gets a fresh process without payi
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import multiprocessing as mp
 import os
 import signal
+import tempfile
 import time
 import traceback
 from collections.abc import Sequence
@@ -42,8 +44,14 @@ def _context(preload: Sequence[str]) -> Any:
     return _CONTEXTS[key]
 
 
-def _child(target: str, payload: dict[str, Any], conn: Connection) -> None:
+def _child(target: str, payload: dict[str, Any], conn: Connection, log: str) -> None:
     os.setpgrp()  # its own process group, so a kill also takes anything it started
+    # Libraries' progress bars and warnings go to a log, not over the search's display;
+    # the parent attaches its tail to a failed result.
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
     try:
         module_name, _, attr = target.partition(":")
         function = getattr(importlib.import_module(module_name), attr)
@@ -77,7 +85,9 @@ def run_in_worker(
     ``EvaluationResult`` (or raises). Never raises for the evaluation's own failures."""
     ctx = _context(preload)
     parent, child = ctx.Pipe(duplex=False)
-    process = ctx.Process(target=_child, args=(target, payload, child), daemon=True)
+    log_fd, log = tempfile.mkstemp(prefix="evo-compress-worker-", suffix=".log")
+    os.close(log_fd)
+    process = ctx.Process(target=_child, args=(target, payload, child, log), daemon=True)
     start = time.perf_counter()
     process.start()
     child.close()
@@ -112,7 +122,12 @@ def run_in_worker(
         process.join(timeout=10)
         parent.close()
     seconds = time.perf_counter() - start
-    meta = {"worker": {"pid": process.pid, "seconds": round(seconds, 3), "peak_rss_mib": peak}}
+    meta: dict[str, Any] = {
+        "worker": {"pid": process.pid, "seconds": round(seconds, 3), "peak_rss_mib": peak}
+    }
+    output = _tail(log)
+    if reason is not None or message is None or message[0] == "error":
+        meta["worker"]["output_tail"] = output
     if reason is not None:
         return EvaluationResult.failure(reason, meta).with_duration(seconds)
     if message is None:
@@ -127,6 +142,17 @@ def run_in_worker(
     result: EvaluationResult = message[1]
     merged = {**result.metadata, **meta}
     return EvaluationResult(result.status, result.objectives, result.reason, merged, seconds)
+
+
+def _tail(path: str, limit: int = 4000) -> str:
+    try:
+        with open(path, errors="replace") as handle:
+            return handle.read()[-limit:]
+    except OSError:
+        return ""
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 def _kill(process: Any) -> None:

@@ -57,3 +57,10 @@ def test_within_the_memory_limit_it_completes():
         WorkerLimits(timeout_s=60, memory_limit_mib=1024),
     )
     assert result.ok and result.metadata["echo"] == {"held": 50}
+
+
+def test_worker_output_stays_off_the_terminal_and_comes_back_on_failure(capfd):
+    result = run_in_worker("evo_compress.testing:worker_print_then_raise", {}, LIMITS)
+    out, err = capfd.readouterr()
+    assert "chatter from a library" not in out + err
+    assert "chatter from a library" in result.metadata["worker"]["output_tail"]

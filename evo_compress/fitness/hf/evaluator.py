@@ -28,7 +28,7 @@ REFERENCE_MODEL = "reference"  # `model.id` of the project's own trained model
 REFERENCE_TASK = "reference"  # `evaluator.settings.task` of the project's addition task
 _QUANT_METHODS = ("none", "int8_weight_only", "int8_w8a8", "fp8", "nf4", "awq", "gptq", "rtn")
 _ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2", "flashinfer")
-_PRELOAD = ("torch", "transformers", "evo_compress.fitness.hf.pipeline")
+_PRELOAD = ("evo_compress.fitness.hf._preload",)
 
 
 class TransformersSettings(BaseModel):
@@ -114,8 +114,11 @@ class TransformersEvaluator(Evaluator):
         return self._device
 
     def capabilities(self) -> Mapping[str, Collection[Any] | None]:
-        from evo_compress.fitness.hf.measure import attention_unsupported, kv_unsupported
-        from evo_compress.fitness.hf.quantize import quantization_unsupported
+        from evo_compress.fitness.hf._quiet import quiet_output
+
+        with quiet_output():
+            from evo_compress.fitness.hf.measure import attention_unsupported, kv_unsupported
+            from evo_compress.fitness.hf.quantize import quantization_unsupported
 
         device = self.device
         quant = [m for m in _QUANT_METHODS if quantization_unsupported(m, device) is None]

@@ -386,6 +386,9 @@ def _names_by_id(model: nn.Module) -> dict[int, str]:
     return {id(linear): name for name, linear in decoder_linears(model).items()}
 
 
+MLP_CHANNEL_MULTIPLE = 32
+
+
 def _prune_mlp_channels(
     model: nn.Module, sparsity: float, calibration: torch.Tensor | None
 ) -> dict[str, Any]:
@@ -394,6 +397,14 @@ def _prune_mlp_channels(
     requested = round(sparsity * size)
     remove = min(requested, size - 1)
     keep = size - remove
+    if size % MLP_CHANNEL_MULTIPLE == 0:
+        # Keep a multiple of 32 channels: int4 group sizes and kernels need widths that
+        # divide evenly, and an odd width would make every later 4-bit recipe fail.
+        keep = max(
+            MLP_CHANNEL_MULTIPLE,
+            round(keep / MLP_CHANNEL_MULTIPLE) * MLP_CHANNEL_MULTIPLE,
+        )
+        remove = size - keep
     norms = collect_input_norms(model, calibration) if calibration is not None else None
     names = _names_by_id(model)
     for layer in decoder_layers(model):
@@ -431,7 +442,9 @@ def _prune_mlp_channels(
         "unit_sparsity": remove / size,
     }
     if remove != requested:
-        details["adjusted"] = f"kept 1 channel instead of removing all {requested}"
+        details["adjusted"] = (
+            f"removed {remove} channels instead of {requested} to keep a width of {keep}"
+        )
     return details
 
 

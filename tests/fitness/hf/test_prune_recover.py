@@ -494,3 +494,12 @@ def test_defaults_match_the_builtin_space() -> None:
     assert genes["recovery.lora_rank"].default == DEFAULT_LORA_RANK
     assert genes["recovery.steps"].default == DEFAULT_STEPS
     assert genes["recovery.temperature"].default == DEFAULT_TEMPERATURE
+
+
+def test_structured_mlp_keeps_a_width_int4_kernels_can_use() -> None:
+    model = tiny_model()
+    recipe = {"prune.method": "structured_mlp", "prune.sparsity": 0.4}  # 128 -> 76.8 channels
+    result = apply_pruning(model, recipe)
+    assert model.config.intermediate_size % 32 == 0
+    assert model.config.intermediate_size == 64  # nearest multiple of 32 to 77
+    assert "adjusted" in result.details
