@@ -45,6 +45,7 @@ format: setup
 
 bench: setup
 	$(PY) benchmarks/bench_engine.py
+	$(PY) benchmarks/bench_reference.py
 
 # Runs with the machine's own python3 and its CUDA build of torch (setup installs a CPU
 # build into .venv); the machine needs the `hf` extra's other packages installed.

@@ -116,17 +116,23 @@ class TransformersEvaluator(Evaluator):
     def capabilities(self) -> Mapping[str, Collection[Any] | None]:
         from evo_compress.fitness.hf._quiet import quiet_output
 
+        device = self.device
+        # torchao and bitsandbytes announce missing optional kernels on first use: the
+        # probes below would print that over the search's display.
         with quiet_output():
             from evo_compress.fitness.hf.measure import attention_unsupported, kv_unsupported
             from evo_compress.fitness.hf.quantize import quantization_unsupported
 
-        device = self.device
-        quant = [m for m in _QUANT_METHODS if quantization_unsupported(m, device) is None]
-        attention = [a for a in _ATTENTION if attention_unsupported(a, device) is None]
-        kv_dtype = [d for d in ("auto", "fp8") if kv_unsupported({"kv.dtype": d}, device) is None]
-        window = [
-            w for w in (False, True) if kv_unsupported({"kv.sliding_window": w}, device) is None
-        ]
+            quant = [m for m in _QUANT_METHODS if quantization_unsupported(m, device) is None]
+            attention = [a for a in _ATTENTION if attention_unsupported(a, device) is None]
+            kv_dtype = [
+                d for d in ("auto", "fp8") if kv_unsupported({"kv.dtype": d}, device) is None
+            ]
+            window = [
+                w
+                for w in (False, True)
+                if kv_unsupported({"kv.sliding_window": w}, device) is None
+            ]
         return {
             "quant.method": quant,
             "quant.group_size": None,
