@@ -390,20 +390,20 @@ MLP_CHANNEL_MULTIPLE = 32
 
 
 def _prune_mlp_channels(
-    model: nn.Module, sparsity: float, calibration: torch.Tensor | None
+    model: nn.Module,
+    sparsity: float,
+    calibration: torch.Tensor | None,
+    multiple: int = MLP_CHANNEL_MULTIPLE,
 ) -> dict[str, Any]:
     config: Any = model.config
     size = int(config.intermediate_size)
     requested = round(sparsity * size)
     remove = min(requested, size - 1)
     keep = size - remove
-    if size % MLP_CHANNEL_MULTIPLE == 0:
-        # Keep a multiple of 32 channels: int4 group sizes and kernels need widths that
-        # divide evenly, and an odd width would make every later 4-bit recipe fail.
-        keep = max(
-            MLP_CHANNEL_MULTIPLE,
-            round(keep / MLP_CHANNEL_MULTIPLE) * MLP_CHANNEL_MULTIPLE,
-        )
+    if size % multiple == 0:
+        # Keep a multiple of `multiple` channels (32, or the recipe's int4 group size): group
+        # quantization and int4 kernels need widths that divide evenly.
+        keep = max(multiple, round(keep / multiple) * multiple)
         remove = size - keep
     norms = collect_input_norms(model, calibration) if calibration is not None else None
     names = _names_by_id(model)
@@ -593,7 +593,9 @@ def apply_pruning(
         assert pattern is not None
         masks, extra = _prune_weights(model, method, pattern, sparsity, calibration)
     elif method == "structured_mlp":
-        extra = _prune_mlp_channels(model, sparsity, calibration)
+        # A later 4-bit quantization needs widths its group size divides.
+        multiple = int(recipe.get("quant.group_size", MLP_CHANNEL_MULTIPLE))
+        extra = _prune_mlp_channels(model, sparsity, calibration, multiple)
     elif method == "structured_heads":
         extra = _prune_heads(model, sparsity, calibration)
     measured = measure_sparsity(model, reference_numel=dense_numel)

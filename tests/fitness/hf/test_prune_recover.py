@@ -503,3 +503,15 @@ def test_structured_mlp_keeps_a_width_int4_kernels_can_use() -> None:
     assert model.config.intermediate_size % 32 == 0
     assert model.config.intermediate_size == 64  # nearest multiple of 32 to 77
     assert "adjusted" in result.details
+
+
+def test_structured_mlp_keeps_a_width_the_recipes_group_size_divides() -> None:
+    model = tiny_model()
+    recipe = {
+        "prune.method": "structured_mlp",
+        "prune.sparsity": 0.3,
+        "quant.method": "gptq",
+        "quant.group_size": 64,
+    }
+    apply_pruning(model, recipe)
+    assert model.config.intermediate_size == 64  # 128 x 0.7 = 89.6 -> nearest multiple of 64
