@@ -94,9 +94,11 @@ def main() -> int:
             "|---|---:|---:|---:|---:|---:|---:|",
             *rows,
             "",
-            f"Energy: {energy_how}. The model is tiny (4 MiB in fp32), so memory is dominated "
-            "by measurement overhead and torchao's int4 on CPU stores values unpacked in int8; "
-            "on this scale, quantized kernels are slower than fp32 matmuls.",
+            f"Energy: {energy_how}. Memory is the measured weight footprint plus the growth of "
+            "resident memory while serving; torchao's int4 on CPU stores values unpacked in int8, "
+            "so RTN/GPTQ take about as much memory as int8 here. One evaluation per recipe: on "
+            "a ~1M-parameter model the latency of one recipe varies by tens of percent from run "
+            "to run, so small latency and energy differences in this table are noise.",
             "",
             "GPU (`make gpu-check`): not run yet - no GPU was lent to the session that built "
             "this back end. Its CUDA paths (allocator peak memory, NVML energy, fp8, torchao "

@@ -137,6 +137,8 @@ class Search:
                 seeds.append(space.recipe(recipe))
             elif listener is not None:
                 listener.message(f"seed recipe {recipe.summary()} skipped: {reason}")
+        # A model that cannot be found (or trained) fails here, before a run directory exists.
+        evaluator.prepare()
         run_dir = Path(run_dir or config.output.run_dir or default_run_dir(config))
         cache_path = config.cache.path or default_cache_path(config)
         config = config.model_copy(

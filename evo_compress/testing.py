@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -66,3 +67,30 @@ def worker_crash(payload: dict[str, Any]) -> EvaluationResult:
 def worker_print_then_raise(payload: dict[str, Any]) -> EvaluationResult:
     print("chatter from a library", flush=True)
     raise RuntimeError("and then it failed")
+
+
+def save_random_llama(folder: Path, dtype: Any = None, **shape: Any) -> Path:
+    """A Llama with random weights (seed 0) and the reference tokenizer, saved as a local
+    model folder: every code path runs on it, and latency and memory do not depend on the
+    weight values. ``shape`` holds LlamaConfig sizes (hidden_size, num_hidden_layers, ...)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from evo_compress.reference import build_tokenizer
+
+    tokenizer = build_tokenizer(model_max_length=64)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=64,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **shape,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -59,26 +59,18 @@ def check_environment() -> bool:
 
 def build_model(folder: Path) -> None:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from evo_compress.reference import build_tokenizer
+    from evo_compress.testing import save_random_llama
 
-    tokenizer = build_tokenizer(model_max_length=64)
-    config = LlamaConfig(  # TinyLlama-1.1B's shape, random weights
-        vocab_size=len(tokenizer),
+    save_random_llama(  # TinyLlama-1.1B's shape, random weights
+        folder,
+        dtype=torch.bfloat16,
         hidden_size=2048,
         intermediate_size=5632,
         num_hidden_layers=22,
         num_attention_heads=32,
         num_key_value_heads=4,
-        max_position_embeddings=64,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
     )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
 
 
 def check_back_end() -> bool:

@@ -183,7 +183,10 @@ class TransformersEvaluator(Evaluator):
 
     # ------------------------------------------------------------------ preparation
     def prepare(self) -> None:
-        """Train (once per machine) or locate the model; write the reference task files."""
+        """Train (once per machine) or locate the model; write the reference task files.
+        Idempotent: a second call does nothing."""
+        if self._model_path is not None and self._task is not None:
+            return
         from evo_compress.reference import (
             default_cache_dir,
             ensure_reference_model,

@@ -6,14 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from evo_compress.config import CarbonConfig, HardwareConfig, ModelConfig
 from evo_compress.exceptions import ConfigError
 from evo_compress.fitness import EvaluationContext, make_evaluator
 from evo_compress.genomes import SearchSpace
-from evo_compress.reference.tokenizer import build_tokenizer
+from evo_compress.testing import save_random_llama
 
 SPACE = SearchSpace.builtin()
 SETTINGS = {
@@ -32,23 +30,14 @@ def tiny_model(tmp_path_factory) -> Path:
     """A random ~100k-parameter Llama with the reference tokenizer, saved as a local folder
     (random weights: accuracy is ~0, but every code path runs)."""
     folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = build_tokenizer(model_max_length=64)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    return save_random_llama(
+        folder,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=4,
-        max_position_embeddings=64,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
     )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def evaluator_for(folder: Path, **settings):
