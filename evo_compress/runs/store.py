@@ -10,6 +10,7 @@ import fcntl
 import json
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -20,7 +21,8 @@ from typing import Any
 from evo_compress.exceptions import RunStoreError
 from evo_compress.fitness._base import EvaluationResult
 
-SCHEMA_VERSION = 1
+# 2: the llm_calls and credits tables (added to a version-1 store when it is opened).
+SCHEMA_VERSION = 2
 DB_NAME = "run.sqlite"
 CONFIG_NAME = "config.yaml"
 LOCK_NAME = ".lock"
@@ -60,7 +62,73 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     stats TEXT NOT NULL,                  -- JSON: hypervolume, front size, counts
     created_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS llm_calls (
+    id INTEGER PRIMARY KEY,
+    generation INTEGER NOT NULL,          -- the generation the child is for (0 for seeding)
+    slot INTEGER NOT NULL,                -- the offspring slot (-1 for seeding)
+    operator TEXT NOT NULL,               -- the operator's label
+    attempt INTEGER NOT NULL,             -- 0, then 1, 2 for re-asks after an invalid reply
+    role TEXT NOT NULL,                   -- mutation | crossover | seed
+    provider TEXT NOT NULL,
+    model TEXT NOT NULL,
+    prompt_hash TEXT NOT NULL,            -- SHA-256 of the system prompt, prompt and schema
+    prompt TEXT NOT NULL,                 -- JSON {system, user}
+    reply TEXT,                           -- the reply text (null when the provider failed)
+    input_tokens INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    cost REAL,                            -- USD, where a price is configured
+    latency_s REAL NOT NULL,
+    transport_attempts INTEGER NOT NULL,  -- HTTP attempts (retries on 429, 5xx, timeouts)
+    outcome TEXT NOT NULL,                -- valid | invalid (re-asked) | fallback
+    error TEXT,                           -- the validation or provider error
+    rationale TEXT,
+    confidence REAL,
+    created_at REAL NOT NULL,
+    UNIQUE (generation, slot, operator, attempt)
+);
+CREATE TABLE IF NOT EXISTS credits (
+    individual_id INTEGER PRIMARY KEY REFERENCES individuals (id),
+    generation INTEGER NOT NULL,
+    operators TEXT NOT NULL,              -- JSON list of the operators drawn for the child
+    feasible INTEGER NOT NULL,
+    dominated_parent INTEGER NOT NULL,    -- it dominates (constrained) at least one parent
+    entered_front INTEGER NOT NULL,       -- it is on the run's front after its generation
+    hv_contribution REAL NOT NULL,        -- hypervolume the front loses without it
+    reward REAL NOT NULL                  -- what adaptive operator selection was credited
+);
 """
+
+LLM_CALL_COLUMNS = (
+    "generation",
+    "slot",
+    "operator",
+    "attempt",
+    "role",
+    "provider",
+    "model",
+    "prompt_hash",
+    "prompt",
+    "reply",
+    "input_tokens",
+    "output_tokens",
+    "cost",
+    "latency_s",
+    "transport_attempts",
+    "outcome",
+    "error",
+    "rationale",
+    "confidence",
+)
+CREDIT_COLUMNS = (
+    "individual_id",
+    "generation",
+    "operators",
+    "feasible",
+    "dominated_parent",
+    "entered_front",
+    "hv_contribution",
+    "reward",
+)
 
 
 @dataclass(frozen=True)
@@ -79,6 +147,31 @@ class EvaluationRow:
     individual_id: int
     result: EvaluationResult
     source: str
+
+
+@dataclass(frozen=True)
+class LLMCallRow:
+    """One request to an LLM provider, as recorded (``LLM_CALL_COLUMNS``)."""
+
+    generation: int
+    slot: int
+    operator: str
+    attempt: int
+    role: str
+    provider: str
+    model: str
+    prompt_hash: str
+    prompt: str
+    reply: str | None
+    input_tokens: int
+    output_tokens: int
+    cost: float | None
+    latency_s: float
+    transport_attempts: int
+    outcome: str
+    error: str | None
+    rationale: str | None
+    confidence: float | None
 
 
 @dataclass(frozen=True)
@@ -101,6 +194,8 @@ class RunStore:
         self.run_dir = run_dir
         self._db = db
         self._lock_fd: int | None = None
+        # LLM operators record their calls from worker threads: one connection, serialised.
+        self._mutex = threading.RLock()
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
@@ -144,7 +239,18 @@ class RunStore:
                 f"{run_dir} was written by a newer evo-compress (store schema {version}, "
                 f"this version reads up to {SCHEMA_VERSION}); upgrade evo-compress"
             )
+        if version < SCHEMA_VERSION:
+            store._migrate()
         return store
+
+    def _migrate(self) -> None:
+        """Older stores lack only tables added since; adding them loses nothing."""
+        try:
+            with self._mutex:
+                self._db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise RunStoreError(f"cannot upgrade run store {self.run_dir}: {exc}") from None
+        self.set_meta({"schema_version": SCHEMA_VERSION})
 
     def lock(self) -> None:
         """Take the run's writer lock; a second process gets a clear error, never a mixed run.
@@ -298,6 +404,58 @@ class RunStore:
         )
         return {r[0]: _evaluation(r) for r in rows}
 
+    # ------------------------------------------------------------------ LLM calls
+    def add_llm_call(self, row: LLMCallRow) -> None:
+        """Record one provider call the moment it ends (safe from worker threads)."""
+        values = tuple(getattr(row, c) for c in LLM_CALL_COLUMNS)
+        with self._transaction():
+            self._db.execute(
+                f"INSERT OR REPLACE INTO llm_calls ({', '.join(LLM_CALL_COLUMNS)}, created_at) "
+                f"VALUES ({', '.join('?' * len(LLM_CALL_COLUMNS))}, ?)",
+                (*values, time.time()),
+            )
+
+    def llm_call(
+        self, generation: int, slot: int, operator: str, attempt: int
+    ) -> LLMCallRow | None:
+        row = self._query(
+            f"SELECT {', '.join(LLM_CALL_COLUMNS)} FROM llm_calls WHERE generation = ? "
+            "AND slot = ? AND operator = ? AND attempt = ?",
+            (generation, slot, operator, attempt),
+        ).fetchone()
+        return LLMCallRow(*row) if row else None
+
+    def llm_calls(self, generation: int | None = None) -> list[LLMCallRow]:
+        sql = f"SELECT {', '.join(LLM_CALL_COLUMNS)} FROM llm_calls"
+        args: tuple[Any, ...] = ()
+        if generation is not None:
+            sql += " WHERE generation = ?"
+            args = (generation,)
+        return [LLMCallRow(*r) for r in self._query(sql + " ORDER BY id", args)]
+
+    # ------------------------------------------------------------------ operator credit
+    def add_credits(self, rows: Sequence[dict[str, Any]]) -> None:
+        with self._transaction():
+            self._db.executemany(
+                f"INSERT OR REPLACE INTO credits ({', '.join(CREDIT_COLUMNS)}) "
+                f"VALUES ({', '.join('?' * len(CREDIT_COLUMNS))})",
+                [
+                    tuple(json.dumps(r[c]) if c == "operators" else r[c] for c in CREDIT_COLUMNS)
+                    for r in rows
+                ],
+            )
+
+    def credits(self) -> list[dict[str, Any]]:
+        rows = self._query(
+            f"SELECT {', '.join(CREDIT_COLUMNS)} FROM credits ORDER BY individual_id"
+        )
+        out = []
+        for r in rows:
+            item = dict(zip(CREDIT_COLUMNS, r, strict=True))
+            item["operators"] = _loads(item["operators"], "credit operators")
+            out.append(item)
+        return out
+
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, checkpoint: Checkpoint) -> None:
         with self._transaction():
@@ -330,20 +488,24 @@ class RunStore:
     # ------------------------------------------------------------------ helpers
     @contextmanager
     def _transaction(self) -> Iterator[None]:
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self._mutex:
             try:
-                yield
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-        except sqlite3.DatabaseError as exc:
-            raise RunStoreError(f"run store {self.run_dir / DB_NAME}: {exc}") from None
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.DatabaseError as exc:
+                raise RunStoreError(f"run store {self.run_dir / DB_NAME}: {exc}") from None
 
-    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> _Rows:
         try:
-            return self._db.execute(sql, args)
+            with self._mutex:
+                # Fetched under the lock: a cursor must not be read while another thread
+                # uses the connection.
+                return _Rows(self._db.execute(sql, args).fetchall())
         except sqlite3.DatabaseError as exc:
             raise RunStoreError(
                 f"run store {self.run_dir / DB_NAME} cannot be read ({exc}); "
@@ -351,9 +513,16 @@ class RunStore:
             ) from None
 
 
+class _Rows(list[Any]):
+    """Query rows already fetched, with the cursor's ``fetchone``."""
+
+    def fetchone(self) -> Any:
+        return self[0] if self else None
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     try:
-        db = sqlite3.connect(path, timeout=30.0, isolation_level=None)
+        db = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode: a committed row survives a process crash (kill -9); only a power
         # loss can drop the last commits, which then re-run from the checkpoint.
