@@ -1,24 +1,35 @@
-"""Variation operators: classic typed crossover and mutation (LLM operators plug in here too)."""
+"""Variation operators: classic typed crossover and mutation, the rule-based expert mutation and
+adaptive operator selection (LLM operators plug in here too)."""
 
 from evo_compress.operators._base import (
     CROSSOVERS,
     MUTATIONS,
     Child,
     Crossover,
+    Measured,
     Mutation,
+    Proposal,
+    VariationContext,
     make_crossover,
     make_mutation,
 )
+from evo_compress.operators.adaptive import AdaptiveSelector
 from evo_compress.operators.classic import GeneMutation, UniformCrossover
+from evo_compress.operators.expert import ExpertMutation
 
 __all__ = [
     "CROSSOVERS",
     "MUTATIONS",
+    "AdaptiveSelector",
     "Child",
     "Crossover",
+    "ExpertMutation",
     "GeneMutation",
+    "Measured",
     "Mutation",
+    "Proposal",
     "UniformCrossover",
+    "VariationContext",
     "make_crossover",
     "make_mutation",
 ]

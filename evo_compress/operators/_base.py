@@ -3,13 +3,19 @@
 The public ``do`` does the shared work: check the parent count, hand the hook plain copies
 (parents are never modified), and repair the hook's proposal to the nearest valid canonical
 recipe. Subclasses write only ``_do``. The RNG is always passed in, never global.
+
+*Informed* operators (the rule-based expert, the LLM agents) also read what was measured:
+the engine calls ``vary`` with the parents' objectives and a ``VariationContext`` (front,
+constraints, baseline, hardware). Every operator has ``vary``; for the classic ones it is
+``do`` on the parents' recipes. *Remote* operators (LLM agents) are called concurrently, each
+with its own RNG, so the children do not depend on which reply arrives first.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -17,6 +23,46 @@ import numpy as np
 from evo_compress.exceptions import OperatorError
 from evo_compress.genomes import Recipe, SearchSpace
 from evo_compress.registry import Registry
+
+
+@dataclass(frozen=True)
+class Measured:
+    """A recipe of this run with what its evaluation found: what informed operators read."""
+
+    id: int
+    recipe: Recipe
+    status: str  # ok | failed | infeasible
+    objectives: Mapping[str, float] | None = None
+    # Active constraint name -> relative violation (> 0: violated, <= 0: slack).
+    violations: Mapping[str, float] = field(default_factory=dict)
+    reason: str | None = None
+
+    @property
+    def feasible(self) -> bool:
+        return self.status == "ok" and all(v <= 0 for v in self.violations.values())
+
+
+@dataclass(frozen=True)
+class VariationContext:
+    """The state of the search an informed operator may use to propose a child."""
+
+    space: SearchSpace
+    generation: int = 0
+    slot: int = 0
+    constraints: Mapping[str, float] = field(default_factory=dict)  # active limits, by key
+    reference: Mapping[str, float] | None = None  # the uncompressed baseline's objectives
+    front: tuple[Measured, ...] = ()
+    model: str = ""
+    hardware: Mapping[str, Any] = field(default_factory=dict)
+    seen: frozenset[str] = frozenset()  # recipe hashes this run has evaluated already
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """A child and the operators that made it (a fallback adds ``fallback:<name>``)."""
+
+    recipe: Recipe
+    operators: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -30,9 +76,18 @@ class Child:
 
 class Operator(ABC):
     name: ClassVar[str] = "operator"
+    informed: ClassVar[bool] = False  # reads measured parents: makes the whole child itself
+    remote: ClassVar[bool] = False  # calls a service: run concurrently with its own RNG
 
     def __init__(self, space: SearchSpace) -> None:
         self.space = space
+        self.label = self.name  # the name in records; the engine makes it unique per run
+
+    def vary(
+        self, parents: Sequence[Measured], rng: np.random.Generator, context: VariationContext
+    ) -> Proposal:
+        """A child of ``parents``. Classic operators ignore the measurements."""
+        raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
         """Plain-data state kept in checkpoints (adaptive operators, budgets)."""
@@ -53,6 +108,11 @@ class Crossover(Operator):
         proposal = self._do([dict(p) for p in parents], rng)
         return self.space.repair(proposal, rng)
 
+    def vary(
+        self, parents: Sequence[Measured], rng: np.random.Generator, context: VariationContext
+    ) -> Proposal:
+        return Proposal(self.do([p.recipe for p in parents], rng), (self.label,))
+
     @abstractmethod
     def _do(self, parents: list[dict[str, Any]], rng: np.random.Generator) -> dict[str, Any]:
         """Return the child's gene values (they need not be valid: ``do`` repairs them)."""
@@ -63,6 +123,11 @@ class Mutation(Operator):
         proposal = self._do(dict(recipe), rng)
         return self.space.repair(proposal, rng)
 
+    def vary(
+        self, parents: Sequence[Measured], rng: np.random.Generator, context: VariationContext
+    ) -> Proposal:
+        return Proposal(self.do(parents[0].recipe, rng), (self.label,))
+
     @abstractmethod
     def _do(self, values: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         """Return the mutated gene values (``do`` repairs them)."""
@@ -72,6 +137,10 @@ CROSSOVERS: Registry[Crossover] = Registry("crossover operator")
 MUTATIONS: Registry[Mutation] = Registry("mutation operator")
 CROSSOVERS.register("uniform", "evo_compress.operators.classic:UniformCrossover")
 MUTATIONS.register("gene", "evo_compress.operators.classic:GeneMutation")
+MUTATIONS.register("expert", "evo_compress.operators.expert:ExpertMutation")
+# The LLM agents live in evo_compress.agents (provider SDKs are imported only there, lazily).
+CROSSOVERS.register("llm", "evo_compress.agents.operators:LLMCrossover")
+MUTATIONS.register("llm", "evo_compress.agents.operators:LLMMutation")
 
 
 def _make(
@@ -98,3 +167,26 @@ def make_mutation(
 ) -> Mutation:
     op: Mutation = _make(MUTATIONS, name, space, params, where)
     return op
+
+
+def operator_labels(crossover: Sequence[Any], mutation: Sequence[Any]) -> list[str]:
+    """Record labels for the configured operators (crossovers first): a spec's ``label``, else
+    its name, prefixed with its kind when that name is used more than once, numbered when
+    still ambiguous. Raises ``OperatorError`` when two explicit labels clash."""
+    specs = [("crossover", s) for s in crossover] + [("mutation", s) for s in mutation]
+    names = [s.name for _, s in specs]
+    labels = []
+    for kind, spec in specs:
+        if spec.label is not None:
+            labels.append(spec.label)
+        elif names.count(spec.name) == 1:
+            labels.append(spec.name)
+        else:
+            labels.append(f"{kind}:{spec.name}")
+    for i, label in enumerate(labels):
+        if labels.count(label) > 1:
+            kind, spec = specs[i]
+            if spec.label is not None:
+                raise OperatorError(f"operator label `{label}` is used twice; labels must differ")
+            labels[i] = f"{label}#{labels[:i].count(label) + 1}"
+    return labels

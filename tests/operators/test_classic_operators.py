@@ -55,6 +55,14 @@ def snapshot(recipe: Recipe) -> tuple[str, str, dict[str, Any], dict[str, Any]]:
     )
 
 
+def required_params(name: str) -> dict[str, Any]:
+    """Params an operator cannot be built without. An LLM operator's plain ``do`` (outside a
+    search, with no session) is its fallback's: the LLM path has its own tests."""
+    if name == "llm":
+        return {"provider": "openai-compatible", "base_url": "http://127.0.0.1:9/v1", "model": "m"}
+    return {}
+
+
 # Every registered operator runs the contract (plain parametrize, not a fixture, so that
 # hypothesis can drive the same tests).
 each_crossover = pytest.mark.parametrize("crossover_name", CROSSOVERS.names())
@@ -73,7 +81,7 @@ def test_classic_operators_are_registered() -> None:
 
 @each_crossover
 def test_crossover_factory_builds_a_crossover(crossover_name: str) -> None:
-    op = make_crossover(crossover_name, SPACE, {})
+    op = make_crossover(crossover_name, SPACE, required_params(crossover_name))
     assert isinstance(op, Crossover)
     assert op.space is SPACE
     op.load_state_dict(op.state_dict())
@@ -82,7 +90,7 @@ def test_crossover_factory_builds_a_crossover(crossover_name: str) -> None:
 @each_crossover
 @given(seed_a=seeds, seed_b=seeds, seed=seeds)
 def test_crossover_contract(crossover_name: str, seed_a: int, seed_b: int, seed: int) -> None:
-    op = make_crossover(crossover_name, SPACE, {})
+    op = make_crossover(crossover_name, SPACE, required_params(crossover_name))
     parents = [SPACE.sample(rng(seed_a)), SPACE.sample(rng(seed_b))]
     before = [snapshot(p) for p in parents]
     child = op.do(parents, rng(seed))
@@ -105,7 +113,7 @@ def test_crossover_contract(crossover_name: str, seed_a: int, seed_b: int, seed:
 def test_crossover_child_takes_each_gene_from_a_parent(
     crossover_name: str, seed_a: int, seed_b: int, seed: int
 ) -> None:
-    op = make_crossover(crossover_name, FREE_SPACE, {})
+    op = make_crossover(crossover_name, FREE_SPACE, required_params(crossover_name))
     parents = [FREE_SPACE.sample(rng(seed_a)), FREE_SPACE.sample(rng(seed_b))]
     child = op.do(parents, rng(seed))
     assert is_canonical(FREE_SPACE, child)
@@ -121,14 +129,14 @@ def test_crossover_child_takes_each_gene_from_a_parent(
 def test_crossover_of_a_recipe_with_itself_returns_it(
     crossover_name: str, seed_a: int, seed: int
 ) -> None:
-    op = make_crossover(crossover_name, SPACE, {})
+    op = make_crossover(crossover_name, SPACE, required_params(crossover_name))
     parent = SPACE.sample(rng(seed_a))
     assert op.do([parent, parent], rng(seed)) == parent
 
 
 @each_crossover
 def test_crossover_checks_the_number_of_parents(crossover_name: str) -> None:
-    op = make_crossover(crossover_name, SPACE, {})
+    op = make_crossover(crossover_name, SPACE, required_params(crossover_name))
     parent = SPACE.baseline()
     for count in (0, 1, op.n_parents + 1):
         with pytest.raises(OperatorError, match=crossover_name):
@@ -137,7 +145,7 @@ def test_crossover_checks_the_number_of_parents(crossover_name: str) -> None:
 
 @each_crossover
 def test_crossover_mixes_both_parents(crossover_name: str) -> None:
-    op = make_crossover(crossover_name, FREE_SPACE, {})
+    op = make_crossover(crossover_name, FREE_SPACE, required_params(crossover_name))
     a = FREE_SPACE.recipe({"quant.method": "awq", "kv.dtype": "fp8", "serve.max_num_seqs": 1})
     b = FREE_SPACE.recipe({"quant.method": "gptq", "kv.dtype": "auto", "serve.max_num_seqs": 256})
     generator = rng(5)
@@ -149,7 +157,7 @@ def test_crossover_mixes_both_parents(crossover_name: str) -> None:
 def test_crossover_with_a_mostly_pinned_space(crossover_name: str) -> None:
     pins = {n: g.default for n, g in SPACE.genes.items() if n != "serve.gpu_memory_utilization"}
     pinned = SPACE.with_overrides(pin=pins)
-    op = make_crossover(crossover_name, pinned, {})
+    op = make_crossover(crossover_name, pinned, required_params(crossover_name))
     parents = samples(pinned, 2, seed=1)
     child = op.do(parents, rng(2))
     assert is_canonical(pinned, child)
@@ -163,7 +171,7 @@ def test_crossover_with_a_mostly_pinned_space(crossover_name: str) -> None:
 
 @each_mutation
 def test_mutation_factory_builds_a_mutation(mutation_name: str) -> None:
-    op = make_mutation(mutation_name, SPACE, {})
+    op = make_mutation(mutation_name, SPACE, required_params(mutation_name))
     assert isinstance(op, Mutation)
     assert op.space is SPACE
     op.load_state_dict(op.state_dict())
@@ -172,7 +180,7 @@ def test_mutation_factory_builds_a_mutation(mutation_name: str) -> None:
 @each_mutation
 @given(seed_parent=seeds, seed=seeds)
 def test_mutation_contract(mutation_name: str, seed_parent: int, seed: int) -> None:
-    op = make_mutation(mutation_name, SPACE, {})
+    op = make_mutation(mutation_name, SPACE, required_params(mutation_name))
     parent = SPACE.sample(rng(seed_parent))
     before = snapshot(parent)
     child = op.do(parent, rng(seed))
@@ -185,7 +193,7 @@ def test_mutation_contract(mutation_name: str, seed_parent: int, seed: int) -> N
 
 @each_mutation
 def test_mutation_almost_always_changes_the_recipe(mutation_name: str) -> None:
-    op = make_mutation(mutation_name, SPACE, {})
+    op = make_mutation(mutation_name, SPACE, required_params(mutation_name))
     parents = samples(SPACE, 200, seed=21)
     generator = rng(22)
     changed = sum(op.do(parent, generator) != parent for parent in parents)
@@ -194,7 +202,7 @@ def test_mutation_almost_always_changes_the_recipe(mutation_name: str) -> None:
 
 @each_mutation
 def test_mutation_of_the_baseline_always_changes_it(mutation_name: str) -> None:
-    op = make_mutation(mutation_name, SPACE, {})
+    op = make_mutation(mutation_name, SPACE, required_params(mutation_name))
     baseline = SPACE.baseline()
     generator = rng(3)
     children = [op.do(baseline, generator) for _ in range(200)]
@@ -207,7 +215,7 @@ def test_mutation_with_all_genes_but_one_pinned(mutation_name: str) -> None:
     free = "serve.gpu_memory_utilization"
     pins = {n: g.default for n, g in SPACE.genes.items() if n != free}
     pinned = SPACE.with_overrides(pin=pins)
-    op = make_mutation(mutation_name, pinned, {})
+    op = make_mutation(mutation_name, pinned, required_params(mutation_name))
     generator = rng(4)
     parents = samples(pinned, 50, seed=5)
     children = [op.do(p, generator) for p in parents]
@@ -222,7 +230,7 @@ def test_mutation_with_all_genes_but_one_pinned(mutation_name: str) -> None:
 @each_mutation
 def test_mutation_with_everything_pinned_returns_a_valid_recipe(mutation_name: str) -> None:
     pinned = SPACE.with_overrides(pin={n: g.default for n, g in SPACE.genes.items()})
-    op = make_mutation(mutation_name, pinned, {})
+    op = make_mutation(mutation_name, pinned, required_params(mutation_name))
     child = op.do(pinned.baseline(), rng(0))
     assert is_canonical(pinned, child)
     assert child == pinned.baseline()  # nothing can vary
