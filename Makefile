@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	# A CPU build of torch from local disk first: a bare `torch` requirement would pull
 	# several GB of CUDA wheels.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[hf,dev]"
+	$(PY) -m pip install --quiet -e ".[hf,llm,dev]"
 	touch $(STAMP)
 
 demo: setup
