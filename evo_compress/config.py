@@ -68,8 +68,23 @@ class ConstraintsConfig(_Section):
 
 class OperatorSpec(_Section):
     name: str
+    label: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_.:-]+$",
+        description="Name in records and reports (default: the operator's name, numbered "
+        "when two operators share it)",
+    )
     weight: float = Field(1.0, gt=0, description="Relative chance of being picked")
     params: dict[str, Any] = Field(default_factory=dict)
+
+
+class AdaptiveConfig(_Section):
+    method: Literal["fixed", "probability-matching"] = Field(
+        "probability-matching",
+        description="fixed: the weights; probability-matching: weights adapt from credit",
+    )
+    min_prob: float = Field(0.05, ge=0, le=0.5, description="Floor of every operator's chance")
+    learning_rate: float = Field(0.3, gt=0, le=1, description="How fast credit moves chances")
 
 
 class OperatorsConfig(_Section):
@@ -77,6 +92,7 @@ class OperatorsConfig(_Section):
     mutation_prob: float = Field(1.0, ge=0, le=1)
     crossover: tuple[OperatorSpec, ...] = (OperatorSpec(name="uniform"),)
     mutation: tuple[OperatorSpec, ...] = (OperatorSpec(name="gene"),)
+    adaptive: AdaptiveConfig = AdaptiveConfig()
 
     @field_validator("crossover", "mutation")
     @classmethod
@@ -114,6 +130,27 @@ class SearchConfig(_Section):
     )
 
 
+class BudgetConfig(_Section):
+    max_calls: int | None = Field(None, ge=0, description="Provider requests in the whole run")
+    max_tokens: int | None = Field(None, ge=0, description="Input plus output tokens")
+    max_cost: float | None = Field(
+        None, ge=0, description="USD; every LLM operator then needs a `price`"
+    )
+
+
+class LLMConfig(_Section):
+    concurrency: int = Field(4, ge=1, description="LLM requests in flight at once")
+    budget: BudgetConfig = BudgetConfig()
+    max_failures: int = Field(
+        3, ge=1, description="Failed requests in a row that switch an LLM operator off"
+    )
+    seeder: dict[str, Any] | None = Field(
+        None,
+        description="Provider settings for `search.recipes: llm` (default: the first LLM "
+        "operator's)",
+    )
+
+
 class EvaluatorConfig(_Section):
     name: str = "synthetic"
     settings: dict[str, Any] = Field(default_factory=dict)
@@ -136,6 +173,7 @@ class PopulationConfig(_Section):
     carbon: CarbonConfig = CarbonConfig()
     constraints: ConstraintsConfig = ConstraintsConfig()
     search: SearchConfig = SearchConfig()
+    llm: LLMConfig = LLMConfig()
     evaluator: EvaluatorConfig = EvaluatorConfig()
     cache: CacheConfig = CacheConfig()
     output: OutputConfig = OutputConfig()
@@ -252,15 +290,54 @@ def check_config(config: PopulationConfig, source: str = "config") -> None:
         ):
             for i, spec in enumerate(specs):
                 make(spec.name, space, spec.params, f"search.operators.{kind}[{i}]")
+        _check_llm(config)
         # Evaluator constructors only validate settings; models load on first use.
         context = EvaluationContext(config.model, config.hardware, config.carbon)
         EVALUATORS.get(config.evaluator.name)(config.evaluator.settings, context).close()
-        try:
-            load_portfolio(config.search.recipes, space)
-        except EvoCompressError as exc:
-            raise ConfigError(f"`search.recipes`: {exc}") from None
+        if config.search.recipes != "llm":
+            try:
+                load_portfolio(config.search.recipes, space)
+            except EvoCompressError as exc:
+                raise ConfigError(f"`search.recipes`: {exc}") from None
     except EvoCompressError as exc:
         raise ConfigError(f"{source}: {exc}") from None
+
+
+def _check_llm(config: PopulationConfig) -> None:
+    """Operator labels differ; LLM seeding has provider settings; a cost budget has prices."""
+    from evo_compress.operators._base import operator_labels
+
+    ops = config.search.operators
+    try:
+        operator_labels(ops.crossover, ops.mutation)
+    except EvoCompressError as exc:
+        raise ConfigError(f"`search.operators`: {exc}") from None
+    llm_specs = [
+        (f"search.operators.{kind}[{i}]", spec)
+        for kind, specs in (("crossover", ops.crossover), ("mutation", ops.mutation))
+        for i, spec in enumerate(specs)
+        if spec.name == "llm"
+    ]
+    if config.search.recipes == "llm":
+        from evo_compress.agents.operators import LLMSeeder
+        from evo_compress.engine import seeder_params
+
+        params = seeder_params(config)  # a ConfigError without any provider settings
+        where = "llm.seeder" if config.llm.seeder is not None else llm_specs[0][0] + ".params"
+        try:
+            LLMSeeder(params)
+        except EvoCompressError as exc:
+            raise ConfigError(f"`{where}`: {exc}") from None
+    if config.llm.budget.max_cost is not None:
+        for where, spec in llm_specs:
+            if spec.params.get("price") is None:
+                raise ConfigError(
+                    f"`{where}.params.price` is needed: `llm.budget.max_cost` is set and "
+                    "the cost of this operator's tokens is otherwise unknown"
+                )
+        seeder = config.llm.seeder
+        if config.search.recipes == "llm" and seeder is not None and seeder.get("price") is None:
+            raise ConfigError("`llm.seeder.price` is needed: `llm.budget.max_cost` is set")
 
 
 def build_space(config: PopulationConfig) -> SearchSpace:

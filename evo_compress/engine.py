@@ -16,10 +16,11 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, replace
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import yaml
@@ -35,9 +36,13 @@ from pymoo.operators.selection.tournament import TournamentSelection
 from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 from pymoo.util.ref_dirs import get_reference_directions
 
+if TYPE_CHECKING:
+    from evo_compress.agents.operators import LLMSeeder
+    from evo_compress.agents.session import AgentSession
+
 from evo_compress import __version__
 from evo_compress.config import PopulationConfig, build_space, parse_config
-from evo_compress.exceptions import EvaluationError, RunStoreError
+from evo_compress.exceptions import ConfigError, EvaluationError, EvoCompressError, RunStoreError
 from evo_compress.fitness import (
     EvaluationContext,
     EvaluationResult,
@@ -47,7 +52,16 @@ from evo_compress.fitness import (
 )
 from evo_compress.genomes import Recipe, SearchSpace, builtin_portfolios, load_portfolio
 from evo_compress.objectives import OBJECTIVE_NAMES, OBJECTIVES, to_minimization
-from evo_compress.operators import Crossover, Mutation, make_crossover, make_mutation
+from evo_compress.operators import (
+    AdaptiveSelector,
+    Crossover,
+    Measured,
+    Mutation,
+    VariationContext,
+    make_crossover,
+    make_mutation,
+)
+from evo_compress.operators._base import Operator, operator_labels
 from evo_compress.progress import GenerationStats, ProgressListener
 from evo_compress.runs.store import Checkpoint, RunStore
 
@@ -58,6 +72,8 @@ FAILURE_VIOLATION = 1e3
 _PLACEHOLDER_F = 1e12
 _POP_ATTRIBUTES = ("rank", "crowding", "niche", "dist_to_niche")
 HV_SCALE_FACTOR = 10.0  # hypervolume box: up to 10x the baseline's latency, memory, ...
+LLM_SEEDS = "llm"  # `search.recipes: llm`: the first generation is asked of an LLM
+SEED_LABEL = "llm-seed"
 
 
 def default_run_dir(config: PopulationConfig) -> Path:
@@ -106,8 +122,31 @@ class Search:
             make_mutation(s.name, space, s.params, f"search.operators.mutation[{i}]")
             for i, s in enumerate(ops.mutation)
         ]
-        self._crossover_p = _weights([s.weight for s in ops.crossover])
-        self._mutation_p = _weights([s.weight for s in ops.mutation])
+        labels = operator_labels(ops.crossover, ops.mutation)
+        for op, label in zip([*self.crossovers, *self.mutations], labels, strict=True):
+            op.label = label
+        adaptive = ops.adaptive
+        self.selectors = {
+            kind: AdaptiveSelector(
+                [op.label for op in kind_ops],
+                [s.weight for s in specs],
+                adaptive.method,
+                min(adaptive.min_prob, 1.0 / len(kind_ops)),
+                adaptive.learning_rate,
+            )
+            for kind, kind_ops, specs in (
+                ("crossover", self.crossovers, ops.crossover),
+                ("mutation", self.mutations, ops.mutation),
+            )
+        }
+        # The LLM agents share one session: budget, provider clients, the call log.
+        self.session = _agent_session(config, store, self.listener)
+        for op in [*self.crossovers, *self.mutations]:
+            bind = getattr(op, "bind", None)
+            if bind is not None and self.session is not None:
+                bind(self.session)
+        self.seeder = _seeder(config, self.session)
+        self._measured: dict[int, Measured] = {}
         self.reference: EvaluationResult | None = None
         self._seen: set[str] = set()
         # Results of this run by recipe hash: a repeated recipe (the baseline reference in
@@ -131,12 +170,13 @@ class Search:
         # would come back infeasible.
         space = evaluator.restrict_space(full_space)
         seeds = []
-        for recipe in load_portfolio(config.search.recipes, full_space):  # fail before a run dir
-            reason = evaluator.infeasible_reason(recipe, full_space)
-            if reason is None:
-                seeds.append(space.recipe(recipe))
-            elif listener is not None:
-                listener.message(f"seed recipe {recipe.summary()} skipped: {reason}")
+        if config.search.recipes != LLM_SEEDS:  # an LLM's seeds are asked for in generation 0
+            for recipe in load_portfolio(config.search.recipes, full_space):  # before a run dir
+                reason = evaluator.infeasible_reason(recipe, full_space)
+                if reason is None:
+                    seeds.append(space.recipe(recipe))
+                elif listener is not None:
+                    listener.message(f"seed recipe {recipe.summary()} skipped: {reason}")
         # A model that cannot be found (or trained) fails here, before a run directory exists.
         evaluator.prepare()
         run_dir = Path(run_dir or config.output.run_dir or default_run_dir(config))
@@ -158,7 +198,11 @@ class Search:
                 # named (a relative path may not resolve from another directory).
                 "base_space": SearchSpace.load(config.search.space.base).to_data(),
                 # Likewise the seed recipes, in case a run killed in generation 0 resumes.
-                "seed_recipes": [r.to_dict(nested=False) for r in seeds],
+                "seed_recipes": (
+                    LLM_SEEDS
+                    if config.search.recipes == LLM_SEEDS
+                    else [r.to_dict(nested=False) for r in seeds]
+                ),
                 "fingerprint": evaluator.fingerprint(),
                 "generations_target": config.search.generations,
             },
@@ -224,6 +268,8 @@ class Search:
         )
 
     def close(self) -> None:
+        if self.session is not None:
+            self.session.close()
         self.evaluator.close()
         if self.cache is not None:
             self.cache.close()
@@ -295,10 +341,15 @@ class Search:
         label = f"portfolio:{name}" if name in builtin_portfolios() else "file"
         chosen: list[tuple[Recipe, str]] = []
         hashes: set[str] = set()
-        for data in self.store.get_meta("seed_recipes")[:size]:
-            recipe = Recipe(data)  # stored canonical, so no re-validation against a file
-            chosen.append((recipe, label))
-            hashes.add(recipe.hash)
+        stored = self.store.get_meta("seed_recipes")
+        if stored == LLM_SEEDS:
+            seeds = self._llm_seeds(size)
+        else:  # stored canonical, so no re-validation against a file
+            seeds = [(Recipe(data), label) for data in stored[:size]]
+        for recipe, seed_label in seeds:
+            if recipe.hash not in hashes:
+                chosen.append((recipe, seed_label))
+                hashes.add(recipe.hash)
         attempts = 0
         while len(chosen) < size and attempts < size * self.config.search.max_redraws:
             attempts += 1
@@ -308,15 +359,46 @@ class Search:
                 hashes.add(recipe.hash)
         return chosen
 
+    def _llm_seeds(self, size: int) -> list[tuple[Recipe, str]]:
+        """The first generation asked of an LLM; the built-in portfolios when it cannot."""
+        if self.seeder is not None:
+            self.listener.message(
+                f"asking {self.seeder.agent.settings.model} for {size} first-generation recipes"
+            )
+            reply = self.seeder.seed(size, self._variation_context(0))
+            if reply is not None:
+                for problem in reply.rejected:
+                    self.listener.message(f"LLM seed recipe dropped: {problem}")
+                return [(r, SEED_LABEL) for r in reply.recipes]
+        self.listener.message(
+            "no LLM seed recipes; the first generation starts from the conservative and "
+            "aggressive portfolios instead"
+        )
+        seeds = []
+        portfolios = builtin_portfolios()
+        for name in ("conservative", "aggressive"):
+            for data in portfolios[name]:
+                try:
+                    seeds.append((self.space.recipe(data), f"portfolio:{name}"))
+                except EvoCompressError:  # a gene this back end cannot apply
+                    continue
+        return seeds[:size]
+
     def make_offspring(
         self, pop: Population, n: int, selection: TournamentSelection, algorithm: Any
-    ) -> list[tuple[Recipe, tuple[int, ...], tuple[str, ...]]]:
+    ) -> list[_Child]:
         """Select parents by tournament, vary them, and re-draw any child whose recipe the run
-        has already seen. Returns fewer than ``n`` only when re-draws keep failing."""
+        has already seen. Returns fewer than ``n`` only when re-draws keep failing.
+
+        Children of remote (LLM) operators are asked for concurrently after the other slots are
+        drawn, and checked for duplicates in slot order afterwards; a re-draw never asks an LLM
+        again (its fallback stands in), so a slot makes at most one LLM request series."""
         rng: np.random.Generator = algorithm.random_state
-        ops = self.config.search.operators
+        max_redraws = self.config.search.max_redraws
         taken = set(self._seen)
-        out = []
+        context = self._variation_context(self._generation)
+        made: dict[int, _Child] = {}
+        pending: list[tuple[int, _Pending]] = []
 
         def select(count: int) -> np.ndarray:
             return selection.do(
@@ -329,32 +411,170 @@ class Search:
                 random_state=rng,
             )
 
+        def redraw(slot: int, first_attempt: int) -> bool:
+            for _ in range(first_attempt, max_redraws):
+                pair = select(1)[0]
+                child = self._vary(pop, pair, rng, replace(context, slot=slot), remote=False)
+                assert isinstance(child, _Child)
+                if child.recipe.hash not in taken:
+                    taken.add(child.recipe.hash)
+                    made[slot] = child
+                    return True
+            return False
+
         # One tournament round for the whole generation (as pymoo's own mating does); a slot
         # whose child is a duplicate draws a fresh pair.
         pairs = select(n)
         for slot in range(n):
-            for attempt in range(self.config.search.max_redraws):
-                pair = pairs[slot] if attempt == 0 else select(1)[0]
-                first, second = pop[int(pair[0])], pop[int(pair[1])]
-                recipe: Recipe = first.get("recipe")
-                parents: tuple[int, ...] = (int(first.get("iid")),)
-                names: tuple[str, ...] = ()
-                if rng.random() < ops.crossover_prob:
-                    op = self.crossovers[_pick(rng, self._crossover_p)]
-                    recipe = op.do([first.get("recipe"), second.get("recipe")], rng)
-                    parents += (int(second.get("iid")),)
-                    names += (op.name,)
-                if rng.random() < ops.mutation_prob:
-                    mut = self.mutations[_pick(rng, self._mutation_p)]
-                    recipe = mut.do(recipe, rng)
-                    names += (mut.name,)
-                if recipe.hash not in taken:
-                    taken.add(recipe.hash)
-                    out.append((recipe, parents, names))
-                    break
-            else:
+            child = self._vary(pop, pairs[slot], rng, replace(context, slot=slot), remote=True)
+            if isinstance(child, _Pending):
+                pending.append((slot, child))
+            elif child.recipe.hash not in taken:
+                taken.add(child.recipe.hash)
+                made[slot] = child
+            elif not redraw(slot, 1):
                 break
-        return out
+        if pending:
+            self._run_remote([p for _, p in pending])
+            for slot, job in pending:  # slot order: deterministic whatever finished first
+                proposal = job.op.finish(job.job)  # type: ignore[attr-defined]
+                child = _Child(
+                    proposal.recipe,
+                    job.parents,
+                    proposal.operators,
+                    ((job.kind, job.index, len(proposal.operators) > 1),),
+                    job.parent_fitness,
+                )
+                if child.recipe.hash not in taken:
+                    taken.add(child.recipe.hash)
+                    made[slot] = child
+                else:
+                    redraw(slot, 1)
+        return [made[slot] for slot in sorted(made)]
+
+    def _vary(
+        self,
+        pop: Population,
+        pair: np.ndarray,
+        rng: np.random.Generator,
+        context: VariationContext,
+        remote: bool,
+    ) -> _Child | _Pending:
+        """One child of a tournament pair: crossover with ``crossover_prob``, then mutation
+        with ``mutation_prob``, each drawn from its (adaptive) selector. An informed operator
+        (expert, LLM) reads the measured parents and makes the whole child, so the other
+        draw of the slot is not applied. ``remote=False`` puts an LLM's fallback in its place."""
+        ops = self.config.search.operators
+        first, second = pop[int(pair[0])], pop[int(pair[1])]
+        recipe: Recipe = first.get("recipe")
+        parents: tuple[int, ...] = (int(first.get("iid")),)
+        names: tuple[str, ...] = ()
+        credited: list[tuple[str, int, bool]] = []
+        drawn: list[tuple[str, int, Operator, Sequence[Any]]] = []
+        if rng.random() < ops.crossover_prob:
+            i = self.selectors["crossover"].pick(rng)
+            op: Crossover = self.crossovers[i]
+            if op.informed:
+                drawn.append(("crossover", i, op, (first, second)))
+            else:
+                recipe = op.do([first.get("recipe"), second.get("recipe")], rng)
+                parents += (int(second.get("iid")),)
+                names += (op.label,)
+                credited.append(("crossover", i, False))
+        if not drawn and rng.random() < ops.mutation_prob:
+            j = self.selectors["mutation"].pick(rng)
+            mut: Mutation = self.mutations[j]
+            if mut.informed:
+                drawn.append(("mutation", j, mut, (first,)))
+            else:
+                recipe = mut.do(recipe, rng)
+                names += (mut.label,)
+                credited.append(("mutation", j, False))
+        if not drawn:
+            fitness = tuple(_fitness(ind) for ind in (first, second)[: len(parents)])
+            return _Child(recipe, parents, names, tuple(credited), fitness)
+        kind, index, informed, inds = drawn[0]
+        measured = [self._measure(ind) for ind in inds]
+        ids = tuple(m.id for m in measured)
+        fitness = tuple(_fitness(ind) for ind in inds)
+        if informed.remote:
+            if remote:
+                job_rng = np.random.default_rng(int(rng.integers(2**63)))
+                job = informed.start(measured, job_rng, context)  # type: ignore[attr-defined]
+                return _Pending(informed, job, ids, kind, index, fitness)
+            stand_in: Operator = informed.fallback  # type: ignore[attr-defined]
+            proposal = stand_in.vary(measured, rng, context)
+            return _Child(
+                proposal.recipe,
+                ids,
+                (informed.label, f"fallback:{stand_in.label}"),
+                ((kind, index, True),),
+                fitness,
+            )
+        proposal = informed.vary(measured, rng, context)
+        return _Child(proposal.recipe, ids, proposal.operators, ((kind, index, False),), fitness)
+
+    def _run_remote(self, jobs: list[_Pending]) -> None:
+        """The LLM requests of one generation, at most ``llm.concurrency`` at a time."""
+        asking = [j for j in jobs if j.job.grant.calls > 0]
+        if not asking:
+            return
+        self.listener.message(
+            f"generation {self._generation}: asking LLM operators for {len(asking)} children"
+        )
+        pool = ThreadPoolExecutor(max_workers=min(self.config.llm.concurrency, len(asking)))
+        try:
+            futures = [pool.submit(j.op.run, j.job) for j in asking]  # type: ignore[attr-defined]
+            for future in futures:
+                future.result()
+        except Exception:
+            # Requests in flight finish (their timeouts bound the wait) and are recorded, so
+            # resume does not pay for them again.
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        except BaseException:  # Ctrl-C: do not wait for the provider
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
+
+    def _variation_context(self, generation: int) -> VariationContext:
+        reference = self.reference.objectives if self.reference is not None else None
+        return VariationContext(
+            space=self.space,
+            generation=generation,
+            constraints=dict(self.config.constraints.active()),
+            reference=dict(reference) if reference else None,
+            front=tuple(self._measure_id(i) for i in sorted(self._archive)),
+            model=self.config.model.id,
+            hardware=self.config.hardware.model_dump(mode="json"),
+            seen=frozenset(self._seen),
+        )
+
+    def _measure(self, ind: Any) -> Measured:
+        return self._measure_id(int(ind.get("iid")), ind.get("recipe"))
+
+    def _measure_id(self, ident: int, recipe: Recipe | None = None) -> Measured:
+        """An individual of this run with its evaluation, for informed operators."""
+        cached = self._measured.get(ident)
+        if cached is not None:
+            return cached
+        if recipe is None:
+            recipe = Recipe(self.store.individual(ident).recipe)
+        row = self.store.evaluation(ident)
+        if row is None:
+            raise RunStoreError(f"{self.store.run_dir}: individual {ident} has no evaluation")
+        result = row.result
+        g = self._constraints(result)
+        violations = (
+            {name: float(g[i]) for i, name in enumerate(self._constraint_names, start=1)}
+            if result.ok
+            else {}
+        )
+        measured = Measured(
+            ident, recipe, result.status, result.objectives, violations, result.reason
+        )
+        self._measured[ident] = measured
+        return measured
 
     # ------------------------------------------------------------------ evaluation
     def _reference(self) -> EvaluationResult:
@@ -504,6 +724,7 @@ class Search:
             evaluations_total=self.store.count_evaluations(min_generation=0),
             seconds=0.0,
         )
+        self._credit(algorithm.off, generation, stats.hypervolume)
         population = []
         for ind in pop:
             entry: dict[str, Any] = {"id": int(ind.get("iid")), "cv": _enc(ind.get("CV")[0])}
@@ -518,16 +739,66 @@ class Search:
             "survival": _survival_state(algorithm),
             "archive": sorted(self._archive),
         }
-        operator_state = {
+        operator_state: dict[str, Any] = {
             "crossover": [op.state_dict() for op in self.crossovers],
             "mutation": [op.state_dict() for op in self.mutations],
+            "selectors": {kind: sel.state_dict() for kind, sel in self.selectors.items()},
         }
+        if self.session is not None:
+            operator_state["llm"] = self.session.state_dict()
         # The generation's time covers everything but the checkpoint's own commit.
         stats = replace(stats, seconds=round(time.perf_counter() - started, 4))
         self.store.save_checkpoint(
             Checkpoint(generation, population, state, operator_state, asdict(stats))
         )
         return stats
+
+    def _credit(self, offspring: Population | None, generation: int, hv_total: float) -> None:
+        """Credit each child's operators: it dominates a parent, it entered the front, the
+        share of the front's hypervolume only it covers. The reward, (dominated + entered) / 2
+        + share, feeds adaptive operator selection; an operator that fell back earns 0."""
+        rows = []
+        front_ids = sorted(self._archive)
+        front_F = np.array([self._archive[i] for i in front_ids]) if front_ids else None
+        for ind in offspring if offspring is not None else []:
+            credited = ind.get("credited")
+            if credited is None:  # the first generation: no operator made it
+                continue
+            ident = int(ind.get("iid"))
+            mine = _fitness(ind)
+            feasible = mine[1] <= 0
+            dominated = feasible and any(_dominates(mine, p) for p in ind.get("parent_fitness"))
+            entered = ident in self._archive
+            contribution = 0.0
+            if entered and front_F is not None and hv_total > 0:
+                others = front_F[[i != ident for i in front_ids]]
+                contribution = max(hv_total - self.hypervolume(others), 0.0)
+            share = contribution / hv_total if hv_total > 0 else 0.0
+            reward = (float(dominated) + float(entered)) / 2 + share
+            for kind, index, fell_back in credited:
+                self.selectors[kind].credit(index, 0.0 if fell_back else reward)
+            rows.append(
+                {
+                    "individual_id": ident,
+                    "generation": generation,
+                    "operators": [
+                        ("fallback:" if fell_back else "") + self._operators(kind)[index].label
+                        for kind, index, fell_back in credited
+                    ],
+                    "feasible": int(feasible),
+                    "dominated_parent": int(dominated),
+                    "entered_front": int(entered),
+                    "hv_contribution": contribution,
+                    "reward": reward,
+                }
+            )
+        for selector in self.selectors.values():
+            selector.update()
+        if rows:
+            self.store.add_credits(rows)
+
+    def _operators(self, kind: str) -> Sequence[Operator]:
+        return self.crossovers if kind == "crossover" else self.mutations
 
     def _restore(self, algorithm: Any, checkpoint: Checkpoint) -> None:
         ids = [entry["id"] for entry in checkpoint.population]
@@ -545,6 +816,7 @@ class Search:
             if self.retry_failed and result.status == "failed":
                 result, _ = self._evaluate(ident, recipe, self.space, stored=True)
             recipes.append(recipe)
+            self._results.setdefault(recipe.hash, result)
             F.append(self._objectives(result))
             G.append(self._constraints(result))
         pop = Population.new("X", np.array([[r.hash] for r in recipes], dtype=object))
@@ -567,6 +839,11 @@ class Search:
         ):
             for op, op_state in zip(ops, saved, strict=False):
                 op.load_state_dict(op_state)
+        for kind, selector_state in checkpoint.operator_state.get("selectors", {}).items():
+            if kind in self.selectors:
+                self.selectors[kind].load_state_dict(selector_state)
+        if self.session is not None and "llm" in checkpoint.operator_state:
+            self.session.load_state_dict(checkpoint.operator_state["llm"])
         self._seen = self.store.hashes_up_to(checkpoint.generation)
         if self.retry_failed:
             # Failed recipes outside the population may be drawn (and evaluated) again.
@@ -663,16 +940,93 @@ class _Mating:
     ) -> Population:
         children = self.search.make_offspring(pop, n_offsprings, self.selection, algorithm)
         off = Population.new(
-            "X", np.array([[r.hash] for r, _, _ in children], dtype=object).reshape(-1, 1)
+            "X", np.array([[c.recipe.hash] for c in children], dtype=object).reshape(-1, 1)
         )
-        for ind, (recipe, parents, names) in zip(off, children, strict=True):
-            ind.set("recipe", recipe)
-            ind.set("parent_ids", parents)
-            ind.set("operators", names)
+        for ind, child in zip(off, children, strict=True):
+            ind.set("recipe", child.recipe)
+            ind.set("parent_ids", child.parents)
+            ind.set("operators", child.operators)
+            ind.set("credited", child.credited)
+            ind.set("parent_fitness", child.parent_fitness)
         return off
 
 
+@dataclass(frozen=True)
+class _Child:
+    """An offspring: its recipe, parents (ids), operators as recorded, the selector draws to
+    credit (kind, index, fell back) and the parents' (F, CV) to compare it with."""
+
+    recipe: Recipe
+    parents: tuple[int, ...]
+    operators: tuple[str, ...]
+    credited: tuple[tuple[str, int, bool], ...]
+    parent_fitness: tuple[tuple[np.ndarray, float], ...]
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A child a remote (LLM) operator has been asked for; ``finish`` gives it."""
+
+    op: Operator
+    job: Any
+    parents: tuple[int, ...]
+    kind: str
+    index: int
+    parent_fitness: tuple[tuple[np.ndarray, float], ...]
+
+
 # ---------------------------------------------------------------------- helpers
+def _fitness(ind: Any) -> tuple[np.ndarray, float]:
+    return np.asarray(ind.get("F"), dtype=float), float(ind.get("CV")[0])
+
+
+def _dominates(a: tuple[np.ndarray, float], b: tuple[np.ndarray, float]) -> bool:
+    """Constrained domination (Deb): feasible beats infeasible, less violation beats more,
+    among feasible ones Pareto dominance."""
+    (fa, cva), (fb, cvb) = a, b
+    if cva > 0 or cvb > 0:
+        return cva < cvb
+    return bool(np.all(fa <= fb) and np.any(fa < fb))
+
+
+def _agent_session(
+    config: PopulationConfig, store: RunStore, listener: ProgressListener
+) -> AgentSession | None:
+    """The LLM agents' shared session, when the config uses an LLM (imported only then)."""
+    uses_llm = config.search.recipes == LLM_SEEDS or any(
+        s.name == "llm"
+        for s in (*config.search.operators.crossover, *config.search.operators.mutation)
+    )
+    if not uses_llm:
+        return None
+    from evo_compress.agents.session import AgentSession
+
+    return AgentSession(config.llm, store, listener.message)
+
+
+def _seeder(config: PopulationConfig, session: AgentSession | None) -> LLMSeeder | None:
+    if config.search.recipes != LLM_SEEDS or session is None:
+        return None
+    from evo_compress.agents.operators import LLMSeeder
+
+    seeder = LLMSeeder(seeder_params(config))
+    seeder.bind(session)
+    return seeder
+
+
+def seeder_params(config: PopulationConfig) -> dict[str, Any]:
+    """Provider settings for LLM seeding: `llm.seeder`, else the first LLM operator's."""
+    if config.llm.seeder is not None:
+        return dict(config.llm.seeder)
+    for spec in (*config.search.operators.mutation, *config.search.operators.crossover):
+        if spec.name == "llm":
+            return {k: v for k, v in spec.params.items() if k != "fallback"}
+    raise ConfigError(
+        "`search.recipes`: `llm` seeding needs an LLM operator in `search.operators` or "
+        "provider settings in `llm.seeder`"
+    )
+
+
 def _set_fitness(pop: Population, F: np.ndarray, G: np.ndarray) -> None:
     F = F.reshape(len(pop), len(OBJECTIVES))
     G = G.reshape(len(pop), -1)
@@ -693,16 +1047,6 @@ def _individual_row(
         "parents": [int(p) for p in parents],
         "operators": list(operators),
     }
-
-
-def _pick(rng: np.random.Generator, p: np.ndarray) -> int:
-    """Index drawn with probabilities ``p``; a single choice consumes no randomness."""
-    return 0 if len(p) == 1 else int(rng.choice(len(p), p=p))
-
-
-def _weights(values: Sequence[float]) -> np.ndarray:
-    w = np.array(values, dtype=float)
-    return w / w.sum()
 
 
 def _reference_directions(pop_size: int, partitions: int | None) -> np.ndarray:

@@ -1,0 +1,140 @@
+"""Parse and validate what an LLM agent replied. Replies are data: only schema-checked gene
+values are used, through the genome's own strict validation; nothing in a reply is executed,
+imported or used as a path, and any field the schema does not name makes the reply invalid.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from evo_compress.exceptions import EvoCompressError
+from evo_compress.genomes import Recipe, SearchSpace, flatten
+
+MAX_RATIONALE_CHARS = 1000
+
+
+class ReplyError(EvoCompressError):
+    """The reply does not describe a valid, new recipe; the message is fed back to the model."""
+
+
+@dataclass(frozen=True)
+class ProposalReply:
+    recipe: Recipe
+    rationale: str
+    confidence: float | None
+
+
+@dataclass(frozen=True)
+class SeedsReply:
+    recipes: tuple[Recipe, ...]
+    rationale: str
+    rejected: tuple[str, ...]  # why each dropped recipe was invalid
+
+
+def parse_proposal(text: str, space: SearchSpace, seen: Collection[str] = ()) -> ProposalReply:
+    """One child recipe; ``seen`` holds the hashes of recipes already evaluated."""
+    data = _json_object(text)
+    _only_fields(data, {"recipe", "rationale", "confidence"}, "the reply")
+    if "recipe" not in data:
+        raise ReplyError("the reply has no `recipe` field")
+    recipe = _recipe(data["recipe"], space, "`recipe`")
+    if recipe.hash in seen:
+        raise ReplyError(
+            f"`recipe` {recipe.summary()} has been evaluated in this run already; "
+            "propose a recipe that differs from every earlier one"
+        )
+    return ProposalReply(recipe, _rationale(data), _confidence(data))
+
+
+def parse_seeds(text: str, space: SearchSpace, wanted: int) -> SeedsReply:
+    """Up to ``wanted`` distinct valid recipes; invalid ones are dropped with their reasons.
+    A reply without a single valid recipe is invalid as a whole."""
+    data = _json_object(text)
+    _only_fields(data, {"recipes", "rationale"}, "the reply")
+    items = data.get("recipes")
+    if not isinstance(items, list) or not items:
+        raise ReplyError("`recipes` must be a non-empty list of recipes")
+    recipes: list[Recipe] = []
+    hashes: set[str] = set()
+    rejected: list[str] = []
+    for i, item in enumerate(items):
+        try:
+            recipe = _recipe(item, space, f"`recipes[{i}]`")
+        except ReplyError as exc:
+            rejected.append(str(exc))
+            continue
+        if recipe.hash in hashes:
+            rejected.append(f"`recipes[{i}]` repeats an earlier recipe")
+            continue
+        if len(recipes) < wanted:
+            recipes.append(recipe)
+            hashes.add(recipe.hash)
+    if not recipes:
+        raise ReplyError("no valid recipe in `recipes`: " + "; ".join(rejected[:5]))
+    return SeedsReply(tuple(recipes), _rationale(data), tuple(rejected))
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    body = text.strip()
+    if body.startswith("```"):  # a fenced block despite the instructions
+        body = body.split("\n", 1)[1] if "\n" in body else ""
+        body = body.rsplit("```", 1)[0]
+    try:
+        data = json.loads(body, parse_constant=_no_constant)
+    except (json.JSONDecodeError, ValueError) as exc:
+        raise ReplyError(f"the reply is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ReplyError(f"the reply must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _only_fields(data: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    extra = sorted(set(data) - allowed)
+    if extra:
+        raise ReplyError(
+            f"{where} has fields the schema does not allow: {', '.join(map(repr, extra))}"
+        )
+
+
+def _recipe(value: Any, space: SearchSpace, where: str) -> Recipe:
+    if not isinstance(value, dict):
+        raise ReplyError(f"{where} must be an object of genes, got {type(value).__name__}")
+    try:
+        flat = flatten(value)
+    except (TypeError, ValueError, EvoCompressError) as exc:
+        raise ReplyError(f"{where}: {exc}") from None
+    # null: the gene is inactive or left at its default.
+    values = {name: v for name, v in flat.items() if v is not None}
+    for name, v in values.items():
+        if isinstance(v, (dict, list)):
+            raise ReplyError(f"{where}: gene `{name}` must be a plain value, got {v!r}")
+    try:
+        return space.recipe(values)
+    except EvoCompressError as exc:
+        raise ReplyError(f"{where}: {exc}") from None
+
+
+def _rationale(data: Mapping[str, Any]) -> str:
+    value = data.get("rationale", "")
+    if not isinstance(value, str):
+        raise ReplyError(f"`rationale` must be a string, got {type(value).__name__}")
+    return value.strip()[:MAX_RATIONALE_CHARS]
+
+
+def _confidence(data: Mapping[str, Any]) -> float | None:
+    value = data.get("confidence")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ReplyError(f"`confidence` must be a number from 0 to 1, got {value!r}")
+    if not 0.0 <= value <= 1.0:
+        raise ReplyError(f"`confidence` must be from 0 to 1, got {value!r}")
+    return float(value)

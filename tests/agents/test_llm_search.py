@@ -1,0 +1,327 @@
+"""LLM operators inside the search: records, credit, adaptive selection, resume that replays
+instead of paying twice, determinism whatever order replies arrive in, keys kept out of the
+run directory, and a run that goes on without a key."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from evo_compress.agents.testing_servers import (
+    FakeProviderServer,
+    Hang,
+    RecordedRequest,
+    Response,
+    Status,
+    model_like,
+)
+from evo_compress.engine import Search
+from evo_compress.exceptions import ConfigError
+from evo_compress.progress import ProgressListener
+from evo_compress.runs import RunStore
+from evo_compress.runs.front import load_front
+
+KEY = "sk-live-THISKEYMUSTNEVERLEAK-0123456789"
+
+
+def llm_config(
+    config_factory: Any, server: FakeProviderServer, generations: int = 3, **llm: Any
+) -> Any:
+    def params(provider: str, **extra: Any) -> dict[str, Any]:
+        out = {
+            "provider": provider,
+            "model": f"{provider}-model",
+            "base_url": server.base_url(provider),
+            "backoff_initial_s": 0.0,
+            "backoff_max_s": 0.0,
+            "timeout_s": 10.0,
+        }
+        if provider != "openai-compatible":
+            out["api_key_env"] = "EVO_TEST_KEY"
+        return out | extra
+
+    return config_factory(
+        search={
+            "population_size": 8,
+            "generations": generations,
+            "seed": 5,
+            "recipes": "llm",
+            "operators": {
+                "crossover": [
+                    {"name": "uniform"},
+                    {"name": "llm", "params": params("anthropic")},
+                ],
+                "mutation": [
+                    {"name": "gene"},
+                    {"name": "expert"},
+                    {"name": "llm", "label": "local", "params": params("openai-compatible")},
+                ],
+            },
+        },
+        llm={"seeder": params("google"), **llm},
+        constraints={"max_accuracy_drop": 0.1},
+    )
+
+
+class Messages(ProgressListener):
+    def __init__(self) -> None:
+        self.said: list[str] = []
+
+    def message(self, text: str) -> None:
+        self.said.append(text)
+
+
+def run(config: Any, run_dir: Path, listener: ProgressListener | None = None) -> list[Any]:
+    search = Search.start(config, run_dir=run_dir, listener=listener)
+    try:
+        search.run()
+        return [m.to_json() for m in load_front(search.store)]
+    finally:
+        search.close()
+
+
+def state(run_dir: Path) -> tuple[Any, ...]:
+    with RunStore.open(run_dir) as store:
+        checkpoint = store.last_checkpoint()
+        assert checkpoint is not None
+        individuals = [(r.generation, r.slot, r.hash, r.operators) for r in store.individuals()]
+        # Rows are inserted as replies arrive: compare them in slot order.
+        calls = sorted(
+            (c.generation, c.slot, c.operator, c.attempt, c.reply) for c in store.llm_calls()
+        )
+        return checkpoint.population, checkpoint.operator_state, individuals, calls
+
+
+@pytest.fixture
+def keyed(monkeypatch):  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("EVO_TEST_KEY", KEY)
+
+
+def test_a_search_with_llm_operators_records_every_call_and_credit(
+    config_factory, tmp_path, fake_llm, keyed
+):
+    messages = Messages()
+    front = run(llm_config(config_factory, fake_llm), tmp_path / "run", messages)
+    assert front
+    with RunStore.open(tmp_path / "run") as store:
+        calls = store.llm_calls()
+        individuals = store.individuals()
+        checkpoint = store.last_checkpoint()
+        credits = store.credits()
+    # Seeding came from the LLM, children from every kind of operator.
+    first = [r for r in individuals if r.generation == 0]
+    assert first and all(r.operators == ["llm-seed"] for r in first)
+    used = {op for r in individuals if r.generation > 0 for op in r.operators}
+    assert {"crossover:llm", "local"} & used and "expert" in used
+    assert {c.operator for c in calls} >= {"llm-seed"}
+    assert {c.provider for c in calls} >= {"google"}
+    assert all(c.outcome == "valid" and c.input_tokens > 0 for c in calls)
+    assert len(calls) == len(fake_llm.requests)
+    # Adaptive selection and the LLM budget are part of the checkpoint.
+    assert checkpoint is not None
+    selectors = checkpoint.operator_state["selectors"]
+    assert selectors["mutation"]["labels"] == ["gene", "expert", "local"]
+    assert checkpoint.operator_state["llm"]["calls"] == len(calls)
+    # Every child of generations 1.. is credited to the operators drawn for it.
+    children = [r for r in individuals if r.generation > 0]
+    assert len(credits) == len(children)
+    assert all(c["reward"] >= 0 for c in credits)
+    assert any(c["entered_front"] for c in credits)
+
+
+def test_resume_replays_recorded_replies_and_matches_an_uninterrupted_run(
+    config_factory, tmp_path, keyed
+):
+    with FakeProviderServer(default=model_like()) as server:
+        config = llm_config(config_factory, server, generations=4)
+        expected = run(config, tmp_path / "full")
+        total = len(server.requests)
+
+    class Crash(Exception):
+        pass
+
+    with FakeProviderServer(default=model_like()) as server:
+        config = llm_config(config_factory, server, generations=4)
+        search = Search.start(config, run_dir=tmp_path / "crashed")
+        assert search.session is not None
+        original = search.session.record
+        recorded = {"n": 0}
+
+        def record_then_crash(row: Any) -> None:
+            # Crash in generation 1, after some of its LLM requests were recorded.
+            if row.generation == 1 and recorded["n"] >= 3:
+                raise Crash
+            original(row)
+            recorded["n"] += row.generation == 1
+
+        search.session.record = record_then_crash  # type: ignore[method-assign]
+        with pytest.raises(Crash):
+            search.run()
+        search.close()
+        before = len(server.requests)
+        with RunStore.open(tmp_path / "crashed") as store:
+            kept = len(store.llm_calls())
+
+        resumed = Search.resume(tmp_path / "crashed")
+        resumed.run()
+        front = [m.to_json() for m in load_front(resumed.store)]
+        resumed.close()
+        after = len(server.requests) - before
+
+    assert front == expected
+    assert state(tmp_path / "crashed") == state(tmp_path / "full")
+    # Only what was not recorded is asked again: no token is paid for twice.
+    assert after == total - kept
+
+
+def test_children_do_not_depend_on_which_reply_arrives_first(config_factory, tmp_path, keyed):
+    slow = random.Random(0)
+    answer = model_like()
+
+    def jittery(request: RecordedRequest) -> Response:
+        return Hang(slow.uniform(0.0, 0.15), then=answer(request))  # type: ignore[arg-type]
+
+    fronts = []
+    for concurrency in (1, 4):
+        with FakeProviderServer(default=jittery) as server:
+            config = llm_config(config_factory, server, concurrency=concurrency)
+            fronts.append(run(config, tmp_path / f"c{concurrency}"))
+    assert fronts[0] == fronts[1]
+    assert state(tmp_path / "c1") == state(tmp_path / "c4")
+
+
+def test_llm_requests_of_a_generation_run_concurrently(config_factory, tmp_path, keyed):
+    import threading
+
+    inflight = {"now": 0, "max": 0}
+    lock = threading.Lock()
+    answer = model_like()
+
+    def counted(request: RecordedRequest) -> Response:
+        with lock:
+            inflight["now"] += 1
+            inflight["max"] = max(inflight["max"], inflight["now"])
+        try:
+            import time
+
+            time.sleep(0.1)
+            return answer(request)
+        finally:
+            with lock:
+                inflight["now"] -= 1
+
+    with FakeProviderServer(default=counted) as server:
+        config = llm_config(config_factory, server, concurrency=3)
+        run(config, tmp_path / "run")
+    assert 1 < inflight["max"] <= 3
+
+
+def test_without_a_key_the_run_goes_on_and_says_so_once(
+    config_factory, tmp_path, fake_llm, monkeypatch
+):
+    monkeypatch.delenv("EVO_TEST_KEY", raising=False)
+    messages = Messages()
+    front = run(llm_config(config_factory, fake_llm), tmp_path / "run", messages)
+    assert front
+    # The local server needs no key and keeps answering; Anthropic and Google are skipped.
+    assert {r.wire for r in fake_llm.requests} == {"openai"}
+    no_key = [m for m in messages.said if "EVO_TEST_KEY" in m]
+    assert len(no_key) == 2  # once for the seeder, once for the crossover
+    assert any("portfolios instead" in m for m in messages.said)
+    with RunStore.open(tmp_path / "run") as store:
+        ops = [r.operators for r in store.individuals() if r.generation > 0]
+    assert ["crossover:llm", "fallback:uniform"] in [o[:2] for o in ops]
+
+
+def test_the_budget_stops_llm_requests_and_the_run_goes_on(
+    config_factory, tmp_path, fake_llm, keyed
+):
+    messages = Messages()
+    config = llm_config(config_factory, fake_llm, generations=4, budget={"max_calls": 5})
+    assert run(config, tmp_path / "run", messages)
+    assert len(fake_llm.requests) == 5
+    assert sum("budget spent" in m for m in messages.said) == 1
+
+
+def test_api_keys_never_reach_the_run_directory(config_factory, tmp_path, keyed):
+    answer = model_like()
+    count = {"n": 0}
+
+    def sometimes_refuse(request: RecordedRequest) -> Response:
+        count["n"] += 1
+        if count["n"] % 4 == 0:  # an error that echoes the credentials it was sent
+            return Status(401, message=f"invalid key {request.api_key} for {request.headers}")
+        return answer(request)
+
+    messages = Messages()
+    with FakeProviderServer(default=sometimes_refuse) as server:
+        config = llm_config(config_factory, server, max_failures=100)
+        run(config, tmp_path / "run", messages)
+    assert any(r.api_key == KEY for r in server.requests)  # the key was really used
+    with RunStore.open(tmp_path / "run") as store:
+        errors = [c.error for c in store.llm_calls() if c.error]
+    assert any("401" in e for e in errors)
+    for path in (tmp_path / "run").rglob("*"):
+        if path.is_file():
+            assert KEY.encode() not in path.read_bytes(), path
+            assert KEY[8:24].encode() not in path.read_bytes(), path
+    assert not any(KEY in m for m in messages.said)
+
+
+def test_llm_seeding_without_provider_settings_is_a_config_error(config_factory):
+    with pytest.raises(ConfigError, match=r"`search\.recipes`: `llm` seeding needs"):
+        config_factory(search={"recipes": "llm"})
+
+
+def test_a_cost_budget_needs_prices(config_factory, fake_llm):
+    with pytest.raises(ConfigError, match="price"):
+        llm_config(config_factory, fake_llm, budget={"max_cost": 1.0})
+
+
+def test_the_config_refuses_an_api_key_in_the_file(config_factory):
+    with pytest.raises(ConfigError) as err:
+        config_factory(
+            search={
+                "operators": {
+                    "mutation": [
+                        {
+                            "name": "llm",
+                            "params": {
+                                "provider": "openai",
+                                "model": "m",
+                                "api_key": "sk-live-abcdef123456",
+                            },
+                        }
+                    ]
+                }
+            }
+        )
+    assert "api_key_env" in str(err.value) and "sk-live-abcdef123456" not in str(err.value)
+
+
+def test_operator_labels_must_differ(config_factory):
+    with pytest.raises(ConfigError, match="label `same` is used twice"):
+        config_factory(
+            search={
+                "operators": {
+                    "mutation": [
+                        {"name": "gene", "label": "same"},
+                        {"name": "expert", "label": "same"},
+                    ]
+                }
+            }
+        )
+
+
+def test_the_prompt_is_a_function_of_the_search_state(config_factory, tmp_path, keyed):
+    """Two identical runs send byte-identical prompts (what replay relies on)."""
+    prompts = []
+    for name in ("a", "b"):
+        with FakeProviderServer(default=model_like()) as server:
+            run(llm_config(config_factory, server), tmp_path / name)
+            prompts.append([json.dumps(r.body, sort_keys=True) for r in server.requests])
+    assert prompts[0] and sorted(prompts[0]) == sorted(prompts[1])
