@@ -73,7 +73,20 @@ HypervolumeFn = Callable[[np.ndarray], float]
 
 
 # ---------------------------------------------------------------------- shared pieces
-def engine_config(pop: int, generations: int, seed: int, runs_root: Path) -> PopulationConfig:
+# The operator sets compared for search quality (the classic defaults first).
+EXPERT_OPERATORS: dict[str, Any] = {
+    "mutation": [{"name": "gene"}, {"name": "expert"}],
+    "adaptive": {"method": "probability-matching"},
+}
+
+
+def engine_config(
+    pop: int,
+    generations: int,
+    seed: int,
+    runs_root: Path,
+    operators: dict[str, Any] | None = None,
+) -> PopulationConfig:
     return parse_config(
         {
             "name": "bench",
@@ -84,6 +97,7 @@ def engine_config(pop: int, generations: int, seed: int, runs_root: Path) -> Pop
                 "generations": generations,
                 "seed": seed,
                 "recipes": "baseline",
+                "operators": operators or {},
             },
             "evaluator": {"name": "synthetic", "settings": EVALUATOR_SETTINGS},
             "cache": {"enabled": False},
@@ -182,10 +196,14 @@ class EngineRun:
 
 
 def run_engine(
-    pop: int, generations: int, seed: int, profiler: cProfile.Profile | None = None
+    pop: int,
+    generations: int,
+    seed: int,
+    profiler: cProfile.Profile | None = None,
+    operators: dict[str, Any] | None = None,
 ) -> EngineRun:
     with tempfile.TemporaryDirectory(prefix="evo-bench-") as tmp:
-        config = engine_config(pop, generations, seed, Path(tmp))
+        config = engine_config(pop, generations, seed, Path(tmp), operators)
         timer = _PhaseTimer()
         search = Search.start(config, run_dir=Path(tmp) / "run", listener=timer)
         try:
@@ -412,7 +430,12 @@ class QualityResult:
 
 
 def measure_quality() -> QualityResult:
-    hv: dict[str, list[float]] = {"evo-compress NSGA-II": [], "pymoo NSGA2": [], "random": []}
+    hv: dict[str, list[float]] = {
+        "evo-compress NSGA-II": [],
+        "evo-compress NSGA-II + expert": [],
+        "pymoo NSGA2": [],
+        "random": [],
+    }
     counts: dict[str, list[int]] = {k: [] for k in hv}
     common_hv: HypervolumeFn | None = None
     scales: list[float] | None = None
@@ -422,10 +445,12 @@ def measure_quality() -> QualityResult:
             common_hv, scales = ours.hypervolume, ours.hv_scales
         # The scales depend only on the baseline recipe; one function scores every method.
         assert ours.hv_scales == scales, "hypervolume scales differ between seeds"
+        expert = run_engine(QUALITY_POP, QUALITY_GENERATIONS, seed, operators=EXPERT_OPERATORS)
         prun = run_pymoo(QUALITY_POP, QUALITY_GENERATIONS, seed)
         rand = run_random(QUALITY_BUDGET, seed)
         for name, results in (
             ("evo-compress NSGA-II", ours.results),
+            ("evo-compress NSGA-II + expert", expert.results),
             ("pymoo NSGA2", prun.results),
             ("random", rand),
         ):
@@ -535,7 +560,10 @@ def render(info: dict[str, str], overhead: OverheadResult, quality: QualityResul
         "",
         f"{QUALITY_BUDGET} evaluations per run (population {QUALITY_POP} x "
         f"{QUALITY_GENERATIONS} generations), seeds {', '.join(map(str, QUALITY_SEEDS))}, "
-        "no constraints. evo-compress: NSGA-II, default operators, `baseline` portfolio. "
+        "no constraints. evo-compress: NSGA-II, default operators (uniform crossover, gene "
+        "mutation), `baseline` portfolio; `+ expert`: the same with the rule-based `expert` "
+        "mutation beside `gene`, chances adapted by probability matching (the baseline the "
+        "LLM operators are judged against; no LLM is called here). "
         "pymoo: default `NSGA2(pop_size="
         f"{QUALITY_POP})` on the numeric encoding. Random: `space.sample` with duplicates "
         "drawn again. Every hypervolume is computed by the same function: the feasible "

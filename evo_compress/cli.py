@@ -179,7 +179,8 @@ def run(
     recipes: str | None = typer.Option(
         None,
         "--recipes",
-        help="First-generation seeds: baseline, conservative, aggressive, or a recipes YAML file.",
+        help="First-generation seeds: baseline, conservative, aggressive, a recipes YAML file, "
+        "or llm (asked of the config's first LLM operator, or `llm.seeder`).",
     ),
     generations: int | None = typer.Option(
         None, "--generations", min=1, help="Generations in total, the initial one included."
@@ -344,6 +345,15 @@ def status(run_dir: Path = typer.Argument(..., help="Run directory.")) -> None:
         console.print(
             f"evaluations: {info['evaluations']} ({statuses}; {sources})", highlight=False
         )
+        llm = info["llm"]
+        if llm is not None:
+            outcomes = ", ".join(f"{v} {k}" for k, v in sorted(llm["by_outcome"].items()))
+            cost = f", ${llm['cost']:.4f}" if llm["cost"] is not None else ""
+            console.print(
+                f"LLM requests: {llm['requests']} ({outcomes}); {llm['input_tokens']} input + "
+                f"{llm['output_tokens']} output tokens{cost}; {', '.join(llm['operators'])}",
+                highlight=False,
+            )
         if info["hypervolume"] is not None:
             console.print(
                 f"front: {info['front_size']} recipes, hypervolume {info['hypervolume']:.4f}",

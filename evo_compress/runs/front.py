@@ -84,6 +84,21 @@ def run_status(store: RunStore) -> dict[str, Any]:
     else:
         state = "stopped before its last generation (resume it)"
     last = checkpoints[-1].stats if checkpoints else {}
+    calls = store.llm_calls()
+    llm: dict[str, Any] | None = None
+    if calls:
+        outcomes: dict[str, int] = {}
+        for call in calls:
+            outcomes[call.outcome] = outcomes.get(call.outcome, 0) + 1
+        costs = [c.cost for c in calls if c.cost is not None]
+        llm = {
+            "requests": len(calls),
+            "input_tokens": sum(c.input_tokens for c in calls),
+            "output_tokens": sum(c.output_tokens for c in calls),
+            "cost": round(sum(costs), 6) if costs else None,
+            "by_outcome": outcomes,
+            "operators": sorted({c.operator for c in calls}),
+        }
     return {
         "name": store.get_meta("name"),
         "run_dir": str(store.run_dir),
@@ -94,6 +109,7 @@ def run_status(store: RunStore) -> dict[str, Any]:
         "evaluations": len(evaluations),
         "by_status": by_status,
         "by_source": by_source,
+        "llm": llm,
         "front_size": last.get("front_size"),
         "hypervolume": last.get("hypervolume"),
         "history": [
