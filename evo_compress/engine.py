@@ -396,7 +396,14 @@ class Search:
         rng: np.random.Generator = algorithm.random_state
         max_redraws = self.config.search.max_redraws
         taken = set(self._seen)
-        context = self._variation_context(self._generation)
+        # The front and measurements only matter to informed operators: skip the queries
+        # when no operator reads them.
+        informed = any(op.informed for op in (*self.crossovers, *self.mutations))
+        context = (
+            self._variation_context(self._generation)
+            if informed
+            else VariationContext(space=self.space, generation=self._generation)
+        )
         made: dict[int, _Child] = {}
         pending: list[tuple[int, _Pending]] = []
 
@@ -758,6 +765,9 @@ class Search:
         share of the front's hypervolume only it covers. The reward, (dominated + entered) / 2
         + share, feeds adaptive operator selection; an operator that fell back earns 0."""
         rows = []
+        # The hypervolume share costs one hypervolume per child on the front; it is worked
+        # out only when a selector has a choice to learn (recorded as null otherwise).
+        with_share = any(len(s) > 1 and s.method != "fixed" for s in self.selectors.values())
         front_ids = sorted(self._archive)
         front_F = np.array([self._archive[i] for i in front_ids]) if front_ids else None
         for ind in offspring if offspring is not None else []:
@@ -769,11 +779,14 @@ class Search:
             feasible = mine[1] <= 0
             dominated = feasible and any(_dominates(mine, p) for p in ind.get("parent_fitness"))
             entered = ident in self._archive
-            contribution = 0.0
-            if entered and front_F is not None and hv_total > 0:
-                others = front_F[[i != ident for i in front_ids]]
-                contribution = max(hv_total - self.hypervolume(others), 0.0)
-            share = contribution / hv_total if hv_total > 0 else 0.0
+            contribution: float | None = None
+            share = 0.0
+            if with_share:
+                contribution = 0.0
+                if entered and front_F is not None and hv_total > 0:
+                    others = front_F[[i != ident for i in front_ids]]
+                    contribution = max(hv_total - self.hypervolume(others), 0.0)
+                    share = contribution / hv_total
             reward = (float(dominated) + float(entered)) / 2 + share
             for kind, index, fell_back in credited:
                 self.selectors[kind].credit(index, 0.0 if fell_back else reward)

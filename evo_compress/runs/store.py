@@ -93,7 +93,8 @@ CREATE TABLE IF NOT EXISTS credits (
     feasible INTEGER NOT NULL,
     dominated_parent INTEGER NOT NULL,    -- it dominates (constrained) at least one parent
     entered_front INTEGER NOT NULL,       -- it is on the run's front after its generation
-    hv_contribution REAL NOT NULL,        -- hypervolume the front loses without it
+    hv_contribution REAL,                 -- hypervolume the front loses without it (null:
+                                          -- not worked out, no selector had a choice)
     reward REAL NOT NULL                  -- what adaptive operator selection was credited
 );
 """
