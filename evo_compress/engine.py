@@ -13,10 +13,11 @@ one numpy Generator, NSGA-III's ideal/nadir points) can be saved as plain data.
 
 from __future__ import annotations
 
+import functools
 import math
+import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -529,20 +530,10 @@ class Search:
         self.listener.message(
             f"generation {self._generation}: asking LLM operators for {len(asking)} children"
         )
-        pool = ThreadPoolExecutor(max_workers=min(self.config.llm.concurrency, len(asking)))
-        try:
-            futures = [pool.submit(j.op.run, j.job) for j in asking]  # type: ignore[attr-defined]
-            for future in futures:
-                future.result()
-        except Exception:
-            # Requests in flight finish (their timeouts bound the wait) and are recorded, so
-            # resume does not pay for them again.
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
-        except BaseException:  # Ctrl-C: do not wait for the provider
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-        pool.shutdown()
+        _run_concurrently(
+            [functools.partial(j.op.run, j.job) for j in asking],  # type: ignore[attr-defined]
+            self.config.llm.concurrency,
+        )
 
     def _variation_context(self, generation: int) -> VariationContext:
         reference = self.reference.objectives if self.reference is not None else None
@@ -989,6 +980,33 @@ class _Pending:
 
 
 # ---------------------------------------------------------------------- helpers
+def _run_concurrently(tasks: Sequence[Any], limit: int) -> None:
+    """Run ``tasks`` on at most ``limit`` threads and wait for all of them; then raise the
+    first error. Requests in flight when one fails still finish and are recorded, so resume
+    does not pay for them again. Daemon threads: Ctrl-C is not held up by a slow provider."""
+    errors: list[BaseException] = []
+    slots = threading.Semaphore(limit)
+
+    def work(task: Any) -> None:
+        try:
+            task()
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            slots.release()
+
+    threads = []
+    for task in tasks:
+        slots.acquire()
+        thread = threading.Thread(target=work, args=(task,), daemon=True)
+        thread.start()
+        threads.append(thread)
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
 def _fitness(ind: Any) -> tuple[np.ndarray, float]:
     return np.asarray(ind.get("F"), dtype=float), float(ind.get("CV")[0])
 

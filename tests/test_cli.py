@@ -245,3 +245,30 @@ def test_evaluate_reports_failures_and_bad_recipes(tmp_path):
     assert_one_line_error(bad, "`quant.method`", "awk")
     missing = cli("evaluate", "-c", config, "-r", "nothere.yaml", check=False)
     assert_one_line_error(missing, "nothere.yaml")
+
+
+def test_run_with_llm_operators_reports_requests_and_missing_keys(tmp_path):
+    from evo_compress.agents.testing_servers import FakeProviderServer, model_like
+
+    with FakeProviderServer(default=model_like()) as server:
+        local = {
+            "provider": "openai-compatible",
+            "base_url": server.base_url("openai-compatible"),
+            "model": "local-model",
+        }
+        remote = {"provider": "anthropic", "model": "claude", "api_key_env": "EVO_NO_SUCH_KEY"}
+        config = write_config(
+            tmp_path,
+            operators={
+                "crossover": [{"name": "uniform"}, {"name": "llm", "params": remote}],
+                "mutation": [{"name": "expert"}, {"name": "llm", "params": local}],
+            },
+        )
+        run_dir = tmp_path / "run"
+        out = cli("run", "--config", config, "--run-dir", run_dir, "--recipes", "llm")
+        assert "asking local-model for 6 first-generation recipes" in out.stdout
+        assert "no API key" in out.stdout and "EVO_NO_SUCH_KEY" in out.stdout
+        assert out.stdout.count("EVO_NO_SUCH_KEY") == 1  # said once
+        assert server.requests and all(r.wire == "openai" for r in server.requests)
+    status = cli("status", run_dir).stdout
+    assert f"LLM requests: {len(server.requests)}" in status and "valid" in status
