@@ -43,7 +43,8 @@ MIN_SECRET_FRAGMENT = 8  # scrub any piece of the key this long (masked echoes, 
 MAX_DETAIL_CHARS = 300  # of the provider's own error message, in ours
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_TRANSIENT_STATUSES = frozenset({408, 409, 425, 429})
+# Of the 4xx only rate limits (429) and request timeouts (408) are worth another try.
+_TRANSIENT_STATUSES = frozenset({408, 429})
 _STATUS_LABELS: dict[int, str] = {
     400: "bad request",
     401: "unauthorized",
@@ -307,7 +308,7 @@ def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
 
 
 def is_transient_status(status: int) -> bool:
-    """Rate limits, timeouts, conflicts and server errors (529: Anthropic overloaded)."""
+    """Rate limits, request timeouts and server errors (529: Anthropic overloaded)."""
     return status in _TRANSIENT_STATUSES or status >= 500
 
 
@@ -495,9 +496,10 @@ class LLMClient(ABC):
     ) -> ProviderError:
         lowered = {str(k).lower(): str(v) for k, v in (headers or {}).items()}
         transient = is_transient_status(status)
-        should_retry = lowered.get("x-should-retry")  # the providers' explicit override
-        if should_retry in ("true", "false"):
-            transient = should_retry == "true"
+        # A provider that says not to retry is obeyed; one that asks to retry a 4xx other
+        # than 429 or 408 is not (a malformed or refused request fails the same way again).
+        if lowered.get("x-should-retry") == "false":
+            transient = False
         label = _STATUS_LABELS.get(status, "error")
         detail = _truncate(self._scrub(detail))
         message = f"{self.provider}: HTTP {status} {label}" + (f": {detail}" if detail else "")

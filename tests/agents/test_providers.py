@@ -284,13 +284,19 @@ def test_anthropic_overloaded_529_is_retried(server: FakeProviderServer) -> None
     assert client_for(server, "anthropic", []).complete(SYSTEM, USER, SCHEMA).attempts == 2
 
 
-def test_x_should_retry_header_overrides_the_status(server: FakeProviderServer) -> None:
-    server.queue(Status(400, headers={"x-should-retry": "true"}), Reply("{}"))
-    assert client_for(server, "openai", []).complete(SYSTEM, USER, SCHEMA).attempts == 2
-    server.queue(Status(500, headers={"x-should-retry": "false"}))
+def test_x_should_retry_false_is_obeyed_but_no_other_4xx_is_retried(
+    server: FakeProviderServer,
+) -> None:
+    server.queue(Status(500, headers={"x-should-retry": "false"}), Reply("{}"))
     with pytest.raises(ProviderError) as caught:
         client_for(server, "openai", []).complete(SYSTEM, USER, SCHEMA)
-    assert not caught.value.transient and len(server.requests) == 3
+    assert not caught.value.transient and len(server.requests) == 1
+    for code in (400, 409, 422):
+        server.reset()
+        server.queue(Status(code, headers={"x-should-retry": "true"}), Reply("{}"))
+        with pytest.raises(ProviderError):
+            client_for(server, "openai", []).complete(SYSTEM, USER, SCHEMA)
+        assert len(server.requests) == 1
 
 
 @pytest.mark.parametrize("provider", ALL)
