@@ -114,6 +114,7 @@ class Search:
         self.retry_failed = retry_failed
         self.listener = listener or ProgressListener()
         self.fingerprint = evaluator.fingerprint()
+        evaluator.set_run_dir(store.run_dir)
         ops = config.search.operators
         self.crossovers: list[Crossover] = [
             make_crossover(s.name, space, s.params, f"search.operators.crossover[{i}]")

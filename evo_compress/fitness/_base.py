@@ -14,6 +14,7 @@ import traceback
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from evo_compress.config import CarbonConfig, HardwareConfig, ModelConfig
@@ -76,6 +77,12 @@ class Evaluator(ABC):
     def __init__(self, settings: Mapping[str, Any], context: EvaluationContext) -> None:
         self.settings = dict(settings)
         self.context = context
+        self.run_dir: Path | None = None
+
+    def set_run_dir(self, run_dir: Path | None) -> None:
+        """Where this run's own files go (a serving back end's logs). The search sets it
+        before the first evaluation; ``evaluate`` outside a run leaves it None."""
+        self.run_dir = run_dir
 
     @abstractmethod
     def capabilities(self) -> Mapping[str, Collection[Any] | None]:
@@ -180,6 +187,9 @@ class Evaluator(ABC):
 EVALUATORS: Registry[Evaluator] = Registry("evaluator")
 EVALUATORS.register("synthetic", "evo_compress.fitness.synthetic:SyntheticEvaluator")
 EVALUATORS.register("transformers", "evo_compress.fitness.hf.evaluator:TransformersEvaluator")
+EVALUATORS.register("vllm", "evo_compress.fitness.vllm.evaluator:VLLMEvaluator")
+# vLLM on a CUDA machine that has it, else transformers (a factory returning either).
+EVALUATORS.register("auto", "evo_compress.fitness.auto:make_auto_evaluator")
 
 
 def make_evaluator(

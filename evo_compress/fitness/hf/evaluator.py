@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from evo_compress.config import format_validation_error
+from evo_compress.config import ModelConfig, format_validation_error
 from evo_compress.exceptions import ConfigError, EvaluationError
 from evo_compress.fitness._base import EvaluationContext, EvaluationResult, Evaluator
 from evo_compress.fitness.worker import WorkerLimits, run_in_worker
@@ -162,24 +162,7 @@ class TransformersEvaluator(Evaluator):
         return data
 
     def _model_fingerprint(self) -> str:
-        """What identifies the weights: the reference model's training recipe, or a local
-        folder's config and weight files (names, sizes), or the hub id and revision."""
-        model = self.context.model
-        if model.id == REFERENCE_MODEL:
-            from evo_compress.reference import REFERENCE_VERSION
-
-            return f"reference:{REFERENCE_VERSION}"
-        folder = Path(model.id)
-        if folder.is_dir():
-            digest = hashlib.sha256()
-            for path in sorted(folder.iterdir()):
-                if path.is_file() and path.suffix in {".json", ".safetensors", ".bin", ".model"}:
-                    digest.update(path.name.encode())
-                    digest.update(str(path.stat().st_size).encode())
-                    if path.suffix == ".json":
-                        digest.update(path.read_bytes())
-            return f"folder:{digest.hexdigest()}"
-        return f"hub:{model.id}@{model.revision or 'main'}"
+        return model_fingerprint(self.context.model)
 
     # ------------------------------------------------------------------ preparation
     def prepare(self) -> None:
@@ -187,38 +170,12 @@ class TransformersEvaluator(Evaluator):
         Idempotent: a second call does nothing."""
         if self._model_path is not None and self._task is not None:
             return
-        from evo_compress.reference import (
-            default_cache_dir,
-            ensure_reference_model,
-            ensure_reference_task,
-            set_hf_cache_env,
+        self._model_path, self._task = prepare_model_and_task(
+            self.context.model,
+            self.config.task,
+            self.config.task_include_path,
+            self.config.calibration_file,
         )
-
-        cache_dir = default_cache_dir()
-        set_hf_cache_env(cache_dir)
-        model = self.context.model
-        if model.id == REFERENCE_MODEL:
-            self._model_path = ensure_reference_model(cache_dir, progress=True)
-        elif Path(model.id).is_dir():
-            self._model_path = Path(model.id).resolve()
-        else:
-            self._model_path = _download(model.id, model.revision)
-        if self.config.task == REFERENCE_TASK:
-            spec = ensure_reference_task(cache_dir)
-            self._task = {
-                "name": spec.name,
-                "include_path": str(spec.include_path),
-                # Calibration and recovery use the first few hundred; the worker gets no more.
-                "train_texts": list(spec.train_texts[:2048]),
-                "prompts": list(spec.prompts),
-            }
-        else:
-            self._task = {
-                "name": self.config.task,
-                "include_path": str(self.config.task_include_path or "") or None,
-                "train_texts": _read_lines(self.config.calibration_file),
-                "prompts": None,
-            }
 
     # ------------------------------------------------------------------ evaluation
     def _evaluate(self, recipe: Recipe) -> EvaluationResult:
@@ -240,6 +197,67 @@ class TransformersEvaluator(Evaluator):
         return run_in_worker(
             "evo_compress.fitness.hf.pipeline:evaluate_in_worker", payload, limits, _PRELOAD
         )
+
+
+def model_fingerprint(model: ModelConfig) -> str:
+    """What identifies the weights: the reference model's training recipe, or a local
+    folder's config and weight files (names, sizes), or the hub id and revision."""
+    if model.id == REFERENCE_MODEL:
+        from evo_compress.reference import REFERENCE_VERSION
+
+        return f"reference:{REFERENCE_VERSION}"
+    folder = Path(model.id)
+    if folder.is_dir():
+        digest = hashlib.sha256()
+        for path in sorted(folder.iterdir()):
+            if path.is_file() and path.suffix in {".json", ".safetensors", ".bin", ".model"}:
+                digest.update(path.name.encode())
+                digest.update(str(path.stat().st_size).encode())
+                if path.suffix == ".json":
+                    digest.update(path.read_bytes())
+        return f"folder:{digest.hexdigest()}"
+    return f"hub:{model.id}@{model.revision or 'main'}"
+
+
+def prepare_model_and_task(
+    model: ModelConfig,
+    task: str,
+    task_include_path: Path | None,
+    calibration_file: Path | None,
+) -> tuple[Path, dict[str, Any]]:
+    """The model folder (the reference model trained once per machine, a local folder, or
+    a hub download) and the task as plain data (name, include path, calibration and
+    training texts, latency prompts). Shared by the transformers and vLLM back ends."""
+    from evo_compress.reference import (
+        default_cache_dir,
+        ensure_reference_model,
+        ensure_reference_task,
+        set_hf_cache_env,
+    )
+
+    cache_dir = default_cache_dir()
+    set_hf_cache_env(cache_dir)
+    if model.id == REFERENCE_MODEL:
+        model_path = ensure_reference_model(cache_dir, progress=True)
+    elif Path(model.id).is_dir():
+        model_path = Path(model.id).resolve()
+    else:
+        model_path = _download(model.id, model.revision)
+    if task == REFERENCE_TASK:
+        spec = ensure_reference_task(cache_dir)
+        return model_path, {
+            "name": spec.name,
+            "include_path": str(spec.include_path),
+            # Calibration and recovery use the first few hundred; the worker gets no more.
+            "train_texts": list(spec.train_texts[:2048]),
+            "prompts": list(spec.prompts),
+        }
+    return model_path, {
+        "name": task,
+        "include_path": str(task_include_path or "") or None,
+        "train_texts": _read_lines(calibration_file),
+        "prompts": None,
+    }
 
 
 def _read_lines(path: Path | None) -> list[str] | None:
@@ -271,4 +289,11 @@ def json_safe(value: Any) -> Any:
     return json.loads(json.dumps(value, default=lambda o: getattr(o, "item", lambda: str(o))()))
 
 
-__all__ = ["TransformersEvaluator", "TransformersSettings", "cpu_name", "json_safe"]
+__all__ = [
+    "TransformersEvaluator",
+    "TransformersSettings",
+    "cpu_name",
+    "json_safe",
+    "model_fingerprint",
+    "prepare_model_and_task",
+]
