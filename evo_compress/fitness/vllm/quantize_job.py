@@ -1,0 +1,343 @@
+"""The quantization step before serving: llm-compressor quantizes a checkpoint into the
+compressed-tensors format that vLLM loads by itself.
+
+A standalone script, run with the vLLM environment's Python (never imported by the search,
+and it imports nothing from evo_compress)::
+
+    PYTHON quantize_job.py --input DIR --output DIR --scheme W4A16 --algorithm gptq \\
+        --group-size 128 --calibration FILE --samples 64 --max-seq-len 512 [--device cuda]
+
+Exit code 0 on success (``--output`` holds the model, its tokenizer and
+``evo_quantize.json``); on failure one clear line on stderr and exit code 1.
+
+Written against llm-compressor 0.14 (``oneshot``; ``QuantizationModifier`` /
+``GPTQModifier`` with ``config_groups``, ``scheme`` and ``ignore``; ``AWQModifier`` and
+``SmoothQuantModifier`` as transforms in ``llmcompressor.modifiers.transform`` that need a
+quantizing modifier after them). Older releases, where AWQ quantized by itself, are handled
+by ``build_recipe``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, NoReturn
+
+# scheme -> the algorithms that can produce it
+ALGORITHMS: dict[str, tuple[str, ...]] = {
+    "W4A16": ("rtn", "gptq", "awq"),  # int4 weights in groups, 16-bit activations
+    "W8A16": ("rtn", "gptq"),  # int8 weights per output channel, 16-bit activations
+    "W8A8": ("rtn", "gptq", "smoothquant-gptq"),  # int8 weights and dynamic int8 activations
+}
+NEEDS_CALIBRATION = ("gptq", "awq", "smoothquant-gptq")
+DEFAULT_GROUP_SIZE = 128  # llm-compressor's W4A16 preset
+IGNORE = ["lm_head"]  # the output head stays in 16 bits, as in llm-compressor's examples
+SMOOTHING_STRENGTH = 0.8  # llm-compressor's W8A8 int8 example
+MARKER = "evo_quantize.json"
+
+# Where each modifier lives, newest first (0.14 moved AWQ and SmoothQuant to transforms).
+_MODIFIER_MODULES: dict[str, tuple[str, ...]] = {
+    "QuantizationModifier": ("llmcompressor.modifiers.quantization",),
+    "GPTQModifier": ("llmcompressor.modifiers.gptq", "llmcompressor.modifiers.quantization"),
+    "AWQModifier": ("llmcompressor.modifiers.transform", "llmcompressor.modifiers.awq"),
+    "SmoothQuantModifier": (
+        "llmcompressor.modifiers.transform",
+        "llmcompressor.modifiers.smoothquant",
+    ),
+}
+
+
+class JobError(Exception):
+    """A failure with a one-line explanation for the caller's log."""
+
+
+# --------------------------------------------------------------------------- the recipe
+
+
+def check_scheme(scheme: str, algorithm: str, group_size: int | None) -> int | None:
+    """Validate the combination; returns the group size to use (None: per channel)."""
+    if scheme not in ALGORITHMS:
+        raise JobError(f"unknown --scheme {scheme!r}; expected one of {', '.join(ALGORITHMS)}")
+    if algorithm not in ALGORITHMS[scheme]:
+        raise JobError(
+            f"--algorithm {algorithm!r} cannot produce {scheme}; expected one of "
+            f"{', '.join(ALGORITHMS[scheme])}"
+        )
+    if scheme == "W4A16":
+        size = DEFAULT_GROUP_SIZE if group_size is None else group_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise JobError(f"--group-size must be a positive integer, got {group_size!r}")
+        return size
+    if group_size is not None:
+        raise JobError(
+            f"--group-size is for W4A16 only: {scheme} quantizes weights per output channel, "
+            f"got --group-size {group_size}"
+        )
+    return None
+
+
+def _quantization_kwargs(scheme: str, group_size: int | None) -> dict[str, Any]:
+    """The QuantizationMixin arguments (shared by QuantizationModifier and GPTQModifier)."""
+    if scheme == "W8A8":
+        # llm-compressor's preset: int8 per-channel weights, dynamic per-token activations.
+        return {"targets": ["Linear"], "scheme": "W8A8", "ignore": list(IGNORE)}
+    if scheme == "W4A16":
+        # The W4A16 preset with the chosen group size (presets are fixed at 128).
+        weights = {
+            "num_bits": 4,
+            "type": "int",
+            "symmetric": True,
+            "strategy": "group",
+            "group_size": group_size,
+            "dynamic": False,
+        }
+    else:  # W8A16, per output channel like torchao's int8 weight-only
+        weights = {
+            "num_bits": 8,
+            "type": "int",
+            "symmetric": True,
+            "strategy": "channel",
+            "dynamic": False,
+        }
+    return {
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}},
+        "ignore": list(IGNORE),
+    }
+
+
+def describe_recipe(scheme: str, algorithm: str, group_size: int | None) -> list[dict[str, Any]]:
+    """The llm-compressor recipe as plain data: ``[{"class": name, "kwargs": {...}}]``, in
+    the order oneshot applies them. Raises ``JobError`` for an invalid combination."""
+    size = check_scheme(scheme, algorithm, group_size)
+    quant = _quantization_kwargs(scheme, size)
+    if algorithm == "rtn":
+        return [{"class": "QuantizationModifier", "kwargs": quant}]
+    if algorithm == "gptq":
+        return [{"class": "GPTQModifier", "kwargs": quant}]
+    if algorithm == "awq":
+        # AWQ only rescales channels (mappings inferred from the architecture); the
+        # QuantizationModifier after it quantizes.
+        return [
+            {"class": "AWQModifier", "kwargs": {}},
+            {"class": "QuantizationModifier", "kwargs": quant},
+        ]
+    assert algorithm == "smoothquant-gptq", algorithm
+    return [
+        {"class": "SmoothQuantModifier", "kwargs": {"smoothing_strength": SMOOTHING_STRENGTH}},
+        {"class": "GPTQModifier", "kwargs": quant},
+    ]
+
+
+def _modifier_class(name: str) -> tuple[Any, str]:
+    for module_name in _MODIFIER_MODULES[name]:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        cls = getattr(module, name, None)
+        if cls is not None:
+            return cls, module_name
+    raise JobError(
+        f"this llm-compressor has no {name} (looked in {', '.join(_MODIFIER_MODULES[name])})"
+    )
+
+
+def build_recipe(scheme: str, algorithm: str, group_size: int | None) -> list[Any]:
+    """The modifier objects of ``describe_recipe``. Raises ``JobError`` when llm-compressor
+    is not installed."""
+    described = describe_recipe(scheme, algorithm, group_size)
+    _require_llmcompressor()
+    modifiers: list[Any] = []
+    pending_awq: dict[str, Any] | None = None  # an old, self-quantizing AWQModifier
+    for item in described:
+        cls, module_name = _modifier_class(item["class"])
+        kwargs = copy.deepcopy(item["kwargs"])
+        if item["class"] == "AWQModifier" and module_name.endswith(".awq"):
+            # Before the transform API, AWQModifier took the quantization arguments itself.
+            pending_awq = {"cls": cls, "kwargs": kwargs}
+            continue
+        if pending_awq is not None and item["class"] == "QuantizationModifier":
+            modifiers.append(pending_awq["cls"](**{**pending_awq["kwargs"], **kwargs}))
+            pending_awq = None
+            continue
+        modifiers.append(cls(**kwargs))
+    assert pending_awq is None
+    return modifiers
+
+
+def _require_llmcompressor() -> None:
+    try:
+        importlib.import_module("llmcompressor")
+    except ImportError as exc:
+        raise JobError(
+            f"llm-compressor is not installed in this environment ({sys.executable}): "
+            f"{exc}; install it next to vLLM (pip install llmcompressor)"
+        ) from None
+
+
+def llmcompressor_version() -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version("llmcompressor")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+# --------------------------------------------------------------------------- the job
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise JobError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="quantize_job.py",
+        description="Quantize a checkpoint with llm-compressor into compressed-tensors.",
+    )
+    p.add_argument("--input", required=True, type=Path, help="model folder to quantize")
+    p.add_argument("--output", required=True, type=Path, help="folder to write (new or empty)")
+    p.add_argument("--scheme", required=True, help=", ".join(ALGORITHMS))
+    p.add_argument("--algorithm", required=True, help="rtn, gptq, awq or smoothquant-gptq")
+    p.add_argument("--group-size", type=int, default=None, help="W4A16 group size (128)")
+    p.add_argument("--calibration", type=Path, default=None, help="text file, one sample a line")
+    p.add_argument("--samples", type=int, default=64, help="calibration samples to use")
+    p.add_argument("--max-seq-len", type=int, default=512, help="tokens per calibration sample")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    return p
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    args.group_size = check_scheme(args.scheme, args.algorithm, args.group_size)
+    if args.max_seq_len < 1:
+        raise JobError(f"--max-seq-len must be >= 1, got {args.max_seq_len}")
+    if args.algorithm in NEEDS_CALIBRATION:
+        if args.samples < 1:
+            raise JobError(
+                f"--algorithm {args.algorithm} needs --samples >= 1, got {args.samples}"
+            )
+        if args.calibration is None:
+            raise JobError(f"--algorithm {args.algorithm} needs calibration text: --calibration")
+        if not args.calibration.is_file():
+            raise JobError(f"--calibration {args.calibration} is not a file")
+    if not (args.input / "config.json").is_file():
+        raise JobError(f"--input {args.input} is not a model folder (no config.json)")
+    if args.output.exists() and (not args.output.is_dir() or any(args.output.iterdir())):
+        raise JobError(f"--output {args.output} exists and is not an empty folder")
+    if args.device not in ("auto", "cpu", "cuda") and not (
+        args.device.startswith("cuda:") and args.device[5:].isdigit()
+    ):
+        raise JobError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
+
+
+def _calibration_texts(path: Path, samples: int) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError as exc:
+        raise JobError(f"cannot read --calibration {path}: {exc.strerror}") from None
+    texts = [line.strip() for line in lines if line.strip()][:samples]
+    if not texts:
+        raise JobError(f"--calibration {path} has no non-empty lines")
+    return texts
+
+
+def _select_device(device: str) -> None:
+    """Restrict the visible GPUs before torch is imported (llm-compressor onloads layers to
+    the first visible device)."""
+    if device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    elif device.startswith("cuda:"):
+        os.environ["CUDA_VISIBLE_DEVICES"] = device[5:]
+
+
+def _dtype_kwargs(transformers_version: str) -> dict[str, str]:
+    parts = [int(p) for p in transformers_version.split(".")[:2] if p.isdigit()]
+    # `torch_dtype` was renamed `dtype` in transformers 4.56.
+    return {"dtype": "auto"} if tuple(parts) >= (4, 56) else {"torch_dtype": "auto"}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    started = time.perf_counter()
+    texts = (
+        _calibration_texts(args.calibration, args.samples)
+        if args.algorithm in NEEDS_CALIBRATION
+        else []
+    )
+    _select_device(args.device)
+    modifiers = build_recipe(args.scheme, args.algorithm, args.group_size)
+
+    import torch
+    import transformers
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise JobError(f"--device {args.device}, but torch sees no CUDA device")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(args.input), **_dtype_kwargs(transformers.__version__)
+    )
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(args.input))
+    oneshot_kwargs: dict[str, Any] = {"model": model, "tokenizer": tokenizer, "recipe": modifiers}
+    if texts:
+        from datasets import Dataset
+
+        encoded = [tokenizer(text, truncation=True, max_length=args.max_seq_len) for text in texts]
+        oneshot_kwargs.update(
+            dataset=Dataset.from_dict(
+                {
+                    "input_ids": [e["input_ids"] for e in encoded],
+                    "attention_mask": [e["attention_mask"] for e in encoded],
+                }
+            ),
+            num_calibration_samples=len(texts),
+            max_seq_length=args.max_seq_len,
+        )
+    from llmcompressor import oneshot
+
+    oneshot(**oneshot_kwargs)
+    args.output.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(args.output), save_compressed=True)
+    tokenizer.save_pretrained(str(args.output))
+    info = {
+        "scheme": args.scheme,
+        "algorithm": args.algorithm,
+        "group_size": args.group_size,
+        "samples": len(texts),
+        "max_seq_len": args.max_seq_len if texts else None,
+        "recipe": describe_recipe(args.scheme, args.algorithm, args.group_size),
+        "seconds": round(time.perf_counter() - started, 3),
+        "llmcompressor_version": llmcompressor_version(),
+    }
+    (args.output / MARKER).write_text(json.dumps(info, indent=1) + "\n")
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        _check_args(args)
+        info = run(args)
+    except JobError as exc:
+        print(f"quantize_job: error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a failure inside llm-compressor / transformers
+        traceback.print_exc()
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"quantize_job: error: {type(exc).__name__}: {message}", file=sys.stderr)
+        return 1
+    print(
+        f"quantize_job: wrote {info['scheme']} ({info['algorithm']}) to {args.output} "
+        f"in {info['seconds']:.1f} s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
