@@ -1,0 +1,431 @@
+"""Measurements against a running vLLM server through its OpenAI-compatible HTTP API.
+
+Streamed completions give time to first token and time per output token; ``/metrics`` gives
+the server's own Prometheus counters. Standard library only (``http.client`` and threads),
+so the search process measures a server that runs in any other environment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import math
+import re
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from evo_compress.exceptions import EvaluationError
+
+
+class ClientError(EvaluationError):
+    """A request to the server failed: an HTTP error, a broken stream or a timeout."""
+
+
+@dataclass(frozen=True)
+class RequestTiming:
+    """One streamed request. ``tpot_s`` is None when fewer than two tokens came back."""
+
+    ttft_s: float
+    tpot_s: float | None
+    output_tokens: int
+    total_s: float
+
+
+@dataclass(frozen=True)
+class LatencyReport:
+    """Medians and 95th percentiles over the measured requests (warm-up requests left out);
+    ``throughput_tok_s`` is every output token over the measured phase's wall time."""
+
+    requests: int
+    concurrency: int
+    output_tokens: int
+    wall_s: float
+    ttft_median_ms: float
+    ttft_p95_ms: float
+    tpot_median_ms: float
+    tpot_p95_ms: float
+    throughput_tok_s: float
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------- HTTP
+class _Endpoint:
+    """A base URL split for ``http.client`` (a path prefix, e.g. behind a proxy, is kept)."""
+
+    def __init__(self, base_url: str) -> None:
+        parts = urlsplit(base_url.rstrip("/"))
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"`base_url` must be an http(s) URL, got {base_url!r}")
+        self.base_url = base_url.rstrip("/")
+        self.scheme = parts.scheme
+        self.host = parts.hostname
+        self.port = parts.port
+        self.prefix = parts.path
+
+    def url(self, path: str) -> str:
+        return f"{self.base_url}{path}"
+
+    def connect(self, timeout_s: float) -> http.client.HTTPConnection:
+        kind = (
+            http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
+        )
+        return kind(self.host, self.port, timeout=timeout_s)
+
+
+def _error_message(body: bytes) -> str:
+    text = body.decode("utf-8", errors="replace").strip()
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return text[:500]
+    if isinstance(data, dict):
+        error = data.get("error", data)
+        if isinstance(error, dict) and "message" in error:
+            return str(error["message"])[:500]
+        if isinstance(data.get("message"), str):
+            return str(data["message"])[:500]
+    return text[:500]
+
+
+class _Call:
+    """One HTTP request whose failures all become ``ClientError`` naming method and URL."""
+
+    def __init__(
+        self,
+        endpoint: _Endpoint,
+        method: str,
+        path: str,
+        timeout_s: float,
+        payload: dict[str, Any] | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.method = method
+        self.path = path
+        self.url = endpoint.url(path)
+        self.timeout_s = timeout_s
+        self.payload = payload
+        self.connection: http.client.HTTPConnection | None = None
+
+    def fail(self, why: str) -> ClientError:
+        return ClientError(f"{self.method} {self.url}: {why}")
+
+    def open(self) -> http.client.HTTPResponse:
+        body = None if self.payload is None else json.dumps(self.payload).encode()
+        headers = {"Accept": "application/json, text/event-stream"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        self.connection = self.endpoint.connect(self.timeout_s)
+        try:
+            self.connection.request(
+                self.method, self.endpoint.prefix + self.path, body=body, headers=headers
+            )
+            response = self.connection.getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            self.close()
+            raise self.translate(exc) from exc
+        except BaseException:
+            self.close()
+            raise
+        if not 200 <= response.status < 300:
+            try:
+                detail = _error_message(response.read())
+            except (OSError, http.client.HTTPException):
+                detail = ""
+            self.close()
+            raise self.fail(f"HTTP {response.status} {response.reason}: {detail}".rstrip(": "))
+        return response
+
+    def translate(self, exc: OSError | http.client.HTTPException) -> ClientError:
+        if isinstance(exc, TimeoutError):
+            return self.fail(f"no response within {self.timeout_s:g}s")
+        return self.fail(f"{type(exc).__name__}: {exc}")
+
+    def read_all(self) -> bytes:
+        response = self.open()
+        try:
+            return response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise self.translate(exc) from exc
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
+
+
+def _json(call: _Call) -> Any:
+    body = call.read_all()
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise call.fail(f"the reply is not JSON: {body[:200]!r}") from None
+
+
+# ---------------------------------------------------------------------- completions
+def _events(call: _Call, deadline: float) -> Iterator[tuple[float, Any]]:
+    """(arrival time, decoded JSON) per server-sent event, until ``data: [DONE]``."""
+    response = call.open()
+    try:
+        while True:
+            if time.perf_counter() > deadline:
+                raise call.fail(f"the stream did not finish within {call.timeout_s:g}s")
+            line = response.readline()
+            now = time.perf_counter()
+            if not line:
+                raise call.fail("the stream ended before `data: [DONE]`")
+            text = line.decode("utf-8", errors="replace").strip()
+            if not text.startswith("data:"):
+                continue  # blank separators, comments, event names
+            data = text[5:].strip()
+            if data == "[DONE]":
+                # Read the stream's end, so that closing the socket does not reset it.
+                with contextlib.suppress(OSError, http.client.HTTPException):
+                    response.read()
+                return
+            try:
+                event = json.loads(data)
+            except ValueError:
+                raise call.fail(f"a stream event is not JSON: {data[:200]!r}") from None
+            if isinstance(event, dict) and "error" in event:
+                raise call.fail(f"the server reported an error: {_error_message(data.encode())}")
+            yield now, event
+    except (OSError, http.client.HTTPException) as exc:
+        raise call.translate(exc) from exc
+    finally:
+        call.close()
+
+
+def stream_completion(
+    base_url: str,
+    model: str,
+    prompt: str,
+    max_tokens: int,
+    timeout_s: float = 300.0,
+    ignore_eos: bool = True,
+) -> RequestTiming:
+    """One streamed greedy completion, timed. TTFT: from sending the request to the first
+    chunk with output (text, or an empty-text token chunk as vLLM sends for special tokens);
+    TPOT: from that chunk to the last, over (tokens - 1), where tokens is the usage figure the
+    server reports, or the number of output chunks if it reports none."""
+    payload = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": ignore_eos,
+    }
+    call = _Call(_Endpoint(base_url), "POST", "/v1/completions", timeout_s, payload)
+    start = time.perf_counter()
+    first = last = None
+    chunks = 0
+    usage_tokens: int | None = None
+    for now, event in _events(call, start + timeout_s):
+        if not isinstance(event, dict):
+            continue
+        usage = event.get("usage")
+        if isinstance(usage, dict) and usage.get("completion_tokens") is not None:
+            usage_tokens = int(usage["completion_tokens"])
+        for choice in event.get("choices") or []:
+            text = choice.get("text") or ""
+            # A chunk with text carries tokens; so does vLLM's empty-text chunk of a special
+            # token. An empty chunk that only announces the finish reason does not.
+            if text or choice.get("finish_reason") is None:
+                first = now if first is None else first
+                last = now
+                chunks += 1
+    total = time.perf_counter() - start
+    if first is None or last is None:
+        raise call.fail("the stream carried no output tokens")
+    tokens = usage_tokens if usage_tokens is not None else chunks
+    tpot = (last - first) / (tokens - 1) if tokens >= 2 else None
+    return RequestTiming(first - start, tpot, tokens, total)
+
+
+def complete(
+    base_url: str, model: str, prompt: str, max_tokens: int, timeout_s: float = 60.0
+) -> str:
+    """The text of one greedy, non-streamed completion."""
+    payload = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    call = _Call(_Endpoint(base_url), "POST", "/v1/completions", timeout_s, payload)
+    data = _json(call)
+    try:
+        return str(data["choices"][0]["text"])
+    except (KeyError, IndexError, TypeError):
+        raise call.fail(f"the reply has no choices[0].text: {str(data)[:200]}") from None
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    ordered = sorted(values)
+    if not ordered:
+        return math.nan
+    rank = (len(ordered) - 1) * q / 100.0
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def measure_latency(
+    base_url: str,
+    model: str,
+    prompts: Sequence[str],
+    max_tokens: int,
+    concurrency: int,
+    warmup: int = 2,
+    timeout_s: float = 300.0,
+) -> LatencyReport:
+    """Stream every prompt once with at most ``concurrency`` requests in flight, after
+    ``warmup`` uncounted requests (one at a time). EOS is ignored so each request produces
+    ``max_tokens`` tokens. Any failed request fails the measurement."""
+    if not prompts:
+        raise ValueError("`prompts` must not be empty")
+    if max_tokens < 2:
+        raise ValueError(f"`max_tokens` must be >= 2 to time output tokens, got {max_tokens}")
+    if concurrency < 1:
+        raise ValueError(f"`concurrency` must be >= 1, got {concurrency}")
+    if warmup < 0:
+        raise ValueError(f"`warmup` must be >= 0, got {warmup}")
+    for i in range(warmup):
+        stream_completion(base_url, model, prompts[i % len(prompts)], max_tokens, timeout_s)
+    pool = ThreadPoolExecutor(concurrency, thread_name_prefix="evo-latency")
+    try:
+        start = time.perf_counter()
+        futures = [
+            pool.submit(stream_completion, base_url, model, p, max_tokens, timeout_s)
+            for p in prompts
+        ]
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        wall = time.perf_counter() - start
+        for future in done:
+            error = future.exception()
+            if error is not None:
+                raise error
+        timings = [f.result() for f in futures]
+    finally:
+        # On a failure or an interrupt, queued requests are dropped and running ones are not
+        # waited for: they end with their timeout, or at once when the server stops.
+        pool.shutdown(wait=False, cancel_futures=True)
+    ttfts = [t.ttft_s * 1000.0 for t in timings]
+    tpots = [t.tpot_s * 1000.0 for t in timings if t.tpot_s is not None]
+    if not tpots:
+        raise ClientError(
+            f"POST {base_url.rstrip('/')}/v1/completions: no request returned two or more "
+            "tokens, so the time per output token cannot be measured"
+        )
+    tokens = sum(t.output_tokens for t in timings)
+    return LatencyReport(
+        requests=len(timings),
+        concurrency=concurrency,
+        output_tokens=tokens,
+        wall_s=wall,
+        ttft_median_ms=_percentile(ttfts, 50),
+        ttft_p95_ms=_percentile(ttfts, 95),
+        tpot_median_ms=_percentile(tpots, 50),
+        tpot_p95_ms=_percentile(tpots, 95),
+        throughput_tok_s=tokens / wall if wall > 0 else math.inf,
+    )
+
+
+# ---------------------------------------------------------------------- metrics
+_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+
+
+def _parse_labels(text: str, start: int) -> tuple[dict[str, str], int] | None:
+    """Labels from ``{`` at ``start``; returns them and the index after ``}``."""
+    labels: dict[str, str] = {}
+    i = start + 1
+    while True:
+        while i < len(text) and text[i] in " ,":
+            i += 1
+        if i < len(text) and text[i] == "}":
+            return labels, i + 1
+        match = _NAME.match(text, i)
+        if match is None:
+            return None
+        key = match.group()
+        i = match.end()
+        while i < len(text) and text[i] == " ":
+            i += 1
+        if text[i : i + 2] != '="':
+            return None
+        i += 2
+        value: list[str] = []
+        while i < len(text) and text[i] != '"':
+            if text[i] == "\\" and i + 1 < len(text):
+                i += 1
+                value.append({"n": "\n"}.get(text[i], text[i]))
+            else:
+                value.append(text[i])
+            i += 1
+        if i >= len(text):
+            return None
+        labels[key] = "".join(value)
+        i += 1
+
+
+def parse_metrics(text: str) -> dict[str, Any]:
+    """Prometheus text exposition -> one entry per metric name. Samples of a name are summed
+    over their label sets (several engines, finish reasons); ``*_info`` metrics give their
+    labels; histogram ``*_bucket`` samples give ``{le: cumulative count}``; ``*_created``
+    timestamps, comments and lines that do not parse are left out."""
+    out: dict[str, Any] = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = _NAME.match(line)
+        if match is None:
+            continue
+        name, i = match.group(), match.end()
+        labels: dict[str, str] = {}
+        if i < len(line) and line[i] == "{":
+            parsed = _parse_labels(line, i)
+            if parsed is None:
+                continue
+            labels, i = parsed
+        fields = line[i:].split()
+        if not fields or name.endswith("_created"):
+            continue
+        try:
+            value = float(fields[0])
+        except ValueError:
+            continue
+        if name.endswith("_info"):
+            out.setdefault(name, labels)
+        elif name.endswith("_bucket") and "le" in labels:
+            buckets = out.setdefault(name, {})
+            if isinstance(buckets, dict):
+                buckets[labels["le"]] = buckets.get(labels["le"], 0.0) + value
+        else:
+            previous = out.get(name, 0.0)
+            out[name] = (previous if isinstance(previous, float) else 0.0) + value
+    return out
+
+
+def scrape_metrics(base_url: str, timeout_s: float = 10.0) -> dict[str, Any]:
+    """The server's ``/metrics``, parsed by ``parse_metrics``."""
+    call = _Call(_Endpoint(base_url), "GET", "/metrics", timeout_s)
+    return parse_metrics(call.read_all().decode("utf-8", errors="replace"))
+
+
+__all__ = [
+    "ClientError",
+    "LatencyReport",
+    "RequestTiming",
+    "complete",
+    "measure_latency",
+    "parse_metrics",
+    "scrape_metrics",
+    "stream_completion",
+]
