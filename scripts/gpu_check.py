@@ -7,14 +7,21 @@
    (latency, memory and energy do not depend on weight values; accuracy is meaningless and
    printed only to show the path ran), each in its own worker process like a search does.
 
-Exit code 0 only when everything ran; without a GPU it says so and exits 1. Record the
-printed table, with the GPU's name, in BENCHMARKS.md.
+3. The vLLM back end, when vLLM is installed (its `vllm serve` on PATH, or the command in
+   EVO_VLLM_COMMAND, e.g. "/opt/vllm-env/bin/vllm serve"): baseline, fp8 and an fp8 KV
+   cache served by vLLM and measured through its API. Without vLLM this part says so and is
+   skipped (the device machines have no vLLM).
+
+Exit code 0 only when everything that could run ran; without a GPU it says so and exits 1.
+Record the printed table, with the GPU's name, in BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -73,54 +80,99 @@ def build_model(folder: Path) -> None:
     )
 
 
-def check_back_end() -> bool:
+VLLM_RECIPES = {
+    "baseline": {},
+    "fp8": {"quant": {"method": "fp8"}},
+    "kv-fp8": {"kv": {"dtype": "fp8"}},
+}
+
+
+def check_vllm(folder: Path) -> bool | None:
+    """The vLLM back end on the same model; None when vLLM is not installed here."""
+    from evo_compress.config import CarbonConfig, HardwareConfig, ModelConfig
+    from evo_compress.fitness import EvaluationContext, make_evaluator
+    from evo_compress.genomes import SearchSpace
+
+    command = os.environ.get("EVO_VLLM_COMMAND", "vllm serve")
+    if shutil.which(shlex.split(command)[0]) is None:
+        print(f"vLLM: `{command}` not found here; the vLLM back end was not checked")
+        return None
+    space = SearchSpace.builtin()
+    context = EvaluationContext(
+        ModelConfig(id=str(folder), dtype="bfloat16"),
+        HardwareConfig(device="cuda"),
+        CarbonConfig(),
+    )
+    settings = {"command": command, "limit": 32, "latency_requests": 32, "max_new_tokens": 32}
+    evaluator = make_evaluator("vllm", settings, context)
+    evaluator.prepare()
+    ok = True
+    print(f"vLLM back end ({command}):")
+    for name, data in VLLM_RECIPES.items():
+        recipe = space.recipe({**data, "serve": {"max_num_seqs": 16}})
+        result = evaluator.evaluate(recipe, space)
+        if result.ok and result.objectives:
+            o = result.objectives
+            print(
+                f"{name:<10} {'ok':<8} {o['accuracy']:>6.3f} {o['latency']:>8.3f} "
+                f"{o['memory']:>9.0f} {o['energy']:>9.2f}  {result.metadata.get('vllm_version')}"
+            )
+        else:
+            ok = False
+            print(f"{name:<10} {result.status:<8} {result.reason}")
+    return ok
+
+
+def check_back_end(folder: Path) -> bool:
     from evo_compress.config import CarbonConfig, HardwareConfig, ModelConfig
     from evo_compress.fitness import EvaluationContext, make_evaluator
     from evo_compress.genomes import SearchSpace
 
     space = SearchSpace.builtin()
     ok = True
-    with tempfile.TemporaryDirectory(prefix="evo-gpu-check-") as tmp:
-        folder = Path(tmp) / "llama-1b-random"
-        build_model(folder)
-        context = EvaluationContext(
-            ModelConfig(id=str(folder), dtype="bfloat16"),
-            HardwareConfig(device="cuda"),
-            CarbonConfig(),
-        )
-        settings = {"limit": 32, "threads": 4, "latency_prompts": 32, "max_new_tokens": 16}
-        evaluator = make_evaluator("transformers", settings, context)
-        evaluator.prepare()
-        header = f"{'recipe':<10} {'status':<8} {'acc':>6} {'ms/tok':>8} {'MiB':>9} {'J/1k':>9}"
-        print(header)
-        rows = {}
-        for name, data in RECIPES.items():
-            recipe = space.recipe({**data, "serve": {"max_num_seqs": 16}})
-            result = evaluator.evaluate(recipe, space)
-            rows[name] = {
-                "status": result.status,
-                "objectives": result.objectives,
-                "reason": result.reason,
-            }
-            if result.ok and result.objectives:
-                o = result.objectives
-                print(
-                    f"{name:<10} {'ok':<8} {o['accuracy']:>6.3f} {o['latency']:>8.3f} "
-                    f"{o['memory']:>9.0f} {o['energy']:>9.2f}"
-                )
-            else:
-                ok = False
-                print(f"{name:<10} {result.status:<8} {result.reason}")
-        out = os.environ.get("OUT")
-        if out:
-            Path(out, "gpu_check.json").write_text(json.dumps(rows, indent=2))
+    context = EvaluationContext(
+        ModelConfig(id=str(folder), dtype="bfloat16"),
+        HardwareConfig(device="cuda"),
+        CarbonConfig(),
+    )
+    settings = {"limit": 32, "threads": 4, "latency_prompts": 32, "max_new_tokens": 16}
+    evaluator = make_evaluator("transformers", settings, context)
+    evaluator.prepare()
+    header = f"{'recipe':<10} {'status':<8} {'acc':>6} {'ms/tok':>8} {'MiB':>9} {'J/1k':>9}"
+    print(header)
+    rows = {}
+    for name, data in RECIPES.items():
+        recipe = space.recipe({**data, "serve": {"max_num_seqs": 16}})
+        result = evaluator.evaluate(recipe, space)
+        rows[name] = {
+            "status": result.status,
+            "objectives": result.objectives,
+            "reason": result.reason,
+        }
+        if result.ok and result.objectives:
+            o = result.objectives
+            print(
+                f"{name:<10} {'ok':<8} {o['accuracy']:>6.3f} {o['latency']:>8.3f} "
+                f"{o['memory']:>9.0f} {o['energy']:>9.2f}"
+            )
+        else:
+            ok = False
+            print(f"{name:<10} {result.status:<8} {result.reason}")
+    out = os.environ.get("OUT")
+    if out:
+        Path(out, "gpu_check.json").write_text(json.dumps(rows, indent=2))
     return ok
 
 
 def main() -> int:
     if not check_environment():
         return 1
-    ok = check_back_end()
+    with tempfile.TemporaryDirectory(prefix="evo-gpu-check-") as tmp:
+        folder = Path(tmp) / "llama-1b-random"
+        build_model(folder)
+        ok = check_back_end(folder)
+        vllm_ok = check_vllm(folder)
+    ok = ok and vllm_ok is not False
     print("gpu-check:", "PASS" if ok else "FAIL")
     return 0 if ok else 1
 

@@ -1,0 +1,554 @@
+"""The vLLM back end: a recipe is compressed into a checkpoint vLLM can load, served by a
+separate ``vllm serve`` process, and measured through its OpenAI-compatible API.
+
+Where each step lives: ``compile.py`` turns a recipe into engine arguments and the weight
+changes to make (or says why vLLM cannot serve it); ``checkpoint.py`` builds and caches the
+checkpoint; ``server.py`` runs the server (own process group, health wait, no orphans);
+``client.py`` measures latency and reads ``/metrics``; ``accuracy.py`` runs lm-eval against
+the server. The search process never imports vllm: it may live in another environment (see
+``command`` and ``python``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import threading
+import time
+from collections.abc import Collection, Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from evo_compress.config import format_validation_error
+from evo_compress.exceptions import ConfigError, EvaluationError
+from evo_compress.fitness._base import EvaluationContext, EvaluationResult, Evaluator
+from evo_compress.fitness.energy import (
+    EnergyMeter,
+    EnergyResult,
+    amortised_co2_per_1k,
+    co2_grams,
+)
+from evo_compress.fitness.hf.evaluator import (
+    REFERENCE_MODEL,
+    REFERENCE_TASK,
+    cpu_name,
+    model_fingerprint,
+    prepare_model_and_task,
+)
+from evo_compress.fitness.vllm.compile import (
+    VLLMCapabilities,
+    capabilities,
+    compile_recipe,
+    unsupported_reason,
+)
+from evo_compress.genomes import Recipe, SearchSpace
+
+DEFAULT_VERSION = "0.33.0"  # assumed when the serving environment cannot be asked
+SERVED_NAME = "evo-compress"
+
+
+class VLLMSettings(BaseModel):
+    """``evaluator.settings`` of the vLLM back end (docs/config.md lists them)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    command: tuple[str, ...] = Field(
+        ("vllm", "serve"), description="The serve command (a string is split like a shell)"
+    )
+    python: str | None = Field(
+        None, description="Python of the vLLM environment, for the llm-compressor step"
+    )
+    vllm_version: str | None = Field(None, description="Default: asked of the command")
+    env: dict[str, str] = Field(default_factory=dict, description="Extra server environment")
+    extra_args: tuple[str, ...] = Field((), description="More engine arguments, verbatim")
+    task: str = Field(REFERENCE_TASK, description="lm-eval task name, or `reference`")
+    task_include_path: Path | None = None
+    limit: int | None = Field(None, ge=1)
+    calibration_file: Path | None = None
+    calibration_samples: int = Field(64, ge=1)
+    recovery_lr: float = Field(1e-3, gt=0)
+    recovery_batch_size: int = Field(16, ge=1)
+    latency_requests: int = Field(32, ge=1, description="Measured requests per evaluation")
+    max_new_tokens: int = Field(64, ge=1, description="Output tokens per latency request")
+    concurrency: int | None = Field(
+        None, ge=1, description="Requests in flight (default: serve.max_num_seqs, capped)"
+    )
+    warmup_requests: int = Field(2, ge=0)
+    startup_timeout_s: float = Field(900.0, gt=0)
+    request_timeout_s: float = Field(300.0, gt=0)
+    build_timeout_s: float = Field(3600.0, gt=0)
+    checkpoint_dir: Path | None = Field(
+        None, description="Compressed checkpoints (default: the project cache)"
+    )
+    threads: int = Field(2, ge=1, description="torch threads while building checkpoints")
+    watts_per_core: float = Field(15.0, gt=0)
+    seed: int = Field(0, ge=0)
+
+    @field_validator("command", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = tuple(shlex.split(value))
+        if isinstance(value, (list, tuple)) and not value:
+            raise ValueError("must name a program")
+        return value
+
+
+class VLLMEvaluator(Evaluator):
+    """Serves each recipe with vLLM and measures it through the OpenAI-compatible API."""
+
+    name: ClassVar[str] = "vllm"
+
+    def __init__(self, settings: Mapping[str, Any], context: EvaluationContext) -> None:
+        super().__init__(settings, context)
+        try:
+            self.config = VLLMSettings.model_validate(dict(settings))
+        except ValidationError as exc:
+            message = format_validation_error(exc, "", prefix="evaluator.settings.")
+            raise ConfigError(message.removeprefix(": ")) from None
+        if context.model.id == REFERENCE_MODEL and self.config.task != REFERENCE_TASK:
+            raise ConfigError(
+                "`evaluator.settings.task`: the reference model only knows the `reference` "
+                f"task, got `{self.config.task}`"
+            )
+        self._caps: VLLMCapabilities | None = None
+        self._gpu: dict[str, Any] | None = None
+        self._model_path: Path | None = None
+        self._task: dict[str, Any] | None = None
+        self._defaults: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ environment
+    @property
+    def device(self) -> str:
+        wanted = self.context.hardware.device
+        if wanted == "auto":
+            wanted = "cuda" if self.gpu["name"] is not None else "cpu"
+        return wanted
+
+    @property
+    def gpu(self) -> dict[str, Any]:
+        """Name and compute capability of the GPU the server will use (None: none seen)."""
+        if self._gpu is None:
+            info: dict[str, Any] = {"name": None, "capability": None}
+            try:
+                import torch
+
+                if torch.cuda.is_available():
+                    index = _cuda_index(self.context.hardware.device)
+                    info["name"] = torch.cuda.get_device_name(index)
+                    info["capability"] = tuple(torch.cuda.get_device_capability(index))
+            except Exception:  # no torch or no driver: a stand-in server on the CPU
+                pass
+            self._gpu = info
+        return self._gpu
+
+    @property
+    def caps(self) -> VLLMCapabilities:
+        if self._caps is None:
+            version = self.config.vllm_version or probe_version(self.config.command)
+            self._caps = VLLMCapabilities(
+                version=VLLMCapabilities.parse_version(version or DEFAULT_VERSION),
+                compute_capability=self.gpu["capability"],
+                quantizer=self.config.python is not None,
+                sliding_window_model=_has_sliding_window(self.context.model.id),
+            )
+        return self._caps
+
+    def capabilities(self) -> Mapping[str, Collection[Any] | None]:
+        caps = dict(capabilities(self.caps))
+        # QLoRA's adapters are trained on an nf4 base; its checkpoint is not built here yet.
+        recovery = caps.get("recovery.method")
+        methods = recovery if recovery is not None else ("none", "lora", "qlora", "distill")
+        caps["recovery.method"] = [m for m in methods if m != "qlora"]
+        return caps
+
+    def infeasible_reason(self, recipe: Recipe, space: SearchSpace) -> str | None:
+        # A custom space's genes are servable at their defaults: remember them for compile.
+        self._defaults = {name: gene.default for name, gene in space.genes.items()}
+        # vLLM's own reason first: it says why (e.g. no bitsandbytes loader in this version).
+        return unsupported_reason(
+            dict(recipe), self.caps, defaults=self._defaults
+        ) or super().infeasible_reason(recipe, space)
+
+    def fingerprint_data(self) -> dict[str, Any]:
+        data = super().fingerprint_data()
+        data["settings"] = self.config.model_dump(
+            mode="json",
+            exclude={
+                "startup_timeout_s",
+                "request_timeout_s",
+                "build_timeout_s",
+                "checkpoint_dir",
+            },
+        )
+        data["model_content"] = model_fingerprint(self.context.model)
+        data["serving"] = {
+            "vllm_version": ".".join(map(str, self.caps.version)),
+            "gpu": self.gpu["name"],
+            "cpu": cpu_name(),
+        }
+        return data
+
+    # ------------------------------------------------------------------ preparation
+    def prepare(self) -> None:
+        if self._model_path is not None and self._task is not None:
+            return
+        self._model_path, self._task = prepare_model_and_task(
+            self.context.model,
+            self.config.task,
+            self.config.task_include_path,
+            self.config.calibration_file,
+        )
+
+    # ------------------------------------------------------------------ evaluation
+    def _evaluate(self, recipe: Recipe) -> EvaluationResult:
+        from evo_compress.fitness.vllm.checkpoint import ensure_checkpoint
+        from evo_compress.reference import default_cache_dir
+
+        self.prepare()
+        assert self._model_path is not None and self._task is not None
+        started = time.perf_counter()
+        plan = compile_recipe(dict(recipe), self.caps, defaults=self._defaults)
+        settings = self.config.model_dump(mode="json")
+        checkpoint = ensure_checkpoint(
+            plan,
+            model_path=self._model_path,
+            model_fingerprint=model_fingerprint(self.context.model),
+            cache_root=self.config.checkpoint_dir or default_cache_dir() / "vllm-checkpoints",
+            device=self.device,
+            dtype=self.context.model.dtype,
+            task=self._task,
+            settings=settings,
+            python=self.config.python,
+        )
+        args = (*plan.engine_args, "--seed", str(self.config.seed), *self.config.extra_args)
+        log_dir = (self.run_dir or default_cache_dir()) / "logs"
+        measured = self._serve_and_measure(recipe, checkpoint.path, args, plan.env, log_dir)
+        return self._result(recipe, plan, checkpoint, args, measured, started)
+
+    def _serve_and_measure(
+        self,
+        recipe: Recipe,
+        model: Path,
+        args: tuple[str, ...],
+        env: Mapping[str, str],
+        log_dir: Path,
+    ) -> dict[str, Any]:
+        from evo_compress.fitness.vllm.client import ClientError
+        from evo_compress.fitness.vllm.server import ServerSpec, VLLMServer
+
+        settings = self.config
+        task = self._task or {}
+        prompts = _latency_prompts(task, settings.latency_requests)
+        max_num_seqs = int(recipe.get("serve.max_num_seqs", 32))
+        concurrency = settings.concurrency or min(max_num_seqs, settings.latency_requests)
+        spec = ServerSpec(
+            command=tuple(settings.command),
+            model=str(model),
+            args=args,
+            env={**settings.env, **env},
+            served_model_name=SERVED_NAME,
+        )
+        log_path = log_dir / f"vllm-{recipe.short_hash}-{int(time.time())}.log"
+        memory = _MemorySampler(self.device)
+        memory.baseline()
+        server = VLLMServer(spec, log_path, startup_timeout_s=settings.startup_timeout_s)
+        try:
+            with server:
+                return self._measure(server, model, prompts, concurrency, memory, log_path)
+        except ClientError as exc:
+            if not server.alive():
+                raise EvaluationError(
+                    f"the vLLM server died while being measured ({exc}); last lines of "
+                    f"{log_path}: {server.log_tail(8)}"
+                ) from None
+            raise
+
+    def _measure(
+        self,
+        server: Any,
+        model: Path,
+        prompts: list[str],
+        concurrency: int,
+        memory: _MemorySampler,
+        log_path: Path,
+    ) -> dict[str, Any]:
+        from evo_compress.fitness.vllm.accuracy import measure_server_accuracy
+        from evo_compress.fitness.vllm.client import measure_latency, scrape_metrics
+
+        settings = self.config
+        task = self._task or {}
+        memory.watch(server.pid)
+        cpu_before = _tree_cpu_seconds(server.pid)
+        with EnergyMeter(self.device, watts_per_core=settings.watts_per_core) as meter:
+            latency = measure_latency(
+                server.base_url,
+                SERVED_NAME,
+                prompts,
+                max_tokens=settings.max_new_tokens,
+                concurrency=concurrency,
+                warmup=settings.warmup_requests,
+                timeout_s=settings.request_timeout_s,
+            )
+        cpu_serving = _tree_cpu_seconds(server.pid) - cpu_before
+        metrics = scrape_metrics(server.base_url)
+        accuracy = measure_server_accuracy(
+            server.base_url,
+            SERVED_NAME,
+            model,
+            str(task.get("name")),
+            Path(task["include_path"]) if task.get("include_path") else None,
+            limit=settings.limit,
+            concurrency=min(concurrency, 8),
+            timeout_s=settings.request_timeout_s,
+        )
+        peak = memory.stop()
+        energy = meter.result
+        if energy.method == "cpu-time-estimate":
+            # The server is another process: estimate from its CPU time, not ours.
+            energy = EnergyResult(
+                cpu_serving * settings.watts_per_core,
+                energy.seconds,
+                energy.method,
+                False,
+                {"cpu_seconds": cpu_serving, "watts_per_core": settings.watts_per_core},
+            )
+        return {
+            "latency": latency,
+            "metrics": metrics,
+            "accuracy": accuracy,
+            "memory": peak,
+            "energy": energy,
+            "log": str(log_path),
+            "concurrency": concurrency,
+        }
+
+    def _result(
+        self,
+        recipe: Recipe,
+        plan: Any,
+        checkpoint: Any,
+        args: tuple[str, ...],
+        measured: dict[str, Any],
+        started: float,
+    ) -> EvaluationResult:
+        latency = measured["latency"]
+        energy: EnergyResult = measured["energy"]
+        carbon = self.context.carbon
+        tokens = float(latency.output_tokens)
+        energy_per_1k = energy.joules / tokens * 1000.0
+        co2_serving = co2_grams(energy_per_1k, carbon.grid_intensity_g_per_kwh)
+        co2_once = amortised_co2_per_1k(
+            checkpoint.energy_joules, carbon.grid_intensity_g_per_kwh, carbon.deployment_tokens
+        )
+        memory = measured["memory"]
+        objectives = {
+            "accuracy": float(measured["accuracy"]["accuracy"]),
+            "latency": float(latency.tpot_median_ms),
+            "memory": float(memory["mib"]),
+            "energy": energy_per_1k,
+            "co2": co2_serving + co2_once,
+        }
+        energy_how = {
+            "nvml": "NVML total-energy counter of the GPU over the latency run",
+            "rapl": "RAPL package counters over the latency run",
+            "cpu-time-estimate": (
+                f"estimated: the server's CPU time x {self.config.watts_per_core} W per core "
+                "(no power counter readable)"
+            ),
+        }[energy.method]
+        metadata = {
+            "evaluator": "vllm",
+            "device": self.device,
+            "vllm_version": ".".join(map(str, self.caps.version)),
+            "gpu": self.gpu["name"],
+            "command": list(self.config.command),
+            "engine_args": list(args),
+            "notes": list(plan.notes),
+            "checkpoint": {
+                "key": checkpoint.key,
+                "path": str(checkpoint.path),
+                "reused": checkpoint.reused,
+                "steps": checkpoint.info.get("steps", []),
+            },
+            "objectives": {
+                "accuracy": {
+                    "how": f"lm-eval `{measured['accuracy']['task']}` "
+                    f"{measured['accuracy']['metric']} against the server (local-completions)",
+                    "measured": True,
+                    "n": measured["accuracy"]["n"],
+                    "stderr": measured["accuracy"]["stderr"],
+                },
+                "latency": {
+                    "how": "median time per output token of streamed completions, "
+                    f"{latency.requests} requests at concurrency {latency.concurrency}",
+                    "measured": True,
+                    **latency.to_json(),
+                },
+                "memory": {"measured": True, **memory},
+                "energy": {
+                    "how": energy_how,
+                    "measured": energy.measured,
+                    "joules": energy.joules,
+                    "tokens": tokens,
+                },
+                "co2": {
+                    "how": "energy x grid intensity + one-time compression CO2 amortised "
+                    f"over {carbon.deployment_tokens:g} tokens",
+                    "measured": energy.measured and checkpoint.energy_measured,
+                    "serving_g_per_1k": co2_serving,
+                    "compression_g_per_1k": co2_once,
+                },
+            },
+            "server_metrics": measured["metrics"],
+            "server_log": measured["log"],
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        return EvaluationResult.success(objectives, json.loads(json.dumps(metadata, default=str)))
+
+
+# ---------------------------------------------------------------------- helpers
+def probe_version(command: tuple[str, ...], timeout_s: float = 120.0) -> str | None:
+    """Ask the serving environment its vLLM version (``vllm --version``); None if it cannot
+    say (a container wrapper, a stand-in server)."""
+    program = list(command[:-1]) if command and command[-1] == "serve" else list(command)
+    try:
+        proc = subprocess.run(
+            [*program, "--version"], capture_output=True, text=True, timeout=timeout_s
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for line in (proc.stdout + "\n" + proc.stderr).splitlines():
+        try:
+            VLLMCapabilities.parse_version(line.strip())
+            return line.strip()
+        except ValueError:
+            continue
+    return None
+
+
+def _cuda_index(device: str) -> int:
+    return int(device.split(":", 1)[1]) if device.startswith("cuda:") else 0
+
+
+def _has_sliding_window(model_id: str) -> bool:
+    """Whether the model's config defines sliding-window attention (Mistral, Qwen2, ...)."""
+    config = Path(model_id) / "config.json"
+    try:
+        return "sliding_window" in json.loads(config.read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def _latency_prompts(task: Mapping[str, Any], count: int) -> list[str]:
+    pool = list(task.get("prompts") or [])
+    if not pool:
+        pool = [t[: max(1, len(t) // 2)] for t in (task.get("train_texts") or [])[:64]]
+    if not pool:
+        raise EvaluationError(
+            "no prompts for the latency measurement: set `evaluator.settings.calibration_file`"
+        )
+    return [pool[i % len(pool)] for i in range(count)]
+
+
+def _tree(root: int | None) -> list[int]:
+    """``root`` and every process below it (Linux /proc)."""
+    if root is None:
+        return []
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def _tree_cpu_seconds(root: int | None) -> float:
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in _tree(root):
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
+class _MemorySampler:
+    """Peak memory while serving: the GPU's used memory (NVML) minus what was used before
+    the server started; without a GPU, the server processes' resident memory."""
+
+    def __init__(self, device: str, interval_s: float = 0.2) -> None:
+        self.device = device
+        self.interval_s = interval_s
+        self._nvml: Any = None
+        self._base = 0.0
+        self._peak = 0.0
+        self._pid: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if device.startswith("cuda"):
+            try:
+                import pynvml
+
+                pynvml.nvmlInit()
+                self._nvml = (pynvml, pynvml.nvmlDeviceGetHandleByIndex(_cuda_index(device)))
+            except Exception:
+                self._nvml = None
+
+    def _read(self) -> float:
+        if self._nvml is not None:
+            pynvml, handle = self._nvml
+            return float(pynvml.nvmlDeviceGetMemoryInfo(handle).used) / 2**20
+        from evo_compress.fitness.worker import rss_mib
+
+        return sum(rss_mib(pid) or 0.0 for pid in _tree(self._pid))
+
+    def baseline(self) -> None:
+        self._base = self._read() if self._nvml is not None else 0.0
+
+    def watch(self, pid: int | None) -> None:
+        self._pid = pid
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._peak = max(self._peak, self._read())
+            self._stop.wait(self.interval_s)
+
+    def stop(self) -> dict[str, Any]:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._peak = max(self._peak, self._read())
+        if self._nvml is not None:
+            return {
+                "mib": max(self._peak - self._base, 0.0),
+                "how": "peak GPU memory used while serving (NVML) minus the GPU's use "
+                "before the server started",
+                "gpu_used_before_mib": self._base,
+            }
+        return {
+            "mib": self._peak,
+            "how": "peak resident memory of the server processes (no GPU)",
+        }
+
+
+__all__ = ["VLLMEvaluator", "VLLMSettings", "probe_version"]

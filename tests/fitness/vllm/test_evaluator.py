@@ -1,0 +1,165 @@
+"""The vLLM evaluator end to end on the CPU: the reference model, checkpoints built and
+cached, served by the stand-in server (transformers behind vLLM's API), measured through the
+same client and lm-eval path a real vLLM server gets."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from evo_compress.config import CarbonConfig, HardwareConfig, ModelConfig
+from evo_compress.exceptions import ConfigError
+from evo_compress.fitness import EVALUATORS, EvaluationContext
+from evo_compress.fitness.vllm.evaluator import VLLMEvaluator, probe_version
+from evo_compress.genomes import SearchSpace
+
+STANDIN = [sys.executable, "-m", "evo_compress.fitness.vllm.testing_server"]
+SPACE = SearchSpace.builtin()
+
+
+def evaluator(tmp_path: Path, device: str = "cpu", **settings: object) -> VLLMEvaluator:
+    context = EvaluationContext(
+        ModelConfig(id="reference"), HardwareConfig(device=device), CarbonConfig()
+    )
+    base = {
+        "command": STANDIN,
+        "vllm_version": "0.33.0",
+        "latency_requests": 4,
+        "max_new_tokens": 4,
+        "warmup_requests": 1,
+        "limit": 12,
+        "startup_timeout_s": 120,
+        "checkpoint_dir": str(tmp_path / "ckpt"),
+        "threads": 1,
+    }
+    ev = EVALUATORS.get("vllm")(base | settings, context)
+    assert isinstance(ev, VLLMEvaluator)
+    ev.set_run_dir(tmp_path / "run")
+    return ev
+
+
+def test_settings_are_validated_with_the_field_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"evaluator\.settings\.latency_requests"):
+        evaluator(tmp_path, latency_requests=0)
+    with pytest.raises(ConfigError, match=r"evaluator\.settings\.command"):
+        evaluator(tmp_path, command=[])
+    assert evaluator(tmp_path, command="vllm serve --x 1").config.command == (
+        "vllm",
+        "serve",
+        "--x",
+        "1",
+    )
+
+
+def test_what_vllm_cannot_serve_is_infeasible_with_a_reason(tmp_path):
+    ev = evaluator(tmp_path)
+    nf4 = SPACE.recipe({"quant.method": "nf4"})
+    assert "bitsandbytes" in (ev.infeasible_reason(nf4, SPACE) or "")
+    eager = SPACE.recipe({"serve.attention_backend": "eager"})
+    assert "eager" in (ev.infeasible_reason(eager, SPACE) or "")
+    # Without `python` (no llm-compressor) the 4-bit methods are out of the space.
+    restricted = ev.restrict_space(SPACE)
+    methods = restricted.genes["quant.method"].choices  # type: ignore[attr-defined]
+    assert "awq" not in methods and "nf4" not in methods and "fp8" in methods
+    assert "qlora" not in restricted.genes["recovery.method"].choices  # type: ignore[attr-defined]
+    with_quantizer = evaluator(tmp_path, python=sys.executable).restrict_space(SPACE)
+    assert "gptq" in with_quantizer.genes["quant.method"].choices  # type: ignore[attr-defined]
+
+
+def test_the_version_is_asked_of_the_command(tmp_path):
+    fake = tmp_path / "vllm"
+    fake.write_text("#!/bin/sh\necho 0.31.2\n")
+    fake.chmod(0o755)
+    assert probe_version((str(fake), "serve")) == "0.31.2"
+    assert probe_version((str(tmp_path / "missing"), "serve")) is None
+
+
+def test_the_fingerprint_names_the_vllm_version_and_settings(tmp_path):
+    a = evaluator(tmp_path).fingerprint()
+    assert a == evaluator(tmp_path, startup_timeout_s=5).fingerprint()  # limits change nothing
+    assert a != evaluator(tmp_path, vllm_version="0.32.0").fingerprint()
+    assert a != evaluator(tmp_path, max_new_tokens=8).fingerprint()
+
+
+@pytest.mark.slow
+def test_a_recipe_is_served_and_measured_through_the_api(tmp_path):
+    ev = evaluator(tmp_path)
+    baseline = SPACE.baseline()
+    result = ev.evaluate(baseline, SPACE)
+    assert result.ok, result.reason
+    objectives = result.objectives or {}
+    assert 0.5 <= objectives["accuracy"] <= 1.0  # the reference model answers through the API
+    assert objectives["latency"] > 0 and objectives["memory"] > 0 and objectives["energy"] > 0
+    meta = result.metadata
+    assert meta["vllm_version"] == "0.33.0" and "--max-num-seqs" in meta["engine_args"]
+    assert meta["objectives"]["energy"]["measured"] is False  # estimated on this CPU
+    assert "estimated" in meta["objectives"]["energy"]["how"]
+    assert "resident memory" in meta["objectives"]["memory"]["how"]
+    assert meta["checkpoint"]["steps"] == []  # the base model is served as it is
+    assert Path(meta["server_log"]).is_file()
+    assert Path(meta["server_log"]).parent == tmp_path / "run" / "logs"
+
+    pruned = SPACE.recipe({"prune.method": "magnitude", "prune.sparsity": 0.3})
+    first = ev.evaluate(pruned, SPACE)
+    assert first.ok, first.reason
+    assert first.metadata["checkpoint"]["reused"] is False
+    assert first.metadata["objectives"]["co2"]["compression_g_per_1k"] > 0
+    # Only a serving setting differs: the same checkpoint is served again.
+    served = SPACE.recipe(
+        {"prune.method": "magnitude", "prune.sparsity": 0.3, "serve.max_num_seqs": 4}
+    )
+    second = ev.evaluate(served, SPACE)
+    assert second.ok, second.reason
+    assert second.metadata["checkpoint"]["reused"] is True
+    assert second.metadata["checkpoint"]["key"] == first.metadata["checkpoint"]["key"]
+    assert "4" in second.metadata["engine_args"]
+
+
+def _real_vllm() -> str | None:
+    """The serve command of an installed vLLM on a CUDA machine, else None."""
+    import os
+    import shlex
+    import shutil
+
+    command = os.environ.get("EVO_VLLM_COMMAND", "vllm serve")
+    if shutil.which(shlex.split(command)[0]) is None:
+        return None
+    try:
+        import torch
+    except ImportError:
+        return None
+    return command if torch.cuda.is_available() else None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_real_vllm() is None, reason="needs a CUDA GPU and vLLM (EVO_VLLM_COMMAND)")
+def test_real_vllm_serves_and_measures_the_reference_model(tmp_path):
+    ev = evaluator(tmp_path, "cuda", command=_real_vllm(), vllm_version=None, latency_requests=16)
+    assert ev.gpu["name"] is not None
+    for data in ({}, {"quant.method": "fp8"}, {"kv.dtype": "fp8"}):
+        recipe = SPACE.recipe(data)
+        reason = ev.infeasible_reason(recipe, SPACE)
+        if reason is not None:
+            continue
+        result = ev.evaluate(recipe, SPACE)
+        assert result.ok, result.reason
+        assert result.metadata["gpu"] and "NVML" in result.metadata["objectives"]["memory"]["how"]
+
+
+def test_auto_picks_transformers_without_a_gpu_or_vllm(tmp_path):
+    from evo_compress.fitness.hf.evaluator import TransformersEvaluator
+
+    def make(device: str, settings: dict[str, object]) -> object:
+        context = EvaluationContext(
+            ModelConfig(id="reference"), HardwareConfig(device=device), CarbonConfig()
+        )
+        return EVALUATORS.get("auto")(settings, context)
+
+    chosen = make("cpu", {"transformers": {"max_new_tokens": 4}, "vllm": {"command": "vllm"}})
+    assert isinstance(chosen, TransformersEvaluator) and chosen.config.max_new_tokens == 4
+    missing = {"vllm": {"command": str(tmp_path / "no-such-vllm") + " serve"}}
+    assert isinstance(make("cuda", missing), TransformersEvaluator)
+    with pytest.raises(ConfigError, match="one section per back end"):
+        make("cpu", {"max_new_tokens": 4})
