@@ -152,7 +152,9 @@ class LLMConfig(_Section):
 
 
 class EvaluatorConfig(_Section):
-    name: str = "synthetic"
+    # auto: synthetic for `synthetic*` models, vLLM on a GPU machine that has it, else
+    # transformers (fitness/auto.py).
+    name: str = "auto"
     settings: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -13,7 +13,11 @@ def test_defaults_validate_and_round_trip_through_yaml():
     config = parse_config({})
     again = parse_config(yaml.safe_load(config.to_yaml()))
     assert again == config
-    assert config.search.algorithm == "nsga2" and config.evaluator.name == "synthetic"
+    assert config.search.algorithm == "nsga2" and config.evaluator.name == "auto"
+    # auto on the default synthetic model is the synthetic landscape.
+    from evo_compress.engine import make_config_evaluator
+
+    assert make_config_evaluator(config).name == "synthetic"
 
 
 def test_the_demo_config_loads():
@@ -41,7 +45,10 @@ def test_the_demo_config_loads():
         ),
         ({"hardware": {"device": "tpu"}}, ["`hardware.device`", "tpu"]),
         ({"name": "bad name!"}, ["`name`"]),
-        ({"model": {"id": "meta-llama/Llama-3.1-8B"}}, ["synthetic evaluator", "Llama-3.1-8B"]),
+        (
+            {"model": {"id": "meta-llama/Llama-3.1-8B"}, "evaluator": {"name": "synthetic"}},
+            ["synthetic evaluator", "Llama-3.1-8B"],
+        ),
         ([1, 2], ["must be a mapping"]),
     ],
 )

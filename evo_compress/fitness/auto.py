@@ -1,10 +1,11 @@
-"""``evaluator.name: auto``: the vLLM back end on a CUDA machine whose vLLM serve command can
-be found, the transformers back end otherwise (CPU machines, or no vLLM installed).
+"""``evaluator.name: auto`` (the default): the synthetic landscape for a ``synthetic*`` model
+id, the vLLM back end on a CUDA machine whose vLLM serve command can be found, the
+transformers back end otherwise (CPU machines, or no vLLM installed).
 
-Settings are per back end: ``{transformers: {...}, vllm: {...}}``; the chosen one gets its
-own section. The choice is made once, when the evaluator is built, and the run records the
-chosen back end's name and fingerprint, so resuming on another kind of machine is refused
-rather than silently mixing measurements.
+Settings are per back end: ``{transformers: {...}, vllm: {...}, synthetic: {...}}``; the
+chosen one gets its own section. The choice is made once, when the evaluator is built, and
+the run records the chosen back end's name and fingerprint, so resuming on another kind of
+machine is refused rather than silently mixing measurements.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from typing import Any
 from evo_compress.exceptions import ConfigError
 from evo_compress.fitness._base import EvaluationContext, Evaluator
 
-_SECTIONS = ("transformers", "vllm")
+_SECTIONS = ("transformers", "vllm", "synthetic")
 
 
 def choose_backend(settings: Mapping[str, Any], context: EvaluationContext) -> str:
+    if context.model.id.startswith("synthetic"):
+        return "synthetic"
     device = context.hardware.device
     if device == "cpu":
         return "transformers"
