@@ -252,6 +252,20 @@ class EnergyMeter:
             self._result = EnergyResult(joules, seconds, "cpu-time-estimate", False, details)
 
 
+def describe_energy(result: EnergyResult, window: str, whose: str = "process") -> str:
+    """How an energy figure was obtained, for records and reports: which counter over which
+    window, or that it is an estimate and from what."""
+    if result.method == "nvml":
+        return f"NVML total-energy counter of the GPU over {window}"
+    if result.method == "rapl":
+        return f"RAPL package counters over {window}"
+    watts = result.details.get("watts_per_core", "configured")
+    return (
+        f"estimated: {whose} CPU time x {watts} W per core over {window} "
+        "(no power counter readable)"
+    )
+
+
 def co2_grams(joules: float, grid_intensity_g_per_kwh: float) -> float:
     """Grams CO2e emitted by ``joules`` of electricity at a grid intensity in g CO2e/kWh."""
     if joules < 0:

@@ -14,7 +14,7 @@ import os
 import platform
 from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -86,16 +86,7 @@ class TransformersEvaluator(Evaluator):
 
     def __init__(self, settings: Mapping[str, Any], context: EvaluationContext) -> None:
         super().__init__(settings, context)
-        try:
-            self.config = TransformersSettings.model_validate(dict(settings))
-        except ValidationError as exc:
-            message = format_validation_error(exc, "", prefix="evaluator.settings.")
-            raise ConfigError(message.removeprefix(": ")) from None
-        if context.model.id == REFERENCE_MODEL and self.config.task != REFERENCE_TASK:
-            raise ConfigError(
-                "`evaluator.settings.task`: the reference model only knows the `reference` "
-                f"task, got `{self.config.task}`"
-            )
+        self.config = parse_model_settings(TransformersSettings, settings, context)
         self._device: str | None = None
         self._model_path: Path | None = None
         self._task: dict[str, Any] | None = None
@@ -199,6 +190,28 @@ class TransformersEvaluator(Evaluator):
         )
 
 
+_Settings = TypeVar("_Settings", bound=BaseModel)
+
+
+def parse_model_settings(
+    cls: type[_Settings], settings: Mapping[str, Any], context: EvaluationContext
+) -> _Settings:
+    """A real-model back end's ``evaluator.settings``, validated; one-line errors name the
+    field. The reference model only knows its own task."""
+    try:
+        config = cls.model_validate(dict(settings))
+    except ValidationError as exc:
+        message = format_validation_error(exc, "", prefix="evaluator.settings.")
+        raise ConfigError(message.removeprefix(": ")) from None
+    task = getattr(config, "task", REFERENCE_TASK)
+    if context.model.id == REFERENCE_MODEL and task != REFERENCE_TASK:
+        raise ConfigError(
+            "`evaluator.settings.task`: the reference model only knows the `reference` "
+            f"task, got `{task}`"
+        )
+    return config
+
+
 def model_fingerprint(model: ModelConfig) -> str:
     """What identifies the weights: the reference model's training recipe, or a local
     folder's config and weight files (names, sizes), or the hub id and revision."""
@@ -295,5 +308,6 @@ __all__ = [
     "cpu_name",
     "json_safe",
     "model_fingerprint",
+    "parse_model_settings",
     "prepare_model_and_task",
 ]

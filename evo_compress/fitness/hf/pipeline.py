@@ -21,9 +21,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evo_compress.fitness._base import EvaluationResult
-from evo_compress.fitness.energy import EnergyMeter, amortised_co2_per_1k, co2_grams
+from evo_compress.fitness.energy import (
+    EnergyMeter,
+    amortised_co2_per_1k,
+    co2_grams,
+    describe_energy,
+)
 from evo_compress.fitness.hf.accuracy import measure_accuracy
-from evo_compress.fitness.hf.apply import apply_recipe
+from evo_compress.fitness.hf.apply import AppliedRecipe, apply_recipe
 from evo_compress.fitness.hf.measure import measure_latency, measure_memory
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -50,19 +55,15 @@ def _tokenize(tokenizer: Any, texts: list[str], device: str) -> dict[str, torch.
     }
 
 
-def evaluate_in_worker(payload: dict[str, Any]) -> EvaluationResult:
+def load_and_apply(payload: dict[str, Any], recipe: dict[str, Any]) -> tuple[Any, AppliedRecipe]:
+    """Load the model and tokenizer of ``payload`` and compress the model as ``recipe``
+    says, with the task's texts for calibration and recovery. Shared by this pipeline and
+    the vLLM back end's checkpoint builder."""
     settings = payload["settings"]
-    recipe = payload["recipe"]
     device = payload["device"]
-    task = payload["task"]
-    torch.set_num_threads(int(settings["threads"]))
-    torch.manual_seed(int(settings["seed"]))
-    started = time.perf_counter()
-
     tokenizer = AutoTokenizer.from_pretrained(payload["model_path"])
     model = load_model(payload["model_path"], payload["dtype"], device)
-
-    texts: list[str] = list(task.get("train_texts") or [])
+    texts: list[str] = list(payload["task"].get("train_texts") or [])
     calibration = None
     batches: list[dict[str, torch.Tensor]] = []
     if texts:
@@ -74,7 +75,6 @@ def evaluate_in_worker(payload: dict[str, Any]) -> EvaluationResult:
             _tokenize(tokenizer, texts[i : i + size], device)
             for i in range(0, min(len(texts), 512), size)
         ]
-
     with tempfile.TemporaryDirectory(prefix="evo-compress-") as workdir:
         applied = apply_recipe(
             model,
@@ -88,6 +88,20 @@ def evaluate_in_worker(payload: dict[str, Any]) -> EvaluationResult:
             seed=int(settings["seed"]),
             watts_per_core=float(settings["watts_per_core"]),
         )
+    return tokenizer, applied
+
+
+def evaluate_in_worker(payload: dict[str, Any]) -> EvaluationResult:
+    settings = payload["settings"]
+    recipe = payload["recipe"]
+    device = payload["device"]
+    task = payload["task"]
+    torch.set_num_threads(int(settings["threads"]))
+    torch.manual_seed(int(settings["seed"]))
+    started = time.perf_counter()
+
+    tokenizer, applied = load_and_apply(payload, recipe)
+    texts: list[str] = list(task.get("train_texts") or [])
     model = applied.model
 
     accuracy = measure_accuracy(
@@ -140,14 +154,7 @@ def evaluate_in_worker(payload: dict[str, Any]) -> EvaluationResult:
         "energy": energy_per_1k,
         "co2": co2_serving + co2_once,
     }
-    energy_how = {
-        "nvml": "NVML total-energy counter over the latency run",
-        "rapl": "RAPL package counters over the latency run",
-        "cpu-time-estimate": (
-            f"estimated: process CPU time x {settings['watts_per_core']} W per core "
-            "(no power counter readable)"
-        ),
-    }[energy.method]
+    energy_how = describe_energy(energy, "the latency run")
     metadata = {
         "evaluator": "transformers",
         "device": device,

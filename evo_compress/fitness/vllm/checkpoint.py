@@ -244,49 +244,18 @@ def build_weights_in_worker(payload: dict[str, Any]) -> EvaluationResult:
     """Worker side: load the base model, prune and recover it as the recipe says (the
     transformers back end's code), save it as a standard Hugging Face checkpoint."""
     import torch
-    from transformers import AutoTokenizer
 
-    from evo_compress.fitness.hf.apply import apply_recipe
-    from evo_compress.fitness.hf.pipeline import _tokenize, load_model
+    from evo_compress.fitness.hf.pipeline import _plain, load_and_apply
 
     settings = payload["settings"]
-    device = payload["device"]
     torch.set_num_threads(int(settings["threads"]))
     torch.manual_seed(int(settings["seed"]))
     started = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(payload["model_path"])
-    model = load_model(payload["model_path"], payload["dtype"], device)
-    texts = list(payload["task"].get("train_texts") or [])
-    calibration = None
-    batches = []
-    if texts:
-        calibration = _tokenize(tokenizer, texts[: int(settings["calibration_samples"])], device)[
-            "input_ids"
-        ]
-        size = int(settings["recovery_batch_size"])
-        batches = [
-            _tokenize(tokenizer, texts[i : i + size], device)
-            for i in range(0, min(len(texts), 512), size)
-        ]
-    with tempfile.TemporaryDirectory(prefix="evo-compress-") as workdir:
-        applied = apply_recipe(
-            model,
-            payload["recipe"],
-            device=device,
-            calibration=calibration,
-            batches=batches,
-            teacher=lambda: load_model(payload["model_path"], payload["dtype"], device),
-            workdir=Path(workdir),
-            recovery_lr=float(settings["recovery_lr"]),
-            seed=int(settings["seed"]),
-            watts_per_core=float(settings["watts_per_core"]),
-        )
+    tokenizer, applied = load_and_apply(payload, payload["recipe"])
     output = Path(payload["output"])
     model_out: Any = applied.model
     model_out.save_pretrained(output, safe_serialization=True)
     tokenizer.save_pretrained(output)
-    from evo_compress.fitness.hf.pipeline import _plain
-
     return EvaluationResult(
         "ok",
         None,

@@ -21,22 +21,22 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from evo_compress.config import format_validation_error
-from evo_compress.exceptions import ConfigError, EvaluationError
+from evo_compress.exceptions import EvaluationError
 from evo_compress.fitness._base import EvaluationContext, EvaluationResult, Evaluator
 from evo_compress.fitness.energy import (
     EnergyMeter,
     EnergyResult,
     amortised_co2_per_1k,
     co2_grams,
+    describe_energy,
 )
 from evo_compress.fitness.hf.evaluator import (
-    REFERENCE_MODEL,
     REFERENCE_TASK,
     cpu_name,
     model_fingerprint,
+    parse_model_settings,
     prepare_model_and_task,
 )
 from evo_compress.fitness.vllm.compile import (
@@ -105,16 +105,7 @@ class VLLMEvaluator(Evaluator):
 
     def __init__(self, settings: Mapping[str, Any], context: EvaluationContext) -> None:
         super().__init__(settings, context)
-        try:
-            self.config = VLLMSettings.model_validate(dict(settings))
-        except ValidationError as exc:
-            message = format_validation_error(exc, "", prefix="evaluator.settings.")
-            raise ConfigError(message.removeprefix(": ")) from None
-        if context.model.id == REFERENCE_MODEL and self.config.task != REFERENCE_TASK:
-            raise ConfigError(
-                "`evaluator.settings.task`: the reference model only knows the `reference` "
-                f"task, got `{self.config.task}`"
-            )
+        self.config = parse_model_settings(VLLMSettings, settings, context)
         self._caps: VLLMCapabilities | None = None
         self._gpu: dict[str, Any] | None = None
         self._model_path: Path | None = None
@@ -353,14 +344,7 @@ class VLLMEvaluator(Evaluator):
             "energy": energy_per_1k,
             "co2": co2_serving + co2_once,
         }
-        energy_how = {
-            "nvml": "NVML total-energy counter of the GPU over the latency run",
-            "rapl": "RAPL package counters over the latency run",
-            "cpu-time-estimate": (
-                f"estimated: the server's CPU time x {self.config.watts_per_core} W per core "
-                "(no power counter readable)"
-            ),
-        }[energy.method]
+        energy_how = describe_energy(energy, "the latency run", whose="the server's")
         metadata = {
             "evaluator": "vllm",
             "device": self.device,
