@@ -173,8 +173,6 @@ def measure_accuracy(
     # Before lm-eval imports `datasets`: keep every Hugging Face cache in the project's.
     set_hf_cache_env(default_cache_dir())
     _quiet_lm_eval_logging()
-    from lm_eval import simple_evaluate
-
     manager = _find_task_manager(name, include_path)
     current = next(model.parameters()).device
     if current.type != device.split(":")[0] or (":" in device and str(current) != device):
@@ -182,22 +180,30 @@ def measure_accuracy(
     was_training = model.training
     model.eval()
     try:
-        lm = _quiet_hflm(model, tokenizer, batch_size)
-        with _LOCK, _no_context_progress_bar():
-            results = simple_evaluate(
-                model=lm,
-                tasks=[name],
-                task_manager=manager,
-                limit=limit,
-                log_samples=False,
-                bootstrap_iters=1000,
-                # Greedy decoding needs no seed; leave the caller's global RNGs untouched.
-                random_seed=None,
-                numpy_random_seed=None,
-                torch_random_seed=None,
-            )
+        scores = run_task(_quiet_hflm(model, tokenizer, batch_size), name, manager, limit)
     finally:
         model.train(was_training)
+    return {**scores, "seconds": time.perf_counter() - start}
+
+
+def run_task(lm: Any, name: str, manager: Any, limit: int | None) -> dict[str, Any]:
+    """One lm-eval task on an lm-eval model object (in memory, or a server client): its main
+    metric, the documents scored and the metric's standard error."""
+    from lm_eval import simple_evaluate
+
+    with _LOCK, _no_context_progress_bar():
+        results = simple_evaluate(
+            model=lm,
+            tasks=[name],
+            task_manager=manager,
+            limit=limit,
+            log_samples=False,
+            bootstrap_iters=1000,
+            # Greedy decoding needs no seed; leave the caller's global RNGs untouched.
+            random_seed=None,
+            numpy_random_seed=None,
+            torch_random_seed=None,
+        )
     if results is None:  # only on non-zero ranks of a distributed run
         raise EvaluationError(f"lm-eval returned no results for task `{name}`")
     metric, value, stderr = _main_metric(results, name)
@@ -206,6 +212,5 @@ def measure_accuracy(
         "metric": metric,
         "n": _n_docs(results, name),
         "stderr": stderr,
-        "seconds": time.perf_counter() - start,
         "task": name,
     }

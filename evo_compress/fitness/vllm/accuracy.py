@@ -8,14 +8,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from evo_compress.exceptions import EvaluationError
 from evo_compress.fitness.hf.accuracy import (
-    _LOCK,
     _find_task_manager,
-    _main_metric,
-    _n_docs,
-    _no_context_progress_bar,
     _quiet_lm_eval_logging,
+    run_task,
 )
 from evo_compress.reference import default_cache_dir, set_hf_cache_env
 
@@ -49,8 +45,6 @@ def measure_server_accuracy(
     start = time.perf_counter()
     set_hf_cache_env(default_cache_dir())
     _quiet_lm_eval_logging()
-    from lm_eval import simple_evaluate
-
     manager = _find_task_manager(task, include_path)
     lm = _quiet_completions(
         base_url=f"{base_url.rstrip('/')}/v1/completions",
@@ -62,27 +56,9 @@ def measure_server_accuracy(
         max_retries=3,
         timeout=int(timeout_s),
     )
-    with _LOCK, _no_context_progress_bar():
-        results = simple_evaluate(
-            model=lm,
-            tasks=[task],
-            task_manager=manager,
-            limit=limit,
-            log_samples=False,
-            bootstrap_iters=1000,
-            random_seed=None,
-            numpy_random_seed=None,
-            torch_random_seed=None,
-        )
-    if results is None:
-        raise EvaluationError(f"lm-eval returned no results for task `{task}`")
-    metric, value, stderr = _main_metric(results, task)
+    scores = run_task(lm, task, manager, limit)
     return {
-        "accuracy": value,
-        "metric": metric,
-        "n": _n_docs(results, task),
-        "stderr": stderr,
+        **scores,
         "seconds": time.perf_counter() - start,
-        "task": task,
         "via": f"lm-eval local-completions at {base_url}",
     }
