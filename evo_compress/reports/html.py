@@ -1,0 +1,881 @@
+"""One self-contained HTML report of a run: the front, its progress, its lineage and what each
+operator contributed, with plotly.js inline so that the file opens offline and fetches nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import json
+import math
+import textwrap
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from evo_compress.exceptions import EvoCompressError
+from evo_compress.genomes import flatten
+from evo_compress.objectives import OBJECTIVES
+from evo_compress.runs.analysis import history, operator_stats
+from evo_compress.runs.front import FrontMember, load_front, run_status
+from evo_compress.runs.lineage import Lineage, Node, load_lineage
+from evo_compress.runs.store import RunStore
+
+REPORT_NAME = "report.html"
+# The plot divs, in page order; the page sets ``body[data-rendered]`` once each is drawn.
+PLOT_IDS = ("front-splom", "front-parcoords", "history", "lineage", "operators")
+SYNTHETIC_HOW = "synthetic (computed, not measured)"
+SHARES = (
+    ("valid", "valid"),
+    ("feasible", "feasible"),
+    ("dominated_parent", "dominated a parent"),
+    ("entered_front", "entered the front"),
+)
+# Gene groups in the order a compression pipeline applies them; others follow by name.
+_GROUP_ORDER = ("quant", "prune", "recovery", "kv", "serve")
+_HOVER_WIDTH = 80
+_HOVER_CLIP = 600
+_COLORSCALE = "Viridis"
+_FRONT_COLOR = "#d62728"
+_ANCESTOR_COLOR = "#9aa5b1"
+
+# No request of any kind may leave the page (default-src 'none'), and only the two inline
+# scripts written here may run, by hash: nothing that slipped into the data could execute.
+# No 'unsafe-eval': these plots draw without it (checked with plotly.js 2.35 and 4.1).
+# 'unsafe-inline' styles: plotly.js injects its own <style> elements. img-src: the modebar's
+# "download plot as png" renders through data:/blob: images.
+_CSP = (
+    "default-src 'none'; script-src {hashes}; style-src 'unsafe-inline'; "
+    "img-src data: blob:; base-uri 'none'; form-action 'none'"
+)
+
+
+@dataclass(frozen=True)
+class ReportData:
+    """Everything a report shows, read out of a run store once (the HTML and PNGs share it)."""
+
+    status: dict[str, Any]  # ``run_status``
+    evaluator: str
+    model: str | None
+    created_at: float | None
+    config_yaml: str
+    front: list[FrontMember]
+    history: list[dict[str, Any]]
+    operators: list[dict[str, Any]]
+    lineage: Lineage
+    positions: dict[int, tuple[float, float]]  # lineage node id -> (generation, row)
+
+    @property
+    def front_feasible(self) -> bool:
+        return all(m.feasible for m in self.front)
+
+
+def collect(store: RunStore) -> ReportData:
+    """Read what a report shows from ``store``."""
+    config_yaml = str(store.get_meta("config", ""))
+    try:
+        config = yaml.safe_load(config_yaml)
+    except yaml.YAMLError:
+        config = None
+    config = config if isinstance(config, Mapping) else {}
+    front = load_front(store)
+    evaluator = _get(config, "evaluator", "name")
+    if evaluator is None and front:
+        evaluator = front[0].how.get("evaluator")
+    lineage = load_lineage(store)
+    created = store.get_meta("created_at", None)
+    model = _get(config, "model", "id")
+    return ReportData(
+        status=run_status(store),
+        evaluator=str(evaluator or "unknown"),
+        model=str(model) if model else None,
+        created_at=float(created) if isinstance(created, int | float) else None,
+        config_yaml=config_yaml,
+        front=front,
+        history=history(store),
+        operators=operator_stats(store),
+        lineage=lineage,
+        positions=lineage_layout(lineage),
+    )
+
+
+def write_report(store: RunStore, out: Path) -> Path:
+    """Write the run's report to ``out`` (a file, or a directory to hold ``report.html``) as
+    one HTML file that opens offline; returns its path."""
+    out = Path(out)
+    if out.is_dir():
+        out = out / REPORT_NAME
+    text = render_html(collect(store), plotly_js())
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial = out.with_name(out.name + ".partial")
+        partial.write_text(text, encoding="utf-8")
+        partial.replace(out)
+    except OSError as exc:
+        raise EvoCompressError(f"cannot write the report to {out}: {exc.strerror}") from None
+    return out
+
+
+def plotly_js() -> str:
+    """The plotly.js bundle the ``plotly`` package ships (no network needed)."""
+    try:
+        from plotly.offline import get_plotlyjs
+    except ImportError:
+        raise EvoCompressError(
+            "the HTML report needs the `plotly` package, which carries plotly.js: "
+            "pip install plotly"
+        ) from None
+    return str(get_plotlyjs())
+
+
+# ---------------------------------------------------------------------- text helpers
+def how_text(metadata: Mapping[str, Any], objective: str) -> str:
+    """How one objective value was obtained, from the evaluation metadata: ``measured: ...``,
+    ``estimated: ...`` or that the synthetic evaluator computed it."""
+    details = metadata.get("objectives")
+    detail = details.get(objective) if isinstance(details, Mapping) else None
+    if metadata.get("synthetic") is True or (
+        isinstance(detail, Mapping) and detail.get("how") == "synthetic"
+    ):
+        return SYNTHETIC_HOW
+    if not isinstance(detail, Mapping):
+        return str(detail) if detail else "not recorded"
+    text = " ".join(str(detail.get("how") or "").split())
+    measured = detail.get("measured")
+    if measured is True:
+        return f"measured: {text}" if text else "measured"
+    if measured is False:
+        if text.lower().startswith("estimated"):
+            return text
+        return f"estimated: {text}" if text else "estimated"
+    return text or "not recorded"
+
+
+def recipe_summary(recipe: Mapping[str, Any]) -> str:
+    """``quant=awq(group_size=128) prune=wanda(sparsity=0.5) kv(dtype=fp8)``: one line per
+    recipe, a gene group whose method is ``none`` left out."""
+    groups: dict[str, dict[str, Any]] = {}
+    for name, value in flatten(recipe).items():
+        group, _, leaf = name.partition(".")
+        groups.setdefault(group, {})[leaf or group] = value
+    parts = []
+    for group, leaves in sorted(groups.items(), key=lambda item: _group_rank(item[0])):
+        method = leaves.pop("method", None)
+        if method == "none" and not leaves:
+            continue
+        head = group if method is None else f"{group}={method}"
+        rest = ", ".join(f"{k}={_plain(v)}" for k, v in leaves.items())
+        parts.append(f"{head}({rest})" if rest else head)
+    return " ".join(parts) or "uncompressed"
+
+
+def format_value(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        size = abs(value)
+        if size >= 1000:
+            return f"{value:,.0f}"
+        if size >= 10:
+            return f"{value:.1f}"
+        if size >= 1e-3 or value == 0:
+            return f"{value:.{digits}f}"
+        return f"{value:.3g}"
+    return str(value)
+
+
+def format_share(value: Any) -> str:
+    return "-" if value is None else f"{100.0 * float(value):.0f}%"
+
+
+def objective_label(objective: Any) -> str:
+    arrow = "↑" if objective.direction == "max" else "↓"
+    return f"{objective.name} ({objective.unit}) {arrow}"
+
+
+def node_rationale(node: Node) -> tuple[str, str] | None:
+    """``(provider/model, rationale)`` of the LLM request that made ``node``, if one did."""
+    rationale = node.rationale
+    if rationale is None:
+        return None
+    call = next(
+        (c for c in reversed(node.llm) if c.get("outcome") == "valid" and c.get("rationale")),
+        node.llm[-1] if node.llm else {},
+    )
+    return f"{call.get('provider', '?')}/{call.get('model', '?')}", rationale
+
+
+# ---------------------------------------------------------------------- lineage layout
+def lineage_layout(lineage: Lineage, sweeps: int = 2) -> dict[int, tuple[float, float]]:
+    """A layered layout: x is the generation, rows within a generation ordered by the mean
+    row of the parents (then of the children, sweeping back and forth) to cut crossings, and
+    centred on 0."""
+    layers: dict[int, list[int]] = {}
+    for node in sorted(lineage.nodes.values(), key=lambda n: (n.slot, n.id)):
+        layers.setdefault(node.generation, []).append(node.id)
+    parents: dict[int, list[int]] = {}
+    children: dict[int, list[int]] = {}
+    for edge in lineage.edges:
+        parents.setdefault(edge.child, []).append(edge.parent)
+        children.setdefault(edge.parent, []).append(edge.child)
+    row: dict[int, float] = {}
+
+    def place(generation: int) -> None:
+        ids = layers[generation]
+        for index, ident in enumerate(ids):
+            row[ident] = index - (len(ids) - 1) / 2.0
+
+    def reorder(generation: int, links: dict[int, list[int]]) -> None:
+        def key(ident: int) -> tuple[float, float]:
+            rows = [row[i] for i in links.get(ident, []) if i in row]
+            return (sum(rows) / len(rows) if rows else row[ident], row[ident])
+
+        layers[generation].sort(key=key)
+        place(generation)
+
+    generations = sorted(layers)
+    for generation in generations:
+        place(generation)
+    for _ in range(sweeps):
+        for generation in generations[1:]:
+            reorder(generation, parents)
+        for generation in reversed(generations[:-1]):
+            reorder(generation, children)
+    for generation in generations[1:]:
+        reorder(generation, parents)
+    return {ident: (float(lineage.nodes[ident].generation), row[ident]) for ident in row}
+
+
+def widest_layer(lineage: Lineage) -> int:
+    """The most lineage nodes any one generation holds (1 for an empty lineage)."""
+    counts = Counter(n.generation for n in lineage.nodes.values())
+    return max(counts.values(), default=1)
+
+
+# ---------------------------------------------------------------------- figures
+def figures(data: ReportData) -> list[dict[str, Any]]:
+    """The plotly figures (``{"div", "data", "layout"}``), only those with something to show.
+    Every string from the run is HTML-escaped here: plotly.js reads a subset of HTML in text."""
+    out = []
+    if data.front:
+        out += [_splom(data), _parcoords(data)]
+    if data.history:
+        out.append(_history(data))
+    if data.lineage.nodes:
+        out.append(_lineage(data))
+    if data.operators:
+        out.append(_operators(data))
+    return out
+
+
+def _splom(data: ReportData) -> dict[str, Any]:
+    front = data.front
+    feasible = data.front_feasible
+    title = "The front in five objectives (colour: generation found"
+    title += ")" if feasible else "; no feasible recipe yet: the least-violating shown)"
+    trace = {
+        "type": "splom",
+        "dimensions": [
+            {"label": objective_label(o), "values": [m.objectives[o.name] for m in front]}
+            for o in OBJECTIVES
+        ],
+        "text": [_member_hover(m) for m in front],
+        "hovertemplate": "%{text}<extra></extra>",
+        "showupperhalf": False,
+        "diagonal": {"visible": False},
+        "marker": {
+            "color": [m.generation for m in front],
+            "colorscale": _COLORSCALE,
+            "showscale": True,
+            "colorbar": _colorbar(front),
+            "symbol": "circle" if feasible else "x",
+            "size": 9,
+            "line": {"width": 0.5, "color": "white"},
+        },
+    }
+    layout = {
+        "title": {"text": title},
+        "height": 760,
+        "hovermode": "closest",
+        "dragmode": "select",
+        "margin": {"l": 90, "r": 30, "t": 60, "b": 80},
+    }
+    return {"div": "front-splom", "data": [trace], "layout": layout}
+
+
+def _parcoords(data: ReportData) -> dict[str, Any]:
+    front = data.front
+    ids = [m.id for m in front]
+    id_axis: dict[str, Any] = {"label": "member #", "values": ids}
+    if len(ids) <= 40:
+        id_axis |= {"tickvals": ids, "ticktext": [f"#{i}" for i in ids]}
+    trace = {
+        "type": "parcoords",
+        "dimensions": [
+            id_axis,
+            *(
+                {"label": objective_label(o), "values": [m.objectives[o.name] for m in front]}
+                for o in OBJECTIVES
+            ),
+        ],
+        "line": {
+            "color": [m.generation for m in front],
+            "colorscale": _COLORSCALE,
+            "showscale": True,
+            "colorbar": _colorbar(front),
+        },
+    }
+    layout = {
+        "title": {"text": "One line per front member (colour: generation found)"},
+        "height": 460,
+        "margin": {"l": 70, "r": 110, "t": 100, "b": 30},
+    }
+    return {"div": "front-parcoords", "data": [trace], "layout": layout}
+
+
+def _history(data: ReportData) -> dict[str, Any]:
+    rows = data.history
+    gens = [r["generation"] for r in rows]
+    hover = []
+    for r in rows:
+        lines = [f"generation {r['generation']}"]
+        lines += [
+            f"{label} {format_value(r.get(key))}"
+            for key, label in (
+                ("hypervolume", "hypervolume"),
+                ("front_size", "front size"),
+                ("offspring", "offspring"),
+                ("evaluated", "evaluated"),
+                ("cache_hits", "cache hits"),
+                ("reused", "reused"),
+                ("failed", "failed"),
+                ("evaluations_total", "evaluations so far"),
+                ("seconds", "seconds"),
+            )
+        ]
+        hover.append("<br>".join(_text(line) for line in lines))
+    traces = [
+        {
+            "type": "scatter",
+            "mode": "lines+markers",
+            "name": "hypervolume",
+            "x": gens,
+            "y": [r.get("hypervolume") for r in rows],
+            "text": hover,
+            "hovertemplate": "%{text}<extra></extra>",
+        },
+        {
+            "type": "scatter",
+            "mode": "lines+markers",
+            "name": "front size",
+            "x": gens,
+            "y": [r.get("front_size") for r in rows],
+            "yaxis": "y2",
+            "line": {"dash": "dot"},
+            "text": hover,
+            "hovertemplate": "%{text}<extra></extra>",
+        },
+    ]
+    layout = {
+        "title": {"text": "Hypervolume and front size per generation"},
+        "height": 420,
+        "xaxis": {"title": {"text": "generation"}, **_whole(gens)},
+        "yaxis": {"title": {"text": "hypervolume (scaled objectives)"}},
+        "yaxis2": {
+            "title": {"text": "front size"},
+            "overlaying": "y",
+            "side": "right",
+            "rangemode": "tozero",
+            "tickmode": "auto",
+            "showgrid": False,
+        },
+        "legend": {"orientation": "h", "y": -0.2},
+        "hovermode": "closest",
+    }
+    return {"div": "history", "data": traces, "layout": layout}
+
+
+def _lineage(data: ReportData) -> dict[str, Any]:
+    lineage, pos = data.lineage, data.positions
+    front_ids = set(lineage.roots) | {n.id for n in lineage.nodes.values() if n.on_front}
+    ex: list[float | None] = []
+    ey: list[float | None] = []
+    mid_x, mid_y, mid_text = [], [], []
+    for edge in lineage.edges:
+        (x0, y0), (x1, y1) = pos[edge.parent], pos[edge.child]
+        ex += [x0, x1, None]
+        ey += [y0, y1, None]
+        if edge.deltas:
+            mid_x.append((x0 + x1) / 2.0)
+            mid_y.append((y0 + y1) / 2.0)
+            lines = [f"#{edge.parent} → #{edge.child}"] + [
+                f"Δ {name} {value:+.4g}" for name, value in edge.deltas.items()
+            ]
+            mid_text.append("<br>".join(_text(line) for line in lines))
+    traces: list[dict[str, Any]] = [
+        {
+            "type": "scatter",
+            "mode": "lines",
+            "name": "parent → child",
+            "x": ex,
+            "y": ey,
+            "line": {"color": "#c8cdd3", "width": 1},
+            "hoverinfo": "skip",
+        }
+    ]
+    if mid_x:
+        traces.append(
+            {
+                "type": "scatter",
+                "mode": "markers",
+                "name": "change parent → child",
+                "x": mid_x,
+                "y": mid_y,
+                "marker": {"size": 5, "color": "#c8cdd3"},
+                "text": mid_text,
+                "hovertemplate": "%{text}<extra></extra>",
+                "showlegend": False,
+            }
+        )
+    for on_front in (False, True):
+        nodes = [lineage.nodes[i] for i in sorted(lineage.nodes) if (i in front_ids) == on_front]
+        if not nodes:
+            continue
+        traces.append(
+            {
+                "type": "scatter",
+                "mode": "markers+text" if on_front and len(nodes) <= 40 else "markers",
+                "name": "on the front" if on_front else "ancestor",
+                "x": [pos[n.id][0] for n in nodes],
+                "y": [pos[n.id][1] for n in nodes],
+                "text": [f"#{n.id}" for n in nodes] if on_front else None,
+                "textposition": "top center",
+                "hovertext": [_node_hover(n) for n in nodes],
+                "hovertemplate": "%{hovertext}<extra></extra>",
+                "marker": {
+                    "size": 13 if on_front else 9,
+                    "color": _FRONT_COLOR if on_front else _ANCESTOR_COLOR,
+                    "symbol": [
+                        "x" if n.status in ("failed", "infeasible") else "circle" for n in nodes
+                    ],
+                    "line": {"width": 1, "color": "white"},
+                },
+            }
+        )
+    generations = sorted({n.generation for n in lineage.nodes.values()})
+    layout = {
+        "title": {
+            "text": "Lineage of the front (x: generation; hover a node for how it was made)"
+        },
+        "height": int(min(1800, max(440, 26 * widest_layer(lineage) + 160))),
+        "xaxis": {"title": {"text": "generation"}, "zeroline": False, **_whole(generations)},
+        "yaxis": {"visible": False},
+        "hovermode": "closest",
+        "legend": {"orientation": "h", "y": -0.12},
+    }
+    return {"div": "lineage", "data": traces, "layout": layout}
+
+
+def _operators(data: ReportData) -> dict[str, Any]:
+    rows = data.operators
+    names = [_text(f"{r['operator']} ({r.get('children', 0)})") for r in rows]
+    traces = []
+    for key, label in SHARES:
+        values = [None if r.get(key) is None else 100.0 * float(r[key]) for r in rows]
+        traces.append(
+            {
+                "type": "bar",
+                "name": label,
+                "x": names,
+                "y": values,
+                "hovertemplate": f"%{{x}}<br>{label}: %{{y:.0f}}%<extra></extra>",
+            }
+        )
+    layout = {
+        "title": {"text": "Operator credit (share of each operator's children; n in brackets)"},
+        "height": 420,
+        "barmode": "group",
+        "yaxis": {"title": {"text": "% of children"}, "range": [0, 100]},
+        "legend": {"orientation": "h", "y": -0.25},
+    }
+    return {"div": "operators", "data": traces, "layout": layout}
+
+
+def _whole(generations: Sequence[int]) -> dict[str, Any]:
+    """A tick on every generation while there are few (plotly would add halves)."""
+    return {"dtick": 1} if len(set(generations)) <= 30 else {}
+
+
+def _colorbar(front: Sequence[FrontMember]) -> dict[str, Any]:
+    """Generations are whole numbers: one tick each while there are few."""
+    gens = [m.generation for m in front]
+    bar: dict[str, Any] = {"title": {"text": "generation"}}
+    if max(gens) - min(gens) <= 15:
+        bar |= {"tickmode": "linear", "tick0": min(gens), "dtick": 1}
+    return bar
+
+
+def _member_hover(member: FrontMember) -> str:
+    lines = [f"#{member.id} · generation {member.generation}"]
+    lines += [f"{o.name} {format_value(member.objectives[o.name])} {o.unit}" for o in OBJECTIVES]
+    lines += textwrap.wrap(recipe_summary(member.recipe), _HOVER_WIDTH)
+    return "<br>".join(_text(line) for line in lines)
+
+
+def _node_hover(node: Node) -> str:
+    lines = [f"#{node.id} · generation {node.generation} · slot {node.slot}"]
+    lines.append("made by: " + (" + ".join(node.operators) or "initial population"))
+    status = node.status or "not evaluated"
+    if node.reason:
+        status += f": {node.reason}"
+    lines += textwrap.wrap(status, _HOVER_WIDTH)
+    if node.objectives:
+        lines.append(
+            " · ".join(
+                f"{o.name} {format_value(node.objectives[o.name])}"
+                for o in OBJECTIVES
+                if o.name in node.objectives
+            )
+        )
+    lines += textwrap.wrap(recipe_summary(node.recipe), _HOVER_WIDTH)
+    said = node_rationale(node)
+    if said is not None:
+        who, rationale = said
+        clipped = _clip(f"LLM {who}: {rationale}", _HOVER_CLIP)
+        lines += textwrap.wrap(clipped, _HOVER_WIDTH)
+    return "<br>".join(_text(line) for line in lines)
+
+
+# ---------------------------------------------------------------------- HTML
+_STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif;
+       margin: 0 auto; max-width: 1200px; padding: 1em 2em; color: #1f2328; }
+h1 { margin-bottom: 0.2em; }
+h2 { margin-top: 2em; border-bottom: 1px solid #d0d7de; padding-bottom: 0.2em; }
+dl.meta { display: grid; grid-template-columns: max-content auto; gap: 0.2em 1.2em; }
+dl.meta dt { font-weight: 600; }
+dl.meta dd { margin: 0; }
+table { border-collapse: collapse; font-size: 0.9em; margin: 1em 0; }
+th, td { border: 1px solid #d0d7de; padding: 0.3em 0.6em; vertical-align: top; text-align: left; }
+th { background: #f6f8fa; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+.how { color: #57606a; font-size: 0.85em; white-space: normal; }
+.note { color: #57606a; }
+.warn { color: #9a6700; }
+.llm { color: #57606a; font-size: 0.85em; margin-top: 0.3em; }
+pre { background: #f6f8fa; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
+code { font-size: 0.9em; }
+.plot { width: 100%; }
+"""
+
+_NAV = (
+    '<nav class="note">'
+    + " · ".join(
+        f'<a href="#section-{anchor}">{title}</a>'
+        for anchor, title in (
+            ("front", "front"),
+            ("progress", "progress"),
+            ("lineage", "lineage"),
+            ("operators", "operators"),
+            ("recipes", "front recipes"),
+            ("config", "config"),
+        )
+    )
+    + "</nav>"
+)
+
+# Draws the figures; the counts in data-plots / data-rendered let a test (or a person) check
+# that every plot was drawn.
+_APP = """(function () {
+  "use strict";
+  var figures = __FIGURES__;
+  var config = {displaylogo: false, responsive: true};
+  var drawn = 0;
+  Promise.all(figures.map(function (figure) {
+    return Plotly.newPlot(figure.div, figure.data, figure.layout, config).then(function () {
+      drawn += 1;
+      document.body.setAttribute("data-rendered", String(drawn));
+    });
+  })).catch(function (error) {
+    document.body.setAttribute("data-error", String(error));
+    throw error;
+  });
+})();
+"""
+
+
+def render_html(data: ReportData, plotly: str) -> str:
+    """The report page for ``data`` with ``plotly`` (the plotly.js source) inline."""
+    figs = figures(data)
+    drawn = {f["div"] for f in figs}
+    library = _inline_script(plotly)
+    app = _inline_script(_APP.replace("__FIGURES__", script_json(figs)))
+    csp = _CSP.format(hashes=f"{_sha256(library)} {_sha256(app)}")
+    name = str(data.status.get("name") or data.status.get("run_dir") or "run")
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f'<meta http-equiv="Content-Security-Policy" content="{html.escape(csp)}">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>evo-compress report: {_esc(name)}</title>",
+        f"<style>{_STYLE}</style>",
+        f"<script>{library}</script>",
+        f'</head><body data-plots="{len(figs)}" data-rendered="0">',
+        f"<h1>evo-compress run <code>{_esc(name)}</code></h1>",
+        _header(data),
+        _NAV,
+        '<h2 id="section-front">Front</h2>',
+        _front_intro(data),
+        _plot_div("front-splom", drawn, "no front yet: no generation has completed"),
+        '<p class="note">Parallel coordinates: drag along an axis to filter; the first axis '
+        "names the member (see the table below).</p>",
+        _plot_div("front-parcoords", drawn, ""),
+        '<h2 id="section-progress">Progress</h2>',
+        _plot_div("history", drawn, "no generation has completed yet"),
+        '<h2 id="section-lineage">Lineage</h2>',
+        _plot_div("lineage", drawn, "no front, so no lineage to show"),
+        '<h2 id="section-operators">Operators</h2>',
+        _plot_div("operators", drawn, "no offspring yet: operators made nothing so far"),
+        _operator_table(data),
+        '<h2 id="section-recipes">Front recipes</h2>',
+        _front_table(data),
+        '<h2 id="section-config">Config</h2>',
+        f"<pre>{_esc(data.config_yaml)}</pre>",
+        f"<script>{app}</script>",
+        "</body></html>",
+        "",
+    ]
+    return "\n".join(parts)
+
+
+def _header(data: ReportData) -> str:
+    status = data.status
+    done, target = status.get("generations_done"), status.get("generations_target")
+    by_status = ", ".join(f"{k} {v}" for k, v in sorted((status.get("by_status") or {}).items()))
+    by_source = ", ".join(f"{k} {v}" for k, v in sorted((status.get("by_source") or {}).items()))
+    evaluations = format_value(status.get("evaluations"))
+    if by_status:
+        evaluations += f" ({by_status}; source: {by_source})"
+    items: list[tuple[str, str]] = [
+        ("run", str(status.get("name"))),
+        ("run directory", str(status.get("run_dir"))),
+        ("state", str(status.get("state"))),
+        ("generations", f"{done} of {target}"),
+        ("evaluations", evaluations),
+        ("front size", format_value(status.get("front_size"))),
+        ("hypervolume", format_value(status.get("hypervolume"))),
+        ("evaluator", data.evaluator),
+    ]
+    if data.model:
+        items.append(("model", data.model))
+    llm = status.get("llm")
+    if llm:
+        cost = "" if llm.get("cost") is None else f", ${llm['cost']:.4f}"
+        items.append(
+            (
+                "LLM requests",
+                f"{llm.get('requests')} ({format_value(llm.get('input_tokens'))} tokens in, "
+                f"{format_value(llm.get('output_tokens'))} out{cost})",
+            )
+        )
+    items.append(("started", _when(data.created_at)))
+    items.append(("report written", _when(time.time())))
+    rows = "".join(f"<dt>{_esc(k)}</dt><dd>{_esc(v)}</dd>" for k, v in items)
+    return f'<dl class="meta">{rows}</dl>'
+
+
+def _front_intro(data: ReportData) -> str:
+    if not data.front:
+        return ""
+    text = (
+        f"{len(data.front)} recipes that no other evaluated recipe dominates. "
+        "Hover a point for the member and its recipe; ↑ higher is better, ↓ lower is better."
+    )
+    out = f'<p class="note">{_esc(text)}</p>'
+    if not data.front_feasible:
+        out += (
+            '<p class="warn">No recipe met every constraint yet: shown are the members of '
+            "the population that violate them least.</p>"
+        )
+    return out
+
+
+def _plot_div(div: str, drawn: set[str], missing: str) -> str:
+    if div in drawn:
+        return f'<div id="{div}" class="plot"></div>'
+    return f'<p class="note">{_esc(missing)}</p>' if missing else ""
+
+
+def _operator_table(data: ReportData) -> str:
+    if not data.operators:
+        return ""
+    llm = any(r.get("llm_calls") is not None for r in data.operators)
+    head = ["operator", "children", *(label for _, label in SHARES), "HV contribution"]
+    head += ["fallbacks"]
+    if llm:
+        head += ["LLM requests (valid)", "tokens in", "tokens out", "cost (USD)"]
+    rows = []
+    for r in data.operators:
+        cells = [f"<td>{_esc(r['operator'])}</td>", _num(r.get("children"))]
+        cells += [f'<td class="num">{format_share(r.get(key))}</td>' for key, _ in SHARES]
+        cells += [_num(r.get("hv_contribution")), _num(r.get("fallbacks"))]
+        if llm:
+            calls = r.get("llm_calls")
+            text = "-" if calls is None else f"{calls} ({r.get('llm_valid')})"
+            cells += [f'<td class="num">{_esc(text)}</td>']
+            cells += [_num(r.get("input_tokens")), _num(r.get("output_tokens"))]
+            cells += [_num(r.get("cost"))]
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    header = "".join(f"<th>{_esc(h)}</th>" for h in head)
+    note = (
+        '<p class="note">valid: share of evaluated children that evaluated ok; feasible, '
+        "dominated a parent, entered the front: shares of the credited children; HV "
+        "contribution: front hypervolume only its children cover (summed).</p>"
+    )
+    return f"<table><thead><tr>{header}</tr></thead><tbody>{''.join(rows)}</tbody></table>{note}"
+
+
+def _front_table(data: ReportData) -> str:
+    if not data.front:
+        return '<p class="note">no front yet</p>'
+    hows = {o.name: [how_text(m.how, o.name) for m in data.front] for o in OBJECTIVES}
+    shared = {name: texts[0] for name, texts in hows.items() if len(set(texts)) == 1}
+    intro = ""
+    if len(shared) == len(OBJECTIVES) and len(set(shared.values())) == 1:
+        # One way for every value (the synthetic evaluator): say it once, above the table.
+        intro = f'<p class="note">Every value: {_esc(next(iter(shared.values())))}.</p>'
+        shared = {name: "" for name in shared}
+    head = ["<th>#</th>", "<th>generation</th>"]
+    for o in OBJECTIVES:
+        arrow = "↑" if o.direction == "max" else "↓"
+        cell = f"{_esc(o.name)} {arrow}<br><span class='how'>{_esc(o.unit)}</span>"
+        if shared.get(o.name):
+            cell += f"<div class='how'>{_esc(shared[o.name])}</div>"
+        head.append(f"<th>{cell}</th>")
+    head.append("<th>recipe</th>")
+    rows = []
+    for index, member in enumerate(data.front):
+        cells = [_num(member.id), _num(member.generation)]
+        for o in OBJECTIVES:
+            value = format_value(member.objectives[o.name])
+            how = "" if o.name in shared else f"<div class='how'>{_esc(hows[o.name][index])}</div>"
+            cells.append(f'<td class="num">{_esc(value)}{how}</td>')
+        cells.append(f"<td>{_recipe_cell(member, data.lineage.nodes.get(member.id))}</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    note = intro
+    if not data.front_feasible:
+        note += '<p class="warn">Infeasible: no recipe met every constraint yet.</p>'
+    return (
+        f"{note}<table><thead><tr>{''.join(head)}</tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table>"
+    )
+
+
+def _recipe_cell(member: FrontMember, node: Node | None) -> str:
+    out = f"<code>{_esc(recipe_summary(member.recipe))}</code>"
+    if node is not None:
+        made = " + ".join(node.operators) or "initial population"
+        out += f"<div class='how'>made by: {_esc(made)}</div>"
+        said = node_rationale(node)
+        if said is not None:
+            who, rationale = said
+            out += f"<div class='llm'>LLM {_esc(who)}: {_esc(rationale)}</div>"
+    full = yaml.safe_dump(member.recipe, sort_keys=False, allow_unicode=True)
+    return out + f"<details><summary>full recipe</summary><pre>{_esc(full)}</pre></details>"
+
+
+# ---------------------------------------------------------------------- escaping
+def script_json(value: Any) -> str:
+    """JSON safe inside an inline ``<script>``: no ``<``, ``>`` or ``&`` (so no ``</script>``
+    or ``<!--`` can end or bend the script), no raw U+2028/9; non-finite numbers become null."""
+    text = json.dumps(_finite(value), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    for char, escape in (
+        ("<", "\\u003c"),
+        (">", "\\u003e"),
+        ("&", "\\u0026"),
+        ("\u2028", "\\u2028"),
+        ("\u2029", "\\u2029"),
+    ):
+        text = text.replace(char, escape)
+    return text
+
+
+def _inline_script(source: str) -> str:
+    """``source`` ready to sit between <script> tags. The HTML parser turns CR LF into LF before
+    the browser hashes a script, so line ends are normalised first to keep the CSP hash
+    right; a ``</script`` or ``<!--`` (only ever inside a JS string) is escaped."""
+    text = source.replace("\r\n", "\n").replace("\r", "\n")
+    return text.replace("</script", "<\\/script").replace("<!--", "<\\!--")
+
+
+def _sha256(script: str) -> str:
+    digest = hashlib.sha256(script.encode("utf-8")).digest()
+    return f"'sha256-{base64.b64encode(digest).decode('ascii')}'"
+
+
+def _text(value: Any) -> str:
+    """Text for plotly.js, which reads ``<br>``, ``<b>``, ``<a href>``... in its strings and
+    decodes ``&amp;``, ``&lt;``, ``&gt;`` (but not ``&quot;``): escape just those three."""
+    return html.escape(str(value), quote=False)
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _num(value: Any) -> str:
+    return f'<td class="num">{_esc(format_value(value))}</td>'
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, str | bytes):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _group_rank(group: str) -> tuple[int, str]:
+    return (_GROUP_ORDER.index(group) if group in _GROUP_ORDER else len(_GROUP_ORDER), group)
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _clip(text: str, width: int) -> str:
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def _when(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "unknown"
+    moment = datetime.fromtimestamp(timestamp, tz=timezone.utc)
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _get(mapping: Mapping[str, Any], *keys: str) -> Any:
+    node: Any = mapping
+    for key in keys:
+        if not isinstance(node, Mapping):
+            return None
+        node = node.get(key)
+    return node

@@ -1,0 +1,381 @@
+"""The run report: one self-contained HTML page that a real headless browser renders with the
+network cut off (no request, no console error, every plot drawn), data that cannot inject
+markup or script, and the PNG figures."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sqlite3
+import subprocess
+from dataclasses import dataclass
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from evo_compress.engine import Search
+from evo_compress.fitness import EvaluationResult
+from evo_compress.reports import PNG_NAMES, write_pngs, write_report
+from evo_compress.reports.html import PLOT_IDS, SYNTHETIC_HOW, how_text
+from evo_compress.runs import RunStore
+from evo_compress.runs.front import load_front
+from evo_compress.runs.store import DB_NAME, LLMCallRow
+
+PAYLOAD = "</script><script>alert(1)</script>"
+HOSTILE = PAYLOAD + ' <img src=x onerror="alert(2)"> & <!-- <b>bold</b>'
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Every way an attribute makes a browser fetch something by itself.
+FETCHING_ATTRIBUTES = {"src", "href", "srcset", "action", "poster", "data", "background"}
+FETCHING_TAGS = {"link", "img", "iframe", "frame", "object", "embed", "audio", "video", "source"}
+
+
+@pytest.fixture
+def run_dir(config_factory, tmp_path) -> Path:
+    path = tmp_path / "run"
+    search = Search.start(
+        config_factory(search={"population_size": 8, "generations": 3}), run_dir=path
+    )
+    search.run()
+    search.close()
+    return path
+
+
+@pytest.fixture
+def chromium() -> str:
+    path = shutil.which("chromium")
+    if path is None:
+        pytest.skip("chromium is not installed: the report's browser checks need a headless one")
+    return path
+
+
+# ---------------------------------------------------------------------- parsing helpers
+class _Page(HTMLParser):
+    """Tags with their attributes, the text of each <script> and <style>, and text nodes."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+        self.scripts: list[str] = []
+        self.styles: list[str] = []
+        self.text: list[str] = []
+        self._inside: str | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, dict(attrs)))
+        if tag in ("script", "style"):
+            self._inside = tag
+            (self.scripts if tag == "script" else self.styles).append("")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == self._inside:
+            self._inside = None
+
+    def handle_data(self, data: str) -> None:
+        if self._inside == "script":
+            self.scripts[-1] += data
+        elif self._inside == "style":
+            self.styles[-1] += data
+        else:
+            self.text.append(data)
+
+    def by_id(self, ident: str) -> dict[str, str | None]:
+        found = [attrs for _, attrs in self.tags if attrs.get("id") == ident]
+        assert len(found) == 1, f"expected one element #{ident}, found {len(found)}"
+        return found[0]
+
+    def body(self) -> dict[str, str | None]:
+        return next(attrs for tag, attrs in self.tags if tag == "body")
+
+
+def parse(text: str) -> _Page:
+    page = _Page()
+    page.feed(text)
+    page.close()
+    return page
+
+
+def figures_of(page: _Page) -> list[dict[str, Any]]:
+    """The figure specs the report hands to plotly.js (the JSON inside its last script)."""
+    match = re.search(r"var figures = (.*?);\n", page.scripts[-1])
+    assert match is not None
+    figures: list[dict[str, Any]] = json.loads(match.group(1))
+    return figures
+
+
+# ---------------------------------------------------------------------- browser
+@dataclass
+class Rendered:
+    dom: _Page
+    console: list[str]  # what the page wrote to its console (WebGL driver chatter left out)
+    requests: list[str]  # URLs the page asked the network stack for
+
+
+def render(chromium: str, page: Path, work: Path) -> Rendered:
+    """Load ``page`` in headless chromium with every network request bound to fail, and
+    return the DOM after scripts ran, the console and the page's network requests."""
+    netlog = work / "netlog.json"
+    command = [
+        chromium,
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        # WebGL (splom, parcoords) on the CPU; without the flag chromium still falls back but
+        # logs a deprecation warning on the page's console.
+        "--enable-unsafe-swiftshader",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={work / 'profile'}",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-default-apps",
+        "--disable-extensions",
+        "--disable-sync",
+        # No name resolves and every connection goes to a closed port: a fetch can only fail.
+        "--host-resolver-rules=MAP * ~NOTFOUND",
+        "--proxy-server=127.0.0.1:9",
+        f"--log-net-log={netlog}",
+        "--enable-logging=stderr",
+        "--v=0",
+        "--virtual-time-budget=10000",
+        "--window-size=1280,1000",
+        "--dump-dom",
+        page.as_uri(),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    console = []
+    for line in done.stderr.splitlines():
+        match = re.search(r":CONSOLE[^\]]*\] \"(.*)", line)
+        if match is None:
+            continue
+        message = re.sub(r"\", source: .*$", "", match.group(1))
+        if not message.startswith("[.WebGL-"):  # SwiftShader performance notes
+            console.append(message)
+    return Rendered(parse(done.stdout), console, page_requests(netlog))
+
+
+def page_requests(netlog: Path) -> list[str]:
+    """URLs of the requests a file:// page started (the browser's own traffic, keyed to other
+    sites, is left out)."""
+    text = netlog.read_text()
+    try:
+        log = json.loads(text)
+    except json.JSONDecodeError:  # cut short at exit: close the event list
+        log = json.loads(text.rstrip().rstrip(",") + "]}")
+    types = {number: name for name, number in log["constants"]["logEventTypes"].items()}
+    urls = []
+    for event in log["events"]:
+        params = event.get("params") or {}
+        if types.get(event["type"]) != "URL_REQUEST_START_JOB":
+            continue
+        if str(params.get("network_isolation_key", "")).startswith("file://"):
+            urls.append(str(params.get("url")))
+    return urls
+
+
+def assert_all_plots_drawn(rendered: Rendered) -> None:
+    body = rendered.dom.body()
+    assert rendered.dom.scripts, "chromium dumped no DOM"
+    assert body.get("data-plots") == str(len(PLOT_IDS))
+    assert body.get("data-rendered") == str(len(PLOT_IDS)), body
+    assert "data-error" not in body
+    for ident in PLOT_IDS:
+        assert "js-plotly-plot" in str(rendered.dom.by_id(ident).get("class")), ident
+    svgs = [
+        a for tag, a in rendered.dom.tags if tag == "svg" and "main-svg" in str(a.get("class"))
+    ]
+    assert len(svgs) >= len(PLOT_IDS)
+    # The WebGL traces (scatter matrix, parallel coordinates) made their canvases.
+    canvases = [a for tag, a in rendered.dom.tags if tag == "canvas"]
+    assert canvases
+
+
+# ---------------------------------------------------------------------- tests
+def test_the_report_is_one_file_that_fetches_nothing(run_dir, tmp_path):
+    with RunStore.open(run_dir) as store:
+        path = write_report(store, tmp_path / "out" / "report.html")
+        front = load_front(store)
+    text = path.read_text(encoding="utf-8")
+    page = parse(text)
+
+    assert 1_000_000 < path.stat().st_size < 8_000_000  # plotly.js once, plus the data
+    assert text.count("Plotly.newPlot") == 1
+    for tag, attrs in page.tags:
+        assert tag not in FETCHING_TAGS, (tag, attrs)
+        fetching = {k: v for k, v in attrs.items() if k in FETCHING_ATTRIBUTES}
+        # Only in-page links (#section) are allowed; they fetch nothing.
+        assert all(k == "href" and str(v).startswith("#") for k, v in fetching.items()), attrs
+    assert [tag for tag, _ in page.tags].count("script") == 2
+    for style in page.styles:
+        assert "url(" not in style and "@import" not in style
+    assert "http" not in page.scripts[-1]
+    csp = next(
+        str(a["content"]) for _, a in page.tags if a.get("http-equiv") == "Content-Security-Policy"
+    )
+    directives = {d.split()[0]: d.split()[1:] for d in csp.split(";") if d.strip()}
+    assert directives["default-src"] == ["'none'"]
+    assert not {"'unsafe-inline'", "'unsafe-eval'"} & set(directives["script-src"])
+
+    # The page tells the run and says how its values were obtained.
+    shown = " ".join(" ".join(page.text).split())
+    assert str(run_dir) in shown and "synthetic" in shown
+    assert SYNTHETIC_HOW in shown
+    splom = figures_of(page)[0]["data"][0]
+    assert splom["type"] == "splom"
+    assert splom["dimensions"][0]["values"] == [m.objectives["accuracy"] for m in front]
+    assert "kv(" in shown or "quant=" in shown  # recipes summarised in the table
+    assert "search:" in shown  # the config, verbatim
+
+    # A directory as the destination holds report.html.
+    with RunStore.open(run_dir) as store:
+        assert write_report(store, tmp_path / "out") == path
+
+
+def test_the_report_renders_offline_in_headless_chromium(run_dir, tmp_path, chromium):
+    with RunStore.open(run_dir) as store:
+        path = write_report(store, tmp_path / "report.html")
+    rendered = render(chromium, path, tmp_path)
+    assert rendered.console == []
+    assert rendered.requests == []
+    assert_all_plots_drawn(rendered)
+
+
+def test_the_browser_check_sees_a_page_that_fetches(tmp_path, chromium):
+    # The control: the same browser set-up reports a page's request and its console.
+    page = tmp_path / "fetches.html"
+    page.write_text(
+        '<!DOCTYPE html><html><body><img src="https://example.com/a.png">'
+        "<script>console.error('boom')</script></body></html>"
+    )
+    rendered = render(chromium, page, tmp_path)
+    assert "https://example.com/a.png" in rendered.requests
+    assert "boom" in rendered.console
+
+
+def _plant_hostile_strings(run_dir: Path) -> int:
+    """Put markup and script into every kind of text a report shows: the run's name and
+    config, a recipe value, an evaluation's "how", an LLM's model name and rationale."""
+    with RunStore.open(run_dir) as store:
+        member = next(m for m in load_front(store) if m.generation >= 1)
+        row = store.individual(member.id)
+        store.add_llm_call(
+            LLMCallRow(
+                generation=row.generation,
+                slot=row.slot,
+                operator=row.operators[0],
+                attempt=0,
+                role="mutation",
+                provider="local",
+                model=HOSTILE,
+                prompt_hash="0" * 64,
+                prompt="{}",
+                reply="{}",
+                input_tokens=10,
+                output_tokens=5,
+                cost=None,
+                latency_s=0.1,
+                transport_attempts=1,
+                outcome="valid",
+                error=None,
+                rationale="because " + HOSTILE,
+                confidence=0.5,
+            )
+        )
+        evaluation = store.evaluation(member.id)
+        assert evaluation is not None and evaluation.result.objectives is not None
+        metadata = dict(evaluation.result.metadata, synthetic=False)
+        metadata["objectives"] = {"energy": {"how": HOSTILE, "measured": False}}
+        store.add_evaluation(
+            member.id,
+            EvaluationResult("ok", evaluation.result.objectives, None, metadata, 0.1),
+            evaluation.source,
+        )
+        store.set_meta({"name": HOSTILE, "config": store.get_meta("config") + f"# {HOSTILE}\n"})
+    # A recipe value no search space would allow, written straight into the SQLite file.
+    db = sqlite3.connect(run_dir / DB_NAME)
+    recipe = json.loads(
+        db.execute("SELECT recipe FROM individuals WHERE id = ?", (member.id,)).fetchone()[0]
+    )
+    recipe["serve.attention_backend"] = HOSTILE
+    db.execute("UPDATE individuals SET recipe = ? WHERE id = ?", (json.dumps(recipe), member.id))
+    db.commit()
+    db.close()
+    return member.id
+
+
+def test_run_data_cannot_inject_markup_or_script(run_dir, tmp_path, chromium):
+    ident = _plant_hostile_strings(run_dir)
+    with RunStore.open(run_dir) as store:
+        path = write_report(store, tmp_path / "report.html")
+    text = path.read_text(encoding="utf-8")
+
+    assert PAYLOAD not in text and "<img src=x" not in text and "<b>bold" not in text
+    assert text.lower().count("<script") == 2 and text.lower().count("</script") == 2
+    page = parse(text)
+    shown = "".join(page.text)
+    # Shown as text where a person reads it: the title, the header, the recipe, the LLM's
+    # rationale, how the energy was obtained, the config.
+    assert shown.count(HOSTILE) >= 5
+    assert f"because {HOSTILE}" in shown
+    assert f"estimated: {HOSTILE}" in shown
+    # Handed to plotly.js escaped (it reads a subset of HTML in hover text).
+    lineage = next(f for f in figures_of(page) if f["div"] == "lineage")
+    hovers = [h for trace in lineage["data"] for h in trace.get("hovertext") or []]
+    hover = next(h for h in hovers if h.startswith(f"#{ident} "))
+    assert "&lt;/script&gt;&lt;script&gt;alert(1)&lt;/script&gt;" in hover
+    assert "<script" not in hover and "<img" not in hover
+    assert 'onerror="alert(2)"' in hover  # a quote is plain text to plotly: left as it is
+
+    rendered = render(chromium, path, tmp_path)
+    assert rendered.console == []  # no CSP violation, no script error, no alert
+    assert rendered.requests == []
+    assert_all_plots_drawn(rendered)
+    dom_tags = [tag for tag, _ in rendered.dom.tags]
+    assert dom_tags.count("script") == 2 and "img" not in dom_tags and "b" not in dom_tags
+    assert f"because {HOSTILE}" in "".join(rendered.dom.text)
+
+
+def test_pngs_are_written(run_dir, tmp_path):
+    with RunStore.open(run_dir) as store:
+        paths = write_pngs(store, tmp_path / "png")
+    assert [p.name for p in paths] == list(PNG_NAMES)
+    for path in paths:
+        data = path.read_bytes()
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000, path.name
+
+
+def test_a_run_killed_before_its_first_generation_still_reports(config_factory, tmp_path):
+    Search.start(config_factory(), run_dir=tmp_path / "run").close()
+    with RunStore.open(tmp_path / "run") as store:
+        page = parse(write_report(store, tmp_path / "report.html").read_text(encoding="utf-8"))
+        paths = write_pngs(store, tmp_path / "png")
+    assert page.body().get("data-plots") == "0"
+    assert "no front yet" in " ".join(page.text)
+    assert all(p.read_bytes().startswith(PNG_SIGNATURE) for p in paths)
+
+
+@pytest.mark.parametrize(
+    ("detail", "expected"),
+    [
+        (
+            {"how": "median ms per output token, greedy batched generate", "measured": True},
+            "measured: median ms per output token, greedy batched generate",
+        ),
+        (
+            {"how": "energy x grid intensity + compression CO2", "measured": False},
+            "estimated: energy x grid intensity + compression CO2",
+        ),
+        (
+            {"how": "estimated: process CPU time x 10 W per core", "measured": False},
+            "estimated: process CPU time x 10 W per core",
+        ),
+        ({"how": "synthetic", "unit": "MiB", "measured": False}, SYNTHETIC_HOW),
+        (None, "not recorded"),
+    ],
+)
+def test_how_each_value_was_obtained(detail, expected):
+    metadata = {"evaluator": "transformers", "objectives": {"memory": detail} if detail else {}}
+    assert how_text(metadata, "memory") == expected
