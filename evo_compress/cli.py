@@ -1,4 +1,5 @@
-"""The ``evo-compress`` command line: run, resume, status, front, validate.
+"""The ``evo-compress`` command line: run, resume, evaluate, status, front, history,
+lineage, operators, report, export, compare, validate.
 
 An ``EvoCompressError`` becomes one line on stderr and exit code 2; ``--debug`` shows the
 traceback instead.
@@ -42,6 +43,18 @@ class FrontFormat(str, Enum):
     table = "table"
     json = "json"
     csv = "csv"
+
+
+class LineageFormat(str, Enum):
+    tree = "tree"
+    json = "json"
+    dot = "dot"
+    graphml = "graphml"
+
+
+class TableFormat(str, Enum):
+    table = "table"
+    json = "json"
 
 
 @contextmanager
@@ -379,6 +392,176 @@ def front(
             sys.stdout.write(_front_csv(members))
         else:
             _print_front_table(members)
+
+
+@app.command()
+def history(
+    run_dir: Path = typer.Argument(..., help="Run directory."),
+    format: TableFormat = typer.Option(TableFormat.table, "--format", "-f", help="Output format."),
+) -> None:
+    """Per generation: hypervolume, front size, evaluations, cache hits, failures."""
+    with _errors():
+        from evo_compress.runs import RunStore
+        from evo_compress.runs.analysis import history as run_history
+
+        with RunStore.open(run_dir) as store:
+            rows = run_history(store)
+        if format is TableFormat.json:
+            sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+            return
+        table = Table(title="History")
+        columns = ("generation", "hypervolume", "front_size", "evaluated", "cache_hits")
+        for name in (*columns, "failed", "seconds"):
+            table.add_column(name.replace("_", " "), justify="right")
+        for row in rows:
+            table.add_row(
+                *(
+                    f"{row[c]:.4f}" if c == "hypervolume" else str(row.get(c))
+                    for c in (*columns, "failed")
+                ),
+                f"{row.get('seconds') or 0:.1f}",
+            )
+        console.print(table)
+
+
+@app.command()
+def lineage(
+    run_dir: Path = typer.Argument(..., help="Run directory."),
+    ident: int | None = typer.Argument(None, help="Individual id (default: the final front)."),
+    front_only: bool = typer.Option(
+        False, "--front", help="Every member of the final front (the default without an ID)."
+    ),
+    depth: int | None = typer.Option(
+        None, "--depth", min=0, help="Generations to walk back (default: to generation 0)."
+    ),
+    format: LineageFormat = typer.Option(
+        LineageFormat.tree, "--format", "-f", help="tree (text), json, dot or graphml."
+    ),
+) -> None:
+    """Where recipes came from: each ancestor with its generation, the operator that made it
+    (LLM provider, model and rationale too) and how its objectives changed from its parents."""
+    with _errors():
+        from evo_compress.runs import RunStore
+        from evo_compress.runs.lineage import load_lineage
+
+        ids = None if front_only or ident is None else [ident]
+        with RunStore.open(run_dir) as store:
+            graph = load_lineage(store, ids, depth)
+        if format is LineageFormat.json:
+            sys.stdout.write(json.dumps(graph.to_json(), indent=2) + "\n")
+        elif format is LineageFormat.dot:
+            sys.stdout.write(graph.to_dot() + "\n")
+        elif format is LineageFormat.graphml:
+            sys.stdout.write(graph.to_graphml() + "\n")
+        else:
+            sys.stdout.write(graph.to_tree() + "\n")
+
+
+@app.command()
+def operators(
+    run_dir: Path = typer.Argument(..., help="Run directory."),
+    format: TableFormat = typer.Option(TableFormat.table, "--format", "-f", help="Output format."),
+) -> None:
+    """Per operator: children, the share valid, feasible, dominating a parent and entering the
+    front, hypervolume contribution, fallbacks, and for LLM operators calls, tokens and cost."""
+    with _errors():
+        from evo_compress.runs import RunStore
+        from evo_compress.runs.analysis import operator_stats
+
+        with RunStore.open(run_dir) as store:
+            rows = operator_stats(store)
+        if format is TableFormat.json:
+            sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+            return
+        table = Table(title="Operators")
+        shares = ("valid", "feasible", "dominated_parent", "entered_front")
+        for name in ("operator", "children", *shares, "hv contribution", "fallbacks", "LLM"):
+            table.add_column(
+                name.replace("_", " "), justify="left" if name == "operator" else "right"
+            )
+        for row in rows:
+            hv = row.get("hv_contribution")
+            llm = ""
+            if row.get("llm_calls"):
+                cost = f", ${row['cost']:.4f}" if row.get("cost") is not None else ""
+                tokens = int(row.get("input_tokens") or 0) + int(row.get("output_tokens") or 0)
+                llm = f"{row['llm_calls']} calls, {tokens} tokens{cost}"
+            table.add_row(
+                str(row["operator"]),
+                str(row.get("children", 0)),
+                *("-" if row.get(s) is None else f"{row[s]:.0%}" for s in shares),
+                "-" if hv is None else f"{hv:.4f}",
+                str(row.get("fallbacks", 0)),
+                llm,
+            )
+        console.print(table)
+
+
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="Run directory."),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="HTML file to write (default: <run dir>/report.html)."
+    ),
+    png: Path | None = typer.Option(
+        None, "--png", help="Also write the plots as PNG files into this folder."
+    ),
+) -> None:
+    """Write one self-contained HTML report (opens offline): the front in five objectives,
+    hypervolume per generation, the front's lineage, operator credit, how each value was
+    measured, and the run's config."""
+    with _errors():
+        from evo_compress.reports import write_pngs, write_report
+        from evo_compress.runs import RunStore
+
+        with RunStore.open(run_dir) as store:
+            path = write_report(store, out or Path(run_dir) / "report.html")
+            pngs = write_pngs(store, png) if png is not None else []
+        console.print(f"report: {path}", highlight=False)
+        for item in pngs:
+            console.print(f"plot: {item}", highlight=False)
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="Run directory."),
+    ident: int = typer.Argument(..., help="Individual id (see `evo-compress front`)."),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Folder to write (default: <run dir>/export/<ID>)."
+    ),
+    force: bool = typer.Option(False, "--force", help="Overwrite files already there."),
+) -> None:
+    """Take a recipe to production: its YAML, the llm-compressor recipe where one exists, the
+    `vllm serve` command line, and its measured objectives."""
+    with _errors():
+        from evo_compress.runs import RunStore
+        from evo_compress.runs.export import export_recipe
+
+        with RunStore.open(run_dir) as store:
+            paths = export_recipe(
+                store, ident, out or Path(run_dir) / "export" / str(ident), force=force
+            )
+        for path in paths:
+            console.print(str(path), highlight=False)
+
+
+@app.command()
+def compare(
+    run_a: Path = typer.Argument(..., help="First run directory."),
+    run_b: Path = typer.Argument(..., help="Second run directory."),
+    format: TableFormat = typer.Option(TableFormat.table, "--format", "-f", help="Output format."),
+) -> None:
+    """Two fronts side by side, with each one's hypervolume against a common reference."""
+    with _errors():
+        from evo_compress.runs import RunStore
+        from evo_compress.runs.compare import compare_runs, render_comparison
+
+        with RunStore.open(run_a) as a, RunStore.open(run_b) as b:
+            result = compare_runs(a, b)
+        if format is TableFormat.json:
+            sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
+        else:
+            sys.stdout.write(render_comparison(result) + "\n")
 
 
 @app.command()

@@ -272,3 +272,42 @@ def test_run_with_llm_operators_reports_requests_and_missing_keys(tmp_path):
         assert server.requests and all(r.wire == "openai" for r in server.requests)
     status = cli("status", run_dir).stdout
     assert f"LLM requests: {len(server.requests)}" in status and "valid" in status
+
+
+def test_history_lineage_operators_report_export_and_compare(tmp_path):
+    config = write_config(tmp_path)
+    cli("run", "--config", config, "--run-dir", tmp_path / "a", "--no-cache")
+    cli("run", "--config", config, "--run-dir", tmp_path / "b", "--seed", "9", "--no-cache")
+    a = tmp_path / "a"
+
+    history = json.loads(cli("history", a, "--format", "json").stdout)
+    assert [row["generation"] for row in history] == [0, 1, 2]
+    assert "hypervolume" in cli("history", a).stdout
+
+    front = json.loads(cli("front", a, "--format", "json").stdout)
+    graph = json.loads(cli("lineage", a, "--format", "json").stdout)
+    assert sorted(graph["roots"]) == sorted(m["id"] for m in front)
+    assert cli("lineage", a, str(front[0]["id"]), "--depth", "1").stdout.startswith(
+        f"#{front[0]['id']} "
+    )
+    assert cli("lineage", a, "--format", "dot").stdout.startswith("digraph")
+    assert "<graphml" in cli("lineage", a, "--format", "graphml").stdout
+    assert_one_line_error(cli("lineage", a, "99999", check=False), "99999")
+
+    stats = json.loads(cli("operators", a, "--format", "json").stdout)
+    assert {row["operator"] for row in stats} == {"uniform", "gene"}
+    assert "Operators" in cli("operators", a).stdout
+
+    out = cli("report", a, "--png", tmp_path / "png").stdout
+    assert (a / "report.html").is_file() and "report:" in out
+    assert len(list((tmp_path / "png").glob("*.png"))) == 5
+
+    exported = cli("export", a, str(front[0]["id"]), "--out", tmp_path / "x").stdout
+    assert "recipe.yaml" in exported and (tmp_path / "x" / "objectives.json").is_file()
+    assert_one_line_error(
+        cli("export", a, str(front[0]["id"]), "--out", tmp_path / "x", check=False), "--force"
+    )
+
+    compared = json.loads(cli("compare", a, tmp_path / "b", "--format", "json").stdout)
+    assert compared["a"]["hypervolume"] > 0 and compared["b"]["hypervolume"] > 0
+    assert "common" in cli("compare", a, tmp_path / "b").stdout
