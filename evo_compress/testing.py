@@ -94,3 +94,15 @@ def save_random_llama(folder: Path, dtype: Any = None, **shape: Any) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def run_search(config: Any, run_dir: Path) -> Path:
+    """Run a search from ``config`` to its last generation in ``run_dir``; return the dir."""
+    from evo_compress.engine import Search
+
+    search = Search.start(config, run_dir=run_dir)
+    try:
+        search.run()
+    finally:
+        search.close()
+    return run_dir

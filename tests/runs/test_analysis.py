@@ -17,22 +17,13 @@ from evo_compress.agents.testing_servers import (
     Response,
     model_like,
 )
-from evo_compress.engine import Search
 from evo_compress.runs import RunStore
 from evo_compress.runs.analysis import HISTORY_FIELDS, history, operator_stats
 from evo_compress.runs.store import DB_NAME
+from evo_compress.testing import run_search
 
 SHARES = ("valid", "feasible", "dominated_parent", "entered_front")
 LLM_FIELDS = ("llm_calls", "llm_valid", "input_tokens", "output_tokens")
-
-
-def run_search(config: Any, run_dir: Path) -> Path:
-    search = Search.start(config, run_dir=run_dir)
-    try:
-        search.run()
-    finally:
-        search.close()
-    return run_dir
 
 
 def raw(run_dir: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:

@@ -11,19 +11,10 @@ import numpy as np
 import pytest
 from pymoo.indicators.hv import HV
 
-from evo_compress.engine import Search
 from evo_compress.runs import RunStore
 from evo_compress.runs.compare import compare_runs, render_comparison
 from evo_compress.runs.front import load_front
-
-
-def run(config: Any, run_dir: Path) -> Path:
-    search = Search.start(config, run_dir=run_dir)
-    try:
-        search.run()
-    finally:
-        search.close()
-    return run_dir
+from evo_compress.testing import run_search as run
 
 
 @pytest.fixture

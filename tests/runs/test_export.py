@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 import yaml
 
-from evo_compress.engine import Search
 from evo_compress.exceptions import EvoCompressError, RunStoreError
 from evo_compress.fitness.vllm.compile import VLLMCapabilities, compile_recipe, unsupported_reason
 from evo_compress.genomes import SearchSpace
@@ -24,19 +23,11 @@ from evo_compress.objectives import OBJECTIVES
 from evo_compress.runs import RunStore
 from evo_compress.runs.export import export_recipe
 from evo_compress.runs.front import load_front
+from evo_compress.testing import run_search as run
 
 CAPS = VLLMCapabilities(quantizer=True)
 # Genes pinned so every recipe of a run is servable apart from its quantization method.
 SERVABLE = {"kv.sliding_window": False, "serve.attention_backend": "auto"}
-
-
-def run(config: Any, run_dir: Path) -> Path:
-    search = Search.start(config, run_dir=run_dir)
-    try:
-        search.run()
-    finally:
-        search.close()
-    return run_dir
 
 
 def pinned_run(config_factory, run_dir: Path, **pins: Any) -> Path:

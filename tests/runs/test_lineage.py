@@ -22,24 +22,15 @@ from evo_compress.agents.testing_servers import (
     Response,
     model_like,
 )
-from evo_compress.engine import Search
 from evo_compress.exceptions import EvoCompressError, RunStoreError
 from evo_compress.objectives import OBJECTIVE_NAMES
 from evo_compress.runs import RunStore
 from evo_compress.runs.front import load_front
 from evo_compress.runs.lineage import Edge, Lineage, Node, load_lineage
 from evo_compress.runs.store import DB_NAME
+from evo_compress.testing import run_search
 
 GRAPHML = "{http://graphml.graphdrawing.org/xmlns}"
-
-
-def run_search(config: Any, run_dir: Path) -> Path:
-    search = Search.start(config, run_dir=run_dir)
-    try:
-        search.run()
-    finally:
-        search.close()
-    return run_dir
 
 
 def raw(run_dir: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
