@@ -539,3 +539,59 @@ def model_like(space: Any = None) -> Callable[[RecordedRequest], Response]:
         return Reply(json.dumps(body), 700, 120)
 
     return answer
+
+
+def operator_params(
+    server: FakeProviderServer, provider: str, key_env: str = "EVO_TEST_KEY", **extra: Any
+) -> dict[str, Any]:
+    """LLM operator params that point ``provider`` at ``server``, with no backoff waits."""
+    params: dict[str, Any] = {
+        "provider": provider,
+        "model": f"{provider}-model",
+        "base_url": server.base_url(provider),
+        "backoff_initial_s": 0.0,
+        "backoff_max_s": 0.0,
+        "timeout_s": 10.0,
+    }
+    if provider != "openai-compatible":
+        params["api_key_env"] = key_env
+    return params | extra
+
+
+def llm_search_sections(
+    server: FakeProviderServer,
+    generations: int = 3,
+    crossover_extra: dict[str, Any] | None = None,
+    llm: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Config sections of a small search that uses every provider of ``server``: LLM seeding
+    (google), LLM crossover (anthropic) and mutation (openai-compatible, label ``local``)
+    beside the classic and expert operators."""
+    return {
+        "search": {
+            "population_size": 8,
+            "generations": generations,
+            "seed": 5,
+            "recipes": "llm",
+            "operators": {
+                "crossover": [
+                    {"name": "uniform"},
+                    {
+                        "name": "llm",
+                        "params": operator_params(server, "anthropic", **(crossover_extra or {})),
+                    },
+                ],
+                "mutation": [
+                    {"name": "gene"},
+                    {"name": "expert"},
+                    {
+                        "name": "llm",
+                        "label": "local",
+                        "params": operator_params(server, "openai-compatible"),
+                    },
+                ],
+            },
+        },
+        "llm": {"seeder": operator_params(server, "google"), **(llm or {})},
+        "constraints": {"max_accuracy_drop": 0.1},
+    }

@@ -15,6 +15,7 @@ from evo_compress.agents.testing_servers import (
     RecordedRequest,
     Reply,
     Response,
+    llm_search_sections,
     model_like,
 )
 from evo_compress.runs import RunStore
@@ -89,43 +90,11 @@ def llm_run(config_factory, tmp_path, monkeypatch) -> Path:
         return answer(request)
 
     with FakeProviderServer(default=sometimes_garbled) as server:
-
-        def params(provider: str, **extra: Any) -> dict[str, Any]:
-            out = {
-                "provider": provider,
-                "model": f"{provider}-model",
-                "base_url": server.base_url(provider),
-                "backoff_initial_s": 0.0,
-                "backoff_max_s": 0.0,
-                "timeout_s": 10.0,
-            }
-            if provider != "openai-compatible":
-                out["api_key_env"] = "EVO_TEST_KEY"
-            return out | extra
-
         price = {"input_per_mtok": 3.0, "output_per_mtok": 15.0}
-        config = config_factory(
-            search={
-                "population_size": 8,
-                "generations": 4,
-                "seed": 5,
-                "recipes": "llm",
-                "operators": {
-                    "crossover": [
-                        {"name": "uniform"},
-                        {"name": "llm", "params": params("anthropic", price=price)},
-                    ],
-                    "mutation": [
-                        {"name": "gene"},
-                        {"name": "expert"},
-                        {"name": "llm", "label": "local", "params": params("openai-compatible")},
-                    ],
-                },
-            },
-            llm={"seeder": params("google"), "budget": {"max_calls": 14}},
-            constraints={"max_accuracy_drop": 0.1},
+        sections = llm_search_sections(
+            server, 4, crossover_extra={"price": price}, llm={"budget": {"max_calls": 14}}
         )
-        return run_search(config, tmp_path / "llm")
+        return run_search(config_factory(**sections), tmp_path / "llm")
 
 
 def test_history_is_the_checkpoints_stats_in_order(plain_run):

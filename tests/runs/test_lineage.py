@@ -20,6 +20,7 @@ from evo_compress.agents.testing_servers import (
     RecordedRequest,
     Reply,
     Response,
+    llm_search_sections,
     model_like,
 )
 from evo_compress.exceptions import EvoCompressError, RunStoreError
@@ -57,40 +58,7 @@ def recorded(run_dir: Path) -> tuple[dict[int, tuple[int, int, list[int], list[s
 
 
 def llm_config(config_factory: Any, server: FakeProviderServer, **llm: Any) -> Any:
-    def params(provider: str, **extra: Any) -> dict[str, Any]:
-        out = {
-            "provider": provider,
-            "model": f"{provider}-model",
-            "base_url": server.base_url(provider),
-            "backoff_initial_s": 0.0,
-            "backoff_max_s": 0.0,
-            "timeout_s": 10.0,
-        }
-        if provider != "openai-compatible":
-            out["api_key_env"] = "EVO_TEST_KEY"
-        return out | extra
-
-    return config_factory(
-        search={
-            "population_size": 8,
-            "generations": 4,
-            "seed": 5,
-            "recipes": "llm",
-            "operators": {
-                "crossover": [
-                    {"name": "uniform"},
-                    {"name": "llm", "params": params("anthropic")},
-                ],
-                "mutation": [
-                    {"name": "gene"},
-                    {"name": "expert"},
-                    {"name": "llm", "label": "local", "params": params("openai-compatible")},
-                ],
-            },
-        },
-        llm={"seeder": params("google"), **llm},
-        constraints={"max_accuracy_drop": 0.1},
-    )
+    return config_factory(**llm_search_sections(server, generations=4, llm=llm))
 
 
 @pytest.fixture
