@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
@@ -211,7 +212,7 @@ class LLMAgent:
             )
 
 
-class _LLMOperator:
+class _LLMOperator(ABC):
     """What LLM mutation and crossover share (mixed into ``Mutation`` / ``Crossover``)."""
 
     informed: ClassVar[bool] = True
@@ -266,8 +267,9 @@ class _LLMOperator:
     ) -> Proposal:
         return self.finish(self.run(self.start(parents, rng, context)))
 
+    @abstractmethod
     def _prompt(self, parents: Sequence[Measured], context: VariationContext) -> str:
-        raise NotImplementedError
+        """The user prompt for this kind of request."""
 
 
 class LLMMutation(_LLMOperator, Mutation):

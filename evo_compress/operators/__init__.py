@@ -4,7 +4,6 @@ adaptive operator selection (LLM operators plug in here too)."""
 from evo_compress.operators._base import (
     CROSSOVERS,
     MUTATIONS,
-    Child,
     Crossover,
     Measured,
     Mutation,
@@ -21,7 +20,6 @@ __all__ = [
     "CROSSOVERS",
     "MUTATIONS",
     "AdaptiveSelector",
-    "Child",
     "Crossover",
     "ExpertMutation",
     "GeneMutation",

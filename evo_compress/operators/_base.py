@@ -65,15 +65,6 @@ class Proposal:
     operators: tuple[str, ...]
 
 
-@dataclass(frozen=True)
-class Child:
-    """A proposed offspring, with the parents (indices into the mating) and operators used."""
-
-    recipe: Recipe
-    parents: tuple[int, ...]
-    operators: tuple[str, ...]
-
-
 class Operator(ABC):
     name: ClassVar[str] = "operator"
     informed: ClassVar[bool] = False  # reads measured parents: makes the whole child itself
@@ -83,11 +74,11 @@ class Operator(ABC):
         self.space = space
         self.label = self.name  # the name in records; the engine makes it unique per run
 
+    @abstractmethod
     def vary(
         self, parents: Sequence[Measured], rng: np.random.Generator, context: VariationContext
     ) -> Proposal:
         """A child of ``parents``. Classic operators ignore the measurements."""
-        raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
         """Plain-data state kept in checkpoints (adaptive operators, budgets)."""
