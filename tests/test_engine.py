@@ -11,7 +11,7 @@ import pytest
 
 from evo_compress.engine import Search
 from evo_compress.exceptions import EvaluationError, RunStoreError
-from evo_compress.fitness import EVALUATORS, EvaluationContext, EvaluationResult
+from evo_compress.fitness import EVALUATORS, EvaluationContext, EvaluationResult, Placement
 from evo_compress.fitness.synthetic import SyntheticEvaluator
 from evo_compress.genomes import Recipe, SearchSpace
 from evo_compress.progress import ProgressListener
@@ -84,12 +84,14 @@ def test_resume_after_a_crash_mid_generation_reuses_stored_evaluations(config_fa
     calls = {"n": 0}
     original = search.evaluator.evaluate
 
-    def evaluate_then_crash(recipe: Recipe, space: Any) -> EvaluationResult:
+    def evaluate_then_crash(
+        recipe: Recipe, space: Any, placement: Placement | None = None
+    ) -> EvaluationResult:
         if getattr(search, "_generation", 0) == 2:
             calls["n"] += 1
             if calls["n"] > 2:
                 raise Crash
-        return original(recipe, space)
+        return original(recipe, space, placement)
 
     search.evaluator.evaluate = evaluate_then_crash  # type: ignore[method-assign]
     with pytest.raises(Crash):
@@ -389,10 +391,10 @@ class _FlakyEvaluator(SyntheticEvaluator):
     name = "test-flaky"
     marker: Path | None = None
 
-    def _evaluate(self, recipe: Recipe) -> EvaluationResult:
+    def _evaluate(self, recipe: Recipe, placement: Placement) -> EvaluationResult:
         if self.marker is not None and self.marker.exists():
             return EvaluationResult.failure("transient: the device was busy")
-        return super()._evaluate(recipe)
+        return super()._evaluate(recipe, placement)
 
 
 def test_resume_with_retry_failed_evaluates_failures_again(config_factory, tmp_path):

@@ -5,6 +5,7 @@ from evo_compress.fitness._base import (
     EvaluationContext,
     EvaluationResult,
     Evaluator,
+    Placement,
     make_evaluator,
 )
 from evo_compress.fitness.cache import FitnessCache
@@ -15,5 +16,6 @@ __all__ = [
     "EvaluationResult",
     "Evaluator",
     "FitnessCache",
+    "Placement",
     "make_evaluator",
 ]

@@ -57,6 +57,28 @@ class EvaluationResult:
 
 
 @dataclass(frozen=True)
+class Placement:
+    """Where one evaluation runs when several run at once (``fitness.pool``).
+
+    ``env`` goes into the environment of every process the evaluation starts (a worker,
+    a server): ``CUDA_VISIBLE_DEVICES`` pins one GPU. ``device`` then replaces
+    ``hardware.device`` inside those processes ("cuda": the one GPU they see). ``where``
+    names the worker in the result's metadata.
+    """
+
+    slot: int = 0
+    env: Mapping[str, str] = field(default_factory=dict)
+    device: str | None = None
+    where: str = "this process"
+
+    def describe(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"slot": self.slot, "where": self.where}
+        if self.env:
+            data["env"] = dict(self.env)
+        return data
+
+
+@dataclass(frozen=True)
 class EvaluationContext:
     """What an evaluator needs besides its own settings: the model, hardware and carbon data."""
 
@@ -78,6 +100,9 @@ class Evaluator(ABC):
         self.settings = dict(settings)
         self.context = context
         self.run_dir: Path | None = None
+        # Evaluations run at once on this machine's CPUs (``fitness.pool``): measurements
+        # taken under that contention are fingerprinted apart from solo ones.
+        self.concurrent = 1
 
     def set_run_dir(self, run_dir: Path | None) -> None:
         """Where this run's own files go (a serving back end's logs). The search sets it
@@ -89,8 +114,23 @@ class Evaluator(ABC):
         """Genes this back end can apply, each with its supported values (None: all)."""
 
     @abstractmethod
-    def _evaluate(self, recipe: Recipe) -> EvaluationResult:
-        """Apply ``recipe``, measure it and return the result (raise or return a failure)."""
+    def _evaluate(self, recipe: Recipe, placement: Placement) -> EvaluationResult:
+        """Apply ``recipe``, measure it and return the result (raise or return a failure).
+        Processes it starts get ``placement.env``; ``placement.device`` overrides the
+        configured device."""
+
+    def uses_gpu(self) -> bool:
+        """Whether one evaluation occupies a GPU (parallel workers then get one each)."""
+        return False
+
+    def threads(self) -> int | None:
+        """torch threads of one evaluation, or None when it runs no torch of its own."""
+        return None
+
+    def with_threads(self, threads: int) -> Evaluator:
+        """This evaluator with ``threads`` per evaluation (a new object when that changes
+        anything); parallel CPU workers divide the cores this way."""
+        return self
 
     def fingerprint_data(self) -> dict[str, Any]:
         """Everything besides the recipe that changes the result; keys the fitness cache."""
@@ -157,15 +197,18 @@ class Evaluator(ABC):
         restricted.name = space.name
         return restricted
 
-    def evaluate(self, recipe: Recipe, space: SearchSpace) -> EvaluationResult:
+    def evaluate(
+        self, recipe: Recipe, space: SearchSpace, placement: Placement | None = None
+    ) -> EvaluationResult:
         """Evaluate one recipe; never raises for a recipe's own failure."""
+        placement = placement or Placement()
         start = time.perf_counter()
         reason = self.infeasible_reason(recipe, space)
         if reason is not None:
             result = EvaluationResult.failure(reason, {"evaluator": self.name}, "infeasible")
             return result.with_duration(time.perf_counter() - start)
         try:
-            result = self._evaluate(recipe)
+            result = self._evaluate(recipe, placement)
             if result.ok:
                 # Re-check: a back end that returns NaN or four objectives is a failure.
                 result = EvaluationResult.success(result.objectives or {}, result.metadata)

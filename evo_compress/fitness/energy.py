@@ -9,8 +9,10 @@ No torch import at module level: this module is also used where torch is not ins
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -77,7 +79,25 @@ def rapl_package_zones(root: Path = DEFAULT_POWERCAP_ROOT) -> list[Path]:
     return zones
 
 
-def _nvml_handle(device: str) -> tuple[Any, Any] | None:
+def nvml_device_handle(pynvml: Any, device: str, env: Mapping[str, str] | None = None) -> Any:
+    """NVML's handle of the GPU that CUDA calls ``device``. NVML numbers GPUs physically and
+    ignores ``CUDA_VISIBLE_DEVICES``, which renumbers them for CUDA (a parallel worker pinned
+    to GPU 3 sees it as cuda:0): map through it, by index or by UUID. ``env`` is the
+    environment of the process that uses the GPU (default: this one's)."""
+    index = int(device.split(":", 1)[1]) if ":" in device else 0
+    visible = (os.environ if env is None else env).get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        entries = [e.strip() for e in visible.split(",") if e.strip()]
+        if index >= len(entries):
+            raise ValueError(f"{device} is not among CUDA_VISIBLE_DEVICES={visible}")
+        entry = entries[index]
+        if not entry.isdigit():
+            return pynvml.nvmlDeviceGetHandleByUUID(entry)
+        index = int(entry)
+    return pynvml.nvmlDeviceGetHandleByIndex(index)
+
+
+def _nvml_handle(device: str, env: Mapping[str, str] | None = None) -> tuple[Any, Any] | None:
     """(pynvml module, handle) for a CUDA device whose energy counter works, else None."""
     if not device.startswith("cuda"):
         return None
@@ -85,10 +105,9 @@ def _nvml_handle(device: str) -> tuple[Any, Any] | None:
         import pynvml
     except ImportError:
         return None
-    index = int(device.split(":", 1)[1]) if ":" in device else 0
     try:
         pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        handle = nvml_device_handle(pynvml, device, env)
         pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
     except Exception:  # no driver, no GPU, or a GPU without the counter (pre-Volta)
         return None
@@ -119,6 +138,7 @@ class EnergyMeter:
         powercap_root: Path | str = DEFAULT_POWERCAP_ROOT,
         prefer: tuple[Method, ...] = ("nvml", "rapl", "cpu-time-estimate"),
         poll_interval_s: float = 1.0,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         if watts_per_core <= 0:
             raise ValueError(f"`watts_per_core` must be > 0, got {watts_per_core}")
@@ -132,6 +152,7 @@ class EnergyMeter:
         self.powercap_root = Path(powercap_root)
         self.prefer = tuple(prefer)
         self.poll_interval_s = float(poll_interval_s)
+        self.env = env  # the measured process's environment: which GPU `device` is
         self.method: Method | None = None
         self._result: EnergyResult | None = None
         self._nvml: tuple[Any, Any] | None = None
@@ -152,7 +173,7 @@ class EnergyMeter:
     def _choose(self) -> Method:
         for method in self.prefer:
             if method == "nvml":
-                self._nvml = _nvml_handle(self.device)
+                self._nvml = _nvml_handle(self.device, self.env)
                 if self._nvml is not None:
                     return "nvml"
             elif method == "rapl":

@@ -17,7 +17,12 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from evo_compress.exceptions import ConfigError, RecipeError
-from evo_compress.fitness._base import EvaluationContext, EvaluationResult, Evaluator
+from evo_compress.fitness._base import (
+    EvaluationContext,
+    EvaluationResult,
+    Evaluator,
+    Placement,
+)
 from evo_compress.genomes import Recipe, SearchSpace
 from evo_compress.objectives import OBJECTIVES
 
@@ -133,6 +138,13 @@ class SyntheticSettings(BaseModel):
     noise: float = Field(0.003, ge=0, description="Std-dev of the per-recipe noise")
     seed: int = Field(0, description="Seeds the per-recipe noise")
     cost_s: float = Field(0.0, ge=0, description="Seconds to sleep per evaluation")
+    cost_spread: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="The pause varies per recipe by up to this fraction of cost_s, so "
+        "parallel evaluations finish out of order (tests, benchmarks)",
+    )
     fail_if: dict[str, list[Any]] = Field(
         default_factory=dict, description="gene -> values whose recipes fail (tests)"
     )
@@ -243,14 +255,20 @@ class SyntheticEvaluator(Evaluator):
         return {name: None for name in self._space.genes}
 
     def fingerprint_data(self) -> dict[str, Any]:
-        # Validated settings (defaults filled, 7 == 7.0), less cost_s: a pause changes no result.
+        # Validated settings (defaults filled, 7 == 7.0), less the pause: it changes no result.
         data = super().fingerprint_data()
-        data["settings"] = self.config.model_dump(mode="json", exclude={"cost_s"})
+        data["settings"] = self.config.model_dump(mode="json", exclude={"cost_s", "cost_spread"})
         return data
 
-    def _evaluate(self, recipe: Recipe) -> EvaluationResult:
+    def cost_of(self, recipe: Recipe) -> float:
+        """Seconds this recipe's evaluation pauses: cost_s, spread by a hash of the recipe."""
+        digest = hashlib.sha256(f"cost:{recipe.hash}".encode()).digest()
+        unit = int.from_bytes(digest[:8], "big") / 2**64 * 2.0 - 1.0  # in [-1, 1)
+        return self.config.cost_s * (1.0 + self.config.cost_spread * unit)
+
+    def _evaluate(self, recipe: Recipe, placement: Placement) -> EvaluationResult:
         if self.config.cost_s > 0:
-            time.sleep(self.config.cost_s)
+            time.sleep(self.cost_of(recipe))
         base_meta: dict[str, Any] = {"evaluator": self.name, "synthetic": True, "note": _NOTE}
         for gene_name, values in self.config.fail_if.items():
             if gene_name in recipe and recipe[gene_name] in values:

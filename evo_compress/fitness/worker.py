@@ -15,9 +15,10 @@ import multiprocessing as mp
 import os
 import signal
 import tempfile
+import threading
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -26,6 +27,11 @@ from evo_compress.fitness._base import EvaluationResult
 
 _POLL_S = 0.1
 _CONTEXTS: dict[tuple[str, ...], Any] = {}
+# Workers running now, from any thread: a search stopping with parallel evaluations in
+# flight kills them all (their process groups) instead of leaving them to their timeouts.
+_LIVE: set[Any] = set()
+_LIVE_LOCK = threading.Lock()
+_STOPPING = threading.Event()
 
 
 @dataclass(frozen=True)
@@ -44,8 +50,13 @@ def _context(preload: Sequence[str]) -> Any:
     return _CONTEXTS[key]
 
 
-def _child(target: str, payload: dict[str, Any], conn: Connection, log: str) -> None:
+def _child(
+    target: str, payload: dict[str, Any], conn: Connection, log: str, env: dict[str, str]
+) -> None:
     os.setpgrp()  # its own process group, so a kill also takes anything it started
+    # A parallel worker's own environment (CUDA_VISIBLE_DEVICES), set before anything in
+    # this process touches CUDA: the forkserver it came from has the search's environment.
+    os.environ.update(env)
     # Libraries' progress bars and warnings go to a log, not over the search's display;
     # the parent attaches its tail to a failed result.
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -80,16 +91,27 @@ def run_in_worker(
     payload: dict[str, Any],
     limits: WorkerLimits,
     preload: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
 ) -> EvaluationResult:
     """Call ``module:function(payload)`` in a worker process; the function returns an
-    ``EvaluationResult`` (or raises). Never raises for the evaluation's own failures."""
+    ``EvaluationResult`` (or raises). ``env`` is added to the worker's environment. Never
+    raises for the evaluation's own failures."""
     ctx = _context(preload)
     parent, child = ctx.Pipe(duplex=False)
     log_fd, log = tempfile.mkstemp(prefix="evo-compress-worker-", suffix=".log")
     os.close(log_fd)
-    process = ctx.Process(target=_child, args=(target, payload, child, log), daemon=True)
+    process = ctx.Process(
+        target=_child, args=(target, payload, child, log, dict(env or {})), daemon=True
+    )
     start = time.perf_counter()
-    process.start()
+    with _LIVE_LOCK:
+        if _STOPPING.is_set():  # the search is shutting down: start nothing new
+            parent.close()
+            child.close()
+            os.unlink(log)
+            return EvaluationResult.failure("cancelled: the search is stopping")
+        process.start()
+        _LIVE.add(process)
     child.close()
     peak = 0.0
     reason: str | None = None
@@ -121,6 +143,8 @@ def run_in_worker(
             _kill(process)
         process.join(timeout=10)
         parent.close()
+        with _LIVE_LOCK:
+            _LIVE.discard(process)
     seconds = time.perf_counter() - start
     meta: dict[str, Any] = {
         "worker": {"pid": process.pid, "seconds": round(seconds, 3), "peak_rss_mib": peak}
@@ -142,6 +166,22 @@ def run_in_worker(
     result: EvaluationResult = message[1]
     merged = {**result.metadata, **meta}
     return EvaluationResult(result.status, result.objectives, result.reason, merged, seconds)
+
+
+def kill_live_workers() -> int:
+    """Kill every worker process running now and refuse new ones until ``allow_workers``;
+    returns how many were killed. Their ``run_in_worker`` calls return failures."""
+    with _LIVE_LOCK:
+        _STOPPING.set()
+        live = list(_LIVE)
+    for process in live:
+        _kill(process)
+    return len(live)
+
+
+def allow_workers() -> None:
+    """Undo ``kill_live_workers``: new workers may start again."""
+    _STOPPING.clear()
 
 
 def _tail(path: str, limit: int = 4000) -> str:

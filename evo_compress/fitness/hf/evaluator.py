@@ -20,7 +20,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from evo_compress.config import ModelConfig, format_validation_error
 from evo_compress.exceptions import ConfigError, EvaluationError
-from evo_compress.fitness._base import EvaluationContext, EvaluationResult, Evaluator
+from evo_compress.fitness._base import (
+    EvaluationContext,
+    EvaluationResult,
+    Evaluator,
+    Placement,
+)
 from evo_compress.fitness.worker import WorkerLimits, run_in_worker
 from evo_compress.genomes import Recipe
 
@@ -90,6 +95,7 @@ class TransformersEvaluator(Evaluator):
         self._device: str | None = None
         self._model_path: Path | None = None
         self._task: dict[str, Any] | None = None
+        self._capabilities: dict[str, Collection[Any] | None] | None = None
 
     # ------------------------------------------------------------------ environment
     @property
@@ -104,7 +110,23 @@ class TransformersEvaluator(Evaluator):
             self._device = wanted
         return self._device
 
+    def uses_gpu(self) -> bool:
+        return self.device.startswith("cuda")
+
+    def threads(self) -> int | None:
+        return self.config.threads
+
+    def with_threads(self, threads: int) -> TransformersEvaluator:
+        if threads == self.config.threads:
+            return self
+        return TransformersEvaluator({**self.settings, "threads": threads}, self.context)
+
     def capabilities(self) -> Mapping[str, Collection[Any] | None]:
+        if self._capabilities is None:  # probed once: it imports and tries the kernels
+            self._capabilities = self._probe_capabilities()
+        return self._capabilities
+
+    def _probe_capabilities(self) -> dict[str, Collection[Any] | None]:
         from evo_compress.fitness.hf._quiet import quiet_output
 
         device = self.device
@@ -150,6 +172,8 @@ class TransformersEvaluator(Evaluator):
         )
         data["model_content"] = self._model_fingerprint()
         data["machine"] = {"cpu": cpu_name(), "device": self.device}
+        if self.concurrent > 1 and not self.uses_gpu():
+            data["machine"]["concurrent_evaluations"] = self.concurrent
         return data
 
     def _model_fingerprint(self) -> str:
@@ -169,7 +193,7 @@ class TransformersEvaluator(Evaluator):
         )
 
     # ------------------------------------------------------------------ evaluation
-    def _evaluate(self, recipe: Recipe) -> EvaluationResult:
+    def _evaluate(self, recipe: Recipe, placement: Placement) -> EvaluationResult:
         if self._model_path is None or self._task is None:
             self.prepare()
         assert self._model_path is not None and self._task is not None
@@ -178,7 +202,7 @@ class TransformersEvaluator(Evaluator):
             "recipe_hash": recipe.hash,
             "model_path": str(self._model_path),
             "dtype": self.context.model.dtype,
-            "device": self.device,
+            "device": placement.device or self.device,
             "task": self._task,
             "settings": self.config.model_dump(mode="json"),
             "carbon": self.context.carbon.model_dump(mode="json"),
@@ -186,7 +210,11 @@ class TransformersEvaluator(Evaluator):
         memory = self.config.memory_limit_mib or 0.75 * _machine_memory_mib()
         limits = WorkerLimits(timeout_s=self.config.timeout_s, memory_limit_mib=memory)
         return run_in_worker(
-            "evo_compress.fitness.hf.pipeline:evaluate_in_worker", payload, limits, _PRELOAD
+            "evo_compress.fitness.hf.pipeline:evaluate_in_worker",
+            payload,
+            limits,
+            _PRELOAD,
+            env=placement.env,
         )
 
 

@@ -158,6 +158,7 @@ def evaluate_in_worker(payload: dict[str, Any]) -> EvaluationResult:
     metadata = {
         "evaluator": "transformers",
         "device": device,
+        "torch_threads": int(settings["threads"]),
         "objectives": {
             "accuracy": {
                 "how": f"lm-eval `{accuracy.get('task')}` {accuracy.get('metric')}",

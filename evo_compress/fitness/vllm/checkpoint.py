@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ def ensure_checkpoint(
     task: dict[str, Any],
     settings: dict[str, Any],
     python: str | None,
+    env: Mapping[str, str] | None = None,
 ) -> Checkpoint:
     """The served folder for ``plan``: the base model itself when no weight changes, else a
     cached folder (built now if missing). Raises ``EvaluationError`` when a step fails."""
@@ -72,7 +74,7 @@ def ensure_checkpoint(
     cache_root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{key[:24]}-", dir=cache_root))
     try:
-        info = _build(plan, work, model_path, device, dtype, task, settings, python)
+        info = _build(plan, work, model_path, device, dtype, task, settings, python, env or {})
         info["key"] = key
         (work / "final" / MARKER).write_text(json.dumps(info, indent=1))
         try:
@@ -94,6 +96,7 @@ def _build(
     task: dict[str, Any],
     settings: dict[str, Any],
     python: str | None,
+    env: Mapping[str, str],
 ) -> dict[str, Any]:
     steps: list[dict[str, Any]] = []
     source = model_path
@@ -117,6 +120,7 @@ def _build(
                 memory_limit_mib=settings.get("memory_limit_mib"),
             ),
             _PRELOAD,
+            env=env,
         )
         if not result.ok:
             raise EvaluationError(
@@ -126,7 +130,7 @@ def _build(
         source = out
     if plan.quant_step is not None:
         steps.append(
-            _quantize(plan, source, final, task, settings, python, device, work / "calib.txt")
+            _quantize(plan, source, final, task, settings, python, device, work / "calib.txt", env)
         )
     elif source == model_path:  # nothing to build after all: serve a copy of the base
         shutil.copytree(model_path, final)
@@ -155,6 +159,7 @@ def _quantize(
     python: str | None,
     device: str,
     calibration: Path,
+    env: Mapping[str, str],
 ) -> dict[str, Any]:
     step = plan.quant_step
     assert step is not None
@@ -188,7 +193,8 @@ def _quantize(
     log = output.parent / "quantize.log"
     started = time.perf_counter()
     children_before = _children_cpu_seconds()
-    meter = EnergyMeter(device, watts_per_core=float(settings["watts_per_core"]))
+    full_env = {**os.environ, **env}  # a parallel worker's GPU (CUDA_VISIBLE_DEVICES)
+    meter = EnergyMeter(device, watts_per_core=float(settings["watts_per_core"]), env=full_env)
     with meter, log.open("w") as out:
         try:
             proc = subprocess.run(
@@ -197,6 +203,7 @@ def _quantize(
                 stderr=subprocess.STDOUT,
                 timeout=float(settings["build_timeout_s"]),
                 check=False,
+                env=full_env,
             )
         except subprocess.TimeoutExpired:
             raise EvaluationError(

@@ -24,13 +24,19 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from evo_compress.exceptions import EvaluationError
-from evo_compress.fitness._base import EvaluationContext, EvaluationResult, Evaluator
+from evo_compress.fitness._base import (
+    EvaluationContext,
+    EvaluationResult,
+    Evaluator,
+    Placement,
+)
 from evo_compress.fitness.energy import (
     EnergyMeter,
     EnergyResult,
     amortised_co2_per_1k,
     co2_grams,
     describe_energy,
+    nvml_device_handle,
 )
 from evo_compress.fitness.hf.evaluator import (
     REFERENCE_TASK,
@@ -157,6 +163,17 @@ class VLLMEvaluator(Evaluator):
         caps["recovery.method"] = [m for m in methods if m != "qlora"]
         return caps
 
+    def uses_gpu(self) -> bool:
+        return self.device.startswith("cuda")
+
+    def threads(self) -> int | None:
+        return self.config.threads
+
+    def with_threads(self, threads: int) -> VLLMEvaluator:
+        if threads == self.config.threads:
+            return self
+        return VLLMEvaluator({**self.settings, "threads": threads}, self.context)
+
     def infeasible_reason(self, recipe: Recipe, space: SearchSpace) -> str | None:
         # A custom space's genes are servable at their defaults: remember them for compile.
         self._defaults = {name: gene.default for name, gene in space.genes.items()}
@@ -182,6 +199,8 @@ class VLLMEvaluator(Evaluator):
             "gpu": self.gpu["name"],
             "cpu": cpu_name(),
         }
+        if self.concurrent > 1 and not self.uses_gpu():
+            data["serving"]["concurrent_evaluations"] = self.concurrent
         return data
 
     # ------------------------------------------------------------------ preparation
@@ -196,7 +215,7 @@ class VLLMEvaluator(Evaluator):
         )
 
     # ------------------------------------------------------------------ evaluation
-    def _evaluate(self, recipe: Recipe) -> EvaluationResult:
+    def _evaluate(self, recipe: Recipe, placement: Placement) -> EvaluationResult:
         from evo_compress.fitness.vllm.checkpoint import ensure_checkpoint
         from evo_compress.reference import default_cache_dir
 
@@ -210,15 +229,18 @@ class VLLMEvaluator(Evaluator):
             model_path=self._model_path,
             model_fingerprint=model_fingerprint(self.context.model),
             cache_root=self.config.checkpoint_dir or default_cache_dir() / "vllm-checkpoints",
-            device=self.device,
+            device=placement.device or self.device,
             dtype=self.context.model.dtype,
             task=self._task,
             settings=settings,
             python=self.config.python,
+            env=placement.env,
         )
         args = (*plan.engine_args, "--seed", str(self.config.seed), *self.config.extra_args)
         log_dir = (self.run_dir or default_cache_dir()) / "logs"
-        measured = self._serve_and_measure(recipe, checkpoint.path, args, plan.env, log_dir)
+        measured = self._serve_and_measure(
+            recipe, checkpoint.path, args, plan.env, log_dir, placement
+        )
         return self._result(recipe, plan, checkpoint, args, measured, started)
 
     def _serve_and_measure(
@@ -228,6 +250,7 @@ class VLLMEvaluator(Evaluator):
         args: tuple[str, ...],
         env: Mapping[str, str],
         log_dir: Path,
+        placement: Placement,
     ) -> dict[str, Any]:
         from evo_compress.fitness.vllm.client import ClientError
         from evo_compress.fitness.vllm.server import ServerSpec, VLLMServer
@@ -241,16 +264,20 @@ class VLLMEvaluator(Evaluator):
             command=tuple(settings.command),
             model=str(model),
             args=args,
-            env={**settings.env, **env},
+            env={**settings.env, **env, **placement.env},
             served_model_name=SERVED_NAME,
         )
         log_path = log_dir / f"vllm-{recipe.short_hash}-{int(time.time())}.log"
-        memory = _MemorySampler(self.device)
+        device = placement.device or self.device
+        gpu_env = {**os.environ, **placement.env}  # which physical GPU `device` is
+        memory = _MemorySampler(device, gpu_env)
         memory.baseline()
         server = VLLMServer(spec, log_path, startup_timeout_s=settings.startup_timeout_s)
         try:
             with server:
-                return self._measure(server, model, prompts, concurrency, memory, log_path)
+                return self._measure(
+                    server, model, prompts, concurrency, memory, log_path, device, gpu_env
+                )
         except ClientError as exc:
             if not server.alive():
                 raise EvaluationError(
@@ -267,6 +294,8 @@ class VLLMEvaluator(Evaluator):
         concurrency: int,
         memory: _MemorySampler,
         log_path: Path,
+        device: str,
+        gpu_env: Mapping[str, str],
     ) -> dict[str, Any]:
         from evo_compress.fitness.vllm.accuracy import measure_server_accuracy
         from evo_compress.fitness.vllm.client import measure_latency, scrape_metrics
@@ -275,7 +304,8 @@ class VLLMEvaluator(Evaluator):
         task = self._task or {}
         memory.watch(server.pid)
         cpu_before = _tree_cpu_seconds(server.pid)
-        with EnergyMeter(self.device, watts_per_core=settings.watts_per_core) as meter:
+        meter = EnergyMeter(device, watts_per_core=settings.watts_per_core, env=gpu_env)
+        with meter:
             latency = measure_latency(
                 server.base_url,
                 SERVED_NAME,
@@ -478,7 +508,9 @@ class _MemorySampler:
     """Peak memory while serving: the GPU's used memory (NVML) minus what was used before
     the server started; without a GPU, the server processes' resident memory."""
 
-    def __init__(self, device: str, interval_s: float = 0.2) -> None:
+    def __init__(
+        self, device: str, env: Mapping[str, str] | None = None, interval_s: float = 0.2
+    ) -> None:
         self.device = device
         self.interval_s = interval_s
         self._nvml: Any = None
@@ -492,7 +524,7 @@ class _MemorySampler:
                 import pynvml
 
                 pynvml.nvmlInit()
-                self._nvml = (pynvml, pynvml.nvmlDeviceGetHandleByIndex(_cuda_index(device)))
+                self._nvml = (pynvml, nvml_device_handle(pynvml, device, env))
             except Exception:
                 self._nvml = None
 
