@@ -207,10 +207,16 @@ def run(
     no_cache: bool = typer.Option(
         False, "--no-cache", help="Evaluate everything; read and write no cache."
     ),
+    workers: str | None = typer.Option(
+        None,
+        "--workers",
+        help="Evaluations at once (`evaluation.workers`): auto (one per visible GPU, one on "
+        "a CPU) or a count.",
+    ),
 ) -> None:
     """Start a new search from a population config."""
     with _errors():
-        from evo_compress.config import load_config
+        from evo_compress.config import load_config, parse_config
         from evo_compress.engine import Search
 
         if cache is not None and no_cache:
@@ -228,6 +234,10 @@ def run(
             update["cache"] = cfg.cache.model_copy(
                 update={"enabled": not no_cache, "path": cache or cfg.cache.path}
             )
+        if workers is not None:
+            data = cfg.model_dump(mode="json")
+            data["evaluation"]["workers"] = int(workers) if workers.isdigit() else workers
+            cfg = parse_config(data, f"{config} with --workers {workers}", check=False)
         cfg = cfg.model_copy(update=update)
         listener = _RichProgress(console)
         search = Search.start(cfg, run_dir=run_dir, listener=listener)

@@ -158,6 +158,51 @@ class EvaluatorConfig(_Section):
     settings: dict[str, Any] = Field(default_factory=dict)
 
 
+class RayConfig(_Section):
+    address: str | None = Field(
+        None,
+        description="`auto` (the cluster this machine belongs to), a cluster address "
+        "(`host:6379` or `ray://host:10001`), or none for a local Ray started on the fly",
+    )
+    cpus_per_task: float | None = Field(
+        None, gt=0, description="CPUs one evaluation asks for (default: the evaluator's threads)"
+    )
+    gpus_per_task: float | None = Field(
+        None, ge=0, description="GPUs one evaluation asks for (default: 1 on a CUDA device)"
+    )
+    max_retries: int = Field(
+        2, ge=0, description="Re-runs of an evaluation whose worker or node died"
+    )
+    local_cpus: int | None = Field(
+        None, ge=1, description="CPUs a local Ray started on the fly offers (default: all)"
+    )
+    runtime_env: dict[str, Any] = Field(
+        default_factory=dict, description="Ray runtime_env for the workers (env_vars, ...)"
+    )
+
+
+class EvaluationConfig(_Section):
+    workers: int | Literal["auto"] = Field(
+        "auto",
+        description="Evaluations run at once. auto: one per visible GPU (one on a CPU; "
+        "Ray: as many as the cluster places). N on a CPU divides the cores' threads",
+    )
+    backend: Literal["local", "ray"] = Field(
+        "local", description="local: worker processes on this machine; ray: a Ray cluster"
+    )
+    ray: RayConfig = RayConfig()
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, value: Any) -> Any:
+        ok = value == "auto" or (
+            isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        )
+        if not ok:
+            raise ValueError("must be auto or a count >= 1")
+        return value
+
+
 class CacheConfig(_Section):
     enabled: bool = True
     path: Path | None = Field(None, description="Default: <runs_root>/.cache/fitness.sqlite")
@@ -177,6 +222,7 @@ class PopulationConfig(_Section):
     search: SearchConfig = SearchConfig()
     llm: LLMConfig = LLMConfig()
     evaluator: EvaluatorConfig = EvaluatorConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
     cache: CacheConfig = CacheConfig()
     output: OutputConfig = OutputConfig()
 
@@ -295,7 +341,9 @@ def check_config(config: PopulationConfig, source: str = "config") -> None:
         _check_llm(config)
         # Evaluator constructors only validate settings; models load on first use.
         context = EvaluationContext(config.model, config.hardware, config.carbon)
-        EVALUATORS.get(config.evaluator.name)(config.evaluator.settings, context).close()
+        evaluator = EVALUATORS.get(config.evaluator.name)(config.evaluator.settings, context)
+        _check_evaluation(config.evaluation, evaluator)
+        evaluator.close()
         if config.search.recipes != "llm":
             try:
                 load_portfolio(config.search.recipes, space)
@@ -303,6 +351,20 @@ def check_config(config: PopulationConfig, source: str = "config") -> None:
                 raise ConfigError(f"`search.recipes`: {exc}") from None
     except EvoCompressError as exc:
         raise ConfigError(f"{source}: {exc}") from None
+
+
+def _check_evaluation(evaluation: EvaluationConfig, evaluator: Any) -> None:
+    """The machine has the GPUs ``evaluation.workers`` asks for; Ray is installed for
+    ``evaluation.backend: ray``."""
+    import importlib.util
+
+    from evo_compress.fitness.pool import plan_workers
+
+    plan_workers(evaluation, evaluator)
+    if evaluation.backend == "ray" and importlib.util.find_spec("ray") is None:
+        raise ConfigError(
+            "`evaluation.backend` is ray but Ray is not installed: pip install 'evo-compress[ray]'"
+        )
 
 
 def _check_llm(config: PopulationConfig) -> None:

@@ -51,6 +51,13 @@ from evo_compress.fitness import (
     FitnessCache,
     make_evaluator,
 )
+from evo_compress.fitness.pool import (
+    EvaluationPool,
+    Task,
+    WorkerPlan,
+    configure_evaluator,
+    make_pool,
+)
 from evo_compress.genomes import Recipe, SearchSpace, builtin_portfolios, load_portfolio
 from evo_compress.objectives import OBJECTIVE_NAMES, OBJECTIVES, to_minimization
 from evo_compress.operators import (
@@ -104,6 +111,7 @@ class Search:
         target_generations: int,
         listener: ProgressListener | None = None,
         retry_failed: bool = False,
+        plan: WorkerPlan | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -115,6 +123,10 @@ class Search:
         self.listener = listener or ProgressListener()
         self.fingerprint = evaluator.fingerprint()
         evaluator.set_run_dir(store.run_dir)
+        # Evaluations run in a pool (local worker slots or Ray); this process alone writes
+        # the run store and the cache.
+        self.plan = plan or WorkerPlan()
+        self.pool: EvaluationPool = make_pool(evaluator, self.plan, config.evaluation)
         ops = config.search.operators
         self.crossovers: list[Crossover] = [
             make_crossover(s.name, space, s.params, f"search.operators.crossover[{i}]")
@@ -167,7 +179,7 @@ class Search:
         listener: ProgressListener | None = None,
     ) -> Search:
         full_space = build_space(config)
-        evaluator = make_config_evaluator(config)
+        evaluator, plan = configure_config_evaluator(config)
         # Search only what the back end can apply: no evaluation is spent on a recipe that
         # would come back infeasible.
         space = evaluator.restrict_space(full_space)
@@ -218,6 +230,7 @@ class Search:
             _open_cache(config),
             config.search.generations,
             listener,
+            plan=plan,
         )
 
     @classmethod
@@ -253,7 +266,7 @@ class Search:
                 )
                 config = config.model_copy(update={"cache": cache_cfg})
             store.set_meta({"generations_target": target})
-            evaluator = make_config_evaluator(config)
+            evaluator, plan = configure_config_evaluator(config)
             if evaluator.fingerprint() != store.get_meta("fingerprint"):
                 raise RunStoreError(
                     f"{run_dir}: the evaluator's settings or environment differ from the ones "
@@ -266,12 +279,21 @@ class Search:
         if retry_failed and cache_obj is not None:
             cache_obj.forget_failures(evaluator.fingerprint())
         return cls(
-            config, store, space, evaluator, cache_obj, target, listener, retry_failed=retry_failed
+            config,
+            store,
+            space,
+            evaluator,
+            cache_obj,
+            target,
+            listener,
+            retry_failed=retry_failed,
+            plan=plan,
         )
 
     def close(self) -> None:
         if self.session is not None:
             self.session.close()
+        self.pool.close()
         self.evaluator.close()
         if self.cache is not None:
             self.cache.close()
@@ -284,6 +306,8 @@ class Search:
         algorithm = self._algorithm()
         algorithm.setup(problem, seed=self.config.search.seed, termination=NoTermination())
         self.listener.search_started(self)
+        if self.plan.backend != "local" or (self.plan.workers or 1) > 1:
+            self.listener.message(f"evaluating in parallel: {self.plan.note}")
         self.evaluator.prepare()
         self.reference = self._reference()
         self._hv_scales = self._hypervolume_scales()
@@ -618,15 +642,42 @@ class Search:
                     )
                 )
         new_ids = iter(self.store.add_individuals(rows)) if rows else iter(())
+        idents = [row.id if row is not None else next(new_ids) for row in existing]
+        recipes: list[Recipe] = [ind.get("recipe") for ind in offspring]
         counts = {"evaluated": 0, "cache": 0, "run": 0, "failed": 0}
-        F, G = [], []
-        for ind, row in zip(offspring, existing, strict=True):
-            ident = row.id if row is not None else next(new_ids)
-            recipe = ind.get("recipe")
-            result, source = self._evaluate(ident, recipe, self.space, stored=row is not None)
+        results: list[EvaluationResult | None] = [None] * len(offspring)
+
+        def done(slot: int, result: EvaluationResult, source: str) -> None:
+            results[slot] = result
             counts[source] = counts.get(source, 0) + 1
             counts["failed"] += not result.ok
             self.listener.evaluation_finished(generation, result, source)
+
+        # Known results first (this run's store, an equal recipe, the cache), in slot order;
+        # the rest go to the pool at once and are committed one by one as they finish.
+        waiting: dict[str, list[int]] = {}  # recipe hash -> slots (a repeat waits for it)
+        tasks = []
+        for slot, (recipe, row) in enumerate(zip(recipes, existing, strict=True)):
+            known = self._known_result(idents[slot], recipe, stored=row is not None)
+            if known is not None:
+                done(slot, *known)
+            elif recipe.hash in waiting:
+                waiting[recipe.hash].append(slot)
+            else:
+                waiting[recipe.hash] = [slot]
+                tasks.append(Task(slot, recipe, self.space))
+        for slot, fresh in self.pool.run(tasks):
+            self._commit(idents[slot], recipes[slot], fresh)
+            done(slot, fresh, "evaluated")
+            for repeat in waiting[recipes[slot].hash][1:]:
+                self.store.add_evaluation(idents[repeat], fresh, "run")
+                done(repeat, fresh, "run")
+
+        # Selection sees the results in offspring order, whichever finished first.
+        F, G = [], []
+        for ind, ident, recipe, result in zip(offspring, idents, recipes, results, strict=True):
+            if result is None:
+                raise EvaluationError(f"no result came back for {recipe.summary()}")
             ind.set("iid", ident)
             self._seen.add(recipe.hash)
             F.append(self._objectives(result))
@@ -637,9 +688,20 @@ class Search:
     def _evaluate(
         self, ident: int, recipe: Recipe, space: SearchSpace, stored: bool
     ) -> tuple[EvaluationResult, str]:
+        """One evaluation (the reference): a known result, else one task in the pool."""
+        known = self._known_result(ident, recipe, stored)
+        if known is not None:
+            return known
+        [(_, result)] = list(self.pool.run([Task(ident, recipe, space)]))
+        self._commit(ident, recipe, result)
+        return result, "evaluated"
+
+    def _known_result(
+        self, ident: int, recipe: Recipe, stored: bool
+    ) -> tuple[EvaluationResult, str] | None:
         """Stored evaluation of this individual (``stored``: its row predates this process) >
-        same recipe earlier in this run > fitness cache > a real evaluation. Every new row is
-        committed at once."""
+        same recipe earlier in this run > fitness cache; None when it must be evaluated.
+        Every new row is committed at once."""
         if stored:
             row = self.store.evaluation(ident)
             retry = self.retry_failed and row is not None and row.result.status == "failed"
@@ -650,19 +712,20 @@ class Search:
         if earlier is not None:
             self.store.add_evaluation(ident, earlier, "run")
             return earlier, "run"
-        result: EvaluationResult | None = None
         if self.cache is not None:
             result = self.cache.get(recipe, self.fingerprint)
             if result is not None:
                 self.store.add_evaluation(ident, result, "cache")
                 self._results[recipe.hash] = result
                 return result, "cache"
-        result = self.evaluator.evaluate(recipe, space)
+        return None
+
+    def _commit(self, ident: int, recipe: Recipe, result: EvaluationResult) -> None:
+        """A fresh result into the run store and the cache, the moment it arrives."""
         self.store.add_evaluation(ident, result, "evaluated")
         if self.cache is not None:
             self.cache.put(recipe, self.fingerprint, result)
         self._results[recipe.hash] = result
-        return result, "evaluated"
 
     def _objectives(self, result: EvaluationResult) -> np.ndarray:
         if not result.ok or result.objectives is None:
@@ -1090,9 +1153,16 @@ def _reference_directions(pop_size: int, partitions: int | None) -> np.ndarray:
 
 
 def make_config_evaluator(config: PopulationConfig) -> Evaluator:
-    """The evaluator a config names, with its model, hardware and carbon context."""
+    """The evaluator a config names, with its model, hardware and carbon context, set up
+    for the config's parallel evaluation (threads divided between CPU workers)."""
+    return configure_config_evaluator(config)[0]
+
+
+def configure_config_evaluator(config: PopulationConfig) -> tuple[Evaluator, WorkerPlan]:
+    """The config's evaluator and how its evaluations run (``fitness.pool``)."""
     context = EvaluationContext(config.model, config.hardware, config.carbon)
-    return make_evaluator(config.evaluator.name, config.evaluator.settings, context)
+    evaluator = make_evaluator(config.evaluator.name, config.evaluator.settings, context)
+    return configure_evaluator(config.evaluation, evaluator)
 
 
 def _open_cache(config: PopulationConfig) -> FitnessCache | None:

@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 RECIPES = {
     "baseline": {},
@@ -158,10 +159,25 @@ def check_back_end(folder: Path) -> bool:
         else:
             ok = False
             print(f"{name:<10} {result.status:<8} {result.reason}")
+    ok = check_pinned_worker(evaluator, space) and ok
     out = os.environ.get("OUT")
     if out:
         Path(out, "gpu_check.json").write_text(json.dumps(rows, indent=2))
     return ok
+
+
+def check_pinned_worker(evaluator: Any, space: Any) -> bool:
+    """A parallel worker's path (``evaluation.workers``): the evaluation pinned to one GPU
+    with CUDA_VISIBLE_DEVICES, which its process calls cuda; NVML must read that GPU."""
+    from evo_compress.fitness import Placement
+    from evo_compress.fitness.pool import visible_gpus
+
+    gpu = visible_gpus("cuda")[-1]
+    placement = Placement(0, {"CUDA_VISIBLE_DEVICES": gpu}, "cuda", f"pinned to GPU {gpu}")
+    result = evaluator.evaluate(space.recipe({"serve": {"max_num_seqs": 16}}), space, placement)
+    how = (result.metadata.get("objectives") or {}).get("energy", {}).get("how", "")
+    print(f"pinned worker (CUDA_VISIBLE_DEVICES={gpu}): {result.status} {result.reason or how}")
+    return result.ok and "NVML" in how.upper()
 
 
 def main() -> int:

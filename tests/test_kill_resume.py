@@ -46,10 +46,8 @@ def front(run_dir: Path) -> list[dict]:
     return json.loads(out.stdout)
 
 
-@pytest.mark.slow
-def test_sigkill_mid_generation_then_resume_gives_the_same_front(tmp_path):
-    config = tmp_path / "config.yaml"
-    config.write_text(
+def write_config(path: Path, evaluation: dict) -> Path:
+    path.write_text(
         yaml.safe_dump(
             {
                 "name": "kill",
@@ -60,13 +58,41 @@ def test_sigkill_mid_generation_then_resume_gives_the_same_front(tmp_path):
                     "recipes": "aggressive",
                 },
                 "evaluator": {"name": "synthetic", "settings": {"cost_s": 0.08}},
-                "output": {"runs_root": str(tmp_path / "runs")},
+                "evaluation": evaluation,
+                "output": {"runs_root": str(path.parent / "runs")},
             }
         )
     )
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "evaluation",
+    [
+        {},
+        {"workers": 3},
+        # The driver dies: Ray cancels its tasks; resume goes on as after any crash.
+        {"backend": "ray", "ray": {"local_cpus": 2}},
+    ],
+    ids=["serial", "local-workers", "ray"],
+)
+def test_sigkill_mid_generation_then_resume_gives_the_same_front(tmp_path, evaluation):
+    if evaluation.get("backend") == "ray":
+        pytest.importorskip("ray")
+    # The uninterrupted run is serial: the killed one must match it however it evaluates.
+    config = write_config(tmp_path / "config.yaml", evaluation)
     reference = tmp_path / "uninterrupted"
     subprocess.run(
-        [*EXE, "run", "--config", str(config), "--run-dir", str(reference), "--no-cache"],
+        [
+            *EXE,
+            "run",
+            "--config",
+            str(write_config(tmp_path / "serial.yaml", {})),
+            "--run-dir",
+            str(reference),
+            "--no-cache",
+        ],
         capture_output=True,
         text=True,
         check=True,

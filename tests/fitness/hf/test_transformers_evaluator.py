@@ -107,3 +107,27 @@ def test_bad_settings_name_the_field(tiny_model):
         evaluator_for(tiny_model, threads=0)
     with pytest.raises(ConfigError, match=r"unknown key `evaluator.settings.thread`"):
         evaluator_for(tiny_model, thread=2)
+
+
+def test_two_cpu_workers_share_the_cores_and_both_results_come_back(tiny_model, monkeypatch):
+    from evo_compress.config import EvaluationConfig
+    from evo_compress.fitness.pool import LocalPool, Task, configure_evaluator
+
+    monkeypatch.setattr("evo_compress.fitness.pool.available_cores", lambda: 2)
+    solo = evaluator_for(tiny_model, threads=2)
+    evaluator, plan = configure_evaluator(EvaluationConfig(workers=2), solo)
+    assert plan.workers == 2 and evaluator.threads() == 1
+    # Measured two at a time on shared cores: never mixed with solo results in the cache.
+    assert evaluator.fingerprint() != solo.fingerprint()
+    evaluator.prepare()
+    recipes = [
+        SPACE.recipe({"serve": {"max_num_seqs": 2}}),
+        SPACE.recipe({"quant": {"method": "int8_weight_only"}, "serve": {"max_num_seqs": 2}}),
+    ]
+    with LocalPool(evaluator, plan) as pool:
+        results = dict(pool.run([Task(i, r, SPACE) for i, r in enumerate(recipes)]))
+    assert sorted(results) == [0, 1]
+    assert all(r.ok for r in results.values()), [r.reason for r in results.values()]
+    assert {r.metadata["placement"]["slot"] for r in results.values()} == {0, 1}
+    assert results[0].metadata["worker"]["pid"] != results[1].metadata["worker"]["pid"]
+    assert all(r.metadata["torch_threads"] == 1 for r in results.values())

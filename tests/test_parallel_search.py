@@ -1,0 +1,113 @@
+"""Parallel evaluation in a whole search: the same front serially, on local workers and on
+Ray; results committed one by one, so a crash loses only what was in flight."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from evo_compress.engine import Search
+from evo_compress.fitness import EvaluationResult, Placement
+from evo_compress.genomes import Recipe
+from evo_compress.runs import RunStore
+from evo_compress.runs.front import load_front
+
+# Pauses that differ per recipe, so parallel evaluations finish out of offspring order.
+SLOW = {"name": "synthetic", "settings": {"cost_s": 0.02, "cost_spread": 1.0}}
+
+
+def run_search(config: Any, run_dir: Path) -> list[Any]:
+    search = Search.start(config, run_dir=run_dir)
+    try:
+        search.run()
+        return [m.to_json() for m in load_front(search.store)]
+    finally:
+        search.close()
+
+
+def final_state(run_dir: Path) -> tuple[Any, ...]:
+    with RunStore.open(run_dir) as store:
+        checkpoint = store.last_checkpoint()
+        assert checkpoint is not None
+        rows = [(r.id, r.hash, r.parents, r.operators) for r in store.individuals()]
+        evaluated = sorted((i, e.result.objectives) for i, e in store.evaluations().items())
+        return checkpoint.population, checkpoint.algorithm_state, rows, evaluated
+
+
+def test_local_workers_give_the_serial_front(config_factory, tmp_path):
+    serial = run_search(config_factory(evaluator=SLOW), tmp_path / "serial")
+    parallel_config = config_factory(evaluator=SLOW, evaluation={"workers": 3})
+    parallel = run_search(parallel_config, tmp_path / "parallel")
+    assert serial and parallel == serial
+    assert final_state(tmp_path / "parallel") == final_state(tmp_path / "serial")
+    with RunStore.open(tmp_path / "parallel") as store:
+        slots = {
+            e.result.metadata.get("placement", {}).get("slot")
+            for e in store.evaluations().values()
+            if e.source == "evaluated"
+        }
+    assert slots >= {0, 1, 2}  # the work was spread over the three workers
+
+
+def test_a_crash_with_evaluations_in_flight_resumes_to_the_same_front(config_factory, tmp_path):
+    config = config_factory(evaluator=SLOW, evaluation={"workers": 2}, search={"generations": 4})
+    expected = run_search(config, tmp_path / "full")
+
+    class Crash(Exception):
+        pass
+
+    search = Search.start(config, run_dir=tmp_path / "crashed")
+    original = search.evaluator.evaluate
+    calls = {"n": 0}
+
+    def evaluate_then_crash(
+        recipe: Recipe, space: Any, placement: Placement | None = None
+    ) -> EvaluationResult:
+        if getattr(search, "_generation", 0) == 2:
+            calls["n"] += 1
+            if calls["n"] == 4:
+                raise Crash
+        return original(recipe, space, placement)
+
+    search.evaluator.evaluate = evaluate_then_crash  # type: ignore[method-assign]
+    with pytest.raises(Crash):
+        search.run()
+    search.close()
+    with RunStore.open(tmp_path / "crashed") as store:
+        assert store.last_checkpoint().generation == 1  # type: ignore[union-attr]
+        generation_2 = {row.id for row in store.individuals(2)}
+        kept = [i for i in store.evaluations() if i in generation_2]
+    assert kept  # results that finished before the crash were committed
+
+    resumed = Search.resume(tmp_path / "crashed")
+    sources: list[str] = []
+    resumed.listener.evaluation_finished = lambda g, r, s: sources.append(s)  # type: ignore[method-assign]
+    resumed.run()
+    resumed.close()
+    assert sources.count("run") >= len(kept)  # committed results were not evaluated again
+    with RunStore.open(tmp_path / "crashed") as store:
+        assert [m.to_json() for m in load_front(store)] == expected
+
+
+@pytest.mark.slow
+def test_ray_gives_the_serial_front(config_factory, tmp_path):
+    pytest.importorskip("ray")
+    config = config_factory(evaluator=SLOW, search={"generations": 3})
+    serial = run_search(config, tmp_path / "serial")
+    ray_config = config_factory(
+        evaluator=SLOW,
+        search={"generations": 3},
+        evaluation={"backend": "ray", "ray": {"local_cpus": 2}},
+    )
+    on_ray = run_search(ray_config, tmp_path / "ray")
+    assert serial and on_ray == serial
+    assert final_state(tmp_path / "ray") == final_state(tmp_path / "serial")
+    with RunStore.open(tmp_path / "ray") as store:
+        where = {
+            e.result.metadata.get("placement", {}).get("where", "")
+            for e in store.evaluations().values()
+            if e.source == "evaluated"
+        }
+    assert all("ray" in w.lower() or "node" in w.lower() for w in where)
