@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from evo_compress.fitness._base import EvaluationResult
+from evo_compress.fitness._base import EvaluationResult, Placement
+from evo_compress.fitness.synthetic import SyntheticEvaluator
 from evo_compress.genomes import Recipe, SearchSpace
 
 SEED_MAX = 2**32 - 1  # upper bound for seeds drawn by property tests
@@ -42,6 +43,13 @@ def worker_echo(payload: dict[str, Any]) -> EvaluationResult:
     return EvaluationResult.success(objectives, {"echo": payload, "pid": os.getpid()})
 
 
+def worker_env(payload: dict[str, Any]) -> EvaluationResult:
+    """Echoes the worker's own values of the environment variables ``payload["names"]``."""
+    env = {name: os.environ.get(name) for name in payload["names"]}
+    objectives = {"accuracy": 0.5, "latency": 1.0, "memory": 2.0, "energy": 3.0, "co2": 4.0}
+    return EvaluationResult.success(objectives, {"env": env, "pid": os.getpid()})
+
+
 def worker_raise(payload: dict[str, Any]) -> EvaluationResult:
     raise ValueError(f"bad recipe {payload.get('name')}")
 
@@ -67,6 +75,28 @@ def worker_crash(payload: dict[str, Any]) -> EvaluationResult:
 def worker_print_then_raise(payload: dict[str, Any]) -> EvaluationResult:
     print("chatter from a library", flush=True)
     raise RuntimeError("and then it failed")
+
+
+class PidFileEvaluator(SyntheticEvaluator):
+    """For tests: the synthetic evaluator, but each evaluation writes its process id to
+    ``<pid_dir>/<recipe short hash>.pid``, and the first one of each recipe then pauses
+    ``hold_s`` seconds, so a test can kill that process mid-evaluation (a retry does not
+    pause). Both are attributes, not settings: they travel with the pickled evaluator and
+    leave its fingerprint alone."""
+
+    pid_dir: Path | None = None
+    hold_s: float = 0.0
+
+    def _evaluate(self, recipe: Recipe, placement: Placement) -> EvaluationResult:
+        if self.pid_dir is not None:
+            path = self.pid_dir / f"{recipe.short_hash}.pid"
+            first = not path.exists()
+            scratch = path.with_suffix(f".{os.getpid()}.tmp")
+            scratch.write_text(str(os.getpid()))
+            os.replace(scratch, path)  # a reader never sees half a pid
+            if first:
+                time.sleep(self.hold_s)
+        return super()._evaluate(recipe, placement)
 
 
 def save_random_llama(folder: Path, dtype: Any = None, **shape: Any) -> Path:
