@@ -136,3 +136,49 @@ def run_search(config: Any, run_dir: Path) -> Path:
     finally:
         search.close()
     return run_dir
+
+
+def search_front(config: Any, run_dir: Path, listener: Any = None) -> list[Any]:
+    """Run a search like ``run_search`` and return its front as JSON-ready records."""
+    from evo_compress.engine import Search
+    from evo_compress.runs.front import load_front
+
+    search = Search.start(config, run_dir=run_dir, listener=listener)
+    try:
+        search.run()
+        return [m.to_json() for m in load_front(search.store)]
+    finally:
+        search.close()
+
+
+def final_state(run_dir: Path, evaluations: bool = False) -> tuple[Any, ...]:
+    """What two equal runs share: the last checkpoint's population and algorithm state,
+    every individual (id, hash, parents, operators) and, with ``evaluations``, every
+    individual's objectives (in id order, whatever order they were committed in)."""
+    from evo_compress.runs import RunStore
+
+    with RunStore.open(run_dir) as store:
+        checkpoint = store.last_checkpoint()
+        assert checkpoint is not None
+        rows = [(r.id, r.hash, r.parents, r.operators) for r in store.individuals()]
+        state: tuple[Any, ...] = (checkpoint.population, checkpoint.algorithm_state, rows)
+        if evaluations:
+            objectives = sorted((i, e.result.objectives) for i, e in store.evaluations().items())
+            state = (*state, objectives)
+        return state
+
+
+def crash_evaluations(search: Any, generation: int, after: int, error: type[Exception]) -> None:
+    """Make ``search`` raise ``error`` instead of its evaluation number ``after + 1`` in
+    ``generation`` (a crash mid-generation, with ``after`` results already in)."""
+    original = search.evaluator.evaluate
+    calls = {"n": 0}
+
+    def evaluate(recipe: Recipe, space: Any, placement: Placement | None = None) -> Any:
+        if getattr(search, "_generation", 0) == generation:
+            calls["n"] += 1
+            if calls["n"] > after:
+                raise error
+        return original(recipe, space, placement)
+
+    search.evaluator.evaluate = evaluate

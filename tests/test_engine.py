@@ -17,24 +17,8 @@ from evo_compress.genomes import Recipe, SearchSpace
 from evo_compress.progress import ProgressListener
 from evo_compress.runs import RunStore
 from evo_compress.runs.front import load_front
-from evo_compress.testing import pins_except
-
-
-def run_search(config: Any, run_dir: Path) -> list[Any]:
-    search = Search.start(config, run_dir=run_dir)
-    try:
-        search.run()
-        return [m.to_json() for m in load_front(search.store)]
-    finally:
-        search.close()
-
-
-def final_state(run_dir: Path) -> tuple[Any, ...]:
-    with RunStore.open(run_dir) as store:
-        checkpoint = store.last_checkpoint()
-        assert checkpoint is not None
-        rows = [(r.id, r.hash, r.parents, r.operators) for r in store.individuals()]
-        return checkpoint.population, checkpoint.algorithm_state, rows
+from evo_compress.testing import crash_evaluations, final_state, pins_except
+from evo_compress.testing import search_front as run_search
 
 
 @pytest.mark.parametrize("algorithm", ["nsga2", "nsga3"])
@@ -81,19 +65,7 @@ def test_resume_after_a_crash_mid_generation_reuses_stored_evaluations(config_fa
     # Crash after two evaluations of generation 2: checkpoints 0 and 1 exist, generation 2's
     # individuals and two of its evaluations are committed.
     search = Search.start(config, run_dir=tmp_path / "crashed")
-    calls = {"n": 0}
-    original = search.evaluator.evaluate
-
-    def evaluate_then_crash(
-        recipe: Recipe, space: Any, placement: Placement | None = None
-    ) -> EvaluationResult:
-        if getattr(search, "_generation", 0) == 2:
-            calls["n"] += 1
-            if calls["n"] > 2:
-                raise Crash
-        return original(recipe, space, placement)
-
-    search.evaluator.evaluate = evaluate_then_crash  # type: ignore[method-assign]
+    crash_evaluations(search, generation=2, after=2, error=Crash)
     with pytest.raises(Crash):
         search.run()
     search.close()

@@ -3,37 +3,16 @@ Ray; results committed one by one, so a crash loses only what was in flight."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 import pytest
 
 from evo_compress.engine import Search
-from evo_compress.fitness import EvaluationResult, Placement
-from evo_compress.genomes import Recipe
 from evo_compress.runs import RunStore
 from evo_compress.runs.front import load_front
+from evo_compress.testing import crash_evaluations, final_state
+from evo_compress.testing import search_front as run_search
 
 # Pauses that differ per recipe, so parallel evaluations finish out of offspring order.
 SLOW = {"name": "synthetic", "settings": {"cost_s": 0.02, "cost_spread": 1.0}}
-
-
-def run_search(config: Any, run_dir: Path) -> list[Any]:
-    search = Search.start(config, run_dir=run_dir)
-    try:
-        search.run()
-        return [m.to_json() for m in load_front(search.store)]
-    finally:
-        search.close()
-
-
-def final_state(run_dir: Path) -> tuple[Any, ...]:
-    with RunStore.open(run_dir) as store:
-        checkpoint = store.last_checkpoint()
-        assert checkpoint is not None
-        rows = [(r.id, r.hash, r.parents, r.operators) for r in store.individuals()]
-        evaluated = sorted((i, e.result.objectives) for i, e in store.evaluations().items())
-        return checkpoint.population, checkpoint.algorithm_state, rows, evaluated
 
 
 def test_local_workers_give_the_serial_front(config_factory, tmp_path):
@@ -41,7 +20,9 @@ def test_local_workers_give_the_serial_front(config_factory, tmp_path):
     parallel_config = config_factory(evaluator=SLOW, evaluation={"workers": 3})
     parallel = run_search(parallel_config, tmp_path / "parallel")
     assert serial and parallel == serial
-    assert final_state(tmp_path / "parallel") == final_state(tmp_path / "serial")
+    assert final_state(tmp_path / "parallel", evaluations=True) == final_state(
+        tmp_path / "serial", evaluations=True
+    )
     with RunStore.open(tmp_path / "parallel") as store:
         slots = {
             e.result.metadata.get("placement", {}).get("slot")
@@ -59,19 +40,7 @@ def test_a_crash_with_evaluations_in_flight_resumes_to_the_same_front(config_fac
         pass
 
     search = Search.start(config, run_dir=tmp_path / "crashed")
-    original = search.evaluator.evaluate
-    calls = {"n": 0}
-
-    def evaluate_then_crash(
-        recipe: Recipe, space: Any, placement: Placement | None = None
-    ) -> EvaluationResult:
-        if getattr(search, "_generation", 0) == 2:
-            calls["n"] += 1
-            if calls["n"] == 4:
-                raise Crash
-        return original(recipe, space, placement)
-
-    search.evaluator.evaluate = evaluate_then_crash  # type: ignore[method-assign]
+    crash_evaluations(search, generation=2, after=3, error=Crash)
     with pytest.raises(Crash):
         search.run()
     search.close()
@@ -103,7 +72,9 @@ def test_ray_gives_the_serial_front(config_factory, tmp_path):
     )
     on_ray = run_search(ray_config, tmp_path / "ray")
     assert serial and on_ray == serial
-    assert final_state(tmp_path / "ray") == final_state(tmp_path / "serial")
+    assert final_state(tmp_path / "ray", evaluations=True) == final_state(
+        tmp_path / "serial", evaluations=True
+    )
     with RunStore.open(tmp_path / "ray") as store:
         where = {
             e.result.metadata.get("placement", {}).get("where", "")
