@@ -119,6 +119,11 @@ class Evaluator(ABC):
         Processes it starts get ``placement.env``; ``placement.device`` overrides the
         configured device."""
 
+    def shared_paths(self) -> list[Path]:
+        """Files and folders every evaluation reads by path (the model, the task's files):
+        on a cluster they must exist at the same path on every node. After ``prepare``."""
+        return []
+
     def uses_gpu(self) -> bool:
         """Whether one evaluation occupies a GPU (parallel workers then get one each)."""
         return False

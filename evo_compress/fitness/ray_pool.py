@@ -70,6 +70,12 @@ def evaluate_in_task(
         env["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "")
         device = "cuda"
     placement = Placement(0, env, device, f"Ray node {node_ip}, pid {os.getpid()}")
+    missing = [str(p) for p in evaluator.shared_paths() if not p.exists()]
+    if missing:  # not the recipe's failure: the driver stops the search with this
+        return EvaluationResult.failure(
+            f"missing on Ray node {node_ip}: {', '.join(missing)}",
+            {"ray": {"node_ip": node_ip, "missing_paths": missing}},
+        )
     result = evaluator.evaluate(recipe, space, placement)
     metadata = {
         **result.metadata,
@@ -101,6 +107,20 @@ def _probe(address: str) -> None:
             f"`evaluation.ray.address`: nothing answers at {address!r} ({exc}); start the "
             "cluster (`ray start --head`) or fix the address"
         ) from None
+
+
+def _raise_if_missing_paths(result: EvaluationResult) -> None:
+    """A node without the model folder fails every evaluation placed there: stop the
+    search (results so far are committed; resume once the files are shared) instead of
+    recording each recipe as failed."""
+    missing = result.metadata.get("ray", {}).get("missing_paths") if not result.ok else None
+    if missing:
+        node = result.metadata["ray"].get("node_ip")
+        raise ConfigError(
+            f"`evaluation.backend: ray`: {', '.join(missing)} is not on Ray node {node}; "
+            "the model folder and task files travel by path: put them on storage every node "
+            "mounts at the same path (docs/config.md#evaluation), then resume"
+        )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -223,7 +243,9 @@ class RayPool(EvaluationPool):
                 done, _ = ray.wait(list(pending), num_returns=1, timeout=_WAIT_S)
                 for ref in done:
                     task = pending.pop(ref)
-                    yield task.key, self._result(ref)
+                    result = self._result(ref)
+                    _raise_if_missing_paths(result)
+                    yield task.key, result
         finally:
             # Stopped early (closed, interrupted, the caller crashed): nothing runs unwatched.
             for ref in pending:

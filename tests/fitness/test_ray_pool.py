@@ -303,3 +303,27 @@ def test_a_task_no_node_can_hold_is_a_config_error(
     message = str(info.value)
     assert "\n" not in message and asked in message and "`evaluation.ray" in message
     assert not ray.is_initialized()
+
+
+class _NeedsAFolder(SyntheticEvaluator):
+    """Reads a model folder by path, like the real back ends."""
+
+    folder = Path("/nonexistent/evo-compress-model")
+
+    def shared_paths(self) -> list[Path]:
+        return [self.folder]
+
+
+@pytest.mark.slow
+def test_a_model_folder_missing_on_a_node_stops_the_search_with_the_fix(cluster: str) -> None:
+    from ray import cloudpickle
+
+    # Ray's workers cannot import this test module: send the class by value.
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    evaluator = _NeedsAFolder({}, EvaluationContext())
+    pool = RayPool(evaluator, RAY_PLAN, RayConfig(address=cluster))
+    with pool, pytest.raises(ConfigError) as info:
+        run_all(pool, make_tasks(samples(SPACE, 2, seed=6)))
+    message = str(info.value)
+    assert "/nonexistent/evo-compress-model is not on Ray node" in message
+    assert "same path" in message and "\n" not in message

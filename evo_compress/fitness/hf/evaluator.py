@@ -110,6 +110,11 @@ class TransformersEvaluator(Evaluator):
             self._device = wanted
         return self._device
 
+    def shared_paths(self) -> list[Path]:
+        paths = [self._model_path] if self._model_path is not None else []
+        include = (self._task or {}).get("include_path")
+        return paths + ([Path(include)] if include else [])
+
     def uses_gpu(self) -> bool:
         return self.device.startswith("cuda")
 

@@ -163,6 +163,11 @@ class VLLMEvaluator(Evaluator):
         caps["recovery.method"] = [m for m in methods if m != "qlora"]
         return caps
 
+    def shared_paths(self) -> list[Path]:
+        paths = [self._model_path] if self._model_path is not None else []
+        include = (self._task or {}).get("include_path")
+        return paths + ([Path(include)] if include else [])
+
     def uses_gpu(self) -> bool:
         return self.device.startswith("cuda")
 
