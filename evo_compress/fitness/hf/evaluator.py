@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import platform
+from abc import abstractmethod
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -83,7 +84,53 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-class TransformersEvaluator(Evaluator):
+class ModelEvaluator(Evaluator):
+    """What the back ends that evaluate a real model (transformers, vLLM) share: the model
+    folder and task prepared once, per-evaluation torch ``threads`` in ``config``, and
+    whether the resolved ``device`` is a GPU."""
+
+    config: Any  # the back end's validated settings (task, threads, ...)
+
+    def __init__(self, settings: Mapping[str, Any], context: EvaluationContext) -> None:
+        super().__init__(settings, context)
+        self._model_path: Path | None = None
+        self._task: dict[str, Any] | None = None
+
+    @property
+    @abstractmethod
+    def device(self) -> str:
+        """``hardware.device`` resolved (auto: cuda when a GPU is seen, else cpu)."""
+
+    def prepare(self) -> None:
+        """Train (once per machine) or locate the model; write the reference task files.
+        Idempotent: a second call does nothing."""
+        if self._model_path is not None and self._task is not None:
+            return
+        self._model_path, self._task = prepare_model_and_task(
+            self.context.model,
+            self.config.task,
+            self.config.task_include_path,
+            self.config.calibration_file,
+        )
+
+    def shared_paths(self) -> list[Path]:
+        paths = [self._model_path] if self._model_path is not None else []
+        include = (self._task or {}).get("include_path")
+        return paths + ([Path(include)] if include else [])
+
+    def uses_gpu(self) -> bool:
+        return self.device.startswith("cuda")
+
+    def threads(self) -> int | None:
+        return int(self.config.threads)
+
+    def with_threads(self, threads: int) -> Evaluator:
+        if threads == self.config.threads:
+            return self
+        return type(self)({**self.settings, "threads": threads}, self.context)
+
+
+class TransformersEvaluator(ModelEvaluator):
     """Applies recipes with transformers, torchao, bitsandbytes, peft and torch-pruning;
     measures accuracy with lm-eval and serving latency, memory and energy itself."""
 
@@ -93,8 +140,6 @@ class TransformersEvaluator(Evaluator):
         super().__init__(settings, context)
         self.config = parse_model_settings(TransformersSettings, settings, context)
         self._device: str | None = None
-        self._model_path: Path | None = None
-        self._task: dict[str, Any] | None = None
         self._capabilities: dict[str, Collection[Any] | None] | None = None
 
     # ------------------------------------------------------------------ environment
@@ -109,22 +154,6 @@ class TransformersEvaluator(Evaluator):
                 wanted = "cuda" if torch.cuda.is_available() else "cpu"
             self._device = wanted
         return self._device
-
-    def shared_paths(self) -> list[Path]:
-        paths = [self._model_path] if self._model_path is not None else []
-        include = (self._task or {}).get("include_path")
-        return paths + ([Path(include)] if include else [])
-
-    def uses_gpu(self) -> bool:
-        return self.device.startswith("cuda")
-
-    def threads(self) -> int | None:
-        return self.config.threads
-
-    def with_threads(self, threads: int) -> TransformersEvaluator:
-        if threads == self.config.threads:
-            return self
-        return TransformersEvaluator({**self.settings, "threads": threads}, self.context)
 
     def capabilities(self) -> Mapping[str, Collection[Any] | None]:
         if self._capabilities is None:  # probed once: it imports and tries the kernels
@@ -183,19 +212,6 @@ class TransformersEvaluator(Evaluator):
 
     def _model_fingerprint(self) -> str:
         return model_fingerprint(self.context.model)
-
-    # ------------------------------------------------------------------ preparation
-    def prepare(self) -> None:
-        """Train (once per machine) or locate the model; write the reference task files.
-        Idempotent: a second call does nothing."""
-        if self._model_path is not None and self._task is not None:
-            return
-        self._model_path, self._task = prepare_model_and_task(
-            self.context.model,
-            self.config.task,
-            self.config.task_include_path,
-            self.config.calibration_file,
-        )
 
     # ------------------------------------------------------------------ evaluation
     def _evaluate(self, recipe: Recipe, placement: Placement) -> EvaluationResult:

@@ -27,7 +27,6 @@ from evo_compress.exceptions import EvaluationError
 from evo_compress.fitness._base import (
     EvaluationContext,
     EvaluationResult,
-    Evaluator,
     Placement,
 )
 from evo_compress.fitness.energy import (
@@ -40,10 +39,10 @@ from evo_compress.fitness.energy import (
 )
 from evo_compress.fitness.hf.evaluator import (
     REFERENCE_TASK,
+    ModelEvaluator,
     cpu_name,
     model_fingerprint,
     parse_model_settings,
-    prepare_model_and_task,
 )
 from evo_compress.fitness.vllm.compile import (
     VLLMCapabilities,
@@ -104,7 +103,7 @@ class VLLMSettings(BaseModel):
         return value
 
 
-class VLLMEvaluator(Evaluator):
+class VLLMEvaluator(ModelEvaluator):
     """Serves each recipe with vLLM and measures it through the OpenAI-compatible API."""
 
     name: ClassVar[str] = "vllm"
@@ -114,8 +113,6 @@ class VLLMEvaluator(Evaluator):
         self.config = parse_model_settings(VLLMSettings, settings, context)
         self._caps: VLLMCapabilities | None = None
         self._gpu: dict[str, Any] | None = None
-        self._model_path: Path | None = None
-        self._task: dict[str, Any] | None = None
         self._defaults: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ environment
@@ -163,22 +160,6 @@ class VLLMEvaluator(Evaluator):
         caps["recovery.method"] = [m for m in methods if m != "qlora"]
         return caps
 
-    def shared_paths(self) -> list[Path]:
-        paths = [self._model_path] if self._model_path is not None else []
-        include = (self._task or {}).get("include_path")
-        return paths + ([Path(include)] if include else [])
-
-    def uses_gpu(self) -> bool:
-        return self.device.startswith("cuda")
-
-    def threads(self) -> int | None:
-        return self.config.threads
-
-    def with_threads(self, threads: int) -> VLLMEvaluator:
-        if threads == self.config.threads:
-            return self
-        return VLLMEvaluator({**self.settings, "threads": threads}, self.context)
-
     def infeasible_reason(self, recipe: Recipe, space: SearchSpace) -> str | None:
         # A custom space's genes are servable at their defaults: remember them for compile.
         self._defaults = {name: gene.default for name, gene in space.genes.items()}
@@ -207,17 +188,6 @@ class VLLMEvaluator(Evaluator):
         if self.concurrent > 1 and not self.uses_gpu():
             data["serving"]["concurrent_evaluations"] = self.concurrent
         return data
-
-    # ------------------------------------------------------------------ preparation
-    def prepare(self) -> None:
-        if self._model_path is not None and self._task is not None:
-            return
-        self._model_path, self._task = prepare_model_and_task(
-            self.context.model,
-            self.config.task,
-            self.config.task_include_path,
-            self.config.calibration_file,
-        )
 
     # ------------------------------------------------------------------ evaluation
     def _evaluate(self, recipe: Recipe, placement: Placement) -> EvaluationResult:
