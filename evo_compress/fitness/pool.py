@@ -20,7 +20,7 @@ import os
 import queue
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -30,6 +30,8 @@ from evo_compress.genomes import Recipe, SearchSpace
 
 if TYPE_CHECKING:
     from evo_compress.config import EvaluationConfig
+
+_STOP_WAIT_S = 30.0  # how long a stopping pool waits for its slots' threads
 
 
 @dataclass(frozen=True)
@@ -218,9 +220,9 @@ class LocalPool(EvaluationPool):
                 for future in futures:
                     future.cancel()
                 kill_live_workers()
-                for future in futures:
-                    if not future.cancelled():
-                        future.exception()  # wait for the slot's thread to let go
+                # Let the slots' threads see their workers die (a vLLM server in a slot is
+                # stopped by its own guard at exit; do not wait on it for ever).
+                wait(futures, timeout=_STOP_WAIT_S)
                 allow_workers()
 
     def close(self) -> None:

@@ -164,7 +164,7 @@ def _tasks(n: int, seed: int = 0) -> list[Task]:
 
 
 def test_local_workers_run_at_once_and_every_result_comes_back():
-    evaluator = _evaluator(cost_s=0.05, cost_spread=1.0)
+    evaluator = _evaluator(cost_s=0.05, cost_spread=0.5)  # every pause >= 25 ms
     tasks = _tasks(8)
     plan = plan_workers(EvaluationConfig(workers=3), evaluator)
     with LocalPool(evaluator, plan) as pool:
@@ -180,14 +180,19 @@ def test_local_workers_run_at_once_and_every_result_comes_back():
 
 
 def test_results_arrive_as_they_finish_not_in_task_order():
-    evaluator = _evaluator(cost_s=0.1, cost_spread=1.0)
-    tasks = _tasks(6, seed=4)
-    costs = [evaluator.cost_of(t.recipe) for t in tasks]
-    with LocalPool(evaluator, plan_workers(EvaluationConfig(workers=6), evaluator)) as pool:
+    tasks = _tasks(5, seed=4)
+    # Pauses 50 ms apart, longest first: started together, they finish in reverse.
+    pauses = {t.recipe.hash: 0.05 * (len(tasks) - t.key) for t in tasks}
+
+    class _Paused(_Threaded):
+        def _evaluate(self, recipe: Recipe, placement: Placement) -> EvaluationResult:
+            time.sleep(pauses[recipe.hash])
+            return super()._evaluate(recipe, placement)
+
+    evaluator = _Paused({}, EvaluationContext())
+    with LocalPool(evaluator, plan_workers(EvaluationConfig(workers=5), evaluator)) as pool:
         order = [key for key, _ in pool.run(tasks)]
-    # All six start together, so they finish in order of their pauses.
-    assert order == sorted(range(6), key=lambda i: costs[i])
-    assert order != list(range(6))
+    assert order == [4, 3, 2, 1, 0]
 
 
 def test_one_worker_evaluates_in_the_calling_thread():
