@@ -39,13 +39,13 @@ from pymoo.core.callback import Callback
 from pymoo.core.problem import Problem
 from pymoo.optimize import minimize
 from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
+from recipe_encoding import decode
 from sections import write_section
 
 from evo_compress.config import PopulationConfig, build_space, parse_config
 from evo_compress.engine import GenerationStats, ProgressListener, Search
 from evo_compress.fitness import EvaluationContext, EvaluationResult, Evaluator, make_evaluator
 from evo_compress.genomes import Recipe, SearchSpace
-from evo_compress.genomes.genes import BoolGene, ChoiceGene, FloatGene, IntGene
 from evo_compress.objectives import OBJECTIVES, to_minimization
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -234,49 +234,46 @@ def run_engine(
 
 
 # ---------------------------------------------------------------------- bare pymoo
-def decode(x: np.ndarray, space: SearchSpace) -> dict[str, Any]:
-    """One real in [0, 1] per gene (space.genes order) -> a raw assignment for ``repair``."""
-    values: dict[str, Any] = {}
-    for xi, (name, gene) in zip(x, space.genes.items(), strict=True):
-        u = float(xi)
-        if isinstance(gene, ChoiceGene):
-            k = len(gene.choices)
-            values[name] = gene.choices[min(int(u * k), k - 1)]
-        elif isinstance(gene, (IntGene, FloatGene)):
-            value = gene.low + round(u * gene.n_steps) * gene.step
-            values[name] = int(value) if isinstance(gene, IntGene) else float(value)
-        elif isinstance(gene, BoolGene):
-            values[name] = u >= 0.5
-        else:
-            raise TypeError(f"gene `{name}` has an unsupported type {type(gene).__name__}")
-    return values
-
-
 class NumericRecipeProblem(Problem):
-    """The five objectives of the synthetic evaluator over a [0, 1]^n encoding of the space.
+    """The five objectives of an evaluator over a [0, 1]^n encoding of the space.
 
-    A failed evaluation violates the one constraint; every evaluated result is kept so the
-    hypervolume can be taken over everything the algorithm evaluated."""
+    A failed evaluation violates the one constraint; ``constraints`` (with its count), when
+    given, computes the whole constraint row instead, failures included. Every evaluated
+    result is kept so the hypervolume can be taken over everything the algorithm evaluated."""
 
-    def __init__(self, space: SearchSpace, evaluator: Evaluator, seed: int) -> None:
+    def __init__(
+        self,
+        space: SearchSpace,
+        evaluator: Evaluator,
+        seed: int,
+        constraints: Callable[[EvaluationResult], np.ndarray] | None = None,
+        n_constraints: int = 1,
+    ) -> None:
         super().__init__(
-            n_var=len(space.genes), n_obj=len(OBJECTIVES), n_ieq_constr=1, xl=0.0, xu=1.0
+            n_var=len(space.genes),
+            n_obj=len(OBJECTIVES),
+            n_ieq_constr=n_constraints,
+            xl=0.0,
+            xu=1.0,
         )
         self.space = space
         self.evaluator = evaluator
+        self.constraints = constraints
         self.repair_rng = np.random.default_rng(seed)
         self.results: list[EvaluationResult] = []
 
     def _evaluate(self, x: np.ndarray, out: dict[str, Any], *args: Any, **kwargs: Any) -> None:
         F = np.full((len(x), self.n_obj), _FAILED_F)
-        G = np.zeros((len(x), 1))
+        G = np.zeros((len(x), self.n_ieq_constr))
         for i, row in enumerate(x):
             recipe: Recipe = self.space.repair(decode(row, self.space), self.repair_rng)
             result = self.evaluator.evaluate(recipe, self.space)
             self.results.append(result)
             if result.ok and result.objectives is not None:
                 F[i] = to_minimization(result.objectives)
-            else:
+            if self.constraints is not None:
+                G[i] = self.constraints(result)
+            elif not result.ok:
                 G[i, 0] = 1.0
         out["F"] = F
         out["G"] = G
