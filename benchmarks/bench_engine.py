@@ -86,12 +86,20 @@ def engine_config(
     seed: int,
     runs_root: Path,
     operators: dict[str, Any] | None = None,
+    *,
+    algorithm: str = "nsga2",
+    evaluator: str = "synthetic",
+    evaluator_settings: dict[str, Any] | None = None,
+    constraints: dict[str, float] | None = None,
 ) -> PopulationConfig:
+    """The benchmark's search config; the defaults are this file's synthetic runs."""
+    settings = EVALUATOR_SETTINGS if evaluator_settings is None else evaluator_settings
     return parse_config(
         {
             "name": "bench",
+            "constraints": constraints or {},
             "search": {
-                "algorithm": "nsga2",
+                "algorithm": algorithm,
                 "population_size": pop,
                 "offspring_size": pop,
                 "generations": generations,
@@ -99,7 +107,7 @@ def engine_config(
                 "recipes": "baseline",
                 "operators": operators or {},
             },
-            "evaluator": {"name": "synthetic", "settings": EVALUATOR_SETTINGS},
+            "evaluator": {"name": evaluator, "settings": settings},
             "cache": {"enabled": False},
             "output": {"runs_root": str(runs_root)},
         },
@@ -107,9 +115,12 @@ def engine_config(
     )
 
 
-def make_space_and_evaluator() -> tuple[SearchSpace, Evaluator]:
-    """The same space and evaluator the engine builds from the benchmark config."""
-    config = engine_config(QUALITY_POP, QUALITY_GENERATIONS, 0, Path(tempfile.gettempdir()))
+def make_space_and_evaluator(**config_options: Any) -> tuple[SearchSpace, Evaluator]:
+    """The same space and evaluator the engine builds from the benchmark config
+    (``config_options``: ``engine_config``'s keyword options)."""
+    config = engine_config(
+        QUALITY_POP, QUALITY_GENERATIONS, 0, Path(tempfile.gettempdir()), **config_options
+    )
     space: SearchSpace = build_space(config)
     context = EvaluationContext(config.model, config.hardware, config.carbon)
     return space, make_evaluator(config.evaluator.name, config.evaluator.settings, context)
@@ -201,9 +212,12 @@ def run_engine(
     seed: int,
     profiler: cProfile.Profile | None = None,
     operators: dict[str, Any] | None = None,
+    **config_options: Any,
 ) -> EngineRun:
+    """One search; ``results`` are its evaluations in the order it made them, the baseline
+    reference (generation -1) left out. ``config_options``: ``engine_config``'s options."""
     with tempfile.TemporaryDirectory(prefix="evo-bench-") as tmp:
-        config = engine_config(pop, generations, seed, Path(tmp), operators)
+        config = engine_config(pop, generations, seed, Path(tmp), operators, **config_options)
         timer = _PhaseTimer()
         search = Search.start(config, run_dir=Path(tmp) / "run", listener=timer)
         try:
