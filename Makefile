@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	# A CPU build of torch from local disk first: a bare `torch` requirement would pull
 	# several GB of CUDA wheels.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[hf,llm,ray,dev]"
+	$(PY) -m pip install --quiet -e ".[hf,llm,ray,dev,bench]"
 	touch $(STAMP)
 
 demo: setup
@@ -47,6 +47,7 @@ bench: setup
 	$(PY) benchmarks/bench_engine.py
 	$(PY) benchmarks/bench_reference.py
 	$(PY) benchmarks/bench_parallel.py
+	$(PY) benchmarks/bench_quality.py
 
 # Runs with the machine's own python3 and its CUDA build of torch (setup installs a CPU
 # build into .venv); the machine needs the `hf` extra's other packages installed.
