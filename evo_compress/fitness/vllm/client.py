@@ -23,7 +23,12 @@ from evo_compress.exceptions import EvaluationError
 
 
 class ClientError(EvaluationError):
-    """A request to the server failed: an HTTP error, a broken stream or a timeout."""
+    """A request to the server failed: an HTTP error, a broken stream or a timeout.
+    ``status`` is the HTTP status when the server answered with an error, else None."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -113,8 +118,8 @@ class _Call:
         self.payload = payload
         self.connection: http.client.HTTPConnection | None = None
 
-    def fail(self, why: str) -> ClientError:
-        return ClientError(f"{self.method} {self.url}: {why}")
+    def fail(self, why: str, status: int | None = None) -> ClientError:
+        return ClientError(f"{self.method} {self.url}: {why}", status)
 
     def open(self) -> http.client.HTTPResponse:
         body = None if self.payload is None else json.dumps(self.payload).encode()
@@ -139,7 +144,9 @@ class _Call:
             except (OSError, http.client.HTTPException):
                 detail = ""
             self.close()
-            raise self.fail(f"HTTP {response.status} {response.reason}: {detail}".rstrip(": "))
+            raise self.fail(
+                f"HTTP {response.status} {response.reason}: {detail}".rstrip(": "), response.status
+            )
         return response
 
     def translate(self, exc: OSError | http.client.HTTPException) -> ClientError:

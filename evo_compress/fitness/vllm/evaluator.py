@@ -248,18 +248,19 @@ class VLLMEvaluator(ModelEvaluator):
         memory = _MemorySampler(device, gpu_env)
         memory.baseline()
         server = VLLMServer(spec, log_path, startup_timeout_s=settings.startup_timeout_s)
-        try:
-            with server:
+        with server:
+            try:
                 return self._measure(
                     server, model, prompts, concurrency, memory, log_path, device, gpu_env
                 )
-        except ClientError as exc:
-            if not server.alive():
-                raise EvaluationError(
-                    f"the vLLM server died while being measured ({exc}); last lines of "
-                    f"{log_path}: {server.log_tail(8)}"
-                ) from None
-            raise
+            except ClientError as exc:
+                # Asked while the server is still ours: once stopped it is never alive.
+                if _server_died(server, grace_s=0.0 if exc.status is not None else 3.0):
+                    raise EvaluationError(
+                        f"the vLLM server died while being measured ({exc}); last lines of "
+                        f"{log_path}: {server.log_tail(8)}"
+                    ) from None
+                raise
 
     def _measure(
         self,
@@ -418,6 +419,36 @@ def probe_version(command: tuple[str, ...], timeout_s: float = 120.0) -> str | N
         except ValueError:
             continue
     return None
+
+
+def _server_died(server: Any, grace_s: float) -> bool:
+    """Whether the server process (or its guard) has exited, waiting up to ``grace_s`` for
+    the exit of a server that broke a connection as it died."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        if not server.alive() or not _running(server.pid):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+
+
+def _running(pid: int | None) -> bool:
+    if pid is None:
+        return True  # not known yet: the guard's state decides
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
 
 
 def _cuda_index(device: str) -> int:

@@ -69,6 +69,19 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         help="a child in its own session (escapes the server's process group)",
     )
     parser.add_argument("--fake-port-in-use-once", default=None, metavar="FILE")
+    parser.add_argument(
+        "--fake-stall-s",
+        type=float,
+        default=0.0,
+        help="every completion waits this long before its first token (a hung engine)",
+    )
+    parser.add_argument(
+        "--fake-exit-on-request",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the process exits with code 1 when the N-th completion request arrives",
+    )
     return parser.parse_known_args(list(argv))
 
 
@@ -497,6 +510,8 @@ class StandInServer(ThreadingHTTPServer):
         self.args = args
         self.served_name = args.served_model_name or args.model
         self.started = time.monotonic()
+        self.completions = 0
+        self.completions_lock = threading.Lock()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
@@ -567,6 +582,7 @@ class Handler(BaseHTTPRequestHandler):
         if path != "/v1/completions":
             self._error(RequestError(404, f"no route {path}", "NotFoundError"))
             return
+        self._maybe_crash()
         try:
             try:
                 body = json.loads(raw)
@@ -588,6 +604,15 @@ class Handler(BaseHTTPRequestHandler):
             self._complete(request, prepared)
         except Exception as exc:  # a generation failure is the client's 500, not a dead socket
             self._error(RequestError(500, f"{type(exc).__name__}: {exc}", "InternalServerError"))
+
+    def _maybe_crash(self) -> None:
+        server = self.server
+        with server.completions_lock:
+            server.completions += 1
+            count = server.completions
+        if server.args.fake_exit_on_request == count:
+            print(f"ERROR: fake crash at completion request {count}", file=sys.stderr, flush=True)
+            os._exit(1)
 
     def _head(self) -> dict[str, Any]:
         return {
@@ -612,6 +637,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _complete(self, request: CompletionRequest, prepared: list[Prepared]) -> None:
         engine = self.server.engine
+        time.sleep(self.server.args.fake_stall_s)
         choices, prompt_tokens, completion_tokens = [], 0, 0
         for index, (prompt, ids, max_tokens) in enumerate(prepared):
             text, tokens, finish = "", [], None
@@ -653,6 +679,7 @@ class Handler(BaseHTTPRequestHandler):
         engine = self.server.engine
         head = self._head()
         prompt_tokens = completion_tokens = 0
+        time.sleep(self.server.args.fake_stall_s)
         try:
             for index, (prompt, ids, max_tokens) in enumerate(prepared):
                 offset = 0

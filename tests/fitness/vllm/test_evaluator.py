@@ -117,6 +117,28 @@ def test_a_recipe_is_served_and_measured_through_the_api(tmp_path):
     assert "4" in second.metadata["engine_args"]
 
 
+@pytest.mark.slow
+def test_a_failed_measurement_names_its_cause_not_a_dead_server(tmp_path):
+    # The server hangs: every request times out, and it is still alive when that is seen.
+    stalled = evaluator(
+        tmp_path, request_timeout_s=1, extra_args=["--fake-stall-s", "30"]
+    ).evaluate(SPACE.baseline(), SPACE)
+    assert stalled.status == "failed"
+    assert "within 1s" in (stalled.reason or "")
+    assert "died" not in (stalled.reason or "")
+
+
+@pytest.mark.slow
+def test_a_server_that_dies_while_measured_is_reported_dead(tmp_path):
+    died = evaluator(tmp_path, extra_args=["--fake-exit-on-request", "2"]).evaluate(
+        SPACE.baseline(), SPACE
+    )
+    assert died.status == "failed"
+    reason = died.reason or ""
+    assert "the vLLM server died while being measured" in reason
+    assert "fake crash at completion request 2" in reason  # the log's tail says why
+
+
 def _real_vllm() -> str | None:
     """The serve command of an installed vLLM on a CUDA machine, else None."""
     import os
