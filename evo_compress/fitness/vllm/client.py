@@ -48,6 +48,7 @@ class LatencyReport:
 
     requests: int
     concurrency: int
+    max_tokens: int
     output_tokens: int
     wall_s: float
     ttft_median_ms: float
@@ -272,6 +273,22 @@ def complete(
         raise call.fail(f"the reply has no choices[0].text: {str(data)[:200]}") from None
 
 
+def tokenize(
+    base_url: str, model: str, prompt: str, timeout_s: float = 60.0
+) -> tuple[int, int | None]:
+    """vLLM's ``POST /tokenize``: the prompt's token count as the server counts it (special
+    tokens included, as for a completion) and the served context length (None: unknown)."""
+    payload = {"model": model, "prompt": prompt, "add_special_tokens": True}
+    call = _Call(_Endpoint(base_url), "POST", "/tokenize", timeout_s, payload)
+    data = _json(call)
+    try:
+        count = int(data["count"])
+        limit = data.get("max_model_len")
+        return count, None if limit is None else int(limit)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise call.fail(f"the reply has no token count: {str(data)[:200]}") from None
+
+
 def _percentile(values: Sequence[float], q: float) -> float:
     """Linear interpolation between closest ranks (numpy's default)."""
     ordered = sorted(values)
@@ -334,6 +351,7 @@ def measure_latency(
     return LatencyReport(
         requests=len(timings),
         concurrency=concurrency,
+        max_tokens=max_tokens,
         output_tokens=tokens,
         wall_s=wall,
         ttft_median_ms=_percentile(ttfts, 50),
@@ -435,4 +453,5 @@ __all__ = [
     "parse_metrics",
     "scrape_metrics",
     "stream_completion",
+    "tokenize",
 ]

@@ -12,6 +12,7 @@ the server. The search process never imports vllm: it may live in another enviro
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shlex
 import subprocess
@@ -51,6 +52,8 @@ from evo_compress.fitness.vllm.compile import (
     unsupported_reason,
 )
 from evo_compress.genomes import Recipe, SearchSpace
+
+log = logging.getLogger(__name__)
 
 DEFAULT_VERSION = "0.33.0"  # assumed when the serving environment cannot be asked
 SERVED_NAME = "evo-compress"
@@ -114,6 +117,7 @@ class VLLMEvaluator(ModelEvaluator):
         self._caps: VLLMCapabilities | None = None
         self._gpu: dict[str, Any] | None = None
         self._defaults: dict[str, Any] | None = None
+        self._context_warned = False  # the output-token clamp is logged once
 
     # ------------------------------------------------------------------ environment
     @property
@@ -278,6 +282,12 @@ class VLLMEvaluator(ModelEvaluator):
 
         settings = self.config
         task = self._task or {}
+        max_tokens, note = _fit_to_context(
+            server.base_url, prompts, settings.max_new_tokens, settings.request_timeout_s
+        )
+        if note is not None and not self._context_warned:
+            self._context_warned = True
+            log.warning(note)
         memory.watch(server.pid)
         cpu_before = _tree_cpu_seconds(server.pid)
         meter = EnergyMeter(device, watts_per_core=settings.watts_per_core, env=gpu_env)
@@ -286,7 +296,7 @@ class VLLMEvaluator(ModelEvaluator):
                 server.base_url,
                 SERVED_NAME,
                 prompts,
-                max_tokens=settings.max_new_tokens,
+                max_tokens=max_tokens,
                 concurrency=concurrency,
                 warmup=settings.warmup_requests,
                 timeout_s=settings.request_timeout_s,
@@ -322,6 +332,7 @@ class VLLMEvaluator(ModelEvaluator):
             "energy": energy,
             "log": str(log_path),
             "concurrency": concurrency,
+            "notes": [] if note is None else [note],
         }
 
     def _result(
@@ -358,7 +369,7 @@ class VLLMEvaluator(ModelEvaluator):
             "gpu": self.gpu["name"],
             "command": list(self.config.command),
             "engine_args": list(args),
-            "notes": list(plan.notes),
+            "notes": [*plan.notes, *measured["notes"]],
             "checkpoint": {
                 "key": checkpoint.key,
                 "path": str(checkpoint.path),
@@ -449,6 +460,40 @@ def _running(pid: int | None) -> bool:
         except PermissionError:
             pass
         return True
+
+
+def _fit_to_context(
+    base_url: str, prompts: list[str], wanted: int, timeout_s: float
+) -> tuple[int, str | None]:
+    """Output tokens per latency request that fit the served context with the longest
+    prompt (vLLM refuses a request whose prompt + max_tokens exceed ``max_model_len``), and
+    a note when fewer than ``wanted``. A server without ``/tokenize`` gets ``wanted``."""
+    from evo_compress.fitness.vllm.client import ClientError, tokenize
+
+    longest, limit = 0, None
+    try:
+        for prompt in dict.fromkeys(prompts):
+            count, limit = tokenize(base_url, SERVED_NAME, prompt, timeout_s)
+            longest = max(longest, count)
+    except ClientError as exc:
+        if exc.status in (404, 405, 501):
+            return wanted, None
+        raise
+    if limit is None or longest + wanted <= limit:
+        return wanted, None
+    room = limit - longest
+    if room < 2:
+        raise EvaluationError(
+            f"the longest latency prompt has {longest} tokens and the served model's context "
+            f"is {limit}: no room for the 2 output tokens a latency measurement needs; use "
+            "shorter prompts (`evaluator.settings.calibration_file`) or a longer context "
+            "(`evaluator.settings.extra_args`: --max-model-len)"
+        )
+    return room, (
+        f"`evaluator.settings.max_new_tokens` {wanted} plus the longest latency prompt "
+        f"({longest} tokens) exceed the served context of {limit} tokens: each latency "
+        f"request asked for {room} output tokens instead"
+    )
 
 
 def _cuda_index(device: str) -> int:

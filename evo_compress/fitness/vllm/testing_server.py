@@ -1,11 +1,12 @@
 """A stand-in for ``vllm serve``: vLLM's OpenAI-compatible HTTP API, served on the CPU.
 
 ``python -m evo_compress.fitness.vllm.testing_server MODEL --host H --port P
---served-model-name N [vLLM engine args]`` answers ``/health``, ``/v1/models``, ``/metrics``
-and ``/v1/completions`` (streamed or not) like vLLM. MODEL, a folder with ``config.json``,
-is run greedily with transformers when torch imports; anything else gets deterministic fake
-tokens ("echo" mode, no torch). ``--fake-*`` flags inject the failures the lifecycle tests
-need. It is a test double: one request generates at a time in transformers mode.
+--served-model-name N [vLLM engine args]`` answers ``/health``, ``/v1/models``, ``/metrics``,
+``/tokenize`` and ``/v1/completions`` (streamed or not) like vLLM, context limit included.
+MODEL, a folder with ``config.json``, is run greedily with transformers when torch imports;
+anything else gets deterministic fake tokens ("echo" mode, no torch). ``--fake-*`` flags
+inject the failures the lifecycle tests need. It is a test double: one request generates at
+a time in transformers mode.
 """
 
 from __future__ import annotations
@@ -579,6 +580,9 @@ class Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
+        if path == "/tokenize":
+            self._tokenize(raw)
+            return
         if path != "/v1/completions":
             self._error(RequestError(404, f"no route {path}", "NotFoundError"))
             return
@@ -604,6 +608,27 @@ class Handler(BaseHTTPRequestHandler):
             self._complete(request, prepared)
         except Exception as exc:  # a generation failure is the client's 500, not a dead socket
             self._error(RequestError(500, f"{type(exc).__name__}: {exc}", "InternalServerError"))
+
+    def _tokenize(self, raw: bytes) -> None:
+        """vLLM's ``POST /tokenize``: a prompt's token ids, their count and the context."""
+        try:
+            try:
+                body = json.loads(raw)
+            except ValueError as exc:
+                raise RequestError(400, f"the request body is not valid JSON: {exc}") from None
+            if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
+                raise RequestError(400, "`prompt` must be a string")
+            model = body.get("model", self.server.served_name)
+            if model not in (None, self.server.served_name):
+                raise RequestError(
+                    404, f"The model `{model}` does not exist.", "NotFoundError", "model"
+                )
+        except RequestError as error:
+            self._error(error)
+            return
+        backend = self.server.engine.backend
+        ids = backend.encode(body["prompt"])
+        self._json(200, {"count": len(ids), "max_model_len": backend.max_model_len, "tokens": ids})
 
     def _maybe_crash(self) -> None:
         server = self.server

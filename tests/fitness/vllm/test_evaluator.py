@@ -12,7 +12,7 @@ import pytest
 from evo_compress.config import CarbonConfig, HardwareConfig, ModelConfig
 from evo_compress.exceptions import ConfigError
 from evo_compress.fitness import EVALUATORS, EvaluationContext
-from evo_compress.fitness.vllm.evaluator import VLLMEvaluator, probe_version
+from evo_compress.fitness.vllm.evaluator import VLLMEvaluator, VLLMSettings, probe_version
 from evo_compress.genomes import SearchSpace
 
 STANDIN = [sys.executable, "-m", "evo_compress.fitness.vllm.testing_server"]
@@ -115,6 +115,20 @@ def test_a_recipe_is_served_and_measured_through_the_api(tmp_path):
     assert second.metadata["checkpoint"]["reused"] is True
     assert second.metadata["checkpoint"]["key"] == first.metadata["checkpoint"]["key"]
     assert "4" in second.metadata["engine_args"]
+
+
+@pytest.mark.slow
+def test_output_tokens_are_fitted_to_the_served_context(tmp_path):
+    # The default 64 new tokens plus any prompt exceed the reference model's 64-token
+    # context: vLLM would answer HTTP 400 to every request, so the evaluator asks less.
+    ev = evaluator(tmp_path, max_new_tokens=VLLMSettings().max_new_tokens)
+    result = ev.evaluate(SPACE.baseline(), SPACE)
+    assert result.ok, result.reason
+    latency = result.metadata["objectives"]["latency"]
+    assert 2 <= latency["max_tokens"] < 64
+    assert latency["output_tokens"] == latency["requests"] * latency["max_tokens"]
+    notes = [n for n in result.metadata["notes"] if "max_new_tokens" in n]
+    assert len(notes) == 1 and "context of 64 tokens" in notes[0], result.metadata["notes"]
 
 
 @pytest.mark.slow
