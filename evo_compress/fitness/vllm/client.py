@@ -13,7 +13,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -438,6 +438,44 @@ def parse_metrics(text: str) -> dict[str, Any]:
     return out
 
 
+def _number(value: Any, kind: type[int] | type[float]) -> Any:
+    """``value`` (a label's text or a sample) as ``kind``; None when absent, "None" or NaN."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    if math.isnan(number):
+        return None
+    return int(number) if kind is int else number
+
+
+def kv_cache_figures(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """vLLM's KV-cache figures from parsed ``/metrics``: the cache configuration (the labels
+    of ``vllm:cache_config_info``) and its current usage as a fraction of the cache
+    (``vllm:kv_cache_usage_perc``; ``vllm:gpu_cache_usage_perc`` in older releases).
+    ``capacity_tokens`` is ``num_gpu_blocks`` x ``block_size``. A figure the server does not
+    report is None."""
+    info = metrics.get("vllm:cache_config_info")
+    labels: Mapping[str, Any] = info if isinstance(info, dict) else {}
+    block_size = _number(labels.get("block_size"), int)
+    blocks = _number(labels.get("num_gpu_blocks"), int)
+    usage = None
+    for name in ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"):
+        usage = _number(metrics.get(name), float)
+        if usage is not None:
+            break
+    dtype = labels.get("cache_dtype")
+    return {
+        "cache_dtype": dtype if isinstance(dtype, str) else None,
+        "block_size": block_size,
+        "num_gpu_blocks": blocks,
+        "capacity_tokens": None if None in (blocks, block_size) else blocks * block_size,
+        "gpu_memory_utilization": _number(labels.get("gpu_memory_utilization"), float),
+        "sliding_window": _number(labels.get("sliding_window"), int),
+        "usage": usage,
+    }
+
+
 def scrape_metrics(base_url: str, timeout_s: float = 10.0) -> dict[str, Any]:
     """The server's ``/metrics``, parsed by ``parse_metrics``."""
     call = _Call(_Endpoint(base_url), "GET", "/metrics", timeout_s)
@@ -449,6 +487,7 @@ __all__ = [
     "LatencyReport",
     "RequestTiming",
     "complete",
+    "kv_cache_figures",
     "measure_latency",
     "parse_metrics",
     "scrape_metrics",

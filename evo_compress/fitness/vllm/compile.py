@@ -51,6 +51,9 @@ class VLLMCapabilities:
     """An environment with llm-compressor is configured for the quantization step."""
     sliding_window_model: bool = False
     """The model's architecture implements sliding-window attention in vLLM."""
+    sliding_window_switch: bool = False
+    """The model's config gates its window with ``use_sliding_window`` (Qwen2, Qwen3): vLLM
+    serves no window while that is false, whatever ``sliding_window`` says."""
 
     def __post_init__(self) -> None:
         if (
@@ -66,6 +69,8 @@ class VLLMCapabilities:
             or not all(isinstance(p, int) and p >= 0 for p in cc)
         ):
             raise ValueError(f"`compute_capability` must be (major, minor), got {cc!r}")
+        if self.sliding_window_switch and not self.sliding_window_model:
+            raise ValueError("`sliding_window_switch` needs `sliding_window_model`")
 
     @staticmethod
     def parse_version(text: str) -> Version:
@@ -392,8 +397,21 @@ def _sliding_window(v: Mapping[str, Any], caps: VLLMCapabilities) -> _Part:
     window = v["kv.window"]
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise _unknown_value("kv.window", window)
-    override = json.dumps({"sliding_window": window}, separators=(",", ":"))
-    return _Part(args=("--hf-overrides", override))
+    if not caps.sliding_window_switch:
+        override = json.dumps({"sliding_window": window}, separators=(",", ":"))
+        return _Part(args=("--hf-overrides", override))
+    # vLLM reads the window only while `use_sliding_window` is true
+    # (ModelConfig.get_hf_config_sliding_window), so both are set. The overrides are applied
+    # with config.update, so `layer_types` / `max_window_layers` are not recomputed: the
+    # model-level window then holds for every layer.
+    override = json.dumps(
+        {"use_sliding_window": True, "sliding_window": window}, separators=(",", ":")
+    )
+    note = (
+        f"`kv.window` {window} is served by turning the config's `use_sliding_window` on: "
+        "vLLM then applies the window to every layer (`max_window_layers` is not consulted)"
+    )
+    return _Part(args=("--hf-overrides", override), notes=(note,))
 
 
 def _max_num_seqs(v: Mapping[str, Any], caps: VLLMCapabilities) -> _Part:

@@ -148,11 +148,13 @@ class VLLMEvaluator(ModelEvaluator):
     def caps(self) -> VLLMCapabilities:
         if self._caps is None:
             version = self.config.vllm_version or probe_version(self.config.command)
+            window, switch = _sliding_window_config(self.context.model.id)
             self._caps = VLLMCapabilities(
                 version=VLLMCapabilities.parse_version(version or DEFAULT_VERSION),
                 compute_capability=self.gpu["capability"],
                 quantizer=self.config.python is not None,
-                sliding_window_model=_has_sliding_window(self.context.model.id),
+                sliding_window_model=window,
+                sliding_window_switch=switch,
             )
         return self._caps
 
@@ -500,13 +502,17 @@ def _cuda_index(device: str) -> int:
     return int(device.split(":", 1)[1]) if device.startswith("cuda:") else 0
 
 
-def _has_sliding_window(model_id: str) -> bool:
-    """Whether the model's config defines sliding-window attention (Mistral, Qwen2, ...)."""
+def _sliding_window_config(model_id: str) -> tuple[bool, bool]:
+    """Whether the model's config defines sliding-window attention (Mistral, Qwen2, ...),
+    and whether a ``use_sliding_window`` switch gates it (Qwen2, Qwen3)."""
     config = Path(model_id) / "config.json"
     try:
-        return "sliding_window" in json.loads(config.read_text())
+        data = json.loads(config.read_text())
     except (OSError, ValueError):
-        return False
+        return False, False
+    if not isinstance(data, dict) or "sliding_window" not in data:
+        return False, False
+    return True, "use_sliding_window" in data
 
 
 def _latency_prompts(task: Mapping[str, Any], count: int) -> list[str]:

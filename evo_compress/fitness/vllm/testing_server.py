@@ -12,6 +12,7 @@ a time in transformers mode.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import math
@@ -55,10 +56,14 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--num-gpu-blocks-override", type=int, default=None)
+    parser.add_argument("--hf-overrides", default=None, help="JSON applied to config.json")
     # Echo mode timing.
     parser.add_argument("--fake-token-delay-ms", type=float, default=2.0)
     parser.add_argument("--fake-ttft-ms", type=float, default=5.0)
     # Fault injection.
+    parser.add_argument(
+        "--fake-echo", action="store_true", help="echo mode even for a model folder"
+    )
     parser.add_argument("--fake-crash-at-start", action="store_true")
     parser.add_argument("--fake-startup-delay", type=float, default=0.0)
     parser.add_argument("--fake-never-healthy", action="store_true")
@@ -254,8 +259,32 @@ class TransformersBackend:
                 logits, cache = self._forward([token_id], cache)
 
 
+def model_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The model folder's ``config.json`` with ``--hf-overrides`` applied on top, as vLLM
+    does (``config.update``: derived fields are not recomputed)."""
+    config: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        loaded = json.loads((Path(args.model) / "config.json").read_text())
+        config = loaded if isinstance(loaded, dict) else {}
+    if args.hf_overrides:
+        overrides = json.loads(args.hf_overrides)
+        if not isinstance(overrides, dict):
+            raise SystemExit(f"--hf-overrides must be a JSON object, got {args.hf_overrides}")
+        config.update(overrides)
+    return config
+
+
+def sliding_window(config: dict[str, Any]) -> int | None:
+    """The window vLLM serves with (``ModelConfig.get_hf_config_sliding_window``): none
+    while a ``use_sliding_window`` switch (Qwen2) is off, whatever ``sliding_window`` says."""
+    if "use_sliding_window" in config and not config["use_sliding_window"]:
+        return None
+    window = config.get("sliding_window")
+    return window if isinstance(window, int) and not isinstance(window, bool) else None
+
+
 def make_backend(args: argparse.Namespace) -> EchoBackend | TransformersBackend:
-    if (Path(args.model) / "config.json").is_file():
+    if not args.fake_echo and (Path(args.model) / "config.json").is_file():
         try:
             import torch  # noqa: F401
             import transformers  # noqa: F401
@@ -379,6 +408,7 @@ class Engine:
         # twice the tokens of a 16-bit one.
         blocks = round(1024 * args.gpu_memory_utilization / 0.9 * dtype_factor)
         self.num_gpu_blocks = int(args.num_gpu_blocks_override or blocks)
+        self.sliding_window = sliding_window(model_config(args))
 
     def max_tokens_for(self, request: CompletionRequest, prompt_len: int) -> int:
         limit = self.backend.max_model_len
@@ -494,6 +524,7 @@ class Engine:
             "cache_dtype": str(self.args.kv_cache_dtype),
             "gpu_memory_utilization": str(self.args.gpu_memory_utilization),
             "num_gpu_blocks": str(self.num_gpu_blocks),
+            "sliding_window": str(self.sliding_window),  # "None" without one, like vLLM
         }
         text = ",".join(f'{k}="{v}"' for k, v in info.items())
         lines += ["# TYPE vllm:cache_config_info gauge", f"vllm:cache_config_info{{{text}}} 1.0"]

@@ -264,6 +264,19 @@ def test_sliding_window_needs_an_architecture_that_has_one() -> None:
         assert args[:2] == ("--hf-overrides", f'{{"sliding_window":{window}}}')
 
 
+def test_a_sliding_window_behind_a_switch_turns_the_switch_on() -> None:
+    # vLLM's get_hf_config_sliding_window: a config with `use_sliding_window` false (Qwen2)
+    # has no window whatever `sliding_window` says, so the override sets both.
+    recipe = SPACE.recipe({"kv.sliding_window": True, "kv.window": 1024})
+    caps = VLLMCapabilities(V33, H100, sliding_window_model=True, sliding_window_switch=True)
+    plan = compile_recipe(recipe, caps)
+    assert plan.engine_args[:1] == ("--hf-overrides",)
+    assert json.loads(plan.engine_args[1]) == {"use_sliding_window": True, "sliding_window": 1024}
+    assert any("every layer" in note for note in plan.notes)
+    with pytest.raises(ValueError, match="sliding_window_switch"):
+        VLLMCapabilities(sliding_window_switch=True)  # a switch without a window
+
+
 def test_nf4_on_old_releases_uses_the_bitsandbytes_loader() -> None:
     recipe = SPACE.recipe({"quant.method": "nf4", "quant.group_size": 64})
     plan = compile_recipe(recipe, VLLMCapabilities(V10, T4))

@@ -4,6 +4,7 @@ same client and lm-eval path a real vLLM server gets."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -66,6 +67,35 @@ def test_what_vllm_cannot_serve_is_infeasible_with_a_reason(tmp_path):
     assert "qlora" not in restricted.genes["recovery.method"].choices  # type: ignore[attr-defined]
     with_quantizer = evaluator(tmp_path, python=sys.executable).restrict_space(SPACE)
     assert "gptq" in with_quantizer.genes["quant.method"].choices  # type: ignore[attr-defined]
+
+
+def test_a_qwen2_style_sliding_window_takes_effect_in_the_server(tmp_path):
+    from evo_compress.fitness.vllm.client import kv_cache_figures, scrape_metrics
+    from evo_compress.fitness.vllm.compile import compile_recipe
+    from evo_compress.fitness.vllm.server import ServerSpec, VLLMServer
+
+    # Qwen2's config: a window size, switched off by `use_sliding_window`.
+    model = tmp_path / "qwen2"
+    model.mkdir()
+    config = {
+        "model_type": "qwen2",
+        "sliding_window": 32768,
+        "use_sliding_window": False,
+        "max_window_layers": 28,
+    }
+    (model / "config.json").write_text(json.dumps(config))
+    context = EvaluationContext(ModelConfig(id=str(model)), HardwareConfig(), CarbonConfig())
+    ev = EVALUATORS.get("vllm")({"command": STANDIN, "vllm_version": "0.33.0"}, context)
+    assert isinstance(ev, VLLMEvaluator)
+    recipe = SPACE.recipe({"kv.sliding_window": True, "kv.window": 1024})
+    assert ev.infeasible_reason(recipe, SPACE) is None
+    plan = compile_recipe(dict(recipe), ev.caps)
+    # The stand-in applies --hf-overrides to config.json and reports the window vLLM would
+    # use in vllm:cache_config_info, as vLLM does.
+    spec = ServerSpec(tuple(STANDIN), str(model), (*plan.engine_args, "--fake-echo"))
+    with VLLMServer(spec, tmp_path / "vllm.log", health_interval_s=0.05) as server:
+        figures = kv_cache_figures(scrape_metrics(server.base_url))
+    assert figures["sliding_window"] == 1024
 
 
 def test_the_version_is_asked_of_the_command(tmp_path):
