@@ -293,7 +293,8 @@ class VLLMEvaluator(ModelEvaluator):
         memory.watch(server.pid)
         cpu_before = _tree_cpu_seconds(server.pid)
         meter = EnergyMeter(device, watts_per_core=settings.watts_per_core, env=gpu_env)
-        with meter:
+        kv_usage = _KVUsageSampler(server.base_url)
+        with meter, kv_usage:
             latency = measure_latency(
                 server.base_url,
                 SERVED_NAME,
@@ -305,6 +306,7 @@ class VLLMEvaluator(ModelEvaluator):
             )
         cpu_serving = _tree_cpu_seconds(server.pid) - cpu_before
         metrics = scrape_metrics(server.base_url)
+        kv_cache = kv_usage.record(metrics)
         accuracy = measure_server_accuracy(
             server.base_url,
             SERVED_NAME,
@@ -329,6 +331,7 @@ class VLLMEvaluator(ModelEvaluator):
         return {
             "latency": latency,
             "metrics": metrics,
+            "kv_cache": kv_cache,
             "accuracy": accuracy,
             "memory": peak,
             "energy": energy,
@@ -407,6 +410,7 @@ class VLLMEvaluator(ModelEvaluator):
                     "compression_g_per_1k": co2_once,
                 },
             },
+            "kv_cache": measured["kv_cache"],
             "server_metrics": measured["metrics"],
             "server_log": measured["log"],
             "seconds": round(time.perf_counter() - started, 3),
@@ -559,6 +563,59 @@ def _tree_cpu_seconds(root: int | None) -> float:
         except (OSError, ValueError, IndexError):
             continue
     return total
+
+
+class _KVUsageSampler:
+    """vLLM's KV-cache usage while the latency run goes, read from ``/metrics`` every
+    ``interval_s`` (vLLM keeps no peak of its own); then the named KV-cache figures."""
+
+    def __init__(self, base_url: str, interval_s: float = 0.1) -> None:
+        self.base_url = base_url
+        self.interval_s = interval_s
+        self.peak: float | None = None
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> _KVUsageSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=15)
+
+    def _loop(self) -> None:
+        from evo_compress.fitness.vllm.client import (
+            ClientError,
+            kv_cache_figures,
+            scrape_metrics,
+        )
+
+        while not self._stop.is_set():
+            try:
+                usage = kv_cache_figures(scrape_metrics(self.base_url, 5.0))["usage"]
+            except ClientError:
+                usage = None  # a failing server fails the latency run, which says why
+            if usage is not None:
+                self.peak = usage if self.peak is None else max(self.peak, usage)
+                self.samples += 1
+            self._stop.wait(self.interval_s)
+
+    def record(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        from evo_compress.fitness.vllm.client import kv_cache_figures
+
+        figures = kv_cache_figures(metrics)
+        after = figures.pop("usage")
+        return {
+            **figures,
+            "usage_peak": self.peak,
+            "usage_after": after,
+            "usage_samples": self.samples,
+            "how": "vLLM's /metrics: vllm:cache_config_info (configuration, capacity = "
+            "num_gpu_blocks x block_size) and vllm:kv_cache_usage_perc (fraction of the "
+            f"cache in use), sampled every {self.interval_s:g}s during the latency run",
+        }
 
 
 class _MemorySampler:

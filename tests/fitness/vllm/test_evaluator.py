@@ -130,6 +130,13 @@ def test_a_recipe_is_served_and_measured_through_the_api(tmp_path):
     assert meta["checkpoint"]["steps"] == []  # the base model is served as it is
     assert Path(meta["server_log"]).is_file()
     assert Path(meta["server_log"]).parent == tmp_path / "run" / "logs"
+    # vLLM's KV-cache figures from /metrics, named (the docs promise them).
+    kv = meta["kv_cache"]
+    assert kv["block_size"] == 16 and kv["cache_dtype"] == "auto"
+    assert kv["capacity_tokens"] == kv["num_gpu_blocks"] * 16 > 0
+    assert kv["gpu_memory_utilization"] == 0.9 and kv["sliding_window"] is None
+    assert kv["usage_samples"] >= 1 and 0 <= kv["usage_peak"] <= 1
+    assert "/metrics" in kv["how"]
 
     pruned = SPACE.recipe({"prune.method": "magnitude", "prune.sparsity": 0.3})
     first = ev.evaluate(pruned, SPACE)
@@ -157,6 +164,8 @@ def test_output_tokens_are_fitted_to_the_served_context(tmp_path):
     latency = result.metadata["objectives"]["latency"]
     assert 2 <= latency["max_tokens"] < 64
     assert latency["output_tokens"] == latency["requests"] * latency["max_tokens"]
+    # Five requests of tens of tokens, one at a time: sampled while they held cache.
+    assert 0 < result.metadata["kv_cache"]["usage_peak"] <= 1
     notes = [n for n in result.metadata["notes"] if "max_new_tokens" in n]
     assert len(notes) == 1 and "context of 64 tokens" in notes[0], result.metadata["notes"]
 
