@@ -13,7 +13,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -23,7 +23,12 @@ from evo_compress.exceptions import EvaluationError
 
 
 class ClientError(EvaluationError):
-    """A request to the server failed: an HTTP error, a broken stream or a timeout."""
+    """A request to the server failed: an HTTP error, a broken stream or a timeout.
+    ``status`` is the HTTP status when the server answered with an error, else None."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,7 @@ class LatencyReport:
 
     requests: int
     concurrency: int
+    max_tokens: int
     output_tokens: int
     wall_s: float
     ttft_median_ms: float
@@ -113,8 +119,8 @@ class _Call:
         self.payload = payload
         self.connection: http.client.HTTPConnection | None = None
 
-    def fail(self, why: str) -> ClientError:
-        return ClientError(f"{self.method} {self.url}: {why}")
+    def fail(self, why: str, status: int | None = None) -> ClientError:
+        return ClientError(f"{self.method} {self.url}: {why}", status)
 
     def open(self) -> http.client.HTTPResponse:
         body = None if self.payload is None else json.dumps(self.payload).encode()
@@ -139,7 +145,9 @@ class _Call:
             except (OSError, http.client.HTTPException):
                 detail = ""
             self.close()
-            raise self.fail(f"HTTP {response.status} {response.reason}: {detail}".rstrip(": "))
+            raise self.fail(
+                f"HTTP {response.status} {response.reason}: {detail}".rstrip(": "), response.status
+            )
         return response
 
     def translate(self, exc: OSError | http.client.HTTPException) -> ClientError:
@@ -265,6 +273,22 @@ def complete(
         raise call.fail(f"the reply has no choices[0].text: {str(data)[:200]}") from None
 
 
+def tokenize(
+    base_url: str, model: str, prompt: str, timeout_s: float = 60.0
+) -> tuple[int, int | None]:
+    """vLLM's ``POST /tokenize``: the prompt's token count as the server counts it (special
+    tokens included, as for a completion) and the served context length (None: unknown)."""
+    payload = {"model": model, "prompt": prompt, "add_special_tokens": True}
+    call = _Call(_Endpoint(base_url), "POST", "/tokenize", timeout_s, payload)
+    data = _json(call)
+    try:
+        count = int(data["count"])
+        limit = data.get("max_model_len")
+        return count, None if limit is None else int(limit)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise call.fail(f"the reply has no token count: {str(data)[:200]}") from None
+
+
 def _percentile(values: Sequence[float], q: float) -> float:
     """Linear interpolation between closest ranks (numpy's default)."""
     ordered = sorted(values)
@@ -327,6 +351,7 @@ def measure_latency(
     return LatencyReport(
         requests=len(timings),
         concurrency=concurrency,
+        max_tokens=max_tokens,
         output_tokens=tokens,
         wall_s=wall,
         ttft_median_ms=_percentile(ttfts, 50),
@@ -413,6 +438,44 @@ def parse_metrics(text: str) -> dict[str, Any]:
     return out
 
 
+def _number(value: Any, kind: type[int] | type[float]) -> Any:
+    """``value`` (a label's text or a sample) as ``kind``; None when absent, "None" or NaN."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    if math.isnan(number):
+        return None
+    return int(number) if kind is int else number
+
+
+def kv_cache_figures(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """vLLM's KV-cache figures from parsed ``/metrics``: the cache configuration (the labels
+    of ``vllm:cache_config_info``) and its current usage as a fraction of the cache
+    (``vllm:kv_cache_usage_perc``; ``vllm:gpu_cache_usage_perc`` in older releases).
+    ``capacity_tokens`` is ``num_gpu_blocks`` x ``block_size``. A figure the server does not
+    report is None."""
+    info = metrics.get("vllm:cache_config_info")
+    labels: Mapping[str, Any] = info if isinstance(info, dict) else {}
+    block_size = _number(labels.get("block_size"), int)
+    blocks = _number(labels.get("num_gpu_blocks"), int)
+    usage = None
+    for name in ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"):
+        usage = _number(metrics.get(name), float)
+        if usage is not None:
+            break
+    dtype = labels.get("cache_dtype")
+    return {
+        "cache_dtype": dtype if isinstance(dtype, str) else None,
+        "block_size": block_size,
+        "num_gpu_blocks": blocks,
+        "capacity_tokens": None if None in (blocks, block_size) else blocks * block_size,
+        "gpu_memory_utilization": _number(labels.get("gpu_memory_utilization"), float),
+        "sliding_window": _number(labels.get("sliding_window"), int),
+        "usage": usage,
+    }
+
+
 def scrape_metrics(base_url: str, timeout_s: float = 10.0) -> dict[str, Any]:
     """The server's ``/metrics``, parsed by ``parse_metrics``."""
     call = _Call(_Endpoint(base_url), "GET", "/metrics", timeout_s)
@@ -424,8 +487,10 @@ __all__ = [
     "LatencyReport",
     "RequestTiming",
     "complete",
+    "kv_cache_figures",
     "measure_latency",
     "parse_metrics",
     "scrape_metrics",
     "stream_completion",
+    "tokenize",
 ]

@@ -8,7 +8,9 @@ rules come from vLLM's source: ``--quantization`` online methods and shorthands
 (``vllm/config/quantization.py``), the minimum compute capability of each kernel
 (``get_min_capability`` of the quantization configs, ``is_fp8_marlin_supported``), the
 in-flight bitsandbytes loader of older releases (``quantize_4bit`` with its default block of
-64), and the attention backend enum (``--attention-backend``).
+64), the attention backend enum (``--attention-backend``), FlashAttention's version choice
+and fp8 KV-cache support (``get_flash_attn_version``, ``flash_attn_supports_fp8``), and the
+sliding-window switch of Qwen2-style configs (``ModelConfig.get_hf_config_sliding_window``).
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ class VLLMCapabilities:
     """An environment with llm-compressor is configured for the quantization step."""
     sliding_window_model: bool = False
     """The model's architecture implements sliding-window attention in vLLM."""
+    sliding_window_switch: bool = False
+    """The model's config gates its window with ``use_sliding_window`` (Qwen2, Qwen3): vLLM
+    serves no window while that is false, whatever ``sliding_window`` says."""
 
     def __post_init__(self) -> None:
         if (
@@ -64,6 +69,8 @@ class VLLMCapabilities:
             or not all(isinstance(p, int) and p >= 0 for p in cc)
         ):
             raise ValueError(f"`compute_capability` must be (major, minor), got {cc!r}")
+        if self.sliding_window_switch and not self.sliding_window_model:
+            raise ValueError("`sliding_window_switch` needs `sliding_window_model`")
 
     @staticmethod
     def parse_version(text: str) -> Version:
@@ -362,6 +369,15 @@ def _kv_dtype(v: Mapping[str, Any], caps: VLLMCapabilities) -> _Part:
         return _Part()
     if dtype == "fp8":
         _need_sm(caps, _SM_FP8_KV, "`kv.dtype` fp8")
+        if v["serve.attention_backend"] == "flash_attention_2":
+            # FlashAttentionBackend.supports_kv_cache_dtype: a quantized cache only when
+            # flash_attn_supports_fp8(), i.e. FlashAttention 3 on Hopper; the gene pins 2.
+            raise _Unsupported(
+                "`kv.dtype` fp8 with `serve.attention_backend` flash_attention_2: vLLM's "
+                "FLASH_ATTN backend reads an fp8 KV cache only with FlashAttention 3 on "
+                "Hopper (compute capability 9.0), never with FlashAttention 2; use "
+                "flashinfer or auto"
+            )
         return _Part(args=("--kv-cache-dtype", "fp8"))
     raise _unknown_value("kv.dtype", dtype)
 
@@ -381,8 +397,21 @@ def _sliding_window(v: Mapping[str, Any], caps: VLLMCapabilities) -> _Part:
     window = v["kv.window"]
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise _unknown_value("kv.window", window)
-    override = json.dumps({"sliding_window": window}, separators=(",", ":"))
-    return _Part(args=("--hf-overrides", override))
+    if not caps.sliding_window_switch:
+        override = json.dumps({"sliding_window": window}, separators=(",", ":"))
+        return _Part(args=("--hf-overrides", override))
+    # vLLM reads the window only while `use_sliding_window` is true
+    # (ModelConfig.get_hf_config_sliding_window), so both are set. The overrides are applied
+    # with config.update, so `layer_types` / `max_window_layers` are not recomputed: the
+    # model-level window then holds for every layer.
+    override = json.dumps(
+        {"use_sliding_window": True, "sliding_window": window}, separators=(",", ":")
+    )
+    note = (
+        f"`kv.window` {window} is served by turning the config's `use_sliding_window` on: "
+        "vLLM then applies the window to every layer (`max_window_layers` is not consulted)"
+    )
+    return _Part(args=("--hf-overrides", override), notes=(note,))
 
 
 def _max_num_seqs(v: Mapping[str, Any], caps: VLLMCapabilities) -> _Part:
@@ -417,9 +446,18 @@ def _attention_backend(v: Mapping[str, Any], caps: VLLMCapabilities) -> _Part:
         raise _unknown_value("serve.attention_backend", backend)
     name, minimum = _ATTENTION[backend]
     _need_sm(caps, minimum, f"`serve.attention_backend` {backend} ({name})")
+    # FLASH_ATTN runs FlashAttention 3 on Hopper (and 4 on Blackwell in newer releases)
+    # unless a version is asked for (get_flash_attn_version): ask for the gene's 2.
+    pin = backend == "flash_attention_2"
     if caps.version >= _ATTENTION_FLAG_SINCE:
-        return _Part(args=("--attention-backend", name))
-    return _Part(env={"VLLM_ATTENTION_BACKEND": name})
+        args: tuple[str, ...] = ("--attention-backend", name)
+        if pin:
+            args += ("--attention-config.flash_attn_version", "2")
+        return _Part(args=args)
+    env = {"VLLM_ATTENTION_BACKEND": name}
+    if pin:
+        env["VLLM_FLASH_ATTN_VERSION"] = "2"
+    return _Part(env=env)
 
 
 _Rule = Callable[[Mapping[str, Any], VLLMCapabilities], _Part]

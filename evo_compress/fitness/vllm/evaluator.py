@@ -12,6 +12,7 @@ the server. The search process never imports vllm: it may live in another enviro
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shlex
 import subprocess
@@ -51,6 +52,8 @@ from evo_compress.fitness.vllm.compile import (
     unsupported_reason,
 )
 from evo_compress.genomes import Recipe, SearchSpace
+
+log = logging.getLogger(__name__)
 
 DEFAULT_VERSION = "0.33.0"  # assumed when the serving environment cannot be asked
 SERVED_NAME = "evo-compress"
@@ -114,6 +117,7 @@ class VLLMEvaluator(ModelEvaluator):
         self._caps: VLLMCapabilities | None = None
         self._gpu: dict[str, Any] | None = None
         self._defaults: dict[str, Any] | None = None
+        self._context_warned = False  # the output-token clamp is logged once
 
     # ------------------------------------------------------------------ environment
     @property
@@ -144,11 +148,13 @@ class VLLMEvaluator(ModelEvaluator):
     def caps(self) -> VLLMCapabilities:
         if self._caps is None:
             version = self.config.vllm_version or probe_version(self.config.command)
+            window, switch = _sliding_window_config(self.context.model.id)
             self._caps = VLLMCapabilities(
                 version=VLLMCapabilities.parse_version(version or DEFAULT_VERSION),
                 compute_capability=self.gpu["capability"],
                 quantizer=self.config.python is not None,
-                sliding_window_model=_has_sliding_window(self.context.model.id),
+                sliding_window_model=window,
+                sliding_window_switch=switch,
             )
         return self._caps
 
@@ -248,18 +254,19 @@ class VLLMEvaluator(ModelEvaluator):
         memory = _MemorySampler(device, gpu_env)
         memory.baseline()
         server = VLLMServer(spec, log_path, startup_timeout_s=settings.startup_timeout_s)
-        try:
-            with server:
+        with server:
+            try:
                 return self._measure(
                     server, model, prompts, concurrency, memory, log_path, device, gpu_env
                 )
-        except ClientError as exc:
-            if not server.alive():
-                raise EvaluationError(
-                    f"the vLLM server died while being measured ({exc}); last lines of "
-                    f"{log_path}: {server.log_tail(8)}"
-                ) from None
-            raise
+            except ClientError as exc:
+                # Asked while the server is still ours: once stopped it is never alive.
+                if _server_died(server, grace_s=0.0 if exc.status is not None else 3.0):
+                    raise EvaluationError(
+                        f"the vLLM server died while being measured ({exc}); last lines of "
+                        f"{log_path}: {server.log_tail(8)}"
+                    ) from None
+                raise
 
     def _measure(
         self,
@@ -277,21 +284,29 @@ class VLLMEvaluator(ModelEvaluator):
 
         settings = self.config
         task = self._task or {}
+        max_tokens, note = _fit_to_context(
+            server.base_url, prompts, settings.max_new_tokens, settings.request_timeout_s
+        )
+        if note is not None and not self._context_warned:
+            self._context_warned = True
+            log.warning(note)
         memory.watch(server.pid)
         cpu_before = _tree_cpu_seconds(server.pid)
         meter = EnergyMeter(device, watts_per_core=settings.watts_per_core, env=gpu_env)
-        with meter:
+        kv_usage = _KVUsageSampler(server.base_url)
+        with meter, kv_usage:
             latency = measure_latency(
                 server.base_url,
                 SERVED_NAME,
                 prompts,
-                max_tokens=settings.max_new_tokens,
+                max_tokens=max_tokens,
                 concurrency=concurrency,
                 warmup=settings.warmup_requests,
                 timeout_s=settings.request_timeout_s,
             )
         cpu_serving = _tree_cpu_seconds(server.pid) - cpu_before
         metrics = scrape_metrics(server.base_url)
+        kv_cache = kv_usage.record(metrics)
         accuracy = measure_server_accuracy(
             server.base_url,
             SERVED_NAME,
@@ -316,11 +331,13 @@ class VLLMEvaluator(ModelEvaluator):
         return {
             "latency": latency,
             "metrics": metrics,
+            "kv_cache": kv_cache,
             "accuracy": accuracy,
             "memory": peak,
             "energy": energy,
             "log": str(log_path),
             "concurrency": concurrency,
+            "notes": [] if note is None else [note],
         }
 
     def _result(
@@ -357,7 +374,7 @@ class VLLMEvaluator(ModelEvaluator):
             "gpu": self.gpu["name"],
             "command": list(self.config.command),
             "engine_args": list(args),
-            "notes": list(plan.notes),
+            "notes": [*plan.notes, *measured["notes"]],
             "checkpoint": {
                 "key": checkpoint.key,
                 "path": str(checkpoint.path),
@@ -393,6 +410,7 @@ class VLLMEvaluator(ModelEvaluator):
                     "compression_g_per_1k": co2_once,
                 },
             },
+            "kv_cache": measured["kv_cache"],
             "server_metrics": measured["metrics"],
             "server_log": measured["log"],
             "seconds": round(time.perf_counter() - started, 3),
@@ -420,17 +438,85 @@ def probe_version(command: tuple[str, ...], timeout_s: float = 120.0) -> str | N
     return None
 
 
+def _server_died(server: Any, grace_s: float) -> bool:
+    """Whether the server process (or its guard) has exited, waiting up to ``grace_s`` for
+    the exit of a server that broke a connection as it died."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        if not server.alive() or not _running(server.pid):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+
+
+def _running(pid: int | None) -> bool:
+    if pid is None:
+        return True  # not known yet: the guard's state decides
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+
+
+def _fit_to_context(
+    base_url: str, prompts: list[str], wanted: int, timeout_s: float
+) -> tuple[int, str | None]:
+    """Output tokens per latency request that fit the served context with the longest
+    prompt (vLLM refuses a request whose prompt + max_tokens exceed ``max_model_len``), and
+    a note when fewer than ``wanted``. A server without ``/tokenize`` gets ``wanted``."""
+    from evo_compress.fitness.vllm.client import ClientError, tokenize
+
+    longest, limit = 0, None
+    try:
+        for prompt in dict.fromkeys(prompts):
+            count, limit = tokenize(base_url, SERVED_NAME, prompt, timeout_s)
+            longest = max(longest, count)
+    except ClientError as exc:
+        if exc.status in (404, 405, 501):
+            return wanted, None
+        raise
+    if limit is None or longest + wanted <= limit:
+        return wanted, None
+    room = limit - longest
+    if room < 2:
+        raise EvaluationError(
+            f"the longest latency prompt has {longest} tokens and the served model's context "
+            f"is {limit}: no room for the 2 output tokens a latency measurement needs; use "
+            "shorter prompts (`evaluator.settings.calibration_file`) or a longer context "
+            "(`evaluator.settings.extra_args`: --max-model-len)"
+        )
+    return room, (
+        f"`evaluator.settings.max_new_tokens` {wanted} plus the longest latency prompt "
+        f"({longest} tokens) exceed the served context of {limit} tokens: each latency "
+        f"request asked for {room} output tokens instead"
+    )
+
+
 def _cuda_index(device: str) -> int:
     return int(device.split(":", 1)[1]) if device.startswith("cuda:") else 0
 
 
-def _has_sliding_window(model_id: str) -> bool:
-    """Whether the model's config defines sliding-window attention (Mistral, Qwen2, ...)."""
+def _sliding_window_config(model_id: str) -> tuple[bool, bool]:
+    """Whether the model's config defines sliding-window attention (Mistral, Qwen2, ...),
+    and whether a ``use_sliding_window`` switch gates it (Qwen2, Qwen3)."""
     config = Path(model_id) / "config.json"
     try:
-        return "sliding_window" in json.loads(config.read_text())
+        data = json.loads(config.read_text())
     except (OSError, ValueError):
-        return False
+        return False, False
+    if not isinstance(data, dict) or "sliding_window" not in data:
+        return False, False
+    return True, "use_sliding_window" in data
 
 
 def _latency_prompts(task: Mapping[str, Any], count: int) -> list[str]:
@@ -477,6 +563,59 @@ def _tree_cpu_seconds(root: int | None) -> float:
         except (OSError, ValueError, IndexError):
             continue
     return total
+
+
+class _KVUsageSampler:
+    """vLLM's KV-cache usage while the latency run goes, read from ``/metrics`` every
+    ``interval_s`` (vLLM keeps no peak of its own); then the named KV-cache figures."""
+
+    def __init__(self, base_url: str, interval_s: float = 0.1) -> None:
+        self.base_url = base_url
+        self.interval_s = interval_s
+        self.peak: float | None = None
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> _KVUsageSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=15)
+
+    def _loop(self) -> None:
+        from evo_compress.fitness.vllm.client import (
+            ClientError,
+            kv_cache_figures,
+            scrape_metrics,
+        )
+
+        while not self._stop.is_set():
+            try:
+                usage = kv_cache_figures(scrape_metrics(self.base_url, 5.0))["usage"]
+            except ClientError:
+                usage = None  # a failing server fails the latency run, which says why
+            if usage is not None:
+                self.peak = usage if self.peak is None else max(self.peak, usage)
+                self.samples += 1
+            self._stop.wait(self.interval_s)
+
+    def record(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        from evo_compress.fitness.vllm.client import kv_cache_figures
+
+        figures = kv_cache_figures(metrics)
+        after = figures.pop("usage")
+        return {
+            **figures,
+            "usage_peak": self.peak,
+            "usage_after": after,
+            "usage_samples": self.samples,
+            "how": "vLLM's /metrics: vllm:cache_config_info (configuration, capacity = "
+            "num_gpu_blocks x block_size) and vllm:kv_cache_usage_perc (fraction of the "
+            f"cache in use), sampled every {self.interval_s:g}s during the latency run",
+        }
 
 
 class _MemorySampler:

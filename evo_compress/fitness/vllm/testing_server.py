@@ -1,16 +1,18 @@
 """A stand-in for ``vllm serve``: vLLM's OpenAI-compatible HTTP API, served on the CPU.
 
 ``python -m evo_compress.fitness.vllm.testing_server MODEL --host H --port P
---served-model-name N [vLLM engine args]`` answers ``/health``, ``/v1/models``, ``/metrics``
-and ``/v1/completions`` (streamed or not) like vLLM. MODEL, a folder with ``config.json``,
-is run greedily with transformers when torch imports; anything else gets deterministic fake
-tokens ("echo" mode, no torch). ``--fake-*`` flags inject the failures the lifecycle tests
-need. It is a test double: one request generates at a time in transformers mode.
+--served-model-name N [vLLM engine args]`` answers ``/health``, ``/v1/models``, ``/metrics``,
+``/tokenize`` and ``/v1/completions`` (streamed or not) like vLLM, context limit included.
+MODEL, a folder with ``config.json``, is run greedily with transformers when torch imports;
+anything else gets deterministic fake tokens ("echo" mode, no torch). ``--fake-*`` flags
+inject the failures the lifecycle tests need. It is a test double: one request generates at
+a time in transformers mode.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import math
@@ -54,10 +56,14 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--num-gpu-blocks-override", type=int, default=None)
+    parser.add_argument("--hf-overrides", default=None, help="JSON applied to config.json")
     # Echo mode timing.
     parser.add_argument("--fake-token-delay-ms", type=float, default=2.0)
     parser.add_argument("--fake-ttft-ms", type=float, default=5.0)
     # Fault injection.
+    parser.add_argument(
+        "--fake-echo", action="store_true", help="echo mode even for a model folder"
+    )
     parser.add_argument("--fake-crash-at-start", action="store_true")
     parser.add_argument("--fake-startup-delay", type=float, default=0.0)
     parser.add_argument("--fake-never-healthy", action="store_true")
@@ -69,6 +75,19 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         help="a child in its own session (escapes the server's process group)",
     )
     parser.add_argument("--fake-port-in-use-once", default=None, metavar="FILE")
+    parser.add_argument(
+        "--fake-stall-s",
+        type=float,
+        default=0.0,
+        help="every completion waits this long before its first token (a hung engine)",
+    )
+    parser.add_argument(
+        "--fake-exit-on-request",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the process exits with code 1 when the N-th completion request arrives",
+    )
     return parser.parse_known_args(list(argv))
 
 
@@ -240,8 +259,32 @@ class TransformersBackend:
                 logits, cache = self._forward([token_id], cache)
 
 
+def model_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The model folder's ``config.json`` with ``--hf-overrides`` applied on top, as vLLM
+    does (``config.update``: derived fields are not recomputed)."""
+    config: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        loaded = json.loads((Path(args.model) / "config.json").read_text())
+        config = loaded if isinstance(loaded, dict) else {}
+    if args.hf_overrides:
+        overrides = json.loads(args.hf_overrides)
+        if not isinstance(overrides, dict):
+            raise SystemExit(f"--hf-overrides must be a JSON object, got {args.hf_overrides}")
+        config.update(overrides)
+    return config
+
+
+def sliding_window(config: dict[str, Any]) -> int | None:
+    """The window vLLM serves with (``ModelConfig.get_hf_config_sliding_window``): none
+    while a ``use_sliding_window`` switch (Qwen2) is off, whatever ``sliding_window`` says."""
+    if "use_sliding_window" in config and not config["use_sliding_window"]:
+        return None
+    window = config.get("sliding_window")
+    return window if isinstance(window, int) and not isinstance(window, bool) else None
+
+
 def make_backend(args: argparse.Namespace) -> EchoBackend | TransformersBackend:
-    if (Path(args.model) / "config.json").is_file():
+    if not args.fake_echo and (Path(args.model) / "config.json").is_file():
         try:
             import torch  # noqa: F401
             import transformers  # noqa: F401
@@ -365,6 +408,7 @@ class Engine:
         # twice the tokens of a 16-bit one.
         blocks = round(1024 * args.gpu_memory_utilization / 0.9 * dtype_factor)
         self.num_gpu_blocks = int(args.num_gpu_blocks_override or blocks)
+        self.sliding_window = sliding_window(model_config(args))
 
     def max_tokens_for(self, request: CompletionRequest, prompt_len: int) -> int:
         limit = self.backend.max_model_len
@@ -480,6 +524,7 @@ class Engine:
             "cache_dtype": str(self.args.kv_cache_dtype),
             "gpu_memory_utilization": str(self.args.gpu_memory_utilization),
             "num_gpu_blocks": str(self.num_gpu_blocks),
+            "sliding_window": str(self.sliding_window),  # "None" without one, like vLLM
         }
         text = ",".join(f'{k}="{v}"' for k, v in info.items())
         lines += ["# TYPE vllm:cache_config_info gauge", f"vllm:cache_config_info{{{text}}} 1.0"]
@@ -497,6 +542,8 @@ class StandInServer(ThreadingHTTPServer):
         self.args = args
         self.served_name = args.served_model_name or args.model
         self.started = time.monotonic()
+        self.completions = 0
+        self.completions_lock = threading.Lock()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
@@ -564,9 +611,13 @@ class Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
+        if path == "/tokenize":
+            self._tokenize(raw)
+            return
         if path != "/v1/completions":
             self._error(RequestError(404, f"no route {path}", "NotFoundError"))
             return
+        self._maybe_crash()
         try:
             try:
                 body = json.loads(raw)
@@ -588,6 +639,36 @@ class Handler(BaseHTTPRequestHandler):
             self._complete(request, prepared)
         except Exception as exc:  # a generation failure is the client's 500, not a dead socket
             self._error(RequestError(500, f"{type(exc).__name__}: {exc}", "InternalServerError"))
+
+    def _tokenize(self, raw: bytes) -> None:
+        """vLLM's ``POST /tokenize``: a prompt's token ids, their count and the context."""
+        try:
+            try:
+                body = json.loads(raw)
+            except ValueError as exc:
+                raise RequestError(400, f"the request body is not valid JSON: {exc}") from None
+            if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
+                raise RequestError(400, "`prompt` must be a string")
+            model = body.get("model", self.server.served_name)
+            if model not in (None, self.server.served_name):
+                raise RequestError(
+                    404, f"The model `{model}` does not exist.", "NotFoundError", "model"
+                )
+        except RequestError as error:
+            self._error(error)
+            return
+        backend = self.server.engine.backend
+        ids = backend.encode(body["prompt"])
+        self._json(200, {"count": len(ids), "max_model_len": backend.max_model_len, "tokens": ids})
+
+    def _maybe_crash(self) -> None:
+        server = self.server
+        with server.completions_lock:
+            server.completions += 1
+            count = server.completions
+        if server.args.fake_exit_on_request == count:
+            print(f"ERROR: fake crash at completion request {count}", file=sys.stderr, flush=True)
+            os._exit(1)
 
     def _head(self) -> dict[str, Any]:
         return {
@@ -612,6 +693,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _complete(self, request: CompletionRequest, prepared: list[Prepared]) -> None:
         engine = self.server.engine
+        time.sleep(self.server.args.fake_stall_s)
         choices, prompt_tokens, completion_tokens = [], 0, 0
         for index, (prompt, ids, max_tokens) in enumerate(prepared):
             text, tokens, finish = "", [], None
@@ -653,6 +735,7 @@ class Handler(BaseHTTPRequestHandler):
         engine = self.server.engine
         head = self._head()
         prompt_tokens = completion_tokens = 0
+        time.sleep(self.server.args.fake_stall_s)
         try:
             for index, (prompt, ids, max_tokens) in enumerate(prepared):
                 offset = 0

@@ -16,6 +16,7 @@ from evo_compress.fitness.vllm.client import (
     ClientError,
     LatencyReport,
     complete,
+    kv_cache_figures,
     measure_latency,
     parse_metrics,
     scrape_metrics,
@@ -127,6 +128,29 @@ def test_metrics_are_parsed_with_the_cache_config(server: VLLMServer) -> None:
     assert metrics["vllm:num_requests_running"] == 0
     buckets = metrics["vllm:time_to_first_token_seconds_bucket"]
     assert buckets["+Inf"] == metrics["vllm:time_to_first_token_seconds_count"] >= 1
+
+
+def test_kv_cache_figures_are_named(server: VLLMServer) -> None:
+    figures = kv_cache_figures(scrape_metrics(server.base_url))
+    # --kv-cache-dtype fp8 --gpu-memory-utilization 0.8: the stand-in sizes its cache as vLLM
+    # would report it, in blocks of the default 16 tokens.
+    assert figures["cache_dtype"] == "fp8" and figures["gpu_memory_utilization"] == 0.8
+    assert figures["block_size"] == 16 and figures["num_gpu_blocks"] > 0
+    assert figures["capacity_tokens"] == 16 * figures["num_gpu_blocks"]
+    assert figures["usage"] == 0.0 and figures["sliding_window"] is None
+
+
+def test_kv_cache_figures_of_other_vllm_releases() -> None:
+    # Older releases: gpu_cache_usage_perc, and num_gpu_blocks "None" before profiling.
+    old = parse_metrics(
+        'vllm:cache_config_info{block_size="32",cache_dtype="fp8_e5m2",'
+        'num_gpu_blocks="None",gpu_memory_utilization="0.85"} 1.0\n'
+        'vllm:gpu_cache_usage_perc{model_name="m"} 0.25\n'
+    )
+    figures = kv_cache_figures(old)
+    assert figures["usage"] == 0.25 and figures["block_size"] == 32
+    assert figures["num_gpu_blocks"] is None and figures["capacity_tokens"] is None
+    assert kv_cache_figures({})["usage"] is None  # a server without them
 
 
 def test_parse_metrics_reads_the_text_format() -> None:

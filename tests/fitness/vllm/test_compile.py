@@ -143,7 +143,13 @@ ROWS += [
     ({"serve.attention_backend": "eager"}, No("no eager"), {}),
     (
         {"serve.attention_backend": "flash_attention_2"},
-        (*SERVE, "--attention-backend", "FLASH_ATTN"),
+        (
+            *SERVE,
+            "--attention-backend",
+            "FLASH_ATTN",
+            "--attention-config.flash_attn_version",
+            "2",
+        ),
         {
             **{k: No("compute capability 8.0") for k in CAPS if "t4" in k},
             "0.10 a10": SERVE,  # through VLLM_ATTENTION_BACKEND, checked below
@@ -256,6 +262,19 @@ def test_sliding_window_needs_an_architecture_that_has_one() -> None:
         r = SPACE.recipe({"kv.sliding_window": True, "kv.window": window})
         args = compile_recipe(r, VLLMCapabilities(sliding_window_model=True)).engine_args
         assert args[:2] == ("--hf-overrides", f'{{"sliding_window":{window}}}')
+
+
+def test_a_sliding_window_behind_a_switch_turns_the_switch_on() -> None:
+    # vLLM's get_hf_config_sliding_window: a config with `use_sliding_window` false (Qwen2)
+    # has no window whatever `sliding_window` says, so the override sets both.
+    recipe = SPACE.recipe({"kv.sliding_window": True, "kv.window": 1024})
+    caps = VLLMCapabilities(V33, H100, sliding_window_model=True, sliding_window_switch=True)
+    plan = compile_recipe(recipe, caps)
+    assert plan.engine_args[:1] == ("--hf-overrides",)
+    assert json.loads(plan.engine_args[1]) == {"use_sliding_window": True, "sliding_window": 1024}
+    assert any("every layer" in note for note in plan.notes)
+    with pytest.raises(ValueError, match="sliding_window_switch"):
+        VLLMCapabilities(sliding_window_switch=True)  # a switch without a window
 
 
 def test_nf4_on_old_releases_uses_the_bitsandbytes_loader() -> None:
@@ -375,10 +394,48 @@ def test_recovery_before_quantization_is_noted() -> None:
     }
 
 
+A100, L4 = (8, 0), (8, 9)
+
+
+@pytest.mark.parametrize("gpu", [A100, A10, L4, H100], ids=["8.0", "8.6", "8.9", "9.0"])
+def test_an_fp8_kv_cache_is_not_served_by_flash_attention_2(gpu: tuple[int, int]) -> None:
+    # vLLM's FLASH_ATTN reads an fp8 KV cache only with FlashAttention 3 on Hopper
+    # (flash_attn_supports_fp8); flash_attention_2 runs FlashAttention 2 everywhere.
+    recipe = SPACE.recipe({"kv.dtype": "fp8", "serve.attention_backend": "flash_attention_2"})
+    for version in (V33, V10):
+        reason = unsupported_reason(recipe, VLLMCapabilities(version, gpu))
+        assert reason is not None
+        assert "`kv.dtype` fp8" in reason and "flash_attention_2" in reason
+        assert "FlashAttention 3" in reason and "9.0" in reason
+    # Each alone is servable there, and so is an fp8 cache with FlashInfer or vLLM's choice.
+    for changes in (
+        {"kv.dtype": "fp8"},
+        {"serve.attention_backend": "flash_attention_2"},
+        {"kv.dtype": "fp8", "serve.attention_backend": "flashinfer"},
+        {"kv.dtype": "fp8", "serve.attention_backend": "auto"},
+    ):
+        assert unsupported_reason(SPACE.recipe(changes), VLLMCapabilities(V33, gpu)) is None
+
+
+def test_flash_attention_2_is_pinned_to_version_2() -> None:
+    # On Hopper vLLM's FLASH_ATTN runs FlashAttention 3 unless version 2 is asked for.
+    recipe = SPACE.recipe({"serve.attention_backend": "flash_attention_2"})
+    plan = compile_recipe(recipe, VLLMCapabilities(V33, H100))
+    assert plan.engine_args[-4:] == (
+        "--attention-backend", "FLASH_ATTN", "--attention-config.flash_attn_version", "2"
+    )  # fmt: skip
+    old = compile_recipe(recipe, VLLMCapabilities(V10, H100))
+    assert old.env == {"VLLM_ATTENTION_BACKEND": "FLASH_ATTN", "VLLM_FLASH_ATTN_VERSION": "2"}
+    flashinfer = compile_recipe(
+        SPACE.recipe({"serve.attention_backend": "flashinfer"}), VLLMCapabilities(V33, H100)
+    )
+    assert "--attention-config.flash_attn_version" not in flashinfer.engine_args
+
+
 def test_old_releases_take_the_attention_backend_from_the_environment() -> None:
     recipe = SPACE.recipe({"serve.attention_backend": "flash_attention_2"})
     old = compile_recipe(recipe, VLLMCapabilities(V10, A10))
-    assert old.env == {"VLLM_ATTENTION_BACKEND": "FLASH_ATTN"}
+    assert old.env["VLLM_ATTENTION_BACKEND"] == "FLASH_ATTN"
     assert "--attention-backend" not in old.engine_args
     new = compile_recipe(recipe, VLLMCapabilities(V33, A10))
     assert new.env == {}

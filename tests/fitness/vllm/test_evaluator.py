@@ -4,6 +4,7 @@ same client and lm-eval path a real vLLM server gets."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 from evo_compress.config import CarbonConfig, HardwareConfig, ModelConfig
 from evo_compress.exceptions import ConfigError
 from evo_compress.fitness import EVALUATORS, EvaluationContext
-from evo_compress.fitness.vllm.evaluator import VLLMEvaluator, probe_version
+from evo_compress.fitness.vllm.evaluator import VLLMEvaluator, VLLMSettings, probe_version
 from evo_compress.genomes import SearchSpace
 
 STANDIN = [sys.executable, "-m", "evo_compress.fitness.vllm.testing_server"]
@@ -68,6 +69,35 @@ def test_what_vllm_cannot_serve_is_infeasible_with_a_reason(tmp_path):
     assert "gptq" in with_quantizer.genes["quant.method"].choices  # type: ignore[attr-defined]
 
 
+def test_a_qwen2_style_sliding_window_takes_effect_in_the_server(tmp_path):
+    from evo_compress.fitness.vllm.client import kv_cache_figures, scrape_metrics
+    from evo_compress.fitness.vllm.compile import compile_recipe
+    from evo_compress.fitness.vllm.server import ServerSpec, VLLMServer
+
+    # Qwen2's config: a window size, switched off by `use_sliding_window`.
+    model = tmp_path / "qwen2"
+    model.mkdir()
+    config = {
+        "model_type": "qwen2",
+        "sliding_window": 32768,
+        "use_sliding_window": False,
+        "max_window_layers": 28,
+    }
+    (model / "config.json").write_text(json.dumps(config))
+    context = EvaluationContext(ModelConfig(id=str(model)), HardwareConfig(), CarbonConfig())
+    ev = EVALUATORS.get("vllm")({"command": STANDIN, "vllm_version": "0.33.0"}, context)
+    assert isinstance(ev, VLLMEvaluator)
+    recipe = SPACE.recipe({"kv.sliding_window": True, "kv.window": 1024})
+    assert ev.infeasible_reason(recipe, SPACE) is None
+    plan = compile_recipe(dict(recipe), ev.caps)
+    # The stand-in applies --hf-overrides to config.json and reports the window vLLM would
+    # use in vllm:cache_config_info, as vLLM does.
+    spec = ServerSpec(tuple(STANDIN), str(model), (*plan.engine_args, "--fake-echo"))
+    with VLLMServer(spec, tmp_path / "vllm.log", health_interval_s=0.05) as server:
+        figures = kv_cache_figures(scrape_metrics(server.base_url))
+    assert figures["sliding_window"] == 1024
+
+
 def test_the_version_is_asked_of_the_command(tmp_path):
     fake = tmp_path / "vllm"
     fake.write_text("#!/bin/sh\necho 0.31.2\n")
@@ -100,6 +130,13 @@ def test_a_recipe_is_served_and_measured_through_the_api(tmp_path):
     assert meta["checkpoint"]["steps"] == []  # the base model is served as it is
     assert Path(meta["server_log"]).is_file()
     assert Path(meta["server_log"]).parent == tmp_path / "run" / "logs"
+    # vLLM's KV-cache figures from /metrics, named (the docs promise them).
+    kv = meta["kv_cache"]
+    assert kv["block_size"] == 16 and kv["cache_dtype"] == "auto"
+    assert kv["capacity_tokens"] == kv["num_gpu_blocks"] * 16 > 0
+    assert kv["gpu_memory_utilization"] == 0.9 and kv["sliding_window"] is None
+    assert kv["usage_samples"] >= 1 and 0 <= kv["usage_peak"] <= 1
+    assert "/metrics" in kv["how"]
 
     pruned = SPACE.recipe({"prune.method": "magnitude", "prune.sparsity": 0.3})
     first = ev.evaluate(pruned, SPACE)
@@ -115,6 +152,44 @@ def test_a_recipe_is_served_and_measured_through_the_api(tmp_path):
     assert second.metadata["checkpoint"]["reused"] is True
     assert second.metadata["checkpoint"]["key"] == first.metadata["checkpoint"]["key"]
     assert "4" in second.metadata["engine_args"]
+
+
+@pytest.mark.slow
+def test_output_tokens_are_fitted_to_the_served_context(tmp_path):
+    # The default 64 new tokens plus any prompt exceed the reference model's 64-token
+    # context: vLLM would answer HTTP 400 to every request, so the evaluator asks less.
+    ev = evaluator(tmp_path, max_new_tokens=VLLMSettings().max_new_tokens)
+    result = ev.evaluate(SPACE.baseline(), SPACE)
+    assert result.ok, result.reason
+    latency = result.metadata["objectives"]["latency"]
+    assert 2 <= latency["max_tokens"] < 64
+    assert latency["output_tokens"] == latency["requests"] * latency["max_tokens"]
+    # Five requests of tens of tokens, one at a time: sampled while they held cache.
+    assert 0 < result.metadata["kv_cache"]["usage_peak"] <= 1
+    notes = [n for n in result.metadata["notes"] if "max_new_tokens" in n]
+    assert len(notes) == 1 and "context of 64 tokens" in notes[0], result.metadata["notes"]
+
+
+@pytest.mark.slow
+def test_a_failed_measurement_names_its_cause_not_a_dead_server(tmp_path):
+    # The server hangs: every request times out, and it is still alive when that is seen.
+    stalled = evaluator(
+        tmp_path, request_timeout_s=1, extra_args=["--fake-stall-s", "30"]
+    ).evaluate(SPACE.baseline(), SPACE)
+    assert stalled.status == "failed"
+    assert "within 1s" in (stalled.reason or "")
+    assert "died" not in (stalled.reason or "")
+
+
+@pytest.mark.slow
+def test_a_server_that_dies_while_measured_is_reported_dead(tmp_path):
+    died = evaluator(tmp_path, extra_args=["--fake-exit-on-request", "2"]).evaluate(
+        SPACE.baseline(), SPACE
+    )
+    assert died.status == "failed"
+    reason = died.reason or ""
+    assert "the vLLM server died while being measured" in reason
+    assert "fake crash at completion request 2" in reason  # the log's tail says why
 
 
 def _real_vllm() -> str | None:
