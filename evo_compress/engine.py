@@ -901,6 +901,17 @@ class Search:
         algorithm.n_iter = state["n_iter"]
         algorithm.random_state.bit_generator.state = _rng_state_from_data(state["rng"])
         _restore_survival_state(algorithm, state.get("survival") or {})
+        if _ranking_is_stale(pop, checkpoint.population):
+            # A failure evaluated again (--retry-failed, now or in a resume that stopped) is
+            # feasible now, but pymoo ranks feasible individuals only: the checkpoint has no
+            # rank or crowding for it and the others' are out of date. Rank them again.
+            algorithm.pop = algorithm.survival.do(
+                algorithm.problem,
+                pop,
+                n_survive=len(pop),
+                algorithm=algorithm,
+                random_state=algorithm.random_state,
+            )
         for ops, saved in (
             (self.crossovers, checkpoint.operator_state.get("crossover", [])),
             (self.mutations, checkpoint.operator_state.get("mutation", [])),
@@ -1120,6 +1131,18 @@ def seeder_params(config: PopulationConfig) -> dict[str, Any]:
         "`search.recipes`: `llm` seeding needs an LLM operator in `search.operators` or "
         "provider settings in `llm.seeder`"
     )
+
+
+def _ranking_is_stale(pop: Population, saved: Sequence[dict[str, Any]]) -> bool:
+    """Whether a restored population's constraint values differ from its checkpoint's, or a
+    feasible member has no rank: its survival ranks no longer describe it."""
+    for ind, entry in zip(pop, saved, strict=True):
+        cv = float(ind.get("CV")[0])
+        if "cv" in entry and cv != _dec(entry["cv"]):
+            return True
+        if cv <= 0 and ind.get("rank") is None:
+            return True
+    return False
 
 
 def _set_fitness(pop: Population, F: np.ndarray, G: np.ndarray) -> None:

@@ -402,3 +402,42 @@ def test_resume_with_retry_failed_evaluates_failures_again(config_factory, tmp_p
     assert again, "failed members of the population (and the baseline) were evaluated again"
     assert all(now[i].source == "evaluated" for i in again)  # type: ignore[union-attr]
     assert front and all(m.feasible for m in front)
+
+
+@pytest.mark.parametrize("algorithm", ["nsga2", "nsga3"])
+def test_retry_failed_from_a_checkpoint_of_failures_finishes_and_stays_resumable(
+    config_factory, tmp_path, algorithm
+):
+    # Failed survivors have no rank or crowding in the checkpoint (pymoo ranks only feasible
+    # individuals); retried, they become feasible and tournament selection compared None.
+    if "test-flaky" not in EVALUATORS:
+        EVALUATORS.register("test-flaky", _FlakyEvaluator)
+    _FlakyEvaluator.marker = tmp_path / "busy"
+    _FlakyEvaluator.marker.touch()
+    config = config_factory(
+        evaluator={"name": "test-flaky", "settings": {}},
+        search={"generations": 1, "algorithm": algorithm},
+    )
+    run_search(config, tmp_path / "run")
+    with RunStore.open(tmp_path / "run") as store:
+        checkpoint = store.last_checkpoint()
+        assert checkpoint is not None
+        population = [entry["id"] for entry in checkpoint.population]
+        assert all(store.evaluation(i).result.status == "failed" for i in population)  # type: ignore[union-attr]
+
+    _FlakyEvaluator.marker.unlink()
+    retried = Search.resume(tmp_path / "run", generations=3, retry_failed=True)
+    try:
+        retried.run()
+    finally:
+        retried.close()
+    again = Search.resume(tmp_path / "run", generations=4)
+    try:
+        again.run()
+    finally:
+        again.close()
+    with RunStore.open(tmp_path / "run") as store:
+        checkpoint = store.last_checkpoint()
+        assert checkpoint is not None and checkpoint.generation == 3
+        assert all(store.evaluation(i).result.ok for i in population)  # type: ignore[union-attr]
+        assert load_front(store)
