@@ -51,6 +51,7 @@ from evo_compress.fitness import (
     FitnessCache,
     make_evaluator,
 )
+from evo_compress.fitness.cache import open_cache
 from evo_compress.fitness.pool import (
     EvaluationPool,
     Task,
@@ -122,6 +123,10 @@ class Search:
         self.retry_failed = retry_failed
         self.listener = listener or ProgressListener()
         self.fingerprint = evaluator.fingerprint()
+        # Left out of the fingerprint; a cached failure they may have caused is kept with them.
+        self.limits = evaluator.limits()
+        if cache is not None:  # its warnings (a bad entry, a full disk) join the progress
+            cache.warn = lambda text: self.listener.message(text)
         evaluator.set_run_dir(store.run_dir)
         # Evaluations run in a pool (local worker slots or Ray); this process alone writes
         # the run store and the cache.
@@ -227,7 +232,7 @@ class Search:
             store,
             space,
             evaluator,
-            _open_cache(config),
+            _open_cache(config, listener),
             config.search.generations,
             listener,
             plan=plan,
@@ -275,7 +280,7 @@ class Search:
         except BaseException:
             store.close()
             raise
-        cache_obj = _open_cache(config)
+        cache_obj = _open_cache(config, listener)
         if retry_failed and cache_obj is not None:
             cache_obj.forget_failures(evaluator.fingerprint())
         return cls(
@@ -713,7 +718,7 @@ class Search:
             self.store.add_evaluation(ident, earlier, "run")
             return earlier, "run"
         if self.cache is not None:
-            result = self.cache.get(recipe, self.fingerprint)
+            result = self.cache.get(recipe, self.fingerprint, self.limits)
             if result is not None:
                 self.store.add_evaluation(ident, result, "cache")
                 self._results[recipe.hash] = result
@@ -724,7 +729,7 @@ class Search:
         """A fresh result into the run store and the cache, the moment it arrives."""
         self.store.add_evaluation(ident, result, "evaluated")
         if self.cache is not None:
-            self.cache.put(recipe, self.fingerprint, result)
+            self.cache.put(recipe, self.fingerprint, result, self.limits)
         self._results[recipe.hash] = result
 
     def _objectives(self, result: EvaluationResult) -> np.ndarray:
@@ -1188,10 +1193,15 @@ def configure_config_evaluator(config: PopulationConfig) -> tuple[Evaluator, Wor
     return configure_evaluator(config.evaluation, evaluator)
 
 
-def _open_cache(config: PopulationConfig) -> FitnessCache | None:
+def _open_cache(
+    config: PopulationConfig, listener: ProgressListener | None
+) -> FitnessCache | None:
+    """The config's fitness cache; None when it is off, or (with one warning) when the file
+    cannot be used as one: the cache only saves time, so the search goes on without it."""
     if not config.cache.enabled:
         return None
-    return FitnessCache(config.cache.path or default_cache_path(config))
+    warn = (listener or ProgressListener()).message
+    return open_cache(config.cache.path or default_cache_path(config), warn)
 
 
 def _enc(value: Any) -> Any:
