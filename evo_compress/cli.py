@@ -151,7 +151,7 @@ class _RichProgress(ProgressListener):
             )
 
     def message(self, text: str) -> None:
-        self.console.print(text, highlight=False)
+        self.console.print(text, highlight=False, soft_wrap=True)  # one line in a log
 
     def stop(self) -> None:
         self.progress.stop()

@@ -353,3 +353,14 @@ def test_a_timeout_in_the_cache_is_not_served_to_a_longer_timeout(tmp_path):
     # A success does not depend on the limit it ran under: it serves the short one too.
     again = evaluate(0.5)
     assert again["cache_hit"] is True and again["objectives"] == longer["objectives"]
+
+
+def test_a_cache_file_that_is_not_a_cache_costs_one_warning_line(tmp_path):
+    config = write_config(tmp_path, generations=2)
+    bad = tmp_path / "notes.sqlite"
+    bad.write_text("my notes, not a cache\n" * 100)
+    proc = cli("run", "-c", config, "--cache", bad, "--run-dir", tmp_path / "run")
+    warnings = [line for line in proc.stdout.splitlines() if str(bad) in line]
+    assert len(warnings) == 1 and "without it" in warnings[0], proc.stdout
+    assert "Traceback" not in proc.stderr
+    assert bad.read_text() == "my notes, not a cache\n" * 100
