@@ -134,7 +134,15 @@ class FitnessCache:
         if [c for c in missing if c not in _ADDED_COLUMNS] or names - set(COLUMNS):
             raise _BadEntry("layout", f"its `entries` table has the columns {sorted(names)}")
         for column in missing:
-            self._db.execute(f"ALTER TABLE entries ADD COLUMN {column} {_ADDED_COLUMNS[column]}")
+            try:
+                self._db.execute(
+                    f"ALTER TABLE entries ADD COLUMN {column} {_ADDED_COLUMNS[column]}"
+                )
+            except sqlite3.OperationalError:
+                # Another process sharing the cache may have just added it.
+                added = {row[1] for row in self._db.execute("PRAGMA table_info(entries)")}
+                if column.encode() not in added and column not in added:
+                    raise
 
     def _warn_once(self, kind: str, text: str) -> None:
         if kind not in self._warned:
