@@ -68,6 +68,10 @@ def _errors() -> Iterator[None]:
         raise typer.Exit(2) from None
 
 
+def _warn(text: str) -> None:
+    err_console.print(f"[bold yellow]warning:[/] {text}", highlight=False, soft_wrap=True)
+
+
 def _version(value: bool) -> None:
     if value:
         console.print(f"evo-compress {__version__}")
@@ -147,7 +151,7 @@ class _RichProgress(ProgressListener):
             )
 
     def message(self, text: str) -> None:
-        self.console.print(text, highlight=False)
+        self.console.print(text, highlight=False, soft_wrap=True)  # one line in a log
 
     def stop(self) -> None:
         self.progress.stop()
@@ -299,7 +303,7 @@ def evaluate(
 
         from evo_compress.config import build_space, load_config
         from evo_compress.engine import default_cache_path, make_config_evaluator
-        from evo_compress.fitness import FitnessCache
+        from evo_compress.fitness.cache import open_cache
 
         if cache is not None and no_cache:
             raise EvoCompressError("`--cache` and `--no-cache` exclude each other")
@@ -318,15 +322,15 @@ def evaluate(
         evaluator = make_config_evaluator(cfg)
         store = None
         if not no_cache and (cache is not None or cfg.cache.enabled):
-            store = FitnessCache(cache or cfg.cache.path or default_cache_path(cfg))
-        fingerprint = evaluator.fingerprint()
-        result = store.get(parsed, fingerprint) if store is not None else None
+            store = open_cache(cache or cfg.cache.path or default_cache_path(cfg), _warn)
+        fingerprint, limits = evaluator.fingerprint(), evaluator.limits()
+        result = store.get(parsed, fingerprint, limits) if store is not None else None
         hit = result is not None
         if result is None:
             evaluator.prepare()
             result = evaluator.evaluate(parsed, space)
             if store is not None:
-                store.put(parsed, fingerprint, result)
+                store.put(parsed, fingerprint, result, limits)
         evaluator.close()
         if store is not None:
             store.close()

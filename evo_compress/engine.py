@@ -51,6 +51,7 @@ from evo_compress.fitness import (
     FitnessCache,
     make_evaluator,
 )
+from evo_compress.fitness.cache import open_cache
 from evo_compress.fitness.pool import (
     EvaluationPool,
     Task,
@@ -122,6 +123,10 @@ class Search:
         self.retry_failed = retry_failed
         self.listener = listener or ProgressListener()
         self.fingerprint = evaluator.fingerprint()
+        # Left out of the fingerprint; a cached failure they may have caused is kept with them.
+        self.limits = evaluator.limits()
+        if cache is not None:  # its warnings (a bad entry, a full disk) join the progress
+            cache.warn = lambda text: self.listener.message(text)
         evaluator.set_run_dir(store.run_dir)
         # Evaluations run in a pool (local worker slots or Ray); this process alone writes
         # the run store and the cache.
@@ -227,7 +232,7 @@ class Search:
             store,
             space,
             evaluator,
-            _open_cache(config),
+            _open_cache(config, listener),
             config.search.generations,
             listener,
             plan=plan,
@@ -275,7 +280,7 @@ class Search:
         except BaseException:
             store.close()
             raise
-        cache_obj = _open_cache(config)
+        cache_obj = _open_cache(config, listener)
         if retry_failed and cache_obj is not None:
             cache_obj.forget_failures(evaluator.fingerprint())
         return cls(
@@ -713,7 +718,7 @@ class Search:
             self.store.add_evaluation(ident, earlier, "run")
             return earlier, "run"
         if self.cache is not None:
-            result = self.cache.get(recipe, self.fingerprint)
+            result = self.cache.get(recipe, self.fingerprint, self.limits)
             if result is not None:
                 self.store.add_evaluation(ident, result, "cache")
                 self._results[recipe.hash] = result
@@ -724,7 +729,7 @@ class Search:
         """A fresh result into the run store and the cache, the moment it arrives."""
         self.store.add_evaluation(ident, result, "evaluated")
         if self.cache is not None:
-            self.cache.put(recipe, self.fingerprint, result)
+            self.cache.put(recipe, self.fingerprint, result, self.limits)
         self._results[recipe.hash] = result
 
     def _objectives(self, result: EvaluationResult) -> np.ndarray:
@@ -901,6 +906,17 @@ class Search:
         algorithm.n_iter = state["n_iter"]
         algorithm.random_state.bit_generator.state = _rng_state_from_data(state["rng"])
         _restore_survival_state(algorithm, state.get("survival") or {})
+        if _ranking_is_stale(pop, checkpoint.population):
+            # A failure evaluated again (--retry-failed, now or in a resume that stopped) is
+            # feasible now, but pymoo ranks feasible individuals only: the checkpoint has no
+            # rank or crowding for it and the others' are out of date. Rank them again.
+            algorithm.pop = algorithm.survival.do(
+                algorithm.problem,
+                pop,
+                n_survive=len(pop),
+                algorithm=algorithm,
+                random_state=algorithm.random_state,
+            )
         for ops, saved in (
             (self.crossovers, checkpoint.operator_state.get("crossover", [])),
             (self.mutations, checkpoint.operator_state.get("mutation", [])),
@@ -1122,6 +1138,18 @@ def seeder_params(config: PopulationConfig) -> dict[str, Any]:
     )
 
 
+def _ranking_is_stale(pop: Population, saved: Sequence[dict[str, Any]]) -> bool:
+    """Whether a restored population's constraint values differ from its checkpoint's, or a
+    feasible member has no rank: its survival ranks no longer describe it."""
+    for ind, entry in zip(pop, saved, strict=True):
+        cv = float(ind.get("CV")[0])
+        if "cv" in entry and cv != _dec(entry["cv"]):
+            return True
+        if cv <= 0 and ind.get("rank") is None:
+            return True
+    return False
+
+
 def _set_fitness(pop: Population, F: np.ndarray, G: np.ndarray) -> None:
     F = F.reshape(len(pop), len(OBJECTIVES))
     G = G.reshape(len(pop), -1)
@@ -1165,10 +1193,15 @@ def configure_config_evaluator(config: PopulationConfig) -> tuple[Evaluator, Wor
     return configure_evaluator(config.evaluation, evaluator)
 
 
-def _open_cache(config: PopulationConfig) -> FitnessCache | None:
+def _open_cache(
+    config: PopulationConfig, listener: ProgressListener | None
+) -> FitnessCache | None:
+    """The config's fitness cache; None when it is off, or (with one warning) when the file
+    cannot be used as one: the cache only saves time, so the search goes on without it."""
     if not config.cache.enabled:
         return None
-    return FitnessCache(config.cache.path or default_cache_path(config))
+    warn = (listener or ProgressListener()).message
+    return open_cache(config.cache.path or default_cache_path(config), warn)
 
 
 def _enc(value: Any) -> Any:

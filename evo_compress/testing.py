@@ -13,6 +13,7 @@ import numpy as np
 from evo_compress.fitness._base import EvaluationResult, Placement
 from evo_compress.fitness.synthetic import SyntheticEvaluator
 from evo_compress.genomes import Recipe, SearchSpace
+from evo_compress.progress import ProgressListener
 
 SEED_MAX = 2**32 - 1  # upper bound for seeds drawn by property tests
 
@@ -182,3 +183,42 @@ def crash_evaluations(search: Any, generation: int, after: int, error: type[Exce
         return original(recipe, space, placement)
 
     search.evaluator.evaluate = evaluate
+
+
+class Messages(ProgressListener):
+    """A listener that keeps the search's messages (warnings, notes) in ``said``."""
+
+    def __init__(self) -> None:
+        self.said: list[str] = []
+
+    def message(self, text: str) -> None:
+        self.said.append(text)
+
+
+_FIVE = '"latency": 1.0, "memory": 1.0, "energy": 1.0, "co2": 1.0'
+# Ways a fitness cache entry goes bad (a crash mid-write by an old version, a hand edit, a
+# bit flip, another tool's rows): each an UPDATE applied to every entry of a real cache.
+CACHE_CORRUPTIONS: dict[str, str] = {
+    "missing objectives": "UPDATE entries SET objectives = NULL",
+    "objectives missing a name": """UPDATE entries SET objectives = '{"accuracy": 0.5}'""",
+    "NaN objective": f"""UPDATE entries SET objectives = '{{"accuracy": NaN, {_FIVE}}}'""",
+    "text objective": f"""UPDATE entries SET objectives = '{{"accuracy": "high", {_FIVE}}}'""",
+    "unknown status": "UPDATE entries SET status = 'great'",
+    "non-UTF-8 metadata": "UPDATE entries SET metadata = CAST(X'7B22FF223A317D' AS TEXT)",
+    "metadata not JSON": "UPDATE entries SET metadata = '{not json'",
+    "metadata not a mapping": "UPDATE entries SET metadata = '[1, 2]'",
+    "duration not a number": "UPDATE entries SET duration_s = 'slow'",
+}
+
+
+def corrupt_cache(path: Path, kind: str) -> int:
+    """Apply ``CACHE_CORRUPTIONS[kind]`` to every entry of the cache at ``path``; returns how
+    many entries it changed."""
+    import sqlite3
+
+    db = sqlite3.connect(path)
+    try:
+        with db:
+            return db.execute(CACHE_CORRUPTIONS[kind]).rowcount
+    finally:
+        db.close()

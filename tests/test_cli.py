@@ -311,3 +311,56 @@ def test_history_lineage_operators_report_export_and_compare(tmp_path):
     compared = json.loads(cli("compare", a, tmp_path / "b", "--format", "json").stdout)
     assert compared["a"]["hypervolume"] > 0 and compared["b"]["hypervolume"] > 0
     assert "common" in cli("compare", a, tmp_path / "b").stdout
+
+
+@pytest.mark.slow
+def test_a_timeout_in_the_cache_is_not_served_to_a_longer_timeout(tmp_path):
+    from evo_compress.testing import save_random_llama
+
+    model = save_random_llama(
+        tmp_path / "tiny-llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    )
+    settings = {"threads": 1, "limit": 8, "latency_prompts": 2, "max_new_tokens": 2}
+
+    def evaluate(timeout_s: float) -> dict:
+        config = tmp_path / f"timeout-{timeout_s:g}.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "model": {"id": str(model)},
+                    "hardware": {"device": "cpu"},
+                    "evaluator": {
+                        "name": "transformers",
+                        "settings": {**settings, "timeout_s": timeout_s},
+                    },
+                }
+            )
+        )
+        recipe = "{serve: {max_num_seqs: 1}}"
+        args = ["evaluate", "-c", config, "-r", recipe, "-f", "json", "--cache", tmp_path / "c"]
+        return json.loads(cli(*args, check=False).stdout)
+
+    short = evaluate(0.5)
+    assert short["status"] == "failed" and short["reason"].startswith("timeout")
+    # A longer limit evaluates again: the 0.5 s timeout says nothing about 240 s.
+    longer = evaluate(240)
+    assert longer["cache_hit"] is False and longer["status"] == "ok", longer["reason"]
+    # A success does not depend on the limit it ran under: it serves the short one too.
+    again = evaluate(0.5)
+    assert again["cache_hit"] is True and again["objectives"] == longer["objectives"]
+
+
+def test_a_cache_file_that_is_not_a_cache_costs_one_warning_line(tmp_path):
+    config = write_config(tmp_path, generations=2)
+    bad = tmp_path / "notes.sqlite"
+    bad.write_text("my notes, not a cache\n" * 100)
+    proc = cli("run", "-c", config, "--cache", bad, "--run-dir", tmp_path / "run")
+    warnings = [line for line in proc.stdout.splitlines() if str(bad) in line]
+    assert len(warnings) == 1 and "without it" in warnings[0], proc.stdout
+    assert "Traceback" not in proc.stderr
+    assert bad.read_text() == "my notes, not a cache\n" * 100

@@ -17,7 +17,14 @@ from evo_compress.genomes import Recipe, SearchSpace
 from evo_compress.progress import ProgressListener
 from evo_compress.runs import RunStore
 from evo_compress.runs.front import load_front
-from evo_compress.testing import crash_evaluations, final_state, pins_except
+from evo_compress.testing import (
+    CACHE_CORRUPTIONS,
+    Messages,
+    corrupt_cache,
+    crash_evaluations,
+    final_state,
+    pins_except,
+)
 from evo_compress.testing import search_front as run_search
 
 
@@ -402,3 +409,118 @@ def test_resume_with_retry_failed_evaluates_failures_again(config_factory, tmp_p
     assert again, "failed members of the population (and the baseline) were evaluated again"
     assert all(now[i].source == "evaluated" for i in again)  # type: ignore[union-attr]
     assert front and all(m.feasible for m in front)
+
+
+@pytest.mark.parametrize("algorithm", ["nsga2", "nsga3"])
+def test_retry_failed_from_a_checkpoint_of_failures_finishes_and_stays_resumable(
+    config_factory, tmp_path, algorithm
+):
+    # Failed survivors have no rank or crowding in the checkpoint (pymoo ranks only feasible
+    # individuals); retried, they become feasible and tournament selection compared None.
+    if "test-flaky" not in EVALUATORS:
+        EVALUATORS.register("test-flaky", _FlakyEvaluator)
+    _FlakyEvaluator.marker = tmp_path / "busy"
+    _FlakyEvaluator.marker.touch()
+    config = config_factory(
+        evaluator={"name": "test-flaky", "settings": {}},
+        search={"generations": 1, "algorithm": algorithm},
+    )
+    run_search(config, tmp_path / "run")
+    with RunStore.open(tmp_path / "run") as store:
+        checkpoint = store.last_checkpoint()
+        assert checkpoint is not None
+        population = [entry["id"] for entry in checkpoint.population]
+        assert all(store.evaluation(i).result.status == "failed" for i in population)  # type: ignore[union-attr]
+
+    _FlakyEvaluator.marker.unlink()
+    retried = Search.resume(tmp_path / "run", generations=3, retry_failed=True)
+    try:
+        retried.run()
+    finally:
+        retried.close()
+    again = Search.resume(tmp_path / "run", generations=4)
+    try:
+        again.run()
+    finally:
+        again.close()
+    with RunStore.open(tmp_path / "run") as store:
+        checkpoint = store.last_checkpoint()
+        assert checkpoint is not None and checkpoint.generation == 3
+        assert all(store.evaluation(i).result.ok for i in population)  # type: ignore[union-attr]
+        assert load_front(store)
+
+
+def cache_warnings(messages: Messages) -> list[str]:
+    return [m for m in messages.said if "cache" in m]
+
+
+@pytest.mark.parametrize("kind", sorted(CACHE_CORRUPTIONS))
+def test_corrupted_cache_entries_never_enter_the_run(config_factory, tmp_path, kind):
+    cache = {"enabled": True, "path": str(tmp_path / "cache.sqlite")}
+    config = config_factory(cache=cache, search={"generations": 2})
+    first = run_search(config, tmp_path / "a")
+    assert corrupt_cache(tmp_path / "cache.sqlite", kind) > 0
+
+    messages = Messages()
+    second = run_search(config, tmp_path / "b", messages)
+    assert second == first  # every bad entry was a miss, evaluated again
+    assert len(cache_warnings(messages)) == 1, messages.said
+    with RunStore.open(tmp_path / "b") as store:
+        sources = {row.source for row in store.evaluations().values()}
+    assert "evaluated" in sources and "cache" not in sources
+    # The run holds nothing from the bad entries: it resumes without the cache.
+    resumed = Search.resume(tmp_path / "b", generations=3, cache=False)
+    try:
+        resumed.run()
+    finally:
+        resumed.close()
+    # And the cache was repaired by the fresh results: a third run is served from it.
+    third = Search.start(config, run_dir=tmp_path / "c")
+    try:
+        third.run()
+    finally:
+        third.close()
+    with RunStore.open(tmp_path / "c") as store:
+        assert {row.source for row in store.evaluations().values()} == {"cache"}
+
+
+@pytest.mark.parametrize("content", ["garbage", "other table"])
+def test_a_cache_file_that_is_not_a_cache_is_skipped_with_one_warning(
+    config_factory, tmp_path, content
+):
+    path = tmp_path / "cache.sqlite"
+    if content == "garbage":
+        path.write_bytes(b"not sqlite at all " * 200)
+    else:
+        import sqlite3
+
+        db = sqlite3.connect(path)
+        with db:
+            db.execute("CREATE TABLE entries (id INTEGER PRIMARY KEY, payload TEXT)")
+        db.close()
+    before = path.read_bytes()
+    config = config_factory(cache={"enabled": True, "path": str(path)})
+    expected = run_search(config_factory(), tmp_path / "plain")
+    messages = Messages()
+    assert run_search(config, tmp_path / "run", messages) == expected
+    [warning] = cache_warnings(messages)
+    assert str(path) in warning and "without" in warning
+    assert path.read_bytes() == before  # the user's file is not touched
+
+
+def test_a_full_disk_under_the_cache_loses_nothing(config_factory, tmp_path):
+    config = config_factory(cache={"enabled": True, "path": str(tmp_path / "cache.sqlite")})
+    expected = run_search(config_factory(), tmp_path / "plain")
+    messages = Messages()
+    search = Search.start(config, run_dir=tmp_path / "run", listener=messages)
+    assert search.cache is not None
+    pages = search.cache._db.execute("PRAGMA page_count").fetchone()[0]
+    search.cache._db.execute(f"PRAGMA max_page_count = {pages}")  # the next page: disk full
+    try:
+        search.run()
+        front = [m.to_json() for m in load_front(search.store)]
+    finally:
+        search.close()
+    assert front == expected
+    [warning] = cache_warnings(messages)
+    assert "full" in warning

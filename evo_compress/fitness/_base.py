@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 import traceback
 from abc import ABC, abstractmethod
@@ -54,6 +55,31 @@ class EvaluationResult:
 
     def with_duration(self, seconds: float) -> EvaluationResult:
         return EvaluationResult(self.status, self.objectives, self.reason, self.metadata, seconds)
+
+
+# The reason words of failures a limit may have caused, from back ends that give no
+# ``limit_cause`` of their own (a request timeout inside a vLLM evaluation, a CUDA OOM).
+_LIMIT_WORDS = {
+    "timeout": re.compile(r"time[sd]?[ -]?out|within \d+(\.\d+)? ?s\b|after \d+(\.\d+)? ?s\b"),
+    "memory": re.compile(r"out of memory|\boom\b|killed", re.IGNORECASE),
+}
+
+
+def limit_cause(result: EvaluationResult) -> str | None:
+    """ "timeout" or "memory" when a failure may have been caused by a limit (the worker's
+    time or memory limit, a server or request timeout) rather than by the recipe; None for
+    every other result. The worker says so in ``metadata["limit_cause"]``; other failures
+    are judged by their reason, erring towards "may have been"."""
+    if result.status != "failed":
+        return None
+    tagged = result.metadata.get("limit_cause")
+    if tagged in _LIMIT_WORDS:
+        return str(tagged)
+    reason = (result.reason or "").lower()
+    for cause, words in _LIMIT_WORDS.items():
+        if words.search(reason):
+            return cause
+    return None
 
 
 @dataclass(frozen=True)
@@ -146,6 +172,12 @@ class Evaluator(ABC):
             "hardware": self.context.hardware.model_dump(mode="json"),
             "carbon": self.context.carbon.model_dump(mode="json"),
         }
+
+    def limits(self) -> dict[str, float | None]:
+        """The limits an evaluation runs under (worker timeout and memory, server timeouts):
+        left out of the fingerprint, since they change whether an evaluation finishes, not
+        what it measures, but stored with a cached failure they may have caused."""
+        return {}
 
     def fingerprint(self) -> str:
         text = json.dumps(self.fingerprint_data(), sort_keys=True, default=str)

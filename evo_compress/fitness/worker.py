@@ -115,6 +115,7 @@ def run_in_worker(
     child.close()
     peak = 0.0
     reason: str | None = None
+    cause: str | None = None  # the limit that stopped it: decides what the cache may serve
     message: Any = None
     try:
         while True:
@@ -131,8 +132,10 @@ def run_in_worker(
             peak = max(peak, rss)
             if elapsed > limits.timeout_s:
                 reason = f"timeout: the evaluation ran past {limits.timeout_s:g} s"
+                cause = "timeout"
                 break
             if limits.memory_limit_mib is not None and rss > limits.memory_limit_mib:
+                cause = "memory"
                 reason = (
                     f"out of memory: the worker used {rss:,.0f} MiB, over the "
                     f"{limits.memory_limit_mib:,.0f} MiB limit"
@@ -153,12 +156,14 @@ def run_in_worker(
     if reason is not None or message is None or message[0] == "error":
         meta["worker"]["output_tail"] = output
     if reason is not None:
+        meta["limit_cause"] = cause
         return EvaluationResult.failure(reason, meta).with_duration(seconds)
     if message is None:
         code = process.exitcode
         how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
         if code == -signal.SIGKILL:
             how += " (killed: often the kernel's out-of-memory killer)"
+            meta["limit_cause"] = "memory"
         return EvaluationResult.failure(f"the worker died ({how})", meta).with_duration(seconds)
     if message[0] == "error":
         meta["traceback"] = message[2]

@@ -198,12 +198,16 @@ class TransformersEvaluator(ModelEvaluator):
             # serve.gpu_memory_utilization is a vLLM setting: pinned to its default here.
         }
 
+    def limits(self) -> dict[str, float | None]:
+        return {"timeout_s": self.config.timeout_s, "memory_limit_mib": self._memory_limit()}
+
+    def _memory_limit(self) -> float:
+        return float(self.config.memory_limit_mib or 0.75 * _machine_memory_mib())
+
     def fingerprint_data(self) -> dict[str, Any]:
         data = super().fingerprint_data()
         # The worker's limits change whether an evaluation finishes, not what it measures.
-        data["settings"] = self.config.model_dump(
-            mode="json", exclude={"timeout_s", "memory_limit_mib"}
-        )
+        data["settings"] = self.config.model_dump(mode="json", exclude=set(self.limits()))
         data["model_content"] = self._model_fingerprint()
         data["machine"] = {"cpu": cpu_name(), "device": self.device}
         if self.concurrent > 1 and not self.uses_gpu():
@@ -228,8 +232,7 @@ class TransformersEvaluator(ModelEvaluator):
             "settings": self.config.model_dump(mode="json"),
             "carbon": self.context.carbon.model_dump(mode="json"),
         }
-        memory = self.config.memory_limit_mib or 0.75 * _machine_memory_mib()
-        limits = WorkerLimits(timeout_s=self.config.timeout_s, memory_limit_mib=memory)
+        limits = WorkerLimits(self.config.timeout_s, memory_limit_mib=self._memory_limit())
         return run_in_worker(
             "evo_compress.fitness.hf.pipeline:evaluate_in_worker",
             payload,

@@ -174,6 +174,12 @@ class VLLMEvaluator(ModelEvaluator):
             dict(recipe), self.caps, defaults=self._defaults
         ) or super().infeasible_reason(recipe, space)
 
+    def limits(self) -> dict[str, float | None]:
+        return {
+            name: getattr(self.config, name)
+            for name in ("startup_timeout_s", "request_timeout_s", "build_timeout_s")
+        }
+
     def fingerprint_data(self) -> dict[str, Any]:
         data = super().fingerprint_data()
         data["settings"] = self.config.model_dump(
