@@ -50,8 +50,11 @@ from evo_compress.operators import (
     make_mutation,
 )
 from evo_compress.runs.store import LLMCallRow
+from evo_compress.text import encodable
 
 SEED_LABEL = "llm-seed"
+# of a validation error: it is stored and fed back, and may echo a megabyte value
+MAX_ERROR_CHARS = 1000
 
 
 @dataclass
@@ -163,8 +166,12 @@ class LLMAgent:
                     parsed = job.parse(text)
                     outcome, error = "valid", None
                 except ReplyError as exc:
-                    error = str(exc)
+                    error = _clip(str(exc), MAX_ERROR_CHARS)
                     outcome = "invalid" if attempt + 1 < job.grant.calls else "fallback"
+                # A reply is parsed as it came; what is stored and fed back must encode.
+                text = encodable(text)
+            error = None if error is None else encodable(error)
+            model = encodable(model)
             row = LLMCallRow(
                 generation=job.generation,
                 slot=job.slot,
@@ -348,3 +355,7 @@ class LLMSeeder:
         self.agent.finish(self.agent.run(self.agent.start(job)))
         result: SeedsReply | None = job.result
         return result
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -327,3 +327,25 @@ def _flat(nested: dict[str, Any]) -> dict[str, Any]:
     from evo_compress.genomes import flatten
 
     return {k: v for k, v in flatten(nested).items() if v is not None}
+
+
+def test_nested_and_surrogate_replies_are_re_asked_and_stored_readably(fake_llm, tmp_path):
+    s = session(tmp_path)
+    op = mutation(fake_llm, "openai-compatible", s, fix_attempts=3)
+    valid = {"recipe": {"quant": {"method": "gptq"}}, "rationale": "ok", "confidence": 0.5}
+    fake_llm.queue(
+        Reply("[" * 100_000 + "]" * 100_000),  # RecursionError in json.loads
+        Reply(json.dumps(valid | {"rationale": "bad \ud800"})),  # the escape \ud800
+        Reply(json.dumps(valid | {"rationale": "raw \udfff"}, ensure_ascii=False)),  # raw
+        Reply(json.dumps(valid)),
+    )
+    child = op.vary([parent()], np.random.default_rng(0), context())
+    assert child.operators == ("llm",) and child.recipe == SPACE.recipe({"quant.method": "gptq"})
+    rows = s.store.llm_calls()
+    assert [r.outcome for r in rows] == ["invalid", "invalid", "invalid", "valid"]
+    assert "nested" in rows[0].error and "surrogate" in rows[1].error + rows[2].error
+    for row in rows:  # what is stored encodes, the re-asks carried the problem
+        for text in (row.reply, row.error, row.prompt, row.rationale, row.model):
+            (text or "").encode("utf-8")
+    assert "surrogate" in request_text(fake_llm.requests[3])
+    s.store.close()

@@ -15,6 +15,7 @@ from evo_compress.agents.testing_servers import (
     FakeProviderServer,
     Hang,
     RecordedRequest,
+    Reply,
     Response,
     Status,
     llm_search_sections,
@@ -203,6 +204,40 @@ def test_without_a_key_the_run_goes_on_and_says_so_once(
     with RunStore.open(tmp_path / "run") as store:
         ops = [r.operators for r in store.individuals() if r.generation > 0]
     assert ["crossover:llm", "fallback:uniform"] in [o[:2] for o in ops]
+
+
+def test_nested_and_surrogate_replies_end_neither_the_run_nor_its_resume(
+    config_factory, tmp_path, keyed
+):
+    answer = model_like()
+    hostile = [
+        "[" * 100_000 + "]" * 100_000,
+        json.dumps({"recipe": {}, "rationale": "\ud800", "confidence": 0.5}),
+        json.dumps({"recipe": {}, "rationale": "\udfff"}, ensure_ascii=False),
+    ]
+    count = {"n": 0}
+
+    def sometimes_hostile(request: RecordedRequest) -> Response:
+        count["n"] += 1
+        if count["n"] % 2:
+            return Reply(hostile[count["n"] // 2 % len(hostile)])
+        return answer(request)
+
+    with FakeProviderServer(default=sometimes_hostile) as server:
+        config = llm_config(config_factory, server, generations=2, max_failures=100)
+        assert run(config, tmp_path / "run")
+        resumed = Search.resume(tmp_path / "run", generations=3)
+        try:
+            resumed.run()
+        finally:
+            resumed.close()
+    with RunStore.open(tmp_path / "run") as store:
+        checkpoint = store.last_checkpoint()
+        calls = store.llm_calls()
+    assert checkpoint is not None and checkpoint.generation == 2
+    errors = " ".join(c.error or "" for c in calls)
+    assert "nested" in errors and "surrogate" in errors
+    assert any(c.generation == 2 for c in calls)
 
 
 def test_the_budget_stops_llm_requests_and_the_run_goes_on(
