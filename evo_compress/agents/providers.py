@@ -26,6 +26,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from evo_compress.exceptions import ConfigError, EvoCompressError
 from evo_compress.registry import Registry
+from evo_compress.text import terminal_safe
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -329,7 +330,8 @@ def error_detail(body: object, fallback: str | None = None) -> str:
 
 
 def _truncate(text: str, limit: int = MAX_DETAIL_CHARS) -> str:
-    text = " ".join(text.split())
+    # the provider's own words end up in logs and on the terminal
+    text = " ".join(terminal_safe(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -328,3 +328,57 @@ def test_the_prompt_is_a_function_of_the_search_state(config_factory, tmp_path, 
             run(llm_config(config_factory, server), tmp_path / name)
             prompts.append([json.dumps(r.body, sort_keys=True) for r in server.requests])
     assert prompts[0] and sorted(prompts[0]) == sorted(prompts[1])
+
+
+def test_llm_text_reaches_the_terminal_without_control_codes(tmp_path, keyed):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from evo_compress.agents.testing_servers import Reply
+
+    hostile = "\x1b]0;pwned\x07\x1b[2J\x1b[31mred\x9b1m\x07\x08\r\x00\u202e [/] [bold]x"
+    answer = model_like()
+    count = {"n": 0}
+
+    def evil(request: RecordedRequest) -> Response:
+        count["n"] += 1
+        if count["n"] % 4 == 0:  # an error message the provider wrote
+            return Status(400, message=f"refused {hostile}")
+        reply = answer(request)
+        assert isinstance(reply, Reply)
+        body = json.loads(reply.text)
+        body["rationale"] = f"said {hostile}"
+        if "recipes" in body:  # one seed recipe the genome refuses, quoting the model
+            body["recipes"].append({"quant": {"method": f"int3 {hostile}"}})
+        return Reply(json.dumps(body), model=f"evil {hostile}")
+
+    with FakeProviderServer(default=evil) as server:
+        data = {
+            "name": "evil",
+            **llm_search_sections(server, generations=2, llm={"max_failures": 100}),
+            "evaluator": {"name": "synthetic"},
+            "cache": {"enabled": False},
+        }
+        config = tmp_path / "config.yaml"
+        config.write_text(yaml.safe_dump(data))
+        exe = [sys.executable, "-m", "evo_compress.cli"]
+        run_dir = tmp_path / "run"
+        runs = subprocess.run(
+            [*exe, "run", "--config", str(config), "--run-dir", str(run_dir)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert runs.returncode == 0, runs.stderr
+    lineage = subprocess.run(
+        [*exe, "lineage", str(run_dir)], capture_output=True, text=True, timeout=300
+    )
+    assert lineage.returncode == 0, lineage.stderr
+    assert "said" in lineage.stdout and "red" in lineage.stdout  # the words stay
+    assert "int3" in runs.stdout + runs.stderr
+    assert "pwned" not in lineage.stdout  # the window-title sequence went as a whole
+    for out in (runs.stdout, runs.stderr, lineage.stdout, lineage.stderr):
+        shown = {c for c in out if ord(c) < 32 or 0x7F <= ord(c) <= 0x9F or c == "\u202e"}
+        assert shown <= {"\n", "\t"}, shown
