@@ -3,7 +3,8 @@ or an OpenAI-compatible server) and return the reply text and token usage, with 
 
 The provider SDKs are imported inside the clients, so importing this module stays cheap and
 works without them. API keys come only from the environment and never appear in an error
-message, a repr or a log line: every message is scrubbed of the key before it leaves a client.
+message, a repr, a log line or a recorded reply: every message and reply text is scrubbed of the
+key before it leaves a client.
 """
 
 from __future__ import annotations
@@ -457,12 +458,13 @@ class LLMClient(ABC):
                 f"{exc.message} (after {attempts} attempt{plural})", attempts=attempts
             )
         else:
+            # A reply is scrubbed as errors are: a server may echo the key it was sent.
             return LLMReply(
-                text=text,
+                text=self._scrub(text),
                 usage=usage,
                 latency_s=time.monotonic() - started,
                 attempts=attempts,
-                model=model or self.settings.model,
+                model=self._scrub(model) if model else self.settings.model,
             )
         raise final
 

@@ -349,3 +349,31 @@ def test_nested_and_surrogate_replies_are_re_asked_and_stored_readably(fake_llm,
             (text or "").encode("utf-8")
     assert "surrogate" in request_text(fake_llm.requests[3])
     s.store.close()
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic", "google"])
+def test_a_key_echoed_in_a_reply_is_never_recorded(provider, fake_llm, tmp_path):
+    s = session(tmp_path)
+    op = mutation(fake_llm, provider, s)
+
+    def echo(valid: bool) -> Any:
+        def answer(request: Any) -> Reply:
+            key = request.api_key
+            recipe = {"quant": {"method": "gptq" if valid else f"x{key}"}}
+            body = {"recipe": recipe, "rationale": f"key {key} / {key[:12]}", "confidence": 0.5}
+            return Reply(json.dumps(body), model=f"m-{key}")
+
+        return answer
+
+    fake_llm.queue(echo(False), echo(True))
+    child = op.vary([parent()], np.random.default_rng(0), context())
+    assert child.operators == ("llm",)
+    assert fake_llm.requests[0].api_key == KEY  # the key was sent, and echoed
+    rows = s.store.llm_calls()
+    assert [r.outcome for r in rows] == ["invalid", "valid"]
+    assert "***" in rows[1].rationale and "***" in rows[1].model
+    for row in rows:
+        stored = json.dumps([getattr(row, f) for f in row.__dataclass_fields__])
+        assert KEY not in stored and KEY[:12] not in stored
+    assert KEY not in request_text(fake_llm.requests[1])  # nor fed back to the model
+    s.store.close()
