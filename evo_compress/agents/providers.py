@@ -222,12 +222,16 @@ class ProviderError(EvoCompressError):
         status: int | None = None,
         retry_after: float | None = None,
         attempts: int | None = None,
+        elapsed_s: float | None = None,
     ) -> None:
         super().__init__(message)
         self.transient = transient
         self.status = status  # HTTP status, None for timeouts and connection failures
         self.retry_after = retry_after  # seconds the provider asked us to wait
-        self.attempts = attempts  # set by LLMClient.complete on the error it raises
+        # set by LLMClient.complete on the error it raises: HTTP attempts made, and the
+        # seconds from the first attempt to giving up, waits between attempts included
+        self.attempts = attempts
+        self.elapsed_s = elapsed_s
 
     @property
     def message(self) -> str:
@@ -455,7 +459,9 @@ class LLMClient(ABC):
         except ProviderError as exc:
             plural = "" if attempts == 1 else "s"
             final = exc._with(
-                f"{exc.message} (after {attempts} attempt{plural})", attempts=attempts
+                f"{exc.message} (after {attempts} attempt{plural})",
+                attempts=attempts,
+                elapsed_s=time.monotonic() - started,
             )
         else:
             # A reply is scrubbed as errors are: a server may echo the key it was sent.

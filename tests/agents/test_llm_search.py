@@ -377,8 +377,33 @@ def test_llm_text_reaches_the_terminal_without_control_codes(tmp_path, keyed):
     )
     assert lineage.returncode == 0, lineage.stderr
     assert "said" in lineage.stdout and "red" in lineage.stdout  # the words stay
-    assert "int3" in runs.stdout + runs.stderr
+    assert "refused" in runs.stdout + runs.stderr and "int3" in runs.stdout + runs.stderr
     assert "pwned" not in lineage.stdout  # the window-title sequence went as a whole
     for out in (runs.stdout, runs.stderr, lineage.stdout, lineage.stderr):
         shown = {c for c in out if ord(c) < 32 or 0x7F <= ord(c) <= 0x9F or c == "\u202e"}
         assert shown <= {"\n", "\t"}, shown
+
+
+def test_each_generation_says_how_each_llm_operator_did(config_factory, tmp_path, keyed):
+    answer = model_like()
+
+    def picky(request: RecordedRequest) -> Response:
+        if request.wire == "anthropic":  # the crossover only ever replies prose
+            return Reply("Let me think about this step by step.")
+        return answer(request)
+
+    messages = Messages()
+    with FakeProviderServer(default=picky) as server:
+        config = llm_config(config_factory, server, generations=4)
+        assert run(config, tmp_path / "run", messages)
+    lines = [m for m in messages.said if ", LLM operator `" in m]
+    local = [m for m in lines if "`local`" in m]
+    crossover = [m for m in lines if "`crossover:llm`" in m]
+    assert local and all(" valid" in m and "fell back" not in m for m in local)
+    assert crossover and "fell back to `uniform`: " in crossover[0]
+    assert "invalid replies" in crossover[0] and "not valid JSON" in crossover[0]
+    # every child without a valid reply counts: 3 in a row switch the crossover off
+    assert any("`crossover:llm` is off for the rest of the run" in m for m in messages.said)
+    assert "operator off" in crossover[-1]
+    generations = [int(m.split(",")[0].split()[1]) for m in lines]
+    assert generations == sorted(generations) and len(set(generations)) > 1
