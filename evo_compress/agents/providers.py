@@ -697,6 +697,13 @@ class OpenAIClient(LLMClient):
     def _request(
         self, system: str, user: str, schema: dict[str, Any], schema_name: str
     ) -> tuple[str, Usage, str]:
+        response_format = self._response_format(schema, schema_name)
+        if response_format is None or response_format["type"] != "json_schema":
+            # The request carries no schema: the model reads it in the prompt instead.
+            user = (
+                f"{user}\n\n## Reply schema\nReply with one JSON object that matches this JSON "
+                f"Schema:\n```json\n{json.dumps(schema, sort_keys=True)}\n```"
+            )
         kwargs: dict[str, Any] = {
             "model": self.settings.model,
             "messages": [
@@ -707,7 +714,6 @@ class OpenAIClient(LLMClient):
         }
         if self.settings.temperature is not None:
             kwargs["temperature"] = self.settings.temperature
-        response_format = self._response_format(schema, schema_name)
         if response_format is not None:
             kwargs["response_format"] = response_format
         completion = self._send(lambda: self._client.chat.completions.create(**kwargs))
