@@ -25,6 +25,7 @@ from rich.table import Table
 from evo_compress import __version__
 from evo_compress.exceptions import EvoCompressError, RecipeError
 from evo_compress.progress import ProgressListener
+from evo_compress.text import terminal_safe
 
 app = typer.Typer(
     name="evo-compress",
@@ -151,7 +152,9 @@ class _RichProgress(ProgressListener):
             )
 
     def message(self, text: str) -> None:
-        self.console.print(text, highlight=False, soft_wrap=True)  # one line in a log
+        # Messages quote LLM replies and provider errors: no markup, no control codes; one
+        # line in a log.
+        self.console.print(terminal_safe(text), markup=False, highlight=False, soft_wrap=True)
 
     def stop(self) -> None:
         self.progress.stop()

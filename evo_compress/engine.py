@@ -488,6 +488,8 @@ class Search:
                     made[slot] = child
                 else:
                     redraw(slot, 1)
+            if self.session is not None:  # one line per LLM operator: valid, fell back, why
+                self.session.report(self._generation)
         return [made[slot] for slot in sorted(made)]
 
     def _vary(

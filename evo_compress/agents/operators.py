@@ -50,8 +50,17 @@ from evo_compress.operators import (
     make_mutation,
 )
 from evo_compress.runs.store import LLMCallRow
+from evo_compress.text import encodable
 
 SEED_LABEL = "llm-seed"
+# of a validation error: it is stored and fed back, and may echo a megabyte value
+MAX_ERROR_CHARS = 1000
+# Why a child fell back, as the per-generation line counts them.
+WHY_INVALID = "with invalid replies"
+WHY_PROVIDER = "with the provider failing"
+WHY_OFF = "with the operator off"
+WHY_BUDGET = "with the budget spent"
+WHY_RESERVED = "with the budget held by earlier children"
 
 
 @dataclass
@@ -72,7 +81,8 @@ class Job:
     grant: Grant = field(default_factory=lambda: Grant(0))
     calls: list[LLMCallRow] = field(default_factory=list)
     result: Any = None  # the parsed valid reply
-    provider_error: str | None = None
+    # why it has no valid reply: (kind, detail), kind one of the WHY_* strings
+    why: tuple[str, str] | None = None
 
 
 class LLMAgent:
@@ -100,7 +110,11 @@ class LLMAgent:
     def start(self, job: Job) -> Job:
         """Main thread: reserve the budget (0 requests: the job falls back)."""
         session = self.session
-        if session is None or job.label in session.disabled:
+        if session is None:
+            return job
+        off = session.off(job.label)
+        if off is not None:
+            job.why = (WHY_OFF, off)
             return job
         replayable = session.recorded(job.generation, job.slot, job.label, 0) is not None
         if not replayable:
@@ -108,6 +122,7 @@ class LLMAgent:
                 session.client(self.settings)
             except ProviderError as exc:  # no key: nothing to ask with
                 session.disable(job.label, str(exc), self.fallback_label)
+                job.why = (WHY_OFF, str(exc))
                 return job
         prompt_tokens = math.ceil(
             (len(SYSTEM_PROMPT) + len(job.prompt) + len(json.dumps(job.schema))) / 3
@@ -115,10 +130,15 @@ class LLMAgent:
         tokens = prompt_tokens + self.settings.max_tokens
         cost = self.settings.cost(Usage(prompt_tokens, self.settings.max_tokens)) or 0.0
         job.grant = session.admit(1 + self.fix_attempts, tokens, cost)
+        if job.grant.calls == 0:
+            spent = session.budget_spent(tokens, cost)
+            job.why = (WHY_BUDGET, session.describe_usage()) if spent else (WHY_RESERVED, "")
         return job
 
     def run(self, job: Job) -> Job:
-        """Any thread: ask (or replay), validate, re-ask with the error, record each request."""
+        """Any thread: ask (or replay), validate, re-ask with the error, record each request.
+        Once the operator is switched off (by this job or a concurrent one) nothing more is
+        sent; recorded requests are still replayed, so a resumed run makes the same child."""
         session = self.session
         if session is None or job.grant.calls == 0:
             return job
@@ -144,6 +164,10 @@ class LLMAgent:
                     recorded.model,
                 )
             else:
+                off = session.off(job.label)
+                if off is not None:
+                    job.why = (WHY_OFF, off)
+                    return job
                 text, error = None, None
                 usage, latency, transport, model = Usage(), 0.0, 0, self.settings.model
                 try:
@@ -154,17 +178,21 @@ class LLMAgent:
                     transport, model = reply.attempts, reply.model
                 except ProviderError as exc:
                     error = str(exc)
+                    transport, latency = exc.attempts or 0, exc.elapsed_s or 0.0
             parsed: Any = None
             if text is None:
                 outcome = "fallback"
-                job.provider_error = error
             else:
                 try:
                     parsed = job.parse(text)
                     outcome, error = "valid", None
                 except ReplyError as exc:
-                    error = str(exc)
+                    error = _clip(str(exc), MAX_ERROR_CHARS)
                     outcome = "invalid" if attempt + 1 < job.grant.calls else "fallback"
+                # A reply is parsed as it came; what is stored and fed back must encode.
+                text = encodable(text)
+            error = None if error is None else encodable(error)
+            model = encodable(model)
             row = LLMCallRow(
                 generation=job.generation,
                 slot=job.slot,
@@ -190,26 +218,30 @@ class LLMAgent:
                 session.record(row)
             job.calls.append(row)
             if parsed is not None:
-                job.result = parsed
+                job.result, job.why = parsed, None
+                session.count_child(job.label, None, self.fallback_label)
                 return job
-            if text is None:  # the provider failed after its own retries: do not re-ask
+            job.why = (WHY_PROVIDER if text is None else WHY_INVALID, error or "")
+            if text is None or attempt + 1 == job.grant.calls:
+                # no valid child; a provider that failed after its own retries is not re-asked
+                session.count_child(job.label, error or "", self.fallback_label)
                 return job
             prompt = feedback_prompt(job.prompt, text, error or "")
         return job
 
     def finish(self, job: Job) -> None:
-        """Main thread, slot order: charge the budget, track failing providers."""
+        """Main thread, slot order: charge the budget, note how the child came about."""
         session = self.session
-        if session is None or job.grant.calls == 0:
+        if session is None:
             return
         session.settle(job.grant, job.calls)
-        streak = session.record_outcome(job.label, job.provider_error is not None)
-        if streak >= session.config.max_failures:
-            session.disable(
-                job.label,
-                f"{streak} failed requests in a row (last: {job.provider_error})",
-                self.fallback_label,
-            )
+        if job.result is not None:
+            outcome = ("valid", "") if len(job.calls) == 1 else ("re-asked", "")
+        elif job.why is None or job.why[0] in (WHY_OFF, WHY_BUDGET):
+            outcome = (job.why[0] if job.why else WHY_OFF, "")  # its reason was said once
+        else:
+            outcome = job.why
+        session.tally(job.label, job.generation, self.fallback_label, outcome)
 
 
 class _LLMOperator(ABC):
@@ -347,4 +379,14 @@ class LLMSeeder:
         )
         self.agent.finish(self.agent.run(self.agent.start(job)))
         result: SeedsReply | None = job.result
+        session = self.agent.session
+        # (no key and a spent budget were said already)
+        if result is None and session is not None and job.why is not None:
+            kind, detail = job.why
+            if kind not in (WHY_OFF, WHY_BUDGET):
+                session.say(f"LLM seeding failed: {detail or kind}")
         return result
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -3,11 +3,13 @@ or an OpenAI-compatible server) and return the reply text and token usage, with 
 
 The provider SDKs are imported inside the clients, so importing this module stays cheap and
 works without them. API keys come only from the environment and never appear in an error
-message, a repr or a log line: every message is scrubbed of the key before it leaves a client.
+message, a repr, a log line or a recorded reply: every message and reply text is scrubbed of the
+key before it leaves a client.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -26,6 +28,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from evo_compress.exceptions import ConfigError, EvoCompressError
 from evo_compress.registry import Registry
+from evo_compress.text import terminal_safe
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -220,12 +223,16 @@ class ProviderError(EvoCompressError):
         status: int | None = None,
         retry_after: float | None = None,
         attempts: int | None = None,
+        elapsed_s: float | None = None,
     ) -> None:
         super().__init__(message)
         self.transient = transient
         self.status = status  # HTTP status, None for timeouts and connection failures
         self.retry_after = retry_after  # seconds the provider asked us to wait
-        self.attempts = attempts  # set by LLMClient.complete on the error it raises
+        # set by LLMClient.complete on the error it raises: HTTP attempts made, and the
+        # seconds from the first attempt to giving up, waits between attempts included
+        self.attempts = attempts
+        self.elapsed_s = elapsed_s
 
     @property
     def message(self) -> str:
@@ -262,20 +269,28 @@ def scrub(text: str, secret: str | None) -> str:
     text = text.replace(secret, REDACTED)
     if len(secret) <= MIN_SECRET_FRAGMENT:
         return text
+    pieces = _pieces(secret)
     out: list[str] = []
     i, n = 0, len(text)
-    while i < n:
-        # the longest piece of the secret starting at i (pieces of pieces are pieces)
-        k = 0
-        while i + k < n and text[i : i + k + 1] in secret:
+    # A regex finds where the next 8-character piece starts (a megabyte reply is scrubbed in
+    # C, not character by character); from there the longest piece is taken, as pieces of
+    # pieces are pieces.
+    while (found := pieces.search(text, i)) is not None:
+        start = found.start()
+        k = MIN_SECRET_FRAGMENT
+        while start + k < n and text[start : start + k + 1] in secret:
             k += 1
-        if k >= MIN_SECRET_FRAGMENT:
-            out.append(REDACTED)
-            i += k
-        else:
-            out.append(text[i])
-            i += 1
+        out += [text[i:start], REDACTED]
+        i = start + k
+    out.append(text[i:])
     return "".join(out)
+
+
+@functools.lru_cache(maxsize=8)
+def _pieces(secret: str) -> re.Pattern[str]:
+    size = MIN_SECRET_FRAGMENT
+    found = {secret[j : j + size] for j in range(len(secret) - size + 1)}
+    return re.compile("|".join(re.escape(piece) for piece in sorted(found)))
 
 
 def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
@@ -329,7 +344,8 @@ def error_detail(body: object, fallback: str | None = None) -> str:
 
 
 def _truncate(text: str, limit: int = MAX_DETAIL_CHARS) -> str:
-    text = " ".join(text.split())
+    # the provider's own words end up in logs and on the terminal
+    text = " ".join(terminal_safe(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -452,15 +468,18 @@ class LLMClient(ABC):
         except ProviderError as exc:
             plural = "" if attempts == 1 else "s"
             final = exc._with(
-                f"{exc.message} (after {attempts} attempt{plural})", attempts=attempts
+                f"{exc.message} (after {attempts} attempt{plural})",
+                attempts=attempts,
+                elapsed_s=time.monotonic() - started,
             )
         else:
+            # A reply is scrubbed as errors are: a server may echo the key it was sent.
             return LLMReply(
-                text=text,
+                text=self._scrub(text),
                 usage=usage,
                 latency_s=time.monotonic() - started,
                 attempts=attempts,
-                model=model or self.settings.model,
+                model=self._scrub(model) if model else self.settings.model,
             )
         raise final
 
@@ -687,6 +706,13 @@ class OpenAIClient(LLMClient):
     def _request(
         self, system: str, user: str, schema: dict[str, Any], schema_name: str
     ) -> tuple[str, Usage, str]:
+        response_format = self._response_format(schema, schema_name)
+        if response_format is None or response_format["type"] != "json_schema":
+            # The request carries no schema: the model reads it in the prompt instead.
+            user = (
+                f"{user}\n\n## Reply schema\nReply with one JSON object that matches this JSON "
+                f"Schema:\n```json\n{json.dumps(schema, sort_keys=True)}\n```"
+            )
         kwargs: dict[str, Any] = {
             "model": self.settings.model,
             "messages": [
@@ -697,7 +723,6 @@ class OpenAIClient(LLMClient):
         }
         if self.settings.temperature is not None:
             kwargs["temperature"] = self.settings.temperature
-        response_format = self._response_format(schema, schema_name)
         if response_format is not None:
             kwargs["response_format"] = response_format
         completion = self._send(lambda: self._client.chat.completions.create(**kwargs))

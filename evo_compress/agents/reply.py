@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,10 @@ from evo_compress.exceptions import EvoCompressError
 from evo_compress.genomes import Recipe, SearchSpace, flatten
 
 MAX_RATIONALE_CHARS = 1000
+# The schemas nest 4 levels at most ({"recipes": [{"quant": {"method": ...}}]}); deeper
+# replies are refused before anything recurses through them.
+MAX_NESTING = 8
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class ReplyError(EvoCompressError):
@@ -83,13 +88,47 @@ def _json_object(text: str) -> dict[str, Any]:
     if body.startswith("```"):  # a fenced block despite the instructions
         body = body.split("\n", 1)[1] if "\n" in body else ""
         body = body.rsplit("```", 1)[0]
+    _no_surrogate(body, "the reply")
     try:
         data = json.loads(body, parse_constant=_no_constant)
     except (json.JSONDecodeError, ValueError) as exc:
         raise ReplyError(f"the reply is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ReplyError(f"the reply is nested deeper than {MAX_NESTING} levels") from None
     if not isinstance(data, dict):
         raise ReplyError(f"the reply must be a JSON object, got {type(data).__name__}")
+    _check_values(data)
     return data
+
+
+def _check_values(data: dict[str, Any]) -> None:
+    """Refuse nesting deeper than ``MAX_NESTING`` and strings (keys too) with a lone surrogate
+    (from a JSON escape such as "\\ud800"), walking iteratively: nothing here recurses."""
+    stack: list[tuple[Any, str, int]] = [(data, "", 1)]
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, str):
+            _no_surrogate(value, f"`{path}`")
+            continue
+        if not isinstance(value, (dict, list)):
+            continue
+        if depth > MAX_NESTING:
+            raise ReplyError(f"the reply is nested deeper than {MAX_NESTING} levels")
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            if isinstance(key, str):
+                _no_surrogate(key, "a field name")
+            where = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}".lstrip(".")
+            stack.append((item, where, depth + 1))
+
+
+def _no_surrogate(text: str, where: str) -> None:
+    found = _SURROGATE.search(text)
+    if found is not None:
+        raise ReplyError(
+            f"{where} contains a lone surrogate (U+{ord(found.group()):04X}), which is not "
+            "valid Unicode"
+        )
 
 
 def _no_constant(name: str) -> Any:

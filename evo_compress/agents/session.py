@@ -47,17 +47,24 @@ class AgentSession:
         self.output_tokens = 0
         self.cost = 0.0
         self.disabled: dict[str, str] = {}  # operator label -> why it was switched off
-        self.failures: dict[str, int] = {}  # operator label -> failed requests in a row
+        self.failures: dict[str, int] = {}  # operator label -> failed children in a row
         self._reserved = Grant(0)
         self._said: set[str] = set()
+        # (generation, label) -> (fallback label, [(kind, detail) per child])
+        self._tallies: dict[tuple[int, str], tuple[str, list[tuple[str, str]]]] = {}
         self._clients: dict[str, LLMClient] = {}
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ messages
+    def say(self, text: str) -> None:
+        self._say(text)
+
     def say_once(self, key: str, text: str) -> None:
-        if key not in self._said:
+        with self._lock:
+            if key in self._said:
+                return
             self._said.add(key)
-            self._say(text)
+        self._say(text)
 
     # ------------------------------------------------------------------ clients
     def client(self, settings: ProviderSettings) -> LLMClient:
@@ -78,24 +85,11 @@ class AgentSession:
 
     # ------------------------------------------------------------------ budget
     def admit(self, wanted: int, tokens_per_call: int, cost_per_call: float) -> Grant:
-        """Reserve up to ``wanted`` requests for one child (0: the budget is spent)."""
-        budget = self.config.budget
-        granted = wanted
-        if budget.max_calls is not None:
-            granted = min(granted, budget.max_calls - self.calls - self._reserved.calls)
-        if budget.max_tokens is not None:
-            left = budget.max_tokens - self.tokens - self._reserved.tokens
-            granted = min(granted, left // max(tokens_per_call, 1))
-        if budget.max_cost is not None and cost_per_call > 0:
-            left_cost = budget.max_cost - self.cost - self._reserved.cost
-            granted = min(granted, int(left_cost // cost_per_call))
-        granted = max(granted, 0)
+        """Reserve up to ``wanted`` requests for one child (0: the budget is spent, or what is
+        left of it is reserved by earlier children of this generation)."""
+        granted = self._left(wanted, tokens_per_call, cost_per_call, self._reserved)
         if granted == 0:
-            self.say_once(
-                "budget",
-                f"LLM budget spent ({self.describe_usage()}); the LLM operators hand their "
-                "children to their fallback operators for the rest of the run",
-            )
+            self._say_if_spent(tokens_per_call, cost_per_call)
             return Grant(0)
         grant = Grant(granted, granted * tokens_per_call, granted * cost_per_call)
         self._reserved = Grant(
@@ -104,6 +98,32 @@ class AgentSession:
             self._reserved.cost + grant.cost,
         )
         return grant
+
+    def _say_if_spent(self, tokens_per_call: int, cost_per_call: float) -> None:
+        # Only what was used counts: a budget reserved by a generation's children is not spent.
+        if self.budget_spent(tokens_per_call, cost_per_call):
+            self.say_once(
+                "budget",
+                f"LLM budget spent ({self.describe_usage()}); the LLM operators hand their "
+                "children to their fallback operators for the rest of the run",
+            )
+
+    def budget_spent(self, tokens_per_call: int, cost_per_call: float) -> bool:
+        """Whether not even one more such request fits, reservations aside."""
+        return self._left(1, tokens_per_call, cost_per_call, Grant(0)) == 0
+
+    def _left(self, wanted: int, tokens_per_call: int, cost_per_call: float, held: Grant) -> int:
+        budget = self.config.budget
+        granted = wanted
+        if budget.max_calls is not None:
+            granted = min(granted, budget.max_calls - self.calls - held.calls)
+        if budget.max_tokens is not None:
+            left = budget.max_tokens - self.tokens - held.tokens
+            granted = min(granted, left // max(tokens_per_call, 1))
+        if budget.max_cost is not None and cost_per_call > 0:
+            left_cost = budget.max_cost - self.cost - held.cost
+            granted = min(granted, int(left_cost // cost_per_call))
+        return max(granted, 0)
 
     def settle(self, grant: Grant, calls: list[LLMCallRow]) -> None:
         """Release a child's reservation and charge what its requests really used."""
@@ -117,6 +137,8 @@ class AgentSession:
             self.input_tokens += call.input_tokens
             self.output_tokens += call.output_tokens
             self.cost += call.cost or 0.0
+        if grant.calls:
+            self._say_if_spent(grant.tokens // grant.calls, grant.cost / grant.calls)
 
     @property
     def tokens(self) -> int:
@@ -137,19 +159,66 @@ class AgentSession:
 
     # ------------------------------------------------------------------ operator health
     def disable(self, label: str, reason: str, fallback: str) -> None:
-        if label not in self.disabled:
-            self.disabled[label] = reason
+        with self._lock:
+            if label not in self.disabled:
+                self.disabled[label] = reason
+            reason = self.disabled[label]
         self.say_once(
             f"disabled:{label}",
             f"LLM operator `{label}` is off for the rest of the run: {reason}; its children "
             f"come from `{fallback}` instead",
         )
 
-    def record_outcome(self, label: str, provider_failed: bool) -> int:
-        """Count failed requests in a row; returns the current streak."""
-        streak = self.failures.get(label, 0) + 1 if provider_failed else 0
-        self.failures[label] = streak
-        return streak
+    def off(self, label: str) -> str | None:
+        """Why ``label`` is switched off (None: it is not)."""
+        with self._lock:
+            return self.disabled.get(label)
+
+    def count_child(self, label: str, error: str | None, fallback: str) -> None:
+        """Count one child's requests the moment they end (any thread): a child without a
+        valid reply (the provider failed after its retries, or every reply was invalid after
+        the re-asks) lengthens the operator's streak, a valid reply ends it.
+        ``llm.max_failures`` in a row switch the operator off at once, so its requests still
+        waiting in this generation are not sent."""
+        with self._lock:
+            streak = self.failures.get(label, 0) + 1 if error is not None else 0
+            self.failures[label] = streak
+        if streak >= self.config.max_failures:
+            self.disable(
+                label,
+                f"{streak} children in a row without a valid reply (last: {error})",
+                fallback,
+            )
+
+    def tally(self, label: str, generation: int, fallback: str, outcome: tuple[str, str]) -> None:
+        """Note how one child of ``label`` came about (main thread): ``(kind, detail)`` with
+        kind ``valid``, ``re-asked`` (valid after re-asks) or why it fell back."""
+        self._tallies.setdefault((generation, label), (fallback, []))[1].append(outcome)
+
+    def report(self, generation: int) -> None:
+        """Say, per LLM operator asked in ``generation``, how its children came about."""
+        for (gen, label), (fallback, outcomes) in sorted(self._tallies.items()):
+            if gen != generation:
+                continue
+            valid = sum(kind == "valid" for kind, _ in outcomes)
+            fixed = sum(kind == "re-asked" for kind, _ in outcomes)
+            parts = [f"{valid} valid"]
+            if fixed:
+                parts.append(f"{fixed} valid after re-asking")
+            failed: dict[str, list[str]] = {}
+            for kind, detail in outcomes:
+                if kind not in ("valid", "re-asked"):
+                    failed.setdefault(kind, []).append(detail)
+            if failed:
+                why = "; ".join(
+                    f"{len(details)} {kind}"
+                    + (f" (last: {_clip(details[-1])})" if details[-1] else "")
+                    for kind, details in failed.items()
+                )
+                count = sum(len(d) for d in failed.values())
+                parts.append(f"{count} fell back to `{fallback}`: {why}")
+            self._say(f"generation {generation}, LLM operator `{label}`: " + ", ".join(parts))
+        self._tallies = {k: v for k, v in self._tallies.items() if k[0] != generation}
 
     # ------------------------------------------------------------------ call log
     def recorded(self, generation: int, slot: int, label: str, attempt: int) -> LLMCallRow | None:
@@ -179,3 +248,8 @@ class AgentSession:
         self.cost = float(state.get("cost", 0.0))
         self.disabled = dict(state.get("disabled", {}))
         self.failures = {k: int(v) for k, v in dict(state.get("failures", {})).items()}
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

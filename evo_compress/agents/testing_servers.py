@@ -261,7 +261,7 @@ def reply_body(request: RecordedRequest, reply: Reply, serial: int) -> dict[str,
         )
         try:
             parsed = json.loads(reply.text)
-        except ValueError:
+        except (ValueError, RecursionError):  # a scripted hostile reply goes out as text
             parsed = None
         if tool_name and isinstance(parsed, dict):
             block = {

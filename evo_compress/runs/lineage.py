@@ -16,6 +16,7 @@ from evo_compress.genomes import nest
 from evo_compress.objectives import OBJECTIVE_NAMES, OBJECTIVES
 from evo_compress.runs.front import load_front
 from evo_compress.runs.store import LLMCallRow, RunStore
+from evo_compress.text import terminal_safe
 
 SEED_LABEL = "llm-seed"
 FALLBACK_PREFIX = "fallback:"
@@ -282,7 +283,7 @@ class Lineage:
         hidden = [p for p in node.parents if p not in shown_parents]
         if hidden:
             notes.append("parents not shown: " + ", ".join(f"#{p}" for p in hidden))
-        return notes
+        return [terminal_safe(note) for note in notes]  # LLM text, shown in a terminal
 
 
 def load_lineage(

@@ -13,7 +13,7 @@ import pytest
 
 from evo_compress.agents.operators import LLMCrossover, LLMMutation, LLMSeeder
 from evo_compress.agents.schema import proposal_schema
-from evo_compress.agents.session import AgentSession
+from evo_compress.agents.session import AgentSession, Grant
 from evo_compress.agents.testing_servers import (
     FakeProviderServer,
     Reply,
@@ -246,7 +246,8 @@ def test_a_failing_provider_is_switched_off_after_max_failures(fake_llm):
         child = op.vary([parent()], np.random.default_rng(seed), context(slot=seed))
         assert child.operators == ("llm", "fallback:expert")
     assert len(fake_llm.requests) == 4  # 2 requests x 2 attempts, then it is off
-    assert s.disabled == {"llm": s.disabled["llm"]} and "2 failed requests" in s.disabled["llm"]
+    assert s.disabled == {"llm": s.disabled["llm"]}
+    assert "2 children in a row without a valid reply" in s.disabled["llm"]
     assert len(said) == 1 and "off for the rest of the run" in said[0]
 
 
@@ -327,3 +328,155 @@ def _flat(nested: dict[str, Any]) -> dict[str, Any]:
     from evo_compress.genomes import flatten
 
     return {k: v for k, v in flatten(nested).items() if v is not None}
+
+
+def test_nested_and_surrogate_replies_are_re_asked_and_stored_readably(fake_llm, tmp_path):
+    s = session(tmp_path)
+    op = mutation(fake_llm, "openai-compatible", s, fix_attempts=3)
+    valid = {"recipe": {"quant": {"method": "gptq"}}, "rationale": "ok", "confidence": 0.5}
+    fake_llm.queue(
+        Reply("[" * 100_000 + "]" * 100_000),  # RecursionError in json.loads
+        Reply(json.dumps(valid | {"rationale": "bad \ud800"})),  # the escape \ud800
+        Reply(json.dumps(valid | {"rationale": "raw \udfff"}, ensure_ascii=False)),  # raw
+        Reply(json.dumps(valid)),
+    )
+    child = op.vary([parent()], np.random.default_rng(0), context())
+    assert child.operators == ("llm",) and child.recipe == SPACE.recipe({"quant.method": "gptq"})
+    rows = s.store.llm_calls()
+    assert [r.outcome for r in rows] == ["invalid", "invalid", "invalid", "valid"]
+    assert "nested" in rows[0].error and "surrogate" in rows[1].error + rows[2].error
+    for row in rows:  # what is stored encodes, the re-asks carried the problem
+        for text in (row.reply, row.error, row.prompt, row.rationale, row.model):
+            (text or "").encode("utf-8")
+    assert "surrogate" in request_text(fake_llm.requests[3])
+    s.store.close()
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic", "google"])
+def test_a_key_echoed_in_a_reply_is_never_recorded(provider, fake_llm, tmp_path):
+    s = session(tmp_path)
+    op = mutation(fake_llm, provider, s)
+
+    def echo(valid: bool) -> Any:
+        def answer(request: Any) -> Reply:
+            key = request.api_key
+            recipe = {"quant": {"method": "gptq" if valid else f"x{key}"}}
+            body = {"recipe": recipe, "rationale": f"key {key} / {key[:12]}", "confidence": 0.5}
+            return Reply(json.dumps(body), model=f"m-{key}")
+
+        return answer
+
+    fake_llm.queue(echo(False), echo(True))
+    child = op.vary([parent()], np.random.default_rng(0), context())
+    assert child.operators == ("llm",)
+    assert fake_llm.requests[0].api_key == KEY  # the key was sent, and echoed
+    rows = s.store.llm_calls()
+    assert [r.outcome for r in rows] == ["invalid", "valid"]
+    assert "***" in rows[1].rationale and "***" in rows[1].model
+    for row in rows:
+        stored = json.dumps([getattr(row, f) for f in row.__dataclass_fields__])
+        assert KEY not in stored and KEY[:12] not in stored
+    assert KEY not in request_text(fake_llm.requests[1])  # nor fed back to the model
+    s.store.close()
+
+
+def test_a_provider_that_only_replies_invalid_json_is_switched_off(fake_llm):
+    said: list[str] = []
+    s = AgentSession(LLMConfig(max_failures=3), None, said.append, env={"EVO_TEST_KEY": KEY})
+    op = mutation(fake_llm, "openai-compatible", s, fix_attempts=1)
+    fake_llm.default = lambda request: Reply("I cannot answer in JSON, sorry")
+    for seed in range(5):
+        child = op.vary([parent()], np.random.default_rng(seed), context(slot=seed))
+        assert child.operators == ("llm", "fallback:expert")
+    # 3 children in a row without a valid reply (2 requests each), then it is off
+    assert len(fake_llm.requests) == 3 * 2
+    assert "3 children in a row without a valid reply" in s.disabled["llm"]
+    assert "not valid JSON" in s.disabled["llm"]
+    assert len(said) == 1 and "off for the rest of the run" in said[0]
+
+
+def test_a_hung_provider_is_given_up_within_the_generation(fake_llm, tmp_path):
+    from evo_compress.agents.testing_servers import Hang
+
+    s = session(tmp_path, max_failures=2)
+    op = mutation(fake_llm, "openai-compatible", s, timeout_s=0.3, max_attempts=2)
+    fake_llm.default = lambda request: Hang(5.0)
+    # One generation: every slot is started (budget granted), then run, then finished.
+    jobs = [op.start([parent()], np.random.default_rng(i), context(slot=i)) for i in range(5)]
+    assert all(job.grant.calls > 0 for job in jobs)
+    for job in jobs:
+        op.run(job)
+    children = [op.finish(job) for job in jobs]
+    assert all(c.operators == ("llm", "fallback:expert") for c in children)
+    # Two timed-out requests switch it off; the other slots do not wait for it.
+    assert len(fake_llm.requests) == 2 * 2
+    rows = s.store.llm_calls()
+    assert len(rows) == 2
+    # A failed request records its real HTTP attempts and the time it took.
+    assert all(r.transport_attempts == 2 and r.latency_s >= 0.6 for r in rows)
+    assert s.calls == 2
+    s.store.close()
+
+
+def test_the_budget_is_said_spent_only_when_it_is():
+    said: list[str] = []
+    s = AgentSession(LLMConfig.model_validate({"budget": {"max_calls": 4}}), None, said.append)
+    # One generation's slots reserve the whole budget between them ...
+    grants = [s.admit(3, 100, 0.0) for _ in range(3)]
+    assert [g.calls for g in grants] == [3, 1, 0]
+    assert said == []  # ... which is not spent: no request has been made
+    s.settle(grants[0], [_row()])
+    s.settle(grants[1], [_row()])
+    s.settle(grants[2], [])
+    assert s.admit(3, 100, 0.0).calls == 2  # the next generation can still ask
+    assert said == []
+    s.settle(Grant(2), [_row(), _row()])
+    assert s.admit(3, 100, 0.0).calls == 0
+    assert len(said) == 1 and "budget spent" in said[0] and "4/4 requests" in said[0]
+
+
+def test_why_seeding_failed_is_said(fake_llm):
+    from evo_compress.agents.testing_servers import FakeProviderServer, Hang
+
+    closed = FakeProviderServer()
+    closed.close()  # nothing listens on its port: connection refused
+    cases = [
+        (fake_llm, Status(401, message="invalid x-api-key"), {}, "HTTP 401 unauthorized"),
+        (fake_llm, Hang(3.0), {"timeout_s": 0.3}, "timed out after 0.3s"),
+        (closed, None, {}, "connection failed"),
+    ]
+    for server, response, extra, why in cases:
+        said: list[str] = []
+        s = AgentSession(LLMConfig(), None, said.append, env={"EVO_TEST_KEY": KEY})
+        if response is not None:
+            fake_llm.queue(response)
+        seeder = LLMSeeder(settings_for(server, "openai", max_attempts=1, **extra))
+        seeder.bind(s)
+        assert seeder.seed(4, context(generation=0, slot=-1)) is None
+        assert any("LLM seeding failed" in m and why in m for m in said), said
+
+
+def _row() -> Any:
+    from evo_compress.runs.store import LLMCallRow
+
+    return LLMCallRow(
+        0,
+        0,
+        "llm",
+        0,
+        "mutation",
+        "p",
+        "m",
+        "h",
+        "{}",
+        "{}",
+        1,
+        1,
+        None,
+        0.1,
+        1,
+        "valid",
+        None,
+        None,
+        None,
+    )

@@ -15,6 +15,7 @@ from evo_compress.agents.testing_servers import (
     FakeProviderServer,
     Hang,
     RecordedRequest,
+    Reply,
     Response,
     Status,
     llm_search_sections,
@@ -205,6 +206,40 @@ def test_without_a_key_the_run_goes_on_and_says_so_once(
     assert ["crossover:llm", "fallback:uniform"] in [o[:2] for o in ops]
 
 
+def test_nested_and_surrogate_replies_end_neither_the_run_nor_its_resume(
+    config_factory, tmp_path, keyed
+):
+    answer = model_like()
+    hostile = [
+        "[" * 100_000 + "]" * 100_000,
+        json.dumps({"recipe": {}, "rationale": "\ud800", "confidence": 0.5}),
+        json.dumps({"recipe": {}, "rationale": "\udfff"}, ensure_ascii=False),
+    ]
+    count = {"n": 0}
+
+    def sometimes_hostile(request: RecordedRequest) -> Response:
+        count["n"] += 1
+        if count["n"] % 2:
+            return Reply(hostile[count["n"] // 2 % len(hostile)])
+        return answer(request)
+
+    with FakeProviderServer(default=sometimes_hostile) as server:
+        config = llm_config(config_factory, server, generations=2, max_failures=100)
+        assert run(config, tmp_path / "run")
+        resumed = Search.resume(tmp_path / "run", generations=3)
+        try:
+            resumed.run()
+        finally:
+            resumed.close()
+    with RunStore.open(tmp_path / "run") as store:
+        checkpoint = store.last_checkpoint()
+        calls = store.llm_calls()
+    assert checkpoint is not None and checkpoint.generation == 2
+    errors = " ".join(c.error or "" for c in calls)
+    assert "nested" in errors and "surrogate" in errors
+    assert any(c.generation == 2 for c in calls)
+
+
 def test_the_budget_stops_llm_requests_and_the_run_goes_on(
     config_factory, tmp_path, fake_llm, keyed
 ):
@@ -293,3 +328,82 @@ def test_the_prompt_is_a_function_of_the_search_state(config_factory, tmp_path, 
             run(llm_config(config_factory, server), tmp_path / name)
             prompts.append([json.dumps(r.body, sort_keys=True) for r in server.requests])
     assert prompts[0] and sorted(prompts[0]) == sorted(prompts[1])
+
+
+def test_llm_text_reaches_the_terminal_without_control_codes(tmp_path, keyed):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from evo_compress.agents.testing_servers import Reply
+
+    hostile = "\x1b]0;pwned\x07\x1b[2J\x1b[31mred\x9b1m\x07\x08\r\x00\u202e [/] [bold]x"
+    answer = model_like()
+    count = {"n": 0}
+
+    def evil(request: RecordedRequest) -> Response:
+        count["n"] += 1
+        if count["n"] % 4 == 0:  # an error message the provider wrote
+            return Status(400, message=f"refused {hostile}")
+        reply = answer(request)
+        assert isinstance(reply, Reply)
+        body = json.loads(reply.text)
+        body["rationale"] = f"said {hostile}"
+        if "recipes" in body:  # one seed recipe the genome refuses, quoting the model
+            body["recipes"].append({"quant": {"method": f"int3 {hostile}"}})
+        return Reply(json.dumps(body), model=f"evil {hostile}")
+
+    with FakeProviderServer(default=evil) as server:
+        data = {
+            "name": "evil",
+            **llm_search_sections(server, generations=2, llm={"max_failures": 100}),
+            "evaluator": {"name": "synthetic"},
+            "cache": {"enabled": False},
+        }
+        config = tmp_path / "config.yaml"
+        config.write_text(yaml.safe_dump(data))
+        exe = [sys.executable, "-m", "evo_compress.cli"]
+        run_dir = tmp_path / "run"
+        runs = subprocess.run(
+            [*exe, "run", "--config", str(config), "--run-dir", str(run_dir)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert runs.returncode == 0, runs.stderr
+    lineage = subprocess.run(
+        [*exe, "lineage", str(run_dir)], capture_output=True, text=True, timeout=300
+    )
+    assert lineage.returncode == 0, lineage.stderr
+    assert "said" in lineage.stdout and "red" in lineage.stdout  # the words stay
+    assert "refused" in runs.stdout + runs.stderr and "int3" in runs.stdout + runs.stderr
+    assert "pwned" not in lineage.stdout  # the window-title sequence went as a whole
+    for out in (runs.stdout, runs.stderr, lineage.stdout, lineage.stderr):
+        shown = {c for c in out if ord(c) < 32 or 0x7F <= ord(c) <= 0x9F or c == "\u202e"}
+        assert shown <= {"\n", "\t"}, shown
+
+
+def test_each_generation_says_how_each_llm_operator_did(config_factory, tmp_path, keyed):
+    answer = model_like()
+
+    def picky(request: RecordedRequest) -> Response:
+        if request.wire == "anthropic":  # the crossover only ever replies prose
+            return Reply("Let me think about this step by step.")
+        return answer(request)
+
+    messages = Messages()
+    with FakeProviderServer(default=picky) as server:
+        config = llm_config(config_factory, server, generations=4)
+        assert run(config, tmp_path / "run", messages)
+    lines = [m for m in messages.said if ", LLM operator `" in m]
+    local = [m for m in lines if "`local`" in m]
+    crossover = [m for m in lines if "`crossover:llm`" in m]
+    assert local and all(" valid" in m and "fell back" not in m for m in local)
+    assert crossover and "fell back to `uniform`: " in crossover[0]
+    assert "invalid replies" in crossover[0] and "not valid JSON" in crossover[0]
+    # every child without a valid reply counts: 3 in a row switch the crossover off
+    assert any("`crossover:llm` is off for the rest of the run" in m for m in messages.said)
+    assert "operator off" in crossover[-1]
+    generations = [int(m.split(",")[0].split()[1]) for m in lines]
+    assert generations == sorted(generations) and len(set(generations)) > 1

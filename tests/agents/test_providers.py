@@ -174,11 +174,17 @@ def test_openai_compatible_structured_output_modes(
     client = client_for(server, "openai-compatible", structured_output=mode)
     assert json.loads(client.complete(SYSTEM, USER, SCHEMA).text) == {}
     [request] = server.requests
+    text = request_text(request)
     if expected == "schema":
         assert request_schema(request) == SCHEMA
+        assert text == USER
     else:
         assert request.body.get("response_format") == expected
         assert request_schema(request) is None
+        # Without a schema in the request the model still needs it: it is in the prompt.
+        assert text.startswith(USER)
+        block = text.split("```json\n", 1)[1].split("\n```", 1)[0]
+        assert json.loads(block) == SCHEMA
 
 
 def test_one_client_serves_concurrent_requests(server: FakeProviderServer) -> None:
