@@ -220,18 +220,22 @@ class Search:
                 "fingerprint": evaluator.fingerprint(),
                 "generations_target": config.search.generations,
             },
+            note=listener.message if listener is not None else None,
         )
-        store.lock()
-        return cls(
-            config,
-            store,
-            space,
-            evaluator,
-            _open_cache(config),
-            config.search.generations,
-            listener,
-            plan=plan,
-        )
+        try:
+            return cls(
+                config,
+                store,
+                space,
+                evaluator,
+                _open_cache(config),
+                config.search.generations,
+                listener,
+                plan=plan,
+            )
+        except BaseException:
+            store.close()
+            raise
 
     @classmethod
     def resume(

@@ -12,7 +12,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,27 +200,50 @@ class RunStore:
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
-    def create(cls, run_dir: str | Path, config_yaml: str, meta: dict[str, Any]) -> RunStore:
+    def create(
+        cls,
+        run_dir: str | Path,
+        config_yaml: str,
+        meta: dict[str, Any],
+        note: Callable[[str], None] | None = None,
+    ) -> RunStore:
+        """A new store, locked for writing. It appears whole or not at all: it is built in a
+        scratch file, synced and renamed into place, so a crash (kill -9, a full disk) leaves
+        either no store or a complete one. An unfinished store an older version left behind
+        after such a crash is replaced, with a ``note``."""
         run_dir = Path(run_dir)
-        if is_run_dir(run_dir):
-            raise RunStoreError(
-                f"{run_dir} already holds a run; continue it with `evo-compress resume {run_dir}`"
-            )
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise RunStoreError(f"cannot create run directory {run_dir}: {exc.strerror}") from None
-        (run_dir / CONFIG_NAME).write_text(config_yaml)
-        store = cls(run_dir, _connect(run_dir / DB_NAME))
-        store._db.executescript(SCHEMA)
-        store.set_meta(
-            {
-                "schema_version": SCHEMA_VERSION,
-                "config": config_yaml,
-                "created_at": time.time(),
-                **meta,
-            }
-        )
+        lock_fd = _take_lock(run_dir)  # two `run`s into one directory: one wins, one is told
+        try:
+            path = run_dir / DB_NAME
+            if path.exists():
+                if not is_unfinished_store(path):
+                    raise RunStoreError(
+                        f"{run_dir} already holds a run; continue it with "
+                        f"`evo-compress resume {run_dir}`"
+                    )
+                if note is not None:
+                    note(f"replacing the unfinished run store a killed run left in {run_dir}")
+                _remove_db(path)
+            _write_atomically(run_dir / CONFIG_NAME, config_yaml)
+            _build(
+                cls,
+                path,
+                {
+                    "schema_version": SCHEMA_VERSION,
+                    "config": config_yaml,
+                    "created_at": time.time(),
+                    **meta,
+                },
+            )
+            store = cls(run_dir, _connect(path))
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        store._lock_fd = lock_fd
         return store
 
     @classmethod
@@ -234,6 +257,13 @@ class RunStore:
         try:
             version = int(store.get_meta("schema_version"))
         except (RunStoreError, TypeError, ValueError):
+            store._db.close()
+            if is_unfinished_store(run_dir / DB_NAME):
+                raise RunStoreError(
+                    f"{run_dir} holds an unfinished run store (the `evo-compress run` that made "
+                    f"it was interrupted); start the run again with `evo-compress run --run-dir "
+                    f"{run_dir}`"
+                ) from None
             raise RunStoreError(f"{run_dir / DB_NAME} is not an evo-compress run store") from None
         if version > SCHEMA_VERSION:
             raise RunStoreError(
@@ -257,21 +287,10 @@ class RunStore:
         """Take the run's writer lock; a second process gets a clear error, never a mixed run.
 
         ``flock`` is released by the kernel when the process dies, even by ``kill -9``.
+        A store from ``create`` holds it already.
         """
-        path = self.run_dir / LOCK_NAME
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise RunStoreError(
-                f"{self.run_dir} is in use by another evo-compress process (pid {holder}); "
-                "wait for it to finish or stop it first"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self._lock_fd = fd
+        if self._lock_fd is None:
+            self._lock_fd = _take_lock(self.run_dir)
 
     def close(self) -> None:
         self._db.close()
@@ -531,6 +550,112 @@ def _connect(path: Path) -> sqlite3.Connection:
         return db
     except sqlite3.DatabaseError as exc:
         raise RunStoreError(f"{path} is not a readable SQLite run store ({exc})") from None
+
+
+def _take_lock(run_dir: Path) -> int:
+    """The run's writer lock (``flock`` on ``.lock``, holding our pid): its descriptor."""
+    path = run_dir / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise RunStoreError(f"cannot lock the run in {run_dir}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RunStoreError(
+            f"{run_dir} is in use by another evo-compress process (pid {holder}); "
+            "wait for it to finish or stop it first"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
+_TABLES = frozenset(("meta", "individuals", "evaluations", "checkpoints", "llm_calls", "credits"))
+_SIDE_FILES = ("-wal", "-shm", "-journal")
+
+
+def is_unfinished_store(path: Path) -> bool:
+    """Whether ``path`` is a store whose creation never finished (left by a crash of a
+    version that built it in place): no tables but ours, no `schema_version`, no rows. Such
+    a store holds nothing; anything else (a store, a foreign database) is never replaced."""
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return False
+    try:
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if not tables <= _TABLES:
+            return False
+        if (
+            "meta" in tables
+            and db.execute("SELECT 1 FROM meta WHERE key = 'schema_version'").fetchone()
+        ):
+            return False
+        return not any(db.execute(f"SELECT 1 FROM {t} LIMIT 1").fetchone() for t in tables)
+    except sqlite3.Error:
+        return False
+    finally:
+        db.close()
+
+
+def _remove_db(path: Path) -> None:
+    for name in (path.name, *(path.name + suffix for suffix in _SIDE_FILES)):
+        (path.parent / name).unlink(missing_ok=True)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    scratch = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        with open(scratch, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(scratch, path)
+    except OSError as exc:
+        scratch.unlink(missing_ok=True)
+        raise RunStoreError(f"cannot write {path}: {_why(exc)}") from None
+
+
+def _build(cls: type[RunStore], path: Path, meta: dict[str, Any]) -> None:
+    """Write a complete store (schema and meta) to ``path``: built in a scratch file in the
+    same directory, synced, then renamed over ``path`` in one step."""
+    scratch = path.with_name(f".{path.name}.creating")
+    _remove_db(scratch)  # left by a crash during an earlier creation
+    try:
+        # A rollback journal while building: a WAL would stay behind under the scratch name.
+        db = sqlite3.connect(scratch, isolation_level=None)
+        try:
+            db.executescript(SCHEMA)
+            cls(path.parent, db).set_meta(meta)
+            db.execute("PRAGMA journal_mode=WAL")  # recorded in the file's header
+        finally:
+            db.close()
+        fd = os.open(scratch, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(scratch, path)
+        fd = os.open(path.parent, os.O_RDONLY)  # the rename itself survives a power loss
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except (OSError, sqlite3.Error) as exc:
+        _remove_db(scratch)
+        raise RunStoreError(f"cannot create the run store {path}: {_why(exc)}") from None
+    except BaseException:
+        _remove_db(scratch)
+        raise
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    return str(exc)
 
 
 def _loads(text: str, what: str) -> Any:
