@@ -6,14 +6,16 @@ completed generation. Nothing is pickled: a later version of the tool must read 
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
+import shutil
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,8 @@ SCHEMA_VERSION = 2
 DB_NAME = "run.sqlite"
 CONFIG_NAME = "config.yaml"
 LOCK_NAME = ".lock"
+# Free space below which an I/O error while writing is taken for a full disk.
+_NEARLY_FULL = 1 << 20
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -195,6 +199,8 @@ class RunStore:
         self.run_dir = run_dir
         self._db = db
         self._lock_fd: int | None = None
+        # What to do once a write that failed (a full disk) can succeed again.
+        self._advice = f"`evo-compress resume {run_dir}`"
         # LLM operators record their calls from worker threads: one connection, serialised.
         self._mutex = threading.RLock()
 
@@ -513,12 +519,25 @@ class RunStore:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
                     yield
+                    self._db.execute("COMMIT")
                 except BaseException:
-                    self._db.execute("ROLLBACK")
+                    self._rollback()
                     raise
-                self._db.execute("COMMIT")
             except sqlite3.DatabaseError as exc:
-                raise RunStoreError(f"run store {self.run_dir / DB_NAME}: {exc}") from None
+                path = self.run_dir / DB_NAME
+                if _disk_full(path, exc):
+                    raise RunStoreError(
+                        f"disk full while writing the run store at {path}; free space and "
+                        f"{self._advice}"
+                    ) from None
+                raise RunStoreError(f"run store {path}: {exc}") from None
+
+    def _rollback(self) -> None:
+        """Undo the open transaction, if SQLite has not already (it may after SQLITE_FULL or
+        an I/O error); the original error is the one worth reporting."""
+        if self._db.in_transaction:
+            with suppress(sqlite3.DatabaseError):
+                self._db.execute("ROLLBACK")
 
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> _Rows:
         try:
@@ -527,8 +546,13 @@ class RunStore:
                 # uses the connection.
                 return _Rows(self._db.execute(sql, args).fetchall())
         except sqlite3.DatabaseError as exc:
+            path = self.run_dir / DB_NAME
+            if _disk_full(path, exc):
+                raise RunStoreError(
+                    f"disk full while reading the run store at {path}; free space and try again"
+                ) from None
             raise RunStoreError(
-                f"run store {self.run_dir / DB_NAME} cannot be read ({exc}); "
+                f"run store {path} cannot be read ({exc}); "
                 "it may be corrupted or not an evo-compress run"
             ) from None
 
@@ -549,7 +573,30 @@ def _connect(path: Path) -> sqlite3.Connection:
         db.execute("PRAGMA synchronous=NORMAL")
         return db
     except sqlite3.DatabaseError as exc:
+        if _disk_full(path, exc):
+            raise RunStoreError(
+                f"disk full while opening the run store at {path}; free space and "
+                f"`evo-compress resume {path.parent}`"
+            ) from None
         raise RunStoreError(f"{path} is not a readable SQLite run store ({exc})") from None
+
+
+def _disk_full(path: Path, exc: BaseException) -> bool:
+    """Whether ``exc`` (from writing near ``path``) means the disk is full. SQLite says so
+    (SQLITE_FULL) for most writes, but a full disk can also surface as an I/O error."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None:
+        return "disk is full" in str(exc)
+    if code & 0xFF == sqlite3.SQLITE_FULL:
+        return True
+    if code & 0xFF == sqlite3.SQLITE_IOERR:
+        try:
+            return shutil.disk_usage(path.parent).free < _NEARLY_FULL
+        except OSError:
+            return False
+    return False
 
 
 def _take_lock(run_dir: Path) -> int:
@@ -568,8 +615,9 @@ def _take_lock(run_dir: Path) -> int:
             f"{run_dir} is in use by another evo-compress process (pid {holder}); "
             "wait for it to finish or stop it first"
         ) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode())
+    with suppress(OSError):  # the pid only names the holder to others; a full disk may refuse
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
     return fd
 
 
@@ -616,7 +664,7 @@ def _write_atomically(path: Path, text: str) -> None:
         os.replace(scratch, path)
     except OSError as exc:
         scratch.unlink(missing_ok=True)
-        raise RunStoreError(f"cannot write {path}: {_why(exc)}") from None
+        raise _creation_error(path, exc) from None
 
 
 def _build(cls: type[RunStore], path: Path, meta: dict[str, Any]) -> None:
@@ -629,7 +677,9 @@ def _build(cls: type[RunStore], path: Path, meta: dict[str, Any]) -> None:
         db = sqlite3.connect(scratch, isolation_level=None)
         try:
             db.executescript(SCHEMA)
-            cls(path.parent, db).set_meta(meta)
+            scratch_store = cls(path.parent, db)
+            scratch_store._advice = "start the run again"  # there is nothing to resume yet
+            scratch_store.set_meta(meta)
             db.execute("PRAGMA journal_mode=WAL")  # recorded in the file's header
         finally:
             db.close()
@@ -646,16 +696,20 @@ def _build(cls: type[RunStore], path: Path, meta: dict[str, Any]) -> None:
             os.close(fd)
     except (OSError, sqlite3.Error) as exc:
         _remove_db(scratch)
-        raise RunStoreError(f"cannot create the run store {path}: {_why(exc)}") from None
+        raise _creation_error(path, exc) from None
     except BaseException:
         _remove_db(scratch)
         raise
 
 
-def _why(exc: BaseException) -> str:
-    if isinstance(exc, OSError):
-        return exc.strerror or str(exc)
-    return str(exc)
+def _creation_error(path: Path, exc: OSError | sqlite3.Error) -> RunStoreError:
+    if _disk_full(path, exc):
+        return RunStoreError(
+            f"disk full while creating the run in {path.parent}; free space and start the run "
+            "again"
+        )
+    why = exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc)
+    return RunStoreError(f"cannot create {path}: {why}")
 
 
 def _loads(text: str, what: str) -> Any:

@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from evo_compress.engine import Search
+from evo_compress.exceptions import RunStoreError
 from evo_compress.runs.store import DB_NAME, SCHEMA
-from evo_compress.testing import assert_one_line_error, run_cli
+from evo_compress.testing import assert_one_line_error, final_state, run_cli, run_search
 
 
 def write_config(tmp_path: Path, generations: int = 3) -> Path:
@@ -98,3 +100,85 @@ def test_run_still_refuses_a_store_that_holds_data(tmp_path):
     db = sqlite3.connect(run_dir / DB_NAME)
     assert db.execute("SELECT text FROM notes").fetchall() == [("mine",)]
     db.close()
+
+
+# ---------------------------------------------------------------------- 2: a full disk
+def test_a_full_store_stops_the_search_with_advice_and_resumes_to_the_same_end(
+    config_factory, tmp_path
+):
+    config = config_factory()
+    reference = final_state(run_search(config, tmp_path / "reference"), evaluations=True)
+
+    run_dir = tmp_path / "run"
+    search = Search.start(config, run_dir=run_dir)
+    try:
+        # SQLite's own limit on the file's size: writes fail with SQLITE_FULL, as on a full
+        # disk, a few pages into the run.
+        pages = search.store._db.execute("PRAGMA page_count").fetchone()[0]
+        search.store._db.execute(f"PRAGMA max_page_count = {pages + 6}")
+        with pytest.raises(RunStoreError) as caught:
+            search.run()
+    finally:
+        search.close()
+    message = str(caught.value)
+    assert "\n" not in message
+    assert f"disk full while writing the run store at {run_dir / DB_NAME}" in message
+    assert f"evo-compress resume {run_dir}" in message
+
+    search = Search.resume(run_dir)
+    try:
+        search.run()
+    finally:
+        search.close()
+    assert final_state(run_dir, evaluations=True) == reference
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs mount point whose size a test sets (``mount`` needs root: skipped without)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+
+    def size(kib: int, remount: bool = False) -> None:
+        options = f"{'remount,' if remount else ''}size={kib}k"
+        args = ["mount", "-o", options, str(disk)] if remount else []
+        args = args or ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(disk)]
+        done = subprocess.run(args, capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
+
+    yield disk, size
+    subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+# Sizes at which the disk fills while the store is created, in its first generation and
+# in a later one.
+@pytest.mark.parametrize("kib", [8, 48, 96, 160])
+def test_a_full_disk_is_one_line_then_the_run_resumes_once_space_is_freed(
+    tmp_path, small_disk, kib
+):
+    disk, size = small_disk
+    size(kib)
+    config = write_config(tmp_path, generations=30)
+    run_dir = disk / "run"
+    proc = run_cli("run", "--config", config, "--run-dir", run_dir, check=False)
+    line = assert_one_line_error(proc, "disk full", "free space")
+
+    size(8192, remount=True)
+    if "evo-compress resume" in line:
+        done_before = [int(r) for r in _checkpoints(run_dir)]
+        run_cli("resume", run_dir)
+        assert _checkpoints(run_dir)[: len(done_before)] == done_before
+    else:  # the store was never created: nothing to resume, and nothing half made
+        assert "run again" in line
+        assert not (run_dir / DB_NAME).exists()
+        run_cli("run", "--config", config, "--run-dir", run_dir)
+    assert "30 of 30" in run_cli("status", run_dir).stdout
+
+
+def _checkpoints(run_dir: Path) -> list[int]:
+    db = sqlite3.connect(run_dir / DB_NAME)
+    try:
+        return [r[0] for r in db.execute("SELECT generation FROM checkpoints ORDER BY 1")]
+    finally:
+        db.close()
