@@ -71,7 +71,7 @@ def run_status(store: RunStore) -> dict[str, Any]:
     for row in evaluations.values():
         by_status[row.result.status] = by_status.get(row.result.status, 0) + 1
         by_source[row.source] = by_source.get(row.source, 0) + 1
-    target = int(store.get_meta("generations_target"))
+    target = store.target_generations()
     done = checkpoints[-1].generation + 1 if checkpoints else 0
     holder = lock_holder(store)
     stopped_early = store.get_meta("stopped_early_at", None)

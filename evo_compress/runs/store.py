@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import math
 import os
 import shutil
 import sqlite3
@@ -22,6 +23,7 @@ from typing import Any
 
 from evo_compress.exceptions import RunStoreError
 from evo_compress.fitness._base import EvaluationResult
+from evo_compress.objectives import OBJECTIVE_NAMES
 
 # 2: the llm_calls and credits tables (added to a version-1 store when it is opened).
 SCHEMA_VERSION = 2
@@ -324,7 +326,37 @@ class RunStore:
             if default is ...:
                 raise RunStoreError(f"run store {self.run_dir} lacks `{key}`")
             return default
-        return _loads(row[0], f"meta `{key}`")
+        try:
+            return _loads(row[0], "value")
+        except _Damage as exc:
+            raise _damaged(self.run_dir, f"meta `{key}`", exc) from None
+
+    def config_data(self) -> dict[str, Any]:
+        """The run's config as the mapping its YAML holds (meta `config`)."""
+        import yaml
+
+        text = self.get_meta("config")
+        try:
+            data = yaml.safe_load(text) if isinstance(text, str) else text
+        except yaml.YAMLError as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise _damaged(self.run_dir, "meta `config`", f"not valid YAML ({first})") from None
+        if not isinstance(data, dict):
+            raise _damaged(
+                self.run_dir, "meta `config`", f"must be a YAML mapping, got {_show(data)}"
+            )
+        return data
+
+    def target_generations(self) -> int:
+        """How many generations the run is to have in all (meta `generations_target`)."""
+        value = self.get_meta("generations_target")
+        if not _is_int(value) or value < 1:
+            raise _damaged(
+                self.run_dir,
+                "meta `generations_target`",
+                f"must be an integer >= 1, got {_show(value)}",
+            )
+        return int(value)
 
     # ------------------------------------------------------------------ individuals
     def add_individuals(self, rows: Sequence[dict[str, Any]]) -> list[int]:
@@ -355,7 +387,7 @@ class RunStore:
             "WHERE generation = ? AND slot = ?",
             (generation, slot),
         ).fetchone()
-        return _individual(row) if row else None
+        return _individual(self.run_dir, row) if row else None
 
     def individuals(self, generation: int | None = None) -> list[IndividualRow]:
         sql = "SELECT id, generation, slot, hash, recipe, parents, operators FROM individuals"
@@ -363,7 +395,7 @@ class RunStore:
         if generation is not None:
             sql += " WHERE generation = ?"
             args = (generation,)
-        return [_individual(r) for r in self._query(sql + " ORDER BY id", args)]
+        return [_individual(self.run_dir, r) for r in self._query(sql + " ORDER BY id", args)]
 
     def individual(self, individual_id: int) -> IndividualRow:
         row = self._query(
@@ -373,7 +405,7 @@ class RunStore:
         ).fetchone()
         if row is None:
             raise RunStoreError(f"run {self.run_dir} has no individual {individual_id}")
-        return _individual(row)
+        return _individual(self.run_dir, row)
 
     def hashes_up_to(self, generation: int) -> set[str]:
         rows = self._query(
@@ -404,7 +436,7 @@ class RunStore:
             "FROM evaluations WHERE individual_id = ?",
             (individual_id,),
         ).fetchone()
-        return _evaluation(row) if row else None
+        return _evaluation(self.run_dir, row) if row else None
 
     def failed_hashes(self) -> set[str]:
         rows = self._query(
@@ -428,7 +460,7 @@ class RunStore:
             "SELECT individual_id, status, objectives, reason, source, duration_s, metadata "
             "FROM evaluations ORDER BY individual_id"
         )
-        return {r[0]: _evaluation(r) for r in rows}
+        return {r[0]: _evaluation(self.run_dir, r) for r in rows}
 
     # ------------------------------------------------------------------ LLM calls
     def add_llm_call(self, row: LLMCallRow) -> None:
@@ -478,7 +510,12 @@ class RunStore:
         out = []
         for r in rows:
             item = dict(zip(CREDIT_COLUMNS, r, strict=True))
-            item["operators"] = _loads(item["operators"], "credit operators")
+            try:
+                item["operators"] = _strings(_loads(item["operators"], "operators"), "operators")
+            except _Damage as exc:
+                raise _damaged(
+                    self.run_dir, f"credit of individual {item['individual_id']}", exc
+                ) from None
             out.append(item)
         return out
 
@@ -502,14 +539,25 @@ class RunStore:
             "SELECT generation, population, algorithm_state, operator_state, stats "
             "FROM checkpoints ORDER BY generation"
         )
-        return [_checkpoint(r) for r in rows]
+        return [_checkpoint(self.run_dir, r) for r in rows]
 
-    def last_checkpoint(self) -> Checkpoint | None:
-        row = self._query(
+    def last_checkpoint(self, on_damage: Callable[[str], None] | None = None) -> Checkpoint | None:
+        """The newest checkpoint. A damaged one raises, unless ``on_damage`` is given: it is
+        told, and the one before is tried (a generation is then done again, re-using what the
+        store holds of it); the oldest one damaged still raises."""
+        sql = (
             "SELECT generation, population, algorithm_state, operator_state, stats "
-            "FROM checkpoints ORDER BY generation DESC LIMIT 1"
-        ).fetchone()
-        return _checkpoint(row) if row else None
+            "FROM checkpoints ORDER BY generation DESC"
+        )
+        rows = self._query(sql + ("" if on_damage is not None else " LIMIT 1"))
+        for number, row in enumerate(rows):
+            try:
+                return _checkpoint(self.run_dir, row)
+            except RunStoreError as exc:
+                if on_damage is None or number == len(rows) - 1:
+                    raise
+                on_damage(f"{exc}; going back to generation {rows[number + 1][0]}")
+        return None
 
     # ------------------------------------------------------------------ helpers
     @contextmanager
@@ -712,44 +760,146 @@ def _creation_error(path: Path, exc: OSError | sqlite3.Error) -> RunStoreError:
     return RunStoreError(f"cannot create {path}: {why}")
 
 
-def _loads(text: str, what: str) -> Any:
+class _Damage(Exception):
+    """What is wrong with one stored value, worded for the user."""
+
+
+def _damaged(run_dir: Path, what: str, detail: object) -> RunStoreError:
+    return RunStoreError(f"run store {run_dir}: {what} is damaged: {detail}")
+
+
+def _show(value: Any, width: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    if isinstance(value, str):  # inf and nan are stored as text (JSON has neither)
+        try:
+            float(value)
+        except ValueError:
+            return False
+        return True
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _loads(text: Any, field: str) -> Any:
     try:
         return json.loads(text)
     except (TypeError, ValueError):
-        raise RunStoreError(f"run store value {what} is not valid JSON (corrupted?)") from None
+        raise _Damage(f"`{field}` is not valid JSON") from None
 
 
-def _individual(row: tuple[Any, ...]) -> IndividualRow:
-    ident = f"individual {row[0]}"
-    return IndividualRow(
-        id=row[0],
-        generation=row[1],
-        slot=row[2],
-        hash=row[3],
-        recipe=_loads(row[4], f"{ident} recipe"),
-        parents=_loads(row[5], f"{ident} parents"),
-        operators=_loads(row[6], f"{ident} operators"),
-    )
+def _mapping(value: Any, field: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _Damage(f"`{field}` must be a mapping, got {_show(value)}")
+    return value
 
 
-def _evaluation(row: tuple[Any, ...]) -> EvaluationRow:
-    ident = f"evaluation of individual {row[0]}"
-    result = EvaluationResult(
-        status=row[1],
-        objectives=_loads(row[2], f"{ident} objectives") if row[2] else None,
-        reason=row[3],
-        metadata=_loads(row[6], f"{ident} metadata"),
-        duration_s=row[5],
-    )
+def _ids(value: Any, field: str) -> list[int]:
+    if not isinstance(value, list) or not all(_is_int(v) for v in value):
+        raise _Damage(f"`{field}` must be a list of individual ids, got {_show(value)}")
+    return value
+
+
+def _strings(value: Any, field: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _Damage(f"`{field}` must be a list of names, got {_show(value)}")
+    return value
+
+
+def _individual(run_dir: Path, row: tuple[Any, ...]) -> IndividualRow:
+    try:
+        return IndividualRow(
+            id=row[0],
+            generation=row[1],
+            slot=row[2],
+            hash=row[3],
+            recipe=_mapping(_loads(row[4], "recipe"), "recipe"),
+            parents=_ids(_loads(row[5], "parents"), "parents"),
+            operators=_strings(_loads(row[6], "operators"), "operators"),
+        )
+    except _Damage as exc:
+        raise _damaged(run_dir, f"individual {row[0]}", exc) from None
+
+
+STATUSES = ("ok", "failed", "infeasible")
+
+
+def _objectives(value: Any) -> dict[str, float]:
+    objectives = _mapping(value, "objectives")
+    for name in OBJECTIVE_NAMES:
+        if name not in objectives:
+            raise _Damage(f"`objectives` lacks `{name}`")
+        number = objectives[name]
+        if not _is_number(number) or not math.isfinite(float(number)):
+            raise _Damage(f"`objectives.{name}` must be a finite number, got {_show(number)}")
+    return objectives
+
+
+def _evaluation(run_dir: Path, row: tuple[Any, ...]) -> EvaluationRow:
+    try:
+        status = row[1]
+        if status not in STATUSES:
+            raise _Damage(f"`status` must be ok, failed or infeasible, got {_show(status)}")
+        objectives = None if row[2] is None else _objectives(_loads(row[2], "objectives"))
+        if status == "ok" and objectives is None:
+            raise _Damage("`objectives` is missing from a successful evaluation")
+        result = EvaluationResult(
+            status=status,
+            objectives=objectives,
+            reason=row[3],
+            metadata=_mapping(_loads(row[6], "metadata"), "metadata"),
+            duration_s=row[5],
+        )
+    except _Damage as exc:
+        raise _damaged(run_dir, f"evaluation of individual {row[0]}", exc) from None
     return EvaluationRow(individual_id=row[0], result=result, source=row[4])
 
 
-def _checkpoint(row: tuple[Any, ...]) -> Checkpoint:
-    ident = f"checkpoint {row[0]}"
-    return Checkpoint(
-        generation=row[0],
-        population=_loads(row[1], f"{ident} population"),
-        algorithm_state=_loads(row[2], f"{ident} algorithm state"),
-        operator_state=_loads(row[3], f"{ident} operator state"),
-        stats=_loads(row[4], f"{ident} stats"),
-    )
+def _population(value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list):
+        raise _Damage(f"`population` must be a list, got {_show(value)}")
+    if not value:
+        raise _Damage("`population` is empty")
+    for index, entry in enumerate(value):
+        where = f"population[{index}]"
+        _mapping(entry, where)
+        for key, check, kind in (("id", _is_int, "an integer"), ("cv", _is_number, "a number")):
+            if key not in entry:
+                raise _Damage(f"`{where}` lacks `{key}`")
+            if not check(entry[key]):
+                raise _Damage(f"`{where}.{key}` must be {kind}, got {_show(entry[key])}")
+    return value
+
+
+def _algorithm_state(value: Any) -> dict[str, Any]:
+    state = _mapping(value, "algorithm_state")
+    for key in ("n_iter", "rng"):
+        if key not in state:
+            raise _Damage(f"`algorithm_state` lacks `{key}`")
+    if not _is_int(state["n_iter"]):
+        raise _Damage(f"`algorithm_state.n_iter` must be an integer, got {_show(state['n_iter'])}")
+    _mapping(state["rng"], "algorithm_state.rng")
+    if "archive" in state:
+        _ids(state["archive"], "algorithm_state.archive")
+    if state.get("survival") is not None:
+        _mapping(state["survival"], "algorithm_state.survival")
+    return state
+
+
+def _checkpoint(run_dir: Path, row: tuple[Any, ...]) -> Checkpoint:
+    try:
+        return Checkpoint(
+            generation=row[0],
+            population=_population(_loads(row[1], "population")),
+            algorithm_state=_algorithm_state(_loads(row[2], "algorithm_state")),
+            operator_state=_mapping(_loads(row[3], "operator_state"), "operator_state"),
+            stats=_mapping(_loads(row[4], "stats"), "stats"),
+        )
+    except _Damage as exc:
+        raise _damaged(run_dir, f"checkpoint of generation {row[0]}", exc) from None

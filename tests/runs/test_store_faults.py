@@ -5,6 +5,7 @@ one clear line, never a traceback or a run that can neither start nor resume."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -16,6 +17,7 @@ import yaml
 
 from evo_compress.engine import Search
 from evo_compress.exceptions import RunStoreError
+from evo_compress.progress import ProgressListener
 from evo_compress.runs.store import DB_NAME, SCHEMA
 from evo_compress.testing import assert_one_line_error, final_state, run_cli, run_search
 
@@ -182,3 +184,115 @@ def _checkpoints(run_dir: Path) -> list[int]:
         return [r[0] for r in db.execute("SELECT generation FROM checkpoints ORDER BY 1")]
     finally:
         db.close()
+
+
+# ---------------------------------------------------------------------- 3: damaged rows
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One finished 3-generation run; each test damages its own copy."""
+    root = tmp_path_factory.mktemp("finished")
+    run_dir = root / "run"
+    run_cli("run", "--config", write_config(root), "--run-dir", run_dir)
+    return run_dir
+
+
+@pytest.fixture
+def damaged(finished, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+
+    def damage(sql: str) -> Path:
+        db = sqlite3.connect(run_dir / DB_NAME)
+        assert db.execute(sql).rowcount > 0
+        db.commit()
+        db.close()
+        return run_dir
+
+    return damage
+
+
+class Messages(ProgressListener):
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def message(self, text: str) -> None:
+        self.lines.append(text)
+
+
+@pytest.mark.parametrize(
+    ("sql", "detail"),
+    [
+        (
+            "UPDATE checkpoints SET algorithm_state = '{}' WHERE generation = 2",
+            "`algorithm_state` lacks `n_iter`",
+        ),
+        ("UPDATE checkpoints SET population = '[]' WHERE generation = 2", "`population` is empty"),
+        (
+            "UPDATE checkpoints SET algorithm_state = json_set(algorithm_state, '$.n_iter', 'x') "
+            "WHERE generation = 2",
+            "`algorithm_state.n_iter` must be an integer, got 'x'",
+        ),
+    ],
+)
+def test_resume_falls_back_past_a_damaged_last_checkpoint(finished, damaged, sql, detail):
+    run_dir = damaged(sql)
+    listener = Messages()
+    search = Search.resume(run_dir, listener=listener)
+    try:
+        search.run()
+    finally:
+        search.close()
+    warnings = [line for line in listener.lines if "damaged" in line]
+    assert len(warnings) == 1, listener.lines
+    assert f"run store {run_dir}: checkpoint of generation 2 is damaged: {detail}" in warnings[0]
+    # Generation 2 was done again from checkpoint 1: the run ends where it had.
+    assert final_state(run_dir, evaluations=True) == final_state(finished, evaluations=True)
+
+
+@pytest.mark.parametrize(
+    ("sql", "command", "fragments"),
+    [
+        (
+            "UPDATE checkpoints SET algorithm_state = '{}' WHERE generation = 2",
+            "front",
+            ("checkpoint of generation 2 is damaged: `algorithm_state` lacks `n_iter`",),
+        ),
+        (
+            "UPDATE checkpoints SET population = '[]' WHERE generation = 2",
+            "front",
+            ("checkpoint of generation 2 is damaged: `population` is empty",),
+        ),
+        (
+            "UPDATE checkpoints SET population = '[]'",
+            "resume",
+            ("checkpoint of generation 0 is damaged: `population` is empty",),
+        ),
+        (
+            "UPDATE meta SET value = '\"name: [unclosed\"' WHERE key = 'config'",
+            "resume",
+            ("meta `config` is damaged: not valid YAML",),
+        ),
+        (
+            "UPDATE evaluations SET objectives = json_remove(objectives, '$.latency') "
+            "WHERE status = 'ok'",
+            "front",
+            ("is damaged: `objectives` lacks `latency`", "evaluation of individual"),
+        ),
+        (
+            "UPDATE evaluations SET objectives = json_remove(objectives, '$.latency') "
+            "WHERE status = 'ok'",
+            "resume",
+            ("is damaged: `objectives` lacks `latency`",),
+        ),
+        (
+            "UPDATE individuals SET parents = '{\"a\": 1}' WHERE generation = 1",
+            "lineage",
+            ("is damaged: `parents` must be a list of individual ids, got {'a': 1}",),
+        ),
+    ],
+)
+def test_a_damaged_row_is_named_in_one_line(damaged, sql, command, fragments):
+    run_dir = damaged(sql)
+    args = ("--generations", "4") if command == "resume" else ()
+    proc = run_cli(command, run_dir, *args, check=False)
+    assert_one_line_error(proc, f"run store {run_dir}: ", *fragments)
