@@ -30,6 +30,9 @@ SCHEMA_VERSION = 2
 DB_NAME = "run.sqlite"
 CONFIG_NAME = "config.yaml"
 LOCK_NAME = ".lock"
+# How long a write waits for another connection's lock, and a WAL checkpoint for readers.
+_BUSY_TIMEOUT_S = 30.0
+_CHECKPOINT_WAIT_MS = 200
 # Free space below which an I/O error while writing is taken for a full disk.
 _NEARLY_FULL = 1 << 20
 
@@ -301,6 +304,8 @@ class RunStore:
             self._lock_fd = _take_lock(self.run_dir)
 
     def close(self) -> None:
+        if self._lock_fd is not None:  # the writer
+            self.checkpoint_wal()
         self._db.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # closing the descriptor releases the flock
@@ -533,6 +538,27 @@ class RunStore:
                     time.time(),
                 ),
             )
+        self.checkpoint_wal()
+
+    def checkpoint_wal(self) -> None:
+        """Copy the write-ahead log into the store file and empty it, so that every finished
+        generation lives in ``run.sqlite`` itself: a run whose ``-wal`` file is lost after a
+        kill (copied without it, deleted by hand) loses at most the generation it was in.
+
+        A reader holding an older snapshot (``status`` at that moment) can keep part of the
+        log from being copied; the writer does not wait long for it, and the next
+        generation's checkpoint copies the rest."""
+        with self._mutex:
+            try:
+                self._db.execute(f"PRAGMA busy_timeout = {_CHECKPOINT_WAIT_MS}")
+                try:
+                    self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+                finally:
+                    self._db.execute(f"PRAGMA busy_timeout = {int(_BUSY_TIMEOUT_S * 1000)}")
+            except sqlite3.DatabaseError:
+                # The rows are committed in the log either way; a checkpoint that cannot be
+                # done now (a full disk) is done by the next one or when SQLite next opens it.
+                pass
 
     def checkpoints(self) -> list[Checkpoint]:
         rows = self._query(
@@ -614,7 +640,9 @@ class _Rows(list[Any]):
 
 def _connect(path: Path) -> sqlite3.Connection:
     try:
-        db = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        db = sqlite3.connect(
+            path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+        )
         db.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode: a committed row survives a process crash (kill -9); only a power
         # loss can drop the last commits, which then re-run from the checkpoint.

@@ -296,3 +296,42 @@ def test_a_damaged_row_is_named_in_one_line(damaged, sql, command, fragments):
     args = ("--generations", "4") if command == "resume" else ()
     proc = run_cli(command, run_dir, *args, check=False)
     assert_one_line_error(proc, f"run store {run_dir}: ", *fragments)
+
+
+# ---------------------------------------------------------------------- 4: a lost WAL
+KILL_IN_GENERATION_2 = """
+import os, signal, sys
+from pathlib import Path
+from evo_compress.config import load_config
+from evo_compress.engine import Search
+
+search = Search.start(load_config(sys.argv[1]), run_dir=Path(sys.argv[2]))
+original = search.evaluator.evaluate
+
+def evaluate(recipe, space, placement=None):
+    if getattr(search, "_generation", 0) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(recipe, space, placement)
+
+search.evaluator.evaluate = evaluate
+search.run()
+"""
+
+
+def test_completed_generations_survive_losing_the_wal_of_a_killed_run(tmp_path):
+    config = write_config(tmp_path)
+    reference = tmp_path / "reference"
+    run_cli("run", "--config", config, "--run-dir", reference)
+    run_dir = tmp_path / "run"
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_IN_GENERATION_2, str(config), str(run_dir)],
+        capture_output=True,
+        text=True,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    for suffix in ("-wal", "-shm"):
+        (run_dir / (DB_NAME + suffix)).unlink(missing_ok=True)
+
+    assert "generations: 2 of 3" in run_cli("status", run_dir).stdout
+    run_cli("resume", run_dir)
+    assert final_state(run_dir, evaluations=True) == final_state(reference, evaluations=True)
