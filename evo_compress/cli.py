@@ -524,7 +524,7 @@ def report(
         from evo_compress.reports import write_pngs, write_report
         from evo_compress.runs import RunStore
 
-        with RunStore.open(run_dir) as store:
+        with RunStore.open(run_dir) as store, store.snapshot():  # the HTML and PNGs agree
             path = write_report(store, out or Path(run_dir) / "report.html")
             pngs = write_pngs(store, png) if png is not None else []
         console.print(f"report: {path}", highlight=False)
@@ -547,7 +547,7 @@ def export(
         from evo_compress.runs import RunStore
         from evo_compress.runs.export import export_recipe
 
-        with RunStore.open(run_dir) as store:
+        with RunStore.open(run_dir) as store, store.snapshot():
             paths = export_recipe(
                 store, ident, out or Path(run_dir) / "export" / str(ident), force=force
             )
@@ -566,7 +566,7 @@ def compare(
         from evo_compress.runs import RunStore
         from evo_compress.runs.compare import compare_runs, render_comparison
 
-        with RunStore.open(run_a) as a, RunStore.open(run_b) as b:
+        with RunStore.open(run_a) as a, RunStore.open(run_b) as b, a.snapshot(), b.snapshot():
             result = compare_runs(a, b)
         if format is TableFormat.json:
             sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")

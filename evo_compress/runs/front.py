@@ -33,6 +33,11 @@ def load_front(store: RunStore) -> list[FrontMember]:
     """The run's front as of its last checkpoint: every feasible recipe evaluated so far that
     no other evaluated recipe dominates. When none is feasible, the least-violating members
     of the population instead (flagged ``feasible: false``)."""
+    with store.snapshot():  # a search may be writing the run: read one moment of it
+        return _load_front(store)
+
+
+def _load_front(store: RunStore) -> list[FrontMember]:
     checkpoint = store.last_checkpoint()
     if checkpoint is None:
         return []
@@ -64,6 +69,11 @@ def load_front(store: RunStore) -> list[FrontMember]:
 
 def run_status(store: RunStore) -> dict[str, Any]:
     """A summary of a run for ``evo-compress status``."""
+    with store.snapshot():  # a search may be writing the run: read one moment of it
+        return _run_status(store)
+
+
+def _run_status(store: RunStore) -> dict[str, Any]:
     checkpoints = store.checkpoints()
     evaluations = store.evaluations()
     by_status: dict[str, int] = {}

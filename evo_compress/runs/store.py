@@ -204,6 +204,7 @@ class RunStore:
         self.run_dir = run_dir
         self._db = db
         self._lock_fd: int | None = None
+        self._snapshot = False
         # What to do once a write that failed (a full disk) can succeed again.
         self._advice = f"`evo-compress resume {run_dir}`"
         # LLM operators record their calls from worker threads: one connection, serialised.
@@ -584,6 +585,32 @@ class RunStore:
                     raise
                 on_damage(f"{exc}; going back to generation {rows[number + 1][0]}")
         return None
+
+    # ------------------------------------------------------------------ reading
+    @contextmanager
+    def snapshot(self) -> Iterator[RunStore]:
+        """Every read inside sees the store as of one moment (a WAL read transaction), even
+        while a search writes it: a front, its lineage and the history agree. Re-entrant;
+        this connection must not write meanwhile."""
+        with self._mutex:
+            if self._snapshot:
+                yield self
+                return
+            try:
+                self._db.execute("BEGIN")
+                # The snapshot starts at the first read, not at BEGIN.
+                self._db.execute("SELECT COUNT(*) FROM sqlite_master").fetchall()
+            except sqlite3.DatabaseError as exc:
+                self._rollback()
+                raise RunStoreError(
+                    f"run store {self.run_dir / DB_NAME} cannot be read ({exc})"
+                ) from None
+            self._snapshot = True
+            try:
+                yield self
+            finally:
+                self._snapshot = False
+                self._rollback()  # nothing was written: ending the read is all it does
 
     # ------------------------------------------------------------------ helpers
     @contextmanager

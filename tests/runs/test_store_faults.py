@@ -18,6 +18,10 @@ import yaml
 from evo_compress.engine import Search
 from evo_compress.exceptions import RunStoreError
 from evo_compress.progress import ProgressListener
+from evo_compress.reports.html import collect
+from evo_compress.runs import RunStore
+from evo_compress.runs.front import load_front
+from evo_compress.runs.lineage import load_lineage
 from evo_compress.runs.store import DB_NAME, SCHEMA
 from evo_compress.testing import assert_one_line_error, final_state, run_cli, run_search
 
@@ -197,9 +201,16 @@ def finished(tmp_path_factory):
 
 
 @pytest.fixture
-def damaged(finished, tmp_path):
+def copied(finished, tmp_path):
+    """A copy of the finished run for one test to change."""
     run_dir = tmp_path / "run"
     shutil.copytree(finished, run_dir)
+    return run_dir
+
+
+@pytest.fixture
+def damaged(copied):
+    run_dir = copied
 
     def damage(sql: str) -> Path:
         db = sqlite3.connect(run_dir / DB_NAME)
@@ -335,3 +346,61 @@ def test_completed_generations_survive_losing_the_wal_of_a_killed_run(tmp_path):
     assert "generations: 2 of 3" in run_cli("status", run_dir).stdout
     run_cli("resume", run_dir)
     assert final_state(run_dir, evaluations=True) == final_state(reference, evaluations=True)
+
+
+# ---------------------------------------------------------------------- 5: reading a live run
+def grow_between_reads(reader: RunStore, run_dir: Path, generations: int) -> None:
+    """The first time ``reader`` lists the individuals, a writer finishes another generation
+    before the reader's next query: what a `lineage` or `report` beside a running search
+    meets."""
+    original = reader.individuals
+    grown = {"done": False}
+
+    def individuals(generation=None):
+        rows = original(generation)
+        if not grown["done"]:
+            grown["done"] = True
+            search = Search.resume(run_dir, generations=generations)
+            try:
+                search.run()
+            finally:
+                search.close()
+        return rows
+
+    reader.individuals = individuals  # type: ignore[method-assign]
+
+
+def test_lineage_reads_one_snapshot_of_a_run_being_written(copied):
+    run_dir = copied
+    with RunStore.open(run_dir) as reader:
+        before = [m.id for m in load_front(reader)]
+        grow_between_reads(reader, run_dir, generations=4)
+        graph = load_lineage(reader)
+    assert graph.roots == before  # the front as of the snapshot, not the new generation's
+    assert all(node.generation <= 2 for node in graph.nodes.values())
+    assert "4 of 4" in run_cli("status", run_dir).stdout  # the writer did finish
+
+
+def test_report_reads_one_snapshot_of_a_run_being_written(copied):
+    run_dir = copied
+    with RunStore.open(run_dir) as reader:
+        grow_between_reads(reader, run_dir, generations=4)
+        data = collect(reader)
+    assert data.status["generations_done"] == 3 == len(data.history)
+    assert {m.id for m in data.front} == set(data.lineage.roots)
+
+
+def test_lineage_shows_a_parent_the_store_lacks_instead_of_failing(copied):
+    run_dir = copied
+    db = sqlite3.connect(run_dir / DB_NAME)
+    child, parents = db.execute(
+        "SELECT id, parents FROM individuals WHERE generation = 2 ORDER BY id LIMIT 1"
+    ).fetchone()
+    missing = json.loads(parents)[0]
+    db.execute("DELETE FROM evaluations WHERE individual_id = ?", (missing,))
+    db.execute("DELETE FROM credits WHERE individual_id = ?", (missing,))
+    db.execute("DELETE FROM individuals WHERE id = ?", (missing,))
+    db.commit()
+    db.close()
+    out = run_cli("lineage", run_dir, child).stdout
+    assert f"#{missing}" in out and "not in the run store" in out
