@@ -259,13 +259,18 @@ class RunStore:
         return store
 
     @classmethod
-    def open(cls, run_dir: str | Path) -> RunStore:
+    def open(cls, run_dir: str | Path, read_only: bool = False) -> RunStore:
+        """An existing store. ``read_only``: for commands that only read (status, front,
+        ...): nothing is written, not even the WAL's index where the directory forbids it,
+        so a run directory one may not write (another user's, a read-only mount) can be
+        read."""
         run_dir = Path(run_dir)
         if not run_dir.is_dir():
             raise RunStoreError(f"run directory {run_dir} does not exist")
         if not is_run_dir(run_dir):
             raise RunStoreError(f"{run_dir} is not a run directory (no {DB_NAME} in it)")
-        store = cls(run_dir, _connect(run_dir / DB_NAME))
+        path = run_dir / DB_NAME
+        store = cls(run_dir, _connect_read_only(path) if read_only else _connect(path))
         try:
             version = int(store.get_meta("schema_version"))
         except (RunStoreError, TypeError, ValueError):
@@ -278,13 +283,33 @@ class RunStore:
                 ) from None
             raise RunStoreError(f"{run_dir / DB_NAME} is not an evo-compress run store") from None
         if version > SCHEMA_VERSION:
+            store._db.close()
             raise RunStoreError(
                 f"{run_dir} was written by a newer evo-compress (store schema {version}, "
                 f"this version reads up to {SCHEMA_VERSION}); upgrade evo-compress"
             )
         if version < SCHEMA_VERSION:
-            store._migrate()
+            if read_only:
+                store._stand_in_for_new_tables()
+            else:
+                store._migrate()
         return store
+
+    def _stand_in_for_new_tables(self) -> None:
+        """A store of an older schema, read without writing, lacks the tables added since:
+        empty temporary ones (in this connection only) stand in for them."""
+        present = {r[0] for r in self._query("SELECT name FROM sqlite_master WHERE type='table'")}
+        for statement in SCHEMA.split(";"):
+            words = statement.split()
+            if words[:5] == ["CREATE", "TABLE", "IF", "NOT", "EXISTS"] and words[5] not in present:
+                with self._mutex:
+                    # A query-only connection refuses even temporary tables, for a moment.
+                    query_only = self._db.execute("PRAGMA query_only").fetchone()[0]
+                    self._db.execute("PRAGMA query_only = OFF")
+                    try:
+                        self._db.execute(statement.replace("CREATE TABLE", "CREATE TEMP TABLE", 1))
+                    finally:
+                        self._db.execute(f"PRAGMA query_only = {int(query_only)}")
 
     def _migrate(self) -> None:
         """Older stores lack only tables added since; adding them loses nothing."""
@@ -682,6 +707,38 @@ def _connect(path: Path) -> sqlite3.Connection:
                 f"`evo-compress resume {path.parent}`"
             ) from None
         raise RunStoreError(f"{path} is not a readable SQLite run store ({exc})") from None
+
+
+def _connect_read_only(path: Path) -> sqlite3.Connection:
+    """A connection that never changes the store. Where the directory may be written, an
+    ordinary one made query-only: SQLite still tidies the WAL files up when it closes. Else
+    read-only; and where the WAL's index (``-shm``) can then be neither created nor used,
+    immutable: what the file holds, without the log (every finished generation is in the
+    file, see ``checkpoint_wal``)."""
+    uri = path.resolve().as_uri()
+    try:
+        if os.access(path.parent, os.W_OK) and os.access(path, os.W_OK):
+            db = _open_uri(f"{uri}?mode=rw")
+            db.execute("PRAGMA query_only = ON")
+            return db
+        try:
+            return _open_uri(f"{uri}?mode=ro")
+        except sqlite3.OperationalError:
+            return _open_uri(f"{uri}?immutable=1")
+    except sqlite3.DatabaseError as exc:
+        raise RunStoreError(f"{path} is not a readable SQLite run store ({exc})") from None
+
+
+def _open_uri(uri: str) -> sqlite3.Connection:
+    db = sqlite3.connect(
+        uri, uri=True, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+    )
+    try:
+        db.execute("SELECT COUNT(*) FROM sqlite_master").fetchall()  # opening is lazy
+    except sqlite3.DatabaseError:
+        db.close()
+        raise
+    return db
 
 
 def _disk_full(path: Path, exc: BaseException) -> bool:

@@ -5,11 +5,13 @@ one clear line, never a traceback or a run that can neither start nor resume."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,8 @@ from evo_compress.exceptions import RunStoreError
 from evo_compress.progress import ProgressListener
 from evo_compress.reports.html import collect
 from evo_compress.runs import RunStore
-from evo_compress.runs.front import load_front
+from evo_compress.runs.analysis import operator_stats
+from evo_compress.runs.front import load_front, run_status
 from evo_compress.runs.lineage import load_lineage
 from evo_compress.runs.store import DB_NAME, SCHEMA
 from evo_compress.testing import assert_one_line_error, final_state, run_cli, run_search
@@ -404,3 +407,70 @@ def test_lineage_shows_a_parent_the_store_lacks_instead_of_failing(copied):
     db.close()
     out = run_cli("lineage", run_dir, child).stdout
     assert f"#{missing}" in out and "not in the run store" in out
+
+
+# ---------------------------------------------------------------------- 6: read-only runs
+@pytest.fixture
+def read_only_user(tmp_path_factory):
+    """How to run the CLI as someone who may read a run directory but not write it: root
+    ignores permission bits, so root runs it as `nobody` (setpriv); anyone else just loses
+    write permission. Returns (a world-readable scratch folder, the prefix for run_cli)."""
+    base = Path(tempfile.mkdtemp(prefix="evo-ro-"))
+    base.chmod(0o755)  # pytest's own tmp folders are private to their owner
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        probe = subprocess.run([*prefix, sys.executable, "-c", "import evo_compress"])
+        if probe.returncode != 0:
+            pytest.skip("running as root, and cannot run the CLI as `nobody` to drop it")
+    yield base, prefix
+    for path in base.rglob("*"):
+        if path.is_dir():
+            path.chmod(0o755)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.parametrize("state", ["finished", "killed"])
+def test_read_commands_work_on_a_run_directory_they_cannot_write(tmp_path, read_only_user, state):
+    base, prefix = read_only_user
+    config = write_config(tmp_path)
+    run_dir = base / "run"
+    if state == "finished":
+        run_cli("run", "--config", config, "--run-dir", run_dir)
+    else:  # the run's -wal and -shm files are still there
+        subprocess.run([sys.executable, "-c", KILL_IN_GENERATION_2, str(config), str(run_dir)])
+        assert (run_dir / (DB_NAME + "-wal")).exists()
+    listing = sorted(p.name for p in run_dir.iterdir())
+    for path in run_dir.iterdir():
+        path.chmod(0o444)
+    run_dir.chmod(0o555)
+    out_dir = base / "out"
+    out_dir.mkdir()
+    out_dir.chmod(0o777)
+
+    done = "3 of 3" if state == "finished" else "2 of 3"
+    assert done in run_cli("status", run_dir, prefix=prefix).stdout
+    seen = front_ids(run_dir, prefix=prefix)
+    assert run_cli("history", run_dir, "--format", "json", prefix=prefix).stdout
+    assert f"#{seen[0]}" in run_cli("lineage", run_dir, prefix=prefix).stdout
+    assert run_cli("operators", run_dir, prefix=prefix).stdout
+    report = out_dir / "report.html"
+    run_cli("report", run_dir, "--out", report, prefix=prefix)
+    assert report.stat().st_size > 0
+    assert sorted(p.name for p in run_dir.iterdir()) == listing  # nothing left behind
+    assert seen == front_ids(run_dir)  # what its owner sees
+
+
+def test_reading_an_older_store_changes_nothing_in_it(damaged):
+    run_dir = damaged("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    db = sqlite3.connect(run_dir / DB_NAME)
+    db.executescript("DROP TABLE llm_calls; DROP TABLE credits;")
+    db.close()
+    with RunStore.open(run_dir, read_only=True) as store:
+        assert run_status(store)["generations_done"] == 3
+        assert operator_stats(store)  # from the individuals alone
+    db = sqlite3.connect(run_dir / DB_NAME)
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    version = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
+    db.close()
+    assert "credits" not in tables and version == "1"
