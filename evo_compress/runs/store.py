@@ -224,19 +224,18 @@ class RunStore:
         either no store or a complete one. An unfinished store an older version left behind
         after such a crash is replaced, with a ``note``."""
         run_dir = Path(run_dir)
+        path = run_dir / DB_NAME
+        if path.exists() and not is_unfinished_store(path):
+            raise _holds_a_run(run_dir)
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise RunStoreError(f"cannot create run directory {run_dir}: {exc.strerror}") from None
         lock_fd = _take_lock(run_dir)  # two `run`s into one directory: one wins, one is told
         try:
-            path = run_dir / DB_NAME
-            if path.exists():
+            if path.exists():  # again, now that no other process can be creating it
                 if not is_unfinished_store(path):
-                    raise RunStoreError(
-                        f"{run_dir} already holds a run; continue it with "
-                        f"`evo-compress resume {run_dir}`"
-                    )
+                    raise _holds_a_run(run_dir)
                 if note is not None:
                     note(f"replacing the unfinished run store a killed run left in {run_dir}")
                 _remove_db(path)
@@ -757,6 +756,12 @@ def _disk_full(path: Path, exc: BaseException) -> bool:
         except OSError:
             return False
     return False
+
+
+def _holds_a_run(run_dir: Path) -> RunStoreError:
+    return RunStoreError(
+        f"{run_dir} already holds a run; continue it with `evo-compress resume {run_dir}`"
+    )
 
 
 def _take_lock(run_dir: Path) -> int:
