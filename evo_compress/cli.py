@@ -362,7 +362,7 @@ def status(run_dir: Path = typer.Argument(..., help="Run directory.")) -> None:
         from evo_compress.runs import RunStore
         from evo_compress.runs.front import run_status
 
-        with RunStore.open(run_dir) as store:
+        with RunStore.open(run_dir, read_only=True) as store:
             info = run_status(store)
         console.print(f"[bold]{info['name']}[/]  {info['run_dir']}", highlight=False)
         console.print(f"state: {info['state']}", highlight=False)
@@ -401,7 +401,7 @@ def front(
         from evo_compress.runs import RunStore
         from evo_compress.runs.front import load_front
 
-        with RunStore.open(run_dir) as store:
+        with RunStore.open(run_dir, read_only=True) as store:
             members = load_front(store)
         if format is FrontFormat.json:
             sys.stdout.write(json.dumps([m.to_json() for m in members], indent=2) + "\n")
@@ -421,7 +421,7 @@ def history(
         from evo_compress.runs import RunStore
         from evo_compress.runs.analysis import history as run_history
 
-        with RunStore.open(run_dir) as store:
+        with RunStore.open(run_dir, read_only=True) as store:
             rows = run_history(store)
         if format is TableFormat.json:
             sys.stdout.write(json.dumps(rows, indent=2) + "\n")
@@ -462,7 +462,7 @@ def lineage(
         from evo_compress.runs.lineage import load_lineage
 
         ids = None if front_only or ident is None else [ident]
-        with RunStore.open(run_dir) as store:
+        with RunStore.open(run_dir, read_only=True) as store:
             graph = load_lineage(store, ids, depth)
         if format is LineageFormat.json:
             sys.stdout.write(json.dumps(graph.to_json(), indent=2) + "\n")
@@ -485,7 +485,7 @@ def operators(
         from evo_compress.runs import RunStore
         from evo_compress.runs.analysis import operator_stats
 
-        with RunStore.open(run_dir) as store:
+        with RunStore.open(run_dir, read_only=True) as store:
             rows = operator_stats(store)
         if format is TableFormat.json:
             sys.stdout.write(json.dumps(rows, indent=2) + "\n")
@@ -531,7 +531,10 @@ def report(
         from evo_compress.reports import write_pngs, write_report
         from evo_compress.runs import RunStore
 
-        with RunStore.open(run_dir) as store:
+        with (
+            RunStore.open(run_dir, read_only=True) as store,
+            store.snapshot(),
+        ):  # the HTML and PNGs agree
             path = write_report(store, out or Path(run_dir) / "report.html")
             pngs = write_pngs(store, png) if png is not None else []
         console.print(f"report: {path}", highlight=False)
@@ -554,7 +557,7 @@ def export(
         from evo_compress.runs import RunStore
         from evo_compress.runs.export import export_recipe
 
-        with RunStore.open(run_dir) as store:
+        with RunStore.open(run_dir, read_only=True) as store, store.snapshot():
             paths = export_recipe(
                 store, ident, out or Path(run_dir) / "export" / str(ident), force=force
             )
@@ -573,7 +576,12 @@ def compare(
         from evo_compress.runs import RunStore
         from evo_compress.runs.compare import compare_runs, render_comparison
 
-        with RunStore.open(run_a) as a, RunStore.open(run_b) as b:
+        with (
+            RunStore.open(run_a, read_only=True) as a,
+            RunStore.open(run_b, read_only=True) as b,
+            a.snapshot(),
+            b.snapshot(),
+        ):
             result = compare_runs(a, b)
         if format is TableFormat.json:
             sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")

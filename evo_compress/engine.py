@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import yaml
 from pymoo.algorithms.moo.nsga2 import NSGA2, binary_tournament
 from pymoo.algorithms.moo.nsga3 import NSGA3, comp_by_cv_then_random
 from pymoo.core.duplicate import NoDuplicateElimination
@@ -225,18 +224,22 @@ class Search:
                 "fingerprint": evaluator.fingerprint(),
                 "generations_target": config.search.generations,
             },
+            note=listener.message if listener is not None else None,
         )
-        store.lock()
-        return cls(
-            config,
-            store,
-            space,
-            evaluator,
-            _open_cache(config, listener),
-            config.search.generations,
-            listener,
-            plan=plan,
-        )
+        try:
+            return cls(
+                config,
+                store,
+                space,
+                evaluator,
+                _open_cache(config, listener),
+                config.search.generations,
+                listener,
+                plan=plan,
+            )
+        except BaseException:
+            store.close()
+            raise
 
     @classmethod
     def resume(
@@ -253,12 +256,11 @@ class Search:
         store = RunStore.open(run_dir)
         try:
             store.lock()
-            config = parse_config(
-                yaml.safe_load(store.get_meta("config")), f"{run_dir} config", check=False
-            )
+            config = parse_config(store.config_data(), f"{run_dir} config", check=False)
             space = SearchSpace.from_data(store.get_meta("space"))
-            target = int(generations or store.get_meta("generations_target"))
-            done = store.last_checkpoint()
+            target = int(generations or store.target_generations())
+            # A damaged last checkpoint is stepped over (``run`` says so).
+            done = store.last_checkpoint(on_damage=lambda _: None)
             if done is not None and target < done.generation + 1:
                 raise RunStoreError(
                     f"`--generations {target}` is fewer than the {done.generation + 1} "
@@ -317,7 +319,7 @@ class Search:
         self.reference = self._reference()
         self._hv_scales = self._hypervolume_scales()
 
-        checkpoint = self.store.last_checkpoint()
+        checkpoint = self.store.last_checkpoint(on_damage=self.listener.message)
         generation = 0
         if checkpoint is not None:
             self._restore(algorithm, checkpoint)
@@ -906,30 +908,39 @@ class Search:
         algorithm.pop = pop
         algorithm.is_initialized = True
         algorithm.n_iter = state["n_iter"]
-        algorithm.random_state.bit_generator.state = _rng_state_from_data(state["rng"])
-        _restore_survival_state(algorithm, state.get("survival") or {})
-        if _ranking_is_stale(pop, checkpoint.population):
-            # A failure evaluated again (--retry-failed, now or in a resume that stopped) is
-            # feasible now, but pymoo ranks feasible individuals only: the checkpoint has no
-            # rank or crowding for it and the others' are out of date. Rank them again.
-            algorithm.pop = algorithm.survival.do(
-                algorithm.problem,
-                pop,
-                n_survive=len(pop),
-                algorithm=algorithm,
-                random_state=algorithm.random_state,
-            )
-        for ops, saved in (
-            (self.crossovers, checkpoint.operator_state.get("crossover", [])),
-            (self.mutations, checkpoint.operator_state.get("mutation", [])),
-        ):
-            for op, op_state in zip(ops, saved, strict=False):
-                op.load_state_dict(op_state)
-        for kind, selector_state in checkpoint.operator_state.get("selectors", {}).items():
-            if kind in self.selectors:
-                self.selectors[kind].load_state_dict(selector_state)
-        if self.session is not None and "llm" in checkpoint.operator_state:
-            self.session.load_state_dict(checkpoint.operator_state["llm"])
+        try:
+            algorithm.random_state.bit_generator.state = _rng_state_from_data(state["rng"])
+            _restore_survival_state(algorithm, state.get("survival") or {})
+            if _ranking_is_stale(pop, checkpoint.population):
+                # A failure evaluated again (--retry-failed, now or in a resume that stopped) is
+                # feasible now, but pymoo ranks feasible individuals only: the checkpoint has no
+                # rank or crowding for it and the others' are out of date. Rank them again.
+                algorithm.pop = algorithm.survival.do(
+                    algorithm.problem,
+                    pop,
+                    n_survive=len(pop),
+                    algorithm=algorithm,
+                    random_state=algorithm.random_state,
+                )
+            for ops, saved in (
+                (self.crossovers, checkpoint.operator_state.get("crossover", [])),
+                (self.mutations, checkpoint.operator_state.get("mutation", [])),
+            ):
+                for op, op_state in zip(ops, saved, strict=False):
+                    op.load_state_dict(op_state)
+            for kind, selector_state in checkpoint.operator_state.get("selectors", {}).items():
+                if kind in self.selectors:
+                    self.selectors[kind].load_state_dict(selector_state)
+            if self.session is not None and "llm" in checkpoint.operator_state:
+                self.session.load_state_dict(checkpoint.operator_state["llm"])
+        except (AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:
+            # The rows are well-formed JSON of the right shape, but what they hold cannot
+            # be the state this version saved.
+            raise RunStoreError(
+                f"run store {self.store.run_dir}: checkpoint of generation "
+                f"{checkpoint.generation} is damaged: its algorithm or operator state cannot "
+                f"be restored ({type(exc).__name__}: {exc})"
+            ) from None
         self._seen = self.store.hashes_up_to(checkpoint.generation)
         if self.retry_failed:
             # Failed recipes outside the population may be drawn (and evaluated) again.

@@ -222,3 +222,38 @@ def corrupt_cache(path: Path, kind: str) -> int:
             return db.execute(CACHE_CORRUPTIONS[kind]).rowcount
     finally:
         db.close()
+
+
+CLI = ("-m", "evo_compress.cli")
+
+
+def run_cli(*args: Any, check: bool = True, **kwargs: Any) -> Any:
+    """Run ``evo-compress ARGS`` in a fresh interpreter; ``kwargs`` go to ``subprocess.run``
+    (``prefix``: a command put before the interpreter, e.g. to run as another user)."""
+    import subprocess
+    import sys
+
+    prefix = list(kwargs.pop("prefix", ()))
+    proc = subprocess.run(
+        [*prefix, sys.executable, *CLI, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kwargs,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def assert_one_line_error(proc: Any, *fragments: str) -> str:
+    """``proc`` (a finished CLI process) failed with exit 2 and one ``error:`` line (soft
+    wrapping aside) holding every fragment; returns that line."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    text = " ".join(lines)
+    assert text.startswith("error:"), proc.stderr
+    for fragment in fragments:
+        assert fragment in text, (fragment, text)
+    return text

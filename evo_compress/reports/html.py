@@ -79,6 +79,11 @@ class ReportData:
 
 def collect(store: RunStore) -> ReportData:
     """Read what a report shows from ``store``."""
+    with store.snapshot():  # a search may be writing the run: read one moment of it
+        return _collect(store)
+
+
+def _collect(store: RunStore) -> ReportData:
     config_yaml = str(store.get_meta("config", ""))
     try:
         config = yaml.safe_load(config_yaml)

@@ -69,6 +69,11 @@ def operator_stats(store: RunStore) -> list[dict[str, Any]]:
 
     Shares are floats in [0, 1], None when there is nothing to divide by.
     """
+    with store.snapshot():  # a search may be writing the run: read one moment of it
+        return _operator_stats(store)
+
+
+def _operator_stats(store: RunStore) -> list[dict[str, Any]]:
     individuals = store.individuals()
     evaluations = store.evaluations()
     credits = {row["individual_id"]: row for row in store.credits()}

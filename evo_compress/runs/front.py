@@ -33,6 +33,11 @@ def load_front(store: RunStore) -> list[FrontMember]:
     """The run's front as of its last checkpoint: every feasible recipe evaluated so far that
     no other evaluated recipe dominates. When none is feasible, the least-violating members
     of the population instead (flagged ``feasible: false``)."""
+    with store.snapshot():  # a search may be writing the run: read one moment of it
+        return _load_front(store)
+
+
+def _load_front(store: RunStore) -> list[FrontMember]:
     checkpoint = store.last_checkpoint()
     if checkpoint is None:
         return []
@@ -64,6 +69,11 @@ def load_front(store: RunStore) -> list[FrontMember]:
 
 def run_status(store: RunStore) -> dict[str, Any]:
     """A summary of a run for ``evo-compress status``."""
+    with store.snapshot():  # a search may be writing the run: read one moment of it
+        return _run_status(store)
+
+
+def _run_status(store: RunStore) -> dict[str, Any]:
     checkpoints = store.checkpoints()
     evaluations = store.evaluations()
     by_status: dict[str, int] = {}
@@ -71,7 +81,7 @@ def run_status(store: RunStore) -> dict[str, Any]:
     for row in evaluations.values():
         by_status[row.result.status] = by_status.get(row.result.status, 0) + 1
         by_source[row.source] = by_source.get(row.source, 0) + 1
-    target = int(store.get_meta("generations_target"))
+    target = store.target_generations()
     done = checkpoints[-1].generation + 1 if checkpoints else 0
     holder = lock_holder(store)
     stopped_early = store.get_meta("stopped_early_at", None)

@@ -104,6 +104,8 @@ class Lineage:
     roots: list[int]
     nodes: dict[int, Node]
     edges: list[Edge]  # every recorded parent link between two nodes of the lineage
+    # Recorded parents the run store does not hold (it is damaged): named, never drawn.
+    absent: list[int] = field(default_factory=list)
 
     def parents_of(self, ident: int) -> list[int]:
         return [e.parent for e in self.edges if e.child == ident]
@@ -280,9 +282,12 @@ class Lineage:
         elif node.fell_back and node.llm:
             error = node.llm[-1]["error"]
             notes.append("LLM fell back" + (f": {_clip(error)}" if error else ""))
-        hidden = [p for p in node.parents if p not in shown_parents]
+        hidden = [p for p in node.parents if p not in shown_parents and p not in self.absent]
         if hidden:
             notes.append("parents not shown: " + ", ".join(f"#{p}" for p in hidden))
+        absent = [p for p in node.parents if p in self.absent]
+        if absent:
+            notes.append("parents not in the run store: " + ", ".join(f"#{p}" for p in absent))
         return [terminal_safe(note) for note in notes]  # LLM text, shown in a terminal
 
 
@@ -294,9 +299,14 @@ def load_lineage(
     first generation). Raises ``RunStoreError`` for an id the run does not have."""
     if depth is not None and depth < 0:
         raise EvoCompressError(f"`depth` must be >= 0, got {depth}")
+    with store.snapshot():  # a search may be writing the run: read one moment of it
+        return _load_lineage(store, ids, depth)
+
+
+def _load_lineage(store: RunStore, ids: Sequence[int] | None, depth: int | None) -> Lineage:
     rows = {row.id: row for row in store.individuals()}
     if ids is None:
-        roots = [member.id for member in load_front(store)]
+        roots = [member.id for member in load_front(store) if member.id in rows]
     else:
         roots = list(dict.fromkeys(int(i) for i in ids))
         for ident in roots:
@@ -309,12 +319,8 @@ def load_lineage(
             return []
         out = []
         for parent in dict.fromkeys(row.parents):
-            if parent not in rows:
-                raise RunStoreError(
-                    f"{store.run_dir}: individual {ident} names parent {parent}, which the run "
-                    "does not have; the run store is damaged"
-                )
-            if rows[parent].generation >= 0:  # the baseline reference is never a parent
+            # A parent the store lacks (a damaged store) stays named, without a node.
+            if parent not in rows or rows[parent].generation >= 0:  # the baseline never is
                 out.append(parent)
         return out
 
@@ -326,7 +332,7 @@ def load_lineage(
         if depth is not None and distance[ident] >= depth:
             continue
         for parent in parents_of(ident):
-            if parent not in distance:
+            if parent in rows and parent not in distance:
                 distance[parent] = distance[ident] + 1
                 queue.append(parent)
 
@@ -362,7 +368,8 @@ def load_lineage(
         for parent in nodes[ident].parents
         if parent in nodes
     ]
-    return Lineage(roots=roots, nodes=nodes, edges=edges)
+    absent = sorted({p for node in nodes.values() for p in node.parents if p not in rows})
+    return Lineage(roots=roots, nodes=nodes, edges=edges, absent=absent)
 
 
 def _llm_requests(

@@ -87,7 +87,10 @@ def test_a_damaged_checkpoint_row_names_the_checkpoint(finished_run):
     db.execute("UPDATE checkpoints SET population = '{broken' WHERE generation = 3")
     db.commit()
     db.close()
-    with RunStore.open(finished_run) as store, pytest.raises(RunStoreError, match="checkpoint 3"):
+    with (
+        RunStore.open(finished_run) as store,
+        pytest.raises(RunStoreError, match="checkpoint of generation 3 is damaged"),
+    ):
         load_front(store)
 
 
