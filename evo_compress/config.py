@@ -111,6 +111,21 @@ class SpaceConfig(_Section):
     forbid: tuple[dict[str, Any], ...] = ()
 
 
+class SurrogateConfig(_Section):
+    """Surrogate-assisted pre-screening (evo_compress/surrogate.py)."""
+
+    enabled: bool = Field(
+        True, description="Breed `pool` x more children and evaluate the best predicted"
+    )
+    pool: int = Field(4, ge=2, le=64, description="Candidates bred per evaluated child")
+    min_evaluations: int = Field(
+        16, ge=2, le=100_000, description="Evaluations before the model is trusted"
+    )
+    exploration: float = Field(
+        1.0, ge=0, le=10, description="Weight of the model's uncertainty: mean - w * std"
+    )
+
+
 class SearchConfig(_Section):
     algorithm: Literal["nsga2", "nsga3"] = "nsga2"
     population_size: int = Field(24, ge=4)
@@ -128,6 +143,7 @@ class SearchConfig(_Section):
     nsga3_partitions: int | None = Field(
         None, ge=1, description="Das-Dennis partitions for NSGA-III reference directions"
     )
+    surrogate: SurrogateConfig = SurrogateConfig()
 
 
 class BudgetConfig(_Section):

@@ -72,6 +72,7 @@ from evo_compress.operators import (
 from evo_compress.operators._base import Operator, operator_labels
 from evo_compress.progress import GenerationStats, ProgressListener
 from evo_compress.runs.store import Checkpoint, RunStore
+from evo_compress.surrogate import History, Screening
 
 # A failed or infeasible evaluation gets this constraint violation (it loses every
 # comparison) and placeholder objectives pymoo never reads: survival ranks infeasible
@@ -173,6 +174,17 @@ class Search:
         self._archive: dict[int, np.ndarray] = {}  # the run's front: id -> minimisation F
         self._constraint_names = list(config.constraints.active())
         self.completed_generations = 0
+        # Surrogate pre-screening; off with remote (LLM) operators, whose every candidate
+        # would cost a request.
+        surrogate = config.search.surrogate
+        remote = any(op.remote for op in (*self.crossovers, *self.mutations))
+        self.screening: Screening | None = (
+            Screening(space, surrogate.exploration) if surrogate.enabled and not remote else None
+        )
+        # What the screening model learns from: recipe hash -> (recipe, F, G, failed), filled
+        # a generation at a time (-1 is the baseline reference).
+        self._history: dict[str, tuple[Recipe, np.ndarray, np.ndarray, bool]] = {}
+        self._history_next = -1
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -493,6 +505,51 @@ class Search:
             if self.session is not None:  # one line per LLM operator: valid, fell back, why
                 self.session.report(self._generation)
         return [made[slot] for slot in sorted(made)]
+
+    def breed(
+        self, pop: Population, n: int, selection: TournamentSelection, algorithm: Any
+    ) -> list[_Child]:
+        """``n`` children to evaluate. With surrogate screening (once the run has
+        ``min_evaluations`` successful results), ``pool`` x ``n`` candidates are bred and the
+        ``n`` the model rates best are kept, in the order they were bred."""
+        surrogate = self.config.search.surrogate
+        history = self._screening_history() if self.screening is not None else None
+        if (
+            self.screening is None
+            or history is None
+            or int((~history.failed).sum()) < surrogate.min_evaluations
+        ):
+            return self.make_offspring(pop, n, selection, algorithm)
+        candidates = self.make_offspring(pop, n * surrogate.pool, selection, algorithm)
+        chosen = self.screening.choose([c.recipe for c in candidates], history, n)
+        return [candidates[i] for i in chosen]
+
+    def _screening_history(self) -> History:
+        """Every distinct recipe this run evaluated before this generation (the baseline
+        reference included), in the order they were recorded. A generation cut short by a
+        crash is left out, so a resumed run breeds from the history the uninterrupted run had
+        and makes the same choice. Read from the store once per generation, kept in memory."""
+        rows = self._history
+        for generation in range(self._history_next, self._generation):
+            for row in self.store.individuals(generation):
+                evaluation = self.store.evaluation(row.id)
+                if evaluation is None or row.hash in rows:
+                    continue
+                result = evaluation.result
+                rows[row.hash] = (
+                    Recipe(row.recipe),
+                    self._objectives(result),
+                    self._constraints(result)[1:],
+                    not result.ok or result.objectives is None,
+                )
+        self._history_next = max(self._history_next, self._generation)
+        values = list(rows.values())
+        return History(
+            [v[0] for v in values],
+            np.array([v[1] for v in values]).reshape(len(values), len(OBJECTIVES)),
+            np.array([v[2] for v in values]).reshape(len(values), len(self._constraint_names)),
+            np.array([v[3] for v in values], dtype=bool),
+        )
 
     def _vary(
         self,
@@ -1035,7 +1092,7 @@ class _Mating:
         algorithm: Any = None,
         **kwargs: Any,
     ) -> Population:
-        children = self.search.make_offspring(pop, n_offsprings, self.selection, algorithm)
+        children = self.search.breed(pop, n_offsprings, self.selection, algorithm)
         off = Population.new(
             "X", np.array([[c.recipe.hash] for c in children], dtype=object).reshape(-1, 1)
         )
