@@ -19,6 +19,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -64,7 +65,10 @@ def _errors() -> Iterator[None]:
     except EvoCompressError as exc:
         if _state["debug"]:
             raise
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # The message echoes what the user wrote: never read it as rich markup.
+        err_console.print(
+            f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
+        )
         raise typer.Exit(2) from None
 
 
@@ -295,23 +299,20 @@ def evaluate(
 ) -> None:
     """Evaluate one recipe with the config's evaluator and print its five objectives."""
     with _errors():
-        import yaml
-
         from evo_compress.config import build_space, load_config
         from evo_compress.engine import default_cache_path, make_config_evaluator
         from evo_compress.fitness import FitnessCache
+        from evo_compress.yamlio import is_file, parse_yaml, read_yaml
 
         if cache is not None and no_cache:
             raise EvoCompressError("`--cache` and `--no-cache` exclude each other")
         cfg = load_config(config)
         space = build_space(cfg)
         path = Path(recipe)
-        try:
-            data = yaml.safe_load(path.read_text() if path.is_file() else recipe)
-        except yaml.YAMLError as exc:
-            raise RecipeError(
-                f"`--recipe` is not valid YAML: {str(exc).splitlines()[0]}"
-            ) from None
+        if is_file(path):
+            data = read_yaml(path, "recipe file", RecipeError)
+        else:
+            data = parse_yaml(recipe, "`--recipe`", RecipeError)
         if isinstance(data, str):
             raise RecipeError(f"`--recipe {recipe}`: no such file, and not a YAML mapping")
         parsed = space.recipe(data)
@@ -583,26 +584,19 @@ def validate(
 ) -> None:
     """Check a config or recipe file without running anything."""
     with _errors():
-        import yaml
+        from evo_compress.config import build_space, parse_config
+        from evo_compress.yamlio import read_yaml
 
-        from evo_compress.config import build_space, load_config
-
-        try:
-            data = yaml.safe_load(file.read_text())
-        except FileNotFoundError:
-            raise EvoCompressError(f"{file} does not exist") from None
-        except yaml.YAMLError as exc:
-            raise EvoCompressError(
-                f"{file} is not valid YAML: {str(exc).splitlines()[0]}"
-            ) from None
+        data = read_yaml(file, "file")
         if _looks_like_config(data):
-            cfg = load_config(file)
+            cfg = parse_config(data, source=str(file))
             space_obj = build_space(cfg)
             console.print(
                 f"{file}: valid config `{cfg.name}` ({cfg.search.algorithm}, population "
                 f"{cfg.search.population_size}, {cfg.search.generations} generations, "
                 f"{len(space_obj.genes)} genes, evaluator {cfg.evaluator.name})",
                 highlight=False,
+                markup=False,
             )
             return
         from evo_compress.genomes import SearchSpace, load_portfolio
@@ -612,33 +606,27 @@ def validate(
             recipes = load_portfolio(str(file), space_obj)
         else:
             try:
-                recipes = [space_obj.recipe(data or {})]
+                recipes = [space_obj.recipe({} if data is None else data)]
             except RecipeError as exc:
                 raise RecipeError(f"{file}: {exc}") from None
         console.print(
-            f"{file}: {len(recipes)} valid recipe(s) in space `{space_obj.name}`", highlight=False
+            f"{file}: {len(recipes)} valid recipe(s) in space `{space_obj.name}`",
+            highlight=False,
+            markup=False,
         )
         for recipe in recipes:
-            console.print(f"  {recipe.short_hash}  {recipe.summary()}", highlight=False)
+            console.print(
+                f"  {recipe.short_hash}  {recipe.summary()}", highlight=False, markup=False
+            )
 
 
 # ---------------------------------------------------------------------- helpers
-_CONFIG_KEYS = {
-    "name",
-    "model",
-    "hardware",
-    "carbon",
-    "constraints",
-    "search",
-    "evaluator",
-    "cache",
-    "output",
-}
-
-
 def _looks_like_config(data: Any) -> bool:
     # An empty file is a valid config (every default), which is what `run` would make of it.
-    return data is None or (isinstance(data, dict) and bool(set(data) & _CONFIG_KEYS))
+    from evo_compress.config import PopulationConfig
+
+    keys = set(PopulationConfig.model_fields)
+    return data is None or (isinstance(data, dict) and bool(set(data) & keys))
 
 
 def _print_front_table(members: list[Any]) -> None:
@@ -698,7 +686,11 @@ def _print_evaluation(recipe: Any, result: Any, hit: bool) -> None:
     from evo_compress.objectives import OBJECTIVES
 
     source = "fitness cache" if hit else f"evaluated in {result.duration_s:.1f} s"
-    console.print(f"recipe {recipe.short_hash}: {recipe.summary()}  ({source})", highlight=False)
+    console.print(
+        f"recipe {recipe.short_hash}: {recipe.summary()}  ({source})",
+        highlight=False,
+        markup=False,
+    )
     if not result.ok:
         console.print(f"[bold red]{result.status}:[/] {result.reason}", highlight=False)
         return

@@ -288,18 +288,10 @@ def parse_config(data: Any, source: str = "config", check: bool = True) -> Popul
 
 
 def load_config(path: str | Path) -> PopulationConfig:
+    from evo_compress.yamlio import read_yaml
+
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    return parse_config(data, source=str(path))
+    return parse_config(read_yaml(path, "config file", ConfigError), source=str(path))
 
 
 def check_config(config: PopulationConfig, source: str = "config") -> None:

@@ -182,3 +182,17 @@ def crash_evaluations(search: Any, generation: int, after: int, error: type[Exce
         return original(recipe, space, placement)
 
     search.evaluator.evaluate = evaluate
+
+
+def invoke_cli(*args: Any) -> tuple[int, str, str]:
+    """Run the command line in this process (typer's ``CliRunner``): exit code, stdout and
+    stderr. An exception the CLI let through is re-raised, so a test sees the traceback a user
+    would have seen."""
+    from typer.testing import CliRunner
+
+    from evo_compress.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr

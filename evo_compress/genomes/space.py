@@ -27,6 +27,7 @@ from evo_compress.genomes.genes import (
     gene_from_data,
 )
 from evo_compress.genomes.recipe import Recipe, flatten
+from evo_compress.yamlio import read_yaml
 
 _MAX_REPAIR_ROUNDS = 64
 
@@ -135,12 +136,7 @@ class SearchSpace:
     @classmethod
     def from_yaml(cls, path: str | Path) -> SearchSpace:
         path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except OSError as exc:
-            raise SearchSpaceError(f"cannot read search space {path}: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise SearchSpaceError(f"search space {path} is not valid YAML: {exc}") from None
+        data = read_yaml(path, "search space", SearchSpaceError)
         return cls.from_data(data, default_name=path.stem)
 
     @classmethod
