@@ -226,23 +226,28 @@ def run(
         if cache is not None and no_cache:
             raise EvoCompressError("`--cache` and `--no-cache` exclude each other")
         cfg = load_config(config)
-        search_update: dict[str, Any] = {}
-        if recipes is not None:
-            search_update["recipes"] = recipes
-        if generations is not None:
-            search_update["generations"] = generations
-        if seed is not None:
-            search_update["seed"] = seed
-        update: dict[str, Any] = {"search": cfg.search.model_copy(update=search_update)}
+        # Flags go through the same validation as the file: --generations 10**12 is an error.
+        data = cfg.model_dump(mode="json")
+        flags = []
+        for key, value, flag in (
+            ("recipes", recipes, "--recipes"),
+            ("generations", generations, "--generations"),
+            ("seed", seed, "--seed"),
+        ):
+            if value is not None:
+                data["search"][key] = value
+                flags.append(f"{flag} {value}")
         if cache is not None or no_cache:
-            update["cache"] = cfg.cache.model_copy(
-                update={"enabled": not no_cache, "path": cache or cfg.cache.path}
-            )
+            path = cache or cfg.cache.path
+            data["cache"] = {"enabled": not no_cache, "path": None if path is None else str(path)}
+            flags.append("--no-cache" if no_cache else f"--cache {cache}")
         if workers is not None:
-            data = cfg.model_dump(mode="json")
-            data["evaluation"]["workers"] = int(workers) if workers.isdigit() else workers
-            cfg = parse_config(data, f"{config} with --workers {workers}", check=False)
-        cfg = cfg.model_copy(update=update)
+            data["evaluation"]["workers"] = (
+                int(workers) if workers.isascii() and workers.isdigit() else workers
+            )
+            flags.append(f"--workers {workers}")
+        if flags:
+            cfg = parse_config(data, f"{config} with {' '.join(flags)}", check=False)
         listener = _RichProgress(console)
         search = Search.start(cfg, run_dir=run_dir, listener=listener)
         _drive(search, listener)

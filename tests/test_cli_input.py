@@ -123,3 +123,21 @@ def test_markup_in_a_bad_value_is_printed_as_is(tmp_path: Path) -> None:
     path.write_text("model: {dtype: '[/bold]'}\n")
     line = one_line_error(invoke_cli("validate", path), "`model.dtype`")
     assert "[/bold]" in line
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragments"),
+    [
+        (["--generations", str(10**12)], ["`search.generations`", str(10**12)]),
+        (["--seed", str(2**64)], ["`search.seed`", str(2**64)]),
+        (["--workers", "²"], ["`evaluation.workers`", "²"]),
+        (["--workers", str(10**30)], ["`evaluation.workers`"]),
+    ],
+)
+def test_run_flags_are_validated_like_the_config(
+    tmp_path: Path, flags: list[str], fragments: list[str]
+) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(f"evaluator: {{name: synthetic}}\noutput: {{runs_root: {tmp_path}/runs}}\n")
+    one_line_error(invoke_cli("run", "--config", config, *flags), *fragments)
+    assert not (tmp_path / "runs").exists()

@@ -20,6 +20,7 @@ import yaml
 
 from evo_compress.exceptions import RecipeError, SearchSpaceError
 from evo_compress.genomes.genes import (
+    GENE_LIMITS,
     ChoiceGene,
     Clause,
     Gene,
@@ -92,6 +93,9 @@ class SearchSpace:
                     )
                 group = group.rsplit(".", 1)[0] if "." in group else None
         for gene in genes:
+            limits = GENE_LIMITS.get(gene.name)
+            if limits is not None:
+                limits.check(gene)
             for dep in sorted(gene.active_if.genes()):
                 if dep not in by_name:
                     raise SearchSpaceError(
