@@ -7,6 +7,11 @@ traceback instead.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # `python -m evo_compress.cli`: Ctrl-C is one line from here on
+    from evo_compress._interrupt import exit_on_interrupt
+
+    exit_on_interrupt()
+
 import csv
 import io
 import json
@@ -24,6 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from evo_compress import __version__
+from evo_compress._interrupt import EXIT_CODE, exit_on_interrupt, raising
 from evo_compress.exceptions import EvoCompressError, RecipeError
 from evo_compress.progress import ProgressListener
 
@@ -60,8 +66,14 @@ class TableFormat(str, Enum):
 
 @contextmanager
 def _errors() -> Iterator[None]:
+    """A command's body: an ``EvoCompressError`` is one line and exit code 2, Ctrl-C one line
+    and exit code 130 (after the body has cleaned up what it had open)."""
     try:
-        yield
+        with raising():
+            yield
+    except KeyboardInterrupt:
+        err_console.print("interrupted", highlight=False, markup=False)
+        raise typer.Exit(EXIT_CODE) from None
     except EvoCompressError as exc:
         if _state["debug"]:
             raise
@@ -166,9 +178,11 @@ def _drive(search: Any, listener: _RichProgress) -> None:
             f"interrupted: finished evaluations are saved in {search.store.run_dir}; "
             f"continue with `evo-compress resume {search.store.run_dir}`",
             highlight=False,
+            markup=False,
+            soft_wrap=True,  # one line, however long the path
         )
         search.close()
-        raise typer.Exit(130) from None
+        raise typer.Exit(EXIT_CODE) from None
     except BaseException:
         listener.stop()
         search.close()
@@ -744,6 +758,7 @@ def _front_csv(members: list[Any]) -> str:
 
 
 def main() -> None:
+    exit_on_interrupt()  # already done by the entry points; here for callers of main()
     app()
 
 
