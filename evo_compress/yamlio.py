@@ -30,7 +30,7 @@ class StrictLoader(yaml.SafeLoader):
             for key_node, _ in node.value:
                 if key_node.tag == _MERGE_TAG:
                     continue
-                key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+                key = self.construct_object(key_node, deep=True)
                 try:
                     duplicate = key in seen
                 except TypeError:
