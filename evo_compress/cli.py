@@ -7,6 +7,11 @@ traceback instead.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # `python -m evo_compress.cli`: Ctrl-C is one line from here on
+    from evo_compress._interrupt import exit_on_interrupt
+
+    exit_on_interrupt()
+
 import csv
 import io
 import json
@@ -19,10 +24,12 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from evo_compress import __version__
+from evo_compress._interrupt import EXIT_CODE, exit_on_interrupt, raising
 from evo_compress.exceptions import EvoCompressError, RecipeError
 from evo_compress.progress import ProgressListener
 from evo_compress.text import terminal_safe
@@ -60,12 +67,21 @@ class TableFormat(str, Enum):
 
 @contextmanager
 def _errors() -> Iterator[None]:
+    """A command's body: an ``EvoCompressError`` is one line and exit code 2, Ctrl-C one line
+    and exit code 130 (after the body has cleaned up what it had open)."""
     try:
-        yield
+        with raising():
+            yield
+    except KeyboardInterrupt:
+        err_console.print("interrupted", highlight=False, markup=False)
+        raise typer.Exit(EXIT_CODE) from None
     except EvoCompressError as exc:
         if _state["debug"]:
             raise
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # The message echoes what the user wrote: never read it as rich markup.
+        err_console.print(
+            f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
+        )
         raise typer.Exit(2) from None
 
 
@@ -169,9 +185,11 @@ def _drive(search: Any, listener: _RichProgress) -> None:
             f"interrupted: finished evaluations are saved in {search.store.run_dir}; "
             f"continue with `evo-compress resume {search.store.run_dir}`",
             highlight=False,
+            markup=False,
+            soft_wrap=True,  # one line, however long the path
         )
         search.close()
-        raise typer.Exit(130) from None
+        raise typer.Exit(EXIT_CODE) from None
     except BaseException:
         listener.stop()
         search.close()
@@ -229,23 +247,28 @@ def run(
         if cache is not None and no_cache:
             raise EvoCompressError("`--cache` and `--no-cache` exclude each other")
         cfg = load_config(config)
-        search_update: dict[str, Any] = {}
-        if recipes is not None:
-            search_update["recipes"] = recipes
-        if generations is not None:
-            search_update["generations"] = generations
-        if seed is not None:
-            search_update["seed"] = seed
-        update: dict[str, Any] = {"search": cfg.search.model_copy(update=search_update)}
+        # Flags go through the same validation as the file: --generations 10**12 is an error.
+        data = cfg.model_dump(mode="json")
+        flags = []
+        for key, value, flag in (
+            ("recipes", recipes, "--recipes"),
+            ("generations", generations, "--generations"),
+            ("seed", seed, "--seed"),
+        ):
+            if value is not None:
+                data["search"][key] = value
+                flags.append(f"{flag} {value}")
         if cache is not None or no_cache:
-            update["cache"] = cfg.cache.model_copy(
-                update={"enabled": not no_cache, "path": cache or cfg.cache.path}
-            )
+            path = cache or cfg.cache.path
+            data["cache"] = {"enabled": not no_cache, "path": None if path is None else str(path)}
+            flags.append("--no-cache" if no_cache else f"--cache {cache}")
         if workers is not None:
-            data = cfg.model_dump(mode="json")
-            data["evaluation"]["workers"] = int(workers) if workers.isdigit() else workers
-            cfg = parse_config(data, f"{config} with --workers {workers}", check=False)
-        cfg = cfg.model_copy(update=update)
+            data["evaluation"]["workers"] = (
+                int(workers) if workers.isascii() and workers.isdigit() else workers
+            )
+            flags.append(f"--workers {workers}")
+        if flags:
+            cfg = parse_config(data, f"{config} with {' '.join(flags)}", check=False)
         listener = _RichProgress(console)
         search = Search.start(cfg, run_dir=run_dir, listener=listener)
         _drive(search, listener)
@@ -302,23 +325,20 @@ def evaluate(
 ) -> None:
     """Evaluate one recipe with the config's evaluator and print its five objectives."""
     with _errors():
-        import yaml
-
         from evo_compress.config import build_space, load_config
         from evo_compress.engine import default_cache_path, make_config_evaluator
         from evo_compress.fitness.cache import open_cache
+        from evo_compress.yamlio import is_file, parse_yaml, read_yaml
 
         if cache is not None and no_cache:
             raise EvoCompressError("`--cache` and `--no-cache` exclude each other")
         cfg = load_config(config)
         space = build_space(cfg)
         path = Path(recipe)
-        try:
-            data = yaml.safe_load(path.read_text() if path.is_file() else recipe)
-        except yaml.YAMLError as exc:
-            raise RecipeError(
-                f"`--recipe` is not valid YAML: {str(exc).splitlines()[0]}"
-            ) from None
+        if is_file(path):
+            data = read_yaml(path, "recipe file", RecipeError)
+        else:
+            data = parse_yaml(recipe, "`--recipe`", RecipeError)
         if isinstance(data, str):
             raise RecipeError(f"`--recipe {recipe}`: no such file, and not a YAML mapping")
         parsed = space.recipe(data)
@@ -598,26 +618,19 @@ def validate(
 ) -> None:
     """Check a config or recipe file without running anything."""
     with _errors():
-        import yaml
+        from evo_compress.config import build_space, parse_config
+        from evo_compress.yamlio import read_yaml
 
-        from evo_compress.config import build_space, load_config
-
-        try:
-            data = yaml.safe_load(file.read_text())
-        except FileNotFoundError:
-            raise EvoCompressError(f"{file} does not exist") from None
-        except yaml.YAMLError as exc:
-            raise EvoCompressError(
-                f"{file} is not valid YAML: {str(exc).splitlines()[0]}"
-            ) from None
+        data = read_yaml(file, "file")
         if _looks_like_config(data):
-            cfg = load_config(file)
+            cfg = parse_config(data, source=str(file))
             space_obj = build_space(cfg)
             console.print(
                 f"{file}: valid config `{cfg.name}` ({cfg.search.algorithm}, population "
                 f"{cfg.search.population_size}, {cfg.search.generations} generations, "
                 f"{len(space_obj.genes)} genes, evaluator {cfg.evaluator.name})",
                 highlight=False,
+                markup=False,
             )
             return
         from evo_compress.genomes import SearchSpace, load_portfolio
@@ -627,33 +640,27 @@ def validate(
             recipes = load_portfolio(str(file), space_obj)
         else:
             try:
-                recipes = [space_obj.recipe(data or {})]
+                recipes = [space_obj.recipe({} if data is None else data)]
             except RecipeError as exc:
                 raise RecipeError(f"{file}: {exc}") from None
         console.print(
-            f"{file}: {len(recipes)} valid recipe(s) in space `{space_obj.name}`", highlight=False
+            f"{file}: {len(recipes)} valid recipe(s) in space `{space_obj.name}`",
+            highlight=False,
+            markup=False,
         )
         for recipe in recipes:
-            console.print(f"  {recipe.short_hash}  {recipe.summary()}", highlight=False)
+            console.print(
+                f"  {recipe.short_hash}  {recipe.summary()}", highlight=False, markup=False
+            )
 
 
 # ---------------------------------------------------------------------- helpers
-_CONFIG_KEYS = {
-    "name",
-    "model",
-    "hardware",
-    "carbon",
-    "constraints",
-    "search",
-    "evaluator",
-    "cache",
-    "output",
-}
-
-
 def _looks_like_config(data: Any) -> bool:
     # An empty file is a valid config (every default), which is what `run` would make of it.
-    return data is None or (isinstance(data, dict) and bool(set(data) & _CONFIG_KEYS))
+    from evo_compress.config import PopulationConfig
+
+    keys = set(PopulationConfig.model_fields)
+    return data is None or (isinstance(data, dict) and bool(set(data) & keys))
 
 
 def _print_front_table(members: list[Any]) -> None:
@@ -713,7 +720,11 @@ def _print_evaluation(recipe: Any, result: Any, hit: bool) -> None:
     from evo_compress.objectives import OBJECTIVES
 
     source = "fitness cache" if hit else f"evaluated in {result.duration_s:.1f} s"
-    console.print(f"recipe {recipe.short_hash}: {recipe.summary()}  ({source})", highlight=False)
+    console.print(
+        f"recipe {recipe.short_hash}: {recipe.summary()}  ({source})",
+        highlight=False,
+        markup=False,
+    )
     if not result.ok:
         console.print(f"[bold red]{result.status}:[/] {result.reason}", highlight=False)
         return
@@ -762,6 +773,7 @@ def _front_csv(members: list[Any]) -> str:
 
 
 def main() -> None:
+    exit_on_interrupt()  # already done by the entry points; here for callers of main()
     app()
 
 

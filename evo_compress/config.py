@@ -18,8 +18,25 @@ if TYPE_CHECKING:
     from evo_compress.genomes import SearchSpace
 
 
+# Upper bounds far above any real search: they exist so a typo (1e8, 2**63) is an error
+# here rather than an allocation, an SQLite overflow or a run that never ends.
+MAX_POPULATION = 100_000
+MAX_GENERATIONS = 100_000
+SEED_MAX = 2**32 - 1
+MAX_WORKERS = 4096
+_ECHO_CHARS = 80  # a bad value longer than this is echoed shortened
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: every float in a config is finite (.inf, .nan are errors).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_nul_in_paths(cls, value: Any) -> Any:
+        if isinstance(value, Path) and "\x00" in str(value):
+            raise ValueError("must be a path without NUL characters")
+        return value
 
 
 class ModelConfig(_Section):
@@ -31,7 +48,7 @@ class ModelConfig(_Section):
 class HardwareConfig(_Section):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     name: str | None = Field(None, description="Label for reports and the cache fingerprint")
-    memory_gb: float | None = Field(None, gt=0, description="Device memory available, GiB")
+    memory_gb: float | None = Field(None, gt=0, le=1e6, description="Device memory available, GiB")
 
     @field_validator("device")
     @classmethod
@@ -46,21 +63,21 @@ class HardwareConfig(_Section):
 
 class CarbonConfig(_Section):
     grid_intensity_g_per_kwh: float = Field(
-        400.0, gt=0, description="Carbon intensity of the electricity, g CO2e per kWh"
+        400.0, gt=0, le=10_000, description="Carbon intensity of the electricity, g CO2e per kWh"
     )
     deployment_tokens: float = Field(
-        1e9, gt=0, description="Tokens the deployment will serve; amortises one-time CO2"
+        1e9, gt=0, le=1e18, description="Tokens the deployment will serve; amortises one-time CO2"
     )
 
 
 class ConstraintsConfig(_Section):
     max_accuracy_drop: float | None = Field(
-        None, ge=0, description="Largest accuracy drop allowed vs the baseline recipe"
+        None, ge=0, le=1, description="Largest accuracy drop allowed vs the baseline recipe"
     )
-    max_latency_ms: float | None = Field(None, gt=0, description="ms per output token")
-    max_memory_mib: float | None = Field(None, gt=0, description="MiB peak device memory")
-    max_energy_j: float | None = Field(None, gt=0, description="J per 1,000 tokens")
-    max_co2_g: float | None = Field(None, gt=0, description="g CO2e per 1,000 tokens")
+    max_latency_ms: float | None = Field(None, gt=0, le=1e12, description="ms per output token")
+    max_memory_mib: float | None = Field(None, gt=0, le=1e12, description="MiB peak device memory")
+    max_energy_j: float | None = Field(None, gt=0, le=1e12, description="J per 1,000 tokens")
+    max_co2_g: float | None = Field(None, gt=0, le=1e12, description="g CO2e per 1,000 tokens")
 
     def active(self) -> dict[str, float]:
         return {k: v for k, v in self.model_dump().items() if v is not None}
@@ -74,7 +91,7 @@ class OperatorSpec(_Section):
         description="Name in records and reports (default: the operator's name, numbered "
         "when two operators share it)",
     )
-    weight: float = Field(1.0, gt=0, description="Relative chance of being picked")
+    weight: float = Field(1.0, gt=0, le=1e6, description="Relative chance of being picked")
     params: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -128,37 +145,47 @@ class SurrogateConfig(_Section):
 
 class SearchConfig(_Section):
     algorithm: Literal["nsga2", "nsga3"] = "nsga2"
-    population_size: int = Field(24, ge=4)
-    offspring_size: int | None = Field(None, ge=1, description="Default: population_size")
-    generations: int = Field(
-        10, ge=1, description="Generations in total, the initial one included"
+    population_size: int = Field(24, ge=4, le=MAX_POPULATION)
+    offspring_size: int | None = Field(
+        None, ge=1, le=MAX_POPULATION, description="Default: population_size"
     )
-    seed: int = Field(0, ge=0)
+    generations: int = Field(
+        10, ge=1, le=MAX_GENERATIONS, description="Generations in total, the initial one included"
+    )
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     recipes: str = Field("baseline", description="Seed portfolio name or YAML file of recipes")
     space: SpaceConfig = SpaceConfig()
     operators: OperatorsConfig = OperatorsConfig()
     max_redraws: int = Field(
-        100, ge=1, description="Attempts per offspring slot to find a recipe not yet evaluated"
+        100,
+        ge=1,
+        le=100_000,
+        description="Attempts per offspring slot to find a recipe not yet evaluated",
     )
     nsga3_partitions: int | None = Field(
-        None, ge=1, description="Das-Dennis partitions for NSGA-III reference directions"
+        None,
+        ge=1,
+        le=64,  # 5 objectives: C(p + 4, 4) directions, 814,385 at 64
+        description="Das-Dennis partitions for NSGA-III reference directions",
     )
     surrogate: SurrogateConfig = SurrogateConfig()
 
 
 class BudgetConfig(_Section):
-    max_calls: int | None = Field(None, ge=0, description="Provider requests in the whole run")
-    max_tokens: int | None = Field(None, ge=0, description="Input plus output tokens")
+    max_calls: int | None = Field(
+        None, ge=0, le=10**9, description="Provider requests in the whole run"
+    )
+    max_tokens: int | None = Field(None, ge=0, le=10**15, description="Input plus output tokens")
     max_cost: float | None = Field(
-        None, ge=0, description="USD; every LLM operator then needs a `price`"
+        None, ge=0, le=1e9, description="USD; every LLM operator then needs a `price`"
     )
 
 
 class LLMConfig(_Section):
-    concurrency: int = Field(4, ge=1, description="LLM requests in flight at once")
+    concurrency: int = Field(4, ge=1, le=1024, description="LLM requests in flight at once")
     budget: BudgetConfig = BudgetConfig()
     max_failures: int = Field(
-        3, ge=1, description="Failed requests in a row that switch an LLM operator off"
+        3, ge=1, le=10**6, description="Failed requests in a row that switch an LLM operator off"
     )
     seeder: dict[str, Any] | None = Field(
         None,
@@ -181,16 +208,25 @@ class RayConfig(_Section):
         "(`host:6379` or `ray://host:10001`), or none for a local Ray started on the fly",
     )
     cpus_per_task: float | None = Field(
-        None, gt=0, description="CPUs one evaluation asks for (default: the evaluator's threads)"
+        None,
+        gt=0,
+        le=4096,
+        description="CPUs one evaluation asks for (default: the evaluator's threads)",
     )
     gpus_per_task: float | None = Field(
-        None, ge=0, description="GPUs one evaluation asks for (default: 1 on a CUDA device)"
+        None,
+        ge=0,
+        le=1024,
+        description="GPUs one evaluation asks for (default: 1 on a CUDA device)",
     )
     max_retries: int = Field(
-        2, ge=0, description="Re-runs of an evaluation whose worker or node died"
+        2, ge=0, le=1000, description="Re-runs of an evaluation whose worker or node died"
     )
     local_cpus: int | None = Field(
-        None, ge=1, description="CPUs a local Ray started on the fly offers (default: all)"
+        None,
+        ge=1,
+        le=100_000,
+        description="CPUs a local Ray started on the fly offers (default: all)",
     )
     runtime_env: dict[str, Any] = Field(
         default_factory=dict, description="Ray runtime_env for the workers (env_vars, ...)"
@@ -212,10 +248,10 @@ class EvaluationConfig(_Section):
     @classmethod
     def _workers(cls, value: Any) -> Any:
         ok = value == "auto" or (
-            isinstance(value, int) and not isinstance(value, bool) and value >= 1
+            isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_WORKERS
         )
         if not ok:
-            raise ValueError("must be auto or a count >= 1")
+            raise ValueError(f"must be auto or a count from 1 to {MAX_WORKERS}")
         return value
 
 
@@ -284,7 +320,15 @@ def format_validation_error(exc: ValidationError, source: str, prefix: str = "")
     else:
         phrase = str(err["msg"]).removeprefix("Value error, ")
         phrase = phrase[:1].lower() + phrase[1:]
-    return f"{source}: `{path}` {phrase}, got {err.get('input')!r}{more}"
+    return f"{source}: `{path}` {phrase}, got {_echo(err.get('input'))}{more}"
+
+
+def _echo(value: Any) -> str:
+    """``repr(value)``, shortened: a 10 MB string in a config is not echoed whole."""
+    text = repr(value)
+    if len(text) > _ECHO_CHARS:
+        text = f"{text[: _ECHO_CHARS - 20]}...{text[-15:]} ({len(text):,} characters)"
+    return text
 
 
 def parse_config(data: Any, source: str = "config", check: bool = True) -> PopulationConfig:
@@ -304,18 +348,10 @@ def parse_config(data: Any, source: str = "config", check: bool = True) -> Popul
 
 
 def load_config(path: str | Path) -> PopulationConfig:
+    from evo_compress.yamlio import read_yaml
+
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    return parse_config(data, source=str(path))
+    return parse_config(read_yaml(path, "config file", ConfigError), source=str(path))
 
 
 def check_config(config: PopulationConfig, source: str = "config") -> None:

@@ -257,3 +257,17 @@ def assert_one_line_error(proc: Any, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in text, (fragment, text)
     return text
+
+
+def invoke_cli(*args: Any) -> tuple[int, str, str]:
+    """Run the command line in this process (typer's ``CliRunner``): exit code, stdout and
+    stderr. An exception the CLI let through is re-raised, so a test sees the traceback a user
+    would have seen."""
+    from typer.testing import CliRunner
+
+    from evo_compress.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr

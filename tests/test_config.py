@@ -89,3 +89,72 @@ def test_a_space_file_can_be_the_base(tmp_path):
     )
     space = build_space(parse_config({"search": {"space": {"base": str(path)}}}))
     assert space.name == "tiny" and list(space.genes) == ["quant.method"]
+
+
+@pytest.mark.parametrize(
+    ("data", "fragments"),
+    [
+        ({"search": {"population_size": 10**8}}, ["`search.population_size`", "<= 100000"]),
+        ({"search": {"population_size": 2**63}}, ["`search.population_size`", str(2**63)]),
+        ({"search": {"population_size": 1e8}}, ["`search.population_size`", "<= 100000"]),
+        ({"search": {"generations": 2**63}}, ["`search.generations`", "<="]),
+        ({"search": {"offspring_size": 2**40}}, ["`search.offspring_size`", "<="]),
+        ({"search": {"seed": 2**64}}, ["`search.seed`", "<="]),
+        ({"search": {"max_redraws": 10**12}}, ["`search.max_redraws`", "<="]),
+        ({"search": {"nsga3_partitions": 10**6}}, ["`search.nsga3_partitions`", "<="]),
+        ({"carbon": {"deployment_tokens": float("inf")}}, ["`carbon.deployment_tokens`", "inf"]),
+        ({"carbon": {"grid_intensity_g_per_kwh": 1e300}}, ["`carbon.grid_intensity_g_per_kwh`"]),
+        ({"hardware": {"memory_gb": float("inf")}}, ["`hardware.memory_gb`", "finite"]),
+        ({"constraints": {"max_latency_ms": float("inf")}}, ["`constraints.max_latency_ms`"]),
+        ({"constraints": {"max_accuracy_drop": 5}}, ["`constraints.max_accuracy_drop`", "<="]),
+        (
+            {"search": {"operators": {"mutation": [{"name": "gene", "weight": float("inf")}]}}},
+            ["`search.operators.mutation.0.weight`"],
+        ),
+        ({"llm": {"concurrency": 10**9}}, ["`llm.concurrency`", "<="]),
+        ({"llm": {"budget": {"max_cost": float("nan")}}}, ["`llm.budget.max_cost`"]),
+        ({"evaluation": {"workers": 10**9}}, ["`evaluation.workers`", str(10**9)]),
+        ({"output": {"runs_root": "runs\x00x"}}, ["`output.runs_root`", "NUL"]),
+    ],
+)
+def test_numbers_out_of_any_sane_range_are_rejected(data, fragments):
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    message = str(info.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_a_huge_bad_value_is_echoed_shortened():
+    with pytest.raises(ConfigError) as info:
+        parse_config({"model": {"dtype": "x" * 100_000}})
+    message = str(info.value)
+    assert "`model.dtype`" in message and "xxxx" in message and len(message) < 400
+
+
+@pytest.mark.parametrize(
+    ("genes", "fragments"),
+    [
+        ({"serve.max_num_seqs": {"choices": ["xyz", 1]}}, ["serve.max_num_seqs", "'xyz'"]),
+        ({"serve.max_num_seqs": {"choices": [0, 4]}}, ["serve.max_num_seqs", "got 0"]),
+        ({"serve.max_num_seqs": {"choices": [1.5, 4]}}, ["serve.max_num_seqs", "1.5"]),
+        (
+            {"recovery.steps": {"low": -100, "high": -50, "default": -50}},
+            ["recovery.steps", "-100"],
+        ),
+        ({"prune.sparsity": {"low": 0.5, "high": 3.0}}, ["prune.sparsity", "3.0"]),
+        ({"kv.sliding_window": {"type": "choice", "choices": ["yes", 3]}}, ["kv.sliding_window"]),
+        (
+            {"serve.gpu_memory_utilization": {"low": 0.0, "high": 1e300, "step": 1e-300}},
+            ["serve.gpu_memory_utilization"],
+        ),
+    ],
+)
+def test_space_overrides_stay_within_what_the_back_ends_accept(genes, fragments):
+    with pytest.raises(ConfigError) as info:
+        parse_config({"search": {"space": {"genes": genes}}})
+    message = str(info.value)
+    assert "\n" not in message and "`search.space`" in message
+    for fragment in fragments:
+        assert fragment in message, message

@@ -19,6 +19,8 @@ from evo_compress.exceptions import RecipeError, SearchSpaceError
 
 Value = str | int | float | bool
 
+MAX_STEPS = 10**6  # values of one range gene: rng.integers needs them to fit an int64
+
 # PyYAML reads an unquoted 2:4 as the base-60 integer 124; say so instead of a bare "not one of".
 _SEXAGESIMAL_HINTS = {124: "2:4", 248: "4:8", 128: "2:8"}
 
@@ -256,6 +258,12 @@ class _RangeGene(Gene):
             raise SearchSpaceError(f"`{self.name}`: low {self.low} must be <= high {self.high}")
         if not self.step > 0:
             raise SearchSpaceError(f"`{self.name}.step` must be > 0, got {self.step}")
+        steps = (_as_float(self.high) - _as_float(self.low)) / _as_float(self.step)
+        if not steps <= MAX_STEPS:
+            raise SearchSpaceError(
+                f"`{self.name}`: [{self.low}, {self.high}] in steps of {self.step} has "
+                f"{steps:.3g} values; at most {MAX_STEPS:,}"
+            )
 
     @property
     def n_steps(self) -> int:
@@ -322,6 +330,66 @@ class FloatGene(_RangeGene):
         # Rounding makes 0.05 * 7 + 0.05 and 0.4 the same float, so equal recipes hash equal.
         return float(round(value, 10))
 
+
+@dataclass(frozen=True)
+class Limits:
+    """What the back ends accept for a gene they read, whatever domain a space gives it:
+    ``kind`` int (whole numbers), number or bool, within ``[low, high]``."""
+
+    kind: str
+    low: float | None = None
+    high: float | None = None
+
+    def describe(self) -> str:
+        if self.kind == "bool":
+            return "true or false"
+        noun = "an integer" if self.kind == "int" else "a number"
+        return f"{noun} in [{self.low:,}, {self.high:,}]"
+
+    def holds(self, value: Any) -> bool:
+        if self.kind == "bool":
+            return isinstance(value, (bool, np.bool_))
+        if self.kind == "int" and not (_is_int(value) and not isinstance(value, bool)):
+            return False
+        if not _is_number(value) or not math.isfinite(_as_float(value)):
+            return False
+        low = -math.inf if self.low is None else self.low
+        high = math.inf if self.high is None else self.high
+        return low <= _as_float(value) <= high
+
+    def check(self, gene: Gene) -> None:
+        """Raise ``SearchSpaceError`` naming the first domain value outside the limits."""
+        values: list[tuple[str, Any]] = []
+        if isinstance(gene, ChoiceGene):
+            values += [("choices", c) for c in gene.choices]
+        elif isinstance(gene, _RangeGene):
+            values += [("low", gene.low), ("high", gene.high)]
+            if self.kind == "int":
+                values.append(("step", gene.step))
+        elif self.kind != "bool":
+            values.append(("type", gene.type_name))
+        values.append(("default", gene.default))
+        for key, value in values:
+            if not self.holds(value):
+                raise SearchSpaceError(
+                    f"`genes.{gene.name}.{key}`: every value of `{gene.name}` must be "
+                    f"{self.describe()} (what the evaluators accept), got {value!r}"
+                )
+
+
+# The genes the evaluators read, and the values they can use. A space (built in, a file or a
+# config's overrides) may narrow or move these domains, but not outside the limits.
+GENE_LIMITS: dict[str, Limits] = {
+    "quant.group_size": Limits("int", 1, 8192),
+    "prune.sparsity": Limits("number", 0.0, 0.99),
+    "recovery.lora_rank": Limits("int", 1, 4096),
+    "recovery.steps": Limits("int", 1, 1_000_000),
+    "recovery.temperature": Limits("number", 0.01, 100.0),
+    "kv.sliding_window": Limits("bool"),
+    "kv.window": Limits("int", 1, 1_048_576),
+    "serve.max_num_seqs": Limits("int", 1, 65_536),
+    "serve.gpu_memory_utilization": Limits("number", 0.01, 1.0),
+}
 
 GENE_TYPES: dict[str, type[Gene]] = {
     cls.type_name: cls for cls in (ChoiceGene, BoolGene, IntGene, FloatGene)

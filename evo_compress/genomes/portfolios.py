@@ -12,6 +12,7 @@ import yaml
 from evo_compress.exceptions import RecipeError
 from evo_compress.genomes.recipe import Recipe
 from evo_compress.genomes.space import SearchSpace
+from evo_compress.yamlio import is_file, read_yaml
 
 
 def builtin_portfolios() -> dict[str, list[dict[str, Any]]]:
@@ -32,17 +33,14 @@ def load_portfolio(ref: str, space: SearchSpace) -> list[Recipe]:
         origin = f"portfolio `{ref}`"
     else:
         path = Path(ref)
-        if not path.is_file():
+        if not is_file(path):
             close = difflib.get_close_matches(ref, list(portfolios), n=1)
             hint = f" (did you mean `{close[0]}`?)" if close else ""
             raise RecipeError(
                 f"`{ref}` is neither a built-in portfolio{hint} "
                 f"({', '.join(portfolios)}) nor a recipes file"
             )
-        try:
-            entries = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise RecipeError(f"recipes file {path} is not valid YAML: {exc}") from None
+        entries = read_yaml(path, "recipes file", RecipeError)
         if isinstance(entries, dict) and set(entries) == {"recipes"}:
             entries = entries["recipes"]
         origin = str(path)

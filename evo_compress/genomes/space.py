@@ -20,6 +20,7 @@ import yaml
 
 from evo_compress.exceptions import RecipeError, SearchSpaceError
 from evo_compress.genomes.genes import (
+    GENE_LIMITS,
     ChoiceGene,
     Clause,
     Gene,
@@ -27,6 +28,7 @@ from evo_compress.genomes.genes import (
     gene_from_data,
 )
 from evo_compress.genomes.recipe import Recipe, flatten
+from evo_compress.yamlio import read_yaml
 
 _MAX_REPAIR_ROUNDS = 64
 
@@ -91,6 +93,9 @@ class SearchSpace:
                     )
                 group = group.rsplit(".", 1)[0] if "." in group else None
         for gene in genes:
+            limits = GENE_LIMITS.get(gene.name)
+            if limits is not None:
+                limits.check(gene)
             for dep in sorted(gene.active_if.genes()):
                 if dep not in by_name:
                     raise SearchSpaceError(
@@ -135,12 +140,7 @@ class SearchSpace:
     @classmethod
     def from_yaml(cls, path: str | Path) -> SearchSpace:
         path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except OSError as exc:
-            raise SearchSpaceError(f"cannot read search space {path}: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise SearchSpaceError(f"search space {path} is not valid YAML: {exc}") from None
+        data = read_yaml(path, "search space", SearchSpaceError)
         return cls.from_data(data, default_name=path.stem)
 
     @classmethod

@@ -244,7 +244,7 @@ def test_space_file_name_is_the_default_name(tmp_path: Path) -> None:
 
 
 def test_bad_space_files_raise_space_errors(tmp_path: Path) -> None:
-    with pytest.raises(SearchSpaceError, match="cannot read"):
+    with pytest.raises(SearchSpaceError, match="does not exist"):
         SearchSpace.load(str(tmp_path / "missing.yaml"))
     broken = tmp_path / "broken.yaml"
     broken.write_text("genes: {a: [unclosed")
