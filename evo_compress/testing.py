@@ -127,6 +127,19 @@ def save_random_llama(folder: Path, dtype: Any = None, **shape: Any) -> Path:
     return folder
 
 
+def resume_search(run_dir: Path, **kwargs: Any) -> Path:
+    """Resume the run in ``run_dir`` (``kwargs`` go to ``Search.resume``) to its last
+    generation; return the dir."""
+    from evo_compress.engine import Search
+
+    search = Search.resume(run_dir, **kwargs)
+    try:
+        search.run()
+    finally:
+        search.close()
+    return run_dir
+
+
 def run_search(config: Any, run_dir: Path) -> Path:
     """Run a search from ``config`` to its last generation in ``run_dir``; return the dir."""
     from evo_compress.engine import Search

@@ -24,6 +24,7 @@ from evo_compress.testing import (
     crash_evaluations,
     final_state,
     pins_except,
+    resume_search,
 )
 from evo_compress.testing import search_front as run_search
 
@@ -433,16 +434,8 @@ def test_retry_failed_from_a_checkpoint_of_failures_finishes_and_stays_resumable
         assert all(store.evaluation(i).result.status == "failed" for i in population)  # type: ignore[union-attr]
 
     _FlakyEvaluator.marker.unlink()
-    retried = Search.resume(tmp_path / "run", generations=3, retry_failed=True)
-    try:
-        retried.run()
-    finally:
-        retried.close()
-    again = Search.resume(tmp_path / "run", generations=4)
-    try:
-        again.run()
-    finally:
-        again.close()
+    resume_search(tmp_path / "run", generations=3, retry_failed=True)
+    resume_search(tmp_path / "run", generations=4)
     with RunStore.open(tmp_path / "run") as store:
         checkpoint = store.last_checkpoint()
         assert checkpoint is not None and checkpoint.generation == 3
@@ -469,11 +462,7 @@ def test_corrupted_cache_entries_never_enter_the_run(config_factory, tmp_path, k
         sources = {row.source for row in store.evaluations().values()}
     assert "evaluated" in sources and "cache" not in sources
     # The run holds nothing from the bad entries: it resumes without the cache.
-    resumed = Search.resume(tmp_path / "b", generations=3, cache=False)
-    try:
-        resumed.run()
-    finally:
-        resumed.close()
+    resume_search(tmp_path / "b", generations=3, cache=False)
     # And the cache was repaired by the fresh results: a third run is served from it.
     third = Search.start(config, run_dir=tmp_path / "c")
     try:

@@ -11,7 +11,7 @@ from evo_compress.config import build_space
 from evo_compress.engine import Search
 from evo_compress.genomes import Recipe
 from evo_compress.surrogate import GaussianProcess, History, RecipeEncoder, Screening
-from evo_compress.testing import final_state, search_front
+from evo_compress.testing import final_state, resume_search, search_front
 from tests.conftest import make_config
 
 
@@ -110,9 +110,7 @@ def test_a_screened_search_is_deterministic_and_resumes_to_the_same_front(
     part = Search.start(config(3), run_dir=tmp_path / "part")
     part.run()
     part.close()
-    resumed = Search.resume(tmp_path / "part", generations=5)
-    resumed.run()
-    resumed.close()
+    resume_search(tmp_path / "part", generations=5)
     assert final_state(tmp_path / "part", evaluations=True) == final_state(
         tmp_path / "whole", evaluations=True
     )

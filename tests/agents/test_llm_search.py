@@ -26,6 +26,7 @@ from evo_compress.exceptions import ConfigError
 from evo_compress.progress import ProgressListener
 from evo_compress.runs import RunStore
 from evo_compress.runs.front import load_front
+from evo_compress.testing import resume_search
 
 KEY = "sk-live-THISKEYMUSTNEVERLEAK-0123456789"
 
@@ -226,11 +227,7 @@ def test_nested_and_surrogate_replies_end_neither_the_run_nor_its_resume(
     with FakeProviderServer(default=sometimes_hostile) as server:
         config = llm_config(config_factory, server, generations=2, max_failures=100)
         assert run(config, tmp_path / "run")
-        resumed = Search.resume(tmp_path / "run", generations=3)
-        try:
-            resumed.run()
-        finally:
-            resumed.close()
+        resume_search(tmp_path / "run", generations=3)
     with RunStore.open(tmp_path / "run") as store:
         checkpoint = store.last_checkpoint()
         calls = store.llm_calls()

@@ -26,7 +26,13 @@ from evo_compress.runs.analysis import operator_stats
 from evo_compress.runs.front import load_front, run_status
 from evo_compress.runs.lineage import load_lineage
 from evo_compress.runs.store import DB_NAME, SCHEMA
-from evo_compress.testing import assert_one_line_error, final_state, run_cli, run_search
+from evo_compress.testing import (
+    assert_one_line_error,
+    final_state,
+    resume_search,
+    run_cli,
+    run_search,
+)
 
 
 def write_config(tmp_path: Path, generations: int = 3) -> Path:
@@ -134,11 +140,7 @@ def test_a_full_store_stops_the_search_with_advice_and_resumes_to_the_same_end(
     assert f"disk full while writing the run store at {run_dir / DB_NAME}" in message
     assert f"evo-compress resume {run_dir}" in message
 
-    search = Search.resume(run_dir)
-    try:
-        search.run()
-    finally:
-        search.close()
+    resume_search(run_dir)
     assert final_state(run_dir, evaluations=True) == reference
 
 
@@ -251,11 +253,7 @@ class Messages(ProgressListener):
 def test_resume_falls_back_past_a_damaged_last_checkpoint(finished, damaged, sql, detail):
     run_dir = damaged(sql)
     listener = Messages()
-    search = Search.resume(run_dir, listener=listener)
-    try:
-        search.run()
-    finally:
-        search.close()
+    resume_search(run_dir, listener=listener)
     warnings = [line for line in listener.lines if "damaged" in line]
     assert len(warnings) == 1, listener.lines
     assert f"run store {run_dir}: checkpoint of generation 2 is damaged: {detail}" in warnings[0]
@@ -363,11 +361,7 @@ def grow_between_reads(reader: RunStore, run_dir: Path, generations: int) -> Non
         rows = original(generation)
         if not grown["done"]:
             grown["done"] = True
-            search = Search.resume(run_dir, generations=generations)
-            try:
-                search.run()
-            finally:
-                search.close()
+            resume_search(run_dir, generations=generations)
         return rows
 
     reader.individuals = individuals  # type: ignore[method-assign]
