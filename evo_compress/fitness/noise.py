@@ -55,8 +55,8 @@ class AccuracyEstimate:
     def of(cls, objectives: Mapping[str, float], metadata: Mapping[str, Any]) -> AccuracyEstimate:
         """The estimate a record holds: its accuracy objective and ``accuracy_stderr`` /
         ``accuracy_n`` from its metadata (ignored when not a finite non-negative number)."""
-        stderr = metadata.get(STDERR_KEY)
-        n = metadata.get(N_KEY)
+        stderr: Any = metadata.get(STDERR_KEY)
+        n: Any = metadata.get(N_KEY)
         return cls(
             float(objectives["accuracy"]),
             float(stderr) if _number(stderr) and stderr >= 0 else None,
