@@ -663,7 +663,11 @@ def _looks_like_config(data: Any) -> bool:
     return data is None or (isinstance(data, dict) and bool(set(data) & keys))
 
 
+_NOISE_PAIRS = 12  # pairs within noise listed under the front table
+
+
 def _print_front_table(members: list[Any]) -> None:
+    from evo_compress.fitness.noise import pairs_within_noise
     from evo_compress.genomes import flatten
     from evo_compress.objectives import OBJECTIVES
 
@@ -679,12 +683,19 @@ def _print_front_table(members: list[Any]) -> None:
     table.add_column("recipe (serving genes: --format json)")
     for m in members:
         shown = _compact(flatten(m.recipe))
-        table.add_row(
-            str(m.id),
-            *[_fmt(m.objectives[o.name]) for o in OBJECTIVES],
-            shown,
-        )
+        values = {o.name: _fmt(m.objectives[o.name]) for o in OBJECTIVES}
+        if m.accuracy.stderr is not None:
+            values["accuracy"] = m.accuracy.text()
+        table.add_row(str(m.id), *values.values(), shown)
     console.print(table)
+    close = pairs_within_noise([(m.id, m.accuracy) for m in members])
+    if close:
+        shown_pairs = ", ".join(f"{a}~{b}" for a, b in close[:_NOISE_PAIRS])
+        more = f" and {len(close) - _NOISE_PAIRS} more" if len(close) > _NOISE_PAIRS else ""
+        console.print(
+            f"accuracy within noise (less than 2 combined stderr apart): {shown_pairs}{more}",
+            highlight=False,
+        )
 
 
 def _compact(flat: dict[str, Any]) -> str:
@@ -717,6 +728,7 @@ def _compact(flat: dict[str, Any]) -> str:
 
 
 def _print_evaluation(recipe: Any, result: Any, hit: bool) -> None:
+    from evo_compress.fitness.noise import AccuracyEstimate
     from evo_compress.objectives import OBJECTIVES
 
     source = "fitness cache" if hit else f"evaluated in {result.duration_s:.1f} s"
@@ -729,6 +741,7 @@ def _print_evaluation(recipe: Any, result: Any, hit: bool) -> None:
         console.print(f"[bold red]{result.status}:[/] {result.reason}", highlight=False)
         return
     how = result.metadata.get("objectives", {})
+    accuracy = AccuracyEstimate.of(result.objectives, result.metadata)
     table = Table()
     for column in ("objective", "value", "unit", "how it was obtained"):
         table.add_column(column, justify="right" if column == "value" else "left")
@@ -741,9 +754,15 @@ def _print_evaluation(recipe: Any, result: Any, hit: bool) -> None:
             isinstance(detail, dict) and detail.get("measured") is False and "estimat" not in text
         ):
             text = f"{text} (estimated)"
-        table.add_row(
-            objective.name, _fmt(result.objectives[objective.name]), objective.unit, text
-        )
+        value = _fmt(result.objectives[objective.name])
+        if objective.name == "accuracy" and accuracy.stderr is not None:
+            value = accuracy.text()
+            text += (
+                f"; ± one stderr over {accuracy.n} items"
+                if accuracy.n
+                else "; ± the noise setting"
+            )
+        table.add_row(objective.name, value, objective.unit, text)
     console.print(table)
 
 
@@ -758,14 +777,17 @@ def _front_csv(members: list[Any]) -> str:
     genes = sorted({k for m in members for k in flatten(m.recipe)})
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["id", "feasible", *OBJECTIVE_NAMES, *genes])
+    writer.writerow(["id", "feasible", *OBJECTIVE_NAMES, "accuracy_stderr", "accuracy_n", *genes])
     for m in members:
         flat = flatten(m.recipe)
+        accuracy = m.accuracy
         writer.writerow(
             [
                 m.id,
                 m.feasible,
                 *[m.objectives[n] for n in OBJECTIVE_NAMES],
+                "" if accuracy.stderr is None else accuracy.stderr,
+                "" if accuracy.n is None else accuracy.n,
                 *[flat.get(g, "") for g in genes],
             ]
         )

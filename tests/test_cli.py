@@ -51,13 +51,19 @@ def test_run_then_status_front_and_resume(tmp_path):
     out = cli("run", "--config", config, "--run-dir", run_dir, "--cache", tmp_path / "c.sqlite")
     assert "generation 2:" in out.stdout and "Pareto front" in out.stdout
     assert "synthetic" in out.stdout  # the synthetic evaluator says what it is
+    # Its accuracy noise (the `noise` setting, 0.003 by default) is shown as one stderr.
+    assert "± 0.003" in out.stdout and "± 0.003" in cli("front", run_dir).stdout
 
     front = json.loads(cli("front", run_dir, "--format", "json").stdout)
-    assert front and all(set(m) == {"id", "recipe", "objectives", "feasible"} for m in front)
+    keys = {"id", "recipe", "objectives", "accuracy_stderr", "accuracy_n", "feasible"}
+    assert front and all(set(m) == keys for m in front)
     assert all(set(m["objectives"]) == OBJECTIVES and m["feasible"] for m in front)
+    # A synthetic accuracy has a stderr but no test items behind it.
+    assert all(m["accuracy_stderr"] == 0.003 and m["accuracy_n"] is None for m in front)
 
     rows = list(csv.DictReader(io.StringIO(cli("front", run_dir, "--format", "csv").stdout)))
     assert [int(r["id"]) for r in rows] == [m["id"] for m in front]
+    assert all(r["accuracy_stderr"] == "0.003" and r["accuracy_n"] == "" for r in rows)
 
     status = cli("status", run_dir).stdout
     assert "finished" in status and "3 of 3" in status

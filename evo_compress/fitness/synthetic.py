@@ -23,6 +23,7 @@ from evo_compress.fitness._base import (
     Evaluator,
     Placement,
 )
+from evo_compress.fitness.noise import STDERR_KEY
 from evo_compress.genomes import Recipe, SearchSpace
 from evo_compress.objectives import OBJECTIVES
 
@@ -320,6 +321,9 @@ class SyntheticEvaluator(Evaluator):
             "objectives": {
                 o.name: {"how": "synthetic", "unit": o.unit, "measured": False} for o in OBJECTIVES
             },
+            # The accuracy is the landscape's value plus `noise` x N(0, 1): its standard
+            # error is `noise`. No test items behind it, so no `accuracy_n`.
+            STDERR_KEY: self.config.noise,
             "settings": self.config.model_dump(mode="json"),
             "device_memory_gb": self.device_memory_gb,
             "accuracy_terms": {**accuracy, "noise_z": float(z_accuracy)},

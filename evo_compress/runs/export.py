@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from evo_compress.exceptions import EvaluationError, EvoCompressError, RunStoreError
+from evo_compress.fitness.noise import AccuracyEstimate
 from evo_compress.fitness.vllm.compile import (
     QuantStep,
     ServePlan,
@@ -244,6 +245,13 @@ def _objective_entries(info: _Exported) -> dict[str, dict[str, Any]]:
             "how": str(how),
             "measured": measured,
         }
+        if objective.name == "accuracy":
+            # Its noise, from the record's documented place (``fitness.noise``): null where
+            # the evaluator recorded none.
+            estimate = AccuracyEstimate.of(result.objectives, metadata)
+            entry["stderr"], entry["n"] = estimate.stderr, estimate.n
+            detail.pop("stderr", None)
+            detail.pop("n", None)
         if detail:
             entry["details"] = detail
         entries[objective.name] = entry
@@ -450,7 +458,14 @@ def _readme(info: _Exported, files: Mapping[str, str]) -> str:
         how = str(entry["how"]).replace("|", "\\|")
         if entry["measured"] is False and how != "synthetic":
             how += " (not measured)"
-        lines.append(f"| {name} | {_fmt(entry['value'])} | {entry['unit']} | {better} | {how} |")
+        value = _fmt(entry["value"])
+        if entry.get("stderr") is not None:
+            value = AccuracyEstimate(entry["value"], entry["stderr"]).text()
+            if entry.get("n") is not None:
+                how += f" (± one standard error, {entry['n']} items)"
+            else:
+                how += " (± one standard error)"
+        lines.append(f"| {name} | {value} | {entry['unit']} | {better} | {how} |")
     note = info.evaluation.result.metadata.get("note")
     if note:
         lines += ["", f"Evaluator note: {note}."]

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from evo_compress.fitness.noise import AccuracyEstimate
 from evo_compress.genomes import nest
 from evo_compress.runs.store import LOCK_NAME, RunStore
 
@@ -20,11 +21,20 @@ class FrontMember:
     feasible: bool
     how: dict[str, Any]  # how each value was obtained (evaluation metadata)
 
+    @property
+    def accuracy(self) -> AccuracyEstimate:
+        """The accuracy with its standard error and items where the record holds them."""
+        return AccuracyEstimate.of(self.objectives, self.how)
+
     def to_json(self) -> dict[str, Any]:
+        accuracy = self.accuracy
         return {
             "id": self.id,
             "recipe": self.recipe,
             "objectives": self.objectives,
+            # null where the evaluator recorded none (see `fitness.noise`)
+            "accuracy_stderr": accuracy.stderr,
+            "accuracy_n": accuracy.n,
             "feasible": self.feasible,
         }
 

@@ -227,6 +227,10 @@ def test_the_report_is_one_file_that_fetches_nothing(run_dir, tmp_path):
     assert splom["type"] == "splom"
     assert splom["dimensions"][0]["values"] == [m.objectives["accuracy"] for m in front]
     assert "kv(" in shown or "quant=" in shown  # recipes summarised in the table
+    # The accuracy's stderr (the synthetic `noise`), in the table and the front's hover text.
+    best = front[0].objectives["accuracy"]
+    assert f"{best:.3f} ± 0.003" in shown
+    assert f"accuracy {best:.3f} ± 0.003 fraction" in splom["text"][0]
     assert "search:" in shown  # the config, verbatim
 
     # A directory as the destination holds report.html.

@@ -105,6 +105,10 @@ def test_awq_export_parses_round_trips_and_serves(config_factory, tmp_path):
         assert entry["value"] == evaluation.result.objectives[objective.name]  # type: ignore[index]
         assert entry["unit"] == objective.unit
         assert entry["how"] == "synthetic" and entry["measured"] is False
+    # The accuracy's noise: the synthetic `noise` setting, no test items behind it.
+    noise = evaluation.result.metadata["settings"]["noise"]
+    assert info["objectives"]["accuracy"]["stderr"] == noise > 0
+    assert info["objectives"]["accuracy"]["n"] is None
 
     # llmcompressor_recipe.yaml: llm-compressor's stage / modifier-group / class layout, AWQ
     # (a transform) before the quantizing modifier, with the recipe's group size.
@@ -134,6 +138,8 @@ def test_awq_export_parses_round_trips_and_serves(config_factory, tmp_path):
 
     readme = (out / "README.md").read_text()
     assert row.hash in readme and "| accuracy |" in readme and "serve.sh" in readme
+    accuracy = evaluation.result.objectives["accuracy"]  # type: ignore[index]
+    assert f"| accuracy | {accuracy:.3f} ± {noise:.3f} |" in readme
 
 
 def test_the_header_command_re_evaluates_to_the_same_objectives(config_factory, tmp_path):

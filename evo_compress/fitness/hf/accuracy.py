@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from evo_compress.exceptions import EvaluationError
+from evo_compress.fitness.noise import accuracy_stderr
 from evo_compress.reference import TaskSpec, default_cache_dir, set_hf_cache_env
 
 if TYPE_CHECKING:
@@ -160,8 +161,9 @@ def measure_accuracy(
     ``task`` is a ``TaskSpec`` (its ``include_path`` is used) or an lm-eval task name, looked
     up in ``include_path`` first and then among lm-eval's built-in tasks. The model is moved
     to ``device`` if it is elsewhere. Returns ``accuracy`` (the task's main metric, e.g.
-    ``exact_match``), ``metric``, ``n`` (documents scored), ``stderr`` (None when lm-eval
-    gives none), ``seconds`` (wall time, loading the task included) and ``task``.
+    ``exact_match``), ``metric``, ``n`` (documents scored), ``stderr`` (lm-eval's, else
+    the binomial sqrt(p(1-p)/(n-1)); None for a single document), ``stderr_from``,
+    ``seconds`` (wall time, loading the task included) and ``task``.
     """
     if limit is not None and limit < 1:
         raise ValueError(f"`limit` must be >= 1 or None, got {limit}")
@@ -188,7 +190,8 @@ def measure_accuracy(
 
 def run_task(lm: Any, name: str, manager: Any, limit: int | None) -> dict[str, Any]:
     """One lm-eval task on an lm-eval model object (in memory, or a server client): its main
-    metric, the documents scored and the metric's standard error."""
+    metric, the documents scored and the metric's standard error (lm-eval's, else the
+    binomial one; ``stderr_from`` says which)."""
     from lm_eval import simple_evaluate
 
     with _LOCK, _no_context_progress_bar():
@@ -206,11 +209,14 @@ def run_task(lm: Any, name: str, manager: Any, limit: int | None) -> dict[str, A
         )
     if results is None:  # only on non-zero ranks of a distributed run
         raise EvaluationError(f"lm-eval returned no results for task `{name}`")
-    metric, value, stderr = _main_metric(results, name)
+    metric, value, reported = _main_metric(results, name)
+    n = _n_docs(results, name)
+    stderr, stderr_from = accuracy_stderr(value, n, reported)
     return {
         "accuracy": value,
         "metric": metric,
-        "n": _n_docs(results, name),
+        "n": n,
         "stderr": stderr,
+        "stderr_from": stderr_from,
         "task": name,
     }

@@ -30,6 +30,7 @@ from evo_compress.fitness.energy import (
 from evo_compress.fitness.hf.accuracy import measure_accuracy
 from evo_compress.fitness.hf.apply import AppliedRecipe, apply_recipe
 from evo_compress.fitness.hf.measure import measure_latency, measure_memory
+from evo_compress.fitness.noise import N_KEY, STDERR_KEY
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -159,12 +160,16 @@ def evaluate_in_worker(payload: dict[str, Any]) -> EvaluationResult:
         "evaluator": "transformers",
         "device": device,
         "torch_threads": int(settings["threads"]),
+        # The accuracy's noise, in the place every back end keeps it (``fitness.noise``).
+        STDERR_KEY: accuracy.get("stderr"),
+        N_KEY: accuracy.get("n"),
         "objectives": {
             "accuracy": {
                 "how": f"lm-eval `{accuracy.get('task')}` {accuracy.get('metric')}",
                 "measured": True,
                 "n": accuracy.get("n"),
                 "stderr": accuracy.get("stderr"),
+                "stderr_from": accuracy.get("stderr_from"),
             },
             "latency": {
                 "how": "median ms per output token, greedy batched generate",

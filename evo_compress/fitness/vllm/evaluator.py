@@ -45,6 +45,7 @@ from evo_compress.fitness.hf.evaluator import (
     model_fingerprint,
     parse_model_settings,
 )
+from evo_compress.fitness.noise import N_KEY, STDERR_KEY
 from evo_compress.fitness.vllm.compile import (
     VLLMCapabilities,
     capabilities,
@@ -378,6 +379,9 @@ class VLLMEvaluator(ModelEvaluator):
             "device": self.device,
             "vllm_version": ".".join(map(str, self.caps.version)),
             "gpu": self.gpu["name"],
+            # The accuracy's noise, in the place every back end keeps it (``fitness.noise``).
+            STDERR_KEY: measured["accuracy"]["stderr"],
+            N_KEY: measured["accuracy"]["n"],
             "command": list(self.config.command),
             "engine_args": list(args),
             "notes": [*plan.notes, *measured["notes"]],
@@ -394,6 +398,7 @@ class VLLMEvaluator(ModelEvaluator):
                     "measured": True,
                     "n": measured["accuracy"]["n"],
                     "stderr": measured["accuracy"]["stderr"],
+                    "stderr_from": measured["accuracy"].get("stderr_from"),
                 },
                 "latency": {
                     "how": "median time per output token of streamed completions, "

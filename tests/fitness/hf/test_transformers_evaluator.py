@@ -131,3 +131,64 @@ def test_two_cpu_workers_share_the_cores_and_both_results_come_back(tiny_model, 
     assert {r.metadata["placement"]["slot"] for r in results.values()} == {0, 1}
     assert results[0].metadata["worker"]["pid"] != results[1].metadata["worker"]["pid"]
     assert all(r.metadata["torch_threads"] == 1 for r in results.values())
+
+
+def _slow_until_trained(test):  # type: ignore[no-untyped-def]
+    """Slow only while the reference model is not trained and cached yet (a training run)."""
+    from evo_compress.reference import default_cache_dir, reference_model_dir
+    from evo_compress.reference.model import is_complete
+
+    trained = is_complete(reference_model_dir(default_cache_dir()))
+    return test if trained else pytest.mark.slow(test)
+
+
+@_slow_until_trained
+def test_the_record_carries_the_accuracys_binomial_stderr_through_cache_and_store(tmp_path):
+    import math
+
+    from evo_compress import cli
+    from evo_compress.fitness import FitnessCache
+    from evo_compress.runs import RunStore
+    from evo_compress.runs.front import FrontMember
+
+    # The trained reference model scores ~0.93: a stderr that is neither 0 nor trivial.
+    evaluator = evaluator_for(Path("reference"), limit=60)
+    evaluator.prepare()
+    recipe = SPACE.recipe({"serve": {"max_num_seqs": 2}})
+    result = evaluator.evaluate(recipe, SPACE)
+    assert result.ok and result.objectives, result.reason
+    p, meta = result.objectives["accuracy"], result.metadata
+    assert 0 < p < 1
+    assert meta["accuracy_n"] == 60
+    assert meta["accuracy_stderr"] == pytest.approx(math.sqrt(p * (1 - p) / 59), rel=1e-9)
+    assert meta["objectives"]["accuracy"]["stderr"] == meta["accuracy_stderr"]
+
+    cache = FitnessCache(tmp_path / "cache.sqlite")
+    cache.put(recipe, evaluator.fingerprint(), result)
+    cache.close()
+    cached = FitnessCache(tmp_path / "cache.sqlite").get(recipe, evaluator.fingerprint())
+    assert cached == result
+
+    with RunStore.create(tmp_path / "run", "name: stderr\n", {"name": "stderr"}) as store:
+        [ident] = store.add_individuals(
+            [
+                {
+                    "generation": 0,
+                    "slot": 0,
+                    "hash": recipe.hash,
+                    "recipe": recipe.canonical_json(),
+                    "parents": [],
+                    "operators": ["initial"],
+                }
+            ]
+        )
+        store.add_evaluation(ident, result, "run")
+    with RunStore.open(tmp_path / "run", read_only=True) as store:
+        row = store.evaluation(ident)
+    assert row is not None and row.result == result
+
+    member = FrontMember(ident, 0, recipe.to_dict(nested=True), row.result.objectives, True, meta)
+    assert member.to_json()["accuracy_n"] == 60
+    with cli.console.capture() as shown:
+        cli._print_front_table([member])
+    assert f"{p:.3f} ± {meta['accuracy_stderr']:.3f}" in shown.get()

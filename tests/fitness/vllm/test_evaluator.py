@@ -121,6 +121,10 @@ def test_a_recipe_is_served_and_measured_through_the_api(tmp_path):
     assert result.ok, result.reason
     objectives = result.objectives or {}
     assert 0.5 <= objectives["accuracy"] <= 1.0  # the reference model answers through the API
+    # The accuracy's noise over the `limit` items, in the record's documented place.
+    p, n = objectives["accuracy"], result.metadata["accuracy_n"]
+    assert n == 12
+    assert result.metadata["accuracy_stderr"] == pytest.approx((p * (1 - p) / (n - 1)) ** 0.5)
     assert objectives["latency"] > 0 and objectives["memory"] > 0 and objectives["energy"] > 0
     meta = result.metadata
     assert meta["vllm_version"] == "0.33.0" and "--max-num-seqs" in meta["engine_args"]
