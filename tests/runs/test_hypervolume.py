@@ -289,6 +289,13 @@ def test_old_runs_show_in_the_new_box(config_factory, tmp_path):
     assert code == 0 and f"{before[-1]:.4f}" in out
     code, out, _ = invoke_cli("status", str(run))
     assert code == 0 and f"hypervolume {before[-1]:.4f}" in out
+    # This version resumes it: new checkpoints use the new box, history shows one box.
+    search = Search.resume(run, generations=6)
+    added = search.run()
+    search.close()
+    with RunStore.open(run) as store:
+        rows = history(store)
+    assert len(rows) == 6 and rows[-1]["hypervolume"] == pytest.approx(added[-1].hypervolume)
 
 
 def test_runs_without_fronts_in_their_checkpoints_show_what_they_recorded(
