@@ -47,6 +47,7 @@ from evo_compress.engine import GenerationStats, ProgressListener, Search
 from evo_compress.fitness import EvaluationContext, EvaluationResult, Evaluator, make_evaluator
 from evo_compress.genomes import Recipe, SearchSpace
 from evo_compress.objectives import OBJECTIVES, to_minimization
+from evo_compress.runs.hypervolume import REFERENCE_POINT, Box
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = REPO_ROOT / "BENCHMARKS.md"
@@ -130,13 +131,12 @@ def make_space_and_evaluator(**config_options: Any) -> tuple[SearchSpace, Evalua
     return space, make_evaluator(config.evaluator.name, config.evaluator.settings, context)
 
 
-def front_hypervolume(results: Sequence[EvaluationResult], hypervolume: HypervolumeFn) -> float:
-    """Hypervolume of the feasible non-dominated set of everything a method evaluated."""
+def feasible_front(results: Sequence[EvaluationResult]) -> np.ndarray:
+    """The feasible non-dominated set of everything a method evaluated (minimisation)."""
     F = np.array([to_minimization(r.objectives) for r in results if r.ok and r.objectives])
     if len(F) == 0:
-        return 0.0
-    front = NonDominatedSorting().do(F, only_non_dominated_front=True)
-    return hypervolume(F[front])
+        return np.zeros((0, len(OBJECTIVES)))
+    return F[NonDominatedSorting().do(F, only_non_dominated_front=True)]
 
 
 # ---------------------------------------------------------------------- our engine
@@ -206,8 +206,7 @@ class EngineRun:
     cpu_s: list[float]  # process CPU time of the same generations
     phases_ms: dict[str, float]
     results: list[EvaluationResult]
-    hypervolume: HypervolumeFn
-    hv_scales: list[float]
+    hypervolume: HypervolumeFn  # in the box of the run's last generation
 
 
 def run_engine(
@@ -237,7 +236,6 @@ def run_engine(
                 for ident, row in search.store.evaluations().items()
                 if ident != reference_id
             ]
-            hv_scales = list(search.store.get_meta("hv_scales"))
         finally:
             search.close()
     return EngineRun(
@@ -247,7 +245,6 @@ def run_engine(
         timer.phases_ms(),
         results,
         search.hypervolume,
-        hv_scales,
     )
 
 
@@ -461,25 +458,19 @@ def measure_overhead() -> OverheadResult:
 class QualityResult:
     hypervolumes: dict[str, list[float]]
     evaluations: dict[str, list[int]]
-    hv_scales: list[float]
+    box: Box
 
 
 def measure_quality() -> QualityResult:
-    hv: dict[str, list[float]] = {
+    fronts: dict[str, list[np.ndarray]] = {
         "evo-compress NSGA-II": [],
         "evo-compress NSGA-II + expert": [],
         "pymoo NSGA2": [],
         "random": [],
     }
-    counts: dict[str, list[int]] = {k: [] for k in hv}
-    common_hv: HypervolumeFn | None = None
-    scales: list[float] | None = None
+    counts: dict[str, list[int]] = {k: [] for k in fronts}
     for seed in QUALITY_SEEDS:
         ours = run_engine(QUALITY_POP, QUALITY_GENERATIONS, seed)
-        if common_hv is None:
-            common_hv, scales = ours.hypervolume, ours.hv_scales
-        # The scales depend only on the baseline recipe; one function scores every method.
-        assert ours.hv_scales == scales, "hypervolume scales differ between seeds"
         expert = run_engine(QUALITY_POP, QUALITY_GENERATIONS, seed, operators=EXPERT_OPERATORS)
         prun = run_pymoo(QUALITY_POP, QUALITY_GENERATIONS, seed)
         rand = run_random(QUALITY_BUDGET, seed)
@@ -489,15 +480,14 @@ def measure_quality() -> QualityResult:
             ("pymoo NSGA2", prun.results),
             ("random", rand),
         ):
-            hv[name].append(front_hypervolume(results, common_hv))
+            fronts[name].append(feasible_front(results))
             counts[name].append(len(results))
-        print(
-            f"  seed {seed}: "
-            + ", ".join(f"{name} {values[-1]:.4f}" for name, values in hv.items()),
-            flush=True,
-        )
-    assert scales is not None
-    return QualityResult(hv, counts, scales)
+        print(f"  seed {seed} done", flush=True)
+    # One box for every method and seed, as `compare` and bench_quality score: the ideal and
+    # nadir of the union of all fronts.
+    box = Box.of([f for runs in fronts.values() for f in runs])
+    hv = {name: [box.hypervolume(f) for f in runs] for name, runs in fronts.items()}
+    return QualityResult(hv, counts, box)
 
 
 # ---------------------------------------------------------------------- report
@@ -618,9 +608,10 @@ def render(info: dict[str, str], overhead: OverheadResult, quality: QualityResul
         f"{QUALITY_POP})` on the numeric encoding. Random: `space.sample` with duplicates "
         "drawn again. Every hypervolume is computed by the same function: the feasible "
         "non-dominated set of everything the method evaluated (the engine's generation -1 "
-        "baseline reference excluded), scored by `Search.hypervolume` (accuracy as 1 - acc, "
-        "other objectives divided by ten times the baseline's value, reference point all ones; "
-        "higher is better).",
+        "baseline reference excluded), normalised to one box for every method and seed (the "
+        "ideal and nadir of the union of those sets, `evo_compress.runs.hypervolume.Box`, as "
+        f"`compare` does), reference point {REFERENCE_POINT} in every objective (higher is "
+        f"better, at most {REFERENCE_POINT}^5 = {REFERENCE_POINT**5:.3f}).",
         "",
         "| method | evaluations | hypervolume median | min - max |",
         "|---|---:|---:|---|",
@@ -632,9 +623,7 @@ def render(info: dict[str, str], overhead: OverheadResult, quality: QualityResul
         )
     lines += [
         "",
-        "Scales (latency, memory, energy, CO2): "
-        + ", ".join(f"{s:.4g}" for s in quality.hv_scales[1:])
-        + ".",
+        f"Box: {quality.box.describe()}.",
         "",
     ]
     return "\n".join(lines)

@@ -48,6 +48,7 @@ from evo_compress.fitness import EvaluationResult, Evaluator
 from evo_compress.genomes import SearchSpace
 from evo_compress.genomes.genes import BoolGene, ChoiceGene, FloatGene, IntGene
 from evo_compress.objectives import OBJECTIVES, to_minimization
+from evo_compress.runs.hypervolume import REFERENCE_POINT, Box
 
 BUDGETS = (200, 500)
 SEEDS = 10
@@ -56,7 +57,6 @@ QUICK_SEEDS = 2
 # The engine's default population, given to every generational method so that only the
 # algorithms differ.
 POPULATION = SearchConfig().population_size
-REFERENCE_POINT = 1.1  # in the normalised box, every objective
 # Objectives of a failed evaluation, never read as a point: it is infeasible.
 _FAILED_F = 1e12
 
@@ -301,27 +301,6 @@ def run_method(
     return Run(front, len(results), feasible, wall)
 
 
-@dataclass(frozen=True)
-class Box:
-    """The common normalisation of one landscape and budget: ideal and nadir over the union of
-    every run's non-dominated set."""
-
-    ideal: np.ndarray
-    nadir: np.ndarray
-
-    @classmethod
-    def of(cls, fronts: Sequence[np.ndarray]) -> Box:
-        union = np.vstack([f for f in fronts if len(f)] or [np.zeros((1, len(OBJECTIVES)))])
-        return cls(union.min(axis=0), union.max(axis=0))
-
-    def hypervolume(self, front: np.ndarray) -> float:
-        if len(front) == 0:
-            return 0.0
-        span = np.where(self.nadir > self.ideal, self.nadir - self.ideal, 1.0)
-        ref = np.full(front.shape[1], REFERENCE_POINT)
-        return float(moocore.hypervolume((front - self.ideal) / span, ref=ref))
-
-
 @dataclass
 class Cell:
     """One landscape x budget: every method's runs, one per seed, and their scores."""
@@ -333,6 +312,7 @@ class Cell:
     hypervolumes: dict[str, list[float]] = field(default_factory=dict)
 
     def score(self) -> None:
+        # The box `compare` uses: ideal and nadir of the union of every run's front.
         self.box = Box.of([run.front for runs in self.runs.values() for run in runs])
         self.hypervolumes = {
             name: [self.box.hypervolume(run.front) for run in runs]
@@ -471,7 +451,8 @@ def render(
         "",
         "**Scoring**: per landscape and budget, after every run: the feasible points of each "
         "run, its non-dominated set; ideal and nadir = per-objective min and max over the "
-        "union of those sets; objectives normalised to that box, exact hypervolume "
+        "union of those sets; objectives normalised to that box "
+        "(`evo_compress.runs.hypervolume.Box`, as `evo-compress compare` does), exact hypervolume "
         f"(moocore) with reference point {REFERENCE_POINT} in every objective (higher is "
         f"better, at most {REFERENCE_POINT}^5 = {REFERENCE_POINT**5:.3f}). p: two-sided "
         f"Mann-Whitney U, {OURS} against the method. The ratios divide medians. "

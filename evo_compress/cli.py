@@ -409,6 +409,14 @@ def status(run_dir: Path = typer.Argument(..., help="Run directory.")) -> None:
                 f"front: {info['front_size']} recipes, hypervolume {info['hypervolume']:.4f}",
                 highlight=False,
             )
+        if info["hv_box"] is not None:
+            from evo_compress.runs.hypervolume import Box
+
+            console.print(
+                f"hypervolume box: {Box.from_data(info['hv_box']).describe()}",
+                highlight=False,
+                markup=False,
+            )
 
 
 @app.command()
@@ -446,7 +454,10 @@ def history(
         if format is TableFormat.json:
             sys.stdout.write(json.dumps(rows, indent=2) + "\n")
             return
-        table = Table(title="History")
+        table = Table(
+            title="History",
+            caption="hypervolume: each generation's front in the last generation's box",
+        )
         columns = ("generation", "hypervolume", "front_size", "evaluated", "cache_hits")
         for name in (*columns, "failed", "seconds"):
             table.add_column(name.replace("_", " "), justify="right")

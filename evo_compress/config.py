@@ -83,6 +83,49 @@ class ConstraintsConfig(_Section):
         return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
+class ObjectiveValues(_Section):
+    """One optional value per objective, in its natural unit and sign."""
+
+    accuracy: float | None = Field(None, ge=0, le=1, description="fraction")
+    latency: float | None = Field(None, ge=0, le=1e12, description="ms per output token")
+    memory: float | None = Field(None, ge=0, le=1e12, description="MiB")
+    energy: float | None = Field(None, ge=0, le=1e12, description="J per 1,000 tokens")
+    co2: float | None = Field(None, ge=0, le=1e12, description="g CO2e per 1,000 tokens")
+
+    def given(self) -> dict[str, float]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class HypervolumeConfig(_Section):
+    """A fixed hypervolume box (evo_compress/runs/hypervolume.py). An objective left out takes
+    the run's observed ideal or nadir."""
+
+    ideal: ObjectiveValues = Field(
+        ObjectiveValues(), description="Best corner: highest accuracy, lowest latency, ..."
+    )
+    nadir: ObjectiveValues = Field(
+        ObjectiveValues(), description="Worst corner: lowest accuracy, highest latency, ..."
+    )
+
+    @field_validator("nadir")
+    @classmethod
+    def _nadir_worse_than_ideal(cls, nadir: ObjectiveValues, info: Any) -> ObjectiveValues:
+        ideal = info.data.get("ideal")
+        if ideal is None:
+            return nadir
+        best, worst = ideal.given(), nadir.given()
+        for name in best.keys() & worst.keys():
+            if name == "accuracy" and worst[name] >= best[name]:
+                raise ValueError(
+                    f"`accuracy` must be below the ideal's ({best[name]:g}): accuracy is maximised"
+                )
+            if name != "accuracy" and worst[name] <= best[name]:
+                raise ValueError(
+                    f"`{name}` must be above the ideal's ({best[name]:g}): {name} is minimised"
+                )
+        return nadir
+
+
 class OperatorSpec(_Section):
     name: str
     label: str | None = Field(
@@ -277,6 +320,7 @@ class PopulationConfig(_Section):
     evaluation: EvaluationConfig = EvaluationConfig()
     cache: CacheConfig = CacheConfig()
     output: OutputConfig = OutputConfig()
+    hypervolume: HypervolumeConfig = HypervolumeConfig()
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -31,7 +31,6 @@ from pymoo.core.population import Population
 from pymoo.core.problem import Problem
 from pymoo.core.sampling import Sampling
 from pymoo.core.termination import NoTermination
-from pymoo.indicators.hv import HV
 from pymoo.operators.selection.tournament import TournamentSelection
 from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 from pymoo.util.ref_dirs import get_reference_directions
@@ -59,7 +58,7 @@ from evo_compress.fitness.pool import (
     make_pool,
 )
 from evo_compress.genomes import Recipe, SearchSpace, builtin_portfolios, load_portfolio
-from evo_compress.objectives import OBJECTIVE_NAMES, OBJECTIVES, to_minimization
+from evo_compress.objectives import OBJECTIVES, to_minimization
 from evo_compress.operators import (
     AdaptiveSelector,
     Crossover,
@@ -71,6 +70,7 @@ from evo_compress.operators import (
 )
 from evo_compress.operators._base import Operator, operator_labels
 from evo_compress.progress import GenerationStats, ProgressListener
+from evo_compress.runs.hypervolume import REFERENCE_POINT, Box, run_box
 from evo_compress.runs.store import Checkpoint, RunStore
 from evo_compress.surrogate import History, Screening
 
@@ -80,7 +80,6 @@ from evo_compress.surrogate import History, Screening
 FAILURE_VIOLATION = 1e3
 _PLACEHOLDER_F = 1e12
 _POP_ATTRIBUTES = ("rank", "crowding", "niche", "dist_to_niche")
-HV_SCALE_FACTOR = 10.0  # hypervolume box: up to 10x the baseline's latency, memory, ...
 LLM_SEEDS = "llm"  # `search.recipes: llm`: the first generation is asked of an LLM
 SEED_LABEL = "llm-seed"
 
@@ -172,6 +171,9 @@ class Search:
         # generation 0, say) re-uses its result instead of a store query per evaluation.
         self._results: dict[str, EvaluationResult] = {}
         self._archive: dict[int, np.ndarray] = {}  # the run's front: id -> minimisation F
+        # The hypervolume box of the last completed generation: its front and the baseline
+        # reference (runs/hypervolume.py); stats and operator credit are measured in it.
+        self.box = Box.of([], config.hypervolume)
         self._constraint_names = list(config.constraints.active())
         self.completed_generations = 0
         # Surrogate pre-screening; off with remote (LLM) operators, whose every candidate
@@ -235,6 +237,11 @@ class Search:
                 ),
                 "fingerprint": evaluator.fingerprint(),
                 "generations_target": config.search.generations,
+                # How checkpoint stats measure hypervolume (runs before it stored `hv_scales`).
+                "hv_box": {
+                    "box": "ideal and nadir of the front and the baseline reference",
+                    "reference_point": REFERENCE_POINT,
+                },
             },
             note=listener.message if listener is not None else None,
         )
@@ -329,13 +336,13 @@ class Search:
             self.listener.message(f"evaluating in parallel: {self.plan.note}")
         self.evaluator.prepare()
         self.reference = self._reference()
-        self._hv_scales = self._hypervolume_scales()
 
         checkpoint = self.store.last_checkpoint(on_damage=self.listener.message)
         generation = 0
         if checkpoint is not None:
             self._restore(algorithm, checkpoint)
             generation = checkpoint.generation + 1
+        self._update_box()
         self.completed_generations = generation
 
         history: list[GenerationStats] = []
@@ -839,6 +846,7 @@ class Search:
     ) -> GenerationStats:
         pop = algorithm.pop
         self._update_archive(algorithm.off)
+        self._update_box()
         front_F = np.array([self._archive[i] for i in sorted(self._archive)])
         stats = GenerationStats(
             generation=generation,
@@ -848,7 +856,7 @@ class Search:
             reused=counts.get("run", 0),
             failed=counts.get("failed", 0),
             front_size=len(self._archive),
-            hypervolume=self.hypervolume(front_F) if self._archive else 0.0,
+            hypervolume=self.box.hypervolume(front_F) if self._archive else 0.0,
             evaluations_total=self.store.count_evaluations(min_generation=0),
             seconds=0.0,
         )
@@ -877,7 +885,13 @@ class Search:
         # The generation's time covers everything but the checkpoint's own commit.
         stats = replace(stats, seconds=round(time.perf_counter() - started, 4))
         self.store.save_checkpoint(
-            Checkpoint(generation, population, state, operator_state, asdict(stats))
+            Checkpoint(
+                generation,
+                population,
+                state,
+                operator_state,
+                asdict(stats) | {"hv_box": self.box.to_data()},
+            )
         )
         return stats
 
@@ -890,7 +904,12 @@ class Search:
         # out only when a selector has a choice to learn (recorded as null otherwise).
         with_share = any(len(s) > 1 and s.method != "fixed" for s in self.selectors.values())
         front_ids = sorted(self._archive)
-        front_F = np.array([self._archive[i] for i in front_ids]) if front_ids else None
+        # Exclusive contributions in the box of this generation: computed from the front and
+        # the reference alone, so a resumed run credits exactly as the uninterrupted one.
+        exclusive: dict[int, float] = {}
+        if with_share and front_ids and hv_total > 0:
+            front_F = np.array([self._archive[i] for i in front_ids])
+            exclusive = dict(zip(front_ids, self.box.contributions(front_F).tolist(), strict=True))
         for ind in offspring if offspring is not None else []:
             credited = ind.get("credited")
             if credited is None:  # the first generation: no operator made it
@@ -904,9 +923,8 @@ class Search:
             share = 0.0
             if with_share:
                 contribution = 0.0
-                if entered and front_F is not None and hv_total > 0:
-                    others = front_F[[i != ident for i in front_ids]]
-                    contribution = max(hv_total - self.hypervolume(others), 0.0)
+                if entered and ident in exclusive:
+                    contribution = max(exclusive[ident], 0.0)
                     share = contribution / hv_total
             reward = (float(dominated) + float(entered)) / 2 + share
             for kind, index, fell_back in credited:
@@ -1013,35 +1031,21 @@ class Search:
             self._archive[ident] = to_minimization(evaluation.result.objectives)
 
     # ------------------------------------------------------------------ hypervolume
-    def _hypervolume_scales(self) -> list[float]:
-        """Per-objective scale for the hypervolume, fixed for the run: ten times the baseline's
-        latency, memory, energy and CO2 (accuracy is already 0..1). Stored so resume and
-        reports use the same scale."""
-        stored = self.store.get_meta("hv_scales", None)
-        if stored is not None:
-            return list(stored)
-        scales = [1.0] * len(OBJECTIVES)
-        if self.reference is not None and self.reference.ok and self.reference.objectives:
-            for i, name in enumerate(OBJECTIVE_NAMES[1:], start=1):
-                # Ten times, not twice: on a CPU a quantized model is often several times
-                # slower than the float baseline, and the box must still hold it.
-                scales[i] = HV_SCALE_FACTOR * max(self.reference.objectives[name], 1e-12)
-        self.store.set_meta({"hv_scales": scales})
-        return scales
+    def _update_box(self) -> None:
+        """The box of this moment: the front's and the baseline reference's ideal and nadir,
+        with the corners the config's `hypervolume` section fixes."""
+        front = np.array([self._archive[i] for i in sorted(self._archive)]).reshape(
+            -1, len(OBJECTIVES)
+        )
+        reference = None
+        if self.reference is not None and self.reference.objectives is not None:
+            reference = to_minimization(self.reference.objectives)
+        self.box = run_box(front, reference, self.config.hypervolume)
 
     def hypervolume(self, F: np.ndarray) -> float:
-        """Hypervolume of minimisation-space points in the unit box: accuracy as 1 - acc,
-        the rest divided by their scale, reference point (1, 1, 1, 1, 1)."""
-        F = np.atleast_2d(np.asarray(F, dtype=float))
-        if F.size == 0:
-            return 0.0
-        norm = F.copy()
-        norm[:, 0] = 1.0 + F[:, 0]  # F holds -accuracy
-        norm[:, 1:] = F[:, 1:] / np.array(self._hv_scales[1:])
-        inside = np.all(norm < 1.0, axis=1)
-        if not inside.any():
-            return 0.0
-        return float(HV(ref_point=np.ones(F.shape[1]))(norm[inside]))
+        """Hypervolume of minimisation-space points in the box of the last completed
+        generation (``runs.hypervolume.Box``: normalised to [0, 1], reference point 1.1)."""
+        return self.box.hypervolume(F)
 
 
 # ---------------------------------------------------------------------- pymoo adapters

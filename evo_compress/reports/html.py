@@ -398,7 +398,7 @@ def _history(data: ReportData) -> dict[str, Any]:
         "title": {"text": "Hypervolume and front size per generation"},
         "height": 420,
         "xaxis": {"title": {"text": "generation"}, **_whole(gens)},
-        "yaxis": {"title": {"text": "hypervolume (scaled objectives)"}},
+        "yaxis": {"title": {"text": "hypervolume (last generation's box)"}},
         "yaxis2": {
             "title": {"text": "front size"},
             "overlaying": "y",

@@ -218,7 +218,7 @@ def _hypervolume(data: ReportData) -> Figure:
     size = [r.get("front_size") for r in data.history]
     ax.plot(gens, [float("nan") if v is None else v for v in hv], "o-", label="hypervolume")
     ax.set_xlabel("generation")
-    ax.set_ylabel("hypervolume (scaled objectives)")
+    ax.set_ylabel("hypervolume (last generation's box)")
     twin = ax.twinx()
     twin.plot(
         gens,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from evo_compress.runs.hypervolume import run_history
 from evo_compress.runs.store import LLMCallRow, RunStore
 
 HISTORY_FIELDS = (
@@ -26,11 +27,15 @@ FALLBACK_PREFIX = "fallback:"
 
 def history(store: RunStore) -> list[dict[str, Any]]:
     """One row per checkpoint, in generation order (``HISTORY_FIELDS``; None where a stat
-    is missing)."""
+    is missing). ``hypervolume`` is every generation's front in one box, the last
+    checkpoint's (``runs.hypervolume.run_history``), so the column compares across rows."""
+    with store.snapshot():  # a search may be writing the run: read one moment of it
+        checkpoints = store.checkpoints()
+        hv = run_history(store, checkpoints).by_generation
     return [
         {name: checkpoint.stats.get(name) for name in HISTORY_FIELDS}
-        | {"generation": checkpoint.generation}
-        for checkpoint in store.checkpoints()
+        | {"generation": checkpoint.generation, "hypervolume": hv.get(checkpoint.generation)}
+        for checkpoint in checkpoints
     ]
 
 

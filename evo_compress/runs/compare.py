@@ -1,9 +1,10 @@
 """Compare two runs: their fronts side by side, each front's hypervolume in one common box,
 the best value of each objective and how much of each front the other dominates.
 
-Each run scales its hypervolume by its own baseline (``hv_scales``), so two runs' reported
-hypervolumes measure different boxes; here both fronts are normalised by the elementwise
-larger of the two scales, so the box (and the reference point, all ones) is the same.
+Each run measures its hypervolume in its own box (runs/hypervolume.py), so the two values the
+runs report are on different scales; here both fronts are normalised by the ideal and nadir of
+the union of both fronts (the box hypervolume studies use), which is the same whichever run is
+A. When both runs fix the same corners in their `hypervolume` sections, those corners hold.
 """
 
 from __future__ import annotations
@@ -14,37 +15,14 @@ from typing import Any
 
 import numpy as np
 import yaml
-from pymoo.indicators.hv import HV
 
 from evo_compress.exceptions import RunStoreError
-from evo_compress.objectives import OBJECTIVE_NAMES, OBJECTIVES, to_minimization
+from evo_compress.objectives import OBJECTIVES, to_minimization
 from evo_compress.runs.front import FrontMember, load_front
+from evo_compress.runs.hypervolume import REFERENCE_POINT, Box, run_history, stored_box_config
 from evo_compress.runs.store import RunStore
 
 LABELS = ("A", "B")
-
-
-def normalize(F: np.ndarray, scales: Sequence[float]) -> np.ndarray:
-    """Minimisation-space points into the hypervolume box, as ``Search.hypervolume`` does:
-    accuracy as 1 - acc, the other objectives divided by their scale."""
-    F = np.atleast_2d(np.asarray(F, dtype=float))
-    norm = F.copy()
-    norm[:, 0] = 1.0 + F[:, 0]  # F holds -accuracy
-    norm[:, 1:] = F[:, 1:] / np.asarray(scales[1:], dtype=float)
-    return norm
-
-
-def hypervolume(F: np.ndarray, scales: Sequence[float]) -> float:
-    """Hypervolume of minimisation-space points normalised by ``scales``, reference point all
-    ones; points outside the box add nothing."""
-    F = np.atleast_2d(np.asarray(F, dtype=float))
-    if F.size == 0:
-        return 0.0
-    norm = normalize(F, scales)
-    inside = np.all(norm < 1.0, axis=1)
-    if not inside.any():
-        return 0.0
-    return float(HV(ref_point=np.ones(F.shape[1]))(norm[inside]))
 
 
 def dominated_count(F: np.ndarray, by: np.ndarray) -> int:
@@ -57,29 +35,33 @@ def dominated_count(F: np.ndarray, by: np.ndarray) -> int:
 
 
 def compare_runs(a: RunStore, b: RunStore) -> dict[str, Any]:
-    """Both runs' fronts and their hypervolumes against a common reference (plain data).
+    """Both runs' fronts and their hypervolumes in a common box (plain data).
 
-    ``common_scales`` is the elementwise max of the runs' ``hv_scales``; ``hypervolume``
-    of each side is measured in that box, ``hypervolume_own`` in the run's own (what its
-    checkpoints report). ``dominated`` counts the front's points some point of the other
-    front dominates. ``warnings`` says why the numbers may not be comparable."""
+    ``common_box`` is the ideal and nadir of the union of both fronts (natural units);
+    ``hypervolume`` of each side is measured in it, ``hypervolume_own`` in the run's own box
+    (what its `history` and `status` show). ``dominated`` counts the front's points some point
+    of the other front dominates. ``warnings`` says why the numbers may not be comparable."""
     sides = [_side(store, label) for store, label in zip((a, b), LABELS, strict=True)]
     warnings: list[str] = []
-    known = [s["hv_scales"] for s in sides if s["hv_scales"] is not None]
-    if not known:
+    if all(side["generations_done"] == 0 for side in sides):
         raise RunStoreError(
             f"neither {a.run_dir} nor {b.run_dir} has finished a generation: nothing to compare"
         )
     for side in sides:
-        if side["hv_scales"] is None:
+        if side["generations_done"] == 0:
             warnings.append(f"run {side['label']} has finished no generation: its front is empty")
-    common = [float(x) for x in np.max(np.array(known, dtype=float), axis=0)]
+    fixed = [side.pop("_box_config") for side in sides]
+    same_fixed = fixed[0] == fixed[1]
+    if not same_fixed:
+        warnings.append(
+            "the runs fix different hypervolume boxes (`hypervolume` in their configs): the "
+            "common box is the union of both fronts, neither run's"
+        )
     fronts = [_minimization(side.pop("_front")) for side in sides]
+    box = Box.of(fronts, fixed[0] if same_fixed else None)
     for i, side in enumerate(sides):
         other = fronts[1 - i]
-        side["hypervolume"] = hypervolume(fronts[i], common) if len(fronts[i]) else 0.0
-        own = side["hv_scales"] or common
-        side["hypervolume_own"] = hypervolume(fronts[i], own) if len(fronts[i]) else 0.0
+        side["hypervolume"] = box.hypervolume(fronts[i]) if len(fronts[i]) else 0.0
         count = dominated_count(fronts[i], other)
         side["dominated"] = count
         side["dominated_share"] = count / len(fronts[i]) if len(fronts[i]) else None
@@ -90,8 +72,8 @@ def compare_runs(a: RunStore, b: RunStore) -> dict[str, Any]:
         "objectives": [
             {"name": o.name, "unit": o.unit, "direction": o.direction} for o in OBJECTIVES
         ],
-        "common_scales": common,
-        "reference_point": [1.0] * len(OBJECTIVES),
+        "common_box": {k: v for k, v in box.to_data().items() if k != "reference_point"},
+        "reference_point": [REFERENCE_POINT] * len(OBJECTIVES),
         "warnings": warnings,
     }
 
@@ -103,15 +85,9 @@ def _side(store: RunStore, label: str) -> dict[str, Any]:
         raise RunStoreError(f"{store.run_dir}: the stored config is not valid YAML") from None
     if not isinstance(config, dict):
         raise RunStoreError(f"{store.run_dir}: the stored config is not a mapping")
-    scales = store.get_meta("hv_scales", None)
-    if scales is not None:
-        scales = [float(x) for x in scales]
-        if len(scales) != len(OBJECTIVES):
-            raise RunStoreError(
-                f"{store.run_dir}: `hv_scales` has {len(scales)} values, expected "
-                f"{len(OBJECTIVES)}"
-            )
     front = load_front(store)
+    checkpoints = store.checkpoints()
+    own = run_history(store, checkpoints)
     best: dict[str, float | None] = {}
     for o in OBJECTIVES:
         values = [m.objectives[o.name] for m in front]
@@ -126,12 +102,14 @@ def _side(store: RunStore, label: str) -> dict[str, Any]:
         "constraints": {
             k: v for k, v in (config.get("constraints") or {}).items() if v is not None
         },
-        "hv_scales": scales,
+        "generations_done": checkpoints[-1].generation + 1 if checkpoints else 0,
+        "hypervolume_own": own.last if own.last is not None else 0.0,
         "front_size": len(front),
         "feasible": front[0].feasible if front else None,
         "best": best,
         "front": [m.to_json() for m in front],
         "_front": front,
+        "_box_config": stored_box_config(store),
     }
 
 
@@ -213,15 +191,10 @@ def render_comparison(result: dict[str, Any]) -> str:
         lines.append("  ".join(cells).rstrip())
         if n == 0:
             lines.append("  ".join("-" * width for width in widths))
-    scales = result["common_scales"]
-    box = ", ".join(
-        f"{name} / {_num(scale, 4)}"
-        for name, scale in zip(OBJECTIVE_NAMES[1:], scales[1:], strict=True)
-    )
-    point = ", ".join(_num(x, 3) for x in result["reference_point"])
+    box = Box.from_data(result["common_box"])
     lines.append("")
     lines += textwrap.wrap(
-        f"common box: 1 - accuracy, {box}; reference point ({point})",
+        f"common box (both fronts' ideal..nadir): {box.describe()}",
         width=99,
         subsequent_indent="  ",
     )

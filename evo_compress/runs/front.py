@@ -9,6 +9,7 @@ from typing import Any
 
 from evo_compress.fitness.noise import AccuracyEstimate
 from evo_compress.genomes import nest
+from evo_compress.runs.hypervolume import run_history
 from evo_compress.runs.store import LOCK_NAME, RunStore
 
 
@@ -104,6 +105,7 @@ def _run_status(store: RunStore) -> dict[str, Any]:
     else:
         state = "stopped before its last generation (resume it)"
     last = checkpoints[-1].stats if checkpoints else {}
+    hv = run_history(store, checkpoints)  # one box for every generation
     calls = store.llm_calls()
     llm: dict[str, Any] | None = None
     if calls:
@@ -131,9 +133,11 @@ def _run_status(store: RunStore) -> dict[str, Any]:
         "by_source": by_source,
         "llm": llm,
         "front_size": last.get("front_size"),
-        "hypervolume": last.get("hypervolume"),
+        "hypervolume": hv.last,
+        "hv_box": hv.box.to_data() if hv.box is not None else None,
         "history": [
-            {k: c.stats.get(k) for k in ("generation", "front_size", "hypervolume", "failed")}
+            {k: c.stats.get(k) for k in ("generation", "front_size", "failed")}
+            | {"hypervolume": hv.by_generation.get(c.generation)}
             for c in checkpoints
         ],
     }

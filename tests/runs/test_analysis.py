@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import sqlite3
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from pymoo.indicators.hv import HV
 
 from evo_compress.agents.testing_servers import (
     FakeProviderServer,
@@ -34,6 +37,35 @@ def raw(run_dir: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
         return db.execute(sql, args).fetchall()
     finally:
         db.close()
+
+
+def hypervolumes_in_the_last_box(run_dir: Path) -> list[float]:
+    """Each checkpoint's front (its archive) in the box of the last one: the ideal and nadir
+    of the last front and the baseline reference, normalised, reference point 1.1; from raw
+    rows and pymoo's indicator, as README's "Objectives and hypervolume" defines it."""
+    objectives = {
+        ident: json.loads(text)
+        for ident, text in raw(
+            run_dir, "SELECT individual_id, objectives FROM evaluations WHERE status = 'ok'"
+        )
+    }
+
+    def point(o: dict[str, float]) -> list[float]:
+        return [-o["accuracy"], o["latency"], o["memory"], o["energy"], o["co2"]]
+
+    fronts = [
+        np.array([point(objectives[i]) for i in json.loads(state)["archive"]]).reshape(-1, 5)
+        for (state,) in raw(run_dir, "SELECT algorithm_state FROM checkpoints ORDER BY generation")
+    ]
+    [(reference,)] = raw(
+        run_dir,
+        "SELECT individual_id FROM evaluations e JOIN individuals i ON i.id = "
+        "e.individual_id WHERE i.generation = -1",
+    )
+    corners = np.vstack([fronts[-1], [point(objectives[reference])]])
+    ideal, nadir = corners.min(axis=0), corners.max(axis=0)
+    hv = HV(ref_point=np.full(5, 1.1))
+    return [float(hv((f - ideal) / (nadir - ideal))) if len(f) else 0.0 for f in fronts]
 
 
 def children_by_label(run_dir: Path) -> dict[str, list[tuple[int, bool]]]:
@@ -102,11 +134,18 @@ def test_history_is_the_checkpoints_stats_in_order(plain_run):
         rows = history(store)
     stored = raw(plain_run, "SELECT generation, stats FROM checkpoints ORDER BY generation")
     assert [r["generation"] for r in rows] == [g for g, _ in stored] == list(range(5))
+    expected_hv = hypervolumes_in_the_last_box(plain_run)
     for row, (generation, stats) in zip(rows, stored, strict=True):
         stats = json.loads(stats)
         assert list(row) == list(HISTORY_FIELDS)
-        assert row == {name: stats[name] for name in HISTORY_FIELDS}
+        assert {k: v for k, v in row.items() if k != "hypervolume"} == {
+            name: stats[name] for name in HISTORY_FIELDS if name != "hypervolume"
+        }
         assert row["generation"] == generation
+        assert row["hypervolume"] == pytest.approx(expected_hv[generation], rel=1e-12)
+    # The last generation's box is the one its checkpoint measured in.
+    assert rows[-1]["hypervolume"] == pytest.approx(json.loads(stored[-1][1])["hypervolume"])
+    assert all(a <= b for a, b in itertools.pairwise(expected_hv))
     evaluated = raw(
         plain_run,
         "SELECT 1 FROM evaluations e JOIN individuals i ON i.id = e.individual_id "

@@ -20,8 +20,8 @@ from evo_compress.testing import run_search as run
 @pytest.fixture
 def runs(config_factory, tmp_path) -> dict[str, Path]:
     """Two seeds of one setup, and a third whose evaluator models a smaller model on a dirtier
-    grid: its baseline is faster and smaller but emits more, so its hypervolume scales are
-    lower in some objectives and higher in another, and its fingerprint differs."""
+    grid: its recipes are faster and smaller but emit more, so the common box is neither run's
+    own, and its fingerprint differs."""
     return {
         "a": run(config_factory(search={"seed": 1}), tmp_path / "a"),
         "b": run(config_factory(search={"seed": 2}), tmp_path / "b"),
@@ -35,18 +35,14 @@ def runs(config_factory, tmp_path) -> dict[str, Path]:
     }
 
 
-def normalized_front(store: RunStore, scales: np.ndarray) -> np.ndarray:
-    rows = []
-    for m in load_front(store):
-        o = m.objectives
-        rows.append(
-            [1.0 - o["accuracy"]]
-            + [
-                o[k] / s
-                for k, s in zip(("latency", "memory", "energy", "co2"), scales[1:], strict=True)
-            ]
-        )
-    return np.array(rows)
+def minimization_front(store: RunStore) -> np.ndarray:
+    return np.array(
+        [
+            [-m.objectives["accuracy"]]
+            + [m.objectives[k] for k in ("latency", "memory", "energy", "co2")]
+            for m in load_front(store)
+        ]
+    )
 
 
 def compare(x: Path, y: Path) -> dict[str, Any]:
@@ -58,18 +54,13 @@ def test_common_box_hypervolumes_match_pymoo_on_the_normalised_fronts(runs):
     result = compare(runs["a"], runs["c"])
     json.dumps(result)  # plain data, as `--format json` prints it
     with RunStore.open(runs["a"]) as a, RunStore.open(runs["c"]) as c:
-        scales_a = np.array(a.get_meta("hv_scales"))
-        scales_c = np.array(c.get_meta("hv_scales"))
-        # The two baselines differ, so the common box is neither run's own box.
-        common = np.maximum(scales_a, scales_c)
-        assert not np.allclose(common, scales_a) and not np.allclose(common, scales_c)
-        hv = HV(ref_point=np.ones(5))
-        for side, store, own in (("a", a, scales_a), ("b", c, scales_c)):
-            expected = hv(normalized_front(store, common))
+        fronts = {"a": minimization_front(a), "b": minimization_front(c)}
+        union = np.vstack(list(fronts.values()))
+        ideal, nadir = union.min(axis=0), union.max(axis=0)
+        hv = HV(ref_point=np.full(5, 1.1))
+        for side, store in (("a", a), ("b", c)):
+            expected = hv((fronts[side] - ideal) / (nadir - ideal))
             assert result[side]["hypervolume"] == pytest.approx(expected, rel=1e-12)
-            assert result[side]["hypervolume_own"] == pytest.approx(
-                hv(normalized_front(store, own)), rel=1e-12
-            )
             # The own-box value is what the run's last checkpoint reported.
             last = store.last_checkpoint()
             assert last is not None
@@ -77,8 +68,9 @@ def test_common_box_hypervolumes_match_pymoo_on_the_normalised_fronts(runs):
                 last.stats["hypervolume"], rel=1e-12
             )
             assert result[side]["front_size"] == len(load_front(store))
-    assert result["common_scales"] == pytest.approx(common.tolist())
-    assert result["reference_point"] == [1.0] * 5
+    assert result["common_box"]["ideal"]["accuracy"] == pytest.approx(-ideal[0])
+    assert result["common_box"]["nadir"]["co2"] == pytest.approx(nadir[4])
+    assert result["reference_point"] == [1.1] * 5
 
 
 def test_best_values_and_domination_shares(runs):
@@ -102,10 +94,7 @@ def test_best_values_and_domination_shares(runs):
         )
         assert result[side]["dominated"] == count
         assert result[side]["dominated_share"] == pytest.approx(count / len(front))
-    # Same evaluator, model and baseline: the common box is each run's own.
     assert result["warnings"] == []
-    for side in ("a", "b"):
-        assert result[side]["hypervolume"] == pytest.approx(result[side]["hypervolume_own"])
 
 
 def test_a_run_compared_with_itself(runs):
@@ -141,4 +130,5 @@ def test_the_terminal_table_shows_both_runs(runs):
     assert f"{result['b']['hypervolume']:.6g}" in hv_line
     share = next(line for line in lines if line.startswith("dominated by the other front"))
     assert f"{result['a']['dominated']} of {result['a']['front_size']}" in share
-    assert "common box: 1 - accuracy" in text and "warning" not in text
+    assert "common box (both fronts' ideal..nadir): accuracy" in text
+    assert "reference point 1.1" in text and "warning" not in text
