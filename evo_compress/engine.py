@@ -470,10 +470,17 @@ class Search:
                 random_state=rng,
             )
 
+        def context_at(slot: int) -> VariationContext:
+            if not informed:
+                return replace(context, slot=slot)
+            # Informed operators steer clear of the children of this generation too: without
+            # them, most of their re-draws are two slots proposing the same child.
+            return replace(context, slot=slot, seen=frozenset(taken))
+
         def redraw(slot: int, first_attempt: int) -> bool:
             for _ in range(first_attempt, max_redraws):
                 pair = select(1)[0]
-                child = self._vary(pop, pair, rng, replace(context, slot=slot), remote=False)
+                child = self._vary(pop, pair, rng, context_at(slot), remote=False)
                 assert isinstance(child, _Child)
                 if child.recipe.hash not in taken:
                     taken.add(child.recipe.hash)
@@ -485,7 +492,7 @@ class Search:
         # whose child is a duplicate draws a fresh pair.
         pairs = select(n)
         for slot in range(n):
-            child = self._vary(pop, pairs[slot], rng, replace(context, slot=slot), remote=True)
+            child = self._vary(pop, pairs[slot], rng, context_at(slot), remote=True)
             if isinstance(child, _Pending):
                 pending.append((slot, child))
             elif child.recipe.hash not in taken:

@@ -518,3 +518,34 @@ def test_a_full_disk_under_the_cache_loses_nothing(config_factory, tmp_path):
     assert front == expected
     [warning] = cache_warnings(messages)
     assert "full" in warning
+
+
+def test_the_expert_rarely_proposes_a_seen_child(config_factory, tmp_path, monkeypatch):
+    # Each duplicate is thrown away and drawn again (`make_offspring`): the expert avoids
+    # recipes evaluated earlier and children of the same generation, so draws ~ children.
+    draws, kept = [0], [0]
+    vary, make_offspring = Search._vary, Search.make_offspring
+
+    def counted_vary(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        draws[0] += 1
+        return vary(self, *args, **kwargs)
+
+    def counted_offspring(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        children = make_offspring(self, *args, **kwargs)
+        kept[0] += len(children)
+        return children
+
+    monkeypatch.setattr(Search, "_vary", counted_vary)
+    monkeypatch.setattr(Search, "make_offspring", counted_offspring)
+    config = config_factory(
+        search={
+            "population_size": 12,
+            "generations": 6,
+            "recipes": "baseline",
+            "operators": {"mutation": [{"name": "expert"}], "mutation_prob": 1.0},
+        },
+        constraints={"max_accuracy_drop": 0.05},
+    )
+    run_search(config, tmp_path / "run")
+    assert kept[0] >= 12 * 5
+    assert draws[0] / kept[0] <= 1.05

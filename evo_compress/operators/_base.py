@@ -54,7 +54,8 @@ class VariationContext:
     front: tuple[Measured, ...] = ()
     model: str = ""
     hardware: Mapping[str, Any] = field(default_factory=dict)
-    seen: frozenset[str] = frozenset()  # recipe hashes this run has evaluated already
+    # Recipe hashes this run has evaluated already or made earlier in this generation.
+    seen: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -78,6 +78,7 @@ SLACK_FRACTION = 0.5  # a drop <= half the allowed drop leaves room to push
 SLACK_ACCURACY = 0.9  # without an accuracy limit: >= 90% of the baseline's accuracy
 _OUT_OF_MEMORY = re.compile(r"out of memory|\boom\b", re.IGNORECASE)
 _FALLBACK_TRIES = 8
+_RULE_TRIES = 3  # draws of one rule (its random values) while its children were all seen
 
 
 class Rule(ABC):
@@ -577,7 +578,8 @@ class ExpertMutation(Mutation):
         if not parents:
             raise OperatorError(f"mutation `{self.name}` needs a parent, got none")
         parent = parents[0]
-        child, _ = self.propose(dict(parent.recipe), self.diagnose(parent, context), rng)
+        situation = self.diagnose(parent, context)
+        child, _ = self.propose(dict(parent.recipe), situation, rng, context.seen)
         return Proposal(child, (self.label,))
 
     def _do(self, values: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
@@ -607,28 +609,47 @@ class ExpertMutation(Mutation):
 
     # ------------------------------------------------------------------ the move
     def propose(
-        self, values: Mapping[str, Any], situation: str, rng: np.random.Generator
+        self,
+        values: Mapping[str, Any],
+        situation: str,
+        rng: np.random.Generator,
+        seen: Collection[str] = frozenset(),
     ) -> tuple[Recipe, str]:
         """A repaired child of ``values`` for ``situation`` and the rule that made it
-        (``random`` for the fallback; ``none`` when nothing in the space can change)."""
+        (``random`` for the fallback; ``none`` when nothing in the space can change).
+
+        A child whose hash is in ``seen`` (evaluated already: the engine would throw it away
+        and draw again) is passed over: the rule is tried again (another value), then the
+        next rule, then a random gene; only when all of them are seen is the first seen child
+        returned. With nothing seen, the first child that differs from the parent is kept."""
         if situation not in SITUATIONS:
             raise OperatorError(f"unknown situation `{situation}`; known: {list(SITUATIONS)}")
         parent = dict(values)
+        repeat: tuple[Recipe, str] | None = None  # the first changed child that was seen
         candidates = [rule for rule in self.rules if rule.applies(situation, parent)]
         while candidates:
             weights = np.array([rule.weight for rule in candidates])
             p = weights / weights.sum()
             index = 0 if len(candidates) == 1 else int(rng.choice(len(candidates), p=p))
             rule = candidates.pop(index)
-            child = self.space.repair(rule.apply(dict(parent), rng), rng)
-            if dict(child) != parent:
-                return child, rule.name
+            tried: set[str] = set()
+            for _ in range(_RULE_TRIES):
+                child = self.space.repair(rule.apply(dict(parent), rng), rng)
+                if dict(child) == parent or child.hash in tried:
+                    break  # no move, or a rule with nothing else to offer here
+                if child.hash not in seen:
+                    return child, rule.name
+                tried.add(child.hash)
+                repeat = repeat or (child, rule.name)
         child = self.space.repair(parent, rng)
         for _ in range(_FALLBACK_TRIES):
             moved = self.space.repair(self._random_gene(parent, rng), rng)
-            if dict(moved) != parent:
+            if dict(moved) == parent:
+                continue
+            if moved.hash not in seen:
                 return moved, "random"
-        return child, "none"
+            repeat = repeat or (moved, "random")
+        return repeat or (child, "none")
 
     def _random_gene(self, values: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         mutable = [n for n in values if n in self.space.genes and _can_vary(self.space.genes[n])]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -25,7 +26,7 @@ from evo_compress.operators import (
     make_mutation,
 )
 from evo_compress.operators.expert import RULES, SITUATIONS, heavily_pruned
-from evo_compress.testing import SEED_MAX, rng, samples
+from evo_compress.testing import SEED_MAX, pins_except, rng, samples
 
 SPACE = SearchSpace.builtin()
 OP = ExpertMutation(SPACE)
@@ -495,3 +496,34 @@ def test_vary_is_deterministic_for_a_seed_and_leaves_the_parent_alone() -> None:
         first = OP.vary([parent], rng(11), ctx)
         assert OP.vary([parent], rng(11), ctx) == first
         assert (parent.recipe.canonical_json(), dict(parent.violations)) == snapshot
+
+
+def test_a_child_the_run_has_seen_is_passed_over_for_a_new_one() -> None:
+    # The engine throws a seen child away and draws again: the expert tries another value or
+    # rule first, deterministically.
+    ctx = context(max_accuracy_drop=0.05, max_memory_mib=8000)
+    moved = 0
+    for recipe in samples(SPACE, 20, seed=4):
+        parent = measured(recipe, accuracy=0.7, memory=9000)
+        first = OP.vary([parent], rng(5), ctx).recipe
+        seen = frozenset({first.hash, recipe.hash})
+        again = OP.vary([parent], rng(5), replace(ctx, seen=seen))
+        assert OP.vary([parent], rng(5), replace(ctx, seen=seen)) == again
+        assert again.recipe != parent.recipe
+        assert SPACE.recipe(again.recipe.to_dict()) == again.recipe
+        if again.recipe.hash not in seen:
+            moved += 1
+    assert moved == 20
+
+
+def test_when_every_move_was_seen_the_expert_still_returns_a_child() -> None:
+    pins = pins_except(SPACE, "serve.max_num_seqs")
+    space = SPACE.with_overrides(pin=pins)
+    op = ExpertMutation(space)
+    parent = measured(space.baseline(), "failed")
+    everything = frozenset(
+        op.propose(dict(parent.recipe), "failed", rng(seed))[0].hash for seed in range(50)
+    )
+    child, _ = op.propose(dict(parent.recipe), "failed", rng(1), everything | {parent.recipe.hash})
+    assert child != parent.recipe
+    assert child.hash in everything
