@@ -43,7 +43,7 @@ from scipy.stats import mannwhitneyu
 from sections import OUTPUT, write_section
 
 from evo_compress.config import SearchConfig
-from evo_compress.engine import FAILURE_VIOLATION
+from evo_compress.engine import failure_violation
 from evo_compress.fitness import EvaluationResult, Evaluator
 from evo_compress.genomes import SearchSpace
 from evo_compress.genomes.genes import BoolGene, ChoiceGene, FloatGene, IntGene
@@ -131,7 +131,7 @@ class Constraints:
     def __call__(self, result: EvaluationResult) -> np.ndarray:
         g = np.zeros(self.count)
         if not result.ok or result.objectives is None:
-            g[0] = FAILURE_VIOLATION
+            g[0] = failure_violation(result)
             return g
         for i, (name, limit) in enumerate(self.limits.items(), start=1):
             if name == "max_accuracy_drop":

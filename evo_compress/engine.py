@@ -49,6 +49,7 @@ from evo_compress.fitness import (
     FitnessCache,
     make_evaluator,
 )
+from evo_compress.fitness._base import limit_excess
 from evo_compress.fitness.cache import open_cache
 from evo_compress.fitness.pool import (
     EvaluationPool,
@@ -74,14 +75,23 @@ from evo_compress.runs.hypervolume import REFERENCE_POINT, Box, run_box
 from evo_compress.runs.store import Checkpoint, RunStore
 from evo_compress.surrogate import History, Screening
 
-# A failed or infeasible evaluation gets this constraint violation (it loses every
-# comparison) and placeholder objectives pymoo never reads: survival ranks infeasible
-# individuals by violation alone. Neither number is ever reported.
+# A failed or infeasible evaluation gets at least this constraint violation (it loses every
+# comparison with a success) and placeholder objectives pymoo never reads: survival ranks
+# infeasible individuals by violation alone. Neither number is ever reported.
 FAILURE_VIOLATION = 1e3
 _PLACEHOLDER_F = 1e12
 _POP_ATTRIBUTES = ("rank", "crowding", "niche", "dist_to_niche")
 LLM_SEEDS = "llm"  # `search.recipes: llm`: the first generation is asked of an LLM
 SEED_LABEL = "llm-seed"
+
+
+def failure_violation(result: EvaluationResult) -> float:
+    """The violation of a failed evaluation: ``FAILURE_VIOLATION`` x (1 + how far past its
+    limit it went) when the record says (out of memory by 10% -> 1100), so that among
+    failures survival leans towards the near misses; ``FAILURE_VIOLATION`` otherwise. A
+    function of the stored record only: a resumed run computes the same values."""
+    excess = limit_excess(result)
+    return FAILURE_VIOLATION if excess is None else FAILURE_VIOLATION * (1.0 + excess)
 
 
 def default_run_dir(config: PopulationConfig) -> Path:
@@ -816,7 +826,7 @@ class Search:
         """<= 0 is satisfied. Limits are relative (violation / limit) so none dominates."""
         g = np.zeros(1 + len(self._constraint_names))
         if not result.ok or result.objectives is None:
-            g[0] = FAILURE_VIOLATION
+            g[0] = failure_violation(result)
             return g
         objectives = result.objectives
         limits = self.config.constraints.active()

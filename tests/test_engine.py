@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from evo_compress.engine import Search
+from evo_compress.engine import FAILURE_VIOLATION, Search, failure_violation
 from evo_compress.exceptions import EvaluationError, RunStoreError
 from evo_compress.fitness import EVALUATORS, EvaluationContext, EvaluationResult, Placement
 from evo_compress.fitness.synthetic import SyntheticEvaluator
@@ -549,3 +549,33 @@ def test_the_expert_rarely_proposes_a_seen_child(config_factory, tmp_path, monke
     run_search(config, tmp_path / "run")
     assert kept[0] >= 12 * 5
     assert draws[0] / kept[0] <= 1.05
+
+
+def test_failures_are_graded_by_how_far_past_the_memory_limit_they_went(config_factory, tmp_path):
+    # On a 4 GiB device most recipes do not fit: survival should lean towards the near misses.
+    config = config_factory(
+        search={"population_size": 8, "generations": 3, "recipes": "baseline"},
+        evaluator={"name": "synthetic", "settings": {"device_memory_gb": 4}},
+    )
+    run_search(config, tmp_path / "run")
+    with RunStore.open(tmp_path / "run") as store:
+        population = store.last_checkpoint().population  # type: ignore[union-attr]
+        rows = {e["id"]: (float(e["cv"]), store.evaluation(e["id"]).result) for e in population}
+    failed = [(cv, r) for cv, r in rows.values() if not r.ok]
+    assert len(failed) >= 2
+    for cv, result in failed:
+        memory = result.metadata["memory_mib"]["total_mib"]
+        over = result.metadata["over_limit"]
+        assert over["needed"] == memory > over["limit"]
+        assert cv == pytest.approx(FAILURE_VIOLATION * memory / over["limit"])
+        assert cv == failure_violation(result)  # the stored record alone decides it
+    # Every failure is worse than every success; among failures, the nearer the better.
+    worst_success = max((cv for cv, r in rows.values() if r.ok), default=0.0)
+    assert worst_success < FAILURE_VIOLATION < min(cv for cv, _ in failed)
+
+    def ratio(result: EvaluationResult) -> float:
+        return result.metadata["over_limit"]["needed"] / result.metadata["over_limit"]["limit"]
+
+    by_ratio = sorted(failed, key=lambda f: ratio(f[1]))
+    assert [cv for cv, _ in by_ratio] == sorted(cv for cv, _ in failed)
+    assert len({cv for cv, _ in failed}) > 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import time
 import traceback
@@ -80,6 +81,29 @@ def limit_cause(result: EvaluationResult) -> str | None:
         if words.search(reason):
             return cause
     return None
+
+
+def limit_excess(result: EvaluationResult) -> float | None:
+    """How far past a limit a failure went, relative: needed / allowed - 1 (>= 0), from the
+    ``metadata["over_limit"]`` a back end records (``{"needed": ..., "limit": ...}``, one
+    unit: the synthetic evaluator's memory, the worker's memory or time limit). None for a
+    success, or a failure whose record does not say."""
+    if result.ok:
+        return None
+    over = result.metadata.get("over_limit")
+    if not isinstance(over, Mapping):
+        return None
+    needed, limit = _real(over.get("needed")), _real(over.get("limit"))
+    if needed is None or limit is None or limit <= 0:
+        return None
+    return max(needed / limit - 1.0, 0.0)
+
+
+def _real(value: Any) -> float | None:
+    """``value`` as a finite float, or None when it is not a finite number."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    return float(value) if math.isfinite(value) else None
 
 
 @dataclass(frozen=True)

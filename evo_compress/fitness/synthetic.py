@@ -288,7 +288,10 @@ class SyntheticEvaluator(Evaluator):
                 f"{genes.gpu_memory_utilization:g} x {self.device_memory_gb:g} GiB allows "
                 f"{budget_gib:.1f} GiB"
             )
-            return EvaluationResult.failure(reason, {**base_meta, "memory_mib": memory})
+            over = {"needed": memory["total_mib"], "limit": budget_gib * _GIB / _MIB}
+            return EvaluationResult.failure(
+                reason, {**base_meta, "memory_mib": memory, "over_limit": over}
+            )
 
         rng = self._rng(recipe)
         z_accuracy, z_latency = rng.standard_normal(2)

@@ -116,6 +116,7 @@ def run_in_worker(
     peak = 0.0
     reason: str | None = None
     cause: str | None = None  # the limit that stopped it: decides what the cache may serve
+    over: dict[str, float] = {}  # what the limit allowed and what was used when it stopped
     message: Any = None
     try:
         while True:
@@ -133,9 +134,11 @@ def run_in_worker(
             if elapsed > limits.timeout_s:
                 reason = f"timeout: the evaluation ran past {limits.timeout_s:g} s"
                 cause = "timeout"
+                over = {"needed": elapsed, "limit": limits.timeout_s}
                 break
             if limits.memory_limit_mib is not None and rss > limits.memory_limit_mib:
                 cause = "memory"
+                over = {"needed": rss, "limit": limits.memory_limit_mib}
                 reason = (
                     f"out of memory: the worker used {rss:,.0f} MiB, over the "
                     f"{limits.memory_limit_mib:,.0f} MiB limit"
@@ -157,6 +160,7 @@ def run_in_worker(
         meta["worker"]["output_tail"] = output
     if reason is not None:
         meta["limit_cause"] = cause
+        meta["over_limit"] = over
         return EvaluationResult.failure(reason, meta).with_duration(seconds)
     if message is None:
         code = process.exitcode

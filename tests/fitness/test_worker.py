@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 
+from evo_compress.fitness._base import limit_excess
 from evo_compress.fitness.worker import WorkerLimits, run_in_worker
 
 LIMITS = WorkerLimits(timeout_s=30, memory_limit_mib=2048)
@@ -38,6 +39,9 @@ def test_a_timeout_kills_the_worker():
     )
     assert time.perf_counter() - start < 15
     assert result.status == "failed" and (result.reason or "").startswith("timeout")
+    # How far past the limit it ran is recorded: the search grades the failure by it.
+    assert result.metadata["over_limit"]["limit"] == 1.0
+    assert limit_excess(result) == result.metadata["over_limit"]["needed"] - 1.0 >= 0
 
 
 def test_the_memory_limit_kills_the_worker():
@@ -48,6 +52,8 @@ def test_the_memory_limit_kills_the_worker():
     )
     assert result.status == "failed" and (result.reason or "").startswith("out of memory")
     assert result.metadata["worker"]["peak_rss_mib"] > 150
+    assert result.metadata["over_limit"]["limit"] == 150
+    assert (limit_excess(result) or 0.0) > 0
 
 
 def test_within_the_memory_limit_it_completes():
