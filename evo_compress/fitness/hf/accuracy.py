@@ -155,6 +155,7 @@ def measure_accuracy(
     limit: int | None = None,
     batch_size: int = 32,
     device: str = "cpu",
+    samples: list[int] | None = None,
 ) -> dict[str, Any]:
     """Run one lm-eval task on ``model`` as it is in memory.
 
@@ -163,7 +164,10 @@ def measure_accuracy(
     to ``device`` if it is elsewhere. Returns ``accuracy`` (the task's main metric, e.g.
     ``exact_match``), ``metric``, ``n`` (documents scored), ``stderr`` (lm-eval's, else
     the binomial sqrt(p(1-p)/(n-1)); None for a single document), ``stderr_from``,
-    ``seconds`` (wall time, loading the task included) and ``task``.
+    ``seconds`` (wall time, loading the task included) and ``task``; ``available`` (the
+    task's documents, when one task) and ``aggregation`` (of the main metric, when named).
+    ``samples`` (instead of ``limit``) scores only the documents at those indices: racing
+    scores the first k documents with ``limit`` and the rest this way.
     """
     if limit is not None and limit < 1:
         raise ValueError(f"`limit` must be >= 1 or None, got {limit}")
@@ -182,13 +186,16 @@ def measure_accuracy(
     was_training = model.training
     model.eval()
     try:
-        scores = run_task(_quiet_hflm(model, tokenizer, batch_size), name, manager, limit)
+        lm = _quiet_hflm(model, tokenizer, batch_size)
+        scores = run_task(lm, name, manager, limit, samples)
     finally:
         model.train(was_training)
     return {**scores, "seconds": time.perf_counter() - start}
 
 
-def run_task(lm: Any, name: str, manager: Any, limit: int | None) -> dict[str, Any]:
+def run_task(
+    lm: Any, name: str, manager: Any, limit: int | None, samples: list[int] | None = None
+) -> dict[str, Any]:
     """One lm-eval task on an lm-eval model object (in memory, or a server client): its main
     metric, the documents scored and the metric's standard error (lm-eval's, else the
     binomial one; ``stderr_from`` says which)."""
@@ -200,6 +207,7 @@ def run_task(lm: Any, name: str, manager: Any, limit: int | None) -> dict[str, A
             tasks=[name],
             task_manager=manager,
             limit=limit,
+            samples={name: list(samples)} if samples is not None else None,
             log_samples=False,
             bootstrap_iters=1000,
             # Greedy decoding needs no seed; leave the caller's global RNGs untouched.
@@ -212,7 +220,11 @@ def run_task(lm: Any, name: str, manager: Any, limit: int | None) -> dict[str, A
     metric, value, reported = _main_metric(results, name)
     n = _n_docs(results, name)
     stderr, stderr_from = accuracy_stderr(value, n, reported)
+    counts = results.get("n-samples", {}).get(name, {})
+    aggregation = _aggregation(results, name, metric)
     return {
+        **({"available": int(counts["original"])} if "original" in counts else {}),
+        **({"aggregation": aggregation} if aggregation is not None else {}),
         "accuracy": value,
         "metric": metric,
         "n": n,
@@ -220,3 +232,14 @@ def run_task(lm: Any, name: str, manager: Any, limit: int | None) -> dict[str, A
         "stderr_from": stderr_from,
         "task": name,
     }
+
+
+def _aggregation(results: dict[str, Any], name: str, metric: str) -> str | None:
+    """How the task aggregates ``metric`` over documents, when its config names it (``mean``:
+    the scores of two sets of documents combine into the score of both)."""
+    config = results.get("configs", {}).get(name, {})
+    for entry in config.get("metric_list", []):
+        if isinstance(entry, dict) and entry.get("metric") == metric:
+            aggregation = entry.get("aggregation")
+            return aggregation if isinstance(aggregation, str) else None
+    return None
