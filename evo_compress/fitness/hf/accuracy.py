@@ -104,16 +104,42 @@ def _quiet_hflm(model: Any, tokenizer: Any, batch_size: int) -> Any:
 @contextlib.contextmanager
 def _no_context_progress_bar() -> Iterator[None]:
     """lm-eval draws a "building contexts" bar per task with no switch to turn it off; in a
-    search that is one bar per evaluation, so swap in a disabled tqdm for the call."""
+    search that is one bar per evaluation, so swap in a disabled tqdm for the call.
+
+    Two fixed costs of every ``simple_evaluate`` call go for the call too, neither changing
+    a score: ``add_env_info`` (torch's ``collect_env`` runs ``pip list`` and more in
+    subprocesses, ~0.25 s, for a field we never read) and compiling each document's Jinja
+    template again (compiled once per template text instead). On a small model they are
+    most of an accuracy measurement, and racing makes two calls."""
     import lm_eval.api.task as task_module
+    import lm_eval.evaluator as evaluator_module
+    import lm_eval.utils as utils_module
     from tqdm import tqdm
 
-    original = task_module.tqdm
+    saved = (task_module.tqdm, evaluator_module.add_env_info, utils_module.apply_template)
     task_module.tqdm = functools.partial(tqdm, disable=True)
+    evaluator_module.add_env_info = _no_env_info
+    utils_module.apply_template = _apply_template
     try:
         yield
     finally:
-        task_module.tqdm = original
+        task_module.tqdm, evaluator_module.add_env_info, utils_module.apply_template = saved
+
+
+def _no_env_info(storage: dict[str, Any]) -> None:
+    """Stands in for lm-eval's ``add_env_info``: the results' environment fields stay unset."""
+
+
+@functools.lru_cache(maxsize=256)
+def _template(text: str) -> Any:
+    from lm_eval.utils import env
+
+    return env.from_string(text)
+
+
+def _apply_template(template: str, doc: dict[str, Any]) -> str:
+    """lm-eval's ``apply_template`` (same Jinja environment), the template compiled once."""
+    return str(_template(template).render(**doc))
 
 
 def _number(value: Any) -> float | None:
