@@ -163,7 +163,9 @@ class _RichProgress(ProgressListener):
             self.console.print(
                 f"generation {stats.generation}: {stats.offspring} offspring, "
                 f"{stats.evaluated} evaluated, {stats.cache_hits} cache hits, "
-                f"{stats.failed} failed, front {stats.front_size}, HV {stats.hypervolume:.4f}",
+                f"{stats.failed} failed, "
+                + (f"{stats.quick} stopped quick, " if stats.quick else "")
+                + f"front {stats.front_size}, HV {stats.hypervolume:.4f}",
                 highlight=False,
             )
 
@@ -458,7 +460,15 @@ def history(
             title="History",
             caption="hypervolume: each generation's front in the last generation's box",
         )
-        columns = ("generation", "hypervolume", "front_size", "evaluated", "cache_hits")
+        columns: tuple[str, ...] = (
+            "generation",
+            "hypervolume",
+            "front_size",
+            "evaluated",
+            "cache_hits",
+        )
+        if any(row.get("quick") for row in rows):  # a racing run: how many stopped quick
+            columns = (*columns, "quick")
         for name in (*columns, "failed", "seconds"):
             table.add_column(name.replace("_", " "), justify="right")
         for row in rows:

@@ -298,6 +298,19 @@ class EvaluationConfig(_Section):
         return value
 
 
+class FidelityConfig(_Section):
+    """Racing (evo_compress/fitness/racing.py): measure accuracy on a few test items first and
+    finish only recipes that can still reach the front."""
+
+    racing: bool = Field(False, description="Stop dominated recipes after the quick stage")
+    quick_limit: int = Field(
+        50, ge=1, le=10**7, description="Test items of the quick stage (the task's first ones)"
+    )
+    z: float = Field(
+        2.0, ge=0, le=10, description="Optimism of the quick accuracy: accuracy + z * stderr"
+    )
+
+
 class CacheConfig(_Section):
     enabled: bool = True
     path: Path | None = Field(None, description="Default: <runs_root>/.cache/fitness.sqlite")
@@ -318,6 +331,7 @@ class PopulationConfig(_Section):
     llm: LLMConfig = LLMConfig()
     evaluator: EvaluatorConfig = EvaluatorConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    fidelity: FidelityConfig = FidelityConfig()
     cache: CacheConfig = CacheConfig()
     output: OutputConfig = OutputConfig()
     hypervolume: HypervolumeConfig = HypervolumeConfig()
@@ -439,6 +453,11 @@ def check_config(config: PopulationConfig, source: str = "config") -> None:
         context = EvaluationContext(config.model, config.hardware, config.carbon)
         evaluator = EVALUATORS.get(config.evaluator.name)(config.evaluator.settings, context)
         _check_evaluation(config.evaluation, evaluator)
+        if config.fidelity.racing and not evaluator.supports_racing:
+            raise ConfigError(
+                f"`fidelity.racing`: the {evaluator.name} back end cannot race "
+                "(it measures accuracy in one stage); set `fidelity.racing: false`"
+            )
         evaluator.close()
         if config.search.recipes != "llm":
             try:

@@ -51,6 +51,7 @@ from evo_compress.fitness import (
 )
 from evo_compress.fitness._base import limit_excess
 from evo_compress.fitness.cache import open_cache
+from evo_compress.fitness.noise import STDERR_KEY
 from evo_compress.fitness.pool import (
     EvaluationPool,
     Task,
@@ -58,6 +59,7 @@ from evo_compress.fitness.pool import (
     configure_evaluator,
     make_pool,
 )
+from evo_compress.fitness.racing import QUICK, RaceMember, RaceRule, stage_of
 from evo_compress.genomes import Recipe, SearchSpace, builtin_portfolios, load_portfolio
 from evo_compress.objectives import OBJECTIVES, to_minimization
 from evo_compress.operators import (
@@ -132,6 +134,18 @@ class Search:
         self.retry_failed = retry_failed
         self.listener = listener or ProgressListener()
         self.fingerprint = evaluator.fingerprint()
+        # Racing: quick results are cached under a key of their own, never served as full ones.
+        self.fidelity = config.fidelity
+        if self.fidelity.racing and not evaluator.supports_racing:
+            raise ConfigError(
+                f"`fidelity.racing`: the {evaluator.name} back end cannot race; "
+                "set `fidelity.racing: false`"
+            )
+        self.quick_fingerprint = (
+            evaluator.quick_fingerprint(self.fidelity.quick_limit)
+            if self.fidelity.racing
+            else None
+        )
         # Left out of the fingerprint; a cached failure they may have caused is kept with them.
         self.limits = evaluator.limits()
         if cache is not None:  # its warnings (a bad entry, a full disk) join the progress
@@ -734,13 +748,17 @@ class Search:
         new_ids = iter(self.store.add_individuals(rows)) if rows else iter(())
         idents = [row.id if row is not None else next(new_ids) for row in existing]
         recipes: list[Recipe] = [ind.get("recipe") for ind in offspring]
-        counts = {"evaluated": 0, "cache": 0, "run": 0, "failed": 0}
+        counts = {"evaluated": 0, "cache": 0, "run": 0, "failed": 0, "quick": 0}
         results: list[EvaluationResult | None] = [None] * len(offspring)
+        # The front as this generation starts: every racing decision of the generation uses
+        # it, whatever order evaluations finish in, so a resumed run decides the same.
+        race = self._race_rule()
 
         def done(slot: int, result: EvaluationResult, source: str) -> None:
             results[slot] = result
             counts[source] = counts.get(source, 0) + 1
             counts["failed"] += not result.ok
+            counts["quick"] += stage_of(result.metadata) == QUICK
             self.listener.evaluation_finished(generation, result, source)
 
         # Known results first (this run's store, an equal recipe, the cache), in slot order;
@@ -748,14 +766,14 @@ class Search:
         waiting: dict[str, list[int]] = {}  # recipe hash -> slots (a repeat waits for it)
         tasks = []
         for slot, (recipe, row) in enumerate(zip(recipes, existing, strict=True)):
-            known = self._known_result(idents[slot], recipe, stored=row is not None)
+            known = self._known_result(idents[slot], recipe, stored=row is not None, race=race)
             if known is not None:
                 done(slot, *known)
             elif recipe.hash in waiting:
                 waiting[recipe.hash].append(slot)
             else:
                 waiting[recipe.hash] = [slot]
-                tasks.append(Task(slot, recipe, self.space))
+                tasks.append(Task(slot, recipe, self.space, race))
         for slot, fresh in self.pool.run(tasks):
             self._commit(idents[slot], recipes[slot], fresh)
             done(slot, fresh, "evaluated")
@@ -786,12 +804,29 @@ class Search:
         self._commit(ident, recipe, result)
         return result, "evaluated"
 
+    def _race_rule(self) -> RaceRule | None:
+        """The racing rule of the next evaluations (None without racing): the run's front and
+        the baseline reference when it is feasible, each with its accuracy's stderr."""
+        if not self.fidelity.racing:
+            return None
+        members = []
+        for ident in sorted(self._archive):
+            row = self.store.evaluation(ident)
+            meta = row.result.metadata if row is not None else {}
+            members.append(RaceMember(tuple(map(float, self._archive[ident])), _stderr(meta)))
+        ref = self.reference
+        if ref is not None and ref.objectives is not None and np.all(self._constraints(ref) <= 0):
+            F = tuple(map(float, to_minimization(ref.objectives)))
+            members.append(RaceMember(F, _stderr(ref.metadata)))
+        return RaceRule(self.fidelity.quick_limit, self.fidelity.z, tuple(members))
+
     def _known_result(
-        self, ident: int, recipe: Recipe, stored: bool
+        self, ident: int, recipe: Recipe, stored: bool, race: RaceRule | None = None
     ) -> tuple[EvaluationResult, str] | None:
         """Stored evaluation of this individual (``stored``: its row predates this process) >
         same recipe earlier in this run > fitness cache; None when it must be evaluated.
-        Every new row is committed at once."""
+        Every new row is committed at once. With racing, a cached quick result serves only
+        when ``race`` stops it too (a full one serves either way)."""
         if stored:
             row = self.store.evaluation(ident)
             retry = self.retry_failed and row is not None and row.result.status == "failed"
@@ -804,6 +839,14 @@ class Search:
             return earlier, "run"
         if self.cache is not None:
             result = self.cache.get(recipe, self.fingerprint, self.limits)
+            if result is None and race is not None and self.quick_fingerprint is not None:
+                quick = self.cache.get(recipe, self.quick_fingerprint, self.limits)
+                if (
+                    quick is not None
+                    and quick.ok
+                    and race.stop(quick.objectives or {}, quick.metadata)
+                ):
+                    result = quick
             if result is not None:
                 self.store.add_evaluation(ident, result, "cache")
                 self._results[recipe.hash] = result
@@ -814,7 +857,9 @@ class Search:
         """A fresh result into the run store and the cache, the moment it arrives."""
         self.store.add_evaluation(ident, result, "evaluated")
         if self.cache is not None:
-            self.cache.put(recipe, self.fingerprint, result, self.limits)
+            quick = stage_of(result.metadata) == QUICK and self.quick_fingerprint is not None
+            key = self.quick_fingerprint if quick else self.fingerprint
+            self.cache.put(recipe, key or self.fingerprint, result, self.limits)
         self._results[recipe.hash] = result
 
     def _objectives(self, result: EvaluationResult) -> np.ndarray:
@@ -872,6 +917,7 @@ class Search:
             cache_hits=counts.get("cache", 0),
             reused=counts.get("run", 0),
             failed=counts.get("failed", 0),
+            quick=counts.get("quick", 0),
             front_size=len(self._archive),
             hypervolume=self.box.hypervolume(front_F) if self._archive else 0.0,
             evaluations_total=self.store.count_evaluations(min_generation=0),
@@ -1176,6 +1222,13 @@ def _run_concurrently(tasks: Sequence[Any], limit: int) -> None:
         thread.join()
     if errors:
         raise errors[0]
+
+
+def _stderr(metadata: dict[str, Any]) -> float:
+    value = metadata.get(STDERR_KEY)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return max(0.0, float(value))
+    return 0.0
 
 
 def _fitness(ind: Any) -> tuple[np.ndarray, float]:

@@ -22,6 +22,8 @@ class GenerationStats:
     hypervolume: float
     evaluations_total: int
     seconds: float
+    # Evaluations that stopped after racing's quick stage (``fidelity.racing``).
+    quick: int = 0
 
 
 class ProgressListener:

@@ -188,12 +188,14 @@ def crash_evaluations(search: Any, generation: int, after: int, error: type[Exce
     original = search.evaluator.evaluate
     calls = {"n": 0}
 
-    def evaluate(recipe: Recipe, space: Any, placement: Placement | None = None) -> Any:
+    def evaluate(
+        recipe: Recipe, space: Any, placement: Placement | None = None, race: Any = None
+    ) -> Any:
         if getattr(search, "_generation", 0) == generation:
             calls["n"] += 1
             if calls["n"] > after:
                 raise error
-        return original(recipe, space, placement)
+        return original(recipe, space, placement, race)
 
     search.evaluator.evaluate = evaluate
 

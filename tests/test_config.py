@@ -20,6 +20,12 @@ def test_defaults_validate_and_round_trip_through_yaml():
     assert make_config_evaluator(config).name == "synthetic"
 
 
+def test_racing_is_off_by_default_and_round_trips():
+    assert parse_config({}).fidelity.racing is False
+    config = parse_config({"fidelity": {"racing": True, "quick_limit": 100, "z": 1.5}})
+    assert parse_config(yaml.safe_load(config.to_yaml())) == config
+
+
 def test_the_demo_config_loads():
     config = load_config("configs/synthetic.yaml")
     assert isinstance(config, PopulationConfig)
@@ -115,6 +121,10 @@ def test_a_space_file_can_be_the_base(tmp_path):
         ({"llm": {"budget": {"max_cost": float("nan")}}}, ["`llm.budget.max_cost`"]),
         ({"evaluation": {"workers": 10**9}}, ["`evaluation.workers`", str(10**9)]),
         ({"output": {"runs_root": "runs\x00x"}}, ["`output.runs_root`", "NUL"]),
+        ({"fidelity": {"quick_limit": 0}}, ["`fidelity.quick_limit`", ">= 1", "got 0"]),
+        ({"fidelity": {"z": -1}}, ["`fidelity.z`", ">= 0"]),
+        ({"fidelity": {"z": float("nan")}}, ["`fidelity.z`"]),
+        ({"fidelity": {"raceing": True}}, ["unknown key `fidelity.raceing`"]),
     ],
 )
 def test_numbers_out_of_any_sane_range_are_rejected(data, fragments):

@@ -17,12 +17,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from evo_compress.config import CarbonConfig, HardwareConfig, ModelConfig
 from evo_compress.genomes import Recipe, SearchSpace
 from evo_compress.objectives import check_objectives
 from evo_compress.registry import Registry
+
+if TYPE_CHECKING:
+    from evo_compress.fitness.racing import RaceRule
 
 Status = Literal["ok", "failed", "infeasible"]
 
@@ -145,6 +148,8 @@ class Evaluator(ABC):
     """
 
     name: ClassVar[str] = "evaluator"
+    # Whether ``_evaluate_raced`` measures a quick stage first (``fidelity.racing``).
+    supports_racing: ClassVar[bool] = False
 
     def __init__(self, settings: Mapping[str, Any], context: EvaluationContext) -> None:
         self.settings = dict(settings)
@@ -168,6 +173,21 @@ class Evaluator(ABC):
         """Apply ``recipe``, measure it and return the result (raise or return a failure).
         Processes it starts get ``placement.env``; ``placement.device`` overrides the
         configured device."""
+
+    def _evaluate_raced(
+        self, recipe: Recipe, placement: Placement, race: RaceRule
+    ) -> EvaluationResult:
+        """``_evaluate`` with racing: measure on ``race.quick_limit`` items, return that
+        result (``metadata.stage: "quick"``) when ``race.stop`` says it cannot reach the
+        front, else finish (``stage: "full"``). Back ends with ``supports_racing`` write it."""
+        raise NotImplementedError(f"the {self.name} back end does not race")
+
+    def quick_fingerprint(self, quick_limit: int) -> str:
+        """The fitness cache's key for this back end's quick results on ``quick_limit``
+        items (never served as full ones)."""
+        from evo_compress.fitness.racing import quick_fingerprint
+
+        return quick_fingerprint(self.fingerprint(), {"quick_limit": quick_limit})
 
     def shared_paths(self) -> list[Path]:
         """Files and folders every evaluation reads by path (the model, the task's files):
@@ -259,9 +279,14 @@ class Evaluator(ABC):
         return restricted
 
     def evaluate(
-        self, recipe: Recipe, space: SearchSpace, placement: Placement | None = None
+        self,
+        recipe: Recipe,
+        space: SearchSpace,
+        placement: Placement | None = None,
+        race: RaceRule | None = None,
     ) -> EvaluationResult:
-        """Evaluate one recipe; never raises for a recipe's own failure."""
+        """Evaluate one recipe; never raises for a recipe's own failure. With ``race`` (and a
+        back end that races) the measurement may stop after its quick stage."""
         placement = placement or Placement()
         start = time.perf_counter()
         reason = self.infeasible_reason(recipe, space)
@@ -269,7 +294,10 @@ class Evaluator(ABC):
             result = EvaluationResult.failure(reason, {"evaluator": self.name}, "infeasible")
             return result.with_duration(time.perf_counter() - start)
         try:
-            result = self._evaluate(recipe, placement)
+            if race is not None and self.supports_racing:
+                result = self._evaluate_raced(recipe, placement, race)
+            else:
+                result = self._evaluate(recipe, placement)
             if result.ok:
                 # Re-check: a back end that returns NaN or four objectives is a failure.
                 result = EvaluationResult.success(result.objectives or {}, result.metadata)

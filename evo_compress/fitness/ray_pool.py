@@ -36,6 +36,7 @@ from evo_compress.genomes import Recipe, SearchSpace
 
 if TYPE_CHECKING:
     from evo_compress.config import RayConfig
+    from evo_compress.fitness.racing import RaceRule
 
 MISSING_RAY = "`evaluation.backend: ray` needs Ray: pip install 'evo-compress[ray]'"
 # ray.wait returns at least this often, so an interrupt is seen while tasks run.
@@ -56,7 +57,11 @@ _AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
 def evaluate_in_task(
-    evaluator: Evaluator, recipe: Recipe, space: SearchSpace, gpus: bool
+    evaluator: Evaluator,
+    recipe: Recipe,
+    space: SearchSpace,
+    gpus: bool,
+    race: RaceRule | None = None,
 ) -> EvaluationResult:
     """The body of one Ray task: evaluate ``recipe`` where Ray placed it and say where."""
     import ray
@@ -76,7 +81,7 @@ def evaluate_in_task(
             f"missing on Ray node {node_ip}: {', '.join(missing)}",
             {"ray": {"node_ip": node_ip, "missing_paths": missing}},
         )
-    result = evaluator.evaluate(recipe, space, placement)
+    result = evaluator.evaluate(recipe, space, placement, race)
     metadata = {
         **result.metadata,
         "placement": placement.describe(),
@@ -237,7 +242,11 @@ class RayPool(EvaluationPool):
                 while waiting and len(pending) < limit:
                     task = waiting.popleft()
                     ref = self._remote.remote(
-                        self._evaluator_ref, task.recipe, task.space, self.num_gpus() > 0
+                        self._evaluator_ref,
+                        task.recipe,
+                        task.space,
+                        self.num_gpus() > 0,
+                        task.race,
                     )
                     pending[ref] = task
                 done, _ = ray.wait(list(pending), num_returns=1, timeout=_WAIT_S)

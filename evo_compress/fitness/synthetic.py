@@ -24,6 +24,7 @@ from evo_compress.fitness._base import (
     Placement,
 )
 from evo_compress.fitness.noise import STDERR_KEY
+from evo_compress.fitness.racing import FULL, QUICK, STAGE_KEY, RaceRule
 from evo_compress.genomes import Recipe, SearchSpace
 from evo_compress.objectives import OBJECTIVES
 
@@ -124,6 +125,9 @@ _ATTENTION_FACTOR = {
     "flashinfer": 0.95,
 }
 _NOTE = "closed-form synthetic landscape, not a measurement"
+# Share of an evaluation's cost spent before accuracy is measured (applying the recipe,
+# latency): what racing's quick stage cannot save.
+_APPLY_SHARE = 0.5
 
 
 class SyntheticSettings(BaseModel):
@@ -150,6 +154,12 @@ class SyntheticSettings(BaseModel):
         default_factory=dict, description="gene -> values whose recipes fail (tests)"
     )
     context_tokens: int = Field(4096, ge=1, description="Context length per sequence")
+    test_items: int = Field(
+        250,
+        ge=2,
+        description="Test items the accuracy stands for (racing: a quick stage on k of them "
+        "has stderr noise * sqrt(test_items / k))",
+    )
 
 
 def _settings_error(exc: ValidationError) -> ConfigError:
@@ -244,6 +254,7 @@ class SyntheticEvaluator(Evaluator):
     """
 
     name: ClassVar[str] = "synthetic"
+    supports_racing: ClassVar[bool] = True
 
     def __init__(self, settings: Mapping[str, Any], context: EvaluationContext) -> None:
         super().__init__(settings, context)
@@ -258,8 +269,17 @@ class SyntheticEvaluator(Evaluator):
     def fingerprint_data(self) -> dict[str, Any]:
         # Validated settings (defaults filled, 7 == 7.0), less the pause: it changes no result.
         data = super().fingerprint_data()
-        data["settings"] = self.config.model_dump(mode="json", exclude={"cost_s", "cost_spread"})
+        # `test_items` shapes quick results only, which racing keys apart (quick_fingerprint).
+        data["settings"] = self.config.model_dump(
+            mode="json", exclude={"cost_s", "cost_spread", "test_items"}
+        )
         return data
+
+    def quick_fingerprint(self, quick_limit: int) -> str:
+        from evo_compress.fitness.racing import quick_fingerprint
+
+        extra = {"quick_limit": quick_limit, "test_items": self.config.test_items}
+        return quick_fingerprint(self.fingerprint(), extra)
 
     def cost_of(self, recipe: Recipe) -> float:
         """Seconds this recipe's evaluation pauses: cost_s, spread by a hash of the recipe."""
@@ -270,6 +290,46 @@ class SyntheticEvaluator(Evaluator):
     def _evaluate(self, recipe: Recipe, placement: Placement) -> EvaluationResult:
         if self.config.cost_s > 0:
             time.sleep(self.cost_of(recipe))
+        return self._compute(recipe)
+
+    def _evaluate_raced(
+        self, recipe: Recipe, placement: Placement, race: RaceRule
+    ) -> EvaluationResult:
+        """The full result as without racing, or, when ``race`` stops it, a quick one: the
+        accuracy of the first k of ``test_items`` items, the full accuracy's noise plus the
+        extra noise of fewer items (so the full value is the quick one's continuation), and
+        a pause of the apply share plus k / test_items of the rest."""
+        full = self._compute(recipe)
+        items = self.config.test_items
+        k = race.quick_limit
+        cost = self.cost_of(recipe) if self.config.cost_s > 0 else 0.0
+        if full.ok and full.objectives is not None and k < items:
+            rng = np.random.default_rng(
+                int(
+                    hashlib.sha256(f"{self.config.seed}:quick:{recipe.hash}".encode()).hexdigest(),
+                    16,
+                )
+                % 2**63
+            )
+            extra = self.config.noise * math.sqrt(items / k - 1.0) * float(rng.standard_normal())
+            accuracy = float(np.clip(full.objectives["accuracy"] + extra, 0.0, 1.0))
+            objectives = {**full.objectives, "accuracy": accuracy}
+            metadata = {
+                **full.metadata,
+                STAGE_KEY: QUICK,
+                STDERR_KEY: self.config.noise * math.sqrt(items / k),
+                "racing": {"items": k, "of": items},
+            }
+            if race.stop(objectives, metadata):
+                time.sleep(cost * (_APPLY_SHARE + (1.0 - _APPLY_SHARE) * k / items))
+                return EvaluationResult.success(objectives, metadata)
+        time.sleep(cost)
+        if not full.ok:
+            return full
+        metadata = {**full.metadata, STAGE_KEY: FULL, "racing": {"items": items, "of": items}}
+        return EvaluationResult.success(full.objectives or {}, metadata)
+
+    def _compute(self, recipe: Recipe) -> EvaluationResult:
         base_meta: dict[str, Any] = {"evaluator": self.name, "synthetic": True, "note": _NOTE}
         for gene_name, values in self.config.fail_if.items():
             if gene_name in recipe and recipe[gene_name] in values:

@@ -18,6 +18,7 @@ HISTORY_FIELDS = (
     "cache_hits",
     "reused",
     "failed",
+    "quick",
     "evaluations_total",
     "seconds",
 )

@@ -37,6 +37,8 @@ class FrontMember:
             "accuracy_stderr": accuracy.stderr,
             "accuracy_n": accuracy.n,
             "feasible": self.feasible,
+            # which racing stage measured it (``fidelity.racing``); absent without racing
+            **({"stage": self.how["stage"]} if "stage" in self.how else {}),
         }
 
 

@@ -104,16 +104,42 @@ def _quiet_hflm(model: Any, tokenizer: Any, batch_size: int) -> Any:
 @contextlib.contextmanager
 def _no_context_progress_bar() -> Iterator[None]:
     """lm-eval draws a "building contexts" bar per task with no switch to turn it off; in a
-    search that is one bar per evaluation, so swap in a disabled tqdm for the call."""
+    search that is one bar per evaluation, so swap in a disabled tqdm for the call.
+
+    Two fixed costs of every ``simple_evaluate`` call go for the call too, neither changing
+    a score: ``add_env_info`` (torch's ``collect_env`` runs ``pip list`` and more in
+    subprocesses, ~0.25 s, for a field we never read) and compiling each document's Jinja
+    template again (compiled once per template text instead). On a small model they are
+    most of an accuracy measurement, and racing makes two calls."""
     import lm_eval.api.task as task_module
+    import lm_eval.evaluator as evaluator_module
+    import lm_eval.utils as utils_module
     from tqdm import tqdm
 
-    original = task_module.tqdm
+    saved = (task_module.tqdm, evaluator_module.add_env_info, utils_module.apply_template)
     task_module.tqdm = functools.partial(tqdm, disable=True)
+    evaluator_module.add_env_info = _no_env_info
+    utils_module.apply_template = _apply_template
     try:
         yield
     finally:
-        task_module.tqdm = original
+        task_module.tqdm, evaluator_module.add_env_info, utils_module.apply_template = saved
+
+
+def _no_env_info(storage: dict[str, Any]) -> None:
+    """Stands in for lm-eval's ``add_env_info``: the results' environment fields stay unset."""
+
+
+@functools.lru_cache(maxsize=256)
+def _template(text: str) -> Any:
+    from lm_eval.utils import env
+
+    return env.from_string(text)
+
+
+def _apply_template(template: str, doc: dict[str, Any]) -> str:
+    """lm-eval's ``apply_template`` (same Jinja environment), the template compiled once."""
+    return str(_template(template).render(**doc))
 
 
 def _number(value: Any) -> float | None:
@@ -155,6 +181,7 @@ def measure_accuracy(
     limit: int | None = None,
     batch_size: int = 32,
     device: str = "cpu",
+    samples: list[int] | None = None,
 ) -> dict[str, Any]:
     """Run one lm-eval task on ``model`` as it is in memory.
 
@@ -163,7 +190,10 @@ def measure_accuracy(
     to ``device`` if it is elsewhere. Returns ``accuracy`` (the task's main metric, e.g.
     ``exact_match``), ``metric``, ``n`` (documents scored), ``stderr`` (lm-eval's, else
     the binomial sqrt(p(1-p)/(n-1)); None for a single document), ``stderr_from``,
-    ``seconds`` (wall time, loading the task included) and ``task``.
+    ``seconds`` (wall time, loading the task included) and ``task``; ``available`` (the
+    task's documents, when one task) and ``aggregation`` (of the main metric, when named).
+    ``samples`` (instead of ``limit``) scores only the documents at those indices: racing
+    scores the first k documents with ``limit`` and the rest this way.
     """
     if limit is not None and limit < 1:
         raise ValueError(f"`limit` must be >= 1 or None, got {limit}")
@@ -182,13 +212,16 @@ def measure_accuracy(
     was_training = model.training
     model.eval()
     try:
-        scores = run_task(_quiet_hflm(model, tokenizer, batch_size), name, manager, limit)
+        lm = _quiet_hflm(model, tokenizer, batch_size)
+        scores = run_task(lm, name, manager, limit, samples)
     finally:
         model.train(was_training)
     return {**scores, "seconds": time.perf_counter() - start}
 
 
-def run_task(lm: Any, name: str, manager: Any, limit: int | None) -> dict[str, Any]:
+def run_task(
+    lm: Any, name: str, manager: Any, limit: int | None, samples: list[int] | None = None
+) -> dict[str, Any]:
     """One lm-eval task on an lm-eval model object (in memory, or a server client): its main
     metric, the documents scored and the metric's standard error (lm-eval's, else the
     binomial one; ``stderr_from`` says which)."""
@@ -200,6 +233,7 @@ def run_task(lm: Any, name: str, manager: Any, limit: int | None) -> dict[str, A
             tasks=[name],
             task_manager=manager,
             limit=limit,
+            samples={name: list(samples)} if samples is not None else None,
             log_samples=False,
             bootstrap_iters=1000,
             # Greedy decoding needs no seed; leave the caller's global RNGs untouched.
@@ -212,7 +246,11 @@ def run_task(lm: Any, name: str, manager: Any, limit: int | None) -> dict[str, A
     metric, value, reported = _main_metric(results, name)
     n = _n_docs(results, name)
     stderr, stderr_from = accuracy_stderr(value, n, reported)
+    counts = results.get("n-samples", {}).get(name, {})
+    aggregation = _aggregation(results, name, metric)
     return {
+        **({"available": int(counts["original"])} if "original" in counts else {}),
+        **({"aggregation": aggregation} if aggregation is not None else {}),
         "accuracy": value,
         "metric": metric,
         "n": n,
@@ -220,3 +258,14 @@ def run_task(lm: Any, name: str, manager: Any, limit: int | None) -> dict[str, A
         "stderr_from": stderr_from,
         "task": name,
     }
+
+
+def _aggregation(results: dict[str, Any], name: str, metric: str) -> str | None:
+    """How the task aggregates ``metric`` over documents, when its config names it (``mean``:
+    the scores of two sets of documents combine into the score of both)."""
+    config = results.get("configs", {}).get(name, {})
+    for entry in config.get("metric_list", []):
+        if isinstance(entry, dict) and entry.get("metric") == metric:
+            aggregation = entry.get("aggregation")
+            return aggregation if isinstance(aggregation, str) else None
+    return None

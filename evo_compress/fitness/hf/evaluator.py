@@ -27,6 +27,7 @@ from evo_compress.fitness._base import (
     Evaluator,
     Placement,
 )
+from evo_compress.fitness.racing import RaceRule
 from evo_compress.fitness.worker import WorkerLimits, run_in_worker
 from evo_compress.genomes import Recipe
 
@@ -135,6 +136,7 @@ class TransformersEvaluator(ModelEvaluator):
     measures accuracy with lm-eval and serving latency, memory and energy itself."""
 
     name: ClassVar[str] = "transformers"
+    supports_racing: ClassVar[bool] = True
 
     def __init__(self, settings: Mapping[str, Any], context: EvaluationContext) -> None:
         super().__init__(settings, context)
@@ -219,6 +221,17 @@ class TransformersEvaluator(ModelEvaluator):
 
     # ------------------------------------------------------------------ evaluation
     def _evaluate(self, recipe: Recipe, placement: Placement) -> EvaluationResult:
+        return self._run(recipe, placement, None)
+
+    def _evaluate_raced(
+        self, recipe: Recipe, placement: Placement, race: RaceRule
+    ) -> EvaluationResult:
+        # The worker decides between its quick and full stages (``pipeline``).
+        return self._run(recipe, placement, race)
+
+    def _run(
+        self, recipe: Recipe, placement: Placement, race: RaceRule | None
+    ) -> EvaluationResult:
         if self._model_path is None or self._task is None:
             self.prepare()
         assert self._model_path is not None and self._task is not None
@@ -232,6 +245,8 @@ class TransformersEvaluator(ModelEvaluator):
             "settings": self.config.model_dump(mode="json"),
             "carbon": self.context.carbon.model_dump(mode="json"),
         }
+        if race is not None:
+            payload["race"] = race.to_data()
         limits = WorkerLimits(self.config.timeout_s, memory_limit_mib=self._memory_limit())
         return run_in_worker(
             "evo_compress.fitness.hf.pipeline:evaluate_in_worker",

@@ -30,7 +30,8 @@ from evo_compress.fitness.energy import (
 from evo_compress.fitness.hf.accuracy import measure_accuracy
 from evo_compress.fitness.hf.apply import AppliedRecipe, apply_recipe
 from evo_compress.fitness.hf.measure import measure_latency, measure_memory
-from evo_compress.fitness.noise import N_KEY, STDERR_KEY
+from evo_compress.fitness.noise import N_KEY, STDERR_KEY, accuracy_stderr
+from evo_compress.fitness.racing import FULL, QUICK, STAGE_KEY, RaceRule, combine_means
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -105,15 +106,26 @@ def evaluate_in_worker(payload: dict[str, Any]) -> EvaluationResult:
     texts: list[str] = list(task.get("train_texts") or [])
     model = applied.model
 
-    accuracy = measure_accuracy(
-        model,
-        tokenizer,
-        task["name"],
-        include_path=Path(task["include_path"]) if task.get("include_path") else None,
-        limit=settings["limit"],
-        batch_size=int(settings["eval_batch_size"]),
-        device=device,
-    )
+    def accuracy_on(limit: int | None, samples: list[int] | None = None) -> dict[str, Any]:
+        return measure_accuracy(
+            model,
+            tokenizer,
+            task["name"],
+            include_path=Path(task["include_path"]) if task.get("include_path") else None,
+            limit=limit,
+            batch_size=int(settings["eval_batch_size"]),
+            device=device,
+            samples=samples,
+        )
+
+    # Racing: the first `quick_limit` items now, the rest only if the recipe can still reach
+    # the front (``fitness.racing``); the recipe is applied and timed once either way.
+    race = RaceRule.from_data(payload["race"]) if payload.get("race") else None
+    limit = settings["limit"]
+    if race is not None:
+        accuracy = accuracy_on(min(race.quick_limit, limit or race.quick_limit))
+    else:
+        accuracy = accuracy_on(limit)
 
     batch_size = int(recipe.get("serve.max_num_seqs", 1))
     pool = list(task.get("prompts") or [t.split("=")[0] + "=" for t in texts[:64]])
@@ -139,11 +151,77 @@ def evaluate_in_worker(payload: dict[str, Any]) -> EvaluationResult:
         device,
     )
 
-    tokens = float(latency["tokens_generated"])
-    energy = serving.result
+    def result(accuracy: dict[str, Any], stage: str | None) -> EvaluationResult:
+        objectives, metadata = _record(accuracy, rest)
+        if stage is not None:
+            metadata[STAGE_KEY] = stage
+        metadata["seconds"] = round(time.perf_counter() - started, 3)
+        return EvaluationResult.success(objectives, _plain(metadata))
+
+    rest = {
+        "payload": payload,
+        "device": device,
+        "settings": settings,
+        "latency": latency,
+        "memory": memory,
+        "energy": serving.result,
+        "tokens": float(latency["tokens_generated"]),
+        "batch_size": batch_size,
+        "compression": applied.compression_energy,
+        "details": applied.details,
+    }
+    if race is None:
+        return result(accuracy, None)
+    quick = result(accuracy, QUICK)
+    available = accuracy.get("available")
+    total = limit if available is None else min(limit or available, available)
+    if total is not None and total <= int(accuracy["n"]):
+        return result(accuracy, FULL)  # the quick stage scored every item already
+    if race.stop(quick.objectives or {}, quick.metadata):
+        return quick
+    return result(_finish_accuracy(accuracy, accuracy_on, total), FULL)
+
+
+def _finish_accuracy(quick: dict[str, Any], accuracy_on: Any, total: int | None) -> dict[str, Any]:
+    """The accuracy on all ``total`` items, given the quick stage's on the first ones: the
+    rest scored and combined with them (a mean metric of one task), else every item scored
+    again. Either way what a run without racing measures."""
+    k = int(quick["n"])
+    if total is None or quick.get("aggregation") != "mean" or "available" not in quick:
+        return {**accuracy_on(total), "racing": "scored again in full"}
+    rest = accuracy_on(None, list(range(k, total)))
+    mean, n, stderr = combine_means(
+        [
+            (float(quick["accuracy"]), k, quick.get("stderr")),
+            (float(rest["accuracy"]), int(rest["n"]), rest.get("stderr")),
+        ]
+    )
+    if stderr is None:
+        stderr, stderr_from = accuracy_stderr(mean, n, None)
+    else:
+        stderr_from = quick.get("stderr_from")
+    return {
+        **quick,
+        "accuracy": mean,
+        "n": n,
+        "stderr": stderr,
+        "stderr_from": stderr_from,
+        "seconds": float(quick["seconds"]) + float(rest["seconds"]),
+        "racing": {"quick_n": k, "rest_n": int(rest["n"])},
+    }
+
+
+def _record(
+    accuracy: dict[str, Any], rest: dict[str, Any]
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """The objectives and metadata of one evaluation from its accuracy and the rest of what
+    was measured."""
+    payload, device, settings = rest["payload"], rest["device"], rest["settings"]
+    latency, memory, energy = rest["latency"], rest["memory"], rest["energy"]
+    tokens, batch_size = rest["tokens"], rest["batch_size"]
+    compression, details = rest["compression"], rest["details"]
     intensity = float(payload["carbon"]["grid_intensity_g_per_kwh"])
     energy_per_1k = energy.joules / tokens * 1000.0
-    compression = applied.compression_energy
     co2_serving = co2_grams(energy_per_1k, intensity)
     co2_once = amortised_co2_per_1k(
         compression.joules, intensity, float(payload["carbon"]["deployment_tokens"])
@@ -197,12 +275,11 @@ def evaluate_in_worker(payload: dict[str, Any]) -> EvaluationResult:
                 "compression_g_per_1k": co2_once,
             },
         },
-        "compression": {"energy": compression.to_dict(), **applied.details},
+        "compression": {"energy": compression.to_dict(), **details},
         "accuracy_run": _plain(accuracy),
         "latency_run": _plain(latency),
-        "seconds": round(time.perf_counter() - started, 3),
     }
-    return EvaluationResult.success(objectives, _plain(metadata))
+    return objectives, metadata
 
 
 def _plain(value: Any) -> Any:

@@ -10,6 +10,7 @@ import pytest
 from evo_compress.config import CarbonConfig, HardwareConfig, ModelConfig
 from evo_compress.exceptions import ConfigError
 from evo_compress.fitness import EvaluationContext, make_evaluator
+from evo_compress.fitness.racing import RaceMember, RaceRule
 from evo_compress.genomes import SearchSpace
 from evo_compress.testing import save_random_llama
 
@@ -192,3 +193,33 @@ def test_the_record_carries_the_accuracys_binomial_stderr_through_cache_and_stor
     with cli.console.capture() as shown:
         cli._print_front_table([member])
     assert f"{p:.3f} ± {meta['accuracy_stderr']:.3f}" in shown.get()
+
+
+@_slow_until_trained
+def test_racing_on_the_reference_model_finishes_exactly_or_stops_quick():
+    evaluator = evaluator_for(Path("reference"), limit=120)
+    evaluator.prepare()
+    recipe = SPACE.recipe({"quant": {"method": "int8_weight_only"}, "serve": {"max_num_seqs": 2}})
+    plain = evaluator.evaluate(recipe, SPACE)
+    assert plain.ok and plain.objectives, plain.reason
+
+    # Nothing on the front yet: the first 40 items, then the other 80, combined.
+    full = evaluator.evaluate(recipe, SPACE, race=RaceRule(40, 2.0))
+    assert full.ok and full.objectives, full.reason
+    assert full.metadata["stage"] == "full"
+    assert full.metadata["accuracy_run"]["racing"] == {"quick_n": 40, "rest_n": 80}
+    assert full.metadata["accuracy_n"] == plain.metadata["accuracy_n"] == 120
+    assert full.objectives["accuracy"] == plain.objectives["accuracy"]
+    assert full.metadata["accuracy_stderr"] == pytest.approx(
+        plain.metadata["accuracy_stderr"], rel=1e-9
+    )
+
+    # A front member better in every objective than anything this model measures: the
+    # recipe stops after its 40 quick items.
+    best = RaceMember((-1.0, 0.0, 0.0, 0.0, 0.0), 0.0)
+    quick = evaluator.evaluate(recipe, SPACE, race=RaceRule(40, 0.0, (best,)))
+    assert quick.ok and quick.objectives, quick.reason
+    assert quick.metadata["stage"] == "quick"
+    assert quick.metadata["accuracy_n"] == 40
+    assert "racing" not in quick.metadata["accuracy_run"]
+    assert quick.metadata["accuracy_run"]["seconds"] < full.metadata["accuracy_run"]["seconds"]
