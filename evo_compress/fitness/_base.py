@@ -179,8 +179,9 @@ class Evaluator(ABC):
     ) -> EvaluationResult:
         """``_evaluate`` with racing: measure on ``race.quick_limit`` items, return that
         result (``metadata.stage: "quick"``) when ``race.stop`` says it cannot reach the
-        front, else finish (``stage: "full"``). Back ends with ``supports_racing`` write it."""
-        raise NotImplementedError(f"the {self.name} back end does not race")
+        front, else finish (``stage: "full"``). Back ends with ``supports_racing`` override
+        it; one that does not race measures everything, which is the full stage."""
+        return self._evaluate(recipe, placement)
 
     def quick_fingerprint(self, quick_limit: int) -> str:
         """The fitness cache's key for this back end's quick results on ``quick_limit``

@@ -650,12 +650,9 @@ class RunStore:
                     raise
             except sqlite3.DatabaseError as exc:
                 path = self.run_dir / DB_NAME
-                if _disk_full(path, exc):
-                    raise RunStoreError(
-                        f"disk full while writing the run store at {path}; free space and "
-                        f"{self._advice}"
-                    ) from None
-                raise RunStoreError(f"run store {path}: {exc}") from None
+                raise _database_error(
+                    path, exc, "writing", self._advice, f"run store {path}: {exc}"
+                ) from None
 
     def _rollback(self) -> None:
         """Undo the open transaction, if SQLite has not already (it may after SQLITE_FULL or
@@ -672,13 +669,13 @@ class RunStore:
                 return _Rows(self._db.execute(sql, args).fetchall())
         except sqlite3.DatabaseError as exc:
             path = self.run_dir / DB_NAME
-            if _disk_full(path, exc):
-                raise RunStoreError(
-                    f"disk full while reading the run store at {path}; free space and try again"
-                ) from None
-            raise RunStoreError(
+            raise _database_error(
+                path,
+                exc,
+                "reading",
+                "try again",
                 f"run store {path} cannot be read ({exc}); "
-                "it may be corrupted or not an evo-compress run"
+                "it may be corrupted or not an evo-compress run",
             ) from None
 
 
@@ -700,12 +697,13 @@ def _connect(path: Path) -> sqlite3.Connection:
         db.execute("PRAGMA synchronous=NORMAL")
         return db
     except sqlite3.DatabaseError as exc:
-        if _disk_full(path, exc):
-            raise RunStoreError(
-                f"disk full while opening the run store at {path}; free space and "
-                f"`evo-compress resume {path.parent}`"
-            ) from None
-        raise RunStoreError(f"{path} is not a readable SQLite run store ({exc})") from None
+        raise _database_error(
+            path,
+            exc,
+            "opening",
+            f"`evo-compress resume {path.parent}`",
+            f"{path} is not a readable SQLite run store ({exc})",
+        ) from None
 
 
 def _connect_read_only(path: Path) -> sqlite3.Connection:
@@ -738,6 +736,18 @@ def _open_uri(uri: str) -> sqlite3.Connection:
         db.close()
         raise
     return db
+
+
+def _database_error(
+    path: Path, exc: BaseException, doing: str, advice: str, otherwise: str
+) -> RunStoreError:
+    """One line for ``exc``, met while ``doing`` the store at ``path``: a full disk with
+    ``advice`` for after space is freed, anything else as ``otherwise`` says."""
+    if _disk_full(path, exc):
+        return RunStoreError(
+            f"disk full while {doing} the run store at {path}; free space and {advice}"
+        )
+    return RunStoreError(otherwise)
 
 
 def _disk_full(path: Path, exc: BaseException) -> bool:
