@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
-from evo_compress.agents.testing_servers import FakeProviderServer, llm_search_sections, model_like
 from evo_compress.engine import Search
 from evo_compress.runs import RunStore
 from evo_compress.runs.front import load_front
+from evo_compress.testing.providers import FakeProviderServer, llm_search_sections, model_like
 
 GOLDEN = Path(__file__).parent / "golden" / "fronts.json"
 
@@ -36,7 +36,10 @@ CASES: dict[str, dict[str, Any]] = {
             "recipes": "aggressive",
             "surrogate": {"enabled": False},
             "operators": {
-                "crossover": [{"name": "uniform", "weight": 2.0}, {"name": "uniform", "label": "u2"}],
+                "crossover": [
+                    {"name": "uniform", "weight": 2.0},
+                    {"name": "uniform", "label": "u2"},
+                ],
                 "mutation": [{"name": "gene"}, {"name": "expert"}],
             },
         },

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from evo_compress.agents.testing_servers import FakeProviderServer, model_like
+from evo_compress.testing.providers import FakeProviderServer, model_like
 
 
 @pytest.fixture

@@ -18,7 +18,12 @@ import pytest
 from evo_compress.agents.operators import LLMMutation
 from evo_compress.agents.reply import ProposalReply, ReplyError, parse_proposal, parse_seeds
 from evo_compress.agents.session import AgentSession
-from evo_compress.agents.testing_servers import (
+from evo_compress.config import LLMConfig
+from evo_compress.engine import Search
+from evo_compress.genomes import SearchSpace, nest
+from evo_compress.operators import Measured, VariationContext
+from evo_compress.runs import RunStore
+from evo_compress.testing.providers import (
     FakeProviderServer,
     RecordedRequest,
     Reply,
@@ -26,11 +31,6 @@ from evo_compress.agents.testing_servers import (
     llm_search_sections,
     operator_params,
 )
-from evo_compress.config import LLMConfig
-from evo_compress.engine import Search
-from evo_compress.genomes import SearchSpace, nest
-from evo_compress.operators import Measured, VariationContext
-from evo_compress.runs import RunStore
 
 SPACE = SearchSpace.builtin()
 KEY = "sk-fuzz-0123456789abcdefFUZZ"

@@ -11,7 +11,13 @@ from typing import Any
 
 import pytest
 
-from evo_compress.agents.testing_servers import (
+from evo_compress.engine import Search
+from evo_compress.exceptions import ConfigError
+from evo_compress.progress import ProgressListener
+from evo_compress.runs import RunStore
+from evo_compress.runs.front import load_front
+from evo_compress.testing import resume_search
+from evo_compress.testing.providers import (
     FakeProviderServer,
     Hang,
     RecordedRequest,
@@ -21,12 +27,6 @@ from evo_compress.agents.testing_servers import (
     llm_search_sections,
     model_like,
 )
-from evo_compress.engine import Search
-from evo_compress.exceptions import ConfigError
-from evo_compress.progress import ProgressListener
-from evo_compress.runs import RunStore
-from evo_compress.runs.front import load_front
-from evo_compress.testing import resume_search
 
 KEY = "sk-live-THISKEYMUSTNEVERLEAK-0123456789"
 
@@ -333,7 +333,7 @@ def test_llm_text_reaches_the_terminal_without_control_codes(tmp_path, keyed):
 
     import yaml
 
-    from evo_compress.agents.testing_servers import Reply
+    from evo_compress.testing.providers import Reply
 
     hostile = "\x1b]0;pwned\x07\x1b[2J\x1b[31mred\x9b1m\x07\x08\r\x00\u202e [/] [bold]x"
     answer = model_like()

@@ -35,7 +35,9 @@ from evo_compress.agents.providers import (
     parse_retry_after,
     scrub,
 )
-from evo_compress.agents.testing_servers import (
+from evo_compress.config import format_validation_error
+from evo_compress.exceptions import RegistryError
+from evo_compress.testing.providers import (
     FakeProviderServer,
     Hang,
     RecordedRequest,
@@ -46,8 +48,6 @@ from evo_compress.agents.testing_servers import (
     request_system,
     request_text,
 )
-from evo_compress.config import format_validation_error
-from evo_compress.exceptions import RegistryError
 
 ALL = ["anthropic", "openai", "google", "openai-compatible"]
 KEYED = ["anthropic", "openai", "google"]

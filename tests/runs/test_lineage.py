@@ -15,14 +15,6 @@ from typing import Any
 
 import pytest
 
-from evo_compress.agents.testing_servers import (
-    FakeProviderServer,
-    RecordedRequest,
-    Reply,
-    Response,
-    llm_search_sections,
-    model_like,
-)
 from evo_compress.exceptions import EvoCompressError, RunStoreError
 from evo_compress.objectives import OBJECTIVE_NAMES
 from evo_compress.runs import RunStore
@@ -30,6 +22,14 @@ from evo_compress.runs.front import load_front
 from evo_compress.runs.lineage import Edge, Lineage, Node, load_lineage
 from evo_compress.runs.store import DB_NAME
 from evo_compress.testing import run_search
+from evo_compress.testing.providers import (
+    FakeProviderServer,
+    RecordedRequest,
+    Reply,
+    Response,
+    llm_search_sections,
+    model_like,
+)
 
 GRAPHML = "{http://graphml.graphdrawing.org/xmlns}"
 

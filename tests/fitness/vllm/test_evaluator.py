@@ -16,7 +16,7 @@ from evo_compress.fitness import EVALUATORS, EvaluationContext
 from evo_compress.fitness.vllm.evaluator import VLLMEvaluator, VLLMSettings, probe_version
 from evo_compress.genomes import SearchSpace
 
-STANDIN = [sys.executable, "-m", "evo_compress.fitness.vllm.testing_server"]
+STANDIN = [sys.executable, "-m", "evo_compress.testing.vllm_server"]
 SPACE = SearchSpace.builtin()
 
 

@@ -1,4 +1,5 @@
-"""Helpers shared by the test suites (Optuna's ``optuna/testing`` plays the same role)."""
+"""Helpers shared by the test suites: seeded samples, worker targets, search runners, CLI
+runners and cache corruption (re-exported by ``evo_compress.testing``)."""
 
 from __future__ import annotations
 

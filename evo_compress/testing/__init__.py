@@ -1,0 +1,62 @@
+"""Test doubles and helpers for evo-compress and its plugins (Optuna's ``optuna.testing``).
+
+Production code never imports this package. ``providers`` is a fake LLM provider that speaks
+the OpenAI, Anthropic and Google wire formats; ``vllm_server`` a CPU stand-in for
+``vllm serve``; ``contracts`` the suites every evaluator and operator passes (pytest needed).
+"""
+
+from evo_compress.testing._helpers import (
+    CACHE_CORRUPTIONS,
+    CLI,
+    SEED_MAX,
+    Messages,
+    PidFileEvaluator,
+    assert_one_line_error,
+    corrupt_cache,
+    crash_evaluations,
+    final_state,
+    invoke_cli,
+    pins_except,
+    resume_search,
+    rng,
+    run_cli,
+    run_search,
+    samples,
+    save_random_llama,
+    search_front,
+    worker_allocate,
+    worker_crash,
+    worker_echo,
+    worker_env,
+    worker_print_then_raise,
+    worker_raise,
+    worker_sleep,
+)
+
+__all__ = [
+    "CACHE_CORRUPTIONS",
+    "CLI",
+    "SEED_MAX",
+    "Messages",
+    "PidFileEvaluator",
+    "assert_one_line_error",
+    "corrupt_cache",
+    "crash_evaluations",
+    "final_state",
+    "invoke_cli",
+    "pins_except",
+    "resume_search",
+    "rng",
+    "run_cli",
+    "run_search",
+    "samples",
+    "save_random_llama",
+    "search_front",
+    "worker_allocate",
+    "worker_crash",
+    "worker_echo",
+    "worker_env",
+    "worker_print_then_raise",
+    "worker_raise",
+    "worker_sleep",
+]
