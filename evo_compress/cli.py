@@ -1,5 +1,5 @@
 """The ``evo-compress`` command line: run, resume, evaluate, status, front, history,
-lineage, operators, report, export, compare, validate.
+lineage, operators, report, export, compare, ls, validate.
 
 An ``EvoCompressError`` becomes one line on stderr and exit code 2; ``--debug`` shows the
 traceback instead.
@@ -628,6 +628,56 @@ def compare(
             sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
         else:
             sys.stdout.write(render_comparison(result) + "\n")
+
+
+@app.command("ls")
+def ls(
+    format: TableFormat = typer.Option(TableFormat.table, "--format", "-f", help="Output format."),
+) -> None:
+    """Everything registered (evaluators, operators, LLM providers, ...): where each comes from,
+    built in or a plugin distribution, and what it is."""
+    with _errors():
+        import importlib
+
+        from evo_compress.registry import registries
+
+        for module in _REGISTRY_MODULES:
+            importlib.import_module(module)
+        order = {group: i for i, group in enumerate(_GROUP_ORDER)}
+        groups = sorted(registries().items(), key=lambda kv: (order.get(kv[0], 99), kv[0]))
+        rows = [
+            {
+                "kind": registry.kind,
+                "name": name,
+                "from": registry.origin(name),
+                "description": registry.describe(name),
+                "group": group,
+            }
+            for group, registry in groups
+            for name in registry.names()
+        ]
+        if format is TableFormat.json:
+            sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+            return
+        table = Table(title="Registered")
+        for column in ("kind", "name", "from", "description"):
+            table.add_column(column, overflow="fold")
+        for row in rows:
+            table.add_row(
+                *(terminal_safe(row[c]) for c in ("kind", "name", "from", "description"))
+            )
+        console.print(table, markup=False, highlight=False)
+
+
+# The modules whose import registers the built-ins of each extension point; a new registry
+# adds its module here and its entry-point group to the order.
+_REGISTRY_MODULES = ("evo_compress.fitness", "evo_compress.operators", "evo_compress.agents")
+_GROUP_ORDER = (
+    "evo_compress.evaluators",
+    "evo_compress.crossovers",
+    "evo_compress.mutations",
+    "evo_compress.providers",
+)
 
 
 @app.command()

@@ -1,35 +1,91 @@
-"""Typed name -> factory registries for every extension point (operators, evaluators, ...)."""
+"""Typed name -> factory registries for every extension point (operators, evaluators, ...).
+
+A registry with an entry-point ``group`` also holds the plugins installed for it: any
+distribution that declares, in its ``pyproject.toml``,
+
+    [project.entry-points."evo_compress.evaluators"]
+    my-backend = "my_package.module:MyEvaluator"
+
+is found on the first lookup or listing (pytest's ``pytest11``, lm-eval's model registry),
+without importing the plugin until its name is used.
+"""
 
 from __future__ import annotations
 
 import difflib
 import importlib
+import logging
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Generic, TypeVar
 
 from evo_compress.exceptions import RegistryError
 
 T = TypeVar("T")
 
+BUILTIN = "built-in"
+logger = logging.getLogger(__name__)
+
+# Every registry with an entry-point group, by group: what `evo-compress ls` lists.
+_GROUPS: dict[str, Registry[Any]] = {}
+
+
+@dataclass(frozen=True)
+class _Plugin:
+    """An entry point not loaded yet, with the distribution that declared it."""
+
+    entry_point: EntryPoint
+    distribution: str
+
+    def where(self) -> str:
+        ep = self.entry_point
+        return (
+            f"entry point `{ep.name} = {ep.value}` of distribution `{self.distribution}` "
+            f"(group `{ep.group}`)"
+        )
+
+
+def _distribution(entry_point: EntryPoint) -> str:
+    dist = getattr(entry_point, "dist", None)
+    if dist is None:
+        return "unknown distribution"
+    return f"{dist.metadata['Name']} {dist.version}"
+
 
 class Registry(Generic[T]):
     """Maps names to factories. Entries may be lazy ("module:attr") so heavy back ends load late.
 
     Registering a name twice raises; an unknown name raises with "did you mean" and the
-    list of known names (lm-eval's ``api/registry.py`` does the same).
+    list of known names (lm-eval's ``api/registry.py`` does the same). With ``group``, the
+    plugins of that entry-point group join on first use; a plugin that reuses a built-in
+    name is ignored, and one that fails to import fails only when its name is looked up,
+    each with one line naming its distribution and entry point.
     """
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, group: str | None = None) -> None:
         self.kind = kind
-        self._entries: dict[str, Callable[..., T] | str] = {}
+        self.group = group
+        self._entries: dict[str, Callable[..., T] | str | _Plugin] = {}
+        self._origins: dict[str, str] = {}
+        self._discovered = group is None
+        if group is not None:
+            if group in _GROUPS:
+                raise RegistryError(f"entry-point group `{group}` has a registry already")
+            _GROUPS[group] = self
 
     def register(self, name: str, factory: Callable[..., T] | str | None = None) -> Any:
         """Register ``factory`` under ``name``; without a factory, return a decorator."""
 
         def _add(obj: Any) -> Any:
             if name in self._entries:
-                raise RegistryError(f"{self.kind} `{name}` is already registered")
+                plugin = self._entries[name]
+                if not isinstance(plugin, _Plugin):
+                    raise RegistryError(f"{self.kind} `{name}` is already registered")
+                # A built-in registered after discovery still wins over the plugin.
+                self._ignore(plugin)
             self._entries[name] = obj
+            self._origins[name] = BUILTIN
             return obj
 
         if factory is None:
@@ -37,27 +93,96 @@ class Registry(Generic[T]):
         return _add(factory)
 
     def get(self, name: str) -> Callable[..., T]:
+        self._discover()
         try:
             entry = self._entries[name]
         except KeyError:
             raise RegistryError(self.unknown_message(name)) from None
-        if isinstance(entry, str):
+        if isinstance(entry, _Plugin):
+            entry = self._load_plugin(name, entry)
+        elif isinstance(entry, str):
             module_name, _, attr = entry.partition(":")
             entry = getattr(importlib.import_module(module_name), attr)
-            self._entries[name] = entry
+        self._entries[name] = entry
         return entry
 
+    def origin(self, name: str) -> str:
+        """``"built-in"``, or the plugin distribution (name and version) that provides it."""
+        self._discover()
+        if name not in self._origins:
+            raise RegistryError(self.unknown_message(name))
+        return self._origins[name]
+
+    def describe(self, name: str) -> str:
+        """The first sentence of the entry's docstring; why it cannot load when it cannot."""
+        try:
+            factory = self.get(name)
+        except RegistryError as exc:
+            return str(exc)
+        paragraph = " ".join(
+            (getattr(factory, "__doc__", None) or "").strip().split("\n\n")[0].split()
+        )
+        sentence, dot, _ = paragraph.partition(". ")
+        return (sentence + dot.strip()).replace("``", "`")
+
     def unknown_message(self, name: str) -> str:
-        known = sorted(self._entries)
+        known = self.names()
         close = difflib.get_close_matches(name, known, n=1)
         hint = f" (did you mean `{close[0]}`?)" if close else ""
         return f"unknown {self.kind} `{name}`{hint}; known: {', '.join(known)}"
 
     def __contains__(self, name: object) -> bool:
+        self._discover()
         return name in self._entries
 
     def __iter__(self) -> Iterator[str]:
-        return iter(sorted(self._entries))
+        return iter(self.names())
 
     def names(self) -> list[str]:
+        self._discover()
         return sorted(self._entries)
+
+    # ------------------------------------------------------------------ plugins
+    def _discover(self) -> None:
+        """Add the group's entry points, once; none is imported here."""
+        if self._discovered:
+            return
+        self._discovered = True
+        assert self.group is not None
+        for entry_point in entry_points(group=self.group):
+            plugin = _Plugin(entry_point, _distribution(entry_point))
+            if entry_point.name in self._entries:
+                self._ignore(plugin)
+                continue
+            self._entries[entry_point.name] = plugin
+            self._origins[entry_point.name] = plugin.distribution
+
+    def _ignore(self, plugin: _Plugin) -> None:
+        taken = self._origins.get(plugin.entry_point.name, BUILTIN)
+        owner = "a built-in" if taken == BUILTIN else f"distribution `{taken}`"
+        logger.warning(
+            "warning: plugin %s `%s` ignored: the name is taken by %s; %s",
+            self.kind,
+            plugin.entry_point.name,
+            owner,
+            plugin.where(),
+        )
+
+    def _load_plugin(self, name: str, plugin: _Plugin) -> Callable[..., T]:
+        try:
+            loaded: Callable[..., T] = plugin.entry_point.load()
+        except Exception as exc:  # a broken plugin is one line, and only when it is used
+            detail = " ".join(f"{type(exc).__name__}: {exc}".split())
+            raise RegistryError(
+                f"plugin {self.kind} `{name}` failed to load ({detail}); {plugin.where()}"
+            ) from None
+        if not callable(loaded):
+            raise RegistryError(
+                f"plugin {self.kind} `{name}` is not a class or factory; {plugin.where()}"
+            )
+        return loaded
+
+
+def registries() -> dict[str, Registry[Any]]:
+    """Every registry with an entry-point group, by group, among the modules imported."""
+    return dict(_GROUPS)

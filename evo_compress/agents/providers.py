@@ -585,7 +585,7 @@ def _backoff(settings: ProviderSettings) -> Callable[[Any], float]:
     return wait
 
 
-PROVIDERS: Registry[LLMClient] = Registry("LLM provider")
+PROVIDERS: Registry[LLMClient] = Registry("LLM provider", group="evo_compress.providers")
 
 
 @PROVIDERS.register("anthropic")

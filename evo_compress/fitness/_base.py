@@ -317,7 +317,7 @@ class Evaluator(ABC):
         """Release models, servers or worker processes. Safe to call twice."""
 
 
-EVALUATORS: Registry[Evaluator] = Registry("evaluator")
+EVALUATORS: Registry[Evaluator] = Registry("evaluator", group="evo_compress.evaluators")
 EVALUATORS.register("synthetic", "evo_compress.fitness.synthetic:SyntheticEvaluator")
 EVALUATORS.register("transformers", "evo_compress.fitness.hf.evaluator:TransformersEvaluator")
 EVALUATORS.register("vllm", "evo_compress.fitness.vllm.evaluator:VLLMEvaluator")

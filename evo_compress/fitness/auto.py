@@ -40,6 +40,7 @@ def choose_backend(settings: Mapping[str, Any], context: EvaluationContext) -> s
 
 
 def make_auto_evaluator(settings: Mapping[str, Any], context: EvaluationContext) -> Evaluator:
+    """A synthetic model: the synthetic landscape; else vLLM where it runs, else transformers."""
     from evo_compress.fitness._base import EVALUATORS
 
     unknown = sorted(set(settings) - set(_SECTIONS))

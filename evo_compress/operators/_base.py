@@ -125,8 +125,8 @@ class Mutation(Operator):
         """Return the mutated gene values (``do`` repairs them)."""
 
 
-CROSSOVERS: Registry[Crossover] = Registry("crossover operator")
-MUTATIONS: Registry[Mutation] = Registry("mutation operator")
+CROSSOVERS: Registry[Crossover] = Registry("crossover operator", group="evo_compress.crossovers")
+MUTATIONS: Registry[Mutation] = Registry("mutation operator", group="evo_compress.mutations")
 CROSSOVERS.register("uniform", "evo_compress.operators.classic:UniformCrossover")
 MUTATIONS.register("gene", "evo_compress.operators.classic:GeneMutation")
 MUTATIONS.register("expert", "evo_compress.operators.expert:ExpertMutation")
