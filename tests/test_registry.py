@@ -45,9 +45,7 @@ def group() -> str:
 
 
 def test_plugin_is_found_on_first_lookup_and_imported_only_when_used(site, group) -> None:
-    (site / "widgets_plugin.py").write_text(
-        'class Gear:\n    """A gear.\n\n    More text."""\n'
-    )
+    (site / "widgets_plugin.py").write_text('class Gear:\n    """A gear.\n\n    More text."""\n')
     install(site, "widgets-plugin", "1.2", group, {"gear": "widgets_plugin:Gear"})
     registry: Registry[object] = Registry("widget", group=group)
     registry.register("cog", "collections:OrderedDict")

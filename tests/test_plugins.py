@@ -1,0 +1,152 @@
+"""Third-party plugins from installed entry points: a toy plugin distribution (an evaluator
+and a mutation) and a broken one are installed for real with pip into a folder, then the
+plain CLI lists them, validates and runs a search with the toy plugin, and the toy plugin
+passes the contract suites. The broken plugin is one line, and only where it is used."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+PLUGINS = Path(__file__).parent / "plugins"
+EXE = [sys.executable, "-m", "evo_compress.cli"]
+# Offline, with this Python's setuptools: what a user's `pip install my-plugin` leaves behind.
+PIP_INSTALL = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index"]
+PIP_INSTALL += ["--no-build-isolation"]
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The environment of a Python where both plugin distributions are pip-installed."""
+    root = tmp_path_factory.mktemp("plugins")
+    site = root / "site"
+    sources = []
+    for name in ("toy", "broken"):
+        shutil.copytree(PLUGINS / name, root / name)  # pip builds in the source folder
+        sources.append(str(root / name))
+    subprocess.run(
+        [*PIP_INSTALL, "--target", str(site), *sources],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    assert sorted(p.name for p in site.glob("*.dist-info")) == [
+        "evo_broken_plugin-0.0.1.dist-info",
+        "evo_toy_plugin-0.1.0.dist-info",
+    ]
+    path = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "EVO_PLUGIN_ROOT": str(root)}
+
+
+def cli(env: dict[str, str], *args: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*EXE, *map(str, args)], capture_output=True, text=True, timeout=300, env=env
+    )
+
+
+def config(tmp_path: Path, evaluator: str, mutations: list[str]) -> Path:
+    data = {
+        "name": "plugin",
+        "model": {"id": "toy-1b"},
+        "search": {
+            "population_size": 6,
+            "generations": 3,
+            "seed": 3,
+            "operators": {
+                "crossover": [{"name": "uniform"}],
+                "mutation": [{"name": name} for name in mutations],
+            },
+        },
+        "evaluator": {"name": evaluator, "settings": {"params_b": 2.0}},
+        "output": {"runs_root": str(tmp_path / "runs")},
+    }
+    path = tmp_path / f"{evaluator}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_ls_lists_the_plugins_with_their_distribution(installed) -> None:
+    proc = cli(installed, "ls", "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    rows = {(r["group"], r["name"]): r for r in json.loads(proc.stdout)}
+    toy = rows[("evo_compress.evaluators", "toy")]
+    assert toy["from"] == "evo-toy-plugin 0.1.0" and toy["kind"] == "evaluator"
+    assert toy["description"].startswith("A closed-form toy back end from a plugin")
+    assert rows[("evo_compress.mutations", "toy-flip")]["from"] == "evo-toy-plugin 0.1.0"
+    assert rows[("evo_compress.evaluators", "synthetic")]["from"] == "built-in"
+    broken = rows[("evo_compress.evaluators", "broken")]
+    assert "failed to load" in broken["description"]
+    assert "evo-broken-plugin 0.0.1" in broken["description"]
+    # The clash with the built-in `gene` mutation: the built-in stays, one line says so.
+    assert rows[("evo_compress.mutations", "gene")]["from"] == "built-in"
+    [warning] = proc.stderr.strip().splitlines()
+    assert "`gene`" in warning and "evo-broken-plugin 0.0.1" in warning
+    assert "gene = evo_broken_plugin:Gene" in warning
+
+    table = cli(installed, "ls")
+    assert table.returncode == 0 and "evo-toy-plugin 0.1.0" in table.stdout
+    assert "toy-flip" in table.stdout
+
+
+def test_validate_and_run_find_the_plugin_with_no_package_edit(installed, tmp_path) -> None:
+    path = config(tmp_path, "toy", ["gene", "toy-flip"])
+    valid = cli(installed, "validate", path)
+    assert valid.returncode == 0, valid.stderr
+    assert "evaluator toy" in valid.stdout
+
+    run_dir = tmp_path / "run"
+    run = cli(installed, "run", "--config", path, "--run-dir", run_dir, "--no-cache")
+    assert run.returncode == 0, run.stderr
+    assert "generation 2:" in run.stdout and "Pareto front" in run.stdout
+    front = json.loads(cli(installed, "front", run_dir, "--format", "json").stdout)
+    assert front
+    # The toy back end's closed form: energy is 20 + weight bits, for its three methods.
+    assert {m["objectives"]["energy"] for m in front} <= {24.0, 28.0, 36.0}
+    assert {m["recipe"]["quant"]["method"] for m in front} <= {"none", "int8_weight_only", "rtn"}
+    ops = json.loads(cli(installed, "operators", run_dir, "--format", "json").stdout)
+    assert "toy-flip" in {row["operator"] for row in ops}
+
+    more = cli(installed, "resume", run_dir, "--generations", "4")
+    assert more.returncode == 0, more.stderr
+    assert "generation 3:" in more.stdout
+
+
+def test_a_broken_plugin_is_one_line_and_only_where_it_is_used(installed, tmp_path) -> None:
+    proc = cli(installed, "validate", config(tmp_path, "broken", ["gene"]))
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1
+    [error] = lines
+    for fragment in (
+        "evaluator `broken` failed to load",
+        "No module named 'evo_compress_no_such_dependency'",
+        "broken = evo_broken_plugin:Evaluator",
+        "evo-broken-plugin 0.0.1",
+    ):
+        assert fragment in error
+    # A search that does not name it runs (test_validate_and_run_... runs one with it installed).
+    ok = cli(installed, "validate", config(tmp_path, "toy", ["gene"]))
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_the_plugin_passes_the_contract_suites(installed) -> None:
+    folder = Path(installed["EVO_PLUGIN_ROOT"]) / "toy"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "contract_check.py"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=installed,
+        cwd=folder,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = proc.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "failed" not in summary and "error" not in summary
