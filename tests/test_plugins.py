@@ -150,3 +150,25 @@ def test_the_plugin_passes_the_contract_suites(installed) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = proc.stdout.strip().splitlines()[-1]
     assert " passed" in summary and "failed" not in summary and "error" not in summary
+
+
+def test_ls_lists_every_builtin_of_every_registry() -> None:
+    from evo_compress.agents import PROVIDERS
+    from evo_compress.fitness import EVALUATORS
+    from evo_compress.operators import CROSSOVERS, MUTATIONS
+
+    env = {**os.environ}
+    proc = cli(env, "ls", "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    listed = {(r["group"], r["name"]): r for r in json.loads(proc.stdout)}
+    for group, registry in (
+        ("evo_compress.evaluators", EVALUATORS),
+        ("evo_compress.crossovers", CROSSOVERS),
+        ("evo_compress.mutations", MUTATIONS),
+        ("evo_compress.providers", PROVIDERS),
+    ):
+        for name in registry.names():
+            row = listed.pop((group, name))
+            assert row["from"] == registry.origin(name) and row["kind"] == registry.kind
+            assert row["description"] and "\n" not in row["description"]
+    assert not listed  # nothing listed twice or from nowhere
