@@ -19,8 +19,6 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -39,28 +37,22 @@ if TYPE_CHECKING:
     from evo_compress.agents.operators import LLMSeeder
     from evo_compress.agents.session import AgentSession
 
-from evo_compress import __version__
-from evo_compress.config import PopulationConfig, build_space, parse_config
-from evo_compress.exceptions import ConfigError, EvaluationError, EvoCompressError, RunStoreError
+from evo_compress.config import LLM_SEEDS, PopulationConfig
+from evo_compress.exceptions import EvaluationError, EvoCompressError, RunStoreError
 from evo_compress.fitness import (
-    EvaluationContext,
     EvaluationResult,
     Evaluator,
     FitnessCache,
-    make_evaluator,
 )
 from evo_compress.fitness._base import limit_excess
-from evo_compress.fitness.cache import open_cache
 from evo_compress.fitness.noise import STDERR_KEY
 from evo_compress.fitness.pool import (
     EvaluationPool,
     Task,
     WorkerPlan,
-    configure_evaluator,
-    make_pool,
 )
 from evo_compress.fitness.racing import QUICK, RaceMember, RaceRule, stage_of
-from evo_compress.genomes import Recipe, SearchSpace, builtin_portfolios, load_portfolio
+from evo_compress.genomes import Recipe, SearchSpace, builtin_portfolios
 from evo_compress.objectives import OBJECTIVES, to_minimization
 from evo_compress.operators import (
     AdaptiveSelector,
@@ -68,12 +60,10 @@ from evo_compress.operators import (
     Measured,
     Mutation,
     VariationContext,
-    make_crossover,
-    make_mutation,
 )
-from evo_compress.operators._base import Operator, operator_labels
+from evo_compress.operators._base import Operator
 from evo_compress.progress import GenerationStats, ProgressListener
-from evo_compress.runs.hypervolume import REFERENCE_POINT, Box, run_box
+from evo_compress.runs.hypervolume import Box, run_box
 from evo_compress.runs.store import Checkpoint, RunStore
 from evo_compress.surrogate import History, Screening
 
@@ -83,7 +73,6 @@ from evo_compress.surrogate import History, Screening
 FAILURE_VIOLATION = 1e3
 _PLACEHOLDER_F = 1e12
 _POP_ATTRIBUTES = ("rank", "crowding", "niche", "dist_to_niche")
-LLM_SEEDS = "llm"  # `search.recipes: llm`: the first generation is asked of an LLM
 SEED_LABEL = "llm-seed"
 
 
@@ -96,51 +85,47 @@ def failure_violation(result: EvaluationResult) -> float:
     return FAILURE_VIOLATION if excess is None else FAILURE_VIOLATION * (1.0 + excess)
 
 
-def default_run_dir(config: PopulationConfig) -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = config.output.runs_root / f"{stamp}-{config.name}"
-    suffix = 2
-    while path.exists():  # two runs started in the same second
-        path = config.output.runs_root / f"{stamp}-{config.name}-{suffix}"
-        suffix += 1
-    return path
-
-
-def default_cache_path(config: PopulationConfig) -> Path:
-    return config.output.runs_root / ".cache" / "fitness.sqlite"
-
-
 class Search:
-    """One run of the search over one run directory. Build with ``start`` or ``resume``."""
+    """One run of the search over one run directory, its collaborators passed in (built by
+    ``evo_compress.app.start_search`` / ``resume_search``)."""
 
     def __init__(
         self,
         config: PopulationConfig,
+        *,
         store: RunStore,
         space: SearchSpace,
         evaluator: Evaluator,
         cache: FitnessCache | None,
+        pool: EvaluationPool,
+        plan: WorkerPlan,
+        crossovers: list[Crossover],
+        mutations: list[Mutation],
+        selectors: dict[str, AdaptiveSelector],
+        session: AgentSession | None,
+        seeder: LLMSeeder | None,
         target_generations: int,
-        listener: ProgressListener | None = None,
+        listener: ProgressListener,
         retry_failed: bool = False,
-        plan: WorkerPlan | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.space = space
         self.evaluator = evaluator
         self.cache = cache
+        self.pool = pool
+        self.plan = plan
+        self.crossovers = crossovers
+        self.mutations = mutations
+        self.selectors = selectors
+        self.session = session
+        self.seeder = seeder
         self.target_generations = target_generations
         self.retry_failed = retry_failed
-        self.listener = listener or ProgressListener()
+        self.listener = listener
         self.fingerprint = evaluator.fingerprint()
         # Racing: quick results are cached under a key of their own, never served as full ones.
         self.fidelity = config.fidelity
-        if self.fidelity.racing and not evaluator.supports_racing:
-            raise ConfigError(
-                f"`fidelity.racing`: the {evaluator.name} back end cannot race; "
-                "set `fidelity.racing: false`"
-            )
         self.quick_fingerprint = (
             evaluator.quick_fingerprint(self.fidelity.quick_limit)
             if self.fidelity.racing
@@ -148,46 +133,6 @@ class Search:
         )
         # Left out of the fingerprint; a cached failure they may have caused is kept with them.
         self.limits = evaluator.limits()
-        if cache is not None:  # its warnings (a bad entry, a full disk) join the progress
-            cache.warn = lambda text: self.listener.message(text)
-        evaluator.set_run_dir(store.run_dir)
-        # Evaluations run in a pool (local worker slots or Ray); this process alone writes
-        # the run store and the cache.
-        self.plan = plan or WorkerPlan()
-        self.pool: EvaluationPool = make_pool(evaluator, self.plan, config.evaluation)
-        ops = config.search.operators
-        self.crossovers: list[Crossover] = [
-            make_crossover(s.name, space, s.params, f"search.operators.crossover[{i}]")
-            for i, s in enumerate(ops.crossover)
-        ]
-        self.mutations: list[Mutation] = [
-            make_mutation(s.name, space, s.params, f"search.operators.mutation[{i}]")
-            for i, s in enumerate(ops.mutation)
-        ]
-        labels = operator_labels(ops.crossover, ops.mutation)
-        for op, label in zip([*self.crossovers, *self.mutations], labels, strict=True):
-            op.label = label
-        adaptive = ops.adaptive
-        self.selectors = {
-            kind: AdaptiveSelector(
-                [op.label for op in kind_ops],
-                [s.weight for s in specs],
-                adaptive.method,
-                min(adaptive.min_prob, 1.0 / len(kind_ops)),
-                adaptive.learning_rate,
-            )
-            for kind, kind_ops, specs in (
-                ("crossover", self.crossovers, ops.crossover),
-                ("mutation", self.mutations, ops.mutation),
-            )
-        }
-        # The LLM agents share one session: budget, provider clients, the call log.
-        self.session = _agent_session(config, store, self.listener)
-        for op in [*self.crossovers, *self.mutations]:
-            bind = getattr(op, "bind", None)
-            if bind is not None and self.session is not None:
-                bind(self.session)
-        self.seeder = _seeder(config, self.session)
         self._measured: dict[int, Measured] = {}
         self.reference: EvaluationResult | None = None
         self._seen: set[str] = set()
@@ -211,134 +156,6 @@ class Search:
         # a generation at a time (-1 is the baseline reference).
         self._history: dict[str, tuple[Recipe, np.ndarray, np.ndarray, bool]] = {}
         self._history_next = -1
-
-    # ------------------------------------------------------------------ construction
-    @classmethod
-    def start(
-        cls,
-        config: PopulationConfig,
-        run_dir: Path | None = None,
-        listener: ProgressListener | None = None,
-    ) -> Search:
-        full_space = build_space(config)
-        evaluator, plan = configure_config_evaluator(config)
-        # Search only what the back end can apply: no evaluation is spent on a recipe that
-        # would come back infeasible.
-        space = evaluator.restrict_space(full_space)
-        seeds = []
-        if config.search.recipes != LLM_SEEDS:  # an LLM's seeds are asked for in generation 0
-            for recipe in load_portfolio(config.search.recipes, full_space):  # before a run dir
-                reason = evaluator.infeasible_reason(recipe, full_space)
-                if reason is None:
-                    seeds.append(space.recipe(recipe))
-                elif listener is not None:
-                    listener.message(f"seed recipe {recipe.summary()} skipped: {reason}")
-        # A model that cannot be found (or trained) fails here, before a run directory exists.
-        evaluator.prepare()
-        run_dir = Path(run_dir or config.output.run_dir or default_run_dir(config))
-        cache_path = config.cache.path or default_cache_path(config)
-        config = config.model_copy(
-            update={
-                "output": config.output.model_copy(update={"run_dir": run_dir.resolve()}),
-                "cache": config.cache.model_copy(update={"path": Path(cache_path).resolve()}),
-            }
-        )
-        store = RunStore.create(
-            run_dir,
-            config.to_yaml(),
-            {
-                "name": config.name,
-                "tool_version": __version__,
-                "space": space.to_data(),
-                # The reference baseline's space, stored so resume needs no file the config
-                # named (a relative path may not resolve from another directory).
-                "base_space": SearchSpace.load(config.search.space.base).to_data(),
-                # Likewise the seed recipes, in case a run killed in generation 0 resumes.
-                "seed_recipes": (
-                    LLM_SEEDS
-                    if config.search.recipes == LLM_SEEDS
-                    else [r.to_dict(nested=False) for r in seeds]
-                ),
-                "fingerprint": evaluator.fingerprint(),
-                "generations_target": config.search.generations,
-                # How checkpoint stats measure hypervolume (runs before it stored `hv_scales`).
-                "hv_box": {
-                    "box": "ideal and nadir of the front and the baseline reference",
-                    "reference_point": REFERENCE_POINT,
-                },
-            },
-            note=listener.message if listener is not None else None,
-        )
-        try:
-            return cls(
-                config,
-                store,
-                space,
-                evaluator,
-                _open_cache(config, listener),
-                config.search.generations,
-                listener,
-                plan=plan,
-            )
-        except BaseException:
-            store.close()
-            raise
-
-    @classmethod
-    def resume(
-        cls,
-        run_dir: Path,
-        generations: int | None = None,
-        cache: Path | bool | None = None,
-        listener: ProgressListener | None = None,
-        retry_failed: bool = False,
-    ) -> Search:
-        """Continue a run from its last checkpoint. ``generations`` sets a new total (to
-        extend a finished run); ``cache`` is a path, False (no cache) or None (as stored);
-        ``retry_failed`` evaluates failed recipes again instead of re-using the failure."""
-        store = RunStore.open(run_dir)
-        try:
-            store.lock()
-            config = parse_config(store.config_data(), f"{run_dir} config", check=False)
-            space = SearchSpace.from_data(store.get_meta("space"))
-            target = int(generations or store.target_generations())
-            # A damaged last checkpoint is stepped over (``run`` says so).
-            done = store.last_checkpoint(on_damage=lambda _: None)
-            if done is not None and target < done.generation + 1:
-                raise RunStoreError(
-                    f"`--generations {target}` is fewer than the {done.generation + 1} "
-                    "generations this run has completed"
-                )
-            if cache is not None:
-                cache_cfg = config.cache.model_copy(
-                    update={"enabled": cache is not False}
-                    | ({"path": Path(cache).resolve()} if isinstance(cache, Path) else {})
-                )
-                config = config.model_copy(update={"cache": cache_cfg})
-            store.set_meta({"generations_target": target})
-            evaluator, plan = configure_config_evaluator(config)
-            if evaluator.fingerprint() != store.get_meta("fingerprint"):
-                raise RunStoreError(
-                    f"{run_dir}: the evaluator's settings or environment differ from the ones "
-                    "this run started with, so its results would not be comparable"
-                )
-        except BaseException:
-            store.close()
-            raise
-        cache_obj = _open_cache(config, listener)
-        if retry_failed and cache_obj is not None:
-            cache_obj.forget_failures(evaluator.fingerprint())
-        return cls(
-            config,
-            store,
-            space,
-            evaluator,
-            cache_obj,
-            target,
-            listener,
-            retry_failed=retry_failed,
-            plan=plan,
-        )
 
     def close(self) -> None:
         if self.session is not None:
@@ -1244,44 +1061,6 @@ def _dominates(a: tuple[np.ndarray, float], b: tuple[np.ndarray, float]) -> bool
     return bool(np.all(fa <= fb) and np.any(fa < fb))
 
 
-def _agent_session(
-    config: PopulationConfig, store: RunStore, listener: ProgressListener
-) -> AgentSession | None:
-    """The LLM agents' shared session, when the config uses an LLM (imported only then)."""
-    uses_llm = config.search.recipes == LLM_SEEDS or any(
-        s.name == "llm"
-        for s in (*config.search.operators.crossover, *config.search.operators.mutation)
-    )
-    if not uses_llm:
-        return None
-    from evo_compress.agents.session import AgentSession
-
-    return AgentSession(config.llm, store, listener.message)
-
-
-def _seeder(config: PopulationConfig, session: AgentSession | None) -> LLMSeeder | None:
-    if config.search.recipes != LLM_SEEDS or session is None:
-        return None
-    from evo_compress.agents.operators import LLMSeeder
-
-    seeder = LLMSeeder(seeder_params(config))
-    seeder.bind(session)
-    return seeder
-
-
-def seeder_params(config: PopulationConfig) -> dict[str, Any]:
-    """Provider settings for LLM seeding: `llm.seeder`, else the first LLM operator's."""
-    if config.llm.seeder is not None:
-        return dict(config.llm.seeder)
-    for spec in (*config.search.operators.mutation, *config.search.operators.crossover):
-        if spec.name == "llm":
-            return {k: v for k, v in spec.params.items() if k != "fallback"}
-    raise ConfigError(
-        "`search.recipes`: `llm` seeding needs an LLM operator in `search.operators` or "
-        "provider settings in `llm.seeder`"
-    )
-
-
 def _ranking_is_stale(pop: Population, saved: Sequence[dict[str, Any]]) -> bool:
     """Whether a restored population's constraint values differ from its checkpoint's, or a
     feasible member has no rank: its survival ranks no longer describe it."""
@@ -1322,30 +1101,6 @@ def _reference_directions(pop_size: int, partitions: int | None) -> np.ndarray:
         while math.comb(partitions + 1 + len(OBJECTIVES) - 1, len(OBJECTIVES) - 1) <= pop_size:
             partitions += 1
     return get_reference_directions("das-dennis", len(OBJECTIVES), n_partitions=partitions)
-
-
-def make_config_evaluator(config: PopulationConfig) -> Evaluator:
-    """The evaluator a config names, with its model, hardware and carbon context, set up
-    for the config's parallel evaluation (threads divided between CPU workers)."""
-    return configure_config_evaluator(config)[0]
-
-
-def configure_config_evaluator(config: PopulationConfig) -> tuple[Evaluator, WorkerPlan]:
-    """The config's evaluator and how its evaluations run (``fitness.pool``)."""
-    context = EvaluationContext(config.model, config.hardware, config.carbon)
-    evaluator = make_evaluator(config.evaluator.name, config.evaluator.settings, context)
-    return configure_evaluator(config.evaluation, evaluator)
-
-
-def _open_cache(
-    config: PopulationConfig, listener: ProgressListener | None
-) -> FitnessCache | None:
-    """The config's fitness cache; None when it is off, or (with one warning) when the file
-    cannot be used as one: the cache only saves time, so the search goes on without it."""
-    if not config.cache.enabled:
-        return None
-    warn = (listener or ProgressListener()).message
-    return open_cache(config.cache.path or default_cache_path(config), warn)
 
 
 def _enc(value: Any) -> Any:

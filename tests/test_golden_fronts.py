@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from evo_compress.agents.testing_servers import FakeProviderServer, llm_search_sections, model_like
-from evo_compress.engine import Search
+from evo_compress.app import start_search
 from evo_compress.runs import RunStore
 from evo_compress.runs.front import load_front
 
@@ -64,7 +64,7 @@ def snapshot(run_dir: Path) -> dict[str, Any]:
 
 
 def run_case(config: Any, run_dir: Path) -> dict[str, Any]:
-    search = Search.start(config, run_dir=run_dir)
+    search = start_search(config, run_dir=run_dir)
     try:
         search.run()
     finally:

@@ -26,8 +26,8 @@ from evo_compress.agents.testing_servers import (
     llm_search_sections,
     operator_params,
 )
+from evo_compress.app import start_search
 from evo_compress.config import LLMConfig
-from evo_compress.engine import Search
 from evo_compress.genomes import SearchSpace, nest
 from evo_compress.operators import Measured, VariationContext
 from evo_compress.runs import RunStore
@@ -236,7 +236,7 @@ def test_a_search_whose_provider_only_sends_fuzzed_replies_completes(
     run_dir: Path = tmp_path / "run"
     with FakeProviderServer(default=_fuzzing_provider(seed)) as server:
         sections = llm_search_sections(server, generations=3, llm={"max_failures": 10_000})
-        search = Search.start(config_factory(**sections), run_dir=run_dir)
+        search = start_search(config_factory(**sections), run_dir=run_dir)
         try:
             history = search.run()
         finally:
