@@ -44,10 +44,10 @@ from sections import write_section
 
 from evo_compress.app import build_space, checked_config, start_search
 from evo_compress.config import PopulationConfig
-from evo_compress.engine import GenerationStats, ProgressListener
 from evo_compress.fitness import EvaluationContext, EvaluationResult, Evaluator, make_evaluator
 from evo_compress.genomes import Recipe, SearchSpace
 from evo_compress.objectives import OBJECTIVES, to_minimization
+from evo_compress.progress import GenerationStats, ProgressListener
 from evo_compress.runs.hypervolume import REFERENCE_POINT, Box
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

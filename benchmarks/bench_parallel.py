@@ -31,7 +31,7 @@ from bench_engine import machine_info
 from sections import OUTPUT, write_section
 
 from evo_compress.app import checked_config, start_search
-from evo_compress.engine import GenerationStats, ProgressListener
+from evo_compress.progress import GenerationStats, ProgressListener
 
 COST_S = 0.25
 OFFSPRING = 16

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from evo_compress import app
-from evo_compress.engine import FAILURE_VIOLATION, Search, failure_violation
+from evo_compress.engine import FAILURE_VIOLATION, failure_violation
+from evo_compress.engine.mating import Mating
 from evo_compress.exceptions import EvaluationError, RunStoreError
 from evo_compress.fitness import EVALUATORS, EvaluationContext, EvaluationResult, Placement
 from evo_compress.fitness.synthetic import SyntheticEvaluator
@@ -525,7 +526,7 @@ def test_the_expert_rarely_proposes_a_seen_child(config_factory, tmp_path, monke
     # Each duplicate is thrown away and drawn again (`make_offspring`): the expert avoids
     # recipes evaluated earlier and children of the same generation, so draws ~ children.
     draws, kept = [0], [0]
-    vary, make_offspring = Search._vary, Search.make_offspring
+    vary, make_offspring = Mating._vary, Mating.make_offspring
 
     def counted_vary(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         draws[0] += 1
@@ -536,8 +537,8 @@ def test_the_expert_rarely_proposes_a_seen_child(config_factory, tmp_path, monke
         kept[0] += len(children)
         return children
 
-    monkeypatch.setattr(Search, "_vary", counted_vary)
-    monkeypatch.setattr(Search, "make_offspring", counted_offspring)
+    monkeypatch.setattr(Mating, "_vary", counted_vary)
+    monkeypatch.setattr(Mating, "make_offspring", counted_offspring)
     config = config_factory(
         search={
             "population_size": 12,
