@@ -25,12 +25,12 @@ from evo_compress.genomes import SearchSpace, load_portfolio
 from evo_compress.progress import ProgressListener
 
 if TYPE_CHECKING:
-    from evo_compress.agents.operators import LLMSeeder
     from evo_compress.agents.session import AgentSession
     from evo_compress.engine import Search
     from evo_compress.fitness import Evaluator, FitnessCache
     from evo_compress.fitness.pool import WorkerPlan
     from evo_compress.operators import AdaptiveSelector, Crossover, Mutation
+    from evo_compress.operators.llm import LLMSeeder
     from evo_compress.runs.store import RunStore
 
 __all__ = [
@@ -151,7 +151,7 @@ def _check_llm(config: PopulationConfig) -> None:
         if spec.name == "llm"
     ]
     if config.search.recipes == LLM_SEEDS:
-        from evo_compress.agents.operators import LLMSeeder
+        from evo_compress.operators.llm import LLMSeeder
 
         params = seeder_params(config)  # a ConfigError without any provider settings
         where = "llm.seeder" if config.llm.seeder is not None else llm_specs[0][0] + ".params"
@@ -238,19 +238,16 @@ def make_operators(
 
     ops = config.search.operators
     crossovers: list[Crossover] = [
-        make_crossover(s.name, space, s.params, f"search.operators.crossover[{i}]")
+        make_crossover(s.name, space, s.params, f"search.operators.crossover[{i}]", session)
         for i, s in enumerate(ops.crossover)
     ]
     mutations: list[Mutation] = [
-        make_mutation(s.name, space, s.params, f"search.operators.mutation[{i}]")
+        make_mutation(s.name, space, s.params, f"search.operators.mutation[{i}]", session)
         for i, s in enumerate(ops.mutation)
     ]
     labels = operator_labels(ops.crossover, ops.mutation)
     for op, label in zip([*crossovers, *mutations], labels, strict=True):
         op.label = label
-        bind = getattr(op, "bind", None)
-        if bind is not None and session is not None:
-            bind(session)
     adaptive = ops.adaptive
     selectors = {
         kind: AdaptiveSelector(
@@ -289,11 +286,9 @@ def agent_session(
 def make_seeder(config: PopulationConfig, session: AgentSession | None) -> LLMSeeder | None:
     if config.search.recipes != LLM_SEEDS or session is None:
         return None
-    from evo_compress.agents.operators import LLMSeeder
+    from evo_compress.operators.llm import LLMSeeder
 
-    seeder = LLMSeeder(seeder_params(config))
-    seeder.bind(session)
-    return seeder
+    return LLMSeeder(seeder_params(config), session=session)
 
 
 def seeder_params(config: PopulationConfig) -> dict[str, Any]:

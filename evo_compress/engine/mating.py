@@ -5,7 +5,6 @@ concurrently, and surrogate screening of a larger brood."""
 
 from __future__ import annotations
 
-import functools
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -26,7 +25,7 @@ from evo_compress.operators import (
     Mutation,
     VariationContext,
 )
-from evo_compress.operators._base import Operator
+from evo_compress.operators._base import Operator, Pending
 from evo_compress.progress import ProgressListener
 from evo_compress.surrogate import History, Screening
 
@@ -63,11 +62,10 @@ class Child:
 
 
 @dataclass(frozen=True)
-class _Pending:
-    """A child a remote (LLM) operator has been asked for; ``finish`` gives it."""
+class _Deferred:
+    """A slot whose child a remote operator is making (``pending.finish`` gives it)."""
 
-    op: Operator
-    job: Any
+    pending: Pending
     parents: tuple[int, ...]
     kind: str
     index: int
@@ -161,7 +159,7 @@ class Mating(InfillCriterion):
             else VariationContext(space=self.space, generation=generation)
         )
         made: dict[int, Child] = {}
-        pending: list[tuple[int, _Pending]] = []
+        pending: list[tuple[int, _Deferred]] = []
 
         def select(count: int) -> np.ndarray:
             return self.selection.do(
@@ -197,7 +195,7 @@ class Mating(InfillCriterion):
         pairs = select(n)
         for slot in range(n):
             child = self._vary(pop, pairs[slot], rng, context_at(slot), remote=True)
-            if isinstance(child, _Pending):
+            if isinstance(child, _Deferred):
                 pending.append((slot, child))
             elif child.recipe.hash not in taken:
                 taken.add(child.recipe.hash)
@@ -207,12 +205,12 @@ class Mating(InfillCriterion):
         if pending:
             self._run_remote([p for _, p in pending], generation)
             for slot, job in pending:  # slot order: deterministic whatever finished first
-                proposal = job.op.finish(job.job)  # type: ignore[attr-defined]
+                proposal = job.pending.finish()
                 child = Child(
                     proposal.recipe,
                     job.parents,
                     proposal.operators,
-                    ((job.kind, job.index, len(proposal.operators) > 1),),
+                    ((job.kind, job.index, proposal.fell_back),),
                     job.parent_fitness,
                 )
                 if child.recipe.hash not in taken:
@@ -231,11 +229,12 @@ class Mating(InfillCriterion):
         rng: np.random.Generator,
         context: VariationContext,
         remote: bool,
-    ) -> Child | _Pending:
+    ) -> Child | _Deferred:
         """One child of a tournament pair: crossover with ``crossover_prob``, then mutation
         with ``mutation_prob``, each drawn from its (adaptive) selector. An informed operator
         (expert, LLM) reads the measured parents and makes the whole child, so the other
-        draw of the slot is not applied. ``remote=False`` puts an LLM's fallback in its place."""
+        draw of the slot is not applied. A remote one's child is deferred (``remote``) or its
+        stand-in's (``remote=False``)."""
         ops = self.config.search.operators
         first, second = pop[int(pair[0])], pop[int(pair[1])]
         recipe: Recipe = first.get("recipe")
@@ -269,37 +268,26 @@ class Mating(InfillCriterion):
         measured = [self.state.measure(ind) for ind in inds]
         ids = tuple(m.id for m in measured)
         parent_fitness = tuple(fitness(ind) for ind in inds)
-        if informed.remote:
-            if remote:
-                job_rng = np.random.default_rng(int(rng.integers(2**63)))
-                job = informed.start(measured, job_rng, context)  # type: ignore[attr-defined]
-                return _Pending(informed, job, ids, kind, index, parent_fitness)
-            stand_in: Operator = informed.fallback  # type: ignore[attr-defined]
-            proposal = stand_in.vary(measured, rng, context)
-            return Child(
-                proposal.recipe,
-                ids,
-                (informed.label, f"fallback:{stand_in.label}"),
-                ((kind, index, True),),
-                parent_fitness,
-            )
-        proposal = informed.vary(measured, rng, context)
+        proposal = informed.make_child(measured, rng, context, defer=remote)
+        if isinstance(proposal, Pending):
+            return _Deferred(proposal, ids, kind, index, parent_fitness)
         return Child(
-            proposal.recipe, ids, proposal.operators, ((kind, index, False),), parent_fitness
+            proposal.recipe,
+            ids,
+            proposal.operators,
+            ((kind, index, proposal.fell_back),),
+            parent_fitness,
         )
 
-    def _run_remote(self, jobs: list[_Pending], generation: int) -> None:
+    def _run_remote(self, jobs: list[_Deferred], generation: int) -> None:
         """The LLM requests of one generation, at most ``llm.concurrency`` at a time."""
-        asking = [j for j in jobs if j.job.grant.calls > 0]
+        asking = [j.pending for j in jobs if j.pending.asks]
         if not asking:
             return
         self.listener.message(
             f"generation {generation}: asking LLM operators for {len(asking)} children"
         )
-        run_concurrently(
-            [functools.partial(j.op.run, j.job) for j in asking],  # type: ignore[attr-defined]
-            self.config.llm.concurrency,
-        )
+        run_concurrently([p.run for p in asking], self.config.llm.concurrency)
 
 
 def run_concurrently(tasks: Sequence[Any], limit: int) -> None:

@@ -53,8 +53,8 @@ from evo_compress.runs.store import Checkpoint, RunStore
 from evo_compress.surrogate import History, Screening
 
 if TYPE_CHECKING:
-    from evo_compress.agents.operators import LLMSeeder
     from evo_compress.agents.session import AgentSession
+    from evo_compress.operators.llm import LLMSeeder
 
 
 class Search:

@@ -17,7 +17,7 @@ from evo_compress.progress import ProgressListener
 from evo_compress.runs.store import RunStore
 
 if TYPE_CHECKING:
-    from evo_compress.agents.operators import LLMSeeder
+    from evo_compress.operators.llm import LLMSeeder
 
 SEED_LABEL = "llm-seed"
 

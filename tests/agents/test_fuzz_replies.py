@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from evo_compress.agents.operators import LLMMutation
 from evo_compress.agents.reply import ProposalReply, ReplyError, parse_proposal, parse_seeds
 from evo_compress.agents.session import AgentSession
 from evo_compress.agents.testing_servers import (
@@ -30,6 +29,7 @@ from evo_compress.app import start_search
 from evo_compress.config import LLMConfig
 from evo_compress.genomes import SearchSpace, nest
 from evo_compress.operators import Measured, VariationContext
+from evo_compress.operators.llm import LLMMutation
 from evo_compress.runs import RunStore
 
 SPACE = SearchSpace.builtin()
@@ -199,11 +199,11 @@ def test_fuzzed_replies_through_an_operator_are_recorded_and_fall_back(tmp_path)
     session = AgentSession(LLMConfig(max_failures=10_000), store, None, env={"EVO_TEST_KEY": KEY})
     with FakeProviderServer() as server:
         ops = [
-            LLMMutation(SPACE, **operator_params(server, provider, fix_attempts=0))
+            LLMMutation(
+                SPACE, session=session, **operator_params(server, provider, fix_attempts=0)
+            )
             for provider in ("openai-compatible", "anthropic", "google")
         ]
-        for op in ops:
-            op.bind(session)
         for i, text in enumerate(texts):
             server.queue(Reply(text))
             context = VariationContext(space=SPACE, generation=1, slot=i)
