@@ -13,13 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from evo_compress import __version__
-from evo_compress.config import (
-    LLM_SEEDS,
-    EvaluationConfig,
-    PopulationConfig,
-    format_validation_error,
-    parse_config,
-)
+from evo_compress.config import LLM_SEEDS, EvaluationConfig, PopulationConfig, parse_config
 from evo_compress.exceptions import ConfigError, EvoCompressError, RunStoreError
 from evo_compress.genomes import SearchSpace, load_portfolio
 from evo_compress.progress import ProgressListener
@@ -34,20 +28,22 @@ if TYPE_CHECKING:
     from evo_compress.runs.store import RunStore
 
 __all__ = [
-    "LLM_SEEDS",
+    "agent_session",
     "build_space",
     "check_config",
     "checked_config",
     "configure_config_evaluator",
     "default_cache_path",
     "default_run_dir",
-    "format_validation_error",
     "load_config",
     "make_config_evaluator",
     "make_operators",
+    "make_seeder",
+    "open_config_cache",
     "resume_search",
     "seeder_params",
     "start_search",
+    "uses_llm",
 ]
 
 
@@ -266,6 +262,7 @@ def make_operators(
 
 
 def uses_llm(config: PopulationConfig) -> bool:
+    """Whether the config asks an LLM for anything (operators or the first generation)."""
     return config.search.recipes == LLM_SEEDS or any(
         s.name == "llm"
         for s in (*config.search.operators.crossover, *config.search.operators.mutation)

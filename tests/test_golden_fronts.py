@@ -36,7 +36,10 @@ CASES: dict[str, dict[str, Any]] = {
             "recipes": "aggressive",
             "surrogate": {"enabled": False},
             "operators": {
-                "crossover": [{"name": "uniform", "weight": 2.0}, {"name": "uniform", "label": "u2"}],
+                "crossover": [
+                    {"name": "uniform", "weight": 2.0},
+                    {"name": "uniform", "label": "u2"},
+                ],
                 "mutation": [{"name": "gene"}, {"name": "expert"}],
             },
         },
