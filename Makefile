@@ -38,6 +38,7 @@ lint: setup
 	$(VENV)/bin/ruff check evo_compress tests benchmarks scripts
 	$(VENV)/bin/ruff format --check evo_compress tests benchmarks scripts
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 format: setup
 	$(VENV)/bin/ruff check --fix evo_compress tests benchmarks scripts

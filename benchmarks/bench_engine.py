@@ -42,11 +42,12 @@ from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 from recipe_encoding import decode
 from sections import write_section
 
-from evo_compress.config import PopulationConfig, build_space, parse_config
-from evo_compress.engine import GenerationStats, ProgressListener, Search
+from evo_compress.app import build_space, checked_config, start_search
+from evo_compress.config import PopulationConfig
 from evo_compress.fitness import EvaluationContext, EvaluationResult, Evaluator, make_evaluator
 from evo_compress.genomes import Recipe, SearchSpace
 from evo_compress.objectives import OBJECTIVES, to_minimization
+from evo_compress.progress import GenerationStats, ProgressListener
 from evo_compress.runs.hypervolume import REFERENCE_POINT, Box
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +99,7 @@ def engine_config(
     """The benchmark's search config; the defaults are this file's synthetic runs
     (``surrogate``: the `search.surrogate` section, default: the engine's default)."""
     settings = EVALUATOR_SETTINGS if evaluator_settings is None else evaluator_settings
-    return parse_config(
+    return checked_config(
         {
             "name": "bench",
             "constraints": constraints or {},
@@ -222,7 +223,7 @@ def run_engine(
     with tempfile.TemporaryDirectory(prefix="evo-bench-") as tmp:
         config = engine_config(pop, generations, seed, Path(tmp), operators, **config_options)
         timer = _PhaseTimer()
-        search = Search.start(config, run_dir=Path(tmp) / "run", listener=timer)
+        search = start_search(config, run_dir=Path(tmp) / "run", listener=timer)
         try:
             if profiler is not None:
                 profiler.enable()

@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import machine_info
 from sections import OUTPUT, write_section
 
-from evo_compress.config import parse_config
-from evo_compress.engine import GenerationStats, ProgressListener, Search
+from evo_compress.app import checked_config, start_search
+from evo_compress.progress import GenerationStats, ProgressListener
 
 COST_S = 0.25
 OFFSPRING = 16
@@ -68,7 +68,7 @@ def time_generation(backend: str, workers: int, root: Path) -> Timing:
     evaluation: dict[str, Any] = {"workers": workers, "backend": backend}
     if backend == "ray":
         evaluation["ray"] = {"local_cpus": workers, "cpus_per_task": 1}
-    config = parse_config(
+    config = checked_config(
         {
             "name": f"bench-{backend}-{workers}",
             "search": {
@@ -84,7 +84,7 @@ def time_generation(backend: str, workers: int, root: Path) -> Timing:
         }
     )
     listener = _Stats()
-    search = Search.start(config, run_dir=root / f"{backend}-{workers}", listener=listener)
+    search = start_search(config, run_dir=root / f"{backend}-{workers}", listener=listener)
     try:
         search.run()
     finally:

@@ -108,7 +108,7 @@ LANDSCAPES = (
 # ---------------------------------------------------------------------- constraints
 @dataclass(frozen=True)
 class Constraints:
-    """The engine's constraint row (``Search._constraints``) for methods outside the engine:
+    """The engine's constraint row (``engine.problem.Constraints``) for methods outside the engine:
     entry 0 is a failure, then one relative violation per limit; <= 0 is satisfied."""
 
     limits: Mapping[str, float]

@@ -31,8 +31,7 @@ from bench_engine import machine_info
 from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 from sections import write_section
 
-from evo_compress.config import parse_config
-from evo_compress.engine import Search
+from evo_compress.app import checked_config, start_search
 from evo_compress.objectives import to_minimization
 from evo_compress.runs import RunStore
 from evo_compress.runs.hypervolume import Box
@@ -42,7 +41,7 @@ Z = 2.0
 
 
 def config(racing: bool, population: int, generations: int, seed: int) -> Any:
-    return parse_config(
+    return checked_config(
         {
             "name": f"bench-racing-{'on' if racing else 'off'}",
             "model": {"id": "reference"},
@@ -78,7 +77,7 @@ def config(racing: bool, population: int, generations: int, seed: int) -> Any:
 
 def run(racing: bool, root: Path, population: int, generations: int, seed: int) -> dict:
     started = time.perf_counter()
-    search = Search.start(
+    search = start_search(
         config(racing, population, generations, seed), run_dir=root / str(racing)
     )
     try:

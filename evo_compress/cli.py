@@ -243,8 +243,8 @@ def run(
 ) -> None:
     """Start a new search from a population config."""
     with _errors():
-        from evo_compress.config import load_config, parse_config
-        from evo_compress.engine import Search
+        from evo_compress.app import load_config, start_search
+        from evo_compress.config import parse_config
 
         if cache is not None and no_cache:
             raise EvoCompressError("`--cache` and `--no-cache` exclude each other")
@@ -270,9 +270,9 @@ def run(
             )
             flags.append(f"--workers {workers}")
         if flags:
-            cfg = parse_config(data, f"{config} with {' '.join(flags)}", check=False)
+            cfg = parse_config(data, f"{config} with {' '.join(flags)}")
         listener = _RichProgress(console)
-        search = Search.start(cfg, run_dir=run_dir, listener=listener)
+        search = start_search(cfg, run_dir=run_dir, listener=listener)
         _drive(search, listener)
 
 
@@ -292,13 +292,13 @@ def resume(
 ) -> None:
     """Continue a run from its last checkpoint, re-using every stored evaluation."""
     with _errors():
-        from evo_compress.engine import Search
+        from evo_compress.app import resume_search
 
         if cache is not None and no_cache:
             raise EvoCompressError("`--cache` and `--no-cache` exclude each other")
         cache_arg: Path | bool | None = False if no_cache else cache
         listener = _RichProgress(console)
-        search = Search.resume(
+        search = resume_search(
             run_dir,
             generations=generations,
             cache=cache_arg,
@@ -327,8 +327,12 @@ def evaluate(
 ) -> None:
     """Evaluate one recipe with the config's evaluator and print its five objectives."""
     with _errors():
-        from evo_compress.config import build_space, load_config
-        from evo_compress.engine import default_cache_path, make_config_evaluator
+        from evo_compress.app import (
+            build_space,
+            default_cache_path,
+            load_config,
+            make_config_evaluator,
+        )
         from evo_compress.fitness.cache import open_cache
         from evo_compress.yamlio import is_file, parse_yaml, read_yaml
 
@@ -689,12 +693,12 @@ def validate(
 ) -> None:
     """Check a config or recipe file without running anything."""
     with _errors():
-        from evo_compress.config import build_space, parse_config
+        from evo_compress.app import build_space, checked_config
         from evo_compress.yamlio import read_yaml
 
         data = read_yaml(file, "file")
         if _looks_like_config(data):
-            cfg = parse_config(data, source=str(file))
+            cfg = checked_config(data, source=str(file))
             space_obj = build_space(cfg)
             console.print(
                 f"{file}: valid config `{cfg.name}` ({cfg.search.algorithm}, population "

@@ -1,22 +1,19 @@
 """The population config: one validated, frozen pydantic model per YAML section.
 
-``load_config`` turns every validation problem into one ``ConfigError`` line that names the
-field path in backticks and echoes the bad value. The reference is docs/config.md.
+``parse_config`` turns every validation problem into one ``ConfigError`` line that names the
+field path in backticks and echoes the bad value. The schema alone: the checks that build
+what a config names are in ``evo_compress.app``. The reference is docs/config.md.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from evo_compress.exceptions import ConfigError, EvoCompressError
-
-if TYPE_CHECKING:
-    from evo_compress.genomes import SearchSpace
-
+from evo_compress.exceptions import ConfigError
 
 # Upper bounds far above any real search: they exist so a typo (1e8, 2**63) is an error
 # here rather than an allocation, an SQLite overflow or a run that never ends.
@@ -25,6 +22,7 @@ MAX_GENERATIONS = 100_000
 SEED_MAX = 2**32 - 1
 MAX_WORKERS = 4096
 _ECHO_CHARS = 80  # a bad value longer than this is echoed shortened
+LLM_SEEDS = "llm"  # `search.recipes: llm`: the first generation is asked of an LLM
 
 
 class _Section(BaseModel):
@@ -389,145 +387,15 @@ def _echo(value: Any) -> str:
     return text
 
 
-def parse_config(data: Any, source: str = "config", check: bool = True) -> PopulationConfig:
-    """Validate ``data``; ``check=False`` skips the cross-section checks (used on resume, where
-    the run store holds the search space and the files the config names may have moved)."""
+def parse_config(data: Any, source: str = "config") -> PopulationConfig:
+    """Validate ``data`` against the schema. What it names (operators, the evaluator, the
+    space, the seed portfolio) is checked by ``evo_compress.app.check_config``, which has to
+    build those things."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: must be a mapping of sections, got {type(data).__name__}")
     try:
-        config = PopulationConfig.model_validate(data)
+        return PopulationConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, source)) from None
-    if check:
-        check_config(config, source)
-    return config
-
-
-def load_config(path: str | Path) -> PopulationConfig:
-    from evo_compress.yamlio import read_yaml
-
-    path = Path(path)
-    return parse_config(read_yaml(path, "config file", ConfigError), source=str(path))
-
-
-def check_config(config: PopulationConfig, source: str = "config") -> None:
-    """Cross-section checks: registered names exist, the space builds, operators and the
-    evaluator accept their settings, the seed portfolio loads. What ``validate`` passes,
-    ``run`` accepts."""
-    # Imported here: operators and fitness import this module's types.
-    from evo_compress.fitness import EVALUATORS, EvaluationContext
-    from evo_compress.genomes import load_portfolio
-    from evo_compress.operators import CROSSOVERS, MUTATIONS, make_crossover, make_mutation
-
-    try:
-        for kind, registry, specs in (
-            ("crossover", CROSSOVERS, config.search.operators.crossover),
-            ("mutation", MUTATIONS, config.search.operators.mutation),
-        ):
-            for i, spec in enumerate(specs):
-                if spec.name not in registry:
-                    where = f"`search.operators.{kind}[{i}].name`"
-                    raise ConfigError(f"{where}: {registry.unknown_message(spec.name)}")
-        if config.evaluator.name == "synthetic" and not config.model.id.startswith("synthetic"):
-            # The synthetic landscape knows nothing of a real model: never let it stand in.
-            raise ConfigError(
-                f"`evaluator.name`: the synthetic evaluator is a test landscape and cannot "
-                f"evaluate model `{config.model.id}`; use a model id starting with `synthetic` "
-                "or a real evaluator"
-            )
-        if config.evaluator.name not in EVALUATORS:
-            raise ConfigError(
-                f"`evaluator.name`: {EVALUATORS.unknown_message(config.evaluator.name)}"
-            )
-        space = build_space(config)
-        for kind, make, specs in (
-            ("crossover", make_crossover, config.search.operators.crossover),
-            ("mutation", make_mutation, config.search.operators.mutation),
-        ):
-            for i, spec in enumerate(specs):
-                make(spec.name, space, spec.params, f"search.operators.{kind}[{i}]")
-        _check_llm(config)
-        # Evaluator constructors only validate settings; models load on first use.
-        context = EvaluationContext(config.model, config.hardware, config.carbon)
-        evaluator = EVALUATORS.get(config.evaluator.name)(config.evaluator.settings, context)
-        _check_evaluation(config.evaluation, evaluator)
-        if config.fidelity.racing and not evaluator.supports_racing:
-            raise ConfigError(
-                f"`fidelity.racing`: the {evaluator.name} back end cannot race "
-                "(it measures accuracy in one stage); set `fidelity.racing: false`"
-            )
-        evaluator.close()
-        if config.search.recipes != "llm":
-            try:
-                load_portfolio(config.search.recipes, space)
-            except EvoCompressError as exc:
-                raise ConfigError(f"`search.recipes`: {exc}") from None
-    except EvoCompressError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
-
-
-def _check_evaluation(evaluation: EvaluationConfig, evaluator: Any) -> None:
-    """The machine has the GPUs ``evaluation.workers`` asks for; Ray is installed for
-    ``evaluation.backend: ray``."""
-    import importlib.util
-
-    from evo_compress.fitness.pool import plan_workers
-
-    plan_workers(evaluation, evaluator)
-    if evaluation.backend == "ray" and importlib.util.find_spec("ray") is None:
-        raise ConfigError(
-            "`evaluation.backend` is ray but Ray is not installed: pip install 'evo-compress[ray]'"
-        )
-
-
-def _check_llm(config: PopulationConfig) -> None:
-    """Operator labels differ; LLM seeding has provider settings; a cost budget has prices."""
-    from evo_compress.operators._base import operator_labels
-
-    ops = config.search.operators
-    try:
-        operator_labels(ops.crossover, ops.mutation)
-    except EvoCompressError as exc:
-        raise ConfigError(f"`search.operators`: {exc}") from None
-    llm_specs = [
-        (f"search.operators.{kind}[{i}]", spec)
-        for kind, specs in (("crossover", ops.crossover), ("mutation", ops.mutation))
-        for i, spec in enumerate(specs)
-        if spec.name == "llm"
-    ]
-    if config.search.recipes == "llm":
-        from evo_compress.agents.operators import LLMSeeder
-        from evo_compress.engine import seeder_params
-
-        params = seeder_params(config)  # a ConfigError without any provider settings
-        where = "llm.seeder" if config.llm.seeder is not None else llm_specs[0][0] + ".params"
-        try:
-            LLMSeeder(params)
-        except EvoCompressError as exc:
-            raise ConfigError(f"`{where}`: {exc}") from None
-    if config.llm.budget.max_cost is not None:
-        for where, spec in llm_specs:
-            if spec.params.get("price") is None:
-                raise ConfigError(
-                    f"`{where}.params.price` is needed: `llm.budget.max_cost` is set and "
-                    "the cost of this operator's tokens is otherwise unknown"
-                )
-        seeder = config.llm.seeder
-        if config.search.recipes == "llm" and seeder is not None and seeder.get("price") is None:
-            raise ConfigError("`llm.seeder.price` is needed: `llm.budget.max_cost` is set")
-
-
-def build_space(config: PopulationConfig) -> SearchSpace:
-    """The search space of this config: the base space with its overrides applied."""
-    from evo_compress.genomes import SearchSpace
-
-    space_cfg = config.search.space
-    try:
-        space = SearchSpace.load(space_cfg.base)
-        if space_cfg.pin or space_cfg.genes or space_cfg.forbid:
-            space = space.with_overrides(space_cfg.pin, space_cfg.genes, space_cfg.forbid)
-    except EvoCompressError as exc:
-        raise ConfigError(f"`search.space`: {exc}") from None
-    return space

@@ -1,13 +1,14 @@
-"""Progress events of a search, kept free of heavy imports so the CLI can subclass them cheaply."""
+"""Progress events of a search, kept free of heavy imports so the CLI can subclass them cheaply.
+
+A bottom layer (see ``[tool.importlinter]``): the search and its results are passed in as
+objects this module does not import (``evo_compress.engine.Search``,
+``evo_compress.fitness.EvaluationResult``).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from evo_compress.engine import Search
-    from evo_compress.fitness import EvaluationResult
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -29,13 +30,11 @@ class GenerationStats:
 class ProgressListener:
     """Receives the search's progress; the CLI shows it with rich. Every hook is optional."""
 
-    def search_started(self, search: Search) -> None: ...
+    def search_started(self, search: Any) -> None: ...
 
     def generation_started(self, generation: int, n_offspring: int) -> None: ...
 
-    def evaluation_finished(
-        self, generation: int, result: EvaluationResult, source: str
-    ) -> None: ...
+    def evaluation_finished(self, generation: int, result: Any, source: str) -> None: ...
 
     def generation_finished(self, stats: GenerationStats) -> None: ...
 

@@ -12,7 +12,8 @@ import pytest
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
-from evo_compress.config import PopulationConfig, parse_config  # noqa: E402
+from evo_compress.app import checked_config  # noqa: E402
+from evo_compress.config import PopulationConfig  # noqa: E402
 
 
 def make_config(tmp_path: Path, **overrides: Any) -> PopulationConfig:
@@ -29,7 +30,7 @@ def make_config(tmp_path: Path, **overrides: Any) -> PopulationConfig:
             data[section] = {**data[section], **value}
         else:
             data[section] = value
-    return parse_config(data)
+    return checked_config(data)
 
 
 @pytest.fixture

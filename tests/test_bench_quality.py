@@ -21,7 +21,7 @@ import landscapes  # noqa: E402
 from bench_engine import run_engine  # noqa: E402
 from recipe_encoding import decode, encode  # noqa: E402
 
-from evo_compress.config import parse_config  # noqa: E402
+from evo_compress.app import checked_config  # noqa: E402
 from evo_compress.exceptions import ConfigError  # noqa: E402
 from evo_compress.fitness import EVALUATORS, EvaluationContext  # noqa: E402
 from evo_compress.genomes import SearchSpace  # noqa: E402
@@ -70,7 +70,7 @@ def test_dtlz2_is_a_registered_evaluator_with_checked_settings(tmp_path: Path) -
     assert "dtlz2" in EVALUATORS
     bad = {"position_genes": ["quant.method", "prune.method", "serve.max_num_seqs", "nope"]}
     with pytest.raises(ConfigError, match="nope"):
-        parse_config(
+        checked_config(
             {
                 "evaluator": {"name": "dtlz2", "settings": bad},
                 "output": {"runs_root": str(tmp_path)},

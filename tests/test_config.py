@@ -5,25 +5,26 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from evo_compress.config import PopulationConfig, build_space, load_config, parse_config
+from evo_compress.app import build_space, checked_config, load_config
+from evo_compress.config import PopulationConfig
 from evo_compress.exceptions import ConfigError
 
 
 def test_defaults_validate_and_round_trip_through_yaml():
-    config = parse_config({})
-    again = parse_config(yaml.safe_load(config.to_yaml()))
+    config = checked_config({})
+    again = checked_config(yaml.safe_load(config.to_yaml()))
     assert again == config
     assert config.search.algorithm == "nsga2" and config.evaluator.name == "auto"
     # auto on the default synthetic model is the synthetic landscape.
-    from evo_compress.engine import make_config_evaluator
+    from evo_compress.app import make_config_evaluator
 
     assert make_config_evaluator(config).name == "synthetic"
 
 
 def test_racing_is_off_by_default_and_round_trips():
-    assert parse_config({}).fidelity.racing is False
-    config = parse_config({"fidelity": {"racing": True, "quick_limit": 100, "z": 1.5}})
-    assert parse_config(yaml.safe_load(config.to_yaml())) == config
+    assert checked_config({}).fidelity.racing is False
+    config = checked_config({"fidelity": {"racing": True, "quick_limit": 100, "z": 1.5}})
+    assert checked_config(yaml.safe_load(config.to_yaml())) == config
 
 
 def test_the_demo_config_loads():
@@ -60,7 +61,7 @@ def test_the_demo_config_loads():
 )
 def test_errors_name_the_field_and_the_value(data, fragments):
     with pytest.raises(ConfigError) as info:
-        parse_config(data)
+        checked_config(data)
     message = str(info.value)
     assert "\n" not in message
     for fragment in fragments:
@@ -68,7 +69,7 @@ def test_errors_name_the_field_and_the_value(data, fragments):
 
 
 def test_space_overrides_apply(tmp_path):
-    config = parse_config(
+    config = checked_config(
         {
             "search": {
                 "space": {
@@ -93,7 +94,7 @@ def test_a_space_file_can_be_the_base(tmp_path):
             }
         )
     )
-    space = build_space(parse_config({"search": {"space": {"base": str(path)}}}))
+    space = build_space(checked_config({"search": {"space": {"base": str(path)}}}))
     assert space.name == "tiny" and list(space.genes) == ["quant.method"]
 
 
@@ -129,7 +130,7 @@ def test_a_space_file_can_be_the_base(tmp_path):
 )
 def test_numbers_out_of_any_sane_range_are_rejected(data, fragments):
     with pytest.raises(ConfigError) as info:
-        parse_config(data)
+        checked_config(data)
     message = str(info.value)
     assert "\n" not in message
     for fragment in fragments:
@@ -138,7 +139,7 @@ def test_numbers_out_of_any_sane_range_are_rejected(data, fragments):
 
 def test_a_huge_bad_value_is_echoed_shortened():
     with pytest.raises(ConfigError) as info:
-        parse_config({"model": {"dtype": "x" * 100_000}})
+        checked_config({"model": {"dtype": "x" * 100_000}})
     message = str(info.value)
     assert "`model.dtype`" in message and "xxxx" in message and len(message) < 400
 
@@ -163,7 +164,7 @@ def test_a_huge_bad_value_is_echoed_shortened():
 )
 def test_space_overrides_stay_within_what_the_back_ends_accept(genes, fragments):
     with pytest.raises(ConfigError) as info:
-        parse_config({"search": {"space": {"genes": genes}}})
+        checked_config({"search": {"space": {"genes": genes}}})
     message = str(info.value)
     assert "\n" not in message and "`search.space`" in message
     for fragment in fragments:

@@ -110,10 +110,9 @@ def fake_llm() -> Iterator[FakeProviderServer]:
 
 
 def _llm(kind: type[Operator], server: FakeProviderServer, space: SearchSpace) -> Operator:
-    operator = kind(space, **operator_params(server, "openai-compatible"))  # type: ignore[call-arg]
     session = AgentSession(LLMConfig(), None, lambda _: None, env={})
-    operator.bind(session)  # type: ignore[attr-defined]
-    return operator
+    params = operator_params(server, "openai-compatible")
+    return kind(space, session=session, **params)  # type: ignore[call-arg]
 
 
 def _classic(registry: Registry[Any], name: str) -> Callable[[SearchSpace], Operator]:

@@ -9,7 +9,9 @@ from typing import Any
 
 import pytest
 
-from evo_compress.engine import FAILURE_VIOLATION, Search, failure_violation
+from evo_compress import app
+from evo_compress.engine import FAILURE_VIOLATION, failure_violation
+from evo_compress.engine.mating import Mating
 from evo_compress.exceptions import EvaluationError, RunStoreError
 from evo_compress.fitness import EVALUATORS, EvaluationContext, EvaluationResult, Placement
 from evo_compress.fitness.synthetic import SyntheticEvaluator
@@ -56,7 +58,7 @@ def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(
 
     short = config_factory(search={"algorithm": algorithm, "generations": 2})
     run_search(short, tmp_path / "part")
-    search = Search.resume(tmp_path / "part", generations=5)
+    search = app.resume_search(tmp_path / "part", generations=5)
     search.run()
     resumed = [m.to_json() for m in load_front(search.store)]
     search.close()
@@ -73,7 +75,7 @@ def test_resume_after_a_crash_mid_generation_reuses_stored_evaluations(config_fa
 
     # Crash after two evaluations of generation 2: checkpoints 0 and 1 exist, generation 2's
     # individuals and two of its evaluations are committed.
-    search = Search.start(config, run_dir=tmp_path / "crashed")
+    search = app.start_search(config, run_dir=tmp_path / "crashed")
     crash_evaluations(search, generation=2, after=2, error=Crash)
     with pytest.raises(Crash):
         search.run()
@@ -82,7 +84,7 @@ def test_resume_after_a_crash_mid_generation_reuses_stored_evaluations(config_fa
         assert store.last_checkpoint().generation == 1  # type: ignore[union-attr]
         evaluated_before = len(store.evaluations())
 
-    resumed = Search.resume(tmp_path / "crashed")
+    resumed = app.resume_search(tmp_path / "crashed")
     fresh: list[str] = []
     resumed.listener.evaluation_finished = lambda g, r, source: fresh.append(source)  # type: ignore[method-assign]
     resumed.run()
@@ -116,7 +118,7 @@ def test_no_recipe_is_evaluated_twice_in_a_run(config_factory, tmp_path):
             },
         }
     )
-    search = Search.start(config, run_dir=tmp_path / "run")
+    search = app.start_search(config, run_dir=tmp_path / "run")
     search.run()
     with search.store as store:
         individuals = [r for r in store.individuals() if r.generation >= 0]
@@ -141,7 +143,7 @@ def test_exhausted_space_stops_early_with_a_message(config_factory, tmp_path):
         }
     )
     messages: list[str] = []
-    search = Search.start(config, run_dir=tmp_path / "run")
+    search = app.start_search(config, run_dir=tmp_path / "run")
     search.listener.message = messages.append  # type: ignore[method-assign]
     search.run()
     search.close()
@@ -156,7 +158,7 @@ def test_failed_evaluations_are_recorded_and_the_search_goes_on(config_factory, 
         },
         search={"generations": 4, "recipes": "aggressive"},
     )
-    search = Search.start(config, run_dir=tmp_path / "run")
+    search = app.start_search(config, run_dir=tmp_path / "run")
     search.run()
     with search.store as store:
         failed = [
@@ -191,7 +193,7 @@ def test_the_search_stays_inside_what_the_back_end_can_apply(config_factory, tmp
     messages: list[str] = []
     listener = ProgressListener()
     listener.message = messages.append  # type: ignore[method-assign]
-    search = Search.start(config, run_dir=tmp_path / "run", listener=listener)
+    search = app.start_search(config, run_dir=tmp_path / "run", listener=listener)
     search.run()
     with search.store as store:
         rows = store.evaluations()
@@ -215,7 +217,7 @@ def test_a_recipe_the_back_end_cannot_apply_is_infeasible_with_a_reason():
 
 def test_accuracy_drop_constraint_holds_on_the_front(config_factory, tmp_path):
     config = config_factory(constraints={"max_accuracy_drop": 0.01}, search={"generations": 4})
-    search = Search.start(config, run_dir=tmp_path / "run")
+    search = app.start_search(config, run_dir=tmp_path / "run")
     search.run()
     with search.store as store:
         baseline = store.evaluation(store.individual_at(-1, 0).id)  # type: ignore[union-attr]
@@ -238,14 +240,14 @@ def test_a_failed_baseline_with_an_accuracy_constraint_stops_with_a_reason(
         constraints={"max_accuracy_drop": 0.05},
         evaluator={"name": "synthetic", "settings": {"fail_if": {"quant.method": ["none"]}}},
     )
-    search = Search.start(config, run_dir=tmp_path / "run")
+    search = app.start_search(config, run_dir=tmp_path / "run")
     with pytest.raises(EvaluationError, match="baseline recipe failed"):
         search.run()
     search.close()
 
 
 def test_lineage_links_every_child_to_earlier_parents_and_operators(config_factory, tmp_path):
-    search = Search.start(config_factory(), run_dir=tmp_path / "run")
+    search = app.start_search(config_factory(), run_dir=tmp_path / "run")
     search.run()
     with search.store as store:
         rows = {r.id: r for r in store.individuals()}
@@ -262,7 +264,7 @@ def test_the_cache_is_shared_across_runs_and_gives_the_same_front(config_factory
     cache = {"enabled": True, "path": str(tmp_path / "cache.sqlite")}
     config = config_factory(cache=cache)
     first = run_search(config, tmp_path / "a")
-    search = Search.start(config, run_dir=tmp_path / "b")
+    search = app.start_search(config, run_dir=tmp_path / "b")
     search.run()
     with search.store as store:
         sources = {row.source for row in store.evaluations().values()}
@@ -274,28 +276,28 @@ def test_the_cache_is_shared_across_runs_and_gives_the_same_front(config_factory
 def test_resume_refuses_fewer_generations_than_done(config_factory, tmp_path):
     run_search(config_factory(search={"generations": 3}), tmp_path / "run")
     with pytest.raises(RunStoreError, match="fewer than the 3 generations"):
-        Search.resume(tmp_path / "run", generations=2)
+        app.resume_search(tmp_path / "run", generations=2)
 
 
 def test_a_running_search_locks_its_run_dir(config_factory, tmp_path):
-    search = Search.start(config_factory(), run_dir=tmp_path / "run")
+    search = app.start_search(config_factory(), run_dir=tmp_path / "run")
     with pytest.raises(RunStoreError, match="in use by another evo-compress process"):
-        Search.resume(tmp_path / "run")
+        app.resume_search(tmp_path / "run")
     search.close()
-    Search.resume(tmp_path / "run").close()  # released on close
+    app.resume_search(tmp_path / "run").close()  # released on close
 
 
 def test_starting_over_an_existing_run_dir_is_refused(config_factory, tmp_path):
     run_search(config_factory(), tmp_path / "run")
     with pytest.raises(RunStoreError, match="already holds a run"):
-        Search.start(config_factory(), run_dir=tmp_path / "run")
+        app.start_search(config_factory(), run_dir=tmp_path / "run")
 
 
 def test_hypervolume_grows_over_generations(config_factory, tmp_path):
     # Population 16: with 8 the whole population is the 5-objective front and truncation
     # can shrink the hypervolume from one generation to the next.
     config = config_factory(search={"population_size": 16, "generations": 8})
-    search = Search.start(config, run_dir=tmp_path / "run")
+    search = app.start_search(config, run_dir=tmp_path / "run")
     history = search.run()
     search.close()
     assert history[-1].hypervolume > history[0].hypervolume > 0
@@ -303,8 +305,8 @@ def test_hypervolume_grows_over_generations(config_factory, tmp_path):
 
 def test_default_run_dirs_never_collide(config_factory, tmp_path):
     config = config_factory(search={"generations": 1})
-    first = Search.start(config)
-    second = Search.start(config)  # same name, very likely the same second
+    first = app.start_search(config)
+    second = app.start_search(config)  # same name, very likely the same second
     assert first.store.run_dir != second.store.run_dir
     assert first.store.run_dir.parent == tmp_path / "runs"
     first.close()
@@ -312,7 +314,7 @@ def test_default_run_dirs_never_collide(config_factory, tmp_path):
 
 
 def test_the_front_is_an_archive_so_hypervolume_never_drops(config_factory, tmp_path):
-    search = Search.start(config_factory(search={"generations": 8}), run_dir=tmp_path / "run")
+    search = app.start_search(config_factory(search={"generations": 8}), run_dir=tmp_path / "run")
     history = search.run()
     with search.store as store:
         front_ids = {m.id for m in load_front(store)}
@@ -340,12 +342,12 @@ def test_resume_needs_no_file_the_config_named(config_factory, tmp_path, monkeyp
     config = config_factory(
         search={"generations": 2, "recipes": "baseline", "space": {"base": "space.yaml"}}
     )
-    search = Search.start(config, run_dir=tmp_path / "run")
+    search = app.start_search(config, run_dir=tmp_path / "run")
     search.run()
     search.close()
     space_file.unlink()
     monkeypatch.chdir("/")
-    resumed = Search.resume(tmp_path / "run", generations=3)
+    resumed = app.resume_search(tmp_path / "run", generations=3)
     assert len(resumed.run()) == 1
     resumed.close()
 
@@ -363,7 +365,7 @@ def test_an_early_stop_is_reported_by_status(config_factory, tmp_path):
             "space": {"pin": pins},
         }
     )
-    search = Search.start(config, run_dir=tmp_path / "run")
+    search = app.start_search(config, run_dir=tmp_path / "run")
     search.run()
     search.close()
     with RunStore.open(tmp_path / "run") as store:
@@ -399,13 +401,13 @@ def test_resume_with_retry_failed_evaluates_failures_again(config_factory, tmp_p
     assert failed
 
     _FlakyEvaluator.marker.unlink()
-    plain = Search.resume(tmp_path / "run", generations=3)  # without the flag: failures stay
+    plain = app.resume_search(tmp_path / "run", generations=3)  # without the flag: failures stay
     plain.run()
     plain.close()
     with RunStore.open(tmp_path / "run") as store:
         assert all(store.evaluation(i).result.status == "failed" for i in failed)  # type: ignore[union-attr]
 
-    retried = Search.resume(tmp_path / "run", generations=4, retry_failed=True)
+    retried = app.resume_search(tmp_path / "run", generations=4, retry_failed=True)
     retried.run()
     retried.close()
     with RunStore.open(tmp_path / "run") as store:
@@ -469,7 +471,7 @@ def test_corrupted_cache_entries_never_enter_the_run(config_factory, tmp_path, k
     # The run holds nothing from the bad entries: it resumes without the cache.
     resume_search(tmp_path / "b", generations=3, cache=False)
     # And the cache was repaired by the fresh results: a third run is served from it.
-    third = Search.start(config, run_dir=tmp_path / "c")
+    third = app.start_search(config, run_dir=tmp_path / "c")
     try:
         third.run()
     finally:
@@ -506,7 +508,7 @@ def test_a_full_disk_under_the_cache_loses_nothing(config_factory, tmp_path):
     config = config_factory(cache={"enabled": True, "path": str(tmp_path / "cache.sqlite")})
     expected = run_search(config_factory(), tmp_path / "plain")
     messages = Messages()
-    search = Search.start(config, run_dir=tmp_path / "run", listener=messages)
+    search = app.start_search(config, run_dir=tmp_path / "run", listener=messages)
     assert search.cache is not None
     pages = search.cache._db.execute("PRAGMA page_count").fetchone()[0]
     search.cache._db.execute(f"PRAGMA max_page_count = {pages}")  # the next page: disk full
@@ -524,7 +526,7 @@ def test_the_expert_rarely_proposes_a_seen_child(config_factory, tmp_path, monke
     # Each duplicate is thrown away and drawn again (`make_offspring`): the expert avoids
     # recipes evaluated earlier and children of the same generation, so draws ~ children.
     draws, kept = [0], [0]
-    vary, make_offspring = Search._vary, Search.make_offspring
+    vary, make_offspring = Mating._vary, Mating.make_offspring
 
     def counted_vary(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         draws[0] += 1
@@ -535,8 +537,8 @@ def test_the_expert_rarely_proposes_a_seen_child(config_factory, tmp_path, monke
         kept[0] += len(children)
         return children
 
-    monkeypatch.setattr(Search, "_vary", counted_vary)
-    monkeypatch.setattr(Search, "make_offspring", counted_offspring)
+    monkeypatch.setattr(Mating, "_vary", counted_vary)
+    monkeypatch.setattr(Mating, "make_offspring", counted_offspring)
     config = config_factory(
         search={
             "population_size": 12,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from evo_compress.engine import Search
+from evo_compress.app import resume_search, start_search
 from evo_compress.exceptions import ConfigError
 from evo_compress.fitness.synthetic import SyntheticEvaluator
 from evo_compress.runs import RunStore
@@ -76,12 +76,12 @@ def test_a_racing_run_resumed_after_a_crash_decides_as_the_uninterrupted_one(
     class Crash(Exception):
         pass
 
-    search = Search.start(config, run_dir=tmp_path / "crashed")
+    search = start_search(config, run_dir=tmp_path / "crashed")
     crash_evaluations(search, generation=3, after=3, error=Crash)
     with pytest.raises(Crash):
         search.run()
     search.close()
-    resumed = Search.resume(tmp_path / "crashed")
+    resumed = resume_search(tmp_path / "crashed")
     resumed.run()
     front = [m.to_json() for m in load_front(resumed.store)]
     resumed.close()
@@ -134,4 +134,4 @@ def test_racing_with_a_back_end_that_cannot_race_is_a_config_error(
 ):
     monkeypatch.setattr(SyntheticEvaluator, "supports_racing", False)
     with pytest.raises(ConfigError, match=r"`fidelity\.racing`"):
-        Search.start(_racing_config(config_factory), run_dir=tmp_path / "run")
+        start_search(_racing_config(config_factory), run_dir=tmp_path / "run")

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from evo_compress.engine import Search
+from evo_compress.app import start_search
 from evo_compress.runs import RunStore
 from evo_compress.runs.front import load_front
 from evo_compress.testing.providers import FakeProviderServer, llm_search_sections, model_like
@@ -67,7 +67,7 @@ def snapshot(run_dir: Path) -> dict[str, Any]:
 
 
 def run_case(config: Any, run_dir: Path) -> dict[str, Any]:
-    search = Search.start(config, run_dir=run_dir)
+    search = start_search(config, run_dir=run_dir)
     try:
         search.run()
     finally:

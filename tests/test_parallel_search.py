@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from evo_compress.engine import Search
+from evo_compress.app import resume_search, start_search
 from evo_compress.runs import RunStore
 from evo_compress.runs.front import load_front
 from evo_compress.testing import crash_evaluations, final_state
@@ -39,7 +39,7 @@ def test_a_crash_with_evaluations_in_flight_resumes_to_the_same_front(config_fac
     class Crash(Exception):
         pass
 
-    search = Search.start(config, run_dir=tmp_path / "crashed")
+    search = start_search(config, run_dir=tmp_path / "crashed")
     crash_evaluations(search, generation=2, after=3, error=Crash)
     with pytest.raises(Crash):
         search.run()
@@ -50,7 +50,7 @@ def test_a_crash_with_evaluations_in_flight_resumes_to_the_same_front(config_fac
         kept = [i for i in store.evaluations() if i in generation_2]
     assert kept  # results that finished before the crash were committed
 
-    resumed = Search.resume(tmp_path / "crashed")
+    resumed = resume_search(tmp_path / "crashed")
     sources: list[str] = []
     resumed.listener.evaluation_finished = lambda g, r, s: sources.append(s)  # type: ignore[method-assign]
     resumed.run()

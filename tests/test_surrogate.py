@@ -7,8 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evo_compress.config import build_space
-from evo_compress.engine import Search
+from evo_compress.app import build_space, start_search
 from evo_compress.genomes import Recipe
 from evo_compress.surrogate import GaussianProcess, History, RecipeEncoder, Screening
 from evo_compress.testing import final_state, resume_search, search_front
@@ -107,7 +106,7 @@ def test_a_screened_search_is_deterministic_and_resumes_to_the_same_front(
 
     whole = search_front(config(5), tmp_path / "whole")
     assert search_front(config(5), tmp_path / "again") == whole
-    part = Search.start(config(3), run_dir=tmp_path / "part")
+    part = start_search(config(3), run_dir=tmp_path / "part")
     part.run()
     part.close()
     resume_search(tmp_path / "part", generations=5)
@@ -130,7 +129,7 @@ def test_screening_changes_what_is_evaluated(tmp_path: Path) -> None:
                 "surrogate": {"enabled": enabled, "min_evaluations": 8},
             },
         )
-        search = Search.start(cfg, run_dir=tmp_path / name)
+        search = start_search(cfg, run_dir=tmp_path / name)
         search.run()
         hashes = {row.hash for row in search.store.individuals()}
         search.close()

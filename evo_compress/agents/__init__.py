@@ -1,4 +1,5 @@
-"""LLM agents for the search: provider clients (and, beside them, the LLM operators)."""
+"""LLM agents for the search: provider clients, the session, prompts and reply validation.
+The LLM operators that use them are ``evo_compress.operators.llm``."""
 
 from evo_compress.agents.providers import (
     PROVIDERS,

@@ -7,11 +7,60 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
-from evo_compress.genomes import SearchSpace
+from evo_compress.genomes import Recipe, SearchSpace
 from evo_compress.objectives import OBJECTIVES
-from evo_compress.operators import Measured, VariationContext
+
+
+# What the prompts read of the search: ``evo_compress.operators``' ``Measured`` and
+# ``VariationContext`` have these fields (the operators layer sits above the agents).
+class Measured(Protocol):
+    """A recipe of the run with what its evaluation found."""
+
+    @property
+    def id(self) -> int: ...
+
+    @property
+    def recipe(self) -> Recipe: ...
+
+    @property
+    def status(self) -> str: ...
+
+    @property
+    def objectives(self) -> Mapping[str, float] | None: ...
+
+    @property
+    def violations(self) -> Mapping[str, float]: ...
+
+    @property
+    def reason(self) -> str | None: ...
+
+
+class VariationContext(Protocol):
+    """The search state a prompt describes."""
+
+    @property
+    def space(self) -> SearchSpace: ...
+
+    @property
+    def generation(self) -> int: ...
+
+    @property
+    def constraints(self) -> Mapping[str, float]: ...
+
+    @property
+    def reference(self) -> Mapping[str, float] | None: ...
+
+    @property
+    def front(self) -> Sequence[Measured]: ...
+
+    @property
+    def model(self) -> str: ...
+
+    @property
+    def hardware(self) -> Mapping[str, Any]: ...
+
 
 SYSTEM_PROMPT = """\
 You are an expert in compressing large language models for deployment: quantization, \

@@ -1,5 +1,6 @@
-"""Variation operators: classic typed crossover and mutation, the rule-based expert mutation and
-adaptive operator selection (LLM operators plug in here too)."""
+"""Variation operators: classic typed crossover and mutation, the rule-based expert mutation,
+the LLM operators (``llm.py``, imported when the registry names them) and adaptive operator
+selection."""
 
 from evo_compress.operators._base import (
     CROSSOVERS,
@@ -7,6 +8,8 @@ from evo_compress.operators._base import (
     Crossover,
     Measured,
     Mutation,
+    Operator,
+    Pending,
     Proposal,
     VariationContext,
     make_crossover,
@@ -25,6 +28,8 @@ __all__ = [
     "GeneMutation",
     "Measured",
     "Mutation",
+    "Operator",
+    "Pending",
     "Proposal",
     "UniformCrossover",
     "VariationContext",

@@ -5,10 +5,13 @@ The public ``do`` does the shared work: check the parent count, hand the hook pl
 recipe. Subclasses write only ``_do``. The RNG is always passed in, never global.
 
 *Informed* operators (the rule-based expert, the LLM agents) also read what was measured:
-the engine calls ``vary`` with the parents' objectives and a ``VariationContext`` (front,
-constraints, baseline, hardware). Every operator has ``vary``; for the classic ones it is
-``do`` on the parents' recipes. *Remote* operators (LLM agents) are called concurrently, each
-with its own RNG, so the children do not depend on which reply arrives first.
+the engine calls ``make_child`` with the parents' objectives and a ``VariationContext``
+(front, constraints, baseline, hardware). Every operator has ``vary`` (for the classic ones
+``do`` on the parents' recipes) and ``make_child``, which the search loop calls: a finished
+``Proposal``, or from a *remote* operator (the LLM agents) a ``Pending`` child that the loop
+runs concurrently with the generation's other pending children, each with its own RNG, so
+the children do not depend on which reply arrives first. Whatever a remote operator needs
+(the LLM session) is passed in when it is built, by ``evo_compress.app``.
 """
 
 from __future__ import annotations
@@ -16,13 +19,16 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from evo_compress.exceptions import OperatorError
 from evo_compress.genomes import Recipe, SearchSpace
 from evo_compress.registry import Registry
+
+if TYPE_CHECKING:
+    from evo_compress.agents.session import AgentSession
 
 
 @dataclass(frozen=True)
@@ -60,10 +66,31 @@ class VariationContext:
 
 @dataclass(frozen=True)
 class Proposal:
-    """A child and the operators that made it (a fallback adds ``fallback:<name>``)."""
+    """A child and the operators that made it (a fallback adds ``fallback:<name>``).
+    ``fell_back``: a remote operator's stand-in made it, so the operator earns no credit."""
 
     recipe: Recipe
     operators: tuple[str, ...]
+    fell_back: bool = False
+
+
+class Pending(ABC):
+    """A child a remote operator is making. The loop calls ``run`` on any thread, at once
+    with the generation's other pending children (when ``asks``: it has requests to make),
+    then ``finish`` on the main thread in slot order."""
+
+    @property
+    @abstractmethod
+    def asks(self) -> bool:
+        """Whether ``run`` has anything to do (no budget, no key: it falls back at once)."""
+
+    @abstractmethod
+    def run(self) -> None:
+        """The slow part (requests); thread-safe."""
+
+    @abstractmethod
+    def finish(self) -> Proposal:
+        """The child: the service's, or the stand-in's when it gave none."""
 
 
 class Operator(ABC):
@@ -79,7 +106,19 @@ class Operator(ABC):
     def vary(
         self, parents: Sequence[Measured], rng: np.random.Generator, context: VariationContext
     ) -> Proposal:
-        """A child of ``parents``. Classic operators ignore the measurements."""
+        """A child of ``parents``, made now. Classic operators ignore the measurements."""
+
+    def make_child(
+        self,
+        parents: Sequence[Measured],
+        rng: np.random.Generator,
+        context: VariationContext,
+        defer: bool = True,
+    ) -> Proposal | Pending:
+        """What the search loop calls: the finished child, or (a remote operator with
+        ``defer``) a ``Pending`` one. ``defer=False`` (a re-draw, which never waits on a
+        service again) always gives a finished child."""
+        return self.vary(parents, rng, context)
 
     def state_dict(self) -> dict[str, Any]:
         """Plain-data state kept in checkpoints (adaptive operators, budgets)."""
@@ -130,17 +169,24 @@ MUTATIONS: Registry[Mutation] = Registry("mutation operator", group="evo_compres
 CROSSOVERS.register("uniform", "evo_compress.operators.classic:UniformCrossover")
 MUTATIONS.register("gene", "evo_compress.operators.classic:GeneMutation")
 MUTATIONS.register("expert", "evo_compress.operators.expert:ExpertMutation")
-# The LLM agents live in evo_compress.agents (provider SDKs are imported only there, lazily).
-CROSSOVERS.register("llm", "evo_compress.agents.operators:LLMCrossover")
-MUTATIONS.register("llm", "evo_compress.agents.operators:LLMMutation")
+# Provider SDKs are imported lazily, by the agents' clients, when a request is made.
+CROSSOVERS.register("llm", "evo_compress.operators.llm:LLMCrossover")
+MUTATIONS.register("llm", "evo_compress.operators.llm:LLMMutation")
 
 
 def _make(
-    registry: Registry[Any], name: str, space: SearchSpace, params: Mapping[str, Any], where: str
+    registry: Registry[Any],
+    name: str,
+    space: SearchSpace,
+    params: Mapping[str, Any],
+    where: str,
+    session: AgentSession | None,
 ) -> Any:
     factory = registry.get(name)
+    # A remote operator is given the run's LLM session (None: it falls back at once).
+    services = {"session": session} if getattr(factory, "remote", False) else {}
     try:
-        return factory(space, **params)
+        return factory(space, **params, **services)
     except TypeError as exc:
         raise OperatorError(f"`{where}.params`: {exc}") from None
     except OperatorError as exc:
@@ -148,16 +194,24 @@ def _make(
 
 
 def make_crossover(
-    name: str, space: SearchSpace, params: Mapping[str, Any], where: str = "crossover"
+    name: str,
+    space: SearchSpace,
+    params: Mapping[str, Any],
+    where: str = "crossover",
+    session: AgentSession | None = None,
 ) -> Crossover:
-    op: Crossover = _make(CROSSOVERS, name, space, params, where)
+    op: Crossover = _make(CROSSOVERS, name, space, params, where, session)
     return op
 
 
 def make_mutation(
-    name: str, space: SearchSpace, params: Mapping[str, Any], where: str = "mutation"
+    name: str,
+    space: SearchSpace,
+    params: Mapping[str, Any],
+    where: str = "mutation",
+    session: AgentSession | None = None,
 ) -> Mutation:
-    op: Mutation = _make(MUTATIONS, name, space, params, where)
+    op: Mutation = _make(MUTATIONS, name, space, params, where, session)
     return op
 
 

@@ -129,11 +129,11 @@ def save_random_llama(folder: Path, dtype: Any = None, **shape: Any) -> Path:
 
 
 def resume_search(run_dir: Path, **kwargs: Any) -> Path:
-    """Resume the run in ``run_dir`` (``kwargs`` go to ``Search.resume``) to its last
+    """Resume the run in ``run_dir`` (``kwargs`` go to ``app.resume_search``) to its last
     generation; return the dir."""
-    from evo_compress.engine import Search
+    from evo_compress.app import resume_search
 
-    search = Search.resume(run_dir, **kwargs)
+    search = resume_search(run_dir, **kwargs)
     try:
         search.run()
     finally:
@@ -143,9 +143,9 @@ def resume_search(run_dir: Path, **kwargs: Any) -> Path:
 
 def run_search(config: Any, run_dir: Path) -> Path:
     """Run a search from ``config`` to its last generation in ``run_dir``; return the dir."""
-    from evo_compress.engine import Search
+    from evo_compress.app import start_search
 
-    search = Search.start(config, run_dir=run_dir)
+    search = start_search(config, run_dir=run_dir)
     try:
         search.run()
     finally:
@@ -155,10 +155,10 @@ def run_search(config: Any, run_dir: Path) -> Path:
 
 def search_front(config: Any, run_dir: Path, listener: Any = None) -> list[Any]:
     """Run a search like ``run_search`` and return its front as JSON-ready records."""
-    from evo_compress.engine import Search
+    from evo_compress.app import start_search
     from evo_compress.runs.front import load_front
 
-    search = Search.start(config, run_dir=run_dir, listener=listener)
+    search = start_search(config, run_dir=run_dir, listener=listener)
     try:
         search.run()
         return [m.to_json() for m in load_front(search.store)]

@@ -34,8 +34,7 @@ import pytest
 from evo_compress.fitness import EvaluationResult, Evaluator
 from evo_compress.genomes import Recipe, SearchSpace
 from evo_compress.objectives import OBJECTIVE_NAMES
-from evo_compress.operators import Measured, VariationContext
-from evo_compress.operators._base import Operator
+from evo_compress.operators import Measured, Operator, Proposal, VariationContext
 from evo_compress.testing._helpers import rng, samples
 
 __all__ = ["EvaluatorContract", "OperatorContract"]
@@ -200,7 +199,8 @@ def _context(space: SearchSpace, parents: Sequence[Measured]) -> VariationContex
 
 def _vary(operator: Operator, space: SearchSpace, seed: int) -> tuple[list[Measured], Recipe]:
     parents = _parents(space, int(getattr(operator, "n_parents", 1)), seed)
-    proposal = operator.vary(parents, rng(seed), _context(space, parents))
+    proposal = operator.make_child(parents, rng(seed), _context(space, parents), defer=False)
+    assert isinstance(proposal, Proposal), f"{operator.label}: defer=False must finish the child"
     return parents, proposal.recipe
 
 

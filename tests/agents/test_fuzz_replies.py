@@ -15,13 +15,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from evo_compress.agents.operators import LLMMutation
 from evo_compress.agents.reply import ProposalReply, ReplyError, parse_proposal, parse_seeds
 from evo_compress.agents.session import AgentSession
+from evo_compress.app import start_search
 from evo_compress.config import LLMConfig
-from evo_compress.engine import Search
 from evo_compress.genomes import SearchSpace, nest
 from evo_compress.operators import Measured, VariationContext
+from evo_compress.operators.llm import LLMMutation
 from evo_compress.runs import RunStore
 from evo_compress.testing.providers import (
     FakeProviderServer,
@@ -199,11 +199,11 @@ def test_fuzzed_replies_through_an_operator_are_recorded_and_fall_back(tmp_path)
     session = AgentSession(LLMConfig(max_failures=10_000), store, None, env={"EVO_TEST_KEY": KEY})
     with FakeProviderServer() as server:
         ops = [
-            LLMMutation(SPACE, **operator_params(server, provider, fix_attempts=0))
+            LLMMutation(
+                SPACE, session=session, **operator_params(server, provider, fix_attempts=0)
+            )
             for provider in ("openai-compatible", "anthropic", "google")
         ]
-        for op in ops:
-            op.bind(session)
         for i, text in enumerate(texts):
             server.queue(Reply(text))
             context = VariationContext(space=SPACE, generation=1, slot=i)
@@ -236,7 +236,7 @@ def test_a_search_whose_provider_only_sends_fuzzed_replies_completes(
     run_dir: Path = tmp_path / "run"
     with FakeProviderServer(default=_fuzzing_provider(seed)) as server:
         sections = llm_search_sections(server, generations=3, llm={"max_failures": 10_000})
-        search = Search.start(config_factory(**sections), run_dir=run_dir)
+        search = start_search(config_factory(**sections), run_dir=run_dir)
         try:
             history = search.run()
         finally:

@@ -11,13 +11,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from evo_compress.agents.operators import LLMCrossover, LLMMutation, LLMSeeder
 from evo_compress.agents.schema import proposal_schema
 from evo_compress.agents.session import AgentSession, Grant
 from evo_compress.config import LLMConfig
 from evo_compress.exceptions import OperatorError
 from evo_compress.genomes import Recipe, SearchSpace
-from evo_compress.operators import Measured, VariationContext
+from evo_compress.operators import Measured, Pending, VariationContext
+from evo_compress.operators.llm import LLMCrossover, LLMMutation, LLMSeeder
 from evo_compress.runs import RunStore
 from evo_compress.testing.providers import (
     FakeProviderServer,
@@ -82,9 +82,7 @@ def context(**kw: Any) -> VariationContext:
 
 
 def mutation(server: FakeProviderServer, provider: str, s: AgentSession, **extra: Any) -> Any:
-    op = LLMMutation(SPACE, **settings_for(server, provider, **extra))
-    op.bind(s)
-    return op
+    return LLMMutation(SPACE, session=s, **settings_for(server, provider, **extra))
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -127,8 +125,7 @@ def test_vary_charges_the_budget_with_real_usage(fake_llm, tmp_path):
 
 def test_llm_crossover_sees_both_parents(fake_llm):
     s = session()
-    op = LLMCrossover(SPACE, **settings_for(fake_llm, "anthropic"))
-    op.bind(s)
+    op = LLMCrossover(SPACE, session=s, **settings_for(fake_llm, "anthropic"))
     a = parent(SPACE.recipe({"quant.method": "awq"}))
     b = parent(SPACE.recipe({"prune.method": "wanda", "prune.sparsity": 0.3}), accuracy=0.85)
     child = op.vary([a, b], np.random.default_rng(0), context())
@@ -228,8 +225,7 @@ def test_a_recipe_already_evaluated_is_sent_back(fake_llm, tmp_path):
 def test_a_missing_key_is_said_once_and_the_fallback_takes_over(fake_llm):
     said: list[str] = []
     s = AgentSession(LLMConfig(), None, said.append, env={})
-    op = LLMMutation(SPACE, **settings_for(fake_llm, "openai"))
-    op.bind(s)
+    op = LLMMutation(SPACE, session=s, **settings_for(fake_llm, "openai"))
     for seed in range(3):
         child = op.vary([parent()], np.random.default_rng(seed), context(slot=seed))
         assert child.operators == ("llm", "fallback:expert")
@@ -302,8 +298,7 @@ def test_the_cost_budget_uses_the_price(fake_llm):
 
 def test_seeding_returns_distinct_valid_recipes(fake_llm, tmp_path):
     s = session(tmp_path)
-    seeder = LLMSeeder(settings_for(fake_llm, "google"))
-    seeder.bind(s)
+    seeder = LLMSeeder(settings_for(fake_llm, "google"), session=s)
     reply = seeder.seed(6, context(generation=0, slot=-1))
     assert reply is not None and len(reply.recipes) == 6
     assert len({r.hash for r in reply.recipes}) == 6
@@ -402,11 +397,11 @@ def test_a_hung_provider_is_given_up_within_the_generation(fake_llm, tmp_path):
     op = mutation(fake_llm, "openai-compatible", s, timeout_s=0.3, max_attempts=2)
     fake_llm.default = lambda request: Hang(5.0)
     # One generation: every slot is started (budget granted), then run, then finished.
-    jobs = [op.start([parent()], np.random.default_rng(i), context(slot=i)) for i in range(5)]
-    assert all(job.grant.calls > 0 for job in jobs)
+    jobs = [op.make_child([parent()], np.random.default_rng(i), context(slot=i)) for i in range(5)]
+    assert all(isinstance(job, Pending) and job.asks for job in jobs)
     for job in jobs:
-        op.run(job)
-    children = [op.finish(job) for job in jobs]
+        job.run()
+    children = [job.finish() for job in jobs]
     assert all(c.operators == ("llm", "fallback:expert") for c in children)
     # Two timed-out requests switch it off; the other slots do not wait for it.
     assert len(fake_llm.requests) == 2 * 2
@@ -450,8 +445,7 @@ def test_why_seeding_failed_is_said(fake_llm):
         s = AgentSession(LLMConfig(), None, said.append, env={"EVO_TEST_KEY": KEY})
         if response is not None:
             fake_llm.queue(response)
-        seeder = LLMSeeder(settings_for(server, "openai", max_attempts=1, **extra))
-        seeder.bind(s)
+        seeder = LLMSeeder(settings_for(server, "openai", max_attempts=1, **extra), session=s)
         assert seeder.seed(4, context(generation=0, slot=-1)) is None
         assert any("LLM seeding failed" in m and why in m for m in said), said
 

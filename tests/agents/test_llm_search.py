@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from evo_compress.engine import Search
+from evo_compress import app
 from evo_compress.exceptions import ConfigError
 from evo_compress.progress import ProgressListener
 from evo_compress.runs import RunStore
@@ -46,7 +46,7 @@ class Messages(ProgressListener):
 
 
 def run(config: Any, run_dir: Path, listener: ProgressListener | None = None) -> list[Any]:
-    search = Search.start(config, run_dir=run_dir, listener=listener)
+    search = app.start_search(config, run_dir=run_dir, listener=listener)
     try:
         search.run()
         return [m.to_json() for m in load_front(search.store)]
@@ -116,7 +116,7 @@ def test_resume_replays_recorded_replies_and_matches_an_uninterrupted_run(
 
     with FakeProviderServer(default=model_like()) as server:
         config = llm_config(config_factory, server, generations=4)
-        search = Search.start(config, run_dir=tmp_path / "crashed")
+        search = app.start_search(config, run_dir=tmp_path / "crashed")
         assert search.session is not None
         original = search.session.record
         recorded = {"n": 0}
@@ -136,7 +136,7 @@ def test_resume_replays_recorded_replies_and_matches_an_uninterrupted_run(
         with RunStore.open(tmp_path / "crashed") as store:
             kept = len(store.llm_calls())
 
-        resumed = Search.resume(tmp_path / "crashed")
+        resumed = app.resume_search(tmp_path / "crashed")
         resumed.run()
         front = [m.to_json() for m in load_front(resumed.store)]
         resumed.close()

@@ -129,11 +129,11 @@ def test_the_evaluation_section_rejects_bad_values():
     from evo_compress.config import parse_config
 
     with pytest.raises(ConfigError, match=r"`evaluation\.workers` must be auto or a count"):
-        parse_config({"evaluation": {"workers": 0}}, check=False)
+        parse_config({"evaluation": {"workers": 0}})
     with pytest.raises(ConfigError, match=r"`evaluation\.backend` must be 'local' or 'ray'"):
-        parse_config({"evaluation": {"backend": "dask"}}, check=False)
+        parse_config({"evaluation": {"backend": "dask"}})
     with pytest.raises(ConfigError, match=r"unknown key `evaluation\.ray\.adress`"):
-        parse_config({"evaluation": {"ray": {"adress": "auto"}}}, check=False)
+        parse_config({"evaluation": {"ray": {"adress": "auto"}}})
 
 
 # ---------------------------------------------------------------------- NVML mapping

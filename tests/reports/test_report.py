@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from evo_compress.engine import Search
+from evo_compress.app import start_search
 from evo_compress.fitness import EvaluationResult
 from evo_compress.reports import PNG_NAMES, write_pngs, write_report
 from evo_compress.reports.html import PLOT_IDS, SYNTHETIC_HOW, how_text
@@ -35,7 +35,7 @@ FETCHING_TAGS = {"link", "img", "iframe", "frame", "object", "embed", "audio", "
 @pytest.fixture
 def run_dir(config_factory, tmp_path) -> Path:
     path = tmp_path / "run"
-    search = Search.start(
+    search = start_search(
         config_factory(search={"population_size": 8, "generations": 3}), run_dir=path
     )
     search.run()
@@ -352,7 +352,7 @@ def test_pngs_are_written(run_dir, tmp_path):
 
 
 def test_a_run_killed_before_its_first_generation_still_reports(config_factory, tmp_path):
-    Search.start(config_factory(), run_dir=tmp_path / "run").close()
+    start_search(config_factory(), run_dir=tmp_path / "run").close()
     with RunStore.open(tmp_path / "run") as store:
         page = parse(write_report(store, tmp_path / "report.html").read_text(encoding="utf-8"))
         paths = write_pngs(store, tmp_path / "png")

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from pymoo.indicators.hv import HV
 
+from evo_compress.app import resume_search
 from evo_compress.config import HypervolumeConfig
-from evo_compress.engine import Search
 from evo_compress.exceptions import ConfigError
 from evo_compress.objectives import to_minimization
 from evo_compress.runs import RunStore
@@ -239,7 +239,7 @@ def test_resume_gives_the_same_stats_credit_and_operator_chances(config_factory,
     full = config_factory(search={"generations": 6, **ADAPTIVE})
     run_search(full, tmp_path / "full")
     run_search(config_factory(search={"generations": 3, **ADAPTIVE}), tmp_path / "part")
-    search = Search.resume(tmp_path / "part", generations=6)
+    search = resume_search(tmp_path / "part", generations=6)
     resumed = search.run()
     search.close()
 
@@ -290,7 +290,7 @@ def test_old_runs_show_in_the_new_box(config_factory, tmp_path):
     code, out, _ = invoke_cli("status", str(run))
     assert code == 0 and f"hypervolume {before[-1]:.4f}" in out
     # This version resumes it: new checkpoints use the new box, history shows one box.
-    search = Search.resume(run, generations=6)
+    search = resume_search(run, generations=6)
     added = search.run()
     search.close()
     with RunStore.open(run) as store:

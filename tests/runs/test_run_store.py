@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from evo_compress.engine import Search
+from evo_compress.app import start_search
 from evo_compress.exceptions import RunStoreError
 from evo_compress.runs import RunStore
 from evo_compress.runs.front import load_front, run_status
@@ -19,7 +19,7 @@ from evo_compress.runs.store import DB_NAME
 @pytest.fixture
 def finished_run(config_factory, tmp_path):
     run_dir = tmp_path / "run"
-    search = Search.start(config_factory(), run_dir=run_dir)
+    search = start_search(config_factory(), run_dir=run_dir)
     search.run()
     search.close()
     return run_dir

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from evo_compress.engine import Search
+from evo_compress.app import start_search
 from evo_compress.exceptions import RunStoreError
 from evo_compress.progress import ProgressListener
 from evo_compress.reports.html import collect
@@ -125,7 +125,7 @@ def test_a_full_store_stops_the_search_with_advice_and_resumes_to_the_same_end(
     reference = final_state(run_search(config, tmp_path / "reference"), evaluations=True)
 
     run_dir = tmp_path / "run"
-    search = Search.start(config, run_dir=run_dir)
+    search = start_search(config, run_dir=run_dir)
     try:
         # SQLite's own limit on the file's size: writes fail with SQLITE_FULL, as on a full
         # disk, a few pages into the run.
@@ -314,10 +314,10 @@ def test_a_damaged_row_is_named_in_one_line(damaged, sql, command, fragments):
 KILL_IN_GENERATION_2 = """
 import os, signal, sys
 from pathlib import Path
-from evo_compress.config import load_config
-from evo_compress.engine import Search
 
-search = Search.start(load_config(sys.argv[1]), run_dir=Path(sys.argv[2]))
+from evo_compress.app import load_config, start_search
+
+search = start_search(load_config(sys.argv[1]), run_dir=Path(sys.argv[2]))
 original = search.evaluator.evaluate
 
 def evaluate(recipe, space, placement=None):

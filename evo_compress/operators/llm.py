@@ -4,12 +4,14 @@ An LLM operator is one more ``Mutation``/``Crossover``: it reads the measured pa
 search state, asks its provider for a child as JSON matching the genome's schema, validates
 the reply with the genome's own code, feeds a validation error back once or twice, and when
 it still has no valid child (or no key, no budget, a failing provider) the child comes from
-its classic ``fallback`` operator and the record says so.
+its classic ``fallback`` operator and the record says so. The provider clients, the session
+(budget, call log, replay), the prompts and the reply validation are ``evo_compress.agents``.
 
 A child is made in three steps so that a generation's requests run concurrently: ``start``
 (main thread, slot order: prompt, budget), ``run`` (any thread: the requests, each recorded
 in the run store the moment it ends, or replayed from it on resume), ``finish`` (main thread,
-slot order: charge the budget, fall back if needed). ``vary`` does the three in a row.
+slot order: charge the budget, fall back if needed). ``make_child`` starts and hands the loop
+the other two as a ``Pending`` child; ``vary`` does the three in a row.
 """
 
 from __future__ import annotations
@@ -40,10 +42,11 @@ from evo_compress.agents.session import AgentSession, Grant
 from evo_compress.config import format_validation_error
 from evo_compress.exceptions import OperatorError, RunStoreError
 from evo_compress.genomes import Recipe, SearchSpace
-from evo_compress.operators import (
+from evo_compress.operators._base import (
     Crossover,
     Measured,
     Mutation,
+    Pending,
     Proposal,
     VariationContext,
     make_crossover,
@@ -88,7 +91,9 @@ class Job:
 class LLMAgent:
     """The provider settings and request loop an LLM operator (or the seeder) uses."""
 
-    def __init__(self, params: dict[str, Any], where: str = "params") -> None:
+    def __init__(
+        self, params: dict[str, Any], where: str = "params", session: AgentSession | None = None
+    ) -> None:
         params = dict(params)
         self.fix_attempts = int(params.pop("fix_attempts", 2))
         if not 0 <= self.fix_attempts <= 5:
@@ -100,11 +105,9 @@ class LLMAgent:
             self.settings = ProviderSettings.model_validate(params)
         except ValidationError as exc:
             raise OperatorError(format_validation_error(exc, where).split(": ", 1)[1]) from None
-        self.session: AgentSession | None = None
-        self.fallback_label = "the other operators"  # named in the switched-off message
-
-    def bind(self, session: AgentSession) -> None:
+        # The run's session (None outside a run: every request falls back at once).
         self.session = session
+        self.fallback_label = "the other operators"  # named in the switched-off message
 
     # ------------------------------------------------------------------ the three steps
     def start(self, job: Job) -> Job:
@@ -255,8 +258,23 @@ class _LLMOperator(ABC):
     label: str
     space: SearchSpace
 
-    def bind(self, session: AgentSession) -> None:
-        self.agent.bind(session)
+    def make_child(
+        self,
+        parents: Sequence[Measured],
+        rng: np.random.Generator,
+        context: VariationContext,
+        defer: bool = True,
+    ) -> Proposal | Pending:
+        """A ``Pending`` child with its own RNG (drawn from ``rng``), so that the children
+        do not depend on which reply arrives first; without ``defer`` the fallback's child."""
+        if not defer:
+            child = self.fallback.vary(parents, rng, context)
+            return self._fell_back(child.recipe)
+        job_rng = np.random.default_rng(int(rng.integers(2**63)))
+        return _PendingChild(self, self.start(parents, job_rng, context))
+
+    def _fell_back(self, recipe: Recipe) -> Proposal:
+        return Proposal(recipe, (self.label, f"fallback:{self.fallback.label}"), fell_back=True)
 
     def start(
         self, parents: Sequence[Measured], rng: np.random.Generator, context: VariationContext
@@ -291,8 +309,7 @@ class _LLMOperator(ABC):
         if job.result is not None:
             return Proposal(job.result.recipe, (self.label,))
         assert job.rng is not None and job.context is not None
-        child = self.fallback.vary(job.parents, job.rng, job.context)
-        return Proposal(child.recipe, (self.label, f"fallback:{self.fallback.label}"))
+        return self._fell_back(self.fallback.vary(job.parents, job.rng, job.context).recipe)
 
     def vary(
         self, parents: Sequence[Measured], rng: np.random.Generator, context: VariationContext
@@ -304,18 +321,43 @@ class _LLMOperator(ABC):
         """The user prompt for this kind of request."""
 
 
+class _PendingChild(Pending):
+    """A started LLM request series: ``run`` asks, ``finish`` gives the child."""
+
+    def __init__(self, op: _LLMOperator, job: Job) -> None:
+        self.op = op
+        self.job = job
+
+    @property
+    def asks(self) -> bool:
+        return self.job.grant.calls > 0
+
+    def run(self) -> None:
+        self.op.run(self.job)
+
+    def finish(self) -> Proposal:
+        return self.op.finish(self.job)
+
+
 class LLMMutation(_LLMOperator, Mutation):
     """An LLM proposes a child of one measured parent. Params: provider settings (provider,
     model, base_url, api_key_env, temperature, max_tokens, timeout_s, price, ...), plus
     ``fix_attempts`` (re-asks after an invalid reply, default 2), ``fallback`` (a mutation,
-    default ``expert``) and ``front_size`` (front members shown, default 8)."""
+    default ``expert``) and ``front_size`` (front members shown, default 8). ``session``:
+    the run's LLM session, passed in by whoever builds the operator (``evo_compress.app``)."""
 
     name = "llm"
     role = "mutation"
 
-    def __init__(self, space: SearchSpace, fallback: str = "expert", **params: Any) -> None:
+    def __init__(
+        self,
+        space: SearchSpace,
+        fallback: str = "expert",
+        session: AgentSession | None = None,
+        **params: Any,
+    ) -> None:
         Mutation.__init__(self, space)
-        self.agent = LLMAgent(params)
+        self.agent = LLMAgent(params, session=session)
         if fallback == self.name:
             raise OperatorError("`fallback` must be a classic mutation, not `llm`")
         self.fallback = make_mutation(fallback, space, {}, "fallback")
@@ -336,9 +378,15 @@ class LLMCrossover(_LLMOperator, Crossover):
     name = "llm"
     role = "crossover"
 
-    def __init__(self, space: SearchSpace, fallback: str = "uniform", **params: Any) -> None:
+    def __init__(
+        self,
+        space: SearchSpace,
+        fallback: str = "uniform",
+        session: AgentSession | None = None,
+        **params: Any,
+    ) -> None:
         Crossover.__init__(self, space)
-        self.agent = LLMAgent(params)
+        self.agent = LLMAgent(params, session=session)
         if fallback == self.name:
             raise OperatorError("`fallback` must be a classic crossover, not `llm`")
         self.fallback = make_crossover(fallback, space, {}, "fallback")
@@ -354,11 +402,13 @@ class LLMCrossover(_LLMOperator, Crossover):
 class LLMSeeder:
     """``search.recipes: llm``: the first generation's portfolio, asked of an LLM."""
 
-    def __init__(self, params: dict[str, Any], where: str = "llm.seeder") -> None:
-        self.agent = LLMAgent(params, where)
-
-    def bind(self, session: AgentSession) -> None:
-        self.agent.bind(session)
+    def __init__(
+        self,
+        params: dict[str, Any],
+        where: str = "llm.seeder",
+        session: AgentSession | None = None,
+    ) -> None:
+        self.agent = LLMAgent(params, where, session)
 
     def seed(self, count: int, context: VariationContext) -> SeedsReply | None:
         """Up to ``count`` valid recipes, or None when the agent could not provide any."""

@@ -1,0 +1,486 @@
+"""The composition root: builds what a config names (space, evaluator, pool, operators, LLM
+session, cache, run store) and hands it to the search loop, which builds nothing itself.
+
+The config checks that have to build things (operators, the evaluator, the seed portfolio)
+live here too: ``evo_compress.config`` is the schema alone.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from evo_compress import __version__
+from evo_compress.config import LLM_SEEDS, EvaluationConfig, PopulationConfig, parse_config
+from evo_compress.exceptions import ConfigError, EvoCompressError, RunStoreError
+from evo_compress.genomes import SearchSpace, load_portfolio
+from evo_compress.progress import ProgressListener
+
+if TYPE_CHECKING:
+    from evo_compress.agents.session import AgentSession
+    from evo_compress.engine import Search
+    from evo_compress.fitness import Evaluator, FitnessCache
+    from evo_compress.fitness.pool import WorkerPlan
+    from evo_compress.operators import AdaptiveSelector, Crossover, Mutation
+    from evo_compress.operators.llm import LLMSeeder
+    from evo_compress.runs.store import RunStore
+
+__all__ = [
+    "agent_session",
+    "build_space",
+    "check_config",
+    "checked_config",
+    "configure_config_evaluator",
+    "default_cache_path",
+    "default_run_dir",
+    "load_config",
+    "make_config_evaluator",
+    "make_operators",
+    "make_seeder",
+    "open_config_cache",
+    "resume_search",
+    "seeder_params",
+    "start_search",
+    "uses_llm",
+]
+
+
+# ---------------------------------------------------------------------- checked configs
+def load_config(path: str | Path) -> PopulationConfig:
+    """The config in the YAML file ``path``, its schema validated and its cross-section
+    checks passed (what ``evo-compress validate`` accepts, ``run`` accepts)."""
+    from evo_compress.yamlio import read_yaml
+
+    path = Path(path)
+    return checked_config(read_yaml(path, "config file", ConfigError), source=str(path))
+
+
+def checked_config(data: Any, source: str = "config") -> PopulationConfig:
+    """``parse_config`` (the schema) followed by ``check_config`` (what it names exists and
+    accepts its settings)."""
+    config = parse_config(data, source)
+    check_config(config, source)
+    return config
+
+
+def check_config(config: PopulationConfig, source: str = "config") -> None:
+    """Cross-section checks: registered names exist, the space builds, operators and the
+    evaluator accept their settings, the seed portfolio loads. What ``validate`` passes,
+    ``run`` accepts."""
+    from evo_compress.fitness import EVALUATORS, EvaluationContext
+    from evo_compress.operators import CROSSOVERS, MUTATIONS, make_crossover, make_mutation
+
+    try:
+        for kind, registry, specs in (
+            ("crossover", CROSSOVERS, config.search.operators.crossover),
+            ("mutation", MUTATIONS, config.search.operators.mutation),
+        ):
+            for i, spec in enumerate(specs):
+                if spec.name not in registry:
+                    where = f"`search.operators.{kind}[{i}].name`"
+                    raise ConfigError(f"{where}: {registry.unknown_message(spec.name)}")
+        if config.evaluator.name == "synthetic" and not config.model.id.startswith("synthetic"):
+            # The synthetic landscape knows nothing of a real model: never let it stand in.
+            raise ConfigError(
+                f"`evaluator.name`: the synthetic evaluator is a test landscape and cannot "
+                f"evaluate model `{config.model.id}`; use a model id starting with `synthetic` "
+                "or a real evaluator"
+            )
+        if config.evaluator.name not in EVALUATORS:
+            raise ConfigError(
+                f"`evaluator.name`: {EVALUATORS.unknown_message(config.evaluator.name)}"
+            )
+        space = build_space(config)
+        for kind, make, specs in (
+            ("crossover", make_crossover, config.search.operators.crossover),
+            ("mutation", make_mutation, config.search.operators.mutation),
+        ):
+            for i, spec in enumerate(specs):
+                make(spec.name, space, spec.params, f"search.operators.{kind}[{i}]")
+        _check_llm(config)
+        # Evaluator constructors only validate settings; models load on first use.
+        context = EvaluationContext(config.model, config.hardware, config.carbon)
+        evaluator = EVALUATORS.get(config.evaluator.name)(config.evaluator.settings, context)
+        _check_evaluation(config.evaluation, evaluator)
+        if config.fidelity.racing and not evaluator.supports_racing:
+            raise ConfigError(
+                f"`fidelity.racing`: the {evaluator.name} back end cannot race "
+                "(it measures accuracy in one stage); set `fidelity.racing: false`"
+            )
+        evaluator.close()
+        if config.search.recipes != LLM_SEEDS:
+            try:
+                load_portfolio(config.search.recipes, space)
+            except EvoCompressError as exc:
+                raise ConfigError(f"`search.recipes`: {exc}") from None
+    except EvoCompressError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def _check_evaluation(evaluation: EvaluationConfig, evaluator: Evaluator) -> None:
+    """The machine has the GPUs ``evaluation.workers`` asks for; Ray is installed for
+    ``evaluation.backend: ray``."""
+    from evo_compress.fitness.pool import plan_workers
+
+    plan_workers(evaluation, evaluator)
+    if evaluation.backend == "ray" and importlib.util.find_spec("ray") is None:
+        raise ConfigError(
+            "`evaluation.backend` is ray but Ray is not installed: pip install 'evo-compress[ray]'"
+        )
+
+
+def _check_llm(config: PopulationConfig) -> None:
+    """Operator labels differ; LLM seeding has provider settings; a cost budget has prices."""
+    from evo_compress.operators._base import operator_labels
+
+    ops = config.search.operators
+    try:
+        operator_labels(ops.crossover, ops.mutation)
+    except EvoCompressError as exc:
+        raise ConfigError(f"`search.operators`: {exc}") from None
+    llm_specs = [
+        (f"search.operators.{kind}[{i}]", spec)
+        for kind, specs in (("crossover", ops.crossover), ("mutation", ops.mutation))
+        for i, spec in enumerate(specs)
+        if spec.name == "llm"
+    ]
+    if config.search.recipes == LLM_SEEDS:
+        from evo_compress.operators.llm import LLMSeeder
+
+        params = seeder_params(config)  # a ConfigError without any provider settings
+        where = "llm.seeder" if config.llm.seeder is not None else llm_specs[0][0] + ".params"
+        try:
+            LLMSeeder(params)
+        except EvoCompressError as exc:
+            raise ConfigError(f"`{where}`: {exc}") from None
+    if config.llm.budget.max_cost is not None:
+        for where, spec in llm_specs:
+            if spec.params.get("price") is None:
+                raise ConfigError(
+                    f"`{where}.params.price` is needed: `llm.budget.max_cost` is set and "
+                    "the cost of this operator's tokens is otherwise unknown"
+                )
+        seeder = config.llm.seeder
+        seeds_by_llm = config.search.recipes == LLM_SEEDS
+        if seeds_by_llm and seeder is not None and seeder.get("price") is None:
+            raise ConfigError("`llm.seeder.price` is needed: `llm.budget.max_cost` is set")
+
+
+def build_space(config: PopulationConfig) -> SearchSpace:
+    """The search space of this config: the base space with its overrides applied."""
+    space_cfg = config.search.space
+    try:
+        space = SearchSpace.load(space_cfg.base)
+        if space_cfg.pin or space_cfg.genes or space_cfg.forbid:
+            space = space.with_overrides(space_cfg.pin, space_cfg.genes, space_cfg.forbid)
+    except EvoCompressError as exc:
+        raise ConfigError(f"`search.space`: {exc}") from None
+    return space
+
+
+# ---------------------------------------------------------------------- collaborators
+def default_run_dir(config: PopulationConfig) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = config.output.runs_root / f"{stamp}-{config.name}"
+    suffix = 2
+    while path.exists():  # two runs started in the same second
+        path = config.output.runs_root / f"{stamp}-{config.name}-{suffix}"
+        suffix += 1
+    return path
+
+
+def default_cache_path(config: PopulationConfig) -> Path:
+    return config.output.runs_root / ".cache" / "fitness.sqlite"
+
+
+def make_config_evaluator(config: PopulationConfig) -> Evaluator:
+    """The evaluator a config names, with its model, hardware and carbon context, set up
+    for the config's parallel evaluation (threads divided between CPU workers)."""
+    return configure_config_evaluator(config)[0]
+
+
+def configure_config_evaluator(config: PopulationConfig) -> tuple[Evaluator, WorkerPlan]:
+    """The config's evaluator and how its evaluations run (``fitness.pool``)."""
+    from evo_compress.fitness import EvaluationContext, make_evaluator
+    from evo_compress.fitness.pool import configure_evaluator
+
+    context = EvaluationContext(config.model, config.hardware, config.carbon)
+    evaluator = make_evaluator(config.evaluator.name, config.evaluator.settings, context)
+    return configure_evaluator(config.evaluation, evaluator)
+
+
+def open_config_cache(
+    config: PopulationConfig, listener: ProgressListener | None
+) -> FitnessCache | None:
+    """The config's fitness cache; None when it is off, or (with one warning) when the file
+    cannot be used as one: the cache only saves time, so the search goes on without it."""
+    from evo_compress.fitness.cache import open_cache
+
+    if not config.cache.enabled:
+        return None
+    warn = (listener or ProgressListener()).message
+    return open_cache(config.cache.path or default_cache_path(config), warn)
+
+
+def make_operators(
+    config: PopulationConfig, space: SearchSpace, session: AgentSession | None = None
+) -> tuple[list[Crossover], list[Mutation], dict[str, AdaptiveSelector]]:
+    """The configured crossovers and mutations (labelled uniquely, LLM operators given the
+    run's ``session``) and one adaptive selector per kind."""
+    from evo_compress.operators import AdaptiveSelector, make_crossover, make_mutation
+    from evo_compress.operators._base import operator_labels
+
+    ops = config.search.operators
+    crossovers: list[Crossover] = [
+        make_crossover(s.name, space, s.params, f"search.operators.crossover[{i}]", session)
+        for i, s in enumerate(ops.crossover)
+    ]
+    mutations: list[Mutation] = [
+        make_mutation(s.name, space, s.params, f"search.operators.mutation[{i}]", session)
+        for i, s in enumerate(ops.mutation)
+    ]
+    labels = operator_labels(ops.crossover, ops.mutation)
+    for op, label in zip([*crossovers, *mutations], labels, strict=True):
+        op.label = label
+    adaptive = ops.adaptive
+    selectors = {
+        kind: AdaptiveSelector(
+            [op.label for op in kind_ops],
+            [s.weight for s in specs],
+            adaptive.method,
+            min(adaptive.min_prob, 1.0 / len(kind_ops)),
+            adaptive.learning_rate,
+        )
+        for kind, kind_ops, specs in (
+            ("crossover", crossovers, ops.crossover),
+            ("mutation", mutations, ops.mutation),
+        )
+    }
+    return crossovers, mutations, selectors
+
+
+def uses_llm(config: PopulationConfig) -> bool:
+    """Whether the config asks an LLM for anything (operators or the first generation)."""
+    return config.search.recipes == LLM_SEEDS or any(
+        s.name == "llm"
+        for s in (*config.search.operators.crossover, *config.search.operators.mutation)
+    )
+
+
+def agent_session(
+    config: PopulationConfig, store: RunStore, listener: ProgressListener
+) -> AgentSession | None:
+    """The LLM agents' shared session, when the config uses an LLM (imported only then)."""
+    if not uses_llm(config):
+        return None
+    from evo_compress.agents.session import AgentSession
+
+    return AgentSession(config.llm, store, listener.message)
+
+
+def make_seeder(config: PopulationConfig, session: AgentSession | None) -> LLMSeeder | None:
+    if config.search.recipes != LLM_SEEDS or session is None:
+        return None
+    from evo_compress.operators.llm import LLMSeeder
+
+    return LLMSeeder(seeder_params(config), session=session)
+
+
+def seeder_params(config: PopulationConfig) -> dict[str, Any]:
+    """Provider settings for LLM seeding: `llm.seeder`, else the first LLM operator's."""
+    if config.llm.seeder is not None:
+        return dict(config.llm.seeder)
+    for spec in (*config.search.operators.mutation, *config.search.operators.crossover):
+        if spec.name == "llm":
+            return {k: v for k, v in spec.params.items() if k != "fallback"}
+    raise ConfigError(
+        "`search.recipes`: `llm` seeding needs an LLM operator in `search.operators` or "
+        "provider settings in `llm.seeder`"
+    )
+
+
+# ---------------------------------------------------------------------- searches
+def start_search(
+    config: PopulationConfig,
+    run_dir: Path | None = None,
+    listener: ProgressListener | None = None,
+) -> Search:
+    """A new search of ``config`` in a new run directory (``run_dir``, the config's, or a
+    timestamped one under ``output.runs_root``). Its model is prepared before the directory
+    is made, so a model that cannot be found leaves nothing behind."""
+    from evo_compress.runs.hypervolume import REFERENCE_POINT
+    from evo_compress.runs.store import RunStore
+
+    full_space = build_space(config)
+    evaluator, plan = configure_config_evaluator(config)
+    # Search only what the back end can apply: no evaluation is spent on a recipe that
+    # would come back infeasible.
+    space = evaluator.restrict_space(full_space)
+    seeds = []
+    if config.search.recipes != LLM_SEEDS:  # an LLM's seeds are asked for in generation 0
+        for recipe in load_portfolio(config.search.recipes, full_space):  # before a run dir
+            reason = evaluator.infeasible_reason(recipe, full_space)
+            if reason is None:
+                seeds.append(space.recipe(recipe))
+            elif listener is not None:
+                listener.message(f"seed recipe {recipe.summary()} skipped: {reason}")
+    # A model that cannot be found (or trained) fails here, before a run directory exists.
+    evaluator.prepare()
+    run_dir = Path(run_dir or config.output.run_dir or default_run_dir(config))
+    cache_path = config.cache.path or default_cache_path(config)
+    config = config.model_copy(
+        update={
+            "output": config.output.model_copy(update={"run_dir": run_dir.resolve()}),
+            "cache": config.cache.model_copy(update={"path": Path(cache_path).resolve()}),
+        }
+    )
+    store = RunStore.create(
+        run_dir,
+        config.to_yaml(),
+        {
+            "name": config.name,
+            "tool_version": __version__,
+            "space": space.to_data(),
+            # The reference baseline's space, stored so resume needs no file the config
+            # named (a relative path may not resolve from another directory).
+            "base_space": SearchSpace.load(config.search.space.base).to_data(),
+            # Likewise the seed recipes, in case a run killed in generation 0 resumes.
+            "seed_recipes": (
+                LLM_SEEDS
+                if config.search.recipes == LLM_SEEDS
+                else [r.to_dict(nested=False) for r in seeds]
+            ),
+            "fingerprint": evaluator.fingerprint(),
+            "generations_target": config.search.generations,
+            # How checkpoint stats measure hypervolume (runs before it stored `hv_scales`).
+            "hv_box": {
+                "box": "ideal and nadir of the front and the baseline reference",
+                "reference_point": REFERENCE_POINT,
+            },
+        },
+        note=listener.message if listener is not None else None,
+    )
+    try:
+        return _assemble(
+            config,
+            store,
+            space,
+            evaluator,
+            plan,
+            open_config_cache(config, listener),
+            config.search.generations,
+            listener,
+        )
+    except BaseException:
+        store.close()
+        raise
+
+
+def resume_search(
+    run_dir: Path,
+    generations: int | None = None,
+    cache: Path | bool | None = None,
+    listener: ProgressListener | None = None,
+    retry_failed: bool = False,
+) -> Search:
+    """Continue a run from its last checkpoint. ``generations`` sets a new total (to
+    extend a finished run); ``cache`` is a path, False (no cache) or None (as stored);
+    ``retry_failed`` evaluates failed recipes again instead of re-using the failure."""
+    from evo_compress.runs.store import RunStore
+
+    store = RunStore.open(run_dir)
+    try:
+        store.lock()
+        # The schema only: the run store holds the search space, and the files the config
+        # names may have moved since.
+        config = parse_config(store.config_data(), f"{run_dir} config")
+        space = SearchSpace.from_data(store.get_meta("space"))
+        target = int(generations or store.target_generations())
+        # A damaged last checkpoint is stepped over (``run`` says so).
+        done = store.last_checkpoint(on_damage=lambda _: None)
+        if done is not None and target < done.generation + 1:
+            raise RunStoreError(
+                f"`--generations {target}` is fewer than the {done.generation + 1} "
+                "generations this run has completed"
+            )
+        if cache is not None:
+            cache_cfg = config.cache.model_copy(
+                update={"enabled": cache is not False}
+                | ({"path": Path(cache).resolve()} if isinstance(cache, Path) else {})
+            )
+            config = config.model_copy(update={"cache": cache_cfg})
+        store.set_meta({"generations_target": target})
+        evaluator, plan = configure_config_evaluator(config)
+        if evaluator.fingerprint() != store.get_meta("fingerprint"):
+            raise RunStoreError(
+                f"{run_dir}: the evaluator's settings or environment differ from the ones "
+                "this run started with, so its results would not be comparable"
+            )
+    except BaseException:
+        store.close()
+        raise
+    cache_obj = open_config_cache(config, listener)
+    if retry_failed and cache_obj is not None:
+        cache_obj.forget_failures(evaluator.fingerprint())
+    return _assemble(
+        config,
+        store,
+        space,
+        evaluator,
+        plan,
+        cache_obj,
+        target,
+        listener,
+        retry_failed=retry_failed,
+    )
+
+
+def _assemble(
+    config: PopulationConfig,
+    store: RunStore,
+    space: SearchSpace,
+    evaluator: Evaluator,
+    plan: WorkerPlan,
+    cache: FitnessCache | None,
+    target_generations: int,
+    listener: ProgressListener | None,
+    retry_failed: bool = False,
+) -> Search:
+    """The search loop with every collaborator it uses built and wired."""
+    from evo_compress.engine import Search
+    from evo_compress.fitness.pool import make_pool
+
+    listener = listener or ProgressListener()
+    if config.fidelity.racing and not evaluator.supports_racing:
+        raise ConfigError(
+            f"`fidelity.racing`: the {evaluator.name} back end cannot race; "
+            "set `fidelity.racing: false`"
+        )
+    if cache is not None:  # its warnings (a bad entry, a full disk) join the progress
+        cache.warn = listener.message
+    evaluator.set_run_dir(store.run_dir)
+    # Evaluations run in a pool (local worker slots or Ray); the search's process alone
+    # writes the run store and the cache.
+    pool = make_pool(evaluator, plan, config.evaluation)
+    # The LLM agents share one session: budget, provider clients, the call log.
+    session = agent_session(config, store, listener)
+    crossovers, mutations, selectors = make_operators(config, space, session)
+    return Search(
+        config,
+        store=store,
+        space=space,
+        evaluator=evaluator,
+        cache=cache,
+        pool=pool,
+        plan=plan,
+        crossovers=crossovers,
+        mutations=mutations,
+        selectors=selectors,
+        session=session,
+        seeder=make_seeder(config, session),
+        target_generations=target_generations,
+        listener=listener,
+        retry_failed=retry_failed,
+    )

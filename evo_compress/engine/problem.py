@@ -1,0 +1,90 @@
+"""The recipe problem as pymoo sees it: five minimised objectives and constraint values
+(<= 0 is satisfied), with a failed evaluation graded by how far past its limit it went."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from pymoo.core.population import Population
+from pymoo.core.problem import Problem
+
+from evo_compress.config import ConstraintsConfig
+from evo_compress.fitness import EvaluationResult
+from evo_compress.fitness._base import limit_excess
+from evo_compress.objectives import OBJECTIVES, to_minimization
+
+# A failed or infeasible evaluation gets at least this constraint violation (it loses every
+# comparison with a success) and placeholder objectives pymoo never reads: survival ranks
+# infeasible individuals by violation alone. Neither number is ever reported.
+FAILURE_VIOLATION = 1e3
+_PLACEHOLDER_F = 1e12
+
+
+def failure_violation(result: EvaluationResult) -> float:
+    """The violation of a failed evaluation: ``FAILURE_VIOLATION`` x (1 + how far past its
+    limit it went) when the record says (out of memory by 10% -> 1100), so that among
+    failures survival leans towards the near misses; ``FAILURE_VIOLATION`` otherwise. A
+    function of the stored record only: a resumed run computes the same values."""
+    excess = limit_excess(result)
+    return FAILURE_VIOLATION if excess is None else FAILURE_VIOLATION * (1.0 + excess)
+
+
+class RecipeProblem(Problem):
+    """Five objectives, constraints; X holds recipe hashes. Evaluation happens outside pymoo."""
+
+    def __init__(self, n_constraints: int) -> None:
+        super().__init__(n_var=1, n_obj=len(OBJECTIVES), n_ieq_constr=n_constraints, vtype=object)
+
+
+class Constraints:
+    """The constraint row of a result: a failure's violation first, then one relative value
+    per active limit of the config's `constraints` section."""
+
+    def __init__(self, config: ConstraintsConfig) -> None:
+        self.limits = config.active()
+        self.names = list(self.limits)
+        # The uncompressed baseline's result: what `max_accuracy_drop` is measured against.
+        self.reference: EvaluationResult | None = None
+
+    def __len__(self) -> int:
+        return 1 + len(self.names)
+
+    def of(self, result: EvaluationResult) -> np.ndarray:
+        """<= 0 is satisfied. Limits are relative (violation / limit) so none dominates."""
+        g = np.zeros(1 + len(self.names))
+        if not result.ok or result.objectives is None:
+            g[0] = failure_violation(result)
+            return g
+        objectives = result.objectives
+        for i, name in enumerate(self.names, start=1):
+            limit = self.limits[name]
+            if name == "max_accuracy_drop":
+                assert self.reference is not None and self.reference.objectives is not None
+                drop = self.reference.objectives["accuracy"] - objectives["accuracy"]
+                g[i] = drop - limit
+            else:
+                objective = name[len("max_") :].rsplit("_", 1)[0]  # max_latency_ms -> latency
+                g[i] = (objectives[objective] - limit) / limit
+        return g
+
+
+def objectives_of(result: EvaluationResult) -> np.ndarray:
+    """The minimisation vector of a result (placeholders for a failure, never read)."""
+    if not result.ok or result.objectives is None:
+        return np.full(len(OBJECTIVES), _PLACEHOLDER_F)
+    return to_minimization(result.objectives)
+
+
+def set_fitness(pop: Population, F: np.ndarray, G: np.ndarray) -> None:
+    F = F.reshape(len(pop), len(OBJECTIVES))
+    G = G.reshape(len(pop), -1)
+    cv = np.maximum(G, 0.0).sum(axis=1)
+    pop.set("F", F, "G", G, "H", np.zeros((len(pop), 0)), "CV", cv[:, None])
+    for ind in pop:
+        ind.evaluated = {"F", "G", "H", "CV"}
+
+
+def fitness(ind: Any) -> tuple[np.ndarray, float]:
+    """A population member's (F, CV)."""
+    return np.asarray(ind.get("F"), dtype=float), float(ind.get("CV")[0])
