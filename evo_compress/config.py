@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from evo_compress.exceptions import ConfigError, EvoCompressError
+from evo_compress.objectives import CONSTRAINTS_BY_KEY
 
 if TYPE_CHECKING:
     from evo_compress.genomes import SearchSpace
@@ -70,14 +71,18 @@ class CarbonConfig(_Section):
     )
 
 
+def _limit(key: str, **bounds: float) -> Any:
+    return Field(None, **bounds, description=CONSTRAINTS_BY_KEY[key].doc)
+
+
 class ConstraintsConfig(_Section):
-    max_accuracy_drop: float | None = Field(
-        None, ge=0, le=1, description="Largest accuracy drop allowed vs the baseline recipe"
-    )
-    max_latency_ms: float | None = Field(None, gt=0, le=1e12, description="ms per output token")
-    max_memory_mib: float | None = Field(None, gt=0, le=1e12, description="MiB peak device memory")
-    max_energy_j: float | None = Field(None, gt=0, le=1e12, description="J per 1,000 tokens")
-    max_co2_g: float | None = Field(None, gt=0, le=1e12, description="g CO2e per 1,000 tokens")
+    """One optional limit per entry of ``objectives.CONSTRAINTS`` (which says what it bounds)."""
+
+    max_accuracy_drop: float | None = _limit("max_accuracy_drop", ge=0, le=1)
+    max_latency_ms: float | None = _limit("max_latency_ms", gt=0, le=1e12)
+    max_memory_mib: float | None = _limit("max_memory_mib", gt=0, le=1e12)
+    max_energy_j: float | None = _limit("max_energy_j", gt=0, le=1e12)
+    max_co2_g: float | None = _limit("max_co2_g", gt=0, le=1e12)
 
     def active(self) -> dict[str, float]:
         return {k: v for k, v in self.model_dump().items() if v is not None}
