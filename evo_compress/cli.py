@@ -654,7 +654,7 @@ def validate(
                 markup=False,
             )
             return
-        from evo_compress.genomes import SearchSpace, load_portfolio
+        from evo_compress.genomes import SearchSpace, load_portfolio, render_recipe
 
         space_obj = SearchSpace.load(space or "llm-compression")
         if isinstance(data, list) or (isinstance(data, dict) and set(data) == {"recipes"}):
@@ -671,7 +671,7 @@ def validate(
         )
         for recipe in recipes:
             console.print(
-                f"  {recipe.short_hash}  {recipe.summary()}", highlight=False, markup=False
+                f"  {recipe.short_hash}  {render_recipe(recipe)}", highlight=False, markup=False
             )
 
 
@@ -689,7 +689,7 @@ _NOISE_PAIRS = 12  # pairs within noise listed under the front table
 
 def _print_front_table(members: list[Any]) -> None:
     from evo_compress.fitness.noise import pairs_within_noise
-    from evo_compress.genomes import flatten
+    from evo_compress.genomes import render_recipe
     from evo_compress.objectives import OBJECTIVES
 
     if not members:
@@ -703,7 +703,7 @@ def _print_front_table(members: list[Any]) -> None:
         table.add_column(f"{objective.name} {arrow}\n{objective.unit}", justify="right")
     table.add_column("recipe (serving genes: --format json)")
     for m in members:
-        shown = _compact(flatten(m.recipe))
+        shown = render_recipe(m.recipe, omit=("serve",))
         values = {o.name: _fmt(m.objectives[o.name]) for o in OBJECTIVES}
         if m.accuracy.stderr is not None:
             values["accuracy"] = m.accuracy.text()
@@ -719,42 +719,14 @@ def _print_front_table(members: list[Any]) -> None:
         )
 
 
-def _compact(flat: dict[str, Any]) -> str:
-    """``awq/128 wanda@0.5 lora:r16x500 kv:fp8`` - the compression genes at a glance."""
-    parts = []
-    quant = flat.get("quant.method", "none")
-    if quant != "none":
-        group = flat.get("quant.group_size")
-        parts.append(f"{quant}/{group}" if group else str(quant))
-    prune = flat.get("prune.method", "none")
-    if prune != "none":
-        pattern = flat.get("prune.pattern", "unstructured")
-        parts.append(
-            f"{prune}@{flat['prune.sparsity']}"
-            if pattern == "unstructured"
-            else f"{prune} {pattern}"
-        )
-    recovery = flat.get("recovery.method", "none")
-    if recovery != "none":
-        rank = f"r{flat['recovery.lora_rank']}x" if "recovery.lora_rank" in flat else ""
-        temp = f" T{flat['recovery.temperature']}" if "recovery.temperature" in flat else ""
-        parts.append(f"{recovery}:{rank}{flat.get('recovery.steps')}{temp}")
-    if flat.get("kv.dtype", "auto") != "auto":
-        parts.append(f"kv:{flat['kv.dtype']}")
-    if flat.get("kv.sliding_window"):
-        parts.append(f"window:{flat.get('kv.window')}")
-    known = {"quant.", "prune.", "recovery.", "kv.", "serve."}
-    parts += [f"{k}={v}" for k, v in flat.items() if not k.startswith(tuple(known))]
-    return " ".join(parts) or "uncompressed"
-
-
 def _print_evaluation(recipe: Any, result: Any, hit: bool) -> None:
     from evo_compress.fitness.noise import AccuracyEstimate
+    from evo_compress.genomes import render_recipe
     from evo_compress.objectives import OBJECTIVES
 
     source = "fitness cache" if hit else f"evaluated in {result.duration_s:.1f} s"
     console.print(
-        f"recipe {recipe.short_hash}: {recipe.summary()}  ({source})",
+        f"recipe {recipe.short_hash}: {render_recipe(recipe)}  ({source})",
         highlight=False,
         markup=False,
     )

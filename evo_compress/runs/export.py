@@ -26,7 +26,7 @@ from evo_compress.fitness.vllm.compile import (
     compile_recipe,
 )
 from evo_compress.fitness.vllm.quantize_job import JobError, describe_recipe
-from evo_compress.genomes import Recipe, SearchSpace
+from evo_compress.genomes import Recipe, SearchSpace, render_recipe, render_recipe_yaml
 from evo_compress.objectives import CONSTRAINTS_BY_KEY, OBJECTIVES
 from evo_compress.runs.store import CONFIG_NAME, EvaluationRow, IndividualRow, RunStore
 
@@ -269,8 +269,7 @@ def _recipe_yaml(info: _Exported) -> str:
     ]
     if info.row.generation < 0:
         header.append("# (The run's baseline reference: a recipe of the run's base space.)")
-    body = yaml.safe_dump(info.recipe.to_dict(nested=True), sort_keys=True)
-    return "\n".join(header) + "\n" + body
+    return "\n".join(header) + "\n" + render_recipe_yaml(info.recipe)
 
 
 def _objectives_json(info: _Exported) -> dict[str, Any]:
@@ -438,8 +437,10 @@ def _readme(info: _Exported, files: Mapping[str, str]) -> str:
         "",
         "## Recipe",
         "",
+        render_recipe(info.recipe),
+        "",
         "```yaml",
-        yaml.safe_dump(info.recipe.to_dict(nested=True), sort_keys=True).rstrip(),
+        render_recipe_yaml(info.recipe).rstrip(),
         "```",
         "",
         "## Objectives",
