@@ -30,7 +30,7 @@ from rich.table import Table
 
 from evo_compress import __version__
 from evo_compress._interrupt import EXIT_CODE, exit_on_interrupt, raising
-from evo_compress.exceptions import EvoCompressError, RecipeError
+from evo_compress.exceptions import ConfigError, EvoCompressError, RecipeError
 from evo_compress.progress import ProgressListener
 from evo_compress.text import terminal_safe
 
@@ -45,6 +45,12 @@ app = typer.Typer(
 console = Console(width=None if sys.stdout.isatty() else 140)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 _state = {"debug": False}
+
+
+SET_HELP = (
+    "Set a config value, as in the file: a dotted key and one YAML value, e.g. "
+    "search.population_size=12 (repeatable)."
+)
 
 
 class FrontFormat(str, Enum):
@@ -240,37 +246,31 @@ def run(
         help="Evaluations at once (`evaluation.workers`): auto (one per visible GPU, one on "
         "a CPU) or a count.",
     ),
+    settings: list[str] = typer.Option(
+        [], "--set", help=SET_HELP, metavar="KEY=VALUE", show_default=False
+    ),
 ) -> None:
     """Start a new search from a population config."""
     with _errors():
-        from evo_compress.config import load_config, parse_config
+        from evo_compress.config import check_config
         from evo_compress.engine import Search
+        from evo_compress.overrides import Override, apply_overrides, describe
+        from evo_compress.yamlio import read_yaml
 
-        if cache is not None and no_cache:
-            raise EvoCompressError("`--cache` and `--no-cache` exclude each other")
-        cfg = load_config(config)
+        overrides = [
+            *_overrides(
+                ("search.recipes", recipes, "--recipes"),
+                ("search.generations", generations, "--generations"),
+                ("search.seed", seed, "--seed"),
+                ("evaluation.workers", _count_or_word(workers), "--workers"),
+            ),
+            *_cache_overrides(cache, no_cache),
+            *(Override.parse(text) for text in settings),
+        ]
         # Flags go through the same validation as the file: --generations 10**12 is an error.
-        data = cfg.model_dump(mode="json")
-        flags = []
-        for key, value, flag in (
-            ("recipes", recipes, "--recipes"),
-            ("generations", generations, "--generations"),
-            ("seed", seed, "--seed"),
-        ):
-            if value is not None:
-                data["search"][key] = value
-                flags.append(f"{flag} {value}")
-        if cache is not None or no_cache:
-            path = cache or cfg.cache.path
-            data["cache"] = {"enabled": not no_cache, "path": None if path is None else str(path)}
-            flags.append("--no-cache" if no_cache else f"--cache {cache}")
-        if workers is not None:
-            data["evaluation"]["workers"] = (
-                int(workers) if workers.isascii() and workers.isdigit() else workers
-            )
-            flags.append(f"--workers {workers}")
-        if flags:
-            cfg = parse_config(data, f"{config} with {' '.join(flags)}", check=False)
+        data = read_yaml(config, "config file", ConfigError)
+        cfg = apply_overrides(data, overrides, str(config))
+        check_config(cfg, describe(str(config), overrides))
         listener = _RichProgress(console)
         search = Search.start(cfg, run_dir=run_dir, listener=listener)
         _drive(search, listener)
@@ -293,9 +293,19 @@ def resume(
     """Continue a run from its last checkpoint, re-using every stored evaluation."""
     with _errors():
         from evo_compress.engine import Search
+        from evo_compress.overrides import apply_overrides
+        from evo_compress.runs import RunStore
 
-        if cache is not None and no_cache:
-            raise EvoCompressError("`--cache` and `--no-cache` exclude each other")
+        overrides = [
+            *_overrides(("search.generations", generations, "--generations")),
+            *_cache_overrides(cache, no_cache),
+        ]
+        if overrides:  # validated against the run's own config, as `run` validates its flags
+            with RunStore.open(run_dir, read_only=True) as store:
+                data = store.config_data()
+            cfg = apply_overrides(data, overrides, f"{run_dir} config")
+            generations = None if generations is None else cfg.search.generations
+            cache = None if cache is None else cfg.cache.path
         cache_arg: Path | bool | None = False if no_cache else cache
         listener = _RichProgress(console)
         search = Search.resume(
@@ -324,17 +334,22 @@ def evaluate(
     ),
     cache: Path | None = typer.Option(None, "--cache", help="Fitness cache file to use."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Evaluate even if cached."),
+    settings: list[str] = typer.Option(
+        [], "--set", help=SET_HELP, metavar="KEY=VALUE", show_default=False
+    ),
 ) -> None:
     """Evaluate one recipe with the config's evaluator and print its five objectives."""
     with _errors():
-        from evo_compress.config import build_space, load_config
+        from evo_compress.config import build_space, check_config
         from evo_compress.engine import default_cache_path, make_config_evaluator
         from evo_compress.fitness.cache import open_cache
+        from evo_compress.overrides import Override, apply_overrides, describe
         from evo_compress.yamlio import is_file, parse_yaml, read_yaml
 
-        if cache is not None and no_cache:
-            raise EvoCompressError("`--cache` and `--no-cache` exclude each other")
-        cfg = load_config(config)
+        overrides = [*_cache_overrides(cache, no_cache), *(Override.parse(t) for t in settings)]
+        data = read_yaml(config, "config file", ConfigError)
+        cfg = apply_overrides(data, overrides, str(config))
+        check_config(cfg, describe(str(config), overrides))
         space = build_space(cfg)
         path = Path(recipe)
         if is_file(path):
@@ -346,8 +361,8 @@ def evaluate(
         parsed = space.recipe(data)
         evaluator = make_config_evaluator(cfg)
         store = None
-        if not no_cache and (cache is not None or cfg.cache.enabled):
-            store = open_cache(cache or cfg.cache.path or default_cache_path(cfg), _warn)
+        if cfg.cache.enabled:
+            store = open_cache(cfg.cache.path or default_cache_path(cfg), _warn)
         fingerprint, limits = evaluator.fingerprint(), evaluator.limits()
         result = store.get(parsed, fingerprint, limits) if store is not None else None
         hit = result is not None
@@ -676,6 +691,37 @@ def validate(
 
 
 # ---------------------------------------------------------------------- helpers
+def _overrides(*flags: tuple[str, Any, str]) -> list[Any]:
+    """``(config path, value, flag)`` for each flag given (not None), as overrides."""
+    from evo_compress.overrides import Override
+
+    return [
+        Override(path, value, f"{flag} {value}")
+        for path, value, flag in flags
+        if value is not None
+    ]
+
+
+def _cache_overrides(cache: Path | None, no_cache: bool) -> list[Any]:
+    from evo_compress.overrides import Override
+
+    if cache is not None and no_cache:
+        raise EvoCompressError("`--cache` and `--no-cache` exclude each other")
+    if no_cache:
+        return [Override("cache.enabled", False, "--no-cache")]
+    if cache is not None:
+        flag = f"--cache {cache}"
+        return [Override("cache.enabled", True, flag), Override("cache.path", str(cache), flag)]
+    return []
+
+
+def _count_or_word(value: str | None) -> int | str | None:
+    """``--workers 4`` is a count, ``--workers auto`` a word (only ASCII digits make a count)."""
+    if value is None:
+        return None
+    return int(value) if value.isascii() and value.isdigit() else value
+
+
 def _looks_like_config(data: Any) -> bool:
     # An empty file is a valid config (every default), which is what `run` would make of it.
     from evo_compress.config import PopulationConfig
