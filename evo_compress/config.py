@@ -71,18 +71,20 @@ class CarbonConfig(_Section):
     )
 
 
-def _limit(key: str, **bounds: float) -> Any:
-    return Field(None, **bounds, description=CONSTRAINTS_BY_KEY[key].doc)
+def _doc(key: str) -> str:
+    return CONSTRAINTS_BY_KEY[key].doc
 
 
 class ConstraintsConfig(_Section):
     """One optional limit per entry of ``objectives.CONSTRAINTS`` (which says what it bounds)."""
 
-    max_accuracy_drop: float | None = _limit("max_accuracy_drop", ge=0, le=1)
-    max_latency_ms: float | None = _limit("max_latency_ms", gt=0, le=1e12)
-    max_memory_mib: float | None = _limit("max_memory_mib", gt=0, le=1e12)
-    max_energy_j: float | None = _limit("max_energy_j", gt=0, le=1e12)
-    max_co2_g: float | None = _limit("max_co2_g", gt=0, le=1e12)
+    max_accuracy_drop: float | None = Field(
+        None, ge=0, le=1, description=_doc("max_accuracy_drop")
+    )
+    max_latency_ms: float | None = Field(None, gt=0, le=1e12, description=_doc("max_latency_ms"))
+    max_memory_mib: float | None = Field(None, gt=0, le=1e12, description=_doc("max_memory_mib"))
+    max_energy_j: float | None = Field(None, gt=0, le=1e12, description=_doc("max_energy_j"))
+    max_co2_g: float | None = Field(None, gt=0, le=1e12, description=_doc("max_co2_g"))
 
     def active(self) -> dict[str, float]:
         return {k: v for k, v in self.model_dump().items() if v is not None}
