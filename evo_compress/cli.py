@@ -198,13 +198,14 @@ def _drive(search: Any, listener: _RichProgress, format: Format = Format.table) 
         search.close()
         raise
     listener.stop()
-    from evo_compress.runs.front import load_front
+    from evo_compress.runs.front import baseline_recipe, load_front
 
     members = load_front(search.store)
+    baseline = baseline_recipe(search.store)
     run_dir = search.store.run_dir
 
     def table() -> None:
-        print_front(members)
+        print_front(members, baseline)
         console.print(
             f"run directory: {run_dir}  (evo-compress front {run_dir} --format json)",
             highlight=False,
@@ -406,12 +407,13 @@ def front(
     """Print the Pareto front of a run (as of its last completed generation)."""
     with _errors():
         from evo_compress.runs import RunStore
-        from evo_compress.runs.front import load_front
+        from evo_compress.runs.front import baseline_recipe, load_front
 
-        with RunStore.open(run_dir, read_only=True) as store:
+        with RunStore.open(run_dir, read_only=True) as store, store.snapshot():
             members = load_front(store)
+            baseline = baseline_recipe(store)
         data = [m.to_json() for m in members]
-        emit(format, data, lambda: print_front(members), csv=lambda: front_csv(members))
+        emit(format, data, lambda: print_front(members, baseline), csv=lambda: front_csv(members))
 
 
 @app.command()

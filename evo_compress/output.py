@@ -141,8 +141,9 @@ def print_status(info: Mapping[str, Any]) -> None:
 _NOISE_PAIRS = 12  # pairs within noise listed under the front table
 
 
-def print_front(members: Sequence[Any]) -> None:
-    """``front`` (and the end of ``run``): one row per member, objectives then the recipe."""
+def print_front(members: Sequence[Any], baseline: Mapping[str, Any] | None = None) -> None:
+    """``front`` (and the end of ``run``): one row per member, objectives then the recipe
+    (what it changes from ``baseline``, the run's reference recipe, when given)."""
     from evo_compress.fitness.noise import pairs_within_noise
     from evo_compress.genomes import render_recipe
     from evo_compress.objectives import OBJECTIVES
@@ -156,9 +157,10 @@ def print_front(members: Sequence[Any]) -> None:
     for objective in OBJECTIVES:
         arrow = "↑" if objective.direction == "max" else "↓"
         table.add_column(f"{objective.name} {arrow}\n{objective.unit}", justify="right")
-    table.add_column("recipe (serving genes: --format json)")
+    changes = "changes from the baseline; " if baseline is not None else ""
+    table.add_column(f"recipe ({changes}all genes: --format json)")
     for m in members:
-        shown = render_recipe(m.recipe, omit=("serve",))
+        shown = render_recipe(m.recipe, omit=("serve",), baseline=baseline)
         values = {o.name: fmt(m.objectives[o.name]) for o in OBJECTIVES}
         if m.accuracy.stderr is not None:
             values["accuracy"] = m.accuracy.text()

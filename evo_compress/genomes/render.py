@@ -18,17 +18,24 @@ from evo_compress.genomes.recipe import flatten, nest
 GROUP_ORDER = ("quant", "prune", "recovery", "kv", "serve")
 
 
-def render_recipe(recipe: Mapping[str, Any], omit: Collection[str] = ()) -> str:
+def render_recipe(
+    recipe: Mapping[str, Any],
+    omit: Collection[str] = (),
+    baseline: Mapping[str, Any] | None = None,
+) -> str:
     """``quant=awq(group_size=128) prune=wanda(sparsity=0.5) kv(dtype=fp8)``: one line, gene
     groups in the order they are applied, a group whose method is ``none`` left out, and the
-    groups in ``omit`` (e.g. ``serve``) too. ``uncompressed`` when nothing is left.
+    groups in ``omit`` (e.g. ``serve``) too. With a ``baseline`` recipe only the genes that
+    differ from it are shown (what the recipe changes). ``uncompressed`` when nothing is left.
 
-    ``recipe`` is a ``Recipe`` or its flat or nested dict form."""
+    ``recipe`` and ``baseline`` are ``Recipe``s or their flat or nested dict forms."""
+    base = flatten(baseline) if baseline is not None else {}
     groups: dict[str, dict[str, Any]] = {}
     for name, value in flatten(recipe).items():
         group, _, leaf = name.partition(".")
-        if group not in omit:
-            groups.setdefault(group, {})[leaf or group] = value
+        if group in omit or (name in base and base[name] == value):
+            continue
+        groups.setdefault(group, {})[leaf or group] = value
     parts = []
     for group, leaves in sorted(groups.items(), key=lambda item: _group_rank(item[0])):
         method = leaves.pop("method", None)

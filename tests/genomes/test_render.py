@@ -41,3 +41,11 @@ def test_the_yaml_block_reads_back_as_the_same_recipe() -> None:
     for seed in range(5):
         recipe = SPACE.sample(np.random.default_rng(seed))
         assert SPACE.recipe(yaml.safe_load(render_recipe_yaml(recipe))) == recipe
+
+
+def test_with_a_baseline_only_the_changes_are_shown() -> None:
+    baseline = SPACE.baseline()
+    recipe = SPACE.recipe({"quant": {"method": "awq", "group_size": 64}, "kv": {"dtype": "fp8"}})
+    assert render_recipe(recipe, baseline=baseline) == "quant=awq(group_size=64) kv(dtype=fp8)"
+    assert render_recipe(baseline, baseline=baseline) == "uncompressed"
+    assert "sliding_window" in render_recipe(recipe)  # without one, every gene
