@@ -47,7 +47,7 @@ from evo_compress.engine import failure_violation
 from evo_compress.fitness import EvaluationResult, Evaluator
 from evo_compress.genomes import SearchSpace
 from evo_compress.genomes.genes import BoolGene, ChoiceGene, FloatGene, IntGene
-from evo_compress.objectives import OBJECTIVES, to_minimization
+from evo_compress.objectives import CONSTRAINTS_BY_KEY, OBJECTIVES, to_minimization
 from evo_compress.runs.hypervolume import REFERENCE_POINT, Box
 
 BUDGETS = (200, 500)
@@ -133,13 +133,13 @@ class Constraints:
         if not result.ok or result.objectives is None:
             g[0] = failure_violation(result)
             return g
+        reference = (
+            None if self.reference_accuracy is None else {"accuracy": self.reference_accuracy}
+        )
         for i, (name, limit) in enumerate(self.limits.items(), start=1):
-            if name == "max_accuracy_drop":
-                assert self.reference_accuracy is not None
-                g[i] = self.reference_accuracy - result.objectives["accuracy"] - limit
-            else:
-                objective = name[len("max_") :].rsplit("_", 1)[0]  # max_latency_ms -> latency
-                g[i] = (result.objectives[objective] - limit) / limit
+            violation = CONSTRAINTS_BY_KEY[name].violation(result.objectives, limit, reference)
+            assert violation is not None, f"{name} needs the baseline's accuracy"
+            g[i] = violation
         return g
 
     def feasible(self, result: EvaluationResult) -> bool:

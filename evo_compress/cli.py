@@ -2,7 +2,8 @@
 lineage, operators, report, export, compare, ls, validate.
 
 An ``EvoCompressError`` becomes one line on stderr and exit code 2; ``--debug`` shows the
-traceback instead.
+traceback instead. What a command prints is formatted by ``evo_compress.output``: every
+command takes ``--format table|json``.
 """
 
 from __future__ import annotations
@@ -12,13 +13,8 @@ if __name__ == "__main__":  # `python -m evo_compress.cli`: Ctrl-C is one line f
 
     exit_on_interrupt()
 
-import csv
-import io
-import json
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +22,28 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from evo_compress import __version__
 from evo_compress._interrupt import EXIT_CODE, exit_on_interrupt, raising
-from evo_compress.exceptions import EvoCompressError, RecipeError
+from evo_compress.exceptions import ConfigError, EvoCompressError, RecipeError
+from evo_compress.output import (
+    FORMAT_HELP,
+    Format,
+    FrontFormat,
+    LineageFormat,
+    console,
+    emit,
+    err_console,
+    front_csv,
+    print_evaluation,
+    print_front,
+    print_history,
+    print_lines,
+    print_operators,
+    print_registered,
+    print_status,
+    write_text,
+)
 from evo_compress.progress import ProgressListener
 from evo_compress.text import terminal_safe
 
@@ -41,28 +54,17 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-# Piped output (CI logs, files) gets wide lines instead of rich's 80-column default.
-console = Console(width=None if sys.stdout.isatty() else 140)
-err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 _state = {"debug": False}
 
 
-class FrontFormat(str, Enum):
-    table = "table"
-    json = "json"
-    csv = "csv"
+SET_HELP = (
+    "Set a config value, as in the file: a dotted key and one YAML value, e.g. "
+    "search.population_size=12 (repeatable)."
+)
 
 
-class LineageFormat(str, Enum):
-    tree = "tree"
-    json = "json"
-    dot = "dot"
-    graphml = "graphml"
-
-
-class TableFormat(str, Enum):
-    table = "table"
-    json = "json"
+def _format_option(default: Any = Format.table, extra: str = "") -> Any:
+    return typer.Option(default, "--format", "-f", help=FORMAT_HELP + extra)
 
 
 @contextmanager
@@ -178,7 +180,7 @@ class _RichProgress(ProgressListener):
         self.progress.stop()
 
 
-def _drive(search: Any, listener: _RichProgress) -> None:
+def _drive(search: Any, listener: _RichProgress, format: Format = Format.table) -> None:
     try:
         search.run()
     except KeyboardInterrupt:
@@ -197,15 +199,20 @@ def _drive(search: Any, listener: _RichProgress) -> None:
         search.close()
         raise
     listener.stop()
-    from evo_compress.runs.front import load_front
+    from evo_compress.runs.front import baseline_recipe, load_front
 
     members = load_front(search.store)
-    _print_front_table(members)
-    console.print(
-        f"run directory: {search.store.run_dir}  (evo-compress front {search.store.run_dir} "
-        "--format json)",
-        highlight=False,
-    )
+    baseline = baseline_recipe(search.store)
+    run_dir = search.store.run_dir
+
+    def table() -> None:
+        print_front(members, baseline)
+        console.print(
+            f"run directory: {run_dir}  (evo-compress front {run_dir} --format json)",
+            highlight=False,
+        )
+
+    emit(format, {"run_dir": run_dir, "front": [m.to_json() for m in members]}, table)
     search.close()
 
 
@@ -240,40 +247,34 @@ def run(
         help="Evaluations at once (`evaluation.workers`): auto (one per visible GPU, one on "
         "a CPU) or a count.",
     ),
+    settings: list[str] = typer.Option(
+        [], "--set", help=SET_HELP, metavar="KEY=VALUE", show_default=False
+    ),
+    format: Format = _format_option(extra="; json: progress on stderr, the front on stdout"),
 ) -> None:
     """Start a new search from a population config."""
     with _errors():
-        from evo_compress.app import load_config, start_search
-        from evo_compress.config import parse_config
+        from evo_compress.app import check_config, start_search
+        from evo_compress.overrides import Override, apply_overrides, describe
+        from evo_compress.yamlio import read_yaml
 
-        if cache is not None and no_cache:
-            raise EvoCompressError("`--cache` and `--no-cache` exclude each other")
-        cfg = load_config(config)
+        overrides = [
+            *_overrides(
+                ("search.recipes", recipes, "--recipes"),
+                ("search.generations", generations, "--generations"),
+                ("search.seed", seed, "--seed"),
+                ("evaluation.workers", _count_or_word(workers), "--workers"),
+            ),
+            *_cache_overrides(cache, no_cache),
+            *(Override.parse(text) for text in settings),
+        ]
         # Flags go through the same validation as the file: --generations 10**12 is an error.
-        data = cfg.model_dump(mode="json")
-        flags = []
-        for key, value, flag in (
-            ("recipes", recipes, "--recipes"),
-            ("generations", generations, "--generations"),
-            ("seed", seed, "--seed"),
-        ):
-            if value is not None:
-                data["search"][key] = value
-                flags.append(f"{flag} {value}")
-        if cache is not None or no_cache:
-            path = cache or cfg.cache.path
-            data["cache"] = {"enabled": not no_cache, "path": None if path is None else str(path)}
-            flags.append("--no-cache" if no_cache else f"--cache {cache}")
-        if workers is not None:
-            data["evaluation"]["workers"] = (
-                int(workers) if workers.isascii() and workers.isdigit() else workers
-            )
-            flags.append(f"--workers {workers}")
-        if flags:
-            cfg = parse_config(data, f"{config} with {' '.join(flags)}")
-        listener = _RichProgress(console)
+        data = read_yaml(config, "config file", ConfigError)
+        cfg = apply_overrides(data, overrides, str(config))
+        check_config(cfg, describe(str(config), overrides))
+        listener = _RichProgress(_progress_console(format))
         search = start_search(cfg, run_dir=run_dir, listener=listener)
-        _drive(search, listener)
+        _drive(search, listener, format)
 
 
 @app.command()
@@ -289,15 +290,26 @@ def resume(
         "--retry-failed",
         help="Evaluate failed recipes again (in the population, the cache and future draws).",
     ),
+    format: Format = _format_option(extra="; json: progress on stderr, the front on stdout"),
 ) -> None:
     """Continue a run from its last checkpoint, re-using every stored evaluation."""
     with _errors():
         from evo_compress.app import resume_search
+        from evo_compress.overrides import apply_overrides
+        from evo_compress.runs import RunStore
 
-        if cache is not None and no_cache:
-            raise EvoCompressError("`--cache` and `--no-cache` exclude each other")
+        overrides = [
+            *_overrides(("search.generations", generations, "--generations")),
+            *_cache_overrides(cache, no_cache),
+        ]
+        if overrides:  # validated against the run's own config, as `run` validates its flags
+            with RunStore.open(run_dir, read_only=True) as store:
+                data = store.config_data()
+            cfg = apply_overrides(data, overrides, f"{run_dir} config")
+            generations = None if generations is None else cfg.search.generations
+            cache = None if cache is None else cfg.cache.path
         cache_arg: Path | bool | None = False if no_cache else cache
-        listener = _RichProgress(console)
+        listener = _RichProgress(_progress_console(format))
         search = resume_search(
             run_dir,
             generations=generations,
@@ -305,12 +317,7 @@ def resume(
             listener=listener,
             retry_failed=retry_failed,
         )
-        _drive(search, listener)
-
-
-class EvaluateFormat(str, Enum):
-    table = "table"
-    json = "json"
+        _drive(search, listener, format)
 
 
 @app.command()
@@ -319,26 +326,29 @@ def evaluate(
     recipe: str = typer.Option(
         ..., "--recipe", "-r", help="A recipe YAML file, or an inline YAML/JSON mapping."
     ),
-    format: EvaluateFormat = typer.Option(
-        EvaluateFormat.table, "--format", "-f", help="Output format."
-    ),
+    format: Format = _format_option(),
     cache: Path | None = typer.Option(None, "--cache", help="Fitness cache file to use."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Evaluate even if cached."),
+    settings: list[str] = typer.Option(
+        [], "--set", help=SET_HELP, metavar="KEY=VALUE", show_default=False
+    ),
 ) -> None:
     """Evaluate one recipe with the config's evaluator and print its five objectives."""
     with _errors():
         from evo_compress.app import (
             build_space,
+            check_config,
             default_cache_path,
-            load_config,
             make_config_evaluator,
         )
         from evo_compress.fitness.cache import open_cache
+        from evo_compress.overrides import Override, apply_overrides, describe
         from evo_compress.yamlio import is_file, parse_yaml, read_yaml
 
-        if cache is not None and no_cache:
-            raise EvoCompressError("`--cache` and `--no-cache` exclude each other")
-        cfg = load_config(config)
+        overrides = [*_cache_overrides(cache, no_cache), *(Override.parse(t) for t in settings)]
+        data = read_yaml(config, "config file", ConfigError)
+        cfg = apply_overrides(data, overrides, str(config))
+        check_config(cfg, describe(str(config), overrides))
         space = build_space(cfg)
         path = Path(recipe)
         if is_file(path):
@@ -350,8 +360,8 @@ def evaluate(
         parsed = space.recipe(data)
         evaluator = make_config_evaluator(cfg)
         store = None
-        if not no_cache and (cache is not None or cfg.cache.enabled):
-            store = open_cache(cache or cfg.cache.path or default_cache_path(cfg), _warn)
+        if cfg.cache.enabled:
+            store = open_cache(cfg.cache.path or default_cache_path(cfg), _warn)
         fingerprint, limits = evaluator.fingerprint(), evaluator.limits()
         result = store.get(parsed, fingerprint, limits) if store is not None else None
         hit = result is not None
@@ -363,26 +373,26 @@ def evaluate(
         evaluator.close()
         if store is not None:
             store.close()
-        if format is EvaluateFormat.json:
-            out = {
-                "recipe": parsed.to_dict(),
-                "hash": parsed.hash,
-                "status": result.status,
-                "objectives": result.objectives,
-                "reason": result.reason,
-                "cache_hit": hit,
-                "duration_s": result.duration_s,
-                "metadata": result.metadata,
-            }
-            sys.stdout.write(json.dumps(out, indent=2, default=str) + "\n")
-        else:
-            _print_evaluation(parsed, result, hit)
+        out = {
+            "recipe": parsed.to_dict(),
+            "hash": parsed.hash,
+            "status": result.status,
+            "objectives": result.objectives,
+            "reason": result.reason,
+            "cache_hit": hit,
+            "duration_s": result.duration_s,
+            "metadata": result.metadata,
+        }
+        emit(format, out, lambda: print_evaluation(parsed, result, hit))
         if not result.ok:
             raise typer.Exit(1)
 
 
 @app.command()
-def status(run_dir: Path = typer.Argument(..., help="Run directory.")) -> None:
+def status(
+    run_dir: Path = typer.Argument(..., help="Run directory."),
+    format: Format = _format_option(),
+) -> None:
     """Show how far a run got: generations, evaluations, failures, front size, hypervolume."""
     with _errors():
         from evo_compress.runs import RunStore
@@ -390,65 +400,30 @@ def status(run_dir: Path = typer.Argument(..., help="Run directory.")) -> None:
 
         with RunStore.open(run_dir, read_only=True) as store:
             info = run_status(store)
-        console.print(f"[bold]{info['name']}[/]  {info['run_dir']}", highlight=False)
-        console.print(f"state: {info['state']}", highlight=False)
-        console.print(
-            f"generations: {info['generations_done']} of {info['generations_target']}",
-            highlight=False,
-        )
-        statuses = ", ".join(f"{v} {k}" for k, v in sorted(info["by_status"].items())) or "none"
-        sources = ", ".join(f"{v} {k}" for k, v in sorted(info["by_source"].items())) or "none"
-        console.print(
-            f"evaluations: {info['evaluations']} ({statuses}; {sources})", highlight=False
-        )
-        llm = info["llm"]
-        if llm is not None:
-            outcomes = ", ".join(f"{v} {k}" for k, v in sorted(llm["by_outcome"].items()))
-            cost = f", ${llm['cost']:.4f}" if llm["cost"] is not None else ""
-            console.print(
-                f"LLM requests: {llm['requests']} ({outcomes}); {llm['input_tokens']} input + "
-                f"{llm['output_tokens']} output tokens{cost}; {', '.join(llm['operators'])}",
-                highlight=False,
-            )
-        if info["hypervolume"] is not None:
-            console.print(
-                f"front: {info['front_size']} recipes, hypervolume {info['hypervolume']:.4f}",
-                highlight=False,
-            )
-        if info["hv_box"] is not None:
-            from evo_compress.runs.hypervolume import Box
-
-            console.print(
-                f"hypervolume box: {Box.from_data(info['hv_box']).describe()}",
-                highlight=False,
-                markup=False,
-            )
+        emit(format, info, lambda: print_status(info))
 
 
 @app.command()
 def front(
     run_dir: Path = typer.Argument(..., help="Run directory."),
-    format: FrontFormat = typer.Option(FrontFormat.table, "--format", "-f", help="Output format."),
+    format: FrontFormat = _format_option(FrontFormat.table, "; csv: one row per member"),
 ) -> None:
     """Print the Pareto front of a run (as of its last completed generation)."""
     with _errors():
         from evo_compress.runs import RunStore
-        from evo_compress.runs.front import load_front
+        from evo_compress.runs.front import baseline_recipe, load_front
 
-        with RunStore.open(run_dir, read_only=True) as store:
+        with RunStore.open(run_dir, read_only=True) as store, store.snapshot():
             members = load_front(store)
-        if format is FrontFormat.json:
-            sys.stdout.write(json.dumps([m.to_json() for m in members], indent=2) + "\n")
-        elif format is FrontFormat.csv:
-            sys.stdout.write(_front_csv(members))
-        else:
-            _print_front_table(members)
+            baseline = baseline_recipe(store)
+        data = [m.to_json() for m in members]
+        emit(format, data, lambda: print_front(members, baseline), csv=lambda: front_csv(members))
 
 
 @app.command()
 def history(
     run_dir: Path = typer.Argument(..., help="Run directory."),
-    format: TableFormat = typer.Option(TableFormat.table, "--format", "-f", help="Output format."),
+    format: Format = _format_option(),
 ) -> None:
     """Per generation: hypervolume, front size, evaluations, cache hits, failures."""
     with _errors():
@@ -457,33 +432,7 @@ def history(
 
         with RunStore.open(run_dir, read_only=True) as store:
             rows = run_history(store)
-        if format is TableFormat.json:
-            sys.stdout.write(json.dumps(rows, indent=2) + "\n")
-            return
-        table = Table(
-            title="History",
-            caption="hypervolume: each generation's front in the last generation's box",
-        )
-        columns: tuple[str, ...] = (
-            "generation",
-            "hypervolume",
-            "front_size",
-            "evaluated",
-            "cache_hits",
-        )
-        if any(row.get("quick") for row in rows):  # a racing run: how many stopped quick
-            columns = (*columns, "quick")
-        for name in (*columns, "failed", "seconds"):
-            table.add_column(name.replace("_", " "), justify="right")
-        for row in rows:
-            table.add_row(
-                *(
-                    f"{row[c]:.4f}" if c == "hypervolume" else str(row.get(c))
-                    for c in (*columns, "failed")
-                ),
-                f"{row.get('seconds') or 0:.1f}",
-            )
-        console.print(table)
+        emit(format, rows, lambda: print_history(rows))
 
 
 @app.command()
@@ -496,8 +445,8 @@ def lineage(
     depth: int | None = typer.Option(
         None, "--depth", min=0, help="Generations to walk back (default: to generation 0)."
     ),
-    format: LineageFormat = typer.Option(
-        LineageFormat.tree, "--format", "-f", help="tree (text), json, dot or graphml."
+    format: LineageFormat = _format_option(
+        LineageFormat.table, "; tree: the same as table; dot (Graphviz) or graphml"
     ),
 ) -> None:
     """Where recipes came from: each ancestor with its generation, the operator that made it
@@ -509,20 +458,20 @@ def lineage(
         ids = None if front_only or ident is None else [ident]
         with RunStore.open(run_dir, read_only=True) as store:
             graph = load_lineage(store, ids, depth)
-        if format is LineageFormat.json:
-            sys.stdout.write(json.dumps(graph.to_json(), indent=2) + "\n")
-        elif format is LineageFormat.dot:
-            sys.stdout.write(graph.to_dot() + "\n")
-        elif format is LineageFormat.graphml:
-            sys.stdout.write(graph.to_graphml() + "\n")
-        else:
-            sys.stdout.write(graph.to_tree() + "\n")
+        emit(
+            format,
+            graph.to_json(),
+            lambda: write_text(graph.to_tree()),
+            tree=graph.to_tree,
+            dot=graph.to_dot,
+            graphml=graph.to_graphml,
+        )
 
 
 @app.command()
 def operators(
     run_dir: Path = typer.Argument(..., help="Run directory."),
-    format: TableFormat = typer.Option(TableFormat.table, "--format", "-f", help="Output format."),
+    format: Format = _format_option(),
 ) -> None:
     """Per operator: children, the share valid, feasible, dominating a parent and entering the
     front, hypervolume contribution, fallbacks, and for LLM operators calls, tokens and cost."""
@@ -532,31 +481,7 @@ def operators(
 
         with RunStore.open(run_dir, read_only=True) as store:
             rows = operator_stats(store)
-        if format is TableFormat.json:
-            sys.stdout.write(json.dumps(rows, indent=2) + "\n")
-            return
-        table = Table(title="Operators")
-        shares = ("valid", "feasible", "dominated_parent", "entered_front")
-        for name in ("operator", "children", *shares, "hv contribution", "fallbacks", "LLM"):
-            table.add_column(
-                name.replace("_", " "), justify="left" if name == "operator" else "right"
-            )
-        for row in rows:
-            hv = row.get("hv_contribution")
-            llm = ""
-            if row.get("llm_calls"):
-                cost = f", ${row['cost']:.4f}" if row.get("cost") is not None else ""
-                tokens = int(row.get("input_tokens") or 0) + int(row.get("output_tokens") or 0)
-                llm = f"{row['llm_calls']} calls, {tokens} tokens{cost}"
-            table.add_row(
-                str(row["operator"]),
-                str(row.get("children", 0)),
-                *("-" if row.get(s) is None else f"{row[s]:.0%}" for s in shares),
-                "-" if hv is None else f"{hv:.4f}",
-                str(row.get("fallbacks", 0)),
-                llm,
-            )
-        console.print(table)
+        emit(format, rows, lambda: print_operators(rows))
 
 
 @app.command()
@@ -568,6 +493,7 @@ def report(
     png: Path | None = typer.Option(
         None, "--png", help="Also write the plots as PNG files into this folder."
     ),
+    format: Format = _format_option(),
 ) -> None:
     """Write one self-contained HTML report (opens offline): the front in five objectives,
     hypervolume per generation, the front's lineage, operator credit, how each value was
@@ -582,9 +508,11 @@ def report(
         ):  # the HTML and PNGs agree
             path = write_report(store, out or Path(run_dir) / "report.html")
             pngs = write_pngs(store, png) if png is not None else []
-        console.print(f"report: {path}", highlight=False)
-        for item in pngs:
-            console.print(f"plot: {item}", highlight=False)
+        emit(
+            format,
+            {"report": path, "plots": pngs},
+            lambda: print_lines([f"report: {path}", *(f"plot: {item}" for item in pngs)]),
+        )
 
 
 @app.command()
@@ -595,6 +523,7 @@ def export(
         None, "--out", "-o", help="Folder to write (default: <run dir>/export/<ID>)."
     ),
     force: bool = typer.Option(False, "--force", help="Overwrite files already there."),
+    format: Format = _format_option(),
 ) -> None:
     """Take a recipe to production: its YAML, the llm-compressor recipe where one exists, the
     `vllm serve` command line, and its measured objectives."""
@@ -606,15 +535,14 @@ def export(
             paths = export_recipe(
                 store, ident, out or Path(run_dir) / "export" / str(ident), force=force
             )
-        for path in paths:
-            console.print(str(path), highlight=False)
+        emit(format, {"id": ident, "files": paths}, lambda: print_lines([str(p) for p in paths]))
 
 
 @app.command()
 def compare(
     run_a: Path = typer.Argument(..., help="First run directory."),
     run_b: Path = typer.Argument(..., help="Second run directory."),
-    format: TableFormat = typer.Option(TableFormat.table, "--format", "-f", help="Output format."),
+    format: Format = _format_option(),
 ) -> None:
     """Two fronts side by side, with each one's hypervolume against a common reference."""
     with _errors():
@@ -628,16 +556,11 @@ def compare(
             b.snapshot(),
         ):
             result = compare_runs(a, b)
-        if format is TableFormat.json:
-            sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
-        else:
-            sys.stdout.write(render_comparison(result) + "\n")
+        emit(format, result, lambda: write_text(render_comparison(result)))
 
 
 @app.command("ls")
-def ls(
-    format: TableFormat = typer.Option(TableFormat.table, "--format", "-f", help="Output format."),
-) -> None:
+def ls(format: Format = _format_option()) -> None:
     """Everything registered (evaluators, operators, LLM providers, ...): where each comes from,
     built in or a plugin distribution, and what it is."""
     with _errors():
@@ -660,17 +583,8 @@ def ls(
             for group, registry in groups
             for name in registry.names()
         ]
-        if format is TableFormat.json:
-            sys.stdout.write(json.dumps(rows, indent=2) + "\n")
-            return
-        table = Table(title="Registered")
-        for column in ("kind", "name", "from", "description"):
-            table.add_column(column, overflow="fold")
-        for row in rows:
-            table.add_row(
-                *(terminal_safe(row[c]) for c in ("kind", "name", "from", "description"))
-            )
-        console.print(table, markup=False, highlight=False)
+
+        emit(format, rows, lambda: print_registered(rows))
 
 
 # The modules whose import registers the built-ins of each extension point; a new registry
@@ -690,6 +604,7 @@ def validate(
     space: str | None = typer.Option(
         None, "--space", help="Search space for recipe files (default: llm-compression)."
     ),
+    format: Format = _format_option(),
 ) -> None:
     """Check a config or recipe file without running anything."""
     with _errors():
@@ -699,16 +614,25 @@ def validate(
         data = read_yaml(file, "file")
         if _looks_like_config(data):
             cfg = checked_config(data, source=str(file))
-            space_obj = build_space(cfg)
-            console.print(
+            genes = len(build_space(cfg).genes)
+            found = {
+                "file": file,
+                "kind": "config",
+                "name": cfg.name,
+                "algorithm": cfg.search.algorithm,
+                "population_size": cfg.search.population_size,
+                "generations": cfg.search.generations,
+                "genes": genes,
+                "evaluator": cfg.evaluator.name,
+            }
+            line = (
                 f"{file}: valid config `{cfg.name}` ({cfg.search.algorithm}, population "
                 f"{cfg.search.population_size}, {cfg.search.generations} generations, "
-                f"{len(space_obj.genes)} genes, evaluator {cfg.evaluator.name})",
-                highlight=False,
-                markup=False,
+                f"{genes} genes, evaluator {cfg.evaluator.name})"
             )
+            emit(format, found, lambda: print_lines([line]))
             return
-        from evo_compress.genomes import SearchSpace, load_portfolio
+        from evo_compress.genomes import SearchSpace, load_portfolio, render_recipe
 
         space_obj = SearchSpace.load(space or "llm-compression")
         if isinstance(data, list) or (isinstance(data, dict) and set(data) == {"recipes"}):
@@ -718,155 +642,64 @@ def validate(
                 recipes = [space_obj.recipe({} if data is None else data)]
             except RecipeError as exc:
                 raise RecipeError(f"{file}: {exc}") from None
-        console.print(
+        found = {
+            "file": file,
+            "kind": "recipes",
+            "space": space_obj.name,
+            "recipes": [
+                {"hash": r.hash, "recipe": r.to_dict(), "text": render_recipe(r)} for r in recipes
+            ],
+        }
+        lines = [
             f"{file}: {len(recipes)} valid recipe(s) in space `{space_obj.name}`",
-            highlight=False,
-            markup=False,
-        )
-        for recipe in recipes:
-            console.print(
-                f"  {recipe.short_hash}  {recipe.summary()}", highlight=False, markup=False
-            )
+            *(f"  {r.short_hash}  {render_recipe(r)}" for r in recipes),
+        ]
+        emit(format, found, lambda: print_lines(lines))
 
 
 # ---------------------------------------------------------------------- helpers
+def _overrides(*flags: tuple[str, Any, str]) -> list[Any]:
+    """``(config path, value, flag)`` for each flag given (not None), as overrides."""
+    from evo_compress.overrides import Override
+
+    return [
+        Override(path, value, f"{flag} {value}")
+        for path, value, flag in flags
+        if value is not None
+    ]
+
+
+def _cache_overrides(cache: Path | None, no_cache: bool) -> list[Any]:
+    from evo_compress.overrides import Override
+
+    if cache is not None and no_cache:
+        raise EvoCompressError("`--cache` and `--no-cache` exclude each other")
+    if no_cache:
+        return [Override("cache.enabled", False, "--no-cache")]
+    if cache is not None:
+        flag = f"--cache {cache}"
+        return [Override("cache.enabled", True, flag), Override("cache.path", str(cache), flag)]
+    return []
+
+
+def _progress_console(format: Format) -> Console:
+    """Where a search's progress goes: stdout for people, stderr when stdout carries JSON."""
+    return err_console if format is Format.json else console
+
+
+def _count_or_word(value: str | None) -> int | str | None:
+    """``--workers 4`` is a count, ``--workers auto`` a word (only ASCII digits make a count)."""
+    if value is None:
+        return None
+    return int(value) if value.isascii() and value.isdigit() else value
+
+
 def _looks_like_config(data: Any) -> bool:
     # An empty file is a valid config (every default), which is what `run` would make of it.
     from evo_compress.config import PopulationConfig
 
     keys = set(PopulationConfig.model_fields)
     return data is None or (isinstance(data, dict) and bool(set(data) & keys))
-
-
-_NOISE_PAIRS = 12  # pairs within noise listed under the front table
-
-
-def _print_front_table(members: list[Any]) -> None:
-    from evo_compress.fitness.noise import pairs_within_noise
-    from evo_compress.genomes import flatten
-    from evo_compress.objectives import OBJECTIVES
-
-    if not members:
-        console.print("the front is empty (no generation finished, or every evaluation failed)")
-        return
-    title = "Pareto front" if members[0].feasible else "No feasible recipe; least-violating"
-    table = Table(title=title)
-    table.add_column("id", justify="right")
-    for objective in OBJECTIVES:
-        arrow = "↑" if objective.direction == "max" else "↓"
-        table.add_column(f"{objective.name} {arrow}\n{objective.unit}", justify="right")
-    table.add_column("recipe (serving genes: --format json)")
-    for m in members:
-        shown = _compact(flatten(m.recipe))
-        values = {o.name: _fmt(m.objectives[o.name]) for o in OBJECTIVES}
-        if m.accuracy.stderr is not None:
-            values["accuracy"] = m.accuracy.text()
-        table.add_row(str(m.id), *values.values(), shown)
-    console.print(table)
-    close = pairs_within_noise([(m.id, m.accuracy) for m in members])
-    if close:
-        shown_pairs = ", ".join(f"{a}~{b}" for a, b in close[:_NOISE_PAIRS])
-        more = f" and {len(close) - _NOISE_PAIRS} more" if len(close) > _NOISE_PAIRS else ""
-        console.print(
-            f"accuracy within noise (less than 2 combined stderr apart): {shown_pairs}{more}",
-            highlight=False,
-        )
-
-
-def _compact(flat: dict[str, Any]) -> str:
-    """``awq/128 wanda@0.5 lora:r16x500 kv:fp8`` - the compression genes at a glance."""
-    parts = []
-    quant = flat.get("quant.method", "none")
-    if quant != "none":
-        group = flat.get("quant.group_size")
-        parts.append(f"{quant}/{group}" if group else str(quant))
-    prune = flat.get("prune.method", "none")
-    if prune != "none":
-        pattern = flat.get("prune.pattern", "unstructured")
-        parts.append(
-            f"{prune}@{flat['prune.sparsity']}"
-            if pattern == "unstructured"
-            else f"{prune} {pattern}"
-        )
-    recovery = flat.get("recovery.method", "none")
-    if recovery != "none":
-        rank = f"r{flat['recovery.lora_rank']}x" if "recovery.lora_rank" in flat else ""
-        temp = f" T{flat['recovery.temperature']}" if "recovery.temperature" in flat else ""
-        parts.append(f"{recovery}:{rank}{flat.get('recovery.steps')}{temp}")
-    if flat.get("kv.dtype", "auto") != "auto":
-        parts.append(f"kv:{flat['kv.dtype']}")
-    if flat.get("kv.sliding_window"):
-        parts.append(f"window:{flat.get('kv.window')}")
-    known = {"quant.", "prune.", "recovery.", "kv.", "serve."}
-    parts += [f"{k}={v}" for k, v in flat.items() if not k.startswith(tuple(known))]
-    return " ".join(parts) or "uncompressed"
-
-
-def _print_evaluation(recipe: Any, result: Any, hit: bool) -> None:
-    from evo_compress.fitness.noise import AccuracyEstimate
-    from evo_compress.objectives import OBJECTIVES
-
-    source = "fitness cache" if hit else f"evaluated in {result.duration_s:.1f} s"
-    console.print(
-        f"recipe {recipe.short_hash}: {recipe.summary()}  ({source})",
-        highlight=False,
-        markup=False,
-    )
-    if not result.ok:
-        console.print(f"[bold red]{result.status}:[/] {result.reason}", highlight=False)
-        return
-    how = result.metadata.get("objectives", {})
-    accuracy = AccuracyEstimate.of(result.objectives, result.metadata)
-    table = Table()
-    for column in ("objective", "value", "unit", "how it was obtained"):
-        table.add_column(column, justify="right" if column == "value" else "left")
-    for objective in OBJECTIVES:
-        detail = how.get(objective.name, {})
-        text = detail.get("how", "") if isinstance(detail, dict) else str(detail)
-        if text == "synthetic":
-            text = "synthetic: computed, not measured"
-        elif (
-            isinstance(detail, dict) and detail.get("measured") is False and "estimat" not in text
-        ):
-            text = f"{text} (estimated)"
-        value = _fmt(result.objectives[objective.name])
-        if objective.name == "accuracy" and accuracy.stderr is not None:
-            value = accuracy.text()
-            text += (
-                f"; ± one stderr over {accuracy.n} items"
-                if accuracy.n
-                else "; ± the noise setting"
-            )
-        table.add_row(objective.name, value, objective.unit, text)
-    console.print(table)
-
-
-def _fmt(value: float) -> str:
-    return f"{value:.4f}" if abs(value) < 10 else f"{value:,.1f}"
-
-
-def _front_csv(members: list[Any]) -> str:
-    from evo_compress.genomes import flatten
-    from evo_compress.objectives import OBJECTIVE_NAMES
-
-    genes = sorted({k for m in members for k in flatten(m.recipe)})
-    out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow(["id", "feasible", *OBJECTIVE_NAMES, "accuracy_stderr", "accuracy_n", *genes])
-    for m in members:
-        flat = flatten(m.recipe)
-        accuracy = m.accuracy
-        writer.writerow(
-            [
-                m.id,
-                m.feasible,
-                *[m.objectives[n] for n in OBJECTIVE_NAMES],
-                "" if accuracy.stderr is None else accuracy.stderr,
-                "" if accuracy.n is None else accuracy.n,
-                *[flat.get(g, "") for g in genes],
-            ]
-        )
-    return out.getvalue()
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from evo_compress.exceptions import ConfigError
+from evo_compress.objectives import CONSTRAINTS_BY_KEY
 
 # Upper bounds far above any real search: they exist so a typo (1e8, 2**63) is an error
 # here rather than an allocation, an SQLite overflow or a run that never ends.
@@ -68,14 +69,20 @@ class CarbonConfig(_Section):
     )
 
 
+def _doc(key: str) -> str:
+    return CONSTRAINTS_BY_KEY[key].doc
+
+
 class ConstraintsConfig(_Section):
+    """One optional limit per entry of ``objectives.CONSTRAINTS`` (which says what it bounds)."""
+
     max_accuracy_drop: float | None = Field(
-        None, ge=0, le=1, description="Largest accuracy drop allowed vs the baseline recipe"
+        None, ge=0, le=1, description=_doc("max_accuracy_drop")
     )
-    max_latency_ms: float | None = Field(None, gt=0, le=1e12, description="ms per output token")
-    max_memory_mib: float | None = Field(None, gt=0, le=1e12, description="MiB peak device memory")
-    max_energy_j: float | None = Field(None, gt=0, le=1e12, description="J per 1,000 tokens")
-    max_co2_g: float | None = Field(None, gt=0, le=1e12, description="g CO2e per 1,000 tokens")
+    max_latency_ms: float | None = Field(None, gt=0, le=1e12, description=_doc("max_latency_ms"))
+    max_memory_mib: float | None = Field(None, gt=0, le=1e12, description=_doc("max_memory_mib"))
+    max_energy_j: float | None = Field(None, gt=0, le=1e12, description=_doc("max_energy_j"))
+    max_co2_g: float | None = Field(None, gt=0, le=1e12, description=_doc("max_co2_g"))
 
     def active(self) -> dict[str, float]:
         return {k: v for k, v in self.model_dump().items() if v is not None}

@@ -1,4 +1,5 @@
-"""The five objectives every evaluation returns, with units and directions.
+"""The five objectives every evaluation returns, with units and directions, and the
+constraints (``constraints.max_*`` in a config) that bound them.
 
 pymoo minimises, so ``to_minimization`` flips maximised objectives; everything the user sees
 (store, tables, JSON) keeps the natural sign.
@@ -39,6 +40,7 @@ OBJECTIVES: tuple[Objective, ...] = (
     ),
 )
 OBJECTIVE_NAMES: tuple[str, ...] = tuple(o.name for o in OBJECTIVES)
+OBJECTIVES_BY_NAME: dict[str, Objective] = {o.name: o for o in OBJECTIVES}
 
 
 def check_objectives(values: Mapping[str, float]) -> dict[str, float]:
@@ -65,3 +67,77 @@ def to_minimization(values: Mapping[str, float]) -> np.ndarray:
 
 def from_minimization(row: np.ndarray) -> dict[str, float]:
     return {o.name: float(o.sign * v) for o, v in zip(OBJECTIVES, row, strict=True)}
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A config limit (``constraints.<key>``) on one objective.
+
+    ``max_accuracy_drop`` bounds the accuracy lost against the baseline reference (absolute);
+    every other limit is an upper bound on its objective, and its violation is relative
+    (divided by the limit) so that no unit dominates the others.
+    """
+
+    key: str
+    objective: str
+    doc: str
+    phrase: str  # how a prompt states the limit, ``{v}`` being the limit
+    is_drop: bool = False  # bounds the drop from the baseline reference, not the value
+
+    @property
+    def unit(self) -> str:
+        """The limit's unit: its objective's (a fraction for the accuracy drop)."""
+        return OBJECTIVES_BY_NAME[self.objective].unit
+
+    def value(
+        self, objectives: Mapping[str, float], reference: Mapping[str, float] | None = None
+    ) -> float | None:
+        """The quantity the limit bounds (the drop from ``reference`` for the accuracy drop);
+        None when it cannot be known (no reference, the objective missing)."""
+        if self.objective not in objectives:
+            return None
+        if self.is_drop:
+            if reference is None or self.objective not in reference:
+                return None
+            return reference[self.objective] - objectives[self.objective]
+        return objectives[self.objective]
+
+    def violation(
+        self,
+        objectives: Mapping[str, float],
+        limit: float,
+        reference: Mapping[str, float] | None = None,
+    ) -> float | None:
+        """<= 0 is satisfied: ``drop - limit`` for the accuracy drop, ``(value - limit) /
+        limit`` for the others; None when the value cannot be known."""
+        value = self.value(objectives, reference)
+        if value is None:
+            return None
+        return value - limit if self.is_drop else (value - limit) / limit
+
+
+CONSTRAINTS: tuple[Constraint, ...] = (
+    Constraint(
+        "max_accuracy_drop",
+        "accuracy",
+        "Largest accuracy drop allowed vs the baseline recipe",
+        "accuracy may drop at most {v} below the baseline's",
+        is_drop=True,
+    ),
+    Constraint(
+        "max_latency_ms",
+        "latency",
+        "ms per output token",
+        "latency at most {v} ms per output token",
+    ),
+    Constraint(
+        "max_memory_mib", "memory", "MiB peak device memory", "peak memory at most {v} MiB"
+    ),
+    Constraint(
+        "max_energy_j", "energy", "J per 1,000 tokens", "energy at most {v} J per 1,000 tokens"
+    ),
+    Constraint(
+        "max_co2_g", "co2", "g CO2e per 1,000 tokens", "CO2 at most {v} g per 1,000 tokens"
+    ),
+)
+CONSTRAINTS_BY_KEY: dict[str, Constraint] = {c.key: c for c in CONSTRAINTS}

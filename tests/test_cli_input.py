@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -128,10 +129,14 @@ def test_markup_in_a_bad_value_is_printed_as_is(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("flags", "fragments"),
     [
-        (["--generations", str(10**12)], ["`search.generations`", str(10**12)]),
-        (["--seed", str(2**64)], ["`search.seed`", str(2**64)]),
-        (["--workers", "²"], ["`evaluation.workers`", "²"]),
-        (["--workers", str(10**30)], ["`evaluation.workers`"]),
+        (["--generations", str(10**12)], ["`--generations", "`search.generations`", str(10**12)]),
+        (["--seed", str(2**64)], ["`--seed", "`search.seed`", str(2**64)]),
+        (["--workers", "²"], ["`--workers ²`", "`evaluation.workers`", "²"]),
+        (["--workers", str(10**30)], ["`--workers", "`evaluation.workers`"]),
+        (["--set", "search.population_size=2"], ["`--set search", "`search.population_size`"]),
+        (["--set", "search.popsize=9"], ["`--set search.popsize=9`", "unknown key"]),
+        (["--set", "search.generations"], ["`--set search.generations`", "KEY=VALUE"]),
+        (["--cache", "c.sqlite", "--no-cache"], ["`--cache`", "`--no-cache`"]),
     ],
 )
 def test_run_flags_are_validated_like_the_config(
@@ -141,3 +146,38 @@ def test_run_flags_are_validated_like_the_config(
     config.write_text(f"evaluator: {{name: synthetic}}\noutput: {{runs_root: {tmp_path}/runs}}\n")
     one_line_error(invoke_cli("run", "--config", config, *flags), *fragments)
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_bad_value_in_the_file_is_not_blamed_on_a_flag(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("evaluator: {name: synthetic}\nsearch: {population_size: 2}\n")
+    line = one_line_error(
+        invoke_cli("run", "--config", config, "--seed", "3"), "`search.population_size`"
+    )
+    assert line.startswith(f"error: {config}:") and "--seed" not in line
+
+
+def test_resume_and_evaluate_flags_go_the_same_way(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "evaluator: {name: synthetic}\nsearch: {population_size: 4, generations: 1}\n"
+        "cache: {enabled: false}\n"
+    )
+    code, _, err = invoke_cli("run", "-c", config, "--run-dir", tmp_path / "run")
+    assert code == 0, err
+    one_line_error(
+        invoke_cli("resume", tmp_path / "run", "--generations", str(10**12)),
+        "`--generations",
+        "`search.generations`",
+    )
+    one_line_error(
+        invoke_cli("evaluate", "-c", config, "-r", "{}", "--set", "evaluation.workers=0"),
+        "`--set evaluation.workers=0`",
+        "`evaluation.workers`",
+    )
+    # A flag that is valid reaches the command: the evaluation is made with the set value.
+    code, out, err = invoke_cli(
+        "evaluate", "-c", config, "-r", "{}", "--set", "evaluator.settings.noise=0", "-f", "json"
+    )
+    assert code == 0, err
+    assert json.loads(out)["metadata"]["accuracy_stderr"] == 0  # the default noise is 0.003

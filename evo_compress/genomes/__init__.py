@@ -12,6 +12,7 @@ from evo_compress.genomes.genes import (
 )
 from evo_compress.genomes.portfolios import builtin_portfolios, load_portfolio
 from evo_compress.genomes.recipe import Recipe, flatten, nest
+from evo_compress.genomes.render import render_recipe, render_recipe_yaml
 from evo_compress.genomes.space import ForbidRule, SearchSpace, builtin_space_names
 
 __all__ = [
@@ -31,4 +32,6 @@ __all__ = [
     "gene_from_data",
     "load_portfolio",
     "nest",
+    "render_recipe",
+    "render_recipe_yaml",
 ]

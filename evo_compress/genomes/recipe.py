@@ -90,7 +90,9 @@ class Recipe(Mapping[str, Value]):
         return f"Recipe({self._json})"
 
     def summary(self) -> str:
-        """A compact one-line form for tables: ``quant=awq/128 prune=wanda@0.5 ...``."""
+        """Every gene, grouped: ``quant(group_size=64,method=awq) ...``. This is the form LLM
+        re-asks quote (``agents/reply.py``), so it stays as it is; people are shown
+        ``genomes.render_recipe``."""
         groups: dict[str, list[str]] = {}
         for name, value in self._values.items():
             group, _, leaf = name.partition(".")

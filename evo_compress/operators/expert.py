@@ -15,6 +15,7 @@ import numpy as np
 from evo_compress.exceptions import OperatorError, RecipeError
 from evo_compress.genomes import ChoiceGene, Recipe, SearchSpace, Value
 from evo_compress.genomes.genes import _is_number, _RangeGene
+from evo_compress.objectives import CONSTRAINTS, CONSTRAINTS_BY_KEY
 from evo_compress.operators._base import Measured, Mutation, Proposal, VariationContext
 from evo_compress.operators.classic import GeneMutation, _can_vary
 
@@ -51,12 +52,7 @@ _LOWER: dict[str, tuple[tuple[str, ...], ...]] = {
 }
 
 # Situations: what the diagnosis of a parent says, and so which rules may answer it.
-COST_CONSTRAINTS = {
-    "max_memory_mib": "memory",
-    "max_latency_ms": "latency",
-    "max_energy_j": "energy",
-    "max_co2_g": "co2",
-}
+COST_CONSTRAINTS = {c.key: c.objective for c in CONSTRAINTS if not c.is_drop}
 BACK_OFF = frozenset({"failed", "accuracy", "explore"})
 PUSH = frozenset({"slack", "explore"})
 MEMORY = frozenset({"memory"})
@@ -668,13 +664,12 @@ def _violations(parent: Measured, context: VariationContext) -> dict[str, float]
     objectives = parent.objectives or {}
     reference = context.reference or {}
     for key, limit in context.constraints.items():
-        if key in out:
+        constraint = CONSTRAINTS_BY_KEY.get(key)
+        if key in out or constraint is None:
             continue
-        if key == "max_accuracy_drop":
-            if "accuracy" in reference and "accuracy" in objectives:
-                out[key] = reference["accuracy"] - objectives["accuracy"] - limit
-        elif key in COST_CONSTRAINTS and COST_CONSTRAINTS[key] in objectives:
-            out[key] = (objectives[COST_CONSTRAINTS[key]] - limit) / limit
+        violation = constraint.violation(objectives, limit, reference)
+        if violation is not None:
+            out[key] = violation
     return out
 
 

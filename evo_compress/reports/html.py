@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from evo_compress.exceptions import EvoCompressError
-from evo_compress.genomes import flatten
+from evo_compress.genomes import render_recipe, render_recipe_yaml
 from evo_compress.objectives import OBJECTIVES
 from evo_compress.runs.analysis import history, operator_stats
 from evo_compress.runs.front import FrontMember, load_front, run_status
@@ -39,7 +39,6 @@ SHARES = (
     ("entered_front", "entered the front"),
 )
 # Gene groups in the order a compression pipeline applies them; others follow by name.
-_GROUP_ORDER = ("quant", "prune", "recovery", "kv", "serve")
 _HOVER_WIDTH = 80
 _HOVER_CLIP = 600
 _COLORSCALE = "Viridis"
@@ -161,24 +160,6 @@ def how_text(metadata: Mapping[str, Any], objective: str) -> str:
             return text
         return f"estimated: {text}" if text else "estimated"
     return text or "not recorded"
-
-
-def recipe_summary(recipe: Mapping[str, Any]) -> str:
-    """``quant=awq(group_size=128) prune=wanda(sparsity=0.5) kv(dtype=fp8)``: one line per
-    recipe, a gene group whose method is ``none`` left out."""
-    groups: dict[str, dict[str, Any]] = {}
-    for name, value in flatten(recipe).items():
-        group, _, leaf = name.partition(".")
-        groups.setdefault(group, {})[leaf or group] = value
-    parts = []
-    for group, leaves in sorted(groups.items(), key=lambda item: _group_rank(item[0])):
-        method = leaves.pop("method", None)
-        if method == "none" and not leaves:
-            continue
-        head = group if method is None else f"{group}={method}"
-        rest = ", ".join(f"{k}={_plain(v)}" for k, v in leaves.items())
-        parts.append(f"{head}({rest})" if rest else head)
-    return " ".join(parts) or "uncompressed"
 
 
 def format_value(value: Any, digits: int = 4) -> str:
@@ -544,7 +525,7 @@ def _member_value(member: FrontMember, objective: str) -> str:
 def _member_hover(member: FrontMember) -> str:
     lines = [f"#{member.id} · generation {member.generation}"]
     lines += [f"{o.name} {_member_value(member, o.name)} {o.unit}" for o in OBJECTIVES]
-    lines += textwrap.wrap(recipe_summary(member.recipe), _HOVER_WIDTH)
+    lines += textwrap.wrap(render_recipe(member.recipe), _HOVER_WIDTH)
     return "<br>".join(_text(line) for line in lines)
 
 
@@ -563,7 +544,7 @@ def _node_hover(node: Node) -> str:
                 if o.name in node.objectives
             )
         )
-    lines += textwrap.wrap(recipe_summary(node.recipe), _HOVER_WIDTH)
+    lines += textwrap.wrap(render_recipe(node.recipe), _HOVER_WIDTH)
     said = node_rationale(node)
     if said is not None:
         who, rationale = said
@@ -798,7 +779,7 @@ def _front_table(data: ReportData) -> str:
 
 
 def _recipe_cell(member: FrontMember, node: Node | None) -> str:
-    out = f"<code>{_esc(recipe_summary(member.recipe))}</code>"
+    out = f"<code>{_esc(render_recipe(member.recipe))}</code>"
     if node is not None:
         made = " + ".join(node.operators) or "initial population"
         out += f"<div class='how'>made by: {_esc(made)}</div>"
@@ -806,7 +787,7 @@ def _recipe_cell(member: FrontMember, node: Node | None) -> str:
         if said is not None:
             who, rationale = said
             out += f"<div class='llm'>LLM {_esc(who)}: {_esc(rationale)}</div>"
-    full = yaml.safe_dump(member.recipe, sort_keys=False, allow_unicode=True)
+    full = render_recipe_yaml(member.recipe)
     return out + f"<details><summary>full recipe</summary><pre>{_esc(full)}</pre></details>"
 
 
@@ -861,16 +842,6 @@ def _finite(value: Any) -> Any:
     if isinstance(value, Sequence) and not isinstance(value, str | bytes):
         return [_finite(v) for v in value]
     return value
-
-
-def _group_rank(group: str) -> tuple[int, str]:
-    return (_GROUP_ORDER.index(group) if group in _GROUP_ORDER else len(_GROUP_ORDER), group)
-
-
-def _plain(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
 
 
 def _clip(text: str, width: int) -> str:

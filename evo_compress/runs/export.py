@@ -26,8 +26,8 @@ from evo_compress.fitness.vllm.compile import (
     compile_recipe,
 )
 from evo_compress.fitness.vllm.quantize_job import JobError, describe_recipe
-from evo_compress.genomes import Recipe, SearchSpace
-from evo_compress.objectives import OBJECTIVES
+from evo_compress.genomes import Recipe, SearchSpace, render_recipe, render_recipe_yaml
+from evo_compress.objectives import CONSTRAINTS_BY_KEY, OBJECTIVES
 from evo_compress.runs.store import CONFIG_NAME, EvaluationRow, IndividualRow, RunStore
 
 RECIPE_FILE = "recipe.yaml"
@@ -200,19 +200,13 @@ def _constraints(
     limits = {k: v for k, v in (config.get("constraints") or {}).items() if v is not None}
     out: dict[str, dict[str, Any]] = {}
     for name, limit in limits.items():
-        value: float | None
-        if name == "max_accuracy_drop":
-            reference = store.individual_at(-1, 0)
-            ref_eval = store.evaluation(reference.id) if reference is not None else None
-            ref_objectives = ref_eval.result.objectives if ref_eval is not None else None
-            value = (
-                None
-                if ref_objectives is None
-                else ref_objectives["accuracy"] - objectives["accuracy"]
-            )
-        else:
-            objective = name[len("max_") :].rsplit("_", 1)[0]  # max_latency_ms -> latency
-            value = objectives.get(objective)
+        constraint = CONSTRAINTS_BY_KEY.get(name)  # a stored config is read leniently
+        reference = None
+        if constraint is not None and constraint.is_drop:
+            row = store.individual_at(-1, 0)
+            ref_eval = store.evaluation(row.id) if row is not None else None
+            reference = ref_eval.result.objectives if ref_eval is not None else None
+        value = None if constraint is None else constraint.value(objectives, reference)
         out[name] = {
             "limit": limit,
             "value": value,
@@ -275,8 +269,7 @@ def _recipe_yaml(info: _Exported) -> str:
     ]
     if info.row.generation < 0:
         header.append("# (The run's baseline reference: a recipe of the run's base space.)")
-    body = yaml.safe_dump(info.recipe.to_dict(nested=True), sort_keys=True)
-    return "\n".join(header) + "\n" + body
+    return "\n".join(header) + "\n" + render_recipe_yaml(info.recipe)
 
 
 def _objectives_json(info: _Exported) -> dict[str, Any]:
@@ -444,8 +437,10 @@ def _readme(info: _Exported, files: Mapping[str, str]) -> str:
         "",
         "## Recipe",
         "",
+        render_recipe(info.recipe),
+        "",
         "```yaml",
-        yaml.safe_dump(info.recipe.to_dict(nested=True), sort_keys=True).rstrip(),
+        render_recipe_yaml(info.recipe).rstrip(),
         "```",
         "",
         "## Objectives",

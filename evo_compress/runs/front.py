@@ -50,6 +50,13 @@ def load_front(store: RunStore) -> list[FrontMember]:
         return _load_front(store)
 
 
+def baseline_recipe(store: RunStore) -> dict[str, Any] | None:
+    """The run's baseline reference recipe (generation -1, nested form): what the front table
+    shows each recipe's changes from. None before the reference was evaluated."""
+    row = store.individual_at(-1, 0)
+    return nest(row.recipe) if row is not None else None
+
+
 def _load_front(store: RunStore) -> list[FrontMember]:
     checkpoint = store.last_checkpoint()
     if checkpoint is None:

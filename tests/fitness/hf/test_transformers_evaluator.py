@@ -147,7 +147,7 @@ def _slow_until_trained(test):  # type: ignore[no-untyped-def]
 def test_the_record_carries_the_accuracys_binomial_stderr_through_cache_and_store(tmp_path):
     import math
 
-    from evo_compress import cli
+    from evo_compress import output
     from evo_compress.fitness import FitnessCache
     from evo_compress.runs import RunStore
     from evo_compress.runs.front import FrontMember
@@ -190,8 +190,8 @@ def test_the_record_carries_the_accuracys_binomial_stderr_through_cache_and_stor
 
     member = FrontMember(ident, 0, recipe.to_dict(nested=True), row.result.objectives, True, meta)
     assert member.to_json()["accuracy_n"] == 60
-    with cli.console.capture() as shown:
-        cli._print_front_table([member])
+    with output.console.capture() as shown:
+        output.print_front([member])
     assert f"{p:.3f} ± {meta['accuracy_stderr']:.3f}" in shown.get()
 
 
