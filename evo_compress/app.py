@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from evo_compress import __version__
 from evo_compress.config import LLM_SEEDS, EvaluationConfig, PopulationConfig, parse_config
 from evo_compress.exceptions import ConfigError, EvoCompressError, RunStoreError
-from evo_compress.genomes import SearchSpace, load_portfolio
+from evo_compress.genomes import SearchSpace, load_portfolio, render_recipe
 from evo_compress.progress import ProgressListener
 
 if TYPE_CHECKING:
@@ -325,7 +325,7 @@ def start_search(
             if reason is None:
                 seeds.append(space.recipe(recipe))
             elif listener is not None:
-                listener.message(f"seed recipe {recipe.summary()} skipped: {reason}")
+                listener.message(f"seed recipe {render_recipe(recipe)} skipped: {reason}")
     # A model that cannot be found (or trained) fails here, before a run directory exists.
     evaluator.prepare()
     run_dir = Path(run_dir or config.output.run_dir or default_run_dir(config))

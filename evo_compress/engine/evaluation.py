@@ -19,7 +19,7 @@ from evo_compress.fitness import EvaluationResult, Evaluator, FitnessCache
 from evo_compress.fitness.noise import STDERR_KEY
 from evo_compress.fitness.pool import EvaluationPool, Task
 from evo_compress.fitness.racing import QUICK, RaceMember, RaceRule, stage_of
-from evo_compress.genomes import Recipe, SearchSpace
+from evo_compress.genomes import Recipe, SearchSpace, render_recipe
 from evo_compress.objectives import to_minimization
 from evo_compress.progress import ProgressListener
 from evo_compress.runs.store import RunStore
@@ -142,7 +142,7 @@ class EvaluationChain:
         F, G = [], []
         for ind, ident, recipe, result in zip(offspring, idents, recipes, results, strict=True):
             if result is None:
-                raise EvaluationError(f"no result came back for {recipe.summary()}")
+                raise EvaluationError(f"no result came back for {render_recipe(recipe)}")
             ind.set("iid", ident)
             seen.add(recipe.hash)
             F.append(objectives_of(result))

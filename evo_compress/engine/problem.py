@@ -12,7 +12,7 @@ from pymoo.core.problem import Problem
 from evo_compress.config import ConstraintsConfig
 from evo_compress.fitness import EvaluationResult
 from evo_compress.fitness._base import limit_excess
-from evo_compress.objectives import OBJECTIVES, to_minimization
+from evo_compress.objectives import CONSTRAINTS_BY_KEY, OBJECTIVES, to_minimization
 
 # A failed or infeasible evaluation gets at least this constraint violation (it loses every
 # comparison with a success) and placeholder objectives pymoo never reads: survival ranks
@@ -56,16 +56,13 @@ class Constraints:
         if not result.ok or result.objectives is None:
             g[0] = failure_violation(result)
             return g
-        objectives = result.objectives
+        reference = None if self.reference is None else self.reference.objectives
         for i, name in enumerate(self.names, start=1):
-            limit = self.limits[name]
-            if name == "max_accuracy_drop":
-                assert self.reference is not None and self.reference.objectives is not None
-                drop = self.reference.objectives["accuracy"] - objectives["accuracy"]
-                g[i] = drop - limit
-            else:
-                objective = name[len("max_") :].rsplit("_", 1)[0]  # max_latency_ms -> latency
-                g[i] = (objectives[objective] - limit) / limit
+            violation = CONSTRAINTS_BY_KEY[name].violation(
+                result.objectives, self.limits[name], reference
+            )
+            assert violation is not None, f"{name}: no value (the baseline is measured first)"
+            g[i] = violation
         return g
 
 
