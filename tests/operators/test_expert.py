@@ -527,3 +527,21 @@ def test_when_every_move_was_seen_the_expert_still_returns_a_child() -> None:
     child, _ = op.propose(dict(parent.recipe), "failed", rng(1), everything | {parent.recipe.hash})
     assert child != parent.recipe
     assert child.hash in everything
+
+
+def test_precision_ladders_from_the_registry_are_the_hand_written_ones() -> None:
+    """The ladders were a hand-written table before the method registry; derived from its
+    bits they must stay the same tiers in the same order (the rng picks by position)."""
+    from evo_compress.operators.expert import _LOWER, _RAISE
+
+    four = ("nf4", "awq", "gptq", "rtn")
+    compute = ("int8_w8a8", "fp8")
+    assert _RAISE == {
+        **{m: (("int8_weight_only",), compute, ("none",)) for m in four},
+        **{m: (("int8_weight_only",), ("none",)) for m in compute},
+        "int8_weight_only": (("none",),),
+    }
+    assert _LOWER == {
+        "none": (("int8_weight_only",), compute, four),
+        **{m: (four,) for m in ("int8_weight_only", *compute)},
+    }
