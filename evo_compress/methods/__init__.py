@@ -11,6 +11,7 @@ from __future__ import annotations
 from evo_compress.methods._base import (
     BACKENDS,
     KINDS,
+    VLLM_SCHEMES,
     CompressionMethod,
     Kind,
     MethodRegistry,
@@ -34,6 +35,7 @@ __all__ = [
     "BACKENDS",
     "KINDS",
     "METHODS",
+    "VLLM_SCHEMES",
     "CompressionMethod",
     "Kind",
     "MethodRegistry",

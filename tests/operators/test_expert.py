@@ -536,12 +536,12 @@ def test_precision_ladders_from_the_registry_are_the_hand_written_ones() -> None
 
     four = ("nf4", "awq", "gptq", "rtn")
     compute = ("int8_w8a8", "fp8")
-    assert _RAISE == {
+    assert {
         **{m: (("int8_weight_only",), compute, ("none",)) for m in four},
         **{m: (("int8_weight_only",), ("none",)) for m in compute},
         "int8_weight_only": (("none",),),
-    }
-    assert _LOWER == {
+    } == _RAISE
+    assert {
         "none": (("int8_weight_only",), compute, four),
         **{m: (four,) for m in ("int8_weight_only", *compute)},
-    }
+    } == _LOWER

@@ -23,6 +23,7 @@ from evo_compress.fitness.hf.measure import apply_kv, set_attention
 from evo_compress.fitness.hf.prune import apply_pruning
 from evo_compress.fitness.hf.quantize import apply_quantization
 from evo_compress.fitness.hf.recover import apply_recovery
+from evo_compress.methods import METHODS
 
 
 @dataclass
@@ -52,13 +53,12 @@ def apply_recipe(
     when distillation needs it. ``model`` is consumed: use the returned one."""
     details: dict[str, Any] = {}
     recovery = recipe.get("recovery.method", "none")
-    needs_data = recipe.get("prune.method") == "wanda" or recipe.get("quant.method") in (
-        "awq",
-        "gptq",
-    )
+    quant = METHODS.find(recipe.get("quant.method"), "quantization")
+    needs_data = recipe.get("prune.method") == "wanda" or (quant is not None and quant.calibration)
     if needs_data and calibration is None:
         raise EvaluationError(
-            "this recipe needs calibration text (Wanda, AWQ or GPTQ): set "
+            "this recipe needs calibration text (Wanda, AWQ, GPTQ or another calibrated "
+            "quantization method): set "
             "`evaluator.settings.calibration_file` for this task"
         )
     if recovery != "none" and not batches:

@@ -30,10 +30,10 @@ from evo_compress.fitness._base import (
 from evo_compress.fitness.racing import RaceRule
 from evo_compress.fitness.worker import WorkerLimits, run_in_worker
 from evo_compress.genomes import Recipe
+from evo_compress.methods import METHODS
 
 REFERENCE_MODEL = "reference"  # `model.id` of the project's own trained model
 REFERENCE_TASK = "reference"  # `evaluator.settings.task` of the project's addition task
-_QUANT_METHODS = ("none", "int8_weight_only", "int8_w8a8", "fp8", "nf4", "awq", "gptq", "rtn")
 _ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2", "flashinfer")
 _PRELOAD = ("evo_compress.fitness.hf._preload",)
 
@@ -172,7 +172,11 @@ class TransformersEvaluator(ModelEvaluator):
             from evo_compress.fitness.hf.measure import attention_unsupported, kv_unsupported
             from evo_compress.fitness.hf.quantize import quantization_unsupported
 
-            quant = [m for m in _QUANT_METHODS if quantization_unsupported(m, device) is None]
+            quant = [
+                m
+                for m in METHODS.names("quantization", backend="transformers")
+                if quantization_unsupported(m, device) is None
+            ]
             attention = [a for a in _ATTENTION if attention_unsupported(a, device) is None]
             kv_dtype = [
                 d for d in ("auto", "fp8") if kv_unsupported({"kv.dtype": d}, device) is None

@@ -166,6 +166,14 @@ def test_every_other_method_runs_on_cpu(method: str) -> None:
     assert quantization_unsupported(method, "cpu") is None
 
 
+def test_every_registered_transformers_method_has_a_kernel() -> None:
+    from evo_compress.fitness.hf import quantize
+    from evo_compress.methods import METHODS
+
+    registered = METHODS.names("quantization", backend="transformers")
+    assert set(quantize._KERNELS) | {"none"} == set(registered)
+
+
 def test_unknown_method_and_group_size_the_model_cannot_take(model: Any) -> None:
     assert "unknown quantization method" in (quantization_unsupported("int3", "cpu") or "")
     # The tiny model's attention layers are 64 wide: int4 groups of 128 cannot tile them.
