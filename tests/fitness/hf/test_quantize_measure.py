@@ -26,7 +26,7 @@ from evo_compress.fitness.hf.measure import (  # noqa: E402
     measure_memory,
     set_attention,
 )
-from evo_compress.fitness.hf.quantize import (  # noqa: E402
+from evo_compress.fitness.model.quantize import (  # noqa: E402
     QuantizationUnsupportedError,
     apply_quantization,
     gptq_quantize_weight,
@@ -167,7 +167,7 @@ def test_every_other_method_runs_on_cpu(method: str) -> None:
 
 
 def test_every_registered_transformers_method_has_a_kernel() -> None:
-    from evo_compress.fitness.hf import quantize
+    from evo_compress.fitness.model import quantize
     from evo_compress.methods import METHODS
 
     registered = METHODS.names("quantization", backend="transformers")
