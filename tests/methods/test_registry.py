@@ -99,7 +99,9 @@ def test_backends_are_the_supports_that_are_set() -> None:
         ),
     )
     assert method.backends == ("synthetic",)
-    assert METHODS.names("quantization", backend="vllm") == METHODS.names("quantization")
+    served = METHODS.names("quantization", backend="vllm")
+    assert {"none", "fp8", "awq"} <= set(served)
+    assert served == [m.name for m in METHODS if m.vllm is not None]  # registry order
     with pytest.raises(RegistryError, match="unknown back end `tensorrt`"):
         METHODS.methods(backend="tensorrt")
 

@@ -221,7 +221,17 @@ def test_outcome_on_every_gpu_and_release(
 
 
 def test_the_table_covers_every_value_of_the_builtin_space() -> None:
+    """Every value has a row above, except quantization methods the method registry gives
+    no vLLM path: those are refused with that reason on every GPU and release."""
+    from evo_compress.methods import METHODS
+
     covered = {(gene, value) for changes, _, _ in ROWS for gene, value in changes.items()}
+    for method in METHODS.methods("quantization"):
+        if method.vllm is None:
+            covered.add(("quant.method", method.name))
+            for caps in CAPS.values():
+                reason = unsupported_reason(SPACE.recipe({"quant.method": method.name}), caps)
+                assert reason == f"`quant.method` {method.name} has no vLLM path"
     for name, gene in SPACE.genes.items():
         if isinstance(gene, ChoiceGene):
             values: tuple[Any, ...] = gene.choices
