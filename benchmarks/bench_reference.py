@@ -26,7 +26,7 @@ from sections import write_section
 
 from evo_compress.config import CarbonConfig, HardwareConfig, ModelConfig
 from evo_compress.fitness import EvaluationContext, make_evaluator
-from evo_compress.fitness.hf.evaluator import cpu_name
+from evo_compress.fitness.model import cpu_name
 from evo_compress.genomes import SearchSpace
 from evo_compress.reference import default_cache_dir, read_reference_info, reference_model_dir
 

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from evo_compress.agents.session import AgentSession
     from evo_compress.engine import Search
     from evo_compress.fitness import Evaluator, FitnessCache
-    from evo_compress.fitness.pool import WorkerPlan
+    from evo_compress.fitness.pool import EvaluationPool, WorkerPlan
     from evo_compress.operators import AdaptiveSelector, Crossover, Mutation
     from evo_compress.operators.llm import LLMSeeder
     from evo_compress.runs.store import RunStore
@@ -450,7 +450,6 @@ def _assemble(
 ) -> Search:
     """The search loop with every collaborator it uses built and wired."""
     from evo_compress.engine import Search
-    from evo_compress.fitness.pool import make_pool
 
     listener = listener or ProgressListener()
     if config.fidelity.racing and not evaluator.supports_racing:
@@ -484,3 +483,16 @@ def _assemble(
         listener=listener,
         retry_failed=retry_failed,
     )
+
+
+def make_pool(
+    evaluator: Evaluator, plan: WorkerPlan, evaluation: EvaluationConfig
+) -> EvaluationPool:
+    """The pool ``plan`` asks for; Ray is imported only when its pool starts."""
+    from evo_compress.fitness.pool import LocalPool
+
+    if plan.backend == "ray":
+        from evo_compress.fitness.ray_pool import RayPool
+
+        return RayPool(evaluator, plan, evaluation.ray)
+    return LocalPool(evaluator, plan)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from evo_compress.genomes import BoolGene, ChoiceGene, FloatGene, Gene, IntGene, SearchSpace
+from evo_compress.methods import METHODS
 
 
 def gene_schema(gene: Gene) -> dict[str, Any]:
@@ -19,7 +20,7 @@ def gene_schema(gene: Gene) -> dict[str, Any]:
         return {
             "type": [*kinds, "null"],
             "enum": [*gene.choices, None],
-            "description": gene.doc,
+            "description": _with_methods(gene.doc, gene.choices),
         }
     if isinstance(gene, BoolGene):
         return {"type": ["boolean", "null"], "description": gene.doc}
@@ -78,6 +79,16 @@ def seeds_schema(space: SearchSpace) -> dict[str, Any]:
     }
     schema["required"] = ["recipes", "rationale"]
     return schema
+
+
+def _with_methods(doc: str, choices: tuple[Any, ...]) -> str:
+    """A gene whose values are all registered compression methods (``quant.method``) also
+    gets each method's one-line description from the registry, new methods included."""
+    methods = [METHODS.find(c) for c in choices]
+    if not choices or any(m is None for m in methods):
+        return doc
+    lines = "; ".join(f"{m.name}: {m.description.rstrip('.')}" for m in methods if m is not None)
+    return f"{doc} Methods: {lines}.".strip()
 
 
 def _object() -> dict[str, Any]:

@@ -242,14 +242,3 @@ class LocalPool(EvaluationPool):
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
-
-
-def make_pool(
-    evaluator: Evaluator, plan: WorkerPlan, evaluation: EvaluationConfig
-) -> EvaluationPool:
-    """The pool ``plan`` asks for; Ray is imported only when its pool starts."""
-    if plan.backend == "ray":
-        from evo_compress.fitness.ray_pool import RayPool
-
-        return RayPool(evaluator, plan, evaluation.ray)
-    return LocalPool(evaluator, plan)

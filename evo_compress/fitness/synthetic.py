@@ -26,6 +26,7 @@ from evo_compress.fitness._base import (
 from evo_compress.fitness.noise import STDERR_KEY
 from evo_compress.fitness.racing import FULL, QUICK, STAGE_KEY, RaceRule
 from evo_compress.genomes import Recipe, SearchSpace
+from evo_compress.methods import METHODS, CompressionMethod, SyntheticTraits
 from evo_compress.objectives import OBJECTIVES
 
 _SPACE = "llm-compression"
@@ -46,52 +47,8 @@ _RECOVERY_J_PER_STEP_PER_B = 2000.0
 # Share of the baseline accuracy a wrecked model keeps (roughly chance on multiple choice).
 _ACCURACY_FLOOR = 0.3
 
-_FOUR_BIT = ("nf4", "awq", "gptq", "rtn")
-# Degradation (see _accuracy) of each quantization method at group size 128 on a 7B model.
-_QUANT_DEGRADATION = {
-    "none": 0.0,
-    "int8_weight_only": 0.004,
-    "fp8": 0.008,
-    "int8_w8a8": 0.015,
-    "awq": 0.025,
-    "gptq": 0.028,
-    "nf4": 0.035,
-    "rtn": 0.06,
-}
-# Weight-streaming slowdown of each method's decode kernel relative to ideal bandwidth.
-_DEQUANT_FACTOR = {
-    "none": 1.0,
-    "int8_weight_only": 1.15,
-    "int8_w8a8": 1.05,
-    "fp8": 1.03,
-    "awq": 1.2,
-    "gptq": 1.25,
-    "rtn": 1.25,
-    "nf4": 3.0,
-}
-# Compute-side efficiency: w8a8 / fp8 run on 2x tensor cores; weight-only methods dequantize
-# to bf16 first, which costs more as the batch grows.
-_COMPUTE_FACTOR = {
-    "none": 1.0,
-    "int8_weight_only": 0.9,
-    "int8_w8a8": 2.0,
-    "fp8": 2.0,
-    "awq": 0.85,
-    "gptq": 0.85,
-    "rtn": 0.85,
-    "nf4": 0.5,
-}
-# One-time calibration / quantization energy (J) on a 7B model.
-_QUANT_CALIBRATION_J = {
-    "none": 0.0,
-    "int8_weight_only": 2e4,
-    "int8_w8a8": 3e5,
-    "fp8": 2e4,
-    "nf4": 0.0,
-    "awq": 7e5,
-    "gptq": 1e6,
-    "rtn": 2e4,
-}
+# The quantization terms (degradation, dequantization and compute factors, calibration
+# energy) are each method's `synthetic` traits in the method registry (evo_compress.methods).
 # Pruning degradation a * (s / (1 - s)) ** p: a at s = 0.5 and the exponent p. Structured
 # pruning hurts sooner (lower p) and more per unit sparsity than unstructured.
 _PRUNE_CURVE = {
@@ -221,6 +178,17 @@ class _Genes:
     gpu_memory_utilization: float
     attention: str
 
+    @property
+    def method(self) -> CompressionMethod:
+        return METHODS.get(self.quant, "quantization")
+
+    @property
+    def traits(self) -> SyntheticTraits:
+        traits = self.method.synthetic
+        if traits is None:  # capabilities() leaves such methods out of the space
+            raise RecipeError(f"`quant.method` {self.quant} has no synthetic landscape terms")
+        return traits
+
     @classmethod
     def read(cls, recipe: Recipe, space: SearchSpace) -> _Genes:
         def get(name: str) -> Any:
@@ -264,7 +232,10 @@ class SyntheticEvaluator(Evaluator):
         self.device_memory_gb = float(memory)
 
     def capabilities(self) -> Mapping[str, Collection[Any] | None]:
-        return {name: None for name in self._space.genes}
+        caps: dict[str, Collection[Any] | None] = {name: None for name in self._space.genes}
+        if "quant.method" in caps:
+            caps["quant.method"] = METHODS.names("quantization", backend="synthetic")
+        return caps
 
     def fingerprint_data(self) -> dict[str, Any]:
         # Validated settings (defaults filled, 7 == 7.0), less the pause: it changes no result.
@@ -412,13 +383,10 @@ class SyntheticEvaluator(Evaluator):
 
     def _bits(self, genes: _Genes) -> float:
         """Stored bits per weight, scales included."""
-        if genes.quant == "none":
-            return 16.0
-        if genes.quant == "nf4":
-            return 4.0 + 32.0 / genes.group_size  # one fp32 absmax per block
-        if genes.quant in _FOUR_BIT:
-            return 4.0 + 16.0 / genes.group_size  # one fp16 scale per group
-        return 8.0
+        method = genes.method
+        if method.grouped:  # one scale per group (nf4: an fp32 absmax per block)
+            return method.weight_bits + method.scale_bits / genes.group_size
+        return float(method.weight_bits)
 
     def _memory(self, genes: _Genes) -> dict[str, float]:
         bits = self._bits(genes)
@@ -459,8 +427,8 @@ class SyntheticEvaluator(Evaluator):
     def _accuracy(self, genes: _Genes) -> dict[str, float]:
         # Larger models tolerate the same compression better.
         robustness = (7.0 / self.config.n_params_b) ** 0.25
-        quant = _QUANT_DEGRADATION[genes.quant]
-        if genes.quant in _FOUR_BIT:
+        quant = genes.traits.degradation
+        if genes.method.grouped:
             quant *= (genes.group_size / 128.0) ** 0.3
         quant *= robustness
         prune = 0.0
@@ -511,14 +479,14 @@ class SyntheticEvaluator(Evaluator):
         if genes.pattern in _NM_SPEEDUP:
             # Storage saving is not a speedup; the sparse kernel's speedup replaces it.
             weights_bytes /= memory["weight_storage_fraction"]
-        if genes.quant in _FOUR_BIT and genes.pattern == "2:4":
+        if genes.method.weight_bits <= 4 and genes.pattern == "2:4":
             speedup = 1.15  # sparse x int4 kernels are less mature
-        stream_s = weights_bytes / _BANDWIDTH_B_PER_S * _DEQUANT_FACTOR[genes.quant] / speedup
+        stream_s = weights_bytes / _BANDWIDTH_B_PER_S * genes.traits.dequant_factor / speedup
         dense_params = self.config.n_params_b * 1e9 * memory["weight_storage_fraction"]
         if genes.pattern in _NM_SPEEDUP:
             dense_params = self.config.n_params_b * 1e9
         compute_s = (
-            2.0 * dense_params * batch / (_BF16_FLOP_PER_S * _COMPUTE_FACTOR[genes.quant])
+            2.0 * dense_params * batch / (_BF16_FLOP_PER_S * genes.traits.compute_factor)
         ) / speedup
         # A smooth roofline: bandwidth-bound at small batches, compute shows at large ones.
         gemm_s = math.hypot(stream_s, compute_s)
@@ -555,7 +523,7 @@ class SyntheticEvaluator(Evaluator):
             # Distillation also runs the uncompressed teacher forward each step.
             recovery = genes.steps * per_step * factor.get(genes.recovery, 1.6)
         calibration = (
-            _QUANT_CALIBRATION_J[genes.quant] + _PRUNE_CALIBRATION_J[genes.prune]
+            genes.traits.calibration_j + _PRUNE_CALIBRATION_J[genes.prune]
         ) * self._scale
         return {
             "calibration_j": calibration,

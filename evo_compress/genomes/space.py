@@ -28,6 +28,7 @@ from evo_compress.genomes.genes import (
     gene_from_data,
 )
 from evo_compress.genomes.recipe import Recipe, flatten
+from evo_compress.methods import KINDS, METHODS
 from evo_compress.yamlio import read_yaml
 
 _MAX_REPAIR_ROUNDS = 64
@@ -119,7 +120,7 @@ class SearchSpace:
         genes_data = data.get("genes")
         if not isinstance(genes_data, Mapping) or not genes_data:
             raise SearchSpaceError("`genes` must be a non-empty mapping of gene definitions")
-        genes = [gene_from_data(str(n), d) for n, d in genes_data.items()]
+        genes = [gene_from_data(str(n), _resolve_gene(str(n), d)) for n, d in genes_data.items()]
         forbid = []
         for i, item in enumerate(data.get("forbid") or []):
             if (
@@ -128,10 +129,9 @@ class SearchSpace:
                 or "when" not in item
             ):
                 raise SearchSpaceError(f"`forbid[{i}]` must be {{when: {{...}}, reason: ...}}")
+            when = _resolve_clause(item["when"], f"forbid[{i}].when")
             forbid.append(
-                ForbidRule(
-                    Clause.parse(item["when"], f"forbid[{i}].when"), str(item.get("reason", ""))
-                )
+                ForbidRule(Clause.parse(when, f"forbid[{i}].when"), str(item.get("reason", "")))
             )
         return cls(
             str(data.get("name", default_name)), genes, forbid, str(data.get("description", ""))
@@ -318,6 +318,84 @@ class SearchSpace:
 
     def __repr__(self) -> str:
         return f"SearchSpace({self.name!r}, {len(self.genes)} genes, {len(self.forbid)} rules)"
+
+
+# --------------------------------------------------------------------------- method registry
+# A space may take its method lists from the registry (``evo_compress.methods``) instead of
+# spelling them out, so a newly registered method joins the built-in space by itself:
+#   choices_from: {methods: quantization}        every method of the kind, in registry order
+#   choices_from: {group_sizes: quantization}    the group sizes those methods accept, sorted
+#   active_if: {quant.method: {methods: quantization, grouped: true}}   a set of method names
+_METHOD_FILTERS = ("grouped", "calibration")
+
+
+def _resolve_gene(name: str, data: Any) -> Any:
+    """A gene's definition with ``choices_from`` and method sets replaced by plain lists."""
+    if not isinstance(data, Mapping):
+        return data
+    where = f"genes.{name}"
+    out = dict(data)
+    if "choices_from" in out:
+        if "choices" in out:
+            raise SearchSpaceError(f"`{where}` has both `choices` and `choices_from`; keep one")
+        out["choices"] = _choices_from(out.pop("choices_from"), f"{where}.choices_from")
+    condition = out.get("active_if")
+    if isinstance(condition, Mapping):
+        out["active_if"] = _resolve_clause(condition, f"{where}.active_if")
+    elif isinstance(condition, Sequence) and not isinstance(condition, str):
+        out["active_if"] = [
+            _resolve_clause(c, f"{where}.active_if[{i}]") for i, c in enumerate(condition)
+        ]
+    return out
+
+
+def _choices_from(spec: Any, where: str) -> list[Any]:
+    if not isinstance(spec, Mapping) or len(spec) != 1 or set(spec) - {"methods", "group_sizes"}:
+        raise SearchSpaceError(
+            f"`{where}` must be {{methods: KIND}} or {{group_sizes: KIND}}, got {spec!r}"
+        )
+    ((what, kind),) = spec.items()
+    methods = METHODS.methods(_kind(kind, f"{where}.{what}"))
+    if what == "methods":
+        return [m.name for m in methods]
+    return sorted({size for m in methods for size in m.group_sizes})
+
+
+def _resolve_clause(clause: Any, where: str) -> Any:
+    """``{gene: {methods: KIND, grouped: true}}`` terms become lists of method names."""
+    if not isinstance(clause, Mapping):
+        return clause
+    out: dict[Any, Any] = {}
+    for gene, spec in clause.items():
+        if isinstance(spec, Mapping) and "methods" in spec:
+            unknown = set(spec) - {"methods", *_METHOD_FILTERS}
+            if unknown:
+                raise SearchSpaceError(
+                    f"`{where}.{gene}` may filter methods by {list(_METHOD_FILTERS)}, "
+                    f"got {sorted(unknown)}"
+                )
+            methods = METHODS.methods(_kind(spec["methods"], f"{where}.{gene}.methods"))
+            for key in _METHOD_FILTERS:
+                if key in spec:
+                    if not isinstance(spec[key], bool):
+                        raise SearchSpaceError(
+                            f"`{where}.{gene}.{key}` must be true or false, got {spec[key]!r}"
+                        )
+                    methods = [m for m in methods if getattr(m, key) == spec[key]]
+            out[gene] = [m.name for m in methods]
+        else:
+            out[gene] = spec
+    return out
+
+
+def _kind(kind: Any, where: str) -> Any:
+    if kind not in KINDS:
+        close = difflib.get_close_matches(str(kind), KINDS, n=1)
+        hint = f" (did you mean `{close[0]}`?)" if close else ""
+        raise SearchSpaceError(
+            f"`{where}`: unknown kind of method `{kind}`{hint}; known: {', '.join(KINDS)}"
+        )
+    return kind
 
 
 def _topological(genes: Sequence[Gene]) -> list[Gene]:

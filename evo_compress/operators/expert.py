@@ -15,6 +15,7 @@ import numpy as np
 from evo_compress.exceptions import OperatorError, RecipeError
 from evo_compress.genomes import ChoiceGene, Recipe, SearchSpace, Value
 from evo_compress.genomes.genes import _is_number, _RangeGene
+from evo_compress.methods import METHODS
 from evo_compress.objectives import CONSTRAINTS, CONSTRAINTS_BY_KEY
 from evo_compress.operators._base import Measured, Mutation, Proposal, VariationContext
 from evo_compress.operators.classic import GeneMutation, _can_vary
@@ -35,21 +36,52 @@ MAX_SEQS = "serve.max_num_seqs"
 GPU_UTIL = "serve.gpu_memory_utilization"
 ATTENTION = "serve.attention_backend"
 
-FOUR_BIT = ("nf4", "awq", "gptq", "rtn")
-LOW_PRECISION_COMPUTE = ("int8_w8a8", "fp8")
 STRUCTURED = ("structured_mlp", "structured_heads")
 UNSTRUCTURED = ("magnitude", "wanda")
 
-# One precision level up (accuracy) or down (memory): the first tier with an allowed method.
-_RAISE: dict[str, tuple[tuple[str, ...], ...]] = {
-    **{m: (("int8_weight_only",), LOW_PRECISION_COMPUTE, ("none",)) for m in FOUR_BIT},
-    **{m: (("int8_weight_only",), ("none",)) for m in LOW_PRECISION_COMPUTE},
-    "int8_weight_only": (("none",),),
-}
-_LOWER: dict[str, tuple[tuple[str, ...], ...]] = {
-    "none": (("int8_weight_only",), LOW_PRECISION_COMPUTE, FOUR_BIT),
-    **{m: (FOUR_BIT,) for m in ("int8_weight_only", *LOW_PRECISION_COMPUTE)},
-}
+
+def _precision_tiers() -> dict[tuple[int, int], tuple[str, ...]]:
+    """The registered quantization methods grouped by (weight bits, activation bits), each
+    tier in registry order: (16, 16) none, (8, 16) int8 weight-only, (8, 8) int8 / fp8
+    compute, (4, 16) the 4-bit methods."""
+    tiers: dict[tuple[int, int], tuple[str, ...]] = {}
+    for method in METHODS.methods("quantization"):
+        key = (method.weight_bits, method.activation_bits)
+        tiers[key] = (*tiers.get(key, ()), method.name)
+    return tiers
+
+
+def _ladders() -> tuple[dict[str, tuple[tuple[str, ...], ...]], ...]:
+    """One precision level up (accuracy) or down (memory), nearest tier first.
+
+    Up: more weight bits, or the same weight bits with wider activations; the tiers with
+    the fewest weight bits first, weight-only before low-precision compute. Down: fewer
+    weight bits, the most weight bits (then the widest activations) first."""
+    tiers = _precision_tiers()
+    raise_: dict[str, tuple[tuple[str, ...], ...]] = {}
+    lower: dict[str, tuple[tuple[str, ...], ...]] = {}
+    for (w, a), names in tiers.items():
+        up = sorted(
+            (k for k in tiers if k[0] > w or (k[0] == w and k[1] > a)),
+            key=lambda k: (k[0], -k[1]),
+        )
+        down = sorted((k for k in tiers if k[0] < w), key=lambda k: (-k[0], -k[1]))
+        for name in names:
+            if up:
+                raise_[name] = tuple(tiers[k] for k in up)
+            if down:
+                lower[name] = tuple(tiers[k] for k in down)
+    return raise_, lower
+
+
+# Method families the rules name, from the method registry (evo_compress.methods).
+FOUR_BIT = tuple(m.name for m in METHODS.methods("quantization") if m.weight_bits == 4)
+LOW_PRECISION_COMPUTE = tuple(
+    m.name
+    for m in METHODS.methods("quantization")
+    if m.weight_bits == 8 and m.activation_bits == 8
+)
+_RAISE, _LOWER = _ladders()
 
 # Situations: what the diagnosis of a parent says, and so which rules may answer it.
 COST_CONSTRAINTS = {c.key: c.objective for c in CONSTRAINTS if not c.is_drop}

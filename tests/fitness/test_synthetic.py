@@ -52,7 +52,27 @@ def test_registry_builds_the_synthetic_evaluator() -> None:
     assert isinstance(evaluator, SyntheticEvaluator)
     assert evaluator.name == "synthetic"
     assert set(evaluator.capabilities()) == set(SPACE.genes)
-    assert all(v is None for v in evaluator.capabilities().values())
+    caps = dict(evaluator.capabilities())
+    # Every built-in quantization method has synthetic terms, so nothing is narrowed.
+    assert caps.pop("quant.method") == SPACE.genes["quant.method"].to_data()["choices"]
+    assert all(v is None for v in caps.values())
+    assert evaluator.restrict_space(SPACE) is SPACE
+
+
+def test_a_method_without_synthetic_terms_is_narrowed_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dataclasses import replace
+
+    from evo_compress.methods import METHODS, MethodRegistry
+
+    registry = MethodRegistry()
+    for method in METHODS:
+        registry.register(replace(method, synthetic=None) if method.name == "gptq" else method)
+    monkeypatch.setattr("evo_compress.fitness.synthetic.METHODS", registry)
+    evaluator = SyntheticEvaluator({}, EvaluationContext())
+    restricted = evaluator.restrict_space(SPACE)
+    assert "gptq" not in restricted.genes["quant.method"].to_data()["choices"]
+    reason = evaluator.infeasible_reason(SPACE.recipe({"quant.method": "gptq"}), SPACE)
+    assert reason is not None and "`quant.method` = 'gptq'" in reason
 
 
 def test_five_finite_objectives_and_synthetic_metadata() -> None:

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from evo_compress.exceptions import OperatorError
 from evo_compress.genomes import Recipe, SearchSpace
+from evo_compress.methods import METHODS
 from evo_compress.operators import (
     MUTATIONS,
     ExpertMutation,
@@ -33,22 +34,15 @@ OP = ExpertMutation(SPACE)
 REFERENCE = {"accuracy": 0.80, "latency": 20.0, "memory": 16000.0, "energy": 50.0, "co2": 5.0}
 SEEDS = range(150)
 
-FOUR_BIT = {"nf4", "awq", "gptq", "rtn"}
-# Accuracy order of the quantization methods: 0 keeps the most.
-ACCURACY_RANK = {
-    "none": 0,
-    "int8_weight_only": 1,
-    "int8_w8a8": 2,
-    "fp8": 2,
-    **dict.fromkeys(FOUR_BIT, 3),
-}
-WEIGHT_BITS = {
-    "none": 16,
-    "int8_weight_only": 8,
-    "int8_w8a8": 8,
-    "fp8": 8,
-    **dict.fromkeys(FOUR_BIT, 4),
-}
+QUANT_METHODS = METHODS.methods("quantization")
+FOUR_BIT = {m.name for m in QUANT_METHODS if m.weight_bits == 4}
+WEIGHT_BITS = {m.name: m.weight_bits for m in QUANT_METHODS}
+# One precision level above the 4-bit and int8 / fp8 compute methods: 8-bit weight-only.
+INT8_WEIGHT_ONLY = {m.name for m in QUANT_METHODS if (m.weight_bits, m.activation_bits) == (8, 16)}
+# Accuracy order of the quantization methods: 0 keeps the most (more weight bits, then
+# wider activations): none, int8 weight-only, int8 / fp8 compute, the 4-bit methods.
+_LEVELS = sorted({(m.weight_bits, m.activation_bits) for m in QUANT_METHODS}, reverse=True)
+ACCURACY_RANK = {m.name: _LEVELS.index((m.weight_bits, m.activation_bits)) for m in QUANT_METHODS}
 
 
 def sparsity(recipe: Mapping[str, Any]) -> float:
@@ -256,9 +250,9 @@ def test_a_failed_parent_backs_off(values: dict[str, Any], status: str) -> None:
 def test_backing_off_steps_precision_up_one_level() -> None:
     ctx = context(max_accuracy_drop=0.05)
     for method, expected in [
-        ("awq", {"int8_weight_only"}),
-        ("fp8", {"int8_weight_only"}),
-        ("int8_w8a8", {"int8_weight_only"}),
+        ("awq", INT8_WEIGHT_ONLY),
+        ("fp8", INT8_WEIGHT_ONLY),
+        ("int8_w8a8", INT8_WEIGHT_ONLY),
         ("int8_weight_only", {"none"}),
     ]:
         parent = measured(SPACE.recipe({"quant.method": method}), "failed")
@@ -285,7 +279,7 @@ def test_a_memory_violation_at_full_precision_compresses() -> None:
         assert recovery(c) == recovery(p)
         if WEIGHT_BITS[c["quant.method"]] < 16:
             moves["precision"] += 1
-            assert c["quant.method"] == "int8_weight_only"  # one level, not straight to 4-bit
+            assert c["quant.method"] in INT8_WEIGHT_ONLY  # one level, not straight to 4-bit
         elif sparsity(c) > 0:
             moves["sparsity"] += 1
             assert c["prune.method"] == "structured_mlp"  # zeros alone do not shrink memory
@@ -527,3 +521,34 @@ def test_when_every_move_was_seen_the_expert_still_returns_a_child() -> None:
     child, _ = op.propose(dict(parent.recipe), "failed", rng(1), everything | {parent.recipe.hash})
     assert child != parent.recipe
     assert child.hash in everything
+
+
+def test_precision_ladders_from_the_registry_are_the_hand_written_ones() -> None:
+    """The ladders were a hand-written table before the method registry; derived from its
+    bits they must stay the same tiers in the same order (the rng picks by position) for
+    the methods of that table, whatever methods join later."""
+    from evo_compress.operators.expert import _LOWER, _RAISE
+
+    four = ("nf4", "awq", "gptq", "rtn")
+    compute = ("int8_w8a8", "fp8")
+    table = {"none", "int8_weight_only", *four, *compute}
+
+    def restricted(ladders: dict[str, tuple[tuple[str, ...], ...]]) -> dict[str, Any]:
+        out = {}
+        for method, tiers in ladders.items():
+            kept = tuple(t for t in (tuple(m for m in tier if m in table) for tier in tiers) if t)
+            if method in table and kept:
+                out[method] = kept
+        return out
+
+    hand_written_raise = {
+        **{m: (("int8_weight_only",), compute, ("none",)) for m in four},
+        **{m: (("int8_weight_only",), ("none",)) for m in compute},
+        "int8_weight_only": (("none",),),
+    }
+    hand_written_lower = {
+        "none": (("int8_weight_only",), compute, four),
+        **{m: (four,) for m in ("int8_weight_only", *compute)},
+    }
+    assert restricted(_RAISE) == hand_written_raise
+    assert restricted(_LOWER) == hand_written_lower

@@ -25,7 +25,8 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("lm_eval")
 
 from evo_compress.exceptions import EvaluationError  # noqa: E402
-from evo_compress.fitness.hf.accuracy import _task_manager, measure_accuracy  # noqa: E402
+from evo_compress.fitness.hf.accuracy import measure_accuracy  # noqa: E402
+from evo_compress.fitness.model.tasks import task_manager  # noqa: E402
 from evo_compress.reference import (  # noqa: E402
     MIN_ACCURACY,
     TaskSpec,
@@ -256,5 +257,5 @@ def test_unknown_task_is_an_evaluation_error(tmp_path: Path) -> None:
     with pytest.raises(EvaluationError, match="no task `no_such_task`"):
         measure_accuracy(model, build_tokenizer(), "no_such_task", include_path=spec.include_path)
     # The fallback it searched is lm-eval's own index plus ours: real task names are known.
-    manager = _task_manager(spec.include_path, with_defaults=True)
+    manager = task_manager(spec.include_path, with_defaults=True)
     assert {"gsm8k", "evo_addition"} <= set(manager.all_tasks)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from evo_compress.fitness.hf._quiet import quiet_output
+from evo_compress.fitness.model._quiet import quiet_output
 
 with quiet_output():
     import torch  # noqa: F401

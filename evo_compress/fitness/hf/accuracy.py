@@ -2,86 +2,22 @@
 
 ``measure_accuracy`` wraps the model in lm-eval's ``HFLM`` (no reload from disk, so a
 compressed model is measured as it is) and runs ``simple_evaluate`` on one task: the project's
-reference task (a ``TaskSpec`` or its name plus ``include_path``) or any lm-eval task name.
-lm-eval is imported on first use: importing it takes seconds.
+reference task (a ``TaskSpec`` or its name plus ``include_path``) or any lm-eval task name
+(``fitness/model/tasks.py`` finds and scores it).
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import logging
-import math
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from evo_compress.exceptions import EvaluationError
-from evo_compress.fitness.noise import accuracy_stderr
+from evo_compress.fitness.model.tasks import find_task_manager, quiet_lm_eval_logging, run_task
 from evo_compress.reference import TaskSpec, default_cache_dir, set_hf_cache_env
 
 if TYPE_CHECKING:
     from torch import nn
     from transformers import PreTrainedTokenizerBase
-
-# Indexing lm-eval's built-in tasks takes seconds: keep one TaskManager per set of paths.
-_TASK_MANAGERS: dict[tuple[tuple[str, ...], bool], Any] = {}
-_LOCK = threading.RLock()
-
-
-class _DropMessages(logging.Filter):
-    """Drops known, expected warnings: we pass a model object on purpose, in one process."""
-
-    FRAGMENTS = (
-        "`pretrained` model kwarg is not of type `str`",
-        "Passed an already-initialized model through `pretrained`",
-    )
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not any(fragment in message for fragment in self.FRAGMENTS)
-
-
-_logging_quieted = False
-
-
-def _quiet_lm_eval_logging() -> None:
-    global _logging_quieted
-    if _logging_quieted:
-        return
-    _logging_quieted = True
-    logger = logging.getLogger("lm_eval")
-    if logger.level == logging.NOTSET or logger.level < logging.WARNING:
-        logger.setLevel(logging.WARNING)
-    logging.getLogger("lm_eval.models.huggingface").addFilter(_DropMessages())
-
-
-def _task_manager(include_path: Path | None, with_defaults: bool) -> Any:
-    from lm_eval.tasks import TaskManager
-
-    paths = (str(Path(include_path).resolve()),) if include_path is not None else ()
-    key = (paths, with_defaults)
-    with _LOCK:
-        if key not in _TASK_MANAGERS:
-            _TASK_MANAGERS[key] = TaskManager(
-                include_path=list(paths) or None, include_defaults=with_defaults
-            )
-        return _TASK_MANAGERS[key]
-
-
-def _find_task_manager(name: str, include_path: Path | None) -> Any:
-    if include_path is not None:
-        # The project's own tasks: index only their folder (milliseconds, not seconds).
-        manager = _task_manager(include_path, with_defaults=False)
-        if name in manager.all_tasks:
-            return manager
-    manager = _task_manager(include_path, with_defaults=True)
-    if name not in manager.all_tasks:
-        where = f" (include_path {include_path})" if include_path is not None else ""
-        raise EvaluationError(f"lm-eval knows no task `{name}`{where}")
-    return manager
 
 
 def _quiet_hflm(model: Any, tokenizer: Any, batch_size: int) -> Any:
@@ -99,78 +35,6 @@ def _quiet_hflm(model: Any, tokenizer: Any, batch_size: int) -> Any:
             return super().loglikelihood_rolling(requests, disable_tqdm=True)
 
     return QuietHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-
-
-@contextlib.contextmanager
-def _no_context_progress_bar() -> Iterator[None]:
-    """lm-eval draws a "building contexts" bar per task with no switch to turn it off; in a
-    search that is one bar per evaluation, so swap in a disabled tqdm for the call.
-
-    Two fixed costs of every ``simple_evaluate`` call go for the call too, neither changing
-    a score: ``add_env_info`` (torch's ``collect_env`` runs ``pip list`` and more in
-    subprocesses, ~0.25 s, for a field we never read) and compiling each document's Jinja
-    template again (compiled once per template text instead). On a small model they are
-    most of an accuracy measurement, and racing makes two calls."""
-    import lm_eval.api.task as task_module
-    import lm_eval.evaluator as evaluator_module
-    import lm_eval.utils as utils_module
-    from tqdm import tqdm
-
-    saved = (task_module.tqdm, evaluator_module.add_env_info, utils_module.apply_template)
-    task_module.tqdm = functools.partial(tqdm, disable=True)
-    evaluator_module.add_env_info = _no_env_info
-    utils_module.apply_template = _apply_template
-    try:
-        yield
-    finally:
-        task_module.tqdm, evaluator_module.add_env_info, utils_module.apply_template = saved
-
-
-def _no_env_info(storage: dict[str, Any]) -> None:
-    """Stands in for lm-eval's ``add_env_info``: the results' environment fields stay unset."""
-
-
-@functools.lru_cache(maxsize=256)
-def _template(text: str) -> Any:
-    from lm_eval.utils import env
-
-    return env.from_string(text)
-
-
-def _apply_template(template: str, doc: dict[str, Any]) -> str:
-    """lm-eval's ``apply_template`` (same Jinja environment), the template compiled once."""
-    return str(_template(template).render(**doc))
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, (int, float)) and math.isfinite(value):
-        return float(value)
-    return None
-
-
-def _main_metric(results: dict[str, Any], name: str) -> tuple[str, float, float | None]:
-    """The task's first metric under its first filter, e.g. ``exact_match,none`` or, for
-    gsm8k, ``exact_match,strict-match``; a group reports its aggregate."""
-    scores: dict[str, Any] = results["results"].get(name, {})
-    config = results.get("configs", {}).get(name, {})
-    metrics = [m["metric"] for m in config.get("metric_list", []) if isinstance(m, dict)]
-    keys = [k for k in scores if "," in k and not k.split(",")[0].endswith("_stderr")]
-    if metrics:  # stable sort: the first listed metric first, filters in lm-eval's order
-        keys.sort(key=lambda k: k.split(",")[0] != metrics[0])
-    for key in keys:
-        value = _number(scores[key])
-        if value is not None:
-            metric, _, filt = key.partition(",")
-            return metric, value, _number(scores.get(f"{metric}_stderr,{filt}"))
-    raise EvaluationError(f"lm-eval returned no numeric metric for task `{name}`: {scores}")
-
-
-def _n_docs(results: dict[str, Any], name: str) -> int:
-    counts = results.get("n-samples", {})
-    if name in counts:
-        return int(counts[name]["effective"])
-    members = results.get("group_subtasks", {}).get(name, [])
-    return sum(_n_docs(results, member) for member in members)
 
 
 def measure_accuracy(
@@ -204,8 +68,8 @@ def measure_accuracy(
     start = time.perf_counter()
     # Before lm-eval imports `datasets`: keep every Hugging Face cache in the project's.
     set_hf_cache_env(default_cache_dir())
-    _quiet_lm_eval_logging()
-    manager = _find_task_manager(name, include_path)
+    quiet_lm_eval_logging()
+    manager = find_task_manager(name, include_path)
     current = next(model.parameters()).device
     if current.type != device.split(":")[0] or (":" in device and str(current) != device):
         model.to(device)
@@ -219,53 +83,4 @@ def measure_accuracy(
     return {**scores, "seconds": time.perf_counter() - start}
 
 
-def run_task(
-    lm: Any, name: str, manager: Any, limit: int | None, samples: list[int] | None = None
-) -> dict[str, Any]:
-    """One lm-eval task on an lm-eval model object (in memory, or a server client): its main
-    metric, the documents scored and the metric's standard error (lm-eval's, else the
-    binomial one; ``stderr_from`` says which)."""
-    from lm_eval import simple_evaluate
-
-    with _LOCK, _no_context_progress_bar():
-        results = simple_evaluate(
-            model=lm,
-            tasks=[name],
-            task_manager=manager,
-            limit=limit,
-            samples={name: list(samples)} if samples is not None else None,
-            log_samples=False,
-            bootstrap_iters=1000,
-            # Greedy decoding needs no seed; leave the caller's global RNGs untouched.
-            random_seed=None,
-            numpy_random_seed=None,
-            torch_random_seed=None,
-        )
-    if results is None:  # only on non-zero ranks of a distributed run
-        raise EvaluationError(f"lm-eval returned no results for task `{name}`")
-    metric, value, reported = _main_metric(results, name)
-    n = _n_docs(results, name)
-    stderr, stderr_from = accuracy_stderr(value, n, reported)
-    counts = results.get("n-samples", {}).get(name, {})
-    aggregation = _aggregation(results, name, metric)
-    return {
-        **({"available": int(counts["original"])} if "original" in counts else {}),
-        **({"aggregation": aggregation} if aggregation is not None else {}),
-        "accuracy": value,
-        "metric": metric,
-        "n": n,
-        "stderr": stderr,
-        "stderr_from": stderr_from,
-        "task": name,
-    }
-
-
-def _aggregation(results: dict[str, Any], name: str, metric: str) -> str | None:
-    """How the task aggregates ``metric`` over documents, when its config names it (``mean``:
-    the scores of two sets of documents combine into the score of both)."""
-    config = results.get("configs", {}).get(name, {})
-    for entry in config.get("metric_list", []):
-        if isinstance(entry, dict) and entry.get("metric") == metric:
-            aggregation = entry.get("aggregation")
-            return aggregation if isinstance(aggregation, str) else None
-    return None
+__all__ = ["measure_accuracy"]

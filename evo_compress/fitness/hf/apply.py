@@ -1,28 +1,19 @@
-"""Where a recipe is applied to a model: prune, recover, quantize, then serving settings.
-
-Order matters and is fixed: pruning first (Wanda and AWQ read activations of the model as
-it will be served), then LoRA or distillation recovery on the full-precision pruned model
-(masks re-applied after the merge), then quantization; QLoRA, by definition, trains its
-adapters on the already-quantized nf4 base. The energy of all of it is measured (or, on
-CPUs without power counters, estimated) as the recipe's one-time compression cost.
-"""
+"""Where a recipe is applied on the transformers back end: the weight genes by the shared
+compression (``fitness/model/compress.py``: prune, recover, quantize), then the serving
+genes (attention kernel, KV cache) on the transformers model."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from evo_compress.exceptions import EvaluationError
-from evo_compress.fitness.energy import EnergyMeter, EnergyResult
+from evo_compress.fitness.energy import EnergyResult
 from evo_compress.fitness.hf.measure import apply_kv, set_attention
-from evo_compress.fitness.hf.prune import apply_pruning
-from evo_compress.fitness.hf.quantize import apply_quantization
-from evo_compress.fitness.hf.recover import apply_recovery
+from evo_compress.fitness.model.compress import CompressedModel
 
 
 @dataclass
@@ -35,79 +26,23 @@ class AppliedRecipe:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-def apply_recipe(
-    model: nn.Module,
-    recipe: Mapping[str, Any],
-    *,
-    device: str,
-    calibration: torch.Tensor | None,
-    batches: Sequence[Mapping[str, torch.Tensor]],
-    teacher: Callable[[], nn.Module],
-    workdir: Path,
-    recovery_lr: float = 1e-3,
-    seed: int = 0,
-    watts_per_core: float = 15.0,
+def apply_serving(
+    compressed: CompressedModel, recipe: Mapping[str, Any], device: str
 ) -> AppliedRecipe:
-    """Compress ``model`` as ``recipe`` says. ``teacher`` loads the uncompressed model, only
-    when distillation needs it. ``model`` is consumed: use the returned one."""
-    details: dict[str, Any] = {}
-    recovery = recipe.get("recovery.method", "none")
-    needs_data = recipe.get("prune.method") == "wanda" or recipe.get("quant.method") in (
-        "awq",
-        "gptq",
-    )
-    if needs_data and calibration is None:
-        raise EvaluationError(
-            "this recipe needs calibration text (Wanda, AWQ or GPTQ): set "
-            "`evaluator.settings.calibration_file` for this task"
-        )
-    if recovery != "none" and not batches:
-        raise EvaluationError(
-            "recovery needs training text: set `evaluator.settings.calibration_file`"
-        )
-    with EnergyMeter(device, watts_per_core=watts_per_core) as meter:
-        masks: dict[str, torch.Tensor] = {}
-        if recipe.get("prune.method", "none") != "none":
-            pruned = apply_pruning(model, recipe, calibration)
-            masks = pruned.masks
-            details["prune"] = {"sparsity": pruned.sparsity, **pruned.details}
-        if recovery in ("lora", "distill"):
-            recovered = apply_recovery(
-                model,
-                recipe,
-                batches,
-                masks=masks,
-                teacher=teacher() if recovery == "distill" else None,
-                lr=recovery_lr,
-                seed=seed,
-            )
-            model = recovered.model
-            details["recovery"] = _recovery_details(recovered)
-        quantized = apply_quantization(model, recipe, device, calibration, workdir)
-        model = quantized.model
-        details["quant"] = {**quantized.details, "weight_bytes": quantized.weight_bytes}
-        if recovery == "qlora":
-            recovered = apply_recovery(model, recipe, batches, lr=recovery_lr, seed=seed)
-            model = recovered.model
-            details["recovery"] = _recovery_details(recovered)
-    model.eval()
+    """The recipe's attention backend and KV-cache settings on the compressed model."""
+    model = compressed.model
     reason = set_attention(model, recipe.get("serve.attention_backend", "auto"), device)
     if reason is not None:
         raise EvaluationError(reason)
     generate_kwargs = apply_kv(model, recipe, device)
-    details["serving"] = {
-        "attention_backend": recipe.get("serve.attention_backend", "auto"),
-        "kv": {k: v for k, v in recipe.items() if k.startswith("kv.")},
+    details = {
+        **compressed.details,
+        "serving": {
+            "attention_backend": recipe.get("serve.attention_backend", "auto"),
+            "kv": {k: v for k, v in recipe.items() if k.startswith("kv.")},
+        },
     }
-    return AppliedRecipe(model, generate_kwargs, meter.result, details)
+    return AppliedRecipe(model, generate_kwargs, compressed.compression_energy, details)
 
 
-def _recovery_details(result: Any) -> dict[str, Any]:
-    return {
-        "steps": result.steps,
-        "wall_seconds": result.wall_seconds,
-        "cpu_seconds": result.cpu_seconds,
-        "loss_first": result.loss_first,
-        "loss_last": result.loss_last,
-        **result.details,
-    }
+__all__ = ["AppliedRecipe", "apply_serving"]

@@ -2,38 +2,33 @@
 
 The search process only validates settings, resolves the model and task and fingerprints
 them; every evaluation runs in its own worker process (``fitness.worker``), where
-``pipeline.evaluate_in_worker`` loads the model, applies the recipe (``apply.py``) and
-measures it (``measure.py``, ``accuracy.py``, ``fitness/energy.py``).
+``pipeline.evaluate_in_worker`` loads the model, applies the recipe (``apply.py``, with
+the shared weight compression of ``fitness/model/``) and measures it (``measure.py``,
+``accuracy.py``, ``fitness/energy.py``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import platform
-from abc import abstractmethod
 from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from evo_compress.config import ModelConfig, format_validation_error
-from evo_compress.exceptions import ConfigError, EvaluationError
-from evo_compress.fitness._base import (
-    EvaluationContext,
-    EvaluationResult,
-    Evaluator,
-    Placement,
+from evo_compress.fitness._base import EvaluationContext, EvaluationResult, Placement
+from evo_compress.fitness.model import (
+    REFERENCE_TASK,
+    ModelEvaluator,
+    cpu_name,
+    model_fingerprint,
+    parse_model_settings,
 )
 from evo_compress.fitness.racing import RaceRule
 from evo_compress.fitness.worker import WorkerLimits, run_in_worker
 from evo_compress.genomes import Recipe
+from evo_compress.methods import METHODS
 
-REFERENCE_MODEL = "reference"  # `model.id` of the project's own trained model
-REFERENCE_TASK = "reference"  # `evaluator.settings.task` of the project's addition task
-_QUANT_METHODS = ("none", "int8_weight_only", "int8_w8a8", "fp8", "nf4", "awq", "gptq", "rtn")
 _ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2", "flashinfer")
 _PRELOAD = ("evo_compress.fitness.hf._preload",)
 
@@ -74,63 +69,6 @@ def _machine_memory_mib() -> float:
         return 8192.0
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-class ModelEvaluator(Evaluator):
-    """What the back ends that evaluate a real model (transformers, vLLM) share: the model
-    folder and task prepared once, per-evaluation torch ``threads`` in ``config``, and
-    whether the resolved ``device`` is a GPU."""
-
-    config: Any  # the back end's validated settings (task, threads, ...)
-
-    def __init__(self, settings: Mapping[str, Any], context: EvaluationContext) -> None:
-        super().__init__(settings, context)
-        self._model_path: Path | None = None
-        self._task: dict[str, Any] | None = None
-
-    @property
-    @abstractmethod
-    def device(self) -> str:
-        """``hardware.device`` resolved (auto: cuda when a GPU is seen, else cpu)."""
-
-    def prepare(self) -> None:
-        """Train (once per machine) or locate the model; write the reference task files.
-        Idempotent: a second call does nothing."""
-        if self._model_path is not None and self._task is not None:
-            return
-        self._model_path, self._task = prepare_model_and_task(
-            self.context.model,
-            self.config.task,
-            self.config.task_include_path,
-            self.config.calibration_file,
-        )
-
-    def shared_paths(self) -> list[Path]:
-        paths = [self._model_path] if self._model_path is not None else []
-        include = (self._task or {}).get("include_path")
-        return paths + ([Path(include)] if include else [])
-
-    def uses_gpu(self) -> bool:
-        return self.device.startswith("cuda")
-
-    def threads(self) -> int | None:
-        return int(self.config.threads)
-
-    def with_threads(self, threads: int) -> Evaluator:
-        if threads == self.config.threads:
-            return self
-        return type(self)({**self.settings, "threads": threads}, self.context)
-
-
 class TransformersEvaluator(ModelEvaluator):
     """Applies recipes with transformers, torchao, bitsandbytes, peft and torch-pruning;
     measures accuracy with lm-eval and serving latency, memory and energy itself."""
@@ -163,16 +101,20 @@ class TransformersEvaluator(ModelEvaluator):
         return self._capabilities
 
     def _probe_capabilities(self) -> dict[str, Collection[Any] | None]:
-        from evo_compress.fitness.hf._quiet import quiet_output
+        from evo_compress.fitness.model._quiet import quiet_output
 
         device = self.device
         # torchao and bitsandbytes announce missing optional kernels on first use: the
         # probes below would print that over the search's display.
         with quiet_output():
             from evo_compress.fitness.hf.measure import attention_unsupported, kv_unsupported
-            from evo_compress.fitness.hf.quantize import quantization_unsupported
+            from evo_compress.fitness.model.quantize import quantization_unsupported
 
-            quant = [m for m in _QUANT_METHODS if quantization_unsupported(m, device) is None]
+            quant = [
+                m
+                for m in METHODS.names("quantization", backend="transformers")
+                if quantization_unsupported(m, device) is None
+            ]
             attention = [a for a in _ATTENTION if attention_unsupported(a, device) is None]
             kv_dtype = [
                 d for d in ("auto", "fp8") if kv_unsupported({"kv.dtype": d}, device) is None
@@ -257,124 +199,4 @@ class TransformersEvaluator(ModelEvaluator):
         )
 
 
-_Settings = TypeVar("_Settings", bound=BaseModel)
-
-
-def parse_model_settings(
-    cls: type[_Settings], settings: Mapping[str, Any], context: EvaluationContext
-) -> _Settings:
-    """A real-model back end's ``evaluator.settings``, validated; one-line errors name the
-    field. The reference model only knows its own task."""
-    try:
-        config = cls.model_validate(dict(settings))
-    except ValidationError as exc:
-        message = format_validation_error(exc, "", prefix="evaluator.settings.")
-        raise ConfigError(message.removeprefix(": ")) from None
-    task = getattr(config, "task", REFERENCE_TASK)
-    if context.model.id == REFERENCE_MODEL and task != REFERENCE_TASK:
-        raise ConfigError(
-            "`evaluator.settings.task`: the reference model only knows the `reference` "
-            f"task, got `{task}`"
-        )
-    return config
-
-
-def model_fingerprint(model: ModelConfig) -> str:
-    """What identifies the weights: the reference model's training recipe, or a local
-    folder's config and weight files (names, sizes), or the hub id and revision."""
-    if model.id == REFERENCE_MODEL:
-        from evo_compress.reference import REFERENCE_VERSION
-
-        return f"reference:{REFERENCE_VERSION}"
-    folder = Path(model.id)
-    if folder.is_dir():
-        digest = hashlib.sha256()
-        for path in sorted(folder.iterdir()):
-            if path.is_file() and path.suffix in {".json", ".safetensors", ".bin", ".model"}:
-                digest.update(path.name.encode())
-                digest.update(str(path.stat().st_size).encode())
-                if path.suffix == ".json":
-                    digest.update(path.read_bytes())
-        return f"folder:{digest.hexdigest()}"
-    return f"hub:{model.id}@{model.revision or 'main'}"
-
-
-def prepare_model_and_task(
-    model: ModelConfig,
-    task: str,
-    task_include_path: Path | None,
-    calibration_file: Path | None,
-) -> tuple[Path, dict[str, Any]]:
-    """The model folder (the reference model trained once per machine, a local folder, or
-    a hub download) and the task as plain data (name, include path, calibration and
-    training texts, latency prompts). Shared by the transformers and vLLM back ends."""
-    from evo_compress.reference import (
-        default_cache_dir,
-        ensure_reference_model,
-        ensure_reference_task,
-        set_hf_cache_env,
-    )
-
-    cache_dir = default_cache_dir()
-    set_hf_cache_env(cache_dir)
-    if model.id == REFERENCE_MODEL:
-        model_path = ensure_reference_model(cache_dir, progress=True)
-    elif Path(model.id).is_dir():
-        model_path = Path(model.id).resolve()
-    else:
-        model_path = _download(model.id, model.revision)
-    if task == REFERENCE_TASK:
-        spec = ensure_reference_task(cache_dir)
-        return model_path, {
-            "name": spec.name,
-            "include_path": str(spec.include_path),
-            # Calibration and recovery use the first few hundred; the worker gets no more.
-            "train_texts": list(spec.train_texts[:2048]),
-            "prompts": list(spec.prompts),
-        }
-    return model_path, {
-        "name": task,
-        "include_path": str(task_include_path or "") or None,
-        "train_texts": _read_lines(calibration_file),
-        "prompts": None,
-    }
-
-
-def _read_lines(path: Path | None) -> list[str] | None:
-    if path is None:
-        return None
-    try:
-        return [line.rstrip("\n") for line in path.read_text().splitlines() if line.strip()]
-    except OSError as exc:
-        raise ConfigError(
-            f"`evaluator.settings.calibration_file`: cannot read {path}: {exc.strerror}"
-        ) from None
-
-
-def _download(model_id: str, revision: str | None) -> Path:
-    """A hub model through the Hugging Face cache (inside the project's cache folder)."""
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(model_id, revision=revision))
-    except Exception as exc:  # offline, unknown repo, gated model: all one clear line
-        raise EvaluationError(
-            f"`model.id` {model_id!r} is neither a local folder nor a model that could be "
-            f"fetched from the hub ({type(exc).__name__}: {str(exc).splitlines()[0]})"
-        ) from None
-
-
-def json_safe(value: Any) -> Any:
-    """Metadata must be plain JSON: numpy scalars, paths and tuples become basic types."""
-    return json.loads(json.dumps(value, default=lambda o: getattr(o, "item", lambda: str(o))()))
-
-
-__all__ = [
-    "TransformersEvaluator",
-    "TransformersSettings",
-    "cpu_name",
-    "json_safe",
-    "model_fingerprint",
-    "parse_model_settings",
-    "prepare_model_and_task",
-]
+__all__ = ["TransformersEvaluator", "TransformersSettings"]

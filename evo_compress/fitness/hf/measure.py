@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from evo_compress.fitness.hf.quantize import model_weight_bytes
+from evo_compress.fitness.model.quantize import model_weight_bytes
 
 T = TypeVar("T")
 MIB = 1024 * 1024

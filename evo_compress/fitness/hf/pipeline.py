@@ -12,13 +12,11 @@ co2 - energy x grid intensity, plus the compression's one-time CO2 amortised.
 from __future__ import annotations
 
 import math
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evo_compress.fitness._base import EvaluationResult
 from evo_compress.fitness.energy import (
@@ -28,69 +26,19 @@ from evo_compress.fitness.energy import (
     describe_energy,
 )
 from evo_compress.fitness.hf.accuracy import measure_accuracy
-from evo_compress.fitness.hf.apply import AppliedRecipe, apply_recipe
+from evo_compress.fitness.hf.apply import AppliedRecipe, apply_serving
 from evo_compress.fitness.hf.measure import measure_latency, measure_memory
+from evo_compress.fitness.model import plain
+from evo_compress.fitness.model.load import load_and_compress
 from evo_compress.fitness.noise import N_KEY, STDERR_KEY, accuracy_stderr
 from evo_compress.fitness.racing import FULL, QUICK, STAGE_KEY, RaceRule, combine_means
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def load_model(path: str, dtype: str, device: str) -> Any:
-    # On CPU, half precision kernels are slow or missing: "auto" means float32 there.
-    torch_dtype = _DTYPES.get(dtype, torch.float32 if device == "cpu" else "auto")
-    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-    return model.to(device).eval()
-
-
-def _tokenize(tokenizer: Any, texts: list[str], device: str) -> dict[str, torch.Tensor]:
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
-    encoded = tokenizer(texts, return_tensors="pt", padding=True)
-    labels = encoded["input_ids"].clone()
-    labels[encoded["attention_mask"] == 0] = -100
-    return {
-        "input_ids": encoded["input_ids"].to(device),
-        "attention_mask": encoded["attention_mask"].to(device),
-        "labels": labels.to(device),
-    }
-
 
 def load_and_apply(payload: dict[str, Any], recipe: dict[str, Any]) -> tuple[Any, AppliedRecipe]:
-    """Load the model and tokenizer of ``payload`` and compress the model as ``recipe``
-    says, with the task's texts for calibration and recovery. Shared by this pipeline and
-    the vLLM back end's checkpoint builder."""
-    settings = payload["settings"]
-    device = payload["device"]
-    tokenizer = AutoTokenizer.from_pretrained(payload["model_path"])
-    model = load_model(payload["model_path"], payload["dtype"], device)
-    texts: list[str] = list(payload["task"].get("train_texts") or [])
-    calibration = None
-    batches: list[dict[str, torch.Tensor]] = []
-    if texts:
-        calibration = _tokenize(tokenizer, texts[: settings["calibration_samples"]], device)[
-            "input_ids"
-        ]
-        size = int(settings["recovery_batch_size"])
-        batches = [
-            _tokenize(tokenizer, texts[i : i + size], device)
-            for i in range(0, min(len(texts), 512), size)
-        ]
-    with tempfile.TemporaryDirectory(prefix="evo-compress-") as workdir:
-        applied = apply_recipe(
-            model,
-            recipe,
-            device=device,
-            calibration=calibration,
-            batches=batches,
-            teacher=lambda: load_model(payload["model_path"], payload["dtype"], device),
-            workdir=Path(workdir),
-            recovery_lr=float(settings["recovery_lr"]),
-            seed=int(settings["seed"]),
-            watts_per_core=float(settings["watts_per_core"]),
-        )
-    return tokenizer, applied
+    """Load the model and tokenizer of ``payload``, compress its weights and apply the
+    serving genes as ``recipe`` says."""
+    tokenizer, compressed = load_and_compress(payload, recipe)
+    return tokenizer, apply_serving(compressed, recipe, payload["device"])
 
 
 def evaluate_in_worker(payload: dict[str, Any]) -> EvaluationResult:
@@ -156,7 +104,7 @@ def evaluate_in_worker(payload: dict[str, Any]) -> EvaluationResult:
         if stage is not None:
             metadata[STAGE_KEY] = stage
         metadata["seconds"] = round(time.perf_counter() - started, 3)
-        return EvaluationResult.success(objectives, _plain(metadata))
+        return EvaluationResult.success(objectives, plain(metadata))
 
     rest = {
         "payload": payload,
@@ -260,7 +208,7 @@ def _record(
                 "batch_size": batch_size,
                 "spread": latency["spread"],
             },
-            "memory": {"how": memory["how"], "measured": True, **_plain(memory)},
+            "memory": {"how": memory["how"], "measured": True, **plain(memory)},
             "energy": {
                 "how": energy_how,
                 "measured": energy.measured,
@@ -276,23 +224,7 @@ def _record(
             },
         },
         "compression": {"energy": compression.to_dict(), **details},
-        "accuracy_run": _plain(accuracy),
-        "latency_run": _plain(latency),
+        "accuracy_run": plain(accuracy),
+        "latency_run": plain(latency),
     }
     return objectives, metadata
-
-
-def _plain(value: Any) -> Any:
-    """JSON-able copy: tensors and numpy scalars become numbers, everything else text."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if hasattr(value, "item"):
-        try:
-            return value.item()
-        except (ValueError, RuntimeError):
-            pass
-    return str(value)

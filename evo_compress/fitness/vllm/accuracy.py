@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from evo_compress.fitness.hf.accuracy import (
-    _find_task_manager,
-    _quiet_lm_eval_logging,
+from evo_compress.fitness.model.tasks import (
+    find_task_manager,
+    quiet_lm_eval_logging,
     run_task,
 )
 from evo_compress.reference import default_cache_dir, set_hf_cache_env
@@ -44,8 +44,8 @@ def measure_server_accuracy(
     what lm-eval uses to count context length. Returns what ``measure_accuracy`` returns."""
     start = time.perf_counter()
     set_hf_cache_env(default_cache_dir())
-    _quiet_lm_eval_logging()
-    manager = _find_task_manager(task, include_path)
+    quiet_lm_eval_logging()
+    manager = find_task_manager(task, include_path)
     lm = _quiet_completions(
         base_url=f"{base_url.rstrip('/')}/v1/completions",
         model=served_model,

@@ -30,7 +30,7 @@ from evo_compress.fitness.worker import WorkerLimits, run_in_worker
 
 MARKER = "evo_checkpoint.json"
 QUANTIZE_JOB = Path(__file__).with_name("quantize_job.py")
-_PRELOAD = ("evo_compress.fitness.hf._preload",)
+_PRELOAD = ("evo_compress.fitness.model._preload",)
 
 
 @dataclass(frozen=True)
@@ -249,28 +249,30 @@ def _children_cpu_seconds() -> float:
 
 def build_weights_in_worker(payload: dict[str, Any]) -> EvaluationResult:
     """Worker side: load the base model, prune and recover it as the recipe says (the
-    transformers back end's code), save it as a standard Hugging Face checkpoint."""
+    shared weight compression of ``fitness/model``), save it as a standard Hugging Face
+    checkpoint."""
     import torch
 
-    from evo_compress.fitness.hf.pipeline import _plain, load_and_apply
+    from evo_compress.fitness.model import plain
+    from evo_compress.fitness.model.load import load_and_compress
 
     settings = payload["settings"]
     torch.set_num_threads(int(settings["threads"]))
     torch.manual_seed(int(settings["seed"]))
     started = time.perf_counter()
-    tokenizer, applied = load_and_apply(payload, payload["recipe"])
+    tokenizer, compressed = load_and_compress(payload, payload["recipe"])
     output = Path(payload["output"])
-    model_out: Any = applied.model
+    model_out: Any = compressed.model
     model_out.save_pretrained(output, safe_serialization=True)
     tokenizer.save_pretrained(output)
     return EvaluationResult(
         "ok",
         None,
         None,
-        _plain(
+        plain(
             {
-                "energy": applied.compression_energy.to_dict(),
-                "details": applied.details,
+                "energy": compressed.compression_energy.to_dict(),
+                "details": compressed.details,
                 "seconds": round(time.perf_counter() - started, 3),
             }
         ),

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from evo_compress.exceptions import EvaluationError
+from evo_compress.methods import METHODS, VLLM_SCHEMES
 
 Version = tuple[int, int, int]
 
@@ -96,8 +97,8 @@ class VLLMCapabilities:
 # --------------------------------------------------------------------------- plan
 
 
-QUANT_SCHEMES = ("W4A16", "W8A16", "W8A8")
-QUANT_ALGORITHMS = ("rtn", "gptq", "awq", "smoothquant-gptq")
+QUANT_SCHEMES = VLLM_SCHEMES
+QUANT_ALGORITHMS = ("rtn", "gptq", "awq", "smoothquant-gptq")  # what quantize_job.py runs
 
 
 @dataclass(frozen=True)
@@ -162,32 +163,30 @@ class _Gene:
     active_if: tuple[str, tuple[Any, ...]] | None = None  # (parent gene, its values)
 
 
-# The genes of the built-in space (`llm-compression.yaml`), their defaults and finite domains.
-GENES: dict[str, _Gene] = {
-    "quant.method": _Gene(
-        "none", ("none", "int8_weight_only", "int8_w8a8", "fp8", "nf4", "awq", "gptq", "rtn")
-    ),
-    "quant.group_size": _Gene(128, (32, 64, 128), ("quant.method", ("nf4", "awq", "gptq", "rtn"))),
-    "prune.method": _Gene(
-        "none", ("none", "magnitude", "wanda", "structured_mlp", "structured_heads")
-    ),
-    "prune.pattern": _Gene(
-        "unstructured", ("unstructured", "2:4", "4:8"), ("prune.method", ("magnitude", "wanda"))
-    ),
-    "prune.sparsity": _Gene(0.5, None),
-    "recovery.method": _Gene("none", ("none", "lora", "qlora", "distill")),
-    "recovery.lora_rank": _Gene(16, (4, 8, 16, 32, 64), ("recovery.method", ("lora", "qlora"))),
-    "recovery.steps": _Gene(200, None),
-    "recovery.temperature": _Gene(2.0, None),
-    "kv.dtype": _Gene("auto", ("auto", "fp8")),
-    "kv.sliding_window": _Gene(False, (False, True)),
-    "kv.window": _Gene(4096, None),
-    "serve.max_num_seqs": _Gene(32, (1, 2, 4, 8, 16, 32, 64, 128, 256)),
-    "serve.gpu_memory_utilization": _Gene(0.9, None),
-    "serve.attention_backend": _Gene(
-        "auto", ("auto", "sdpa", "eager", "flash_attention_2", "flashinfer")
-    ),
-}
+def _builtin_genes() -> dict[str, _Gene]:
+    """The genes of the built-in space (`llm-compression`), their defaults and finite
+    domains: the space is built from the YAML and the method registry, never copied here."""
+    from evo_compress.genomes import BoolGene, ChoiceGene, SearchSpace
+
+    genes: dict[str, _Gene] = {}
+    for name, gene in SearchSpace.builtin().genes.items():
+        domain: tuple[Any, ...] | None = None
+        if isinstance(gene, ChoiceGene):
+            domain = tuple(gene.choices)
+        elif isinstance(gene, BoolGene):
+            domain = (False, True)
+        clauses = gene.active_if.clauses
+        active_if = None
+        # Only single-term conditions on a finite gene matter to `capabilities` below.
+        if len(clauses) == 1 and len(clauses[0].terms) == 1 and domain is not None:
+            parent, negated, values = clauses[0].terms[0]
+            assert not negated, name
+            active_if = (parent, tuple(values))
+        genes[name] = _Gene(gene.default, domain, active_if)
+    return genes
+
+
+GENES: dict[str, _Gene] = _builtin_genes()
 
 
 class _Unsupported(Exception):
@@ -248,53 +247,28 @@ def _unknown_value(gene: str, value: Any) -> _Unsupported:
 
 
 def _quant(v: Mapping[str, Any], caps: VLLMCapabilities) -> _Part:
-    """quant.method and quant.group_size."""
+    """quant.method and quant.group_size: what the method registry says vLLM does with the
+    method (nothing, an online ``--quantization``, or an llm-compressor step)."""
     method = v["quant.method"]
-    if method == "none":
+    entry = METHODS.find(method, "quantization")
+    if entry is None:
+        raise _unknown_value("quant.method", method)
+    support = entry.vllm
+    if support is None:
+        raise _Unsupported(f"`quant.method` {method} has no vLLM path")
+    if support.quantization is not None:
+        online = _ONLINE.get(support.quantization)
+        if online is None:
+            raise _Unsupported(
+                f"`quant.method` {method}: vLLM's `--quantization {support.quantization}` is "
+                "not wired into this back end"
+            )
+        return online(method, v, caps)
+    if not support.offline:
         return _Part()
-    if method == "fp8":
-        # Online dynamic fp8 (Fp8Config with an unquantized checkpoint). Without fp8 tensor
-        # cores vLLM runs fp8 weights through the Marlin kernel, activations stay 16-bit.
-        _need_sm(caps, _marlin_min_sm(caps), "`quant.method` fp8")
-        sm = caps.sm
-        notes: tuple[str, ...] = ()
-        if sm is not None and sm < _SM_FP8_TENSOR_CORES:
-            notes = (
-                f"fp8 on compute capability {_sm_text(sm)} runs weight-only (Marlin): no fp8 "
-                "tensor cores, activations stay 16-bit, so the gain is memory, not compute",
-            )
-        return _Part(args=("--quantization", "fp8"), notes=notes)
-    if method == "nf4":
-        if caps.version >= _NO_BITSANDBYTES_SINCE:
-            raise _Unsupported(
-                "`quant.method` nf4 needs vLLM's bitsandbytes loader, which vLLM "
-                f"{caps.version_text} no longer has"
-            )
-        group_size = v["quant.group_size"]
-        if group_size != _BITSANDBYTES_BLOCK:
-            raise _Unsupported(
-                f"`quant.group_size` {group_size!r} with nf4: vLLM quantizes nf4 while loading "
-                f"with bitsandbytes blocks of {_BITSANDBYTES_BLOCK} only"
-            )
-        _need_sm(caps, _SM_BITSANDBYTES, "`quant.method` nf4 (bitsandbytes)")
-        args: tuple[str, ...] = ("--quantization", "bitsandbytes")
-        if caps.version < _BNB_LOAD_FORMAT_UNTIL:
-            args += ("--load-format", "bitsandbytes")
-        return _Part(
-            args=args,
-            notes=(
-                f"nf4 is quantized by vLLM while loading (bitsandbytes, blocks of "
-                f"{_BITSANDBYTES_BLOCK})",
-            ),
-        )
     step, minimum = _quant_step(method, v, caps)
     if not caps.quantizer:
-        why = (
-            " (vLLM's online `int8_per_channel_weight_only` quantizes only MoE experts, not "
-            "linear layers)"
-            if method == "int8_weight_only"
-            else ""
-        )
+        why = f" ({support.why_not_online})" if support.why_not_online else ""
         raise _Unsupported(
             f"`quant.method` {method} needs an llm-compressor {step.scheme} step before serving"
             f"{why}, and no quantization environment is configured "
@@ -304,24 +278,72 @@ def _quant(v: Mapping[str, Any], caps: VLLMCapabilities) -> _Part:
     return _Part(quant_step=step, weight_prefixes=("quant.",))
 
 
+def _online_fp8(method: str, v: Mapping[str, Any], caps: VLLMCapabilities) -> _Part:
+    # Online dynamic fp8 (Fp8Config with an unquantized checkpoint). Without fp8 tensor
+    # cores vLLM runs fp8 weights through the Marlin kernel, activations stay 16-bit.
+    _need_sm(caps, _marlin_min_sm(caps), f"`quant.method` {method}")
+    sm = caps.sm
+    notes: tuple[str, ...] = ()
+    if sm is not None and sm < _SM_FP8_TENSOR_CORES:
+        notes = (
+            f"fp8 on compute capability {_sm_text(sm)} runs weight-only (Marlin): no fp8 "
+            "tensor cores, activations stay 16-bit, so the gain is memory, not compute",
+        )
+    return _Part(args=("--quantization", "fp8"), notes=notes)
+
+
+def _online_bitsandbytes(method: str, v: Mapping[str, Any], caps: VLLMCapabilities) -> _Part:
+    if caps.version >= _NO_BITSANDBYTES_SINCE:
+        raise _Unsupported(
+            f"`quant.method` {method} needs vLLM's bitsandbytes loader, which vLLM "
+            f"{caps.version_text} no longer has"
+        )
+    group_size = v["quant.group_size"]
+    if group_size != _BITSANDBYTES_BLOCK:
+        raise _Unsupported(
+            f"`quant.group_size` {group_size!r} with {method}: vLLM quantizes {method} while "
+            f"loading with bitsandbytes blocks of {_BITSANDBYTES_BLOCK} only"
+        )
+    _need_sm(caps, _SM_BITSANDBYTES, f"`quant.method` {method} (bitsandbytes)")
+    args: tuple[str, ...] = ("--quantization", "bitsandbytes")
+    if caps.version < _BNB_LOAD_FORMAT_UNTIL:
+        args += ("--load-format", "bitsandbytes")
+    return _Part(
+        args=args,
+        notes=(
+            f"{method} is quantized by vLLM while loading (bitsandbytes, blocks of "
+            f"{_BITSANDBYTES_BLOCK})",
+        ),
+    )
+
+
+# vLLM's online (in-flight) quantizations this back end drives, by `--quantization` name.
+_ONLINE: dict[str, Callable[[str, Mapping[str, Any], VLLMCapabilities], _Part]] = {
+    "fp8": _online_fp8,
+    "bitsandbytes": _online_bitsandbytes,
+}
+
+
 def _quant_step(
     method: str, v: Mapping[str, Any], caps: VLLMCapabilities
 ) -> tuple[QuantStep, int]:
     """The llm-compressor step of a method that vLLM loads from a compressed checkpoint, and
     the minimum compute capability of vLLM's kernel for it."""
-    if method == "int8_weight_only":
-        return QuantStep("W8A16", "rtn", None), max(_SM_WNA16, _marlin_min_sm(caps))
-    if method == "int8_w8a8":
-        return QuantStep("W8A8", "smoothquant-gptq", None), _SM_INT8_MM
-    if method in ("awq", "gptq", "rtn"):
-        group_size = v["quant.group_size"]
-        if group_size not in _MARLIN_GROUP_SIZES:
-            raise _Unsupported(
-                f"`quant.group_size` {group_size!r}: vLLM's int4 kernels take groups of "
-                f"{', '.join(map(str, _MARLIN_GROUP_SIZES))}"
-            )
-        return QuantStep("W4A16", method, group_size), max(_SM_WNA16, _marlin_min_sm(caps))
-    raise _unknown_value("quant.method", method)
+    support = METHODS.get(method, "quantization").vllm
+    assert support is not None and support.scheme is not None and support.algorithm is not None
+    if support.scheme == "W8A8":
+        return QuantStep("W8A8", support.algorithm, None), _SM_INT8_MM
+    minimum = max(_SM_WNA16, _marlin_min_sm(caps))
+    if support.scheme != "W4A16":
+        return QuantStep(support.scheme, support.algorithm, None), minimum
+    group_size = v["quant.group_size"]
+    allowed = support.group_sizes or _MARLIN_GROUP_SIZES
+    if group_size not in allowed:
+        raise _Unsupported(
+            f"`quant.group_size` {group_size!r}: vLLM's int4 kernels take groups of "
+            f"{', '.join(map(str, allowed))}"
+        )
+    return QuantStep("W4A16", support.algorithm, group_size), minimum
 
 
 def _prune(v: Mapping[str, Any], caps: VLLMCapabilities) -> _Part:

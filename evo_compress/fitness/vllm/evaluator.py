@@ -38,7 +38,7 @@ from evo_compress.fitness.energy import (
     describe_energy,
     nvml_device_handle,
 )
-from evo_compress.fitness.hf.evaluator import (
+from evo_compress.fitness.model import (
     REFERENCE_TASK,
     ModelEvaluator,
     cpu_name,

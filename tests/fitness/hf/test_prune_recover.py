@@ -17,14 +17,14 @@ pytest.importorskip("peft")
 from torch import nn  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from evo_compress.fitness.hf.prune import (  # noqa: E402
+from evo_compress.fitness.model.prune import (  # noqa: E402
     DEFAULT_SPARSITY,
     PruneResult,
     apply_pruning,
     decoder_linears,
     dequantized_weight,
 )
-from evo_compress.fitness.hf.recover import (  # noqa: E402
+from evo_compress.fitness.model.recover import (  # noqa: E402
     DEFAULT_LORA_RANK,
     DEFAULT_STEPS,
     DEFAULT_TEMPERATURE,

@@ -26,7 +26,7 @@ from evo_compress.fitness.hf.measure import (  # noqa: E402
     measure_memory,
     set_attention,
 )
-from evo_compress.fitness.hf.quantize import (  # noqa: E402
+from evo_compress.fitness.model.quantize import (  # noqa: E402
     QuantizationUnsupportedError,
     apply_quantization,
     gptq_quantize_weight,
@@ -164,6 +164,14 @@ def test_fp8_is_unsupported_on_cpu_with_the_reason(model: Any) -> None:
 )
 def test_every_other_method_runs_on_cpu(method: str) -> None:
     assert quantization_unsupported(method, "cpu") is None
+
+
+def test_every_registered_transformers_method_has_a_kernel() -> None:
+    from evo_compress.fitness.model import quantize
+    from evo_compress.methods import METHODS
+
+    registered = METHODS.names("quantization", backend="transformers")
+    assert set(quantize._KERNELS) | {"none"} == set(registered)
 
 
 def test_unknown_method_and_group_size_the_model_cannot_take(model: Any) -> None:

@@ -221,7 +221,17 @@ def test_outcome_on_every_gpu_and_release(
 
 
 def test_the_table_covers_every_value_of_the_builtin_space() -> None:
+    """Every value has a row above, except quantization methods the method registry gives
+    no vLLM path: those are refused with that reason on every GPU and release."""
+    from evo_compress.methods import METHODS
+
     covered = {(gene, value) for changes, _, _ in ROWS for gene, value in changes.items()}
+    for method in METHODS.methods("quantization"):
+        if method.vllm is None:
+            covered.add(("quant.method", method.name))
+            for caps in CAPS.values():
+                reason = unsupported_reason(SPACE.recipe({"quant.method": method.name}), caps)
+                assert reason == f"`quant.method` {method.name} has no vLLM path"
     for name, gene in SPACE.genes.items():
         if isinstance(gene, ChoiceGene):
             values: tuple[Any, ...] = gene.choices
@@ -610,6 +620,30 @@ def test_capabilities_on_an_h100_with_vllm_033() -> None:
 
 
 # --------------------------------------------------------------------------- table, order
+
+
+def test_every_registered_vllm_method_has_a_path() -> None:
+    """The registry's vLLM facts name only online quantizations and llm-compressor
+    algorithms this back end drives; a method without vLLM support is a reason, not a crash."""
+    from dataclasses import replace
+
+    from evo_compress.fitness.vllm import compile as vllm_compile
+    from evo_compress.methods import METHODS, MethodRegistry
+
+    for method in METHODS.methods("quantization", backend="vllm"):
+        assert method.vllm is not None
+        if method.vllm.quantization is not None:
+            assert method.vllm.quantization in vllm_compile._ONLINE, method.name
+        if method.vllm.offline:
+            assert method.vllm.algorithm in vllm_compile.QUANT_ALGORITHMS, method.name
+    registry = MethodRegistry()
+    for method in METHODS:
+        registry.register(replace(method, vllm=None) if method.name == "rtn" else method)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(vllm_compile, "METHODS", registry)
+        reason = unsupported_reason({"quant.method": "rtn"}, CAPS["h100+q"])
+        assert reason == "`quant.method` rtn has no vLLM path"
+        assert "rtn" not in (capabilities(CAPS["h100+q"])["quant.method"] or [])
 
 
 def test_gene_table_matches_the_builtin_space() -> None:

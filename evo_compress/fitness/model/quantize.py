@@ -12,7 +12,7 @@ import contextlib
 import functools
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,9 +21,8 @@ import torch
 from torch import nn
 
 from evo_compress.exceptions import EvaluationError
+from evo_compress.methods import METHODS, CompressionMethod
 
-METHODS = ("none", "int8_weight_only", "int8_w8a8", "fp8", "nf4", "awq", "gptq", "rtn")
-FOUR_BIT_METHODS = ("nf4", "awq", "gptq", "rtn")
 DEFAULT_GROUP_SIZE = 128  # the gene's default, used when a recipe leaves it out
 INT4: torch.dtype = torch.int4  # type: ignore[attr-defined]  # missing from torch's stubs
 
@@ -118,6 +117,14 @@ def model_weight_bytes(model: nn.Module) -> int:
 # --------------------------------------------------------------------------- support checks
 
 
+def _method(name: str) -> CompressionMethod | None:
+    """The registered quantization method this back end has a kernel for, or None."""
+    entry = METHODS.find(name, "quantization")
+    if entry is None or entry.transformers is None:
+        return None
+    return entry if name == "none" or name in _KERNELS else None
+
+
 def _device(device: torch.device | str) -> torch.device:
     return device if isinstance(device, torch.device) else torch.device(device)
 
@@ -182,23 +189,30 @@ def quantization_unsupported(
     CPU kernel dequantizes wrongly otherwise (checked on bitsandbytes 0.50).
     """
     dev = _device(device)
-    if method not in METHODS:
-        return f"unknown quantization method {method!r} (known: {', '.join(METHODS)})"
+    entry = _method(method)
+    if entry is None:
+        known = ", ".join(METHODS.names("quantization", backend="transformers"))
+        return f"unknown quantization method {method!r} (known: {known})"
     if method == "none":
         return None
-    if method == "fp8":
+    assert entry.transformers is not None
+    minimum = entry.transformers.min_compute_capability
+    if minimum is not None:
         capability = (
             torch.cuda.get_device_capability(dev)
             if dev.type == "cuda" and torch.cuda.is_available()
             else None
         )
-        if capability is None or capability < (8, 9):
+        if capability is None or capability < minimum:
             where = dev.type if capability is None else f"{dev}, sm{capability[0]}{capability[1]}"
-            return f"fp8 needs a CUDA GPU with compute capability >= 8.9 (this device: {where})"
+            return (
+                f"{method} needs a CUDA GPU with compute capability >= "
+                f"{minimum[0]}.{minimum[1]} (this device: {where})"
+            )
     reason = _probe(method, dev.type)
     if reason is not None:
         return reason
-    if method in FOUR_BIT_METHODS and group_size is not None and model is not None:
+    if entry.grouped and group_size is not None and model is not None:
         widths = {lin.in_features for lin in target_linears(model).values()}
         bad = sorted(w for w in widths if w % group_size)
         if bad:
@@ -742,6 +756,96 @@ def _nf4(
     }
 
 
+# --------------------------------------------------------------------------- kernels
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What a kernel quantizes: ``targets`` (names of ``target_linears``) of ``model``."""
+
+    method: str
+    model: nn.Module
+    group_size: int
+    device: torch.device
+    calibration: torch.Tensor | None
+    workdir: Path | None
+    targets: set[str]
+
+
+def _torchao_8bit(job: _Job) -> tuple[nn.Module, dict[str, Any]]:
+    import torchao
+
+    config = _torchao_config(job.method, job.group_size, job.device)
+    _quantize_torchao(job.model, config, job.targets)
+    return job.model, {
+        "library": f"torchao {torchao.__version__}",
+        "config": type(config).__name__,
+        "bits": 8,
+        "storage": {
+            "int8_weight_only": "int8 values, one fp scale per output row (Int8Tensor)",
+            "int8_w8a8": "int8 values, one fp scale per output row; activations "
+            "quantized to int8 per token at run time (Int8Tensor)",
+            "fp8": "float8 e4m3 values with scales (torchao Float8Tensor)",
+        }[job.method],
+    }
+
+
+def _int4_store(job: _Job, info: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    import torchao
+
+    config, storage = _int4_config(job.group_size, job.device, job.model.dtype)  # type: ignore[arg-type]
+    _quantize_torchao(job.model, config, job.targets)
+    return job.model, {
+        **info,
+        "library": f"torchao {torchao.__version__}",
+        "config": f"{type(config).__name__}(group_size={job.group_size})",
+        "bits": 4,
+        "group_size": job.group_size,
+        "storage": storage,
+    }
+
+
+def _rtn_kernel(job: _Job) -> tuple[nn.Module, dict[str, Any]]:
+    return _int4_store(job, {})
+
+
+def _awq_kernel(job: _Job) -> tuple[nn.Module, dict[str, Any]]:
+    assert job.calibration is not None
+    return _int4_store(job, {"awq": _awq(job.model, job.calibration, job.group_size, job.device)})
+
+
+def _gptq_kernel(job: _Job) -> tuple[nn.Module, dict[str, Any]]:
+    import torchao
+
+    assert job.calibration is not None
+    info = _gptq(job.model, job.calibration, job.group_size, job.device)
+    return job.model, {
+        "gptq": info,
+        "library": f"evo-compress GPTQ, stored with torchao {torchao.__version__}",
+        "config": f"IntxUnpackedToInt8Tensor(int4, block_size=(1, {job.group_size}))",
+        "bits": 4,
+        "group_size": job.group_size,
+        "storage": _INT4_STORAGE,
+    }
+
+
+def _nf4_kernel(job: _Job) -> tuple[nn.Module, dict[str, Any]]:
+    out_model, info = _nf4(job.model, job.group_size, job.device, job.workdir)
+    return out_model, {**info, "bits": 4, "group_size": job.group_size}
+
+
+# The kernel of each quantization method the registry gives this back end ("none" needs none).
+_KERNELS: dict[str, Callable[[_Job], tuple[nn.Module, dict[str, Any]]]] = {
+    "int8_weight_only": _torchao_8bit,
+    "int8_w8a8": _torchao_8bit,
+    "fp8": _torchao_8bit,
+    "nf4": _nf4_kernel,
+    "awq": _awq_kernel,
+    "gptq": _gptq_kernel,
+    "rtn": _rtn_kernel,
+}
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -761,11 +865,14 @@ def apply_quantization(
     dev = _device(device)
     method = str(recipe.get("quant.method", "none"))
     group_size = int(recipe.get("quant.group_size", DEFAULT_GROUP_SIZE))
-    four_bit = method in FOUR_BIT_METHODS
-    if method in ("awq", "gptq"):
+    entry = _method(method)
+    if entry is not None and entry.calibration:
         calibration = _check_calibration(calibration, method)
     reason = quantization_unsupported(
-        method, dev, group_size=group_size if four_bit else None, model=model
+        method,
+        dev,
+        group_size=group_size if entry is not None and entry.grouped else None,
+        model=model,
     )
     if reason is not None:
         raise QuantizationUnsupportedError(reason)
@@ -780,51 +887,9 @@ def apply_quantization(
         details.update(seconds=time.perf_counter() - start, weight_bytes=bytes_)
         return QuantResult(model, details, bytes_)
 
-    import torchao
-
-    out_model = model
-    if method in ("int8_weight_only", "int8_w8a8", "fp8"):
-        config = _torchao_config(method, group_size, dev)
-        _quantize_torchao(model, config, set(targets))
-        details.update(
-            library=f"torchao {torchao.__version__}",
-            config=type(config).__name__,
-            bits=8,
-            storage={
-                "int8_weight_only": "int8 values, one fp scale per output row (Int8Tensor)",
-                "int8_w8a8": "int8 values, one fp scale per output row; activations "
-                "quantized to int8 per token at run time (Int8Tensor)",
-                "fp8": "float8 e4m3 values with scales (torchao Float8Tensor)",
-            }[method],
-        )
-    elif method in ("rtn", "awq"):
-        if method == "awq":
-            assert calibration is not None
-            details["awq"] = _awq(model, calibration, group_size, dev)
-        config, storage = _int4_config(group_size, dev, model.dtype)  # type: ignore[arg-type]
-        _quantize_torchao(model, config, set(targets))
-        details.update(
-            library=f"torchao {torchao.__version__}",
-            config=f"{type(config).__name__}(group_size={group_size})",
-            bits=4,
-            group_size=group_size,
-            storage=storage,
-        )
-    elif method == "gptq":
-        assert calibration is not None
-        details["gptq"] = _gptq(model, calibration, group_size, dev)
-        details.update(
-            library=f"evo-compress GPTQ, stored with torchao {torchao.__version__}",
-            config=f"IntxUnpackedToInt8Tensor(int4, block_size=(1, {group_size}))",
-            bits=4,
-            group_size=group_size,
-            storage=_INT4_STORAGE,
-        )
-    elif method == "nf4":
-        out_model, info = _nf4(model, group_size, dev, workdir)
-        details.update(info, bits=4, group_size=group_size)
-    else:  # quantization_unsupported() knows every method
-        raise AssertionError(method)
+    job = _Job(method, model, group_size, dev, calibration, workdir, set(targets))
+    out_model, info = _KERNELS[method](job)
+    details.update(info)
 
     quantized = target_linears(out_model)
     bytes_ = model_weight_bytes(out_model)
@@ -842,8 +907,6 @@ def apply_quantization(
 
 
 __all__ = [
-    "FOUR_BIT_METHODS",
-    "METHODS",
     "QuantResult",
     "QuantizationUnsupportedError",
     "apply_quantization",

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from evo_compress.exceptions import EvaluationError
-from evo_compress.fitness.hf.prune import (
+from evo_compress.fitness.model.prune import (
     RecipeValueError,
     _is_quantized,
     _model_device,

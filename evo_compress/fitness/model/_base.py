@@ -1,0 +1,214 @@
+"""What the back ends that evaluate a real model (transformers, vLLM) share before any
+model is loaded: the model folder and task prepared once, settings parsed with one-line
+errors, what identifies the weights, and plain-data metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+from abc import abstractmethod
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from evo_compress.config import ModelConfig, format_validation_error
+from evo_compress.exceptions import ConfigError, EvaluationError
+from evo_compress.fitness._base import EvaluationContext, Evaluator
+
+REFERENCE_MODEL = "reference"  # `model.id` of the project's own trained model
+REFERENCE_TASK = "reference"  # `evaluator.settings.task` of the project's addition task
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class ModelEvaluator(Evaluator):
+    """What the back ends that evaluate a real model (transformers, vLLM) share: the model
+    folder and task prepared once, per-evaluation torch ``threads`` in ``config``, and
+    whether the resolved ``device`` is a GPU."""
+
+    config: Any  # the back end's validated settings (task, threads, ...)
+
+    def __init__(self, settings: Mapping[str, Any], context: EvaluationContext) -> None:
+        super().__init__(settings, context)
+        self._model_path: Path | None = None
+        self._task: dict[str, Any] | None = None
+
+    @property
+    @abstractmethod
+    def device(self) -> str:
+        """``hardware.device`` resolved (auto: cuda when a GPU is seen, else cpu)."""
+
+    def prepare(self) -> None:
+        """Train (once per machine) or locate the model; write the reference task files.
+        Idempotent: a second call does nothing."""
+        if self._model_path is not None and self._task is not None:
+            return
+        self._model_path, self._task = prepare_model_and_task(
+            self.context.model,
+            self.config.task,
+            self.config.task_include_path,
+            self.config.calibration_file,
+        )
+
+    def shared_paths(self) -> list[Path]:
+        paths = [self._model_path] if self._model_path is not None else []
+        include = (self._task or {}).get("include_path")
+        return paths + ([Path(include)] if include else [])
+
+    def uses_gpu(self) -> bool:
+        return self.device.startswith("cuda")
+
+    def threads(self) -> int | None:
+        return int(self.config.threads)
+
+    def with_threads(self, threads: int) -> Evaluator:
+        if threads == self.config.threads:
+            return self
+        return type(self)({**self.settings, "threads": threads}, self.context)
+
+
+_Settings = TypeVar("_Settings", bound=BaseModel)
+
+
+def parse_model_settings(
+    cls: type[_Settings], settings: Mapping[str, Any], context: EvaluationContext
+) -> _Settings:
+    """A real-model back end's ``evaluator.settings``, validated; one-line errors name the
+    field. The reference model only knows its own task."""
+    try:
+        config = cls.model_validate(dict(settings))
+    except ValidationError as exc:
+        message = format_validation_error(exc, "", prefix="evaluator.settings.")
+        raise ConfigError(message.removeprefix(": ")) from None
+    task = getattr(config, "task", REFERENCE_TASK)
+    if context.model.id == REFERENCE_MODEL and task != REFERENCE_TASK:
+        raise ConfigError(
+            "`evaluator.settings.task`: the reference model only knows the `reference` "
+            f"task, got `{task}`"
+        )
+    return config
+
+
+def model_fingerprint(model: ModelConfig) -> str:
+    """What identifies the weights: the reference model's training recipe, or a local
+    folder's config and weight files (names, sizes), or the hub id and revision."""
+    if model.id == REFERENCE_MODEL:
+        from evo_compress.reference import REFERENCE_VERSION
+
+        return f"reference:{REFERENCE_VERSION}"
+    folder = Path(model.id)
+    if folder.is_dir():
+        digest = hashlib.sha256()
+        for path in sorted(folder.iterdir()):
+            if path.is_file() and path.suffix in {".json", ".safetensors", ".bin", ".model"}:
+                digest.update(path.name.encode())
+                digest.update(str(path.stat().st_size).encode())
+                if path.suffix == ".json":
+                    digest.update(path.read_bytes())
+        return f"folder:{digest.hexdigest()}"
+    return f"hub:{model.id}@{model.revision or 'main'}"
+
+
+def prepare_model_and_task(
+    model: ModelConfig,
+    task: str,
+    task_include_path: Path | None,
+    calibration_file: Path | None,
+) -> tuple[Path, dict[str, Any]]:
+    """The model folder (the reference model trained once per machine, a local folder, or
+    a hub download) and the task as plain data (name, include path, calibration and
+    training texts, latency prompts). Shared by the transformers and vLLM back ends."""
+    from evo_compress.reference import (
+        default_cache_dir,
+        ensure_reference_model,
+        ensure_reference_task,
+        set_hf_cache_env,
+    )
+
+    cache_dir = default_cache_dir()
+    set_hf_cache_env(cache_dir)
+    if model.id == REFERENCE_MODEL:
+        model_path = ensure_reference_model(cache_dir, progress=True)
+    elif Path(model.id).is_dir():
+        model_path = Path(model.id).resolve()
+    else:
+        model_path = _download(model.id, model.revision)
+    if task == REFERENCE_TASK:
+        spec = ensure_reference_task(cache_dir)
+        return model_path, {
+            "name": spec.name,
+            "include_path": str(spec.include_path),
+            # Calibration and recovery use the first few hundred; the worker gets no more.
+            "train_texts": list(spec.train_texts[:2048]),
+            "prompts": list(spec.prompts),
+        }
+    return model_path, {
+        "name": task,
+        "include_path": str(task_include_path or "") or None,
+        "train_texts": _read_lines(calibration_file),
+        "prompts": None,
+    }
+
+
+def _read_lines(path: Path | None) -> list[str] | None:
+    if path is None:
+        return None
+    try:
+        return [line.rstrip("\n") for line in path.read_text().splitlines() if line.strip()]
+    except OSError as exc:
+        raise ConfigError(
+            f"`evaluator.settings.calibration_file`: cannot read {path}: {exc.strerror}"
+        ) from None
+
+
+def _download(model_id: str, revision: str | None) -> Path:
+    """A hub model through the Hugging Face cache (inside the project's cache folder)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model_id, revision=revision))
+    except Exception as exc:  # offline, unknown repo, gated model: all one clear line
+        raise EvaluationError(
+            f"`model.id` {model_id!r} is neither a local folder nor a model that could be "
+            f"fetched from the hub ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+        ) from None
+
+
+def plain(value: Any) -> Any:
+    """JSON-able copy: tensors and numpy scalars become numbers, everything else text."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if hasattr(value, "item"):
+        try:
+            return value.item()
+        except (ValueError, RuntimeError):
+            pass
+    return str(value)
+
+
+__all__ = [
+    "REFERENCE_MODEL",
+    "REFERENCE_TASK",
+    "ModelEvaluator",
+    "cpu_name",
+    "model_fingerprint",
+    "parse_model_settings",
+    "plain",
+    "prepare_model_and_task",
+]

@@ -1,0 +1,104 @@
+"""Where a recipe's weight genes are applied to a model: prune, recover, quantize.
+
+Order matters and is fixed: pruning first (Wanda and AWQ read activations of the model as
+it will be served), then LoRA or distillation recovery on the full-precision pruned model
+(masks re-applied after the merge), then quantization; QLoRA, by definition, trains its
+adapters on the already-quantized nf4 base. The energy of all of it is measured (or, on
+CPUs without power counters, estimated) as the recipe's one-time compression cost.
+Serving settings (attention, KV cache) are each back end's own business.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from evo_compress.exceptions import EvaluationError
+from evo_compress.fitness.energy import EnergyMeter, EnergyResult
+from evo_compress.fitness.model.prune import apply_pruning
+from evo_compress.fitness.model.quantize import apply_quantization
+from evo_compress.fitness.model.recover import apply_recovery
+from evo_compress.methods import METHODS
+
+
+@dataclass
+class CompressedModel:
+    """The model with its weights compressed, and what it took to make it."""
+
+    model: nn.Module
+    compression_energy: EnergyResult
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def compress_weights(
+    model: nn.Module,
+    recipe: Mapping[str, Any],
+    *,
+    device: str,
+    calibration: torch.Tensor | None,
+    batches: Sequence[Mapping[str, torch.Tensor]],
+    teacher: Callable[[], nn.Module],
+    workdir: Path,
+    recovery_lr: float = 1e-3,
+    seed: int = 0,
+    watts_per_core: float = 15.0,
+) -> CompressedModel:
+    """Compress ``model`` as ``recipe`` says. ``teacher`` loads the uncompressed model, only
+    when distillation needs it. ``model`` is consumed: use the returned one."""
+    details: dict[str, Any] = {}
+    recovery = recipe.get("recovery.method", "none")
+    quant = METHODS.find(recipe.get("quant.method"), "quantization")
+    needs_data = recipe.get("prune.method") == "wanda" or (quant is not None and quant.calibration)
+    if needs_data and calibration is None:
+        raise EvaluationError(
+            "this recipe needs calibration text (Wanda, AWQ, GPTQ or another calibrated "
+            "quantization method): set "
+            "`evaluator.settings.calibration_file` for this task"
+        )
+    if recovery != "none" and not batches:
+        raise EvaluationError(
+            "recovery needs training text: set `evaluator.settings.calibration_file`"
+        )
+    with EnergyMeter(device, watts_per_core=watts_per_core) as meter:
+        masks: dict[str, torch.Tensor] = {}
+        if recipe.get("prune.method", "none") != "none":
+            pruned = apply_pruning(model, recipe, calibration)
+            masks = pruned.masks
+            details["prune"] = {"sparsity": pruned.sparsity, **pruned.details}
+        if recovery in ("lora", "distill"):
+            recovered = apply_recovery(
+                model,
+                recipe,
+                batches,
+                masks=masks,
+                teacher=teacher() if recovery == "distill" else None,
+                lr=recovery_lr,
+                seed=seed,
+            )
+            model = recovered.model
+            details["recovery"] = _recovery_details(recovered)
+        quantized = apply_quantization(model, recipe, device, calibration, workdir)
+        model = quantized.model
+        details["quant"] = {**quantized.details, "weight_bytes": quantized.weight_bytes}
+        if recovery == "qlora":
+            recovered = apply_recovery(model, recipe, batches, lr=recovery_lr, seed=seed)
+            model = recovered.model
+            details["recovery"] = _recovery_details(recovered)
+    model.eval()
+    return CompressedModel(model, meter.result, details)
+
+
+def _recovery_details(result: Any) -> dict[str, Any]:
+    return {
+        "steps": result.steps,
+        "wall_seconds": result.wall_seconds,
+        "cpu_seconds": result.cpu_seconds,
+        "loss_first": result.loss_first,
+        "loss_last": result.loss_last,
+        **result.details,
+    }

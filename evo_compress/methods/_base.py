@@ -1,0 +1,196 @@
+"""What the project knows about one compression method, and the registry that holds them.
+
+Every consumer (the search space, the back ends, the synthetic landscape, the expert
+mutation, the docs) reads these entries instead of keeping its own list of method names.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+from evo_compress.exceptions import RegistryError
+
+Kind = Literal["quantization"]
+KINDS: tuple[Kind, ...] = ("quantization",)
+BACKENDS = ("transformers", "vllm", "synthetic")
+VLLM_SCHEMES = ("W4A16", "W8A16", "W8A8")
+
+
+@dataclass(frozen=True)
+class TransformersSupport:
+    """How the transformers back end runs the method (its kernel is looked up by name)."""
+
+    library: str
+    """The library that does the work, for the docs (``torchao``, ``bitsandbytes``, ...)."""
+    min_compute_capability: tuple[int, int] | None = None
+    """Needs a CUDA GPU of at least this compute capability; None: any device."""
+
+    def __post_init__(self) -> None:
+        if not self.library:
+            raise ValueError("`library` must name the library that runs the method")
+        cc = self.min_compute_capability
+        if cc is not None and (len(cc) != 2 or not all(isinstance(p, int) for p in cc)):
+            raise ValueError(f"`min_compute_capability` must be (major, minor), got {cc!r}")
+
+
+@dataclass(frozen=True)
+class VllmSupport:
+    """How the vLLM back end serves the method: quantized by vLLM while loading
+    (``quantization``, its ``--quantization`` name), or by an llm-compressor step before
+    serving (``scheme`` and ``algorithm``). Neither: nothing to do (the unquantized model)."""
+
+    quantization: str | None = None
+    scheme: str | None = None
+    algorithm: str | None = None
+    group_sizes: tuple[int, ...] | None = None
+    """The group sizes vLLM can serve, when fewer than the method's own."""
+    why_not_online: str = ""
+    """For an llm-compressor method: why vLLM's own in-flight quantization will not do."""
+
+    def __post_init__(self) -> None:
+        if self.quantization is not None and self.scheme is not None:
+            raise ValueError("a vLLM method is quantized online or by llm-compressor, not both")
+        if (self.scheme is None) != (self.algorithm is None):
+            raise ValueError("an llm-compressor step needs both `scheme` and `algorithm`")
+        if self.scheme is not None and self.scheme not in VLLM_SCHEMES:
+            raise ValueError(f"`scheme` must be one of {VLLM_SCHEMES}, got {self.scheme!r}")
+
+    @property
+    def offline(self) -> bool:
+        """Quantized by an llm-compressor step before serving."""
+        return self.scheme is not None
+
+
+@dataclass(frozen=True)
+class SyntheticTraits:
+    """The method's terms in the synthetic landscape, for a 7B model at group size 128."""
+
+    degradation: float
+    """Accuracy degradation (see ``SyntheticEvaluator._accuracy``)."""
+    dequant_factor: float
+    """Weight-streaming slowdown of the decode kernel relative to ideal bandwidth."""
+    compute_factor: float
+    """Compute-side efficiency relative to bf16 (w8a8 / fp8 run on 2x tensor cores)."""
+    calibration_j: float
+    """One-time calibration / quantization energy in joules."""
+
+    def __post_init__(self) -> None:
+        if self.degradation < 0 or self.calibration_j < 0:
+            raise ValueError("`degradation` and `calibration_j` must be >= 0")
+        if self.dequant_factor <= 0 or self.compute_factor <= 0:
+            raise ValueError("`dequant_factor` and `compute_factor` must be > 0")
+
+
+@dataclass(frozen=True)
+class CompressionMethod:
+    """One compression method: what it is, what it needs and which back ends run it.
+
+    A back end supports the method exactly when its field is set (``transformers``,
+    ``vllm``, ``synthetic``)."""
+
+    name: str
+    kind: Kind
+    description: str
+    """One line for the docs."""
+    weight_bits: int
+    """Bits per stored weight value (16: left in the model's dtype)."""
+    activation_bits: int = 16
+    """Bits of the matmul inputs at run time (8: int8 / fp8 activations)."""
+    calibration: bool = False
+    """Needs calibration text (activation statistics) to quantize."""
+    group_sizes: tuple[int, ...] = ()
+    """Weights per quantization group it accepts; empty: per channel, no group size."""
+    scale_bits: int = 16
+    """Bits of the scale stored per group (grouped methods only)."""
+    transformers: TransformersSupport | None = None
+    vllm: VllmSupport | None = None
+    synthetic: SyntheticTraits | None = None
+
+    def __post_init__(self) -> None:
+        if (
+            not self.name
+            or not self.name.replace("_", "").isalnum()
+            or self.name != self.name.lower()
+        ):
+            raise ValueError(f"`name` must be lower-case letters, digits and _, got {self.name!r}")
+        if self.kind not in KINDS:
+            raise ValueError(f"`kind` must be one of {KINDS}, got {self.kind!r}")
+        if not self.description or "\n" in self.description:
+            raise ValueError(f"`description` of `{self.name}` must be one line")
+        for field_name in ("weight_bits", "activation_bits", "scale_bits"):
+            bits = getattr(self, field_name)
+            if not isinstance(bits, int) or not 1 <= bits <= 32:
+                raise ValueError(f"`{field_name}` of `{self.name}` must be 1..32, got {bits!r}")
+        if any(not isinstance(g, int) or g < 1 for g in self.group_sizes) or len(
+            set(self.group_sizes)
+        ) != len(self.group_sizes):
+            raise ValueError(f"`group_sizes` of `{self.name}` must be distinct positive ints")
+        vllm_sizes = self.vllm.group_sizes if self.vllm is not None else None
+        if vllm_sizes is not None and not set(vllm_sizes) <= set(self.group_sizes):
+            raise ValueError(f"vLLM group sizes of `{self.name}` must be among its own")
+
+    @property
+    def grouped(self) -> bool:
+        """Quantizes in groups, so a recipe picks a group size."""
+        return bool(self.group_sizes)
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        """The back ends that run the method, by name."""
+        return tuple(b for b in BACKENDS if getattr(self, b) is not None)
+
+
+class MethodRegistry:
+    """Compression methods by name, in registration order (the order of the search space's
+    choices). Registering a name twice raises; an unknown name raises with "did you mean"."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, CompressionMethod] = {}
+
+    def register(self, method: CompressionMethod) -> CompressionMethod:
+        if method.name in self._entries:
+            raise RegistryError(f"compression method `{method.name}` is already registered")
+        self._entries[method.name] = method
+        return method
+
+    def get(self, name: str, kind: Kind | None = None) -> CompressionMethod:
+        method = self._entries.get(name)
+        if method is None or (kind is not None and method.kind != kind):
+            known = self.names(kind)
+            close = difflib.get_close_matches(str(name), known, n=1)
+            hint = f" (did you mean `{close[0]}`?)" if close else ""
+            what = f"{kind} method" if kind else "compression method"
+            raise RegistryError(f"unknown {what} `{name}`{hint}; known: {', '.join(known)}")
+        return method
+
+    def find(self, name: object, kind: Kind | None = None) -> CompressionMethod | None:
+        """The method named ``name`` (of ``kind``), or None: for values read from recipes."""
+        method = self._entries.get(name) if isinstance(name, str) else None
+        return method if method is not None and (kind is None or method.kind == kind) else None
+
+    def methods(
+        self, kind: Kind | None = None, backend: str | None = None
+    ) -> list[CompressionMethod]:
+        """The registered methods (of ``kind``, run by ``backend``), in registration order."""
+        if backend is not None and backend not in BACKENDS:
+            raise RegistryError(f"unknown back end `{backend}`; known: {', '.join(BACKENDS)}")
+        return [
+            m
+            for m in self._entries.values()
+            if (kind is None or m.kind == kind) and (backend is None or backend in m.backends)
+        ]
+
+    def names(self, kind: Kind | None = None, backend: str | None = None) -> list[str]:
+        return [m.name for m in self.methods(kind, backend)]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[CompressionMethod]:
+        return iter(list(self._entries.values()))
+
+    def __len__(self) -> int:
+        return len(self._entries)

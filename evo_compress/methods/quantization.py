@@ -1,0 +1,120 @@
+"""The built-in weight-quantization methods. Their order is the order of the search space's
+``quant.method`` choices (and so of every random draw): append new methods at the end."""
+
+from __future__ import annotations
+
+from evo_compress.methods._base import (
+    CompressionMethod,
+    SyntheticTraits,
+    TransformersSupport,
+    VllmSupport,
+)
+
+GROUP_SIZES = (32, 64, 128)
+
+BUILTIN: tuple[CompressionMethod, ...] = (
+    CompressionMethod(
+        name="none",
+        kind="quantization",
+        description="No quantization: weights stay in the model's dtype.",
+        weight_bits=16,
+        transformers=TransformersSupport(library="transformers"),
+        vllm=VllmSupport(),
+        synthetic=SyntheticTraits(
+            degradation=0.0, dequant_factor=1.0, compute_factor=1.0, calibration_j=0.0
+        ),
+    ),
+    CompressionMethod(
+        name="int8_weight_only",
+        kind="quantization",
+        description="int8 weights, one scale per output channel; bf16 compute.",
+        weight_bits=8,
+        transformers=TransformersSupport(library="torchao"),
+        vllm=VllmSupport(
+            scheme="W8A16",
+            algorithm="rtn",
+            why_not_online=(
+                "vLLM's online `int8_per_channel_weight_only` quantizes only MoE experts, not "
+                "linear layers"
+            ),
+        ),
+        synthetic=SyntheticTraits(
+            degradation=0.004, dequant_factor=1.15, compute_factor=0.9, calibration_j=2e4
+        ),
+    ),
+    CompressionMethod(
+        name="int8_w8a8",
+        kind="quantization",
+        description="int8 weights and int8 activations (scaled per token at run time).",
+        weight_bits=8,
+        activation_bits=8,
+        transformers=TransformersSupport(library="torchao"),
+        vllm=VllmSupport(scheme="W8A8", algorithm="smoothquant-gptq"),
+        synthetic=SyntheticTraits(
+            degradation=0.015, dequant_factor=1.05, compute_factor=2.0, calibration_j=3e5
+        ),
+    ),
+    CompressionMethod(
+        name="fp8",
+        kind="quantization",
+        description="fp8 (e4m3) weights and activations with dynamic scales.",
+        weight_bits=8,
+        activation_bits=8,
+        transformers=TransformersSupport(library="torchao", min_compute_capability=(8, 9)),
+        vllm=VllmSupport(quantization="fp8"),
+        synthetic=SyntheticTraits(
+            degradation=0.008, dequant_factor=1.03, compute_factor=2.0, calibration_j=2e4
+        ),
+    ),
+    CompressionMethod(
+        name="nf4",
+        kind="quantization",
+        description="bitsandbytes 4-bit NormalFloat weights, one fp32 absmax per block.",
+        weight_bits=4,
+        group_sizes=GROUP_SIZES,
+        scale_bits=32,
+        transformers=TransformersSupport(library="bitsandbytes"),
+        vllm=VllmSupport(quantization="bitsandbytes", group_sizes=(64,)),
+        synthetic=SyntheticTraits(
+            degradation=0.035, dequant_factor=3.0, compute_factor=0.5, calibration_j=0.0
+        ),
+    ),
+    CompressionMethod(
+        name="awq",
+        kind="quantization",
+        description="int4 weight-only with activation-aware scales searched on calibration text.",
+        weight_bits=4,
+        calibration=True,
+        group_sizes=GROUP_SIZES,
+        transformers=TransformersSupport(library="evo-compress AWQ, stored with torchao"),
+        vllm=VllmSupport(scheme="W4A16", algorithm="awq"),
+        synthetic=SyntheticTraits(
+            degradation=0.025, dequant_factor=1.2, compute_factor=0.85, calibration_j=7e5
+        ),
+    ),
+    CompressionMethod(
+        name="gptq",
+        kind="quantization",
+        description="int4 weight-only, rounding errors compensated on calibration text (GPTQ).",
+        weight_bits=4,
+        calibration=True,
+        group_sizes=GROUP_SIZES,
+        transformers=TransformersSupport(library="evo-compress GPTQ, stored with torchao"),
+        vllm=VllmSupport(scheme="W4A16", algorithm="gptq"),
+        synthetic=SyntheticTraits(
+            degradation=0.028, dequant_factor=1.25, compute_factor=0.85, calibration_j=1e6
+        ),
+    ),
+    CompressionMethod(
+        name="rtn",
+        kind="quantization",
+        description="int4 weight-only, round-to-nearest per group.",
+        weight_bits=4,
+        group_sizes=GROUP_SIZES,
+        transformers=TransformersSupport(library="torchao"),
+        vllm=VllmSupport(scheme="W4A16", algorithm="rtn"),
+        synthetic=SyntheticTraits(
+            degradation=0.06, dequant_factor=1.25, compute_factor=0.85, calibration_j=2e4
+        ),
+    ),
+)
