@@ -48,7 +48,7 @@ def test_plugin_is_found_on_first_lookup_and_imported_only_when_used(site, group
     (site / "widgets_plugin.py").write_text('class Gear:\n    """A gear.\n\n    More text."""\n')
     install(site, "widgets-plugin", "1.2", group, {"gear": "widgets_plugin:Gear"})
     registry: Registry[object] = Registry("widget", group=group)
-    registry.register("cog", "collections:OrderedDict")
+    registry.register("cog", "evo_compress.genomes:SearchSpace")
 
     assert registry.names() == ["cog", "gear"]
     assert "widgets_plugin" not in sys.modules  # listing imports nothing
@@ -64,12 +64,12 @@ def test_plugin_reusing_a_builtin_name_is_ignored_with_one_line(site, group, cap
     (site / "widgets_plugin.py").write_text("class Gear:\n    pass\n")
     install(site, "widgets-plugin", "1.2", group, {"cog": "widgets_plugin:Gear"})
     registry: Registry[object] = Registry("widget", group=group)
-    registry.register("cog", "collections:OrderedDict")
+    registry.register("cog", "evo_compress.genomes:SearchSpace")
     with caplog.at_level(logging.WARNING, logger="evo_compress.registry"):
         assert registry.names() == ["cog"]
-    from collections import OrderedDict
+    from evo_compress.genomes import SearchSpace
 
-    assert registry.get("cog") is OrderedDict
+    assert registry.get("cog") is SearchSpace
     assert registry.origin("cog") == BUILTIN
     [record] = caplog.records
     message = record.getMessage()
@@ -84,8 +84,8 @@ def test_builtin_registered_after_discovery_still_wins(site, group, caplog) -> N
     registry: Registry[object] = Registry("widget", group=group)
     assert registry.origin("cog") == "widgets-plugin 1.2"
     with caplog.at_level(logging.WARNING, logger="evo_compress.registry"):
-        registry.register("cog", dict)
-    assert registry.get("cog") is dict and registry.origin("cog") == BUILTIN
+        registry.register("cog", Registry)
+    assert registry.get("cog") is Registry and registry.origin("cog") == BUILTIN
     assert "widgets-plugin 1.2" in caplog.records[0].getMessage()
 
 
@@ -93,10 +93,10 @@ def test_broken_plugin_fails_only_its_own_lookup_with_one_line(site, group) -> N
     (site / "widgets_plugin.py").write_text("import no_such_module_for_widgets\n")
     install(site, "widgets-broken", "0.1", group, {"bad": "widgets_plugin:Gear"})
     registry: Registry[object] = Registry("widget", group=group)
-    registry.register("cog", dict)
+    registry.register("cog", Registry)
 
     assert registry.names() == ["bad", "cog"]
-    assert registry.get("cog") is dict  # runs that do not use the plugin work
+    assert registry.get("cog") is Registry  # runs that do not use the plugin work
     with pytest.raises(RegistryError) as info:
         registry.get("bad")
     message = str(info.value)
@@ -129,3 +129,14 @@ def test_every_extension_point_has_its_entry_point_group() -> None:
     assert groups["evo_compress.mutations"] is MUTATIONS
     assert "openai" in groups["evo_compress.providers"]
     assert EVALUATORS.origin("synthetic") == BUILTIN
+
+
+def test_a_name_registered_at_run_time_outside_the_package_is_no_builtin() -> None:
+    registry: Registry[object] = Registry("widget")
+    registry.register("cog", Registry)
+    registry.register("lazy", "evo_compress.genomes:SearchSpace")
+    registry.register("mine", dict)  # a benchmark's landscape, a test's double
+    registry.register("theirs", "collections:OrderedDict")
+    assert registry.origin("cog") == registry.origin("lazy") == BUILTIN
+    assert registry.origin("mine") == "registered by `builtins`"
+    assert registry.origin("theirs") == "registered by `collections`"
