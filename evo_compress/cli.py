@@ -561,12 +561,13 @@ def compare(
 
 @app.command("ls")
 def ls(format: Format = _format_option()) -> None:
-    """Everything registered (evaluators, operators, LLM providers, ...): where each comes from,
-    built in or a plugin distribution, and what it is."""
+    """Everything registered (evaluators, operators, LLM providers, compression methods):
+    where each comes from, built in or a plugin distribution, and what it is."""
     with _errors():
         import importlib
 
-        from evo_compress.registry import registries
+        from evo_compress.methods import BACKENDS, METHODS
+        from evo_compress.registry import BUILTIN, registries
 
         for module in _REGISTRY_MODULES:
             importlib.import_module(module)
@@ -583,7 +584,18 @@ def ls(format: Format = _format_option()) -> None:
             for group, registry in groups
             for name in registry.names()
         ]
-
+        # Methods have no entry-point group: a method needs kernels in the back ends too.
+        rows += [
+            {
+                "kind": f"{method.kind} method",
+                "name": method.name,
+                "from": BUILTIN,
+                "description": f"{method.description} Back ends: "
+                + ", ".join(b for b in BACKENDS if method.name in METHODS.names(backend=b)),
+                "group": None,
+            }
+            for method in METHODS
+        ]
         emit(format, rows, lambda: print_registered(rows))
 
 

@@ -155,6 +155,7 @@ def test_the_plugin_passes_the_contract_suites(installed) -> None:
 def test_ls_lists_every_builtin_of_every_registry() -> None:
     from evo_compress.agents import PROVIDERS
     from evo_compress.fitness import EVALUATORS
+    from evo_compress.methods import METHODS
     from evo_compress.operators import CROSSOVERS, MUTATIONS
     from evo_compress.registry import BUILTIN
 
@@ -173,4 +174,7 @@ def test_ls_lists_every_builtin_of_every_registry() -> None:
             row = listed.pop((group, name))
             assert row["from"] == registry.origin(name) and row["kind"] == registry.kind
             assert row["description"] and "\n" not in row["description"]
+    for method in METHODS:  # the compression methods, with the back ends that run them
+        row = listed.pop((None, method.name))
+        assert row["from"] == BUILTIN and row["description"].startswith(method.description)
     assert not listed  # nothing listed twice or from nowhere
