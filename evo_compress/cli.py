@@ -573,7 +573,7 @@ def ls(format: Format = _format_option()) -> None:
             importlib.import_module(module)
         order = {group: i for i, group in enumerate(_GROUP_ORDER)}
         groups = sorted(registries().items(), key=lambda kv: (order.get(kv[0], 99), kv[0]))
-        rows = [
+        rows: list[dict[str, str | None]] = [
             {
                 "kind": registry.kind,
                 "name": name,
