@@ -200,15 +200,3 @@ def plain(value: Any) -> Any:
         except (ValueError, RuntimeError):
             pass
     return str(value)
-
-
-__all__ = [
-    "REFERENCE_MODEL",
-    "REFERENCE_TASK",
-    "ModelEvaluator",
-    "cpu_name",
-    "model_fingerprint",
-    "parse_model_settings",
-    "plain",
-    "prepare_model_and_task",
-]
