@@ -203,3 +203,13 @@ def test_committed_methods_doc_matches_the_registry() -> None:
     )
     for method in METHODS:
         assert f"`{method.name}`" in committed
+
+
+def test_every_llm_compressor_step_is_one_the_job_runs() -> None:
+    """``fitness/vllm/quantize_job.py`` runs in vLLM's own Python and keeps its own table:
+    every scheme and algorithm the registry asks it for must be in that table."""
+    from evo_compress.fitness.vllm import quantize_job
+
+    for method in METHODS:
+        if method.vllm is not None and method.vllm.scheme is not None:
+            assert method.vllm.algorithm in quantize_job.ALGORITHMS[method.vllm.scheme], method
