@@ -222,4 +222,5 @@ def test_racing_on_the_reference_model_finishes_exactly_or_stops_quick():
     assert quick.metadata["stage"] == "quick"
     assert quick.metadata["accuracy_n"] == 40
     assert "racing" not in quick.metadata["accuracy_run"]
-    assert quick.metadata["accuracy_run"]["seconds"] < full.metadata["accuracy_run"]["seconds"]
+    # What the quick stage saves in time is measured by `make bench` (bench_racing.py), not
+    # here: on two shared cores a timing comparison in a test is a coin toss.
