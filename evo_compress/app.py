@@ -8,6 +8,7 @@ live here too: ``evo_compress.config`` is the schema alone.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,7 @@ from evo_compress import __version__
 from evo_compress.config import LLM_SEEDS, EvaluationConfig, PopulationConfig, parse_config
 from evo_compress.exceptions import ConfigError, EvoCompressError, RunStoreError
 from evo_compress.genomes import SearchSpace, load_portfolio, render_recipe
+from evo_compress.overrides import Override, apply_overrides, cache_overrides
 from evo_compress.progress import ProgressListener
 
 if TYPE_CHECKING:
@@ -104,11 +106,7 @@ def check_config(config: PopulationConfig, source: str = "config") -> None:
         context = EvaluationContext(config.model, config.hardware, config.carbon)
         evaluator = EVALUATORS.get(config.evaluator.name)(config.evaluator.settings, context)
         _check_evaluation(config.evaluation, evaluator)
-        if config.fidelity.racing and not evaluator.supports_racing:
-            raise ConfigError(
-                f"`fidelity.racing`: the {evaluator.name} back end cannot race "
-                "(it measures accuracy in one stage); set `fidelity.racing: false`"
-            )
+        _check_racing(config, evaluator)
         evaluator.close()
         if config.search.recipes != LLM_SEEDS:
             try:
@@ -128,6 +126,14 @@ def _check_evaluation(evaluation: EvaluationConfig, evaluator: Evaluator) -> Non
     if evaluation.backend == "ray" and importlib.util.find_spec("ray") is None:
         raise ConfigError(
             "`evaluation.backend` is ray but Ray is not installed: pip install 'evo-compress[ray]'"
+        )
+
+
+def _check_racing(config: PopulationConfig, evaluator: Evaluator) -> None:
+    if config.fidelity.racing and not evaluator.supports_racing:
+        raise ConfigError(
+            f"`fidelity.racing`: the {evaluator.name} back end cannot race "
+            "(it measures accuracy in one stage); set `fidelity.racing: false`"
         )
 
 
@@ -384,20 +390,28 @@ def resume_search(
     cache: Path | bool | None = None,
     listener: ProgressListener | None = None,
     retry_failed: bool = False,
+    overrides: Sequence[Override] = (),
 ) -> Search:
-    """Continue a run from its last checkpoint. ``generations`` sets a new total (to
-    extend a finished run); ``cache`` is a path, False (no cache) or None (as stored);
-    ``retry_failed`` evaluates failed recipes again instead of re-using the failure."""
+    """Continue a run from its last checkpoint. ``overrides`` (the CLI's flags) change the
+    stored config and are validated with it, as ``run`` validates its flags: a new total of
+    ``search.generations`` (to extend a finished run) and the ``cache`` section.
+    ``generations`` and ``cache`` (a path, False for none) are shorthands for the same
+    overrides. ``retry_failed`` evaluates failed recipes again instead of re-using the
+    failure."""
     from evo_compress.runs.store import RunStore
 
+    changes = [*overrides, *cache_overrides(cache)]
+    if generations is not None:
+        changes.append(Override("search.generations", generations, f"--generations {generations}"))
     store = RunStore.open(run_dir)
     try:
         store.lock()
         # The schema only: the run store holds the search space, and the files the config
         # names may have moved since.
-        config = parse_config(store.config_data(), f"{run_dir} config")
+        config = apply_overrides(store.config_data(), changes, f"{run_dir} config")
         space = SearchSpace.from_data(store.get_meta("space"))
-        target = int(generations or store.target_generations())
+        extended = any(o.path == "search.generations" for o in changes)
+        target = config.search.generations if extended else store.target_generations()
         # A damaged last checkpoint is stepped over (``run`` says so).
         done = store.last_checkpoint(on_damage=lambda _: None)
         if done is not None and target < done.generation + 1:
@@ -405,12 +419,12 @@ def resume_search(
                 f"`--generations {target}` is fewer than the {done.generation + 1} "
                 "generations this run has completed"
             )
-        if cache is not None:
-            cache_cfg = config.cache.model_copy(
-                update={"enabled": cache is not False}
-                | ({"path": Path(cache).resolve()} if isinstance(cache, Path) else {})
+        if config.cache.path is not None:  # a path given now is read from here
+            config = config.model_copy(
+                update={
+                    "cache": config.cache.model_copy(update={"path": config.cache.path.resolve()})
+                }
             )
-            config = config.model_copy(update={"cache": cache_cfg})
         store.set_meta({"generations_target": target})
         evaluator, plan = configure_config_evaluator(config)
         if evaluator.fingerprint() != store.get_meta("fingerprint"):
@@ -452,11 +466,7 @@ def _assemble(
     from evo_compress.engine import Search
 
     listener = listener or ProgressListener()
-    if config.fidelity.racing and not evaluator.supports_racing:
-        raise ConfigError(
-            f"`fidelity.racing`: the {evaluator.name} back end cannot race; "
-            "set `fidelity.racing: false`"
-        )
+    _check_racing(config, evaluator)  # resume checks no more than the schema before this
     if cache is not None:  # its warnings (a bad entry, a full disk) join the progress
         cache.warn = listener.message
     evaluator.set_run_dir(store.run_dir)

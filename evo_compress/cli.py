@@ -295,27 +295,15 @@ def resume(
     """Continue a run from its last checkpoint, re-using every stored evaluation."""
     with _errors():
         from evo_compress.app import resume_search
-        from evo_compress.overrides import apply_overrides
-        from evo_compress.runs import RunStore
 
+        # Validated against the run's own config, as `run` validates its flags.
         overrides = [
             *_overrides(("search.generations", generations, "--generations")),
             *_cache_overrides(cache, no_cache),
         ]
-        if overrides:  # validated against the run's own config, as `run` validates its flags
-            with RunStore.open(run_dir, read_only=True) as store:
-                data = store.config_data()
-            cfg = apply_overrides(data, overrides, f"{run_dir} config")
-            generations = None if generations is None else cfg.search.generations
-            cache = None if cache is None else cfg.cache.path
-        cache_arg: Path | bool | None = False if no_cache else cache
         listener = _RichProgress(_progress_console(format))
         search = resume_search(
-            run_dir,
-            generations=generations,
-            cache=cache_arg,
-            listener=listener,
-            retry_failed=retry_failed,
+            run_dir, overrides=overrides, listener=listener, retry_failed=retry_failed
         )
         _drive(search, listener, format)
 
@@ -682,16 +670,11 @@ def _overrides(*flags: tuple[str, Any, str]) -> list[Any]:
 
 
 def _cache_overrides(cache: Path | None, no_cache: bool) -> list[Any]:
-    from evo_compress.overrides import Override
+    from evo_compress.overrides import cache_overrides
 
     if cache is not None and no_cache:
         raise EvoCompressError("`--cache` and `--no-cache` exclude each other")
-    if no_cache:
-        return [Override("cache.enabled", False, "--no-cache")]
-    if cache is not None:
-        flag = f"--cache {cache}"
-        return [Override("cache.enabled", True, flag), Override("cache.path", str(cache), flag)]
-    return []
+    return cache_overrides(False if no_cache else cache)
 
 
 def _progress_console(format: Format) -> Console:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -68,6 +69,16 @@ def apply_overrides(data: Any, overrides: Sequence[Override], source: str) -> Po
         raise ConfigError(
             format_validation_error(exc, source if flag is None else f"`{flag.flag}`")
         ) from None
+
+
+def cache_overrides(cache: str | Path | bool | None) -> list[Override]:
+    """``--cache PATH`` (a path: that file, enabled), ``--no-cache`` (False) or nothing (None)."""
+    if cache is False:
+        return [Override("cache.enabled", False, "--no-cache")]
+    if cache is None or cache is True:
+        return []
+    flag = f"--cache {cache}"
+    return [Override("cache.enabled", True, flag), Override("cache.path", str(cache), flag)]
 
 
 def describe(source: str, overrides: Iterable[Override]) -> str:
