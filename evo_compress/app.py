@@ -331,7 +331,8 @@ def start_search(
             if reason is None:
                 seeds.append(space.recipe(recipe))
             elif listener is not None:
-                listener.message(f"seed recipe {render_recipe(recipe)} skipped: {reason}")
+                shown = render_recipe(recipe, baseline=full_space.baseline())
+                listener.message(f"seed recipe {shown} skipped: {reason}")
     # A model that cannot be found (or trained) fails here, before a run directory exists.
     evaluator.prepare()
     run_dir = Path(run_dir or config.output.run_dir or default_run_dir(config))
