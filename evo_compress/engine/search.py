@@ -144,8 +144,7 @@ class Search:
             self.listener.message(f"evaluating in parallel: {self.plan.note}")
         self.evaluator.prepare()
         base_space = SearchSpace.from_data(self.store.get_meta("base_space"))
-        needed = self.config.constraints.max_accuracy_drop is not None
-        self.reference = self.evaluations.reference(base_space, needed)
+        self.reference = self.evaluations.reference(base_space, self.constraints.needs_reference)
         self.constraints.reference = self.reference
 
         checkpoint = self.store.last_checkpoint(on_damage=self.listener.message)
