@@ -5,6 +5,7 @@ the way the real-model back ends do."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,7 +21,7 @@ from evo_compress.genomes import Recipe
 from evo_compress.objectives import constraint_of, task_scores
 from evo_compress.runs import RunStore
 from evo_compress.runs.front import load_front
-from evo_compress.testing import final_state, resume_search, run_search
+from evo_compress.testing import final_state, invoke_cli, resume_search, run_search
 from evo_compress.testing.tasks import TaskScoresEvaluator, register_task_evaluator
 
 # my_mc takes twice the landscape's accuracy drop, my_gen half; with weights 2:1 the weighted
@@ -207,3 +208,127 @@ def test_a_failed_baseline_stops_a_run_with_only_task_limits(config_factory, tmp
             search.run()
     finally:
         search.close()
+
+
+# ---------------------------------------------------------------------- validate
+def _check(tmp_path: Path, **sections: Any) -> None:
+    register_task_evaluator()
+    data = {"cache": {"enabled": False}, "output": {"runs_root": str(tmp_path)}} | sections
+    app.checked_config(data)
+
+
+def test_an_unknown_task_is_a_config_error_listing_the_tasks(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        _check(
+            tmp_path,
+            evaluator={"name": "test-tasks", "settings": {"tasks": TASKS}},
+            constraints={"max_task_drop": {"my_mc": 0.1, "foo": 0.05}},
+        )
+    assert str(info.value) == (
+        "config: `constraints.max_task_drop.foo`: no such task in `evaluator.settings.tasks` "
+        "(my_gen, my_mc)"
+    )
+    _check(  # every name known: valid
+        tmp_path,
+        evaluator={"name": "test-tasks", "settings": {"tasks": TASKS}},
+        constraints={"max_task_drop": {"my_mc": 0.1, "my_gen": 0.05}},
+    )
+
+
+def test_the_single_task_setting_names_the_only_task(tmp_path):
+    real = {"model": {"id": str(tmp_path / "my-model")}, "hardware": {"device": "cpu"}}
+    evaluator = {"name": "transformers", "settings": {"task": "my_gen"}}
+    _check(tmp_path, **real, evaluator=evaluator, constraints={"max_task_drop": {"my_gen": 0.1}})
+    with pytest.raises(ConfigError, match=r"no such task in `evaluator.settings.task` \(my_gen\)"):
+        _check(tmp_path, **real, evaluator=evaluator, constraints={"max_task_drop": {"mc": 0.1}})
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        # the section of the back end this CPU machine picks
+        (
+            {"transformers": {"task": "my_gen"}},
+            "`constraints.max_task_drop.my_mc`: no such task in "
+            "`evaluator.settings.transformers.task` (my_gen)",
+        ),
+        # and the section of the back end another machine would pick
+        (
+            {"transformers": {"task": "my_mc"}, "vllm": {"tasks": [{"name": "a"}, "b"]}},
+            "`constraints.max_task_drop.my_mc`: no such task in "
+            "`evaluator.settings.vllm.tasks` (a, b)",
+        ),
+        (
+            {"transformers": {"task": "my_mc"}, "vllm": {}},
+            "`constraints.max_task_drop.my_mc`: no such task in "
+            "`evaluator.settings.vllm.task` (reference)",
+        ),
+    ],
+)
+def test_auto_checks_every_back_ends_section(tmp_path, settings, message):
+    real = {"model": {"id": str(tmp_path / "my-model")}, "hardware": {"device": "cpu"}}
+    with pytest.raises(ConfigError) as info:
+        _check(
+            tmp_path,
+            **real,
+            evaluator={"name": "auto", "settings": settings},
+            constraints={"max_task_drop": {"my_mc": 0.1}},
+        )
+    assert str(info.value) == f"config: {message}"
+
+
+def test_auto_passes_when_every_section_has_the_task(tmp_path):
+    real = {"model": {"id": str(tmp_path / "my-model")}, "hardware": {"device": "cpu"}}
+    settings = {"transformers": {"task": "my_mc"}, "vllm": {"task": "my_mc"}}
+    _check(
+        tmp_path,
+        **real,
+        evaluator={"name": "auto", "settings": settings},
+        constraints={"max_task_drop": {"my_mc": 0.1}},
+    )
+
+
+@pytest.mark.parametrize("name", ["synthetic", "auto"])
+def test_the_synthetic_evaluator_refuses_max_task_drop(tmp_path, name):
+    with pytest.raises(ConfigError) as info:
+        _check(
+            tmp_path,
+            model={"id": "synthetic-7b"},
+            evaluator={"name": name},
+            constraints={"max_task_drop": {"my_mc": 0.1}},
+        )
+    assert str(info.value).startswith(
+        "config: `constraints.max_task_drop`: the synthetic evaluator scores no lm-eval tasks"
+    )
+
+
+@pytest.mark.parametrize("key", ["tasks", "task", "task_include_path"])
+def test_the_synthetic_evaluator_refuses_task_settings_with_a_reason(tmp_path, key):
+    with pytest.raises(ConfigError) as info:
+        _check(
+            tmp_path,
+            model={"id": "synthetic-7b"},
+            evaluator={"name": "synthetic", "settings": {key: TASKS}},
+        )
+    assert str(info.value).startswith(
+        f"config: `evaluator.settings.{key}`: the synthetic evaluator scores no lm-eval tasks"
+    )
+
+
+def test_validate_reports_an_unknown_task_in_one_line_and_runs_nothing(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"id": "synthetic-7b"},
+                "output": {"runs_root": str(tmp_path / "runs")},
+                "constraints": {"max_task_drop": {"my_mc": 0.1}},
+            }
+        )
+    )
+    for command in (["validate", path], ["run", "--config", path]):
+        code, _, err = invoke_cli(*command)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1, err
+        assert "`constraints.max_task_drop`" in lines[0]
+    assert not (tmp_path / "runs").exists()

@@ -52,6 +52,9 @@ class TaskScoresEvaluator(SyntheticEvaluator):
         if not self.tasks:
             raise ConfigError("`evaluator.settings.tasks`: the test-tasks evaluator needs tasks")
 
+    def scored_tasks(self) -> tuple[str, tuple[str, ...]] | None:
+        return "tasks", tuple(t.name for t in self.tasks)
+
     def fingerprint_data(self) -> dict[str, Any]:
         data = super().fingerprint_data()
         data["tasks"] = [t.model_dump() for t in self.tasks]
