@@ -332,3 +332,34 @@ def test_validate_reports_an_unknown_task_in_one_line_and_runs_nothing(tmp_path)
         assert code == 2 and len(lines) == 1, err
         assert "`constraints.max_task_drop`" in lines[0]
     assert not (tmp_path / "runs").exists()
+
+
+def test_informed_operators_see_the_task_limits_and_the_baselines_scores(config_factory, tmp_path):
+    config = task_config(
+        config_factory,
+        search={
+            "population_size": 8,
+            "generations": 3,
+            "seed": 3,
+            "recipes": "aggressive",
+            "operators": {"mutation": [{"name": "expert"}]},
+        },
+    )
+    search = app.start_search(config, run_dir=tmp_path / "run")
+    try:
+        search.run()
+        context = search.variation_context(3)
+        reference = search.store.evaluation(search.store.individual_at(-1, 0).id)
+        assert reference is not None
+        assert context.constraints == {
+            "max_accuracy_drop": ACCURACY_DROP,
+            "max_task_drop.my_mc": MC_DROP,
+        }
+        assert context.reference_tasks == task_scores(reference.result.metadata)
+        measured = drops(search.store)
+        for member in context.front:
+            assert set(member.violations) == {"max_accuracy_drop", "max_task_drop.my_mc"}
+            mc = member.violations["max_task_drop.my_mc"]
+            assert mc == pytest.approx(measured[member.id][1] - MC_DROP)
+    finally:
+        search.close()
