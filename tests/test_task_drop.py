@@ -21,8 +21,14 @@ from evo_compress.genomes import Recipe
 from evo_compress.objectives import constraint_of, task_scores
 from evo_compress.runs import RunStore
 from evo_compress.runs.front import load_front
-from evo_compress.testing import final_state, invoke_cli, resume_search, run_search
-from evo_compress.testing.tasks import TaskScoresEvaluator, register_task_evaluator
+from evo_compress.testing import (
+    TaskScoresEvaluator,
+    final_state,
+    invoke_cli,
+    register_task_evaluator,
+    resume_search,
+    run_search,
+)
 
 # my_mc takes twice the landscape's accuracy drop, my_gen half; with weights 2:1 the weighted
 # mean takes it exactly, so the accuracy objective is the landscape's.

@@ -17,8 +17,7 @@ from evo_compress.fitness.noise import AccuracyEstimate
 from evo_compress.reports import write_report
 from evo_compress.runs import RunStore
 from evo_compress.runs.front import FrontMember, load_front
-from evo_compress.testing import invoke_cli, run_search
-from evo_compress.testing.tasks import register_task_evaluator
+from evo_compress.testing import invoke_cli, register_task_evaluator, run_search
 
 TASKS = [
     {"name": "my_gen", "weight": 2, "sensitivity": 0.5, "metric": "exact_match"},
