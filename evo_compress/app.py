@@ -107,6 +107,7 @@ def check_config(config: PopulationConfig, source: str = "config") -> None:
         evaluator = EVALUATORS.get(config.evaluator.name)(config.evaluator.settings, context)
         _check_evaluation(config.evaluation, evaluator)
         _check_racing(config, evaluator)
+        _check_task_drop(config, evaluator)
         evaluator.close()
         if config.search.recipes != LLM_SEEDS:
             try:
@@ -135,6 +136,40 @@ def _check_racing(config: PopulationConfig, evaluator: Evaluator) -> None:
             f"`fidelity.racing`: the {evaluator.name} back end cannot race "
             "(it measures accuracy in one stage); set `fidelity.racing: false`"
         )
+
+
+def _check_task_drop(config: PopulationConfig, evaluator: Evaluator) -> None:
+    """Every task of `constraints.max_task_drop` is one the evaluator scores; under `auto`,
+    one of every back end's section too (whichever back end the machine picks)."""
+    from evo_compress.fitness.model import settings_tasks
+    from evo_compress.objectives import TASK_DROP_KEY
+
+    drops = config.constraints.max_task_drop
+    if not drops:
+        return
+    scored = evaluator.scored_tasks()
+    if scored is None:
+        raise ConfigError(
+            f"`constraints.{TASK_DROP_KEY}`: the {evaluator.name} evaluator scores no "
+            "lm-eval tasks, so no task score can drop; remove it or use the transformers or "
+            "vllm evaluator"
+        )
+    settings = config.evaluator.settings
+    where = "evaluator.settings"
+    sections = [(where, scored)]
+    if config.evaluator.name == "auto":
+        sections = [(f"{where}.{evaluator.name}", scored)] + [
+            (f"{where}.{name}", settings_tasks(dict(settings[name])))
+            for name in ("transformers", "vllm")
+            if name != evaluator.name and isinstance(settings.get(name), dict)
+        ]
+    for prefix, (setting, names) in sections:
+        for task in drops:
+            if task not in names:
+                raise ConfigError(
+                    f"`constraints.{TASK_DROP_KEY}.{task}`: no such task in "
+                    f"`{prefix}.{setting}` ({', '.join(names) or 'none'})"
+                )
 
 
 def _check_llm(config: PopulationConfig) -> None:

@@ -8,13 +8,13 @@ what a config names are in ``evo_compress.app``. The reference is docs/config.md
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from evo_compress.exceptions import ConfigError
-from evo_compress.objectives import CONSTRAINTS_BY_KEY
+from evo_compress.objectives import CONSTRAINTS_BY_KEY, flat_limits
 
 # Upper bounds far above any real search: they exist so a typo (1e8, 2**63) is an error
 # here rather than an allocation, an SQLite overflow or a run that never ends.
@@ -74,7 +74,8 @@ def _doc(key: str) -> str:
 
 
 class ConstraintsConfig(_Section):
-    """One optional limit per entry of ``objectives.CONSTRAINTS`` (which says what it bounds)."""
+    """One optional limit per entry of ``objectives.CONSTRAINTS`` (which says what it bounds),
+    and ``max_task_drop``: one limit per task of the evaluator (``objectives.task_drop``)."""
 
     max_accuracy_drop: float | None = Field(
         None, ge=0, le=1, description=_doc("max_accuracy_drop")
@@ -83,9 +84,23 @@ class ConstraintsConfig(_Section):
     max_memory_mib: float | None = Field(None, gt=0, le=1e12, description=_doc("max_memory_mib"))
     max_energy_j: float | None = Field(None, gt=0, le=1e12, description=_doc("max_energy_j"))
     max_co2_g: float | None = Field(None, gt=0, le=1e12, description=_doc("max_co2_g"))
+    max_task_drop: dict[str, Annotated[float, Field(ge=0, le=1)]] | None = Field(
+        None,
+        description="task -> largest drop of that task's score allowed vs the baseline "
+        "recipe (each task of `evaluator.settings.tasks`, absolute)",
+    )
+
+    @field_validator("max_task_drop")
+    @classmethod
+    def _task_names(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for task in value or {}:
+            if not task.strip():
+                raise ValueError("task names must not be empty")
+        return value
 
     def active(self) -> dict[str, float]:
-        return {k: v for k, v in self.model_dump().items() if v is not None}
+        """The set limits by flat key: ``max_task_drop`` gives ``max_task_drop.<task>``."""
+        return flat_limits(self.model_dump())
 
 
 class ObjectiveValues(_Section):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -86,14 +86,25 @@ class Constraint:
 
     @property
     def unit(self) -> str:
-        """The limit's unit: its objective's (a fraction for the accuracy drop)."""
-        return OBJECTIVES_BY_NAME[self.objective].unit
+        """The limit's unit: its objective's (a fraction for the accuracy and task drops)."""
+        objective = OBJECTIVES_BY_NAME.get(self.objective)
+        return objective.unit if objective is not None else "fraction"
+
+    @property
+    def task(self) -> str | None:
+        """The task whose score ``max_task_drop.<task>`` bounds; None for the others."""
+        return self.objective.removeprefix(TASK_VALUE_PREFIX) if self.is_task else None
+
+    @property
+    def is_task(self) -> bool:
+        return self.objective.startswith(TASK_VALUE_PREFIX)
 
     def value(
         self, objectives: Mapping[str, float], reference: Mapping[str, float] | None = None
     ) -> float | None:
         """The quantity the limit bounds (the drop from ``reference`` for the accuracy drop);
-        None when it cannot be known (no reference, the objective missing)."""
+        None when it cannot be known (no reference, the objective missing). A task drop reads
+        ``task:<name>`` in both mappings (``constrained_values``)."""
         if self.objective not in objectives:
             return None
         if self.is_drop:
@@ -141,3 +152,94 @@ CONSTRAINTS: tuple[Constraint, ...] = (
     ),
 )
 CONSTRAINTS_BY_KEY: dict[str, Constraint] = {c.key: c for c in CONSTRAINTS}
+
+
+# `constraints.max_task_drop: {task: limit}`: one drop constraint per task, keyed
+# ``max_task_drop.<task>`` wherever limits are flat (the engine's columns, operator contexts,
+# exports), reading the task's score in ``metadata["tasks"][task]["score"]`` of each record.
+TASK_DROP_KEY = "max_task_drop"
+TASKS_KEY = "tasks"  # metadata["tasks"][name] = {score, stderr, n, metric, weight}
+TASK_VALUE_PREFIX = "task:"  # a task's score among ``constrained_values``
+
+
+def task_drop(task: str) -> Constraint:
+    """The constraint ``max_task_drop.<task>``: the task's score, absolute drop vs the
+    baseline's score of that task."""
+    shown = task.replace("{", "{{").replace("}", "}}")  # the phrase is a format string
+    return Constraint(
+        f"{TASK_DROP_KEY}.{task}",
+        TASK_VALUE_PREFIX + task,
+        f"Largest drop of task `{task}`'s score allowed vs the baseline recipe",
+        f"task `{shown}` score may drop at most {{v}} below the baseline's",
+        is_drop=True,
+    )
+
+
+def constraint_of(key: str) -> Constraint | None:
+    """The constraint of a flat limit key (``max_memory_mib``, ``max_task_drop.<task>``);
+    None for a key no version of the schema knows (a stored config is read leniently)."""
+    known = CONSTRAINTS_BY_KEY.get(key)
+    if known is not None:
+        return known
+    task = key.removeprefix(TASK_DROP_KEY + ".")
+    return task_drop(task) if task != key and task else None
+
+
+def flat_limits(constraints: Mapping[str, Any]) -> dict[str, float]:
+    """A `constraints` section (a config's, or a stored one as plain data) as one limit per
+    key, unset ones left out: ``max_task_drop``'s map gives one ``max_task_drop.<task>`` key
+    per task, in its order."""
+    out: dict[str, float] = {}
+    for key, value in constraints.items():
+        if value is None:
+            continue
+        if key == TASK_DROP_KEY and isinstance(value, Mapping):
+            for task, limit in value.items():
+                out[f"{TASK_DROP_KEY}.{task}"] = limit
+        else:
+            out[key] = value
+    return out
+
+
+def task_entries(metadata: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each task of a record's ``metadata["tasks"]`` that has a finite score, as plain data
+    read leniently: ``score``, ``stderr``, ``n``, ``metric``, ``weight`` (None where the
+    record holds no valid value)."""
+    tasks = metadata.get(TASKS_KEY)
+    if not isinstance(tasks, Mapping):
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for name, entry in tasks.items():
+        if not isinstance(entry, Mapping) or not _finite(entry.get("score")):
+            continue
+        stderr, n = _number(entry.get("stderr")), _number(entry.get("n"))
+        metric = entry.get("metric")
+        out[str(name)] = {
+            "score": float(entry["score"]),
+            "stderr": stderr if stderr is not None and stderr >= 0 else None,
+            "n": int(n) if n is not None and n.is_integer() and n >= 0 else None,
+            "metric": metric if isinstance(metric, str) else None,
+            "weight": _number(entry.get("weight")),
+        }
+    return out
+
+
+def task_scores(metadata: Mapping[str, Any]) -> dict[str, float]:
+    """Each task's score in a record's ``metadata["tasks"]`` (finite numbers only)."""
+    return {name: entry["score"] for name, entry in task_entries(metadata).items()}
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if _finite(value) else None
+
+
+def constrained_values(
+    objectives: Mapping[str, float], metadata: Mapping[str, Any]
+) -> dict[str, float]:
+    """What constraints read of a result: its objectives and ``task:<name>`` per task score."""
+    scores = {TASK_VALUE_PREFIX + name: score for name, score in task_scores(metadata).items()}
+    return {**objectives, **scores}

@@ -149,6 +149,7 @@ def print_front(members: Sequence[Any], baseline: Mapping[str, Any] | None = Non
     from evo_compress.fitness.noise import pairs_within_noise
     from evo_compress.genomes import render_recipe
     from evo_compress.objectives import OBJECTIVES
+    from evo_compress.runs.front import front_tasks
 
     if not members:
         console.print("the front is empty (no generation finished, or every evaluation failed)")
@@ -159,6 +160,12 @@ def print_front(members: Sequence[Any], baseline: Mapping[str, Any] | None = Non
     for objective in OBJECTIVES:
         arrow = "↑" if objective.direction == "max" else "↓"
         table.add_column(f"{objective.name} {arrow}\n{objective.unit}", justify="right")
+    # Several tasks: one narrow column of scores each (stderr, n, metric: --format json);
+    # with one task the accuracy column is its score.
+    tasks = front_tasks(members)
+    tasks = tasks if len(tasks) > 1 else []
+    for task in tasks:
+        table.add_column(f"{task}\nscore", justify="right")
     changes = "changes from the baseline; " if baseline is not None else ""
     table.add_column(f"recipe ({changes}all genes: --format json)")
     for m in members:
@@ -166,7 +173,8 @@ def print_front(members: Sequence[Any], baseline: Mapping[str, Any] | None = Non
         values = {o.name: fmt(m.objectives[o.name]) for o in OBJECTIVES}
         if m.accuracy.stderr is not None:
             values["accuracy"] = m.accuracy.text()
-        table.add_row(str(m.id), *values.values(), shown)
+        scores = [_task_score(m.tasks.get(task)) for task in tasks]
+        table.add_row(str(m.id), *values.values(), *scores, shown)
     console.print(table)
     close = pairs_within_noise([(m.id, m.accuracy) for m in members])
     if close:
@@ -178,29 +186,55 @@ def print_front(members: Sequence[Any], baseline: Mapping[str, Any] | None = Non
         )
 
 
+def _task_score(entry: Mapping[str, Any] | None) -> str:
+    return "-" if entry is None else f"{entry['score']:.3f}"
+
+
 def front_csv(members: Sequence[Any]) -> str:
-    """``front --format csv``: one row per member, every gene a column."""
+    """``front --format csv``: one row per member, every gene a column (and, for a back end
+    that scores named tasks, each task's score and stderr)."""
     from evo_compress.genomes import flatten
     from evo_compress.objectives import OBJECTIVE_NAMES
+    from evo_compress.runs.front import front_tasks
 
     genes = sorted({k for m in members for k in flatten(m.recipe)})
+    tasks = front_tasks(members)
+    task_columns = [f"task.{t}.{k}" for t in tasks for k in ("score", "stderr")]
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["id", "feasible", *OBJECTIVE_NAMES, "accuracy_stderr", "accuracy_n", *genes])
+    writer.writerow(
+        [
+            "id",
+            "feasible",
+            *OBJECTIVE_NAMES,
+            "accuracy_stderr",
+            "accuracy_n",
+            *task_columns,
+            *genes,
+        ]
+    )
     for m in members:
         flat = flatten(m.recipe)
         accuracy = m.accuracy
+        task_values = [
+            _blank((m.tasks.get(t) or {}).get(k)) for t in tasks for k in ("score", "stderr")
+        ]
         writer.writerow(
             [
                 m.id,
                 m.feasible,
                 *[m.objectives[n] for n in OBJECTIVE_NAMES],
-                "" if accuracy.stderr is None else accuracy.stderr,
-                "" if accuracy.n is None else accuracy.n,
+                _blank(accuracy.stderr),
+                _blank(accuracy.n),
+                *task_values,
                 *[flat.get(g, "") for g in genes],
             ]
         )
     return out.getvalue()
+
+
+def _blank(value: Any) -> Any:
+    return "" if value is None else value
 
 
 def print_history(rows: Sequence[Mapping[str, Any]]) -> None:

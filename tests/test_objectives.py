@@ -9,13 +9,19 @@ from pathlib import Path
 import pytest
 
 from evo_compress.config import ConstraintsConfig
-from evo_compress.objectives import CONSTRAINTS, CONSTRAINTS_BY_KEY, OBJECTIVE_NAMES
+from evo_compress.objectives import (
+    CONSTRAINTS,
+    CONSTRAINTS_BY_KEY,
+    OBJECTIVE_NAMES,
+    TASK_DROP_KEY,
+)
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 
 
 def test_every_config_limit_has_one_entry_in_the_map() -> None:
-    assert list(ConstraintsConfig.model_fields) == [c.key for c in CONSTRAINTS]
+    # ... and `max_task_drop`, one limit per task (objectives.task_drop), after them.
+    assert list(ConstraintsConfig.model_fields) == [c.key for c in CONSTRAINTS] + [TASK_DROP_KEY]
     for c in CONSTRAINTS:
         assert c.objective in OBJECTIVE_NAMES
         assert ConstraintsConfig.model_fields[c.key].description == c.doc

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from evo_compress.genomes import Recipe, SearchSpace
-from evo_compress.objectives import CONSTRAINTS_BY_KEY, OBJECTIVES
+from evo_compress.objectives import OBJECTIVES, constraint_of
 
 
 # What the prompts read of the search: ``evo_compress.operators``' ``Measured`` and
@@ -51,6 +51,9 @@ class VariationContext(Protocol):
 
     @property
     def reference(self) -> Mapping[str, float] | None: ...
+
+    @property
+    def reference_tasks(self) -> Mapping[str, float] | None: ...
 
     @property
     def front(self) -> Sequence[Measured]: ...
@@ -161,16 +164,23 @@ def _situation(context: VariationContext, front_size: int) -> str:
 
 
 def _constraints(context: VariationContext) -> str:
-    lines = [
-        "- "
-        + (CONSTRAINTS_BY_KEY[k].phrase if k in CONSTRAINTS_BY_KEY else k + " {v}").format(
-            v=_round(v)
-        )
-        for k, v in sorted(context.constraints.items())
-    ]
+    lines = ["- " + _phrase(k).format(v=_round(v)) for k, v in sorted(context.constraints.items())]
     if context.reference is not None:
         lines.append("- the uncompressed baseline measured: " + _json(_objs(context.reference)))
+    if context.reference_tasks:
+        lines.append(
+            "- the uncompressed baseline's task scores: " + _json(_objs(context.reference_tasks))
+        )
     return "\n".join(lines) if lines else "- none"
+
+
+def _phrase(key: str) -> str:
+    constraint = constraint_of(key)
+    return (
+        constraint.phrase
+        if constraint is not None
+        else key.replace("{", "{{").replace("}", "}}") + " {v}"
+    )
 
 
 def describe_space(space: SearchSpace) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from evo_compress.fitness.noise import STDERR_KEY
 from evo_compress.fitness.pool import EvaluationPool, Task
 from evo_compress.fitness.racing import QUICK, RaceMember, RaceRule, stage_of
 from evo_compress.genomes import Recipe, SearchSpace, render_recipe
-from evo_compress.objectives import to_minimization
+from evo_compress.objectives import TASK_DROP_KEY, TASKS_KEY, task_scores, to_minimization
 from evo_compress.progress import ProgressListener
 from evo_compress.runs.store import RunStore
 
@@ -59,7 +59,8 @@ class EvaluationChain:
 
     def reference(self, base_space: SearchSpace, needed: bool) -> EvaluationResult:
         """Evaluate (or load) the uncompressed baseline of the base space: the reference for
-        `max_accuracy_drop` (``needed``: a failure is an error) and for the hypervolume's
+        `max_accuracy_drop` and `max_task_drop` (``needed``: a failure is an error, and so is
+        a record without the score of a task of `max_task_drop`) and for the hypervolume's
         scale. Stored as generation -1."""
         base = base_space.baseline()
         row = self.store.individual_at(-1, 0)
@@ -68,10 +69,28 @@ class EvaluationChain:
         else:
             ident = row.id
         result, _ = self.evaluate(ident, base, base_space, stored=row is not None)
-        if not result.ok and needed:
+        if not needed:
+            return result
+        fields = [
+            f"`constraints.{name}`"
+            for name in ("max_accuracy_drop", TASK_DROP_KEY)
+            if any(key.split(".", 1)[0] == name for key in self.constraints.names)
+        ]
+        if not result.ok:
             raise EvaluationError(
                 f"the baseline recipe failed ({result.reason}); "
-                "`constraints.max_accuracy_drop` is measured against it"
+                f"{' and '.join(fields)} {'is' if len(fields) == 1 else 'are'} measured "
+                "against it"
+            )
+        scores = task_scores(result.metadata)
+        missing = [task for task in self.constraints.tasks if task not in scores]
+        if missing:
+            recorded = ", ".join(scores) or "none"
+            raise EvaluationError(
+                f"`constraints.{TASK_DROP_KEY}.{missing[0]}`: the baseline's record has no "
+                f"score of task `{missing[0]}` (metadata.{TASKS_KEY}: {recorded}); the "
+                f"{result.metadata.get('evaluator', 'configured')} evaluator may not record "
+                "per-task scores"
             )
         return result
 

@@ -12,7 +12,13 @@ from pymoo.core.problem import Problem
 from evo_compress.config import ConstraintsConfig
 from evo_compress.fitness import EvaluationResult
 from evo_compress.fitness._base import limit_excess
-from evo_compress.objectives import CONSTRAINTS_BY_KEY, OBJECTIVES, to_minimization
+from evo_compress.objectives import (
+    OBJECTIVES,
+    Constraint,
+    constrained_values,
+    constraint_of,
+    to_minimization,
+)
 
 # A failed or infeasible evaluation gets at least this constraint violation (it loses every
 # comparison with a success) and placeholder objectives pymoo never reads: survival ranks
@@ -39,13 +45,30 @@ class RecipeProblem(Problem):
 
 class Constraints:
     """The constraint row of a result: a failure's violation first, then one relative value
-    per active limit of the config's `constraints` section."""
+    per active limit of the config's `constraints` section (one per task of
+    `max_task_drop`)."""
 
     def __init__(self, config: ConstraintsConfig) -> None:
         self.limits = config.active()
         self.names = list(self.limits)
-        # The uncompressed baseline's result: what `max_accuracy_drop` is measured against.
+        self._constraints: dict[str, Constraint] = {}
+        for name in self.names:
+            constraint = constraint_of(name)
+            assert constraint is not None, f"{name}: the config schema lets no other key in"
+            self._constraints[name] = constraint
+        # The uncompressed baseline's result: what `max_accuracy_drop` and `max_task_drop`
+        # are measured against.
         self.reference: EvaluationResult | None = None
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether a limit is a drop from the baseline (then the baseline must succeed)."""
+        return any(c.is_drop for c in self._constraints.values())
+
+    @property
+    def tasks(self) -> list[str]:
+        """The tasks of `max_task_drop`, whose scores every success must record."""
+        return [c.task for c in self._constraints.values() if c.task is not None]
 
     def __len__(self) -> int:
         return 1 + len(self.names)
@@ -56,11 +79,18 @@ class Constraints:
         if not result.ok or result.objectives is None:
             g[0] = failure_violation(result)
             return g
-        reference = None if self.reference is None else self.reference.objectives
+        reference = None
+        if self.reference is not None and self.reference.objectives is not None:
+            reference = constrained_values(self.reference.objectives, self.reference.metadata)
+        values = constrained_values(result.objectives, result.metadata)
         for i, name in enumerate(self.names, start=1):
-            violation = CONSTRAINTS_BY_KEY[name].violation(
-                result.objectives, self.limits[name], reference
-            )
+            constraint = self._constraints[name]
+            violation = constraint.violation(values, self.limits[name], reference)
+            if violation is None and constraint.is_task:
+                # A success whose record lacks the task's score (the baseline's was checked
+                # when it was measured): nothing shows it meets the limit, so it ranks with
+                # the failures.
+                violation = FAILURE_VIOLATION
             assert violation is not None, f"{name}: no value (the baseline is measured first)"
             g[i] = violation
         return g

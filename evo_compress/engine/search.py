@@ -40,7 +40,7 @@ from evo_compress.exceptions import RunStoreError
 from evo_compress.fitness import EvaluationResult, Evaluator, FitnessCache
 from evo_compress.fitness.pool import EvaluationPool, WorkerPlan
 from evo_compress.genomes import Recipe, SearchSpace
-from evo_compress.objectives import OBJECTIVES
+from evo_compress.objectives import OBJECTIVES, task_scores
 from evo_compress.operators import (
     AdaptiveSelector,
     Crossover,
@@ -144,8 +144,7 @@ class Search:
             self.listener.message(f"evaluating in parallel: {self.plan.note}")
         self.evaluator.prepare()
         base_space = SearchSpace.from_data(self.store.get_meta("base_space"))
-        needed = self.config.constraints.max_accuracy_drop is not None
-        self.reference = self.evaluations.reference(base_space, needed)
+        self.reference = self.evaluations.reference(base_space, self.constraints.needs_reference)
         self.constraints.reference = self.reference
 
         checkpoint = self.store.last_checkpoint(on_damage=self.listener.message)
@@ -239,11 +238,13 @@ class Search:
 
     def variation_context(self, generation: int) -> VariationContext:
         reference = self.reference.objectives if self.reference is not None else None
+        scores = task_scores(self.reference.metadata) if self.reference is not None else {}
         return VariationContext(
             space=self.space,
             generation=generation,
             constraints=dict(self.config.constraints.active()),
             reference=dict(reference) if reference else None,
+            reference_tasks=scores or None,
             front=tuple(self._measure_id(i) for i in self.archive.ids()),
             model=self.config.model.id,
             hardware=self.config.hardware.model_dump(mode="json"),

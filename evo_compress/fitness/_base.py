@@ -190,6 +190,12 @@ class Evaluator(ABC):
 
         return quick_fingerprint(self.fingerprint(), {"quick_limit": quick_limit})
 
+    def scored_tasks(self) -> tuple[str, tuple[str, ...]] | None:
+        """The setting that names the tasks this back end scores (``tasks`` or ``task``) and
+        their names: each success records their scores in ``metadata["tasks"]``, which
+        `constraints.max_task_drop` reads. None: it scores no named tasks."""
+        return None
+
     def shared_paths(self) -> list[Path]:
         """Files and folders every evaluation reads by path (the model, the task's files):
         on a cluster they must exist at the same path on every node. After ``prepare``."""

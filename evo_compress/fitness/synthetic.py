@@ -85,6 +85,8 @@ _NOTE = "closed-form synthetic landscape, not a measurement"
 # Share of an evaluation's cost spent before accuracy is measured (applying the recipe,
 # latency): what racing's quick stage cannot save.
 _APPLY_SHARE = 0.5
+# Settings of the real-model back ends that name lm-eval tasks: refused with their own reason.
+_TASK_SETTINGS = ("task", "tasks", "task_include_path")
 
 
 class SyntheticSettings(BaseModel):
@@ -125,6 +127,11 @@ def _settings_error(exc: ValidationError) -> ConfigError:
     field = f"`evaluator.settings.{path}`"
     ctx = err.get("ctx") or {}
     kind = err["type"]
+    if kind == "extra_forbidden" and path in _TASK_SETTINGS:
+        return ConfigError(
+            f"{field}: the synthetic evaluator scores no lm-eval tasks (it is a closed-form "
+            "test landscape with one accuracy); use the transformers or vllm evaluator"
+        )
     if kind == "extra_forbidden":
         known = ", ".join(SyntheticSettings.model_fields)
         return ConfigError(f"{field} is not a setting of the synthetic evaluator; known: {known}")

@@ -57,6 +57,8 @@ class VariationContext:
     slot: int = 0
     constraints: Mapping[str, float] = field(default_factory=dict)  # active limits, by key
     reference: Mapping[str, float] | None = None  # the uncompressed baseline's objectives
+    # The baseline's score of each task it recorded (what `max_task_drop` is measured against).
+    reference_tasks: Mapping[str, float] | None = None
     front: tuple[Measured, ...] = ()
     model: str = ""
     hardware: Mapping[str, Any] = field(default_factory=dict)

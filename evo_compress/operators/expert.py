@@ -16,7 +16,7 @@ from evo_compress.exceptions import OperatorError, RecipeError
 from evo_compress.genomes import ChoiceGene, Recipe, SearchSpace, Value
 from evo_compress.genomes.genes import _is_number, _RangeGene
 from evo_compress.methods import METHODS
-from evo_compress.objectives import CONSTRAINTS, CONSTRAINTS_BY_KEY
+from evo_compress.objectives import CONSTRAINTS, constraint_of
 from evo_compress.operators._base import Measured, Mutation, Proposal, VariationContext
 from evo_compress.operators.classic import GeneMutation, _can_vary
 
@@ -585,7 +585,8 @@ class ExpertMutation(Mutation):
     """Diagnose the measured parent, then apply one rule of compression know-how that fits.
 
     Situations, in order of precedence: ``failed`` (failed or infeasible; an out-of-memory
-    failure counts as ``memory``), ``accuracy`` (the accuracy drop is violated), the most
+    failure counts as ``memory``), ``accuracy`` (the accuracy drop or a task's score drop is
+    violated), the most
     violated cost constraint (``memory``, ``latency``, ``energy``, ``co2``), ``recovery``
     (heavily pruned and no recovery), then ``slack`` or ``boundary`` by the accuracy left to
     spend; ``explore`` when nothing was measured. Rules are drawn by weight among those that
@@ -622,7 +623,9 @@ class ExpertMutation(Mutation):
                 return "memory"
             return "failed"
         violations = _violations(parent, context)
-        if violations.get("max_accuracy_drop", 0.0) > 0:
+        # The accuracy drop, or a task's score drop (`max_task_drop.<task>`): both are fixed
+        # by compressing less or recovering.
+        if any(v > 0 and _is_drop(key) for key, v in violations.items()):
             return "accuracy"
         costs = [(v, key) for key, v in violations.items() if key in COST_CONSTRAINTS and v > 0]
         if costs:
@@ -696,13 +699,18 @@ def _violations(parent: Measured, context: VariationContext) -> dict[str, float]
     objectives = parent.objectives or {}
     reference = context.reference or {}
     for key, limit in context.constraints.items():
-        constraint = CONSTRAINTS_BY_KEY.get(key)
+        constraint = constraint_of(key)
         if key in out or constraint is None:
             continue
         violation = constraint.violation(objectives, limit, reference)
         if violation is not None:
             out[key] = violation
     return out
+
+
+def _is_drop(key: str) -> bool:
+    constraint = constraint_of(key)
+    return constraint is not None and constraint.is_drop
 
 
 def _accuracy_slack(parent: Measured, context: VariationContext) -> bool | None:

@@ -21,10 +21,11 @@ from typing import Any
 import yaml
 
 from evo_compress.exceptions import EvoCompressError
+from evo_compress.fitness.noise import AccuracyEstimate
 from evo_compress.genomes import render_recipe, render_recipe_yaml
 from evo_compress.objectives import OBJECTIVES
 from evo_compress.runs.analysis import history, operator_stats
-from evo_compress.runs.front import FrontMember, load_front, run_status
+from evo_compress.runs.front import FrontMember, front_tasks, load_front, run_status
 from evo_compress.runs.lineage import Lineage, Node, load_lineage
 from evo_compress.runs.store import RunStore
 
@@ -522,9 +523,27 @@ def _member_value(member: FrontMember, objective: str) -> str:
     return format_value(member.objectives[objective])
 
 
+def _task_value(entry: Mapping[str, Any]) -> str:
+    """A task's score, ``0.812 ± 0.010`` where the record holds its standard error."""
+    return AccuracyEstimate(entry["score"], entry["stderr"]).text()
+
+
+def _task_how(entry: Mapping[str, Any]) -> str:
+    """What a task's score is: its metric, items and weight, those the record holds."""
+    parts = [str(entry["metric"])] if entry["metric"] else []
+    if entry["n"] is not None:
+        parts.append(f"{entry['n']} items")
+    if entry["weight"] is not None:
+        parts.append(f"weight {entry['weight']:g}")
+    return ", ".join(parts)
+
+
 def _member_hover(member: FrontMember) -> str:
     lines = [f"#{member.id} · generation {member.generation}"]
     lines += [f"{o.name} {_member_value(member, o.name)} {o.unit}" for o in OBJECTIVES]
+    for name, entry in member.tasks.items():
+        how = _task_how(entry)
+        lines.append(f"task {name} {_task_value(entry)}" + (f" ({how})" if how else ""))
     lines += textwrap.wrap(render_recipe(member.recipe), _HOVER_WIDTH)
     return "<br>".join(_text(line) for line in lines)
 
@@ -759,6 +778,11 @@ def _front_table(data: ReportData) -> str:
         if shared.get(o.name):
             cell += f"<div class='how'>{_esc(shared[o.name])}</div>"
         head.append(f"<th>{cell}</th>")
+    # Several tasks: one column of scores each (with one, accuracy is its score).
+    tasks = front_tasks(data.front)
+    tasks = tasks if len(tasks) > 1 else []
+    for task in tasks:
+        head.append(f"<th>task {_esc(task)}<br><span class='how'>score</span></th>")
     head.append("<th>recipe</th>")
     rows = []
     for index, member in enumerate(data.front):
@@ -767,6 +791,14 @@ def _front_table(data: ReportData) -> str:
             value = _member_value(member, o.name)
             how = "" if o.name in shared else f"<div class='how'>{_esc(hows[o.name][index])}</div>"
             cells.append(f'<td class="num">{_esc(value)}{how}</td>')
+        for task in tasks:
+            entry = member.tasks.get(task)
+            if entry is None:
+                cells.append('<td class="num">-</td>')
+                continue
+            how = _task_how(entry)
+            how = f"<div class='how'>{_esc(how)}</div>" if how else ""
+            cells.append(f'<td class="num">{_esc(_task_value(entry))}{how}</td>')
         cells.append(f"<td>{_recipe_cell(member, data.lineage.nodes.get(member.id))}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     note = intro

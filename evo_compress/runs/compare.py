@@ -17,7 +17,7 @@ import numpy as np
 import yaml
 
 from evo_compress.exceptions import RunStoreError
-from evo_compress.objectives import OBJECTIVES, to_minimization
+from evo_compress.objectives import OBJECTIVES, flat_limits, to_minimization
 from evo_compress.runs.front import FrontMember, load_front
 from evo_compress.runs.hypervolume import REFERENCE_POINT, Box, run_history, stored_box_config
 from evo_compress.runs.store import RunStore
@@ -99,9 +99,7 @@ def _side(store: RunStore, label: str) -> dict[str, Any]:
         "model": (config.get("model") or {}).get("id"),
         "evaluator": (config.get("evaluator") or {}).get("name"),
         "fingerprint": store.get_meta("fingerprint", None),
-        "constraints": {
-            k: v for k, v in (config.get("constraints") or {}).items() if v is not None
-        },
+        "constraints": flat_limits(config.get("constraints") or {}),
         "generations_done": checkpoints[-1].generation + 1 if checkpoints else 0,
         "hypervolume_own": own.last if own.last is not None else 0.0,
         "front_size": len(front),

@@ -27,7 +27,13 @@ from evo_compress.fitness.vllm.compile import (
 )
 from evo_compress.fitness.vllm.quantize_job import JobError, describe_recipe
 from evo_compress.genomes import Recipe, SearchSpace, render_recipe, render_recipe_yaml
-from evo_compress.objectives import CONSTRAINTS_BY_KEY, OBJECTIVES
+from evo_compress.objectives import (
+    OBJECTIVES,
+    constrained_values,
+    constraint_of,
+    flat_limits,
+    task_entries,
+)
 from evo_compress.runs.store import CONFIG_NAME, EvaluationRow, IndividualRow, RunStore
 
 RECIPE_FILE = "recipe.yaml"
@@ -177,7 +183,7 @@ def _gather(store: RunStore, ident: int, caps: VLLMCapabilities) -> _Exported:
         caps=caps,
         plan=plan,
         unservable=unservable,
-        constraints=_constraints(store, config, result.objectives),
+        constraints=_constraints(store, config, result.objectives, result.metadata),
         on_front=ident in archive,
     )
 
@@ -194,19 +200,26 @@ def _config_data(store: RunStore) -> dict[str, Any]:
 
 
 def _constraints(
-    store: RunStore, config: Mapping[str, Any], objectives: Mapping[str, float]
+    store: RunStore,
+    config: Mapping[str, Any],
+    objectives: Mapping[str, float],
+    metadata: Mapping[str, Any],
 ) -> dict[str, dict[str, Any]]:
-    """The run's constraints (as the engine reads them) and whether this recipe meets each."""
-    limits = {k: v for k, v in (config.get("constraints") or {}).items() if v is not None}
+    """The run's constraints (as the engine reads them: one `max_task_drop.<task>` per task)
+    and whether this recipe meets each."""
+    limits = flat_limits(config.get("constraints") or {})
+    values = constrained_values(objectives, metadata)
     out: dict[str, dict[str, Any]] = {}
     for name, limit in limits.items():
-        constraint = CONSTRAINTS_BY_KEY.get(name)  # a stored config is read leniently
+        constraint = constraint_of(name)  # a stored config is read leniently
         reference = None
         if constraint is not None and constraint.is_drop:
             row = store.individual_at(-1, 0)
             ref_eval = store.evaluation(row.id) if row is not None else None
-            reference = ref_eval.result.objectives if ref_eval is not None else None
-        value = None if constraint is None else constraint.value(objectives, reference)
+            if ref_eval is not None and ref_eval.result.objectives is not None:
+                ref = ref_eval.result
+                reference = constrained_values(ref.objectives or {}, ref.metadata)
+        value = None if constraint is None else constraint.value(values, reference)
         out[name] = {
             "limit": limit,
             "value": value,
@@ -291,6 +304,9 @@ def _objectives_json(info: _Exported) -> dict[str, Any]:
         "on_front": info.on_front,
         "objectives": _objective_entries(info),
     }
+    tasks = task_entries(evaluation.result.metadata)
+    if tasks:  # each task's score, stderr, n, metric, weight (the accuracy is their mean)
+        data["tasks"] = tasks
     note = evaluation.result.metadata.get("note")
     if note:
         data["note"] = note
@@ -461,6 +477,20 @@ def _readme(info: _Exported, files: Mapping[str, str]) -> str:
             else:
                 how += " (± one standard error)"
         lines.append(f"| {name} | {value} | {entry['unit']} | {better} | {how} |")
+    tasks = task_entries(info.evaluation.result.metadata)
+    if tasks:
+        lines += [
+            "",
+            "Accuracy is the weighted mean of the task scores:",
+            "",
+            "| task | score | metric | items | weight |",
+            "|---|---:|---|---:|---:|",
+        ]
+        for name, task in tasks.items():
+            score = AccuracyEstimate(task["score"], task["stderr"]).text()
+            cells = [_fmt(task[k]).replace("|", "\\|") for k in ("metric", "n", "weight")]
+            shown = name.replace("|", "\\|")
+            lines.append(f"| {shown} | {score} | {' | '.join(cells)} |")
     note = info.evaluation.result.metadata.get("note")
     if note:
         lines += ["", f"Evaluator note: {note}."]

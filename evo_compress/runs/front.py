@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import fcntl
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from evo_compress.fitness.noise import AccuracyEstimate
 from evo_compress.genomes import nest
+from evo_compress.objectives import task_entries
 from evo_compress.runs.hypervolume import run_history
 from evo_compress.runs.store import LOCK_NAME, RunStore
 
@@ -21,6 +23,12 @@ class FrontMember:
     objectives: dict[str, float]
     feasible: bool
     how: dict[str, Any]  # how each value was obtained (evaluation metadata)
+
+    @property
+    def tasks(self) -> dict[str, dict[str, Any]]:
+        """Each task's score, stderr, items, metric and weight (``metadata["tasks"]``); empty
+        for a back end that scores no named tasks."""
+        return task_entries(self.how)
 
     @property
     def accuracy(self) -> AccuracyEstimate:
@@ -39,6 +47,8 @@ class FrontMember:
             "feasible": self.feasible,
             # which racing stage measured it (``fidelity.racing``); absent without racing
             **({"stage": self.how["stage"]} if "stage" in self.how else {}),
+            # each task's score, stderr, n, metric, weight; absent without named tasks
+            **({"tasks": tasks} if (tasks := self.tasks) else {}),
         }
 
 
@@ -85,6 +95,11 @@ def _load_front(store: RunStore) -> list[FrontMember]:
         )
     members.sort(key=lambda m: -m.objectives["accuracy"])
     return members
+
+
+def front_tasks(members: Sequence[FrontMember]) -> list[str]:
+    """The task names the front's members record, in the order they first appear."""
+    return list(dict.fromkeys(name for m in members for name in m.tasks))
 
 
 def run_status(store: RunStore) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 Production code never imports this package. ``providers`` is a fake LLM provider that speaks
 the OpenAI, Anthropic and Google wire formats; ``vllm_server`` a CPU stand-in for
-``vllm serve``; ``contracts`` the suites every evaluator and operator passes (pytest needed).
+``vllm serve``; ``contracts`` the suites every evaluator and operator passes (pytest needed);
+``tasks`` a back end that records per-task scores (``metadata["tasks"]``) over the synthetic
+landscape.
 """
 
 from evo_compress.testing._helpers import (
@@ -32,6 +34,7 @@ from evo_compress.testing._helpers import (
     worker_raise,
     worker_sleep,
 )
+from evo_compress.testing.tasks import TaskScoresEvaluator, register_task_evaluator
 
 __all__ = [
     "CACHE_CORRUPTIONS",
@@ -39,12 +42,14 @@ __all__ = [
     "SEED_MAX",
     "Messages",
     "PidFileEvaluator",
+    "TaskScoresEvaluator",
     "assert_one_line_error",
     "corrupt_cache",
     "crash_evaluations",
     "final_state",
     "invoke_cli",
     "pins_except",
+    "register_task_evaluator",
     "resume_search",
     "rng",
     "run_cli",

@@ -552,3 +552,13 @@ def test_precision_ladders_from_the_registry_are_the_hand_written_ones() -> None
     }
     assert restricted(_RAISE) == hand_written_raise
     assert restricted(_LOWER) == hand_written_lower
+
+
+def test_a_task_past_its_drop_limit_is_an_accuracy_problem() -> None:
+    base = SPACE.baseline()
+    ctx = context(max_memory_mib=8000, **{"max_task_drop.my_mc": 0.05})
+    # The mean is fine and memory is over, but one task dropped too far: recover it first.
+    violations = {"max_task_drop.my_mc": 0.02, "max_memory_mib": 0.5}
+    assert OP.diagnose(measured(base, violations=violations), ctx) == "accuracy"
+    within = {"max_task_drop.my_mc": -0.01, "max_memory_mib": 0.5}
+    assert OP.diagnose(measured(base, violations=within), ctx) == "memory"

@@ -15,6 +15,7 @@ from evo_compress.fitness.model._base import (
     parse_model_settings,
     plain,
     prepare_model_and_task,
+    settings_tasks,
 )
 
 __all__ = [
@@ -26,4 +27,5 @@ __all__ = [
     "parse_model_settings",
     "plain",
     "prepare_model_and_task",
+    "settings_tasks",
 ]

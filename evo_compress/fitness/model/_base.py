@@ -62,6 +62,9 @@ class ModelEvaluator(Evaluator):
             self.config.calibration_file,
         )
 
+    def scored_tasks(self) -> tuple[str, tuple[str, ...]] | None:
+        return settings_tasks(self.settings)
+
     def shared_paths(self) -> list[Path]:
         paths = [self._model_path] if self._model_path is not None else []
         include = (self._task or {}).get("include_path")
@@ -80,6 +83,23 @@ class ModelEvaluator(Evaluator):
 
 
 _Settings = TypeVar("_Settings", bound=BaseModel)
+
+
+def settings_tasks(settings: Mapping[str, Any]) -> tuple[str, tuple[str, ...]]:
+    """The setting of a real-model back end's (unparsed) settings that names its lm-eval
+    tasks and their names: ``tasks`` (entries ``{name: ...}`` or bare names), else ``task``
+    (default: the reference task). Read without the back end, so that `validate` can check
+    every section of `evaluator.name: auto`; malformed entries are the back end's to report."""
+    tasks = settings.get("tasks")
+    if isinstance(tasks, (list, tuple)) and tasks:
+        names = []
+        for entry in tasks:
+            name = entry.get("name") if isinstance(entry, Mapping) else entry
+            if isinstance(name, str):
+                names.append(name)
+        return "tasks", tuple(names)
+    task = settings.get("task", REFERENCE_TASK)
+    return "task", (task,) if isinstance(task, str) else ()
 
 
 def parse_model_settings(
