@@ -322,9 +322,7 @@ def collect_input_norms(
     for name, linear in linears.items():
         handles.append(linear.register_forward_pre_hook(make_hook(name)))
     for name, module in decoder_experts(model).items():
-        handles.append(
-            module.register_forward_pre_hook(make_expert_hook(name), with_kwargs=True)
-        )
+        handles.append(module.register_forward_pre_hook(make_expert_hook(name), with_kwargs=True))
     was_training = model.training
     device = _model_device(model)
     model.eval()
