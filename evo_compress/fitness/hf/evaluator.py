@@ -70,8 +70,9 @@ def _machine_memory_mib() -> float:
 
 
 class TransformersEvaluator(ModelEvaluator):
-    """Applies recipes with transformers, torchao, bitsandbytes, peft and torch-pruning;
-    measures accuracy with lm-eval and serving latency, memory and energy itself."""
+    """Applies recipes with transformers, torchao, bitsandbytes and peft (pruning is
+    ``fitness/model/prune.py``); measures accuracy with lm-eval and serving latency, memory
+    and energy itself."""
 
     name: ClassVar[str] = "transformers"
     supports_racing: ClassVar[bool] = True
