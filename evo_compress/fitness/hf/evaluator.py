@@ -83,6 +83,7 @@ class TransformersEvaluator(ModelEvaluator):
         self._device: str | None = None
         self._capabilities: dict[str, Collection[Any] | None] | None = None
         self._arch_config: tuple[Path, Any] | None = None
+        self._arch_caps: tuple[Any, dict[str, Collection[Any] | None]] | None = None
 
     # ------------------------------------------------------------------ environment
     @property
@@ -103,16 +104,18 @@ class TransformersEvaluator(ModelEvaluator):
         config = self._model_config()
         if config is None:
             return self._capabilities
-        from evo_compress.fitness.model.architecture import allowed_values
+        if self._arch_caps is None or self._arch_caps[0] is not config:
+            from evo_compress.fitness.model.architecture import allowed_values
 
-        # What the device can run, narrowed to what the model's architecture can take.
-        caps = dict(self._capabilities)
-        for gene, values in allowed_values(config).items():
-            # A sliding window is a question of the model alone (the probe above, without a
-            # model, can only say no): the architecture decides it.
-            device_ok = None if gene == "kv.sliding_window" else caps.get(gene)
-            caps[gene] = [v for v in values if device_ok is None or v in device_ok]
-        return caps
+            # What the device can run, narrowed to what the model's architecture can take.
+            caps = dict(self._capabilities)
+            for gene, values in allowed_values(config).items():
+                # A sliding window is a question of the model alone (the probe above, without
+                # a model, can only say no): the architecture decides it.
+                device_ok = None if gene == "kv.sliding_window" else caps.get(gene)
+                caps[gene] = [v for v in values if device_ok is None or v in device_ok]
+            self._arch_caps = (config, caps)
+        return self._arch_caps[1]
 
     def _model_config(self) -> Any | None:
         """The model's transformers config (``config.json``, no weights), when its folder is
