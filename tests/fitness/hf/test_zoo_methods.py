@@ -266,3 +266,17 @@ def test_mixtral_n_m_pruning_reaches_every_expert_matrix():
             groups = weight.reshape(-1, 4)
             assert int((groups != 0).sum(dim=1).max()) <= 2, f"{name}.{param} is not 2:4"
             assert f"{name}.{param}" in result.masks
+
+
+@pytest.mark.parametrize(
+    ("arch", "method"),
+    [("phi3", "structured_heads"), ("phi3", "structured_mlp"), ("mixtral", "structured_mlp")],
+)
+def test_a_pruned_fused_layout_saves_and_reloads_to_the_same_logits(arch, method, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = _load(arch)
+    apply_pruning(model, {"prune.method": method, "prune.sparsity": 0.5})
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    torch.testing.assert_close(_logits(reloaded), _logits(model))
