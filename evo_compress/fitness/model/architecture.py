@@ -12,7 +12,10 @@ What a mixture of experts (fused 3-D expert parameters, transformers 5) takes:
   from every expert; ``structured_heads`` prunes the attention as in a dense model;
 - quantization: the attention projections only. The experts stay in the model's dtype (the
   torchao and bitsandbytes paths quantize ``nn.Linear`` layers); the evaluation's details
-  record the experts' stored bytes before and after, so this is visible;
+  record the experts' stored bytes before and after, so this is visible. Tried with torchao
+  0.18's ``FqnToConfig`` on the expert parameters: int8 stores them, but Mixtral's experts
+  forward then fails (``aten.transpose`` is not implemented for ``Int8Tensor``), and
+  ``IntxWeightOnlyConfig`` (int4) takes only 2-D and 4-D tensors;
 - the router (``mlp.gate``) is never pruned or quantized: it is tiny and decides routing;
 - LoRA / QLoRA / distillation train the attention projections; the experts stay frozen.
 """
