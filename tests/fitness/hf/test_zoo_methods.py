@@ -280,3 +280,22 @@ def test_a_pruned_fused_layout_saves_and_reloads_to_the_same_logits(arch, method
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     torch.testing.assert_close(_logits(reloaded), _logits(model))
+
+
+def test_config_rules_for_shapes_and_unknown_layouts():
+    from evo_compress.fitness.model.architecture import unsupported_reason
+
+    shape = {"model_type": "llama", "hidden_size": 128, "num_attention_heads": 4}
+    odd = model_config({**shape, "intermediate_size": 250, "num_key_value_heads": 1})
+    assert "divisible by 4" in (
+        unsupported_reason(odd, {"prune.method": "magnitude", "prune.pattern": "2:4"}) or ""
+    )
+    assert "[250]" in (
+        unsupported_reason(odd, {"quant.method": "rtn", "quant.group_size": 32}) or ""
+    )
+    assert "1 KV head" in (unsupported_reason(odd, {"prune.method": "structured_heads"}) or "")
+    unknown = model_config(
+        {"model_type": "gpt_neox", "hidden_size": 128, "intermediate_size": 256}
+    )
+    assert "not one of" in (unsupported_reason(unknown, {"prune.method": "structured_mlp"}) or "")
+    assert unsupported_reason(unknown, {"quant.method": "rtn", "quant.group_size": 32}) is None
