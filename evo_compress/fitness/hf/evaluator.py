@@ -26,7 +26,7 @@ from evo_compress.fitness.model import (
 )
 from evo_compress.fitness.racing import RaceRule
 from evo_compress.fitness.worker import WorkerLimits, run_in_worker
-from evo_compress.genomes import Recipe
+from evo_compress.genomes import Recipe, SearchSpace
 from evo_compress.methods import METHODS
 
 _ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2", "flashinfer")
@@ -70,8 +70,9 @@ def _machine_memory_mib() -> float:
 
 
 class TransformersEvaluator(ModelEvaluator):
-    """Applies recipes with transformers, torchao, bitsandbytes, peft and torch-pruning;
-    measures accuracy with lm-eval and serving latency, memory and energy itself."""
+    """Applies recipes with transformers, torchao, bitsandbytes and peft (pruning is
+    ``fitness/model/prune.py``); measures accuracy with lm-eval and serving latency, memory
+    and energy itself."""
 
     name: ClassVar[str] = "transformers"
     supports_racing: ClassVar[bool] = True
@@ -81,6 +82,8 @@ class TransformersEvaluator(ModelEvaluator):
         self.config = parse_model_settings(TransformersSettings, settings, context)
         self._device: str | None = None
         self._capabilities: dict[str, Collection[Any] | None] | None = None
+        self._arch_config: tuple[Path, Any] | None = None
+        self._arch_caps: tuple[Any, dict[str, Collection[Any] | None]] | None = None
 
     # ------------------------------------------------------------------ environment
     @property
@@ -98,7 +101,52 @@ class TransformersEvaluator(ModelEvaluator):
     def capabilities(self) -> Mapping[str, Collection[Any] | None]:
         if self._capabilities is None:  # probed once: it imports and tries the kernels
             self._capabilities = self._probe_capabilities()
-        return self._capabilities
+        config = self._model_config()
+        if config is None:
+            return self._capabilities
+        if self._arch_caps is None or self._arch_caps[0] is not config:
+            from evo_compress.fitness.model.architecture import allowed_values
+
+            # What the device can run, narrowed to what the model's architecture can take.
+            caps = dict(self._capabilities)
+            for gene, values in allowed_values(config).items():
+                # A sliding window is a question of the model alone (the probe above, without
+                # a model, can only say no): the architecture decides it.
+                device_ok = None if gene == "kv.sliding_window" else caps.get(gene)
+                caps[gene] = [v for v in values if device_ok is None or v in device_ok]
+            self._arch_caps = (config, caps)
+        return self._arch_caps[1]
+
+    def _model_config(self) -> Any | None:
+        """The model's transformers config (``config.json``, no weights), when its folder is
+        known without preparing: a local ``model.id`` folder or an already prepared model.
+        None otherwise (a hub model not fetched yet: ``_run`` checks after preparing)."""
+        path = self._model_path
+        if path is None and Path(self.context.model.id).is_dir():
+            path = Path(self.context.model.id)
+        if path is None:
+            return None
+        if self._arch_config is None or self._arch_config[0] != path:
+            from evo_compress.fitness.model.architecture import read_config
+
+            try:
+                config = read_config(path)
+            except Exception:  # not a transformers folder: loading will say why
+                config = None
+            self._arch_config = (path, config)
+        return self._arch_config[1]
+
+    def infeasible_reason(self, recipe: Recipe, space: SearchSpace) -> str | None:
+        # The architecture's own reason first (it says why), then the device's.
+        return self._architecture_reason(recipe) or super().infeasible_reason(recipe, space)
+
+    def _architecture_reason(self, recipe: Recipe) -> str | None:
+        config = self._model_config()
+        if config is None:
+            return None
+        from evo_compress.fitness.model.architecture import unsupported_reason
+
+        return unsupported_reason(config, dict(recipe))
 
     def _probe_capabilities(self) -> dict[str, Collection[Any] | None]:
         from evo_compress.fitness.model._quiet import quiet_output
@@ -177,6 +225,10 @@ class TransformersEvaluator(ModelEvaluator):
         if self._model_path is None or self._task is None:
             self.prepare()
         assert self._model_path is not None and self._task is not None
+        # A model fetched only now (hub, reference) is checked here, still before loading.
+        reason = self._architecture_reason(recipe)
+        if reason is not None:
+            return EvaluationResult.failure(reason, {"evaluator": self.name}, "infeasible")
         payload = {
             "recipe": dict(recipe),
             "recipe_hash": recipe.hash,

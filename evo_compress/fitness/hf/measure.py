@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from evo_compress.fitness.model.architecture import SLIDING_WINDOW_MODEL_TYPES
 from evo_compress.fitness.model.quantize import model_weight_bytes
 
 T = TypeVar("T")
@@ -37,9 +38,6 @@ ATTENTION_BACKENDS = {
     "eager": "eager",
     "flash_attention_2": "flash_attention_2",
 }
-# Model types whose transformers implementation applies `config.sliding_window` to every layer
-# (the mask and the cache), checked on transformers 5.24. Llama's does not.
-SLIDING_WINDOW_MODEL_TYPES = frozenset({"mistral", "mixtral"})
 
 
 def _device(device: torch.device | str) -> torch.device:

@@ -20,8 +20,8 @@ from torch import nn
 
 from evo_compress.exceptions import EvaluationError
 from evo_compress.fitness.energy import EnergyMeter, EnergyResult
-from evo_compress.fitness.model.prune import apply_pruning
-from evo_compress.fitness.model.quantize import apply_quantization
+from evo_compress.fitness.model.prune import apply_pruning, decoder_experts
+from evo_compress.fitness.model.quantize import apply_quantization, tensor_bytes
 from evo_compress.fitness.model.recover import apply_recovery
 from evo_compress.methods import METHODS
 
@@ -82,15 +82,35 @@ def compress_weights(
             )
             model = recovered.model
             details["recovery"] = _recovery_details(recovered)
+        experts_before = expert_bytes(model)
         quantized = apply_quantization(model, recipe, device, calibration, workdir)
         model = quantized.model
         details["quant"] = {**quantized.details, "weight_bytes": quantized.weight_bytes}
+        if experts_before is not None:
+            # Fused 3-D expert parameters are not nn.Linear: what quantization did to them
+            # is measured from the stored tensors, not assumed.
+            after = expert_bytes(model) or (0, 0)
+            details["quant"]["experts"] = {
+                "params": after[0],
+                "bytes_before": experts_before[1],
+                "bytes_after": after[1],
+            }
         if recovery == "qlora":
             recovered = apply_recovery(model, recipe, batches, lr=recovery_lr, seed=seed)
             model = recovered.model
             details["recovery"] = _recovery_details(recovered)
     model.eval()
     return CompressedModel(model, meter.result, details)
+
+
+def expert_bytes(model: nn.Module) -> tuple[int, int] | None:
+    """(parameter count, stored bytes) of a mixture of experts' fused expert parameters, or
+    None for a dense model."""
+    experts = decoder_experts(model)
+    if not experts:
+        return None
+    params: list[torch.Tensor] = [p for m in experts.values() for p in m.parameters()]
+    return sum(p.numel() for p in params), tensor_bytes(params)
 
 
 def _recovery_details(result: Any) -> dict[str, Any]:

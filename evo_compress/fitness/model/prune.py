@@ -2,7 +2,10 @@
 weight sparsity (magnitude, Wanda) or structured removal of MLP channels or attention heads.
 
 Only the linear layers of the decoder blocks are pruned (Llama family: ``self_attn.{q,k,v,o}_proj``
-and ``mlp.{gate,up,down}_proj``); embeddings, norms and ``lm_head`` are never touched.
+and ``mlp.{gate,up,down}_proj``; Phi-3's fused ``qkv_proj`` and ``gate_up_proj``) and, in a
+mixture of experts, the experts' fused 3-D ``gate_up_proj`` / ``down_proj`` parameters (one
+``[out, in]`` matrix per expert). Embeddings, norms, the MoE router and ``lm_head`` are never
+touched.
 """
 
 from __future__ import annotations
@@ -26,10 +29,13 @@ __all__ = [
     "RecipeValueError",
     "apply_pruning",
     "collect_input_norms",
+    "decoder_experts",
     "decoder_layers",
     "decoder_linears",
     "dequantized_weight",
+    "kv_groups_kept",
     "measure_sparsity",
+    "mlp_channels_kept",
     "reapply_masks",
     "restore_4bit_layout",
 ]
@@ -113,6 +119,36 @@ def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
     return linears
 
 
+def decoder_experts(model: nn.Module) -> dict[str, nn.Module]:
+    """The fused expert modules of a mixture of experts inside the decoder blocks, by module
+    name (transformers 5: ``mlp.experts`` holding 3-D ``gate_up_proj`` [E, 2I, H] and
+    ``down_proj`` [E, H, I] parameters, gate rows before up rows). Empty for dense models."""
+    base = _unwrap(model)
+    layers = decoder_layers(base)
+    prefix = next(name for name, module in base.named_modules() if module is layers)
+    experts: dict[str, nn.Module] = {}
+    for name, module in layers.named_modules():
+        gate_up = getattr(module, "gate_up_proj", None)
+        down = getattr(module, "down_proj", None)
+        if (
+            isinstance(gate_up, torch.Tensor)
+            and isinstance(down, torch.Tensor)
+            and gate_up.dim() == 3
+            and down.dim() == 3
+        ):
+            experts[f"{prefix}.{name}"] = module
+    return experts
+
+
+def _expert_matrices(experts: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """Every fused expert parameter by parameter name: [E, out, in], one matrix per expert."""
+    return {
+        f"{name}.{param}": getattr(module, param)
+        for name, module in experts.items()
+        for param in ("gate_up_proj", "down_proj")
+    }
+
+
 def _is_quantized(linear: nn.Module) -> bool:
     return hasattr(linear.weight, "quant_state")
 
@@ -160,15 +196,17 @@ def dequantized_weight(linear: nn.Linear) -> torch.Tensor:
 
 
 def measure_sparsity(model: nn.Module, reference_numel: int | None = None) -> float:
-    """Fraction of the decoder linear weights of ``model`` that are zero.
+    """Fraction of the decoder linear weights (and fused expert weights) of ``model`` that are
+    zero.
 
     With ``reference_numel`` (the number of those weights before structured pruning), removed
     weights count as pruned too: ``1 - nonzero_now / reference_numel``.
     """
     total = 0
     nonzero = 0
-    for linear in decoder_linears(model).values():
-        weight = dequantized_weight(linear)
+    weights = [dequantized_weight(linear) for linear in decoder_linears(model).values()]
+    weights += [p.detach() for p in _expert_matrices(decoder_experts(model)).values()]
+    for weight in weights:
         total += weight.numel()
         nonzero += int(torch.count_nonzero(weight).item())
     denominator = total if reference_numel is None else reference_numel
@@ -186,8 +224,13 @@ def reapply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
     if not masks:
         return
     linears = decoder_linears(model)
+    expert_params = _expert_matrices(decoder_experts(model))
     with torch.no_grad():
         for name, mask in masks.items():
+            if name in expert_params:
+                expert = expert_params[name]
+                expert.masked_fill_(~mask.to(device=expert.device, dtype=torch.bool), 0)
+                continue
             module_name, _, param_name = name.rpartition(".")
             linear = linears.get(module_name)
             if linear is None:
@@ -212,12 +255,25 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _expert_inputs(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hidden_states, top_k_index)`` of a fused experts forward call."""
+    values = list(args) + [kwargs[k] for k in ("hidden_states", "top_k_index") if k in kwargs]
+    if len(values) < 2:
+        raise ValueError("fused experts were called without hidden states and routing indices")
+    return values[0], values[1]
+
+
 def collect_input_norms(
     model: nn.Module, calibration: torch.Tensor, batch_size: int = 8
 ) -> dict[str, torch.Tensor]:
     """L2 norm of every input feature of every decoder linear layer over all calibration tokens:
     forward pre-hooks on the linears while ``calibration`` (input_ids [N, T]) runs through the
-    model once, in eval mode and without gradients. Module name -> float32 [in_features]."""
+    model once, in eval mode and without gradients. Module name -> float32 [in_features].
+
+    Fused experts get one entry per parameter (``...experts.gate_up_proj`` -> [E, hidden],
+    ``...experts.down_proj`` -> [E, intermediate]) over the tokens routed to each expert."""
     if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2:
         raise ValueError("calibration must be an input_ids tensor of shape [N, T]")
     if calibration.dtype not in (torch.int64, torch.int32) or calibration.numel() == 0:
@@ -237,8 +293,36 @@ def collect_input_norms(
 
         return hook
 
+    def make_expert_hook(name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            hidden, top_k_index = _expert_inputs(args, kwargs)
+            gate_up: torch.Tensor = module.gate_up_proj  # type: ignore[assignment]
+            act: Any = module.act_fn
+            experts, double, width = gate_up.shape
+            x_sq = gate_up.new_zeros(experts, width, dtype=torch.float32)
+            h_sq = gate_up.new_zeros(experts, double // 2, dtype=torch.float32)
+            hidden = hidden.detach().reshape(-1, width)
+            index = top_k_index.reshape(hidden.shape[0], -1)
+            for expert in range(experts):
+                tokens = (index == expert).any(dim=-1)
+                if not bool(tokens.any()):
+                    continue
+                x = hidden[tokens]
+                # The expert's own down_proj input: act(gate x) * (up x), as its forward has it.
+                gate, up = nn.functional.linear(x, gate_up[expert].detach()).chunk(2, dim=-1)
+                h = (act(gate) * up).float()
+                x_sq[expert] = (x.float() ** 2).sum(dim=0)
+                h_sq[expert] = (h**2).sum(dim=0)
+            for param, total in (("gate_up_proj", x_sq), ("down_proj", h_sq)):
+                key = f"{name}.{param}"
+                squares[key] = squares[key] + total if key in squares else total
+
+        return hook
+
     for name, linear in linears.items():
         handles.append(linear.register_forward_pre_hook(make_hook(name)))
+    for name, module in decoder_experts(model).items():
+        handles.append(module.register_forward_pre_hook(make_expert_hook(name), with_kwargs=True))
     was_training = model.training
     device = _model_device(model)
     model.eval()
@@ -345,6 +429,24 @@ def _prune_weights(
             weight.masked_fill_(~mask, 0)
         masks[f"{name}.weight"] = mask
         per_layer[name] = round(1.0 - int(torch.count_nonzero(weight).item()) / weight.numel(), 6)
+    for name, param in _expert_matrices(decoder_experts(model)).items():
+        # One [out, in] matrix per expert, pruned like a linear layer's weight; Wanda weighs
+        # it by the norms of the inputs routed to that expert.
+        score = param.detach().abs().float()
+        if norms is not None:
+            score = score * norms[name].to(score.device)[:, None, :]
+        experts, rows, cols = score.shape
+        flat = score.reshape(experts * rows, cols)
+        if pattern == "unstructured":
+            mask = _unstructured_mask(flat, sparsity)
+        else:
+            n, m = (int(part) for part in pattern.split(":"))
+            mask = _nm_mask(flat, n, m, name)
+        mask = mask.reshape(experts, rows, cols)
+        with torch.no_grad():
+            param.masked_fill_(~mask, 0)
+        masks[name] = mask
+        per_layer[name] = round(1.0 - int(torch.count_nonzero(param).item()) / param.numel(), 6)
     return masks, {"comparison_group": "output_row", "layers": per_layer}
 
 
@@ -389,6 +491,16 @@ def _names_by_id(model: nn.Module) -> dict[int, str]:
 MLP_CHANNEL_MULTIPLE = 32
 
 
+def mlp_channels_kept(size: int, sparsity: float, multiple: int = MLP_CHANNEL_MULTIPLE) -> int:
+    """MLP channels ``structured_mlp`` keeps of ``size`` at ``sparsity``: at least one, and a
+    multiple of ``multiple`` (32, or the recipe's int4 group size) when ``size`` is one, since
+    group quantization and int4 kernels need widths that divide evenly."""
+    keep = size - min(round(sparsity * size), size - 1)
+    if size % multiple == 0:
+        keep = max(multiple, round(keep / multiple) * multiple)
+    return keep
+
+
 def _prune_mlp_channels(
     model: nn.Module,
     sparsity: float,
@@ -398,19 +510,34 @@ def _prune_mlp_channels(
     config: Any = model.config
     size = int(config.intermediate_size)
     requested = round(sparsity * size)
-    remove = min(requested, size - 1)
-    keep = size - remove
-    if size % multiple == 0:
-        # Keep a multiple of `multiple` channels (32, or the recipe's int4 group size): group
-        # quantization and int4 kernels need widths that divide evenly.
-        keep = max(multiple, round(keep / multiple) * multiple)
-        remove = size - keep
+    keep = mlp_channels_kept(size, sparsity, multiple)
+    remove = size - keep
     norms = collect_input_norms(model, calibration) if calibration is not None else None
     names = _names_by_id(model)
+    expert_names = {id(m): n for n, m in decoder_experts(model).items()}
+    layouts: set[str] = set()
     for layer in decoder_layers(model):
         mlp: Any = layer.mlp
-        gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
-        if not gate.out_features == up.out_features == down.in_features == size:
+        experts = getattr(mlp, "experts", None)
+        if experts is not None and id(experts) in expert_names:
+            layouts.add("moe_experts")
+            _prune_expert_channels(experts, keep, size, norms, expert_names[id(experts)])
+            continue
+        if isinstance(getattr(mlp, "gate_up_proj", None), nn.Linear):  # Phi-3: gate rows, up rows
+            layouts.add("fused_gate_up")
+            fused, down = mlp.gate_up_proj, mlp.down_proj
+            gate_w, up_w = fused.weight.detach().float().chunk(2, dim=0)
+        elif all(isinstance(getattr(mlp, n, None), nn.Linear) for n in _GATED):
+            layouts.add("gated")
+            fused, down = None, mlp.down_proj
+            gate_w = mlp.gate_proj.weight.detach().float()
+            up_w = mlp.up_proj.weight.detach().float()
+        else:
+            raise ValueError(
+                f"{type(mlp).__name__} has neither gate_proj/up_proj/down_proj, a fused "
+                "gate_up_proj nor fused experts; structured_mlp cannot prune it"
+            )
+        if not gate_w.shape[0] == up_w.shape[0] == down.in_features == size:
             raise ValueError(
                 f"MLP of {type(layer).__name__} is not {size} channels wide; structured_mlp needs "
                 "a uniform `intermediate_size`"
@@ -421,31 +548,69 @@ def _prune_mlp_channels(
             # X_c is the c-th input of down_proj = act(gate x) * (up x) on calibration tokens.
             score = norms[names[id(down)]].to(down_columns.device).pow(2) * down_columns
         else:
-            score = (
-                gate.weight.detach().float().norm(dim=1)
-                * up.weight.detach().float().norm(dim=1)
-                * down_columns.sqrt()
-            )
+            score = gate_w.norm(dim=1) * up_w.norm(dim=1) * down_columns.sqrt()
         kept = torch.topk(score, keep).indices.sort().values
-        mlp.gate_proj = _slice_linear(gate, out_index=kept)
-        mlp.up_proj = _slice_linear(up, out_index=kept)
+        if fused is not None:
+            mlp.gate_up_proj = _slice_linear(fused, out_index=torch.cat([kept, kept + size]))
+        else:
+            mlp.gate_proj = _slice_linear(mlp.gate_proj, out_index=kept)
+            mlp.up_proj = _slice_linear(mlp.up_proj, out_index=kept)
         mlp.down_proj = _slice_linear(down, in_index=kept)
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = keep
     config.intermediate_size = keep
     details: dict[str, Any] = {
         "unit": "mlp_channel",
+        "layout": sorted(layouts),
         "score": "activation" if norms is not None else "weight_norm",
         "units_before": size,
         "units_removed": remove,
         "units_after": keep,
         "unit_sparsity": remove / size,
     }
+    if "moe_experts" in layouts:
+        details["experts"] = "every expert keeps the same number of its own channels"
     if remove != requested:
         details["adjusted"] = (
             f"removed {remove} channels instead of {requested} to keep a width of {keep}"
         )
     return details
+
+
+_GATED = ("gate_proj", "up_proj", "down_proj")
+
+
+def _prune_expert_channels(
+    experts: nn.Module,
+    keep: int,
+    size: int,
+    norms: Mapping[str, torch.Tensor] | None,
+    name: str,
+) -> None:
+    """Keep ``keep`` of each expert's ``size`` intermediate channels, chosen per expert (the
+    fused parameters stay 3-D: every expert keeps the same count)."""
+    gate_up: torch.Tensor = experts.gate_up_proj  # type: ignore[assignment]
+    down: torch.Tensor = experts.down_proj  # type: ignore[assignment]
+    if gate_up.shape[1] != 2 * size or down.shape[2] != size:
+        raise ValueError(
+            f"experts of {name} are not {size} channels wide; structured_mlp needs a uniform "
+            "`intermediate_size`"
+        )
+    down_columns = down.detach().float().pow(2).sum(dim=1)  # [E, I]
+    if norms is not None:
+        score = norms[f"{name}.down_proj"].to(down_columns.device).pow(2) * down_columns
+    else:
+        gate_w, up_w = gate_up.detach().float().chunk(2, dim=1)
+        score = gate_w.norm(dim=2) * up_w.norm(dim=2) * down_columns.sqrt()
+    kept = torch.topk(score, keep, dim=1).indices.sort(dim=1).values  # [E, keep]
+    rows = torch.cat([kept, kept + size], dim=1)
+    new_gate_up = torch.stack([gate_up.detach()[e].index_select(0, r) for e, r in enumerate(rows)])
+    new_down = torch.stack([down.detach()[e].index_select(1, k) for e, k in enumerate(kept)])
+    experts.gate_up_proj = nn.Parameter(new_gate_up, requires_grad=gate_up.requires_grad)
+    experts.down_proj = nn.Parameter(new_down, requires_grad=down.requires_grad)
+    for attr in ("intermediate_dim", "intermediate_size"):
+        if isinstance(getattr(experts, attr, None), int):
+            setattr(experts, attr, keep)
 
 
 def _config_accepts(config: Any, heads: int, kv_heads: int) -> bool:
@@ -464,32 +629,49 @@ def _config_accepts(config: Any, heads: int, kv_heads: int) -> bool:
     return True
 
 
+def kv_groups_kept(config: Any, sparsity: float) -> int:
+    """KV groups (a KV head and its query heads) ``structured_heads`` keeps at ``sparsity``:
+    ``round(sparsity * num_key_value_heads)`` removed, at least one kept, moved to the nearest
+    count the config class accepts (ties go to removing fewer)."""
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    if heads % kv_heads:
+        raise ValueError(f"{heads} attention heads are not a multiple of {kv_heads} KV heads")
+    group = heads // kv_heads
+    target_keep = kv_heads - min(round(sparsity * kv_heads), kv_heads - 1)
+    return min(
+        (k for k in range(1, kv_heads + 1) if _config_accepts(config, k * group, k)),
+        key=lambda k: (abs(k - target_keep), -k),
+    )
+
+
 def _prune_heads(
     model: nn.Module, sparsity: float, calibration: torch.Tensor | None
 ) -> dict[str, Any]:
     config: Any = model.config
     heads = int(config.num_attention_heads)
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
-    if heads % kv_heads:
-        raise ValueError(f"{heads} attention heads are not a multiple of {kv_heads} KV heads")
+    keep = kv_groups_kept(config, sparsity)
     group = heads // kv_heads
     layers = decoder_layers(model)
     head_dim = int(getattr(layers[0].self_attn, "head_dim", 0) or config.hidden_size // heads)
 
     requested = round(sparsity * kv_heads)
     target_keep = kv_heads - min(requested, kv_heads - 1)
-    # Closest group count the config class accepts; ties go to removing fewer groups.
-    keep = min(
-        (k for k in range(1, kv_heads + 1) if _config_accepts(config, k * group, k)),
-        key=lambda k: (abs(k - target_keep), -k),
-    )
     remove = kv_heads - keep
     norms = collect_input_norms(model, calibration) if calibration is not None else None
     names = _names_by_id(model)
     for layer in layers:
         attn: Any = layer.self_attn
-        q, k, v, o = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
-        if q.out_features != heads * head_dim or k.out_features != kv_heads * head_dim:
+        qkv = getattr(attn, "qkv_proj", None)  # Phi-3: [q rows | k rows | v rows]
+        o = attn.o_proj
+        if isinstance(qkv, nn.Linear):
+            if qkv.out_features != (heads + 2 * kv_heads) * head_dim:
+                raise ValueError("qkv_proj does not match the config's head counts")
+        elif (
+            attn.q_proj.out_features != heads * head_dim
+            or attn.k_proj.out_features != kv_heads * head_dim
+        ):
             raise ValueError("attention projections do not match the config's head counts")
         columns = o.weight.detach().float().pow(2).sum(dim=0)
         if norms is not None:
@@ -500,9 +682,14 @@ def _prune_heads(
             [torch.arange(g * group * head_dim, (g + 1) * group * head_dim) for g in kept_groups]
         )
         kv_rows = torch.cat([torch.arange(g * head_dim, (g + 1) * head_dim) for g in kept_groups])
-        attn.q_proj = _slice_linear(q, out_index=q_rows)
-        attn.k_proj = _slice_linear(k, out_index=kv_rows)
-        attn.v_proj = _slice_linear(v, out_index=kv_rows)
+        if isinstance(qkv, nn.Linear):
+            k_start, v_start = heads * head_dim, (heads + kv_heads) * head_dim
+            fused_rows = torch.cat([q_rows, kv_rows + k_start, kv_rows + v_start])
+            attn.qkv_proj = _slice_linear(qkv, out_index=fused_rows)
+        else:
+            attn.q_proj = _slice_linear(attn.q_proj, out_index=q_rows)
+            attn.k_proj = _slice_linear(attn.k_proj, out_index=kv_rows)
+            attn.v_proj = _slice_linear(attn.v_proj, out_index=kv_rows)
         attn.o_proj = _slice_linear(o, in_index=q_rows)
         # Attributes some attention classes cache (older transformers, other families).
         for attr in ("num_heads", "num_attention_heads"):
@@ -587,6 +774,7 @@ def apply_pruning(
             f"`{quantized[0]}` is 4-bit quantized; prune the full-precision model, then quantize"
         )
     dense_numel = sum(linear.in_features * linear.out_features for linear in linears.values())
+    dense_numel += sum(p.numel() for p in _expert_matrices(decoder_experts(model)).values())
     masks: dict[str, torch.Tensor] = {}
     extra: dict[str, Any] = {}
     if method in ("magnitude", "wanda"):
