@@ -76,13 +76,13 @@ def load_and_compress(
             device=device,
             calibration=calibration,
             batches=batches,
-            teacher=lambda: load_model(payload["model_path"], payload["dtype"], device),
             workdir=Path(workdir),
             recovery_lr=float(settings["recovery_lr"]),
             seed=int(settings["seed"]),
             watts_per_core=float(settings["watts_per_core"]),
+            gradient_checkpointing=bool(settings.get("gradient_checkpointing", True)),
         )
     return tokenizer, compressed
 
 
-__all__ = ["load_and_compress", "load_model", "tokenize"]
+__all__ = ["load_and_compress", "load_dtype", "load_model", "tokenize"]
