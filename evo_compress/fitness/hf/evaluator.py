@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -26,6 +26,9 @@ from evo_compress.fitness.model import (
 )
 from evo_compress.fitness.racing import RaceRule
 from evo_compress.fitness.worker import WorkerLimits, run_in_worker
+
+if TYPE_CHECKING:
+    from evo_compress.fitness.model.memory import MemoryEstimate, MemoryGuard
 from evo_compress.genomes import Recipe, SearchSpace
 from evo_compress.methods import METHODS
 
@@ -60,6 +63,9 @@ class TransformersSettings(BaseModel):
         None, gt=0, description="Worker memory limit (default: 75% of the machine's RAM)"
     )
     seed: int = Field(0, ge=0)
+    gradient_checkpointing: bool = Field(
+        True, description="Recompute activations in recovery's backward pass (less memory)"
+    )
 
 
 def _machine_memory_mib() -> float:
@@ -84,6 +90,7 @@ class TransformersEvaluator(ModelEvaluator):
         self._capabilities: dict[str, Collection[Any] | None] | None = None
         self._arch_config: tuple[Path, Any] | None = None
         self._arch_caps: tuple[Any, dict[str, Collection[Any] | None]] | None = None
+        self._memory: MemoryGuard | None = None
 
     # ------------------------------------------------------------------ environment
     @property
@@ -136,10 +143,6 @@ class TransformersEvaluator(ModelEvaluator):
             self._arch_config = (path, config)
         return self._arch_config[1]
 
-    def infeasible_reason(self, recipe: Recipe, space: SearchSpace) -> str | None:
-        # The architecture's own reason first (it says why), then the device's.
-        return self._architecture_reason(recipe) or super().infeasible_reason(recipe, space)
-
     def _architecture_reason(self, recipe: Recipe) -> str | None:
         config = self._model_config()
         if config is None:
@@ -190,6 +193,46 @@ class TransformersEvaluator(ModelEvaluator):
             # serve.gpu_memory_utilization is a vLLM setting: pinned to its default here.
         }
 
+    def infeasible_reason(self, recipe: Recipe, space: SearchSpace) -> str | None:
+        # The architecture's own reason first (it says why), then the device's.
+        reason = self._architecture_reason(recipe) or super().infeasible_reason(recipe, space)
+        if reason is not None:
+            return reason
+        # A recipe whose estimated memory exceeds the limit is refused before loading.
+        from evo_compress.fitness.model.memory import device_limit_mib, over_limit
+
+        estimate = self._estimate_or_none(recipe)
+        if estimate is None:
+            return None
+        limit, source = device_limit_mib(
+            self.device, self.context.hardware.memory_gb, self._memory_limit()
+        )
+        return over_limit(estimate, limit, source)
+
+    def memory_estimate(self, recipe: Recipe) -> MemoryEstimate:
+        """The model's part of ``recipe``'s peak memory, estimated from the config on the
+        meta device before anything is loaded (``fitness.model.memory``)."""
+        if self._memory is None:
+            from evo_compress.fitness.model.memory import MemoryGuard
+
+            if self._model_path is None or self._task is None:
+                self.prepare()
+            assert self._model_path is not None and self._task is not None
+            self._memory = MemoryGuard(
+                self._model_path,
+                self._task,
+                self.config.model_dump(),
+                self.device,
+                self.context.model.dtype,
+            )
+        return self._memory.estimate(dict(recipe))
+
+    def _estimate_or_none(self, recipe: Recipe) -> MemoryEstimate | None:
+        try:
+            return self.memory_estimate(recipe)
+        except Exception:  # no estimate (model not found yet): the evaluation says why
+            return None
+
     def limits(self) -> dict[str, float | None]:
         return {"timeout_s": self.config.timeout_s, "memory_limit_mib": self._memory_limit()}
 
@@ -219,16 +262,14 @@ class TransformersEvaluator(ModelEvaluator):
         # The worker decides between its quick and full stages (``pipeline``).
         return self._run(recipe, placement, race)
 
-    def _run(
-        self, recipe: Recipe, placement: Placement, race: RaceRule | None
-    ) -> EvaluationResult:
+    def worker_payload(
+        self, recipe: Recipe, placement: Placement | None = None, race: RaceRule | None = None
+    ) -> dict[str, Any]:
+        """The plain data ``pipeline.evaluate_in_worker`` evaluates ``recipe`` from."""
         if self._model_path is None or self._task is None:
             self.prepare()
         assert self._model_path is not None and self._task is not None
-        # A model fetched only now (hub, reference) is checked here, still before loading.
-        reason = self._architecture_reason(recipe)
-        if reason is not None:
-            return EvaluationResult.failure(reason, {"evaluator": self.name}, "infeasible")
+        placement = placement or Placement()
         payload = {
             "recipe": dict(recipe),
             "recipe_hash": recipe.hash,
@@ -238,9 +279,22 @@ class TransformersEvaluator(ModelEvaluator):
             "task": self._task,
             "settings": self.config.model_dump(mode="json"),
             "carbon": self.context.carbon.model_dump(mode="json"),
+            "memory_estimate": _data(self._estimate_or_none(recipe)),
         }
         if race is not None:
             payload["race"] = race.to_data()
+        return payload
+
+    def _run(
+        self, recipe: Recipe, placement: Placement, race: RaceRule | None
+    ) -> EvaluationResult:
+        if self._model_path is None or self._task is None:
+            self.prepare()
+        # A model fetched only now (hub, reference) is checked here, still before loading.
+        reason = self._architecture_reason(recipe)
+        if reason is not None:
+            return EvaluationResult.failure(reason, {"evaluator": self.name}, "infeasible")
+        payload = self.worker_payload(recipe, placement, race)
         limits = WorkerLimits(self.config.timeout_s, memory_limit_mib=self._memory_limit())
         return run_in_worker(
             "evo_compress.fitness.hf.pipeline:evaluate_in_worker",
@@ -249,6 +303,10 @@ class TransformersEvaluator(ModelEvaluator):
             _PRELOAD,
             env=placement.env,
         )
+
+
+def _data(estimate: MemoryEstimate | None) -> dict[str, Any] | None:
+    return estimate.to_data() if estimate is not None else None
 
 
 __all__ = ["TransformersEvaluator", "TransformersSettings"]

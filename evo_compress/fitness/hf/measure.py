@@ -388,6 +388,60 @@ class MemoryMeter:
         }
 
 
+class ModelPeakMeter:
+    """The model's part of a whole evaluation's peak memory (loading, compression, accuracy
+    and serving): the peak over what was in use when the meter was made, before loading.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` over ``memory_allocated`` at the start. CPU: the
+    resident high-water mark (VmHWM, reset at the start; else ``ru_maxrss``) over the
+    resident memory at the start. ``MemoryMeter`` resets the same counters when the serving
+    window opens, so ``checkpoint`` is called before it and ``add_serving`` with its result.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = _device(device)
+        self._peak = 0
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            self._source = "torch.cuda.max_memory_allocated - memory_allocated before loading"
+        else:
+            self._hwm_reset = _reset_peak_rss()
+            self._base = (_proc_status_kib("VmRSS") or 0) * 1024
+            self._source = (
+                "peak resident memory (VmHWM) - resident memory before loading"
+                if self._hwm_reset
+                else "ru_maxrss - resident memory before loading"
+            )
+
+    def checkpoint(self) -> None:
+        """Fold the peak so far in (before anything resets the counters)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        elif self._hwm_reset and (hwm := _proc_status_kib("VmHWM")) is not None:
+            peak = hwm * 1024
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        self._peak = max(self._peak, peak)
+
+    def add_serving(self, memory: Mapping[str, Any]) -> None:
+        """Fold in the serving window's peak, from ``MemoryMeter``'s result."""
+        if self.device.type == "cuda":
+            peak = float(memory["allocator_peak_mib"]) * MIB
+        else:
+            peak = (float(memory["rss_start_mib"]) + float(memory["peak_rss_growth_mib"])) * MIB
+        self._peak = max(self._peak, int(peak))
+
+    def result(self) -> dict[str, Any]:
+        return {
+            "measured_peak_mib": max(0, self._peak - self._base) / MIB,
+            "before_load_mib": self._base / MIB,
+            "how": self._source,
+        }
+
+
 def measure_memory(
     model: nn.Module, workload: Callable[[], T], device: torch.device | str = "cpu"
 ) -> tuple[dict[str, Any], T]:
@@ -402,6 +456,7 @@ def measure_memory(
 __all__ = [
     "ATTENTION_BACKENDS",
     "MemoryMeter",
+    "ModelPeakMeter",
     "apply_kv",
     "attention_unsupported",
     "kv_unsupported",

@@ -10,7 +10,7 @@ Serving settings (attention, KV cache) are each back end's own business.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,12 @@ from evo_compress.exceptions import EvaluationError
 from evo_compress.fitness.energy import EnergyMeter, EnergyResult
 from evo_compress.fitness.model.prune import apply_pruning, decoder_experts
 from evo_compress.fitness.model.quantize import apply_quantization, tensor_bytes
-from evo_compress.fitness.model.recover import apply_recovery
+from evo_compress.fitness.model.recover import (
+    DEFAULT_STEPS,
+    DEFAULT_TEMPERATURE,
+    apply_recovery,
+    precompute_teacher_logits,
+)
 from evo_compress.methods import METHODS
 
 
@@ -42,14 +47,15 @@ def compress_weights(
     device: str,
     calibration: torch.Tensor | None,
     batches: Sequence[Mapping[str, torch.Tensor]],
-    teacher: Callable[[], nn.Module],
     workdir: Path,
     recovery_lr: float = 1e-3,
     seed: int = 0,
     watts_per_core: float = 15.0,
+    gradient_checkpointing: bool = True,
 ) -> CompressedModel:
-    """Compress ``model`` as ``recipe`` says. ``teacher`` loads the uncompressed model, only
-    when distillation needs it. ``model`` is consumed: use the returned one."""
+    """Compress ``model`` as ``recipe`` says. ``model`` is consumed: use the returned one.
+    Distillation's teacher is ``model`` itself before compression: its logits on the
+    recovery batches are computed first, so a second model is never loaded."""
     details: dict[str, Any] = {}
     recovery = recipe.get("recovery.method", "none")
     quant = METHODS.find(recipe.get("quant.method"), "quantization")
@@ -65,6 +71,13 @@ def compress_weights(
             "recovery needs training text: set `evaluator.settings.calibration_file`"
         )
     with EnergyMeter(device, watts_per_core=watts_per_core) as meter:
+        teacher = None
+        if recovery == "distill":
+            steps = int(recipe.get("recovery.steps", DEFAULT_STEPS))
+            temperature = float(recipe.get("recovery.temperature", DEFAULT_TEMPERATURE))
+            teacher = precompute_teacher_logits(
+                model, batches, min(steps, len(batches)), temperature=temperature
+            )
         masks: dict[str, torch.Tensor] = {}
         if recipe.get("prune.method", "none") != "none":
             pruned = apply_pruning(model, recipe, calibration)
@@ -76,10 +89,12 @@ def compress_weights(
                 recipe,
                 batches,
                 masks=masks,
-                teacher=teacher() if recovery == "distill" else None,
+                teacher=teacher,
                 lr=recovery_lr,
                 seed=seed,
+                gradient_checkpointing=gradient_checkpointing,
             )
+            teacher = None
             model = recovered.model
             details["recovery"] = _recovery_details(recovered)
         experts_before = expert_bytes(model)
@@ -96,7 +111,14 @@ def compress_weights(
                 "bytes_after": after[1],
             }
         if recovery == "qlora":
-            recovered = apply_recovery(model, recipe, batches, lr=recovery_lr, seed=seed)
+            recovered = apply_recovery(
+                model,
+                recipe,
+                batches,
+                lr=recovery_lr,
+                seed=seed,
+                gradient_checkpointing=gradient_checkpointing,
+            )
             model = recovered.model
             details["recovery"] = _recovery_details(recovered)
     model.eval()

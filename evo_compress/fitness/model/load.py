@@ -15,10 +15,21 @@ from evo_compress.fitness.model.compress import CompressedModel, compress_weight
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def load_dtype(dtype: str, device: str) -> torch.dtype | str:
+    """``model.dtype`` as loading resolves it: on CPU, half precision kernels are slow or
+    missing, so "auto" means float32 there; on a GPU it means the checkpoint's dtype."""
+    return _DTYPES.get(dtype, torch.float32 if device == "cpu" else "auto")
+
+
 def load_model(path: str, dtype: str, device: str) -> Any:
-    # On CPU, half precision kernels are slow or missing: "auto" means float32 there.
-    torch_dtype = _DTYPES.get(dtype, torch.float32 if device == "cpu" else "auto")
-    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    """The model of ``path`` in ``model.dtype``, in eval mode on ``device``. Transformers
+    builds it on the meta device and fills it from the checkpoint (low CPU memory: no
+    randomly initialised copy); on a GPU, ``device_map`` streams the weights straight to it,
+    so no full copy ever sits in CPU memory."""
+    kwargs: dict[str, Any] = {"dtype": load_dtype(dtype, device)}
+    if device.startswith("cuda"):
+        kwargs["device_map"] = {"": device}
+    model: Any = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     return model.to(device).eval()
 
 
@@ -65,13 +76,13 @@ def load_and_compress(
             device=device,
             calibration=calibration,
             batches=batches,
-            teacher=lambda: load_model(payload["model_path"], payload["dtype"], device),
             workdir=Path(workdir),
             recovery_lr=float(settings["recovery_lr"]),
             seed=int(settings["seed"]),
             watts_per_core=float(settings["watts_per_core"]),
+            gradient_checkpointing=bool(settings.get("gradient_checkpointing", True)),
         )
     return tokenizer, compressed
 
 
-__all__ = ["load_and_compress", "load_model", "tokenize"]
+__all__ = ["load_and_compress", "load_dtype", "load_model", "tokenize"]

@@ -7,6 +7,7 @@ recovery run neither depends on nor disturbs the caller's random state.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -33,10 +34,13 @@ __all__ = [
     "DEFAULT_STEPS",
     "DEFAULT_TEMPERATURE",
     "RECOVERY_METHODS",
+    "TEACHER_TOP_K",
     "RecoveryResult",
+    "TeacherLogits",
     "apply_recovery",
     "distillation_loss",
     "measure_sparsity",
+    "precompute_teacher_logits",
     "reapply_masks",
 ]
 
@@ -48,6 +52,8 @@ DEFAULT_TEMPERATURE = 2.0
 # Global-norm gradient clipping: keeps a high recovery lr from blowing up a damaged model.
 _MAX_GRAD_NORM = 1.0
 _CURVE_POINTS = 20
+# A vocabulary larger than this keeps only the teacher's top-k logits per position.
+TEACHER_TOP_K = 64
 
 Batch = Mapping[str, torch.Tensor]
 
@@ -119,6 +125,82 @@ def distillation_loss(
     return kl * (temperature * temperature)
 
 
+def topk_distillation_loss(
+    student_logits: torch.Tensor,
+    log_probs: torch.Tensor,
+    indices: torch.Tensor,
+    positions: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """``distillation_loss`` against a teacher kept as its top-k log-probabilities at
+    ``temperature`` per position (``log_probs``, ``indices``: [B, S, k]): the KL over k + 1
+    outcomes, the k tokens and "any other token" (the tail's mass), so the student is not
+    pushed to put all its mass on the k."""
+    student = F.log_softmax(student_logits[positions].float() / temperature, dim=-1)
+    if student.shape[0] == 0:
+        raise ValueError("no positions selected for the distillation loss")
+    teacher = log_probs[positions].float()
+    picked = student.gather(-1, indices[positions].long())
+
+    def with_tail(top: torch.Tensor) -> torch.Tensor:
+        tail = torch.log((1.0 - top.exp().sum(-1, keepdim=True)).clamp_min(1e-12))
+        return torch.cat([top, tail], dim=-1)
+
+    teacher, picked = with_tail(teacher), with_tail(picked)
+    kl = (teacher.exp() * (teacher - picked)).sum(-1).mean()
+    return kl * (temperature * temperature)
+
+
+@dataclass(frozen=True)
+class TeacherLogits:
+    """The uncompressed model's outputs on the recovery batches, computed before pruning and
+    quantization: distillation then never holds a second model. ``values[i]`` are batch i's
+    logits, or, when ``indices`` is not None, its top-k log-probabilities at ``temperature``
+    with their token indices."""
+
+    values: list[torch.Tensor]
+    indices: list[torch.Tensor] | None
+    temperature: float = DEFAULT_TEMPERATURE
+
+    @property
+    def nbytes(self) -> int:
+        tensors = self.values + (self.indices or [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def precompute_teacher_logits(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    count: int,
+    top_k: int = TEACHER_TOP_K,
+    temperature: float = DEFAULT_TEMPERATURE,
+) -> TeacherLogits:
+    """``model``'s outputs (in its dtype) on the first ``count`` of ``batches``: all its
+    logits when the vocabulary has at most ``top_k`` entries, else the top ``top_k``
+    log-probabilities at ``temperature`` and their indices."""
+    device = _model_device(model)
+    was_training = model.training
+    model.eval()
+    values: list[torch.Tensor] = []
+    indices: list[torch.Tensor] = []
+    try:
+        with torch.no_grad():
+            for batch in batches[:count]:
+                inputs = _to_device(batch, device)
+                inputs.pop("labels", None)
+                logits = model(**inputs, use_cache=False).logits
+                if logits.shape[-1] > top_k:
+                    log_probs = F.log_softmax(logits.float() / temperature, dim=-1)
+                    top = log_probs.topk(top_k, dim=-1)
+                    values.append(top.values.to(logits.dtype))
+                    indices.append(top.indices.to(torch.int32))
+                else:
+                    values.append(logits)
+    finally:
+        model.train(was_training)
+    return TeacherLogits(values, indices if indices else None, temperature)
+
+
 def _loss_positions(batch: Batch, logits_shape: torch.Size) -> torch.Tensor:
     """Positions whose logits predict a labelled token (labels are shifted inside the model),
     or every non-padding position when the batch has no labels."""
@@ -143,6 +225,37 @@ def _to_device(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------- training loop
 
 
+def _hf_model(model: nn.Module) -> Any:
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    base: Any = model
+    while not hasattr(base, "supports_gradient_checkpointing") and hasattr(base, "model"):
+        base = base.model
+    return base
+
+
+def _checkpointing(model: nn.Module, enabled: bool) -> bool:
+    """Turn transformers' gradient (activation) checkpointing on, where the model supports
+    it: activations are recomputed in the backward pass, one decoder layer's at a time. True
+    if it did."""
+    base = _hf_model(model)
+    if not enabled or not getattr(base, "supports_gradient_checkpointing", False):
+        return False
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # the name from transformers 5.x on
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return True
+
+
+def _checkpointing_off(model: nn.Module) -> None:
+    base = _hf_model(model)
+    if hasattr(base, "activation_checkpointing_disable"):
+        base.activation_checkpointing_disable()
+    else:
+        base.gradient_checkpointing_disable()
+
+
 def _train(
     model: nn.Module,
     params: list[torch.Tensor],
@@ -151,14 +264,17 @@ def _train(
     steps: int,
     lr: float,
     after_step: Callable[[], None] | None = None,
+    checkpointing: bool = False,
 ) -> list[float]:
     """AdamW (no weight decay) with global-norm clipping for ``steps`` steps, cycling over
-    ``batches``; returns the loss of every step (before its update)."""
+    ``batches``; returns the loss of every step (before its update). With ``checkpointing``,
+    gradient checkpointing is on while training (where the model supports it)."""
     if not params:
         raise ValueError("recovery found no trainable parameters")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     device = _model_device(model)
     losses: list[float] = []
+    checkpointed = _checkpointing(model, checkpointing)
     model.train()
     try:
         for step in range(steps):
@@ -176,6 +292,8 @@ def _train(
                 after_step()
     finally:
         optimizer.zero_grad(set_to_none=True)
+        if checkpointed:
+            _checkpointing_off(model)
         model.eval()
     return losses
 
@@ -235,6 +353,7 @@ def _recover_lora(
     batches: Sequence[Batch],
     masks: Mapping[str, torch.Tensor] | None,
     lr: float,
+    checkpointing: bool,
 ) -> tuple[nn.Module, list[float], dict[str, Any]]:
     quantized = [name for name, lin in decoder_linears(model).items() if _is_quantized(lin)]
     if quantized:
@@ -245,7 +364,9 @@ def _recover_lora(
     previous = {id(param): param.requires_grad for param in model.parameters()}
     peft_model = _with_lora(model, rank)
     params = _trainable(peft_model)
-    losses = _train(peft_model, params, _lm_loss(peft_model), batches, steps, lr)
+    losses = _train(
+        peft_model, params, _lm_loss(peft_model), batches, steps, lr, checkpointing=checkpointing
+    )
     merged: nn.Module = peft_model.merge_and_unload()  # type: ignore[operator]
     for param in merged.parameters():  # peft froze the base; the merged model is plain again
         param.requires_grad_(previous.get(id(param), True))
@@ -266,7 +387,12 @@ def _recover_lora(
 
 
 def _recover_qlora(
-    model: nn.Module, rank: int, steps: int, batches: Sequence[Batch], lr: float
+    model: nn.Module,
+    rank: int,
+    steps: int,
+    batches: Sequence[Batch],
+    lr: float,
+    checkpointing: bool,
 ) -> tuple[nn.Module, list[float], dict[str, Any]]:
     linears = decoder_linears(model)
     quantized = [name for name, lin in linears.items() if _is_quantized(lin)]
@@ -278,12 +404,14 @@ def _recover_qlora(
     from peft import prepare_model_for_kbit_training
 
     # Freezes the base and upcasts its non-quantized fp16/bf16 params to fp32; gradient
-    # checkpointing stays off (tiny recovery batches; it also slows CPU runs).
+    # checkpointing is turned on (or not) by `_train`, like for the other methods.
     repacked = restore_4bit_layout(model)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     peft_model = _with_lora(model, rank)
     params = _trainable(peft_model)
-    losses = _train(peft_model, params, _lm_loss(peft_model), batches, steps, lr)
+    losses = _train(
+        peft_model, params, _lm_loss(peft_model), batches, steps, lr, checkpointing=checkpointing
+    )
     details = {
         "lora_rank": rank,
         "lora_alpha": 2 * rank,
@@ -300,12 +428,13 @@ def _recover_qlora(
 
 def _recover_distill(
     model: nn.Module,
-    teacher: nn.Module | None,
+    teacher: nn.Module | TeacherLogits | None,
     temperature: float,
     steps: int,
     batches: Sequence[Batch],
     masks: Mapping[str, torch.Tensor] | None,
     lr: float,
+    checkpointing: bool,
 ) -> tuple[nn.Module, list[float], dict[str, Any]]:
     if teacher is None:
         raise ValueError("recovery.method `distill` needs a teacher (the uncompressed model)")
@@ -316,41 +445,81 @@ def _recover_distill(
             "distill trains full-precision decoder weights but the model is 4-bit quantized "
             f"(`{quantized[0]}`); run distillation before quantization"
         )
-    teacher_device = _model_device(teacher)
-    teacher_was_training = teacher.training
-    teacher.eval()
+    if (
+        isinstance(teacher, TeacherLogits)
+        and teacher.indices is not None
+        and teacher.temperature != temperature
+    ):
+        raise ValueError(
+            f"the teacher's top-k log-probabilities are at temperature {teacher.temperature}, "
+            f"training is at {temperature}"
+        )
+    if isinstance(teacher, TeacherLogits) and len(teacher.values) < min(steps, len(batches)):
+        raise ValueError(
+            f"the teacher's logits cover {len(teacher.values)} batches, training needs "
+            f"{min(steps, len(batches))}"
+        )
+    module = teacher if isinstance(teacher, nn.Module) else None
+    teacher_was_training = module.training if module is not None else False
+    if module is not None:
+        module.eval()
     previous = {id(param): param.requires_grad for param in model.parameters()}
     for param in model.parameters():
         param.requires_grad_(False)
     params: list[torch.Tensor] = [linear.weight for linear in linears.values()]
     for weight in params:
         weight.requires_grad_(True)
+    # `_train` calls the loss once per step, in order, on batches[step % len(batches)].
+    step_of_call = itertools.count()
 
     def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        index = next(step_of_call) % len(batches)
         inputs = {key: batch[key] for key in ("input_ids", "attention_mask") if key in batch}
         student_logits = model(**inputs, use_cache=False).logits
-        with torch.no_grad():
-            teacher_inputs = {key: value.to(teacher_device) for key, value in inputs.items()}
-            teacher_logits = teacher(**teacher_inputs, use_cache=False).logits
-        teacher_logits = teacher_logits.to(student_logits.device)
         positions = _loss_positions(batch, student_logits.shape).to(student_logits.device)
+        if isinstance(teacher, TeacherLogits):
+            values = teacher.values[index].to(student_logits.device)
+            if teacher.indices is not None:
+                indices = teacher.indices[index].to(student_logits.device)
+                return topk_distillation_loss(
+                    student_logits, values, indices, positions, temperature
+                )
+            return distillation_loss(student_logits, values, positions, temperature)
+        assert module is not None
+        with torch.no_grad():
+            device = _model_device(module)
+            teacher_inputs = {key: value.to(device) for key, value in inputs.items()}
+            teacher_logits = module(**teacher_inputs, use_cache=False).logits
+        teacher_logits = teacher_logits.to(student_logits.device)
         return distillation_loss(student_logits, teacher_logits, positions, temperature)
 
     def after_step() -> None:
         reapply_masks(model, masks or {})
 
     try:
-        losses = _train(model, params, loss_fn, batches, steps, lr, after_step)
+        losses = _train(
+            model, params, loss_fn, batches, steps, lr, after_step, checkpointing=checkpointing
+        )
     finally:
         for param in model.parameters():
             param.requires_grad_(previous[id(param)])
-        teacher.train(teacher_was_training)
-    details = {
+        if module is not None:
+            module.train(teacher_was_training)
+    details: dict[str, Any] = {
         "temperature": temperature,
         "trained": "decoder_linear_weights",
         "trainable_params": sum(p.numel() for p in params),
         "masks_reapplied": len(masks or {}),
     }
+    if isinstance(teacher, TeacherLogits):
+        details["teacher"] = {
+            "kind": "logits precomputed before compression",
+            "top_k": None if teacher.indices is None else int(teacher.indices[0].shape[-1]),
+            "batches": len(teacher.values),
+            "bytes": teacher.nbytes,
+        }
+    else:
+        details["teacher"] = {"kind": "model"}
     return model, losses, details
 
 
@@ -362,9 +531,10 @@ def apply_recovery(
     recipe: Mapping[str, Any],
     batches: Sequence[Mapping[str, torch.Tensor]],
     masks: Mapping[str, torch.Tensor] | None = None,
-    teacher: nn.Module | None = None,
+    teacher: nn.Module | TeacherLogits | None = None,
     lr: float = 1e-3,
     seed: int = 0,
+    gradient_checkpointing: bool = False,
 ) -> RecoveryResult:
     """Train the compressed ``model`` for ``recovery.steps`` AdamW steps, cycling over
     ``batches`` (``input_ids``, ``attention_mask``, ``labels`` with -100 on ignored positions).
@@ -378,7 +548,11 @@ def apply_recovery(
     - ``distill``: trains the decoder linear weights themselves (everything else frozen) on
       ``T^2 * KL(teacher || student)`` at ``recovery.temperature`` over the positions that
       predict a labelled token, re-applying ``masks`` after every step. ``teacher`` is the
-      uncompressed model; it runs in eval mode without gradients.
+      uncompressed model (run in eval mode without gradients), or better its logits on the
+      batches from ``precompute_teacher_logits``, so that no second model is held.
+
+    With ``gradient_checkpointing``, activations are recomputed in the backward pass where
+    the model supports it (less memory, about one more forward pass of compute per step).
 
     Deterministic for a given ``seed`` (LoRA initialisation included) on a given device.
     """
@@ -393,12 +567,16 @@ def apply_recovery(
     with torch.random.fork_rng(devices=_cuda_devices(model)):
         torch.manual_seed(seed)
         if method == "lora":
-            result_model, losses, extra = _recover_lora(model, rank, steps, batches, masks, lr)
+            result_model, losses, extra = _recover_lora(
+                model, rank, steps, batches, masks, lr, gradient_checkpointing
+            )
         elif method == "qlora":
-            result_model, losses, extra = _recover_qlora(model, rank, steps, batches, lr)
+            result_model, losses, extra = _recover_qlora(
+                model, rank, steps, batches, lr, gradient_checkpointing
+            )
         elif method == "distill":
             result_model, losses, extra = _recover_distill(
-                model, teacher, temperature, steps, batches, masks, lr
+                model, teacher, temperature, steps, batches, masks, lr, gradient_checkpointing
             )
     wall = time.perf_counter() - wall_start
     cpu = time.process_time() - cpu_start
@@ -410,6 +588,7 @@ def apply_recovery(
         "optimizer": "AdamW(weight_decay=0)",
         "max_grad_norm": _MAX_GRAD_NORM if method != "none" else None,
         "loss_curve": _curve(losses),
+        "gradient_checkpointing": gradient_checkpointing and method != "none",
         **extra,
     }
     if method in ("lora", "distill"):
