@@ -171,22 +171,29 @@ class TransformersEvaluator(ModelEvaluator):
         # The worker decides between its quick and full stages (``pipeline``).
         return self._run(recipe, placement, race)
 
-    def _run(
-        self, recipe: Recipe, placement: Placement, race: RaceRule | None
-    ) -> EvaluationResult:
+    def worker_payload(self, recipe: Recipe, device: str | None = None) -> dict[str, Any]:
+        """What the worker gets to apply ``recipe``: the model folder, the task with its
+        calibration and training texts, the settings (seed, threads) and the carbon context,
+        as plain data. ``load_and_compress(payload, dict(recipe))`` rebuilds the compressed
+        model from it, which is how ``export --weights`` makes the weights it saves."""
         if self._model_path is None or self._task is None:
             self.prepare()
         assert self._model_path is not None and self._task is not None
-        payload = {
+        return {
             "recipe": dict(recipe),
             "recipe_hash": recipe.hash,
             "model_path": str(self._model_path),
             "dtype": self.context.model.dtype,
-            "device": placement.device or self.device,
+            "device": device or self.device,
             "task": self._task,
             "settings": self.config.model_dump(mode="json"),
             "carbon": self.context.carbon.model_dump(mode="json"),
         }
+
+    def _run(
+        self, recipe: Recipe, placement: Placement, race: RaceRule | None
+    ) -> EvaluationResult:
+        payload = self.worker_payload(recipe, placement.device)
         if race is not None:
             payload["race"] = race.to_data()
         limits = WorkerLimits(self.config.timeout_s, memory_limit_mib=self._memory_limit())
