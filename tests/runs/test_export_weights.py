@@ -164,6 +164,7 @@ def test_the_model_card_shows_each_task_of_the_record():
     assert "individual 3 (generation 1)" in card and "seed 7" in card
 
 
+@pytest.mark.slow
 def test_compress_refuses_qlora_before_loading(tmp_path, tiny_model):
     config = config_file(tmp_path, str(tiny_model))
     out = tmp_path / "out"
@@ -351,6 +352,8 @@ def test_exported_weights_reproduce_the_stored_accuracy(tmp_path):
         card = (out / "README.md").read_text()
         meta = front_matter(card)
         accuracy = stored.objectives["accuracy"]
+        # The trained model scores well above chance: an equal 0 == 0 would prove nothing.
+        assert accuracy > 0.2, (index, accuracy)
         (result,) = meta["model-index"][0]["results"]
         assert result["metrics"][0]["value"] == pytest.approx(accuracy)
         assert f"individual {ident}" in card and "search seed 0" in card
