@@ -8,7 +8,7 @@ live here too: ``evo_compress.config`` is the schema alone.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from evo_compress import __version__
 from evo_compress.config import LLM_SEEDS, EvaluationConfig, PopulationConfig, parse_config
 from evo_compress.exceptions import ConfigError, EvoCompressError, RunStoreError
-from evo_compress.genomes import SearchSpace, load_portfolio, render_recipe
+from evo_compress.genomes import Recipe, SearchSpace, load_portfolio, render_recipe
 from evo_compress.overrides import Override, apply_overrides, cache_overrides
 from evo_compress.progress import ProgressListener
 
@@ -28,15 +28,18 @@ if TYPE_CHECKING:
     from evo_compress.operators import AdaptiveSelector, Crossover, Mutation
     from evo_compress.operators.llm import LLMSeeder
     from evo_compress.runs.store import RunStore
+    from evo_compress.runs.weights import WeightsOrigin
 
 __all__ = [
     "agent_session",
     "build_space",
     "check_config",
     "checked_config",
+    "compress_recipe",
     "configure_config_evaluator",
     "default_cache_path",
     "default_run_dir",
+    "export_weights",
     "load_config",
     "make_config_evaluator",
     "make_operators",
@@ -542,3 +545,146 @@ def make_pool(
 
         return RayPool(evaluator, plan, evaluation.ray)
     return LocalPool(evaluator, plan)
+
+
+# ---------------------------------------------------------------------- weights
+def export_weights(
+    store: RunStore,
+    ident: int,
+    out: Path,
+    *,
+    force: bool = False,
+    message: Callable[[str], None] | None = None,
+) -> list[Path]:
+    """Rebuild the compressed model of individual ``ident`` of the run in ``store`` with the
+    run's stored config (model, evaluator settings, seed) and write it to the folder ``out``
+    (``runs.weights``): the checkpoint, the tokenizer, a model card with the recipe and its
+    measured objectives. Returns the files written."""
+    from evo_compress.fitness.model import model_fingerprint
+    from evo_compress.runs.export import DEFAULT_CAPABILITIES, _gather, _objective_entries
+    from evo_compress.runs.weights import WeightsOrigin
+
+    info = _gather(store, ident, DEFAULT_CAPABILITIES)  # one line for an unknown or failed id
+    config = apply_overrides(store.config_data(), [], f"{store.run_dir} config")
+    evaluator, _plan = configure_config_evaluator(config)
+    warnings: list[str] = []
+    _check_weights_evaluator(evaluator, f"run {store.run_dir}")
+    if evaluator.fingerprint() != store.get_meta("fingerprint", None):
+        warnings.append(
+            "the evaluator's settings or environment (machine, libraries, model files) differ "
+            "from the ones this run was measured with: the weights are rebuilt with the run's "
+            "recipe and seed, but may not reproduce its objectives exactly"
+        )
+    run = {
+        "name": info.run_name,
+        "dir": str(info.run_dir),
+        "individual": info.row.id,
+        "generation": info.row.generation,
+        "search_seed": config.search.seed,
+        "on_front": info.on_front,
+        "feasible": info.feasible,
+    }
+    metadata = info.evaluation.result.metadata
+    tasks = metadata.get("tasks")
+    origin = WeightsOrigin(
+        recipe=info.recipe,
+        model=config.model.id,
+        model_fingerprint=model_fingerprint(config.model),
+        evaluator=evaluator.name,
+        settings={},
+        device="",
+        task="",
+        run=run,
+        objectives=_objective_entries(info),
+        tasks=tasks if isinstance(tasks, dict) and tasks else None,
+        warnings=tuple(warnings),
+    )
+    for warning in warnings:
+        (message or (lambda _text: None))(f"warning: {warning}")
+    return _write_weights(evaluator, info.recipe, out, origin, force, message)
+
+
+def compress_recipe(
+    config: PopulationConfig,
+    recipe: Recipe,
+    out: Path,
+    *,
+    force: bool = False,
+    message: Callable[[str], None] | None = None,
+) -> list[Path]:
+    """Apply ``recipe`` (given by hand) to the config's model with its transformers
+    evaluator's settings and write the compressed model to ``out``, as ``export_weights``
+    does for a run's recipe (no objectives: nothing was measured)."""
+    from evo_compress.fitness.model import model_fingerprint
+    from evo_compress.runs.weights import WeightsOrigin
+
+    evaluator, _plan = configure_config_evaluator(config)
+    _check_weights_evaluator(evaluator, "config")
+    reason = evaluator.infeasible_reason(recipe, build_space(config))
+    if reason is not None:
+        raise EvoCompressError(f"recipe {recipe.short_hash} cannot be applied here: {reason}")
+    origin = WeightsOrigin(
+        recipe=recipe,
+        model=config.model.id,
+        model_fingerprint=model_fingerprint(config.model),
+        evaluator=evaluator.name,
+        settings={},
+        device="",
+        task="",
+    )
+    return _write_weights(evaluator, recipe, out, origin, force, message)
+
+
+def _check_weights_evaluator(evaluator: Evaluator, what: str) -> None:
+    if evaluator.name != "transformers" or not hasattr(evaluator, "worker_payload"):
+        raise EvoCompressError(
+            f"weights are built with the `transformers` evaluator's model and settings; this "
+            f"{what} uses `{evaluator.name}`"
+        )
+
+
+def _write_weights(
+    evaluator: Evaluator,
+    recipe: Recipe,
+    out: Path,
+    origin: WeightsOrigin,
+    force: bool,
+    message: Callable[[str], None] | None,
+) -> list[Path]:
+    """Refuse what cannot be saved before loading anything, then build and write."""
+    import dataclasses
+
+    from evo_compress.exceptions import EvaluationError
+    from evo_compress.fitness.model.save import unsaveable_reason
+    from evo_compress.runs.weights import check_target, write_weights
+
+    say = message or (lambda _text: None)
+    failed = f"cannot export the weights of recipe {recipe.short_hash}"
+    reason = unsaveable_reason(recipe)
+    if reason is not None:
+        raise EvoCompressError(f"{failed}: {reason}")
+    check_target(Path(out), force)
+    say(f"preparing model `{origin.model}` and its task")
+    payload = evaluator.worker_payload(recipe)  # type: ignore[attr-defined]
+    origin = dataclasses.replace(
+        origin,
+        settings=payload["settings"],
+        device=str(payload["device"]),
+        task=str(payload["task"]["name"]),
+    )
+
+    def build(folder: Path) -> dict[str, Any]:
+        from evo_compress.fitness.model.save import save_compressed
+
+        try:
+            return save_compressed(payload, dict(recipe), folder, say)
+        except EvoCompressError as exc:
+            raise type(exc)(f"{failed}: {exc}") from None
+        except Exception as exc:  # a library's error while applying or saving: one line
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise EvaluationError(f"{failed}: {type(exc).__name__}: {first}") from exc
+
+    try:
+        return write_weights(Path(out), origin, build, force=force, message=say)
+    finally:
+        evaluator.close()

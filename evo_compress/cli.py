@@ -1,5 +1,5 @@
 """The ``evo-compress`` command line: run, resume, evaluate, status, front, history,
-lineage, operators, report, export, compare, ls, validate.
+lineage, operators, report, export, compress, compare, ls, validate.
 
 An ``EvoCompressError`` becomes one line on stderr and exit code 2; ``--debug`` shows the
 traceback instead. What a command prints is formatted by ``evo_compress.output``: every
@@ -331,21 +331,14 @@ def evaluate(
         )
         from evo_compress.fitness.cache import open_cache
         from evo_compress.overrides import Override, apply_overrides, describe
-        from evo_compress.yamlio import is_file, parse_yaml, read_yaml
+        from evo_compress.yamlio import read_yaml
 
         overrides = [*_cache_overrides(cache, no_cache), *(Override.parse(t) for t in settings)]
         data = read_yaml(config, "config file", ConfigError)
         cfg = apply_overrides(data, overrides, str(config))
         check_config(cfg, describe(str(config), overrides))
         space = build_space(cfg)
-        path = Path(recipe)
-        if is_file(path):
-            data = read_yaml(path, "recipe file", RecipeError)
-        else:
-            data = parse_yaml(recipe, "`--recipe`", RecipeError)
-        if isinstance(data, str):
-            raise RecipeError(f"`--recipe {recipe}`: no such file, and not a YAML mapping")
-        parsed = space.recipe(data)
+        parsed = _read_recipe(recipe, space)
         evaluator = make_config_evaluator(cfg)
         store = None
         if cfg.cache.enabled:
@@ -510,20 +503,85 @@ def export(
     out: Path | None = typer.Option(
         None, "--out", "-o", help="Folder to write (default: <run dir>/export/<ID>)."
     ),
-    force: bool = typer.Option(False, "--force", help="Overwrite files already there."),
-    format: Format = _format_option(),
+    force: bool = typer.Option(
+        False, "--force", help="Overwrite files already there (and an earlier --weights folder)."
+    ),
+    weights: Path | None = typer.Option(
+        None,
+        "--weights",
+        help="Also rebuild the compressed model with the run's config and seed, and write it "
+        "here: a folder AutoModelForCausalLM.from_pretrained loads, with tokenizer and model "
+        "card (transformers evaluator only).",
+    ),
+    format: Format = _format_option(extra="; json: progress on stderr"),
 ) -> None:
     """Take a recipe to production: its YAML, the llm-compressor recipe where one exists, the
-    `vllm serve` command line, and its measured objectives."""
+    `vllm serve` command line, and its measured objectives; with --weights, the compressed
+    model itself."""
     with _errors():
         from evo_compress.runs import RunStore
         from evo_compress.runs.export import export_recipe
 
+        if weights is not None:
+            from evo_compress.runs.weights import check_target
+
+            check_target(weights, force)  # before the recipe folder is written
         with RunStore.open(run_dir, read_only=True) as store, store.snapshot():
             paths = export_recipe(
                 store, ident, out or Path(run_dir) / "export" / str(ident), force=force
             )
+            if weights is not None:
+                from evo_compress.app import export_weights
+
+                paths += export_weights(store, ident, weights, force=force, message=_progress)
         emit(format, {"id": ident, "files": paths}, lambda: print_lines([str(p) for p in paths]))
+
+
+@app.command()
+def compress(
+    config: Path = typer.Option(
+        ...,
+        "--config",
+        "-c",
+        help="Population config (YAML): its model, transformers "
+        "evaluator settings (task, calibration, seed) and hardware are used.",
+    ),
+    recipe: str = typer.Option(
+        ..., "--recipe", "-r", help="A recipe YAML/JSON file, or an inline YAML/JSON mapping."
+    ),
+    out: Path = typer.Option(
+        ...,
+        "--out",
+        "-o",
+        help="Folder to write the compressed model, tokenizer and model "
+        "card to (new or empty, or an earlier export with --force).",
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="Replace an earlier weights export in --out."
+    ),
+    settings: list[str] = typer.Option(
+        [], "--set", help=SET_HELP, metavar="KEY=VALUE", show_default=False
+    ),
+    format: Format = _format_option(extra="; json: progress on stderr"),
+) -> None:
+    """Apply a recipe given by hand to the config's model and save the compressed model as a
+    folder transformers loads (what `export --weights` does for a run's recipe)."""
+    with _errors():
+        from evo_compress.app import build_space, check_config, compress_recipe
+        from evo_compress.overrides import Override, apply_overrides, describe
+        from evo_compress.yamlio import read_yaml
+
+        overrides = [Override.parse(t) for t in settings]
+        data = read_yaml(config, "config file", ConfigError)
+        cfg = apply_overrides(data, overrides, str(config))
+        check_config(cfg, describe(str(config), overrides))
+        parsed = _read_recipe(recipe, build_space(cfg))
+        paths = compress_recipe(cfg, parsed, out, force=force, message=_progress)
+        emit(
+            format,
+            {"hash": parsed.hash, "recipe": parsed.to_dict(), "files": paths},
+            lambda: print_lines([str(p) for p in paths]),
+        )
 
 
 @app.command()
@@ -658,6 +716,26 @@ def validate(
 
 
 # ---------------------------------------------------------------------- helpers
+def _read_recipe(text: str, space: Any) -> Any:
+    """``--recipe``: a YAML/JSON file, or an inline YAML/JSON mapping, as a recipe of
+    ``space``."""
+    from evo_compress.yamlio import is_file, parse_yaml, read_yaml
+
+    path = Path(text)
+    if is_file(path):
+        data = read_yaml(path, "recipe file", RecipeError)
+    else:
+        data = parse_yaml(text, "`--recipe`", RecipeError)
+    if isinstance(data, str):
+        raise RecipeError(f"`--recipe {text}`: no such file, and not a YAML mapping")
+    return space.recipe(data)
+
+
+def _progress(text: str) -> None:
+    """A step of a long command, on stderr (stdout may carry JSON)."""
+    err_console.print(terminal_safe(text), markup=False, highlight=False, soft_wrap=True)
+
+
 def _overrides(*flags: tuple[str, Any, str]) -> list[Any]:
     """``(config path, value, flag)`` for each flag given (not None), as overrides."""
     from evo_compress.overrides import Override

@@ -265,7 +265,11 @@ class TransformersEvaluator(ModelEvaluator):
     def worker_payload(
         self, recipe: Recipe, placement: Placement | None = None, race: RaceRule | None = None
     ) -> dict[str, Any]:
-        """The plain data ``pipeline.evaluate_in_worker`` evaluates ``recipe`` from."""
+        """What the worker gets to apply ``recipe``: the model folder, the task with its
+        calibration and training texts, the settings (seed, threads) and the carbon context,
+        as plain data. ``pipeline.evaluate_in_worker`` evaluates ``recipe`` from it, and
+        ``load_and_compress(payload, dict(recipe))`` rebuilds the compressed model from it,
+        which is how ``export --weights`` makes the weights it saves."""
         if self._model_path is None or self._task is None:
             self.prepare()
         assert self._model_path is not None and self._task is not None

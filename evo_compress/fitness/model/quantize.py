@@ -276,6 +276,23 @@ def _int4_config(group_size: int, device: torch.device, dtype: torch.dtype) -> t
     return _torchao_config("rtn", group_size, device), _INT4_STORAGE
 
 
+def torchao_storage_config(
+    method: str, group_size: int, device: torch.device | str, dtype: torch.dtype
+) -> Any | None:
+    """The torchao config whose tensors ``method`` leaves in the model (what a saved
+    checkpoint declares as its ``TorchAoConfig``), or None for a method torchao does not
+    store. GPTQ writes its own int4 values into the unpacked int4 tensor of ``rtn`` on
+    every device; AWQ and RTN use the int4 storage of ``_int4_config``."""
+    dev = _device(device)
+    if method in ("int8_weight_only", "int8_w8a8", "fp8"):
+        return _torchao_config(method, group_size, dev)
+    if method == "gptq":
+        return _torchao_config("rtn", group_size, dev)
+    if method in ("rtn", "awq"):
+        return _int4_config(group_size, dev, dtype)[0]
+    return None
+
+
 def _quantize_torchao(model: nn.Module, config: Any, names: set[str]) -> None:
     from torchao.quantization import quantize_
 
@@ -915,4 +932,5 @@ __all__ = [
     "quantization_unsupported",
     "target_linears",
     "tensor_bytes",
+    "torchao_storage_config",
 ]
