@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from evo_compress.exceptions import ConfigError
+from evo_compress.exceptions import ConfigError, EvaluationError
 from evo_compress.fitness._base import EvaluationContext, EvaluationResult, Placement
 from evo_compress.fitness.model import (
     REFERENCE_TASK,
@@ -117,6 +117,20 @@ class TransformersEvaluator(ModelEvaluator):
             self._device = wanted
         return self._device
 
+    def _usable_device(self) -> str:
+        """``device``, refused in one line when it is CUDA and torch sees none: else the first
+        CUDA call fails deep inside a probe. Not part of ``validate``, which checks a GPU
+        config on any machine."""
+        wanted = self.device
+        if wanted.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise EvaluationError(
+                    f"`hardware.device` is {wanted} but torch sees no CUDA GPU on this machine"
+                )
+        return wanted
+
     def capabilities(self) -> Mapping[str, Collection[Any] | None]:
         if self._capabilities is None:  # probed once: it imports and tries the kernels
             self._capabilities = self._probe_capabilities()
@@ -125,7 +139,7 @@ class TransformersEvaluator(ModelEvaluator):
     def _probe_capabilities(self) -> dict[str, Collection[Any] | None]:
         from evo_compress.fitness.model._quiet import quiet_output
 
-        device = self.device
+        device = self._usable_device()
         # torchao and bitsandbytes announce missing optional kernels on first use: the
         # probes below would print that over the search's display.
         with quiet_output():
@@ -189,6 +203,7 @@ class TransformersEvaluator(ModelEvaluator):
         here once rather than in every evaluation. Idempotent."""
         if self._model_path is not None and self._task is not None:
             return
+        self._usable_device()
         entries = task_entries(self.config)
         calibration = resolved_calibration(self.config)
         reference = entries[0].name == REFERENCE_TASK
@@ -276,17 +291,21 @@ def _task_data(
     )
     if needs_docs:
         quiet_lm_eval_logging()
-        try:
-            for name in lm_names:
+        field = "tasks" if config.tasks else "task"
+        for name in lm_names:
+            try:
                 manager = find_task_manager(name, include_path)
+            except EvaluationError as exc:
+                raise ConfigError(f"`evaluator.settings.{field}`: {exc}") from None
+            try:
                 leaves.update(T.load_tasks([name], manager))
-        except ConfigError:
-            raise
-        except Exception as exc:  # EvaluationError included: an unusable task is a config error
-            raise ConfigError(
-                f"`evaluator.settings.{'tasks' if config.tasks else 'task'}`: "
-                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-            ) from None
+            except Exception as exc:  # offline, not cached, a broken YAML: one clear line
+                why = str(exc).splitlines()[0] if str(exc) else ""
+                raise EvaluationError(
+                    f"`evaluator.settings.{field}`: cannot load lm-eval task `{name}` (its data "
+                    f"set is neither in the Hugging Face cache nor reachable, or its YAML is "
+                    f"broken): {type(exc).__name__}: {why}"
+                ) from None
     all_leaves = [t for name in lm_names for t in leaves.get(name, [])]
     if config.latency_prompt_file is not None:
         prompts = T.read_prompt_file(config.latency_prompt_file)
