@@ -6,6 +6,7 @@ training documents, a file, or a ``datasets`` data set). Computed once in the se
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -27,13 +28,15 @@ def load_tasks(names: Sequence[str], manager: Any) -> dict[str, list[Any]]:
     return out
 
 
-def _docs(task: Any, splits: Sequence[str]) -> list[Any]:
+def _docs(task: Any, splits: Sequence[str], n: int) -> list[Any]:
+    """The first ``n`` documents of the first of ``splits`` the task has (not the whole
+    split turned into Python objects: a large one would take seconds)."""
     for split in splits:
         has = getattr(task, f"has_{split}_docs")
         if has():
             docs = getattr(task, f"{split}_docs")()
             if docs is not None:
-                return list(docs)
+                return list(itertools.islice(docs, n))
     return []
 
 
@@ -66,8 +69,8 @@ def document_prompts(leaves: Iterable[Any], n: int) -> list[str]:
     """``doc_to_text`` of the tasks' evaluation documents (test, else validation)."""
     streams = []
     for task in leaves:
-        docs = _docs(task, ("test", "validation"))
-        streams.append([_as_text(task.doc_to_text(doc)) for doc in docs[: 4 * n]])
+        docs = _docs(task, ("test", "validation"), n)
+        streams.append([_as_text(task.doc_to_text(doc)) for doc in docs])
     return _round_robin(streams, n)
 
 
@@ -87,13 +90,10 @@ def document_texts(leaves: Iterable[Any], n: int) -> list[str]:
     documents, else their validation documents: text in the tasks' own format."""
     streams = []
     for task in leaves:
-        docs = _docs(task, ("training", "validation"))
+        docs = _docs(task, ("training", "validation"), n)
         delimiter = str(getattr(task.config, "target_delimiter", " ") or "")
         streams.append(
-            [
-                _as_text(task.doc_to_text(doc)) + delimiter + _target_text(task, doc)
-                for doc in docs[:n]
-            ]
+            [_as_text(task.doc_to_text(doc)) + delimiter + _target_text(task, doc) for doc in docs]
         )
     return _round_robin(streams, n)
 
