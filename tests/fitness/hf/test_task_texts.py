@@ -221,6 +221,7 @@ def test_a_chat_template_for_a_tokenizer_without_one_is_refused_before_evaluatin
         )
 
 
+@pytest.mark.slow  # looking a name up among lm-eval's built-in tasks indexes them all (~30 s)
 def test_an_unknown_task_is_a_config_error_at_prepare(model, tasks):
     with pytest.raises(ConfigError, match="no task `my_gsm`"):
         prepared(model, tasks, tasks=[{"name": "my_gen"}, {"name": "my_gsm"}])
