@@ -153,3 +153,24 @@ def test_racing_over_two_tasks_scores_quick_items_per_task_then_the_rest(tiny, f
     assert quick.metadata["stage"] == "quick"
     assert {k: v["n"] for k, v in quick.metadata["tasks"].items()} == {"my_gen": 4, "my_mc": 4}
     assert quick.metadata["accuracy_n"] == 8
+
+
+def test_a_task_with_the_chat_template_is_scored_beside_one_without(tmp_path, folder):
+    from transformers import AutoTokenizer
+
+    model = save_random_llama(
+        tmp_path / "chat",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    tokenizer.save_pretrained(model)
+    tasks = [{"name": "my_gen", "limit": 4}, {"name": "my_mc", "apply_chat_template": True}]
+    evaluator = evaluator_for(model, folder, tasks=tasks, limit=6)
+    result = evaluator.evaluate(SPACE.recipe({}), SPACE)
+    assert result.ok, result.reason
+    assert {k: v["n"] for k, v in result.metadata["tasks"].items()} == {"my_gen": 4, "my_mc": 6}
