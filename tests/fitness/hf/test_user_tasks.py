@@ -113,14 +113,21 @@ def evaluator_for(model: Path, folder: dict, **settings):
     return make_evaluator("transformers", settings, context)
 
 
-def test_a_group_is_one_task_scored_by_its_aggregate(tiny, folder):
-    evaluator = evaluator_for(tiny, folder, task="my_group", limit=6)
+def test_a_group_is_one_task_scored_by_its_aggregate_even_beside_its_member(tiny, folder):
+    # my_mc is listed alone and inside my_group: lm-eval refuses one call with the same
+    # task twice, so they are scored in two.
+    tasks = [{"name": "my_group"}, {"name": "my_mc", "limit": 4, "weight": 3}]
+    evaluator = evaluator_for(tiny, folder, tasks=tasks, limit=6)
     result = evaluator.evaluate(SPACE.recipe({}), SPACE)
-    assert result.ok, result.reason
-    [(name, scored)] = result.metadata["tasks"].items()
-    assert name == "my_group" and scored["metric"] == "acc" and scored["weight"] == 1.0
-    assert scored["n"] == 12  # 6 documents of each of its two tasks
-    assert result.objectives["accuracy"] == scored["score"]
+    assert result.ok and result.objectives, result.reason
+    scored = result.metadata["tasks"]
+    assert set(scored) == {"my_group", "my_mc"}
+    group = scored["my_group"]
+    assert group["metric"] == "acc" and group["weight"] == 1.0
+    assert group["n"] == 12  # 6 documents of each of its two tasks
+    assert scored["my_mc"]["n"] == 4
+    mean = (group["score"] + 3 * scored["my_mc"]["score"]) / 4
+    assert result.objectives["accuracy"] == pytest.approx(mean, rel=1e-12)
 
 
 def test_racing_over_two_tasks_scores_quick_items_per_task_then_the_rest(tiny, folder):
