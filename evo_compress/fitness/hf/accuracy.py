@@ -142,7 +142,9 @@ def combine_tasks(scores: dict[str, dict[str, Any]], weights: dict[str, float]) 
     mean = sum(weights[name] * float(s["accuracy"]) for name, s in scores.items()) / total
     errors = [s.get("stderr") for s in scores.values()]
     stderr: float | None = None
-    if all(e is not None for e in errors):
+    if len(errors) == 1:  # the task's own, exactly (not sqrt(se^2), one rounding off)
+        stderr = None if errors[0] is None else float(errors[0])
+    elif all(e is not None for e in errors):
         stderr = math.sqrt(
             sum(
                 (weights[name] / total) ** 2 * float(s["stderr"]) ** 2
