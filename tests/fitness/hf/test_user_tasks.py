@@ -181,3 +181,23 @@ def test_a_task_with_the_chat_template_is_scored_beside_one_without(tmp_path, fo
     result = evaluator.evaluate(SPACE.recipe({}), SPACE)
     assert result.ok, result.reason
     assert {k: v["n"] for k, v in result.metadata["tasks"].items()} == {"my_gen": 4, "my_mc": 6}
+
+
+def test_a_code_task_runs_only_with_allow_code_execution(tiny, folder, tmp_path):
+    # A task marked `unsafe_code` (as lm-eval marks humaneval and mbpp): lm-eval refuses it
+    # unless the caller confirms, which `allow_code_execution` does.
+    include = tmp_path / "code"
+    include.mkdir()
+    text = (folder["include_path"] / "my_gen.yaml").read_text()
+    (include / "my_code.yaml").write_text(
+        text.replace("task: my_gen", "task: my_code") + "unsafe_code: true\n"
+    )
+    refused = evaluator_for(tiny, {"include_path": include}, task="my_code", limit=2)
+    result = refused.evaluate(SPACE.recipe({}), SPACE)
+    assert not result.ok and "confirm_run_unsafe_code" in (result.reason or "")
+    allowed = evaluator_for(
+        tiny, {"include_path": include}, task="my_code", limit=2, allow_code_execution=True
+    )
+    result = allowed.evaluate(SPACE.recipe({}), SPACE)
+    assert result.ok, result.reason
+    assert result.metadata["tasks"]["my_code"]["n"] == 2
