@@ -286,10 +286,9 @@ def _task_data(
     wanted_prompts = max(64, int(config.latency_prompts))
     wanted_texts = max(calibration.samples, T.RECOVERY_TEXTS)
     leaves: dict[str, list[Any]] = {}
-    needs_docs = not is_reference and (
-        config.latency_prompt_file is None or calibration.source == "task"
-    )
-    if needs_docs:
+    # Loaded even when neither prompts nor calibration come from them: an unknown name, an
+    # unreachable data set or a code task is then refused before any evaluation.
+    if not is_reference:
         quiet_lm_eval_logging()
         field = "tasks" if config.tasks else "task"
         for name in lm_names:
@@ -307,6 +306,12 @@ def _task_data(
                     f"broken): {type(exc).__name__}: {why}"
                 ) from None
     all_leaves = [t for name in lm_names for t in leaves.get(name, [])]
+    unsafe = [t.task_name for t in all_leaves if getattr(t, "UNSAFE_CODE", False)]
+    if unsafe and not config.allow_code_execution:
+        raise ConfigError(
+            f"`evaluator.settings.allow_code_execution`: task `{unsafe[0]}` runs code the "
+            "model writes; set `allow_code_execution: true` to let it"
+        )
     if config.latency_prompt_file is not None:
         prompts = T.read_prompt_file(config.latency_prompt_file)
     elif is_reference:

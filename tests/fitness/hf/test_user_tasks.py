@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from evo_compress.config import CarbonConfig, HardwareConfig, ModelConfig
+from evo_compress.exceptions import ConfigError
 from evo_compress.fitness import EvaluationContext, make_evaluator
 from evo_compress.fitness.racing import RaceMember, RaceRule
 from evo_compress.genomes import SearchSpace
@@ -184,8 +185,8 @@ def test_a_task_with_the_chat_template_is_scored_beside_one_without(tmp_path, fo
 
 
 def test_a_code_task_runs_only_with_allow_code_execution(tiny, folder, tmp_path):
-    # A task marked `unsafe_code` (as lm-eval marks humaneval and mbpp): lm-eval refuses it
-    # unless the caller confirms, which `allow_code_execution` does.
+    # A task marked `unsafe_code` (as lm-eval marks humaneval and mbpp) is refused before any
+    # evaluation unless `allow_code_execution` confirms it to lm-eval.
     include = tmp_path / "code"
     include.mkdir()
     text = (folder["include_path"] / "my_gen.yaml").read_text()
@@ -193,8 +194,8 @@ def test_a_code_task_runs_only_with_allow_code_execution(tiny, folder, tmp_path)
         text.replace("task: my_gen", "task: my_code") + "unsafe_code: true\n"
     )
     refused = evaluator_for(tiny, {"include_path": include}, task="my_code", limit=2)
-    result = refused.evaluate(SPACE.recipe({}), SPACE)
-    assert not result.ok and "confirm_run_unsafe_code" in (result.reason or "")
+    with pytest.raises(ConfigError, match=r"`evaluator.settings.allow_code_execution`: task"):
+        refused.prepare()
     allowed = evaluator_for(
         tiny, {"include_path": include}, task="my_code", limit=2, allow_code_execution=True
     )
