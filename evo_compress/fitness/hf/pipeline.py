@@ -25,7 +25,7 @@ from evo_compress.fitness.energy import (
     co2_grams,
     describe_energy,
 )
-from evo_compress.fitness.hf.accuracy import measure_accuracy
+from evo_compress.fitness.hf.accuracy import combine_tasks, measure_tasks
 from evo_compress.fitness.hf.apply import AppliedRecipe, apply_serving
 from evo_compress.fitness.hf.measure import ModelPeakMeter, measure_latency, measure_memory
 from evo_compress.fitness.model import plain
@@ -73,34 +73,44 @@ def evaluate_in_worker(payload: dict[str, Any]) -> EvaluationResult:
     # peak from here on over the memory in use before the model is loaded.
     model_peak = ModelPeakMeter(device)
     tokenizer, applied = load_and_apply(payload, recipe)
-    texts: list[str] = list(task.get("train_texts") or [])
     model = applied.model
+    include_path = Path(task["include_path"]) if task.get("include_path") else None
+    # Each task's own limit, else the run-wide one; None scores every document.
+    entries = [
+        {**entry, "limit": entry.get("limit") or settings["limit"]}
+        for entry in task.get("entries") or [{"name": task["name"], "weight": 1.0}]
+    ]
 
-    def accuracy_on(limit: int | None, samples: list[int] | None = None) -> dict[str, Any]:
-        return measure_accuracy(
+    def accuracy_on(
+        entries: list[dict[str, Any]], samples: dict[str, list[int]] | None = None
+    ) -> dict[str, Any]:
+        return measure_tasks(
             model,
             tokenizer,
-            task["name"],
-            include_path=Path(task["include_path"]) if task.get("include_path") else None,
-            limit=limit,
+            entries,
+            include_path=include_path,
             batch_size=int(settings["eval_batch_size"]),
             device=device,
             samples=samples,
+            allow_code_execution=bool(settings.get("allow_code_execution")),
         )
 
-    # Racing: the first `quick_limit` items now, the rest only if the recipe can still reach
-    # the front (``fitness.racing``); the recipe is applied and timed once either way.
+    # Racing: the first `quick_limit` items of each task now, the rest only if the recipe
+    # can still reach the front (``fitness.racing``); the recipe is applied and timed once
+    # either way.
     race = RaceRule.from_data(payload["race"]) if payload.get("race") else None
-    limit = settings["limit"]
     if race is not None:
-        accuracy = accuracy_on(min(race.quick_limit, limit or race.quick_limit))
+        quick_entries = [
+            {**e, "limit": min(race.quick_limit, e["limit"] or race.quick_limit)} for e in entries
+        ]
+        accuracy = accuracy_on(quick_entries)
     else:
-        accuracy = accuracy_on(limit)
+        accuracy = accuracy_on(entries)
 
-    batch_size = int(recipe.get("serve.max_num_seqs", 1))
-    pool = list(task.get("prompts") or [t.split("=")[0] + "=" for t in texts[:64]])
+    pool = list(task.get("prompts") or [])
     if not pool:
         raise ValueError("no prompts for the latency measurement: the task gave none")
+    batch_size = int(recipe.get("serve.max_num_seqs", 1))
     n_prompts = max(int(settings["latency_prompts"]), batch_size)
     n_prompts = math.ceil(n_prompts / batch_size) * batch_size  # only full batches
     prompts = [pool[i % len(pool)] for i in range(n_prompts)]
@@ -146,41 +156,93 @@ def evaluate_in_worker(payload: dict[str, Any]) -> EvaluationResult:
     if race is None:
         return result(accuracy, None)
     quick = result(accuracy, QUICK)
-    available = accuracy.get("available")
-    total = limit if available is None else min(limit or available, available)
-    if total is not None and total <= int(accuracy["n"]):
+    if all(_done(e, q, accuracy) for e, q in zip(entries, quick_entries, strict=True)):
         return result(accuracy, FULL)  # the quick stage scored every item already
     if race.stop(quick.objectives or {}, quick.metadata):
         return quick
-    return result(_finish_accuracy(accuracy, accuracy_on, total), FULL)
+    return result(_finish_accuracy(accuracy, entries, quick_entries, accuracy_on), FULL)
 
 
-def _finish_accuracy(quick: dict[str, Any], accuracy_on: Any, total: int | None) -> dict[str, Any]:
-    """The accuracy on all ``total`` items, given the quick stage's on the first ones: the
-    rest scored and combined with them (a mean metric of one task), else every item scored
-    again. Either way what a run without racing measures."""
-    k = int(quick["n"])
-    if total is None or quick.get("aggregation") != "mean" or "available" not in quick:
-        return {**accuracy_on(total), "racing": "scored again in full"}
-    rest = accuracy_on(None, list(range(k, total)))
-    mean, n, stderr = combine_means(
-        [
-            (float(quick["accuracy"]), k, quick.get("stderr")),
-            (float(rest["accuracy"]), int(rest["n"]), rest.get("stderr")),
-        ]
-    )
-    if stderr is None:
-        stderr, stderr_from = accuracy_stderr(mean, n, None)
-    else:
-        stderr_from = quick.get("stderr_from")
+def _total(entry: dict[str, Any], scored: dict[str, Any]) -> int | None:
+    """The documents a full run scores of one task: its limit, capped at its documents
+    (None: every document, their number unknown, e.g. a group's)."""
+    available = scored.get("available")
+    if available is None:
+        return entry["limit"]
+    return min(entry["limit"] or available, available)
+
+
+def _done(entry: dict[str, Any], quick_entry: dict[str, Any], quick: dict[str, Any]) -> bool:
+    """The quick stage scored every document a full run scores of this task."""
+    if entry["limit"] is not None and quick_entry["limit"] >= entry["limit"]:
+        return True
+    scored = quick["tasks"][entry["name"]]
+    total = _total(entry, scored)
+    return total is not None and total <= int(scored["n"])
+
+
+def _finish_accuracy(
+    quick: dict[str, Any],
+    entries: list[dict[str, Any]],
+    quick_entries: list[dict[str, Any]],
+    accuracy_on: Any,
+) -> dict[str, Any]:
+    """The accuracy on every document a run without racing scores, given the quick stage's
+    on the first ones of each task: the rest of a task scored and combined with its first
+    ones (a mean metric of one task), else the task scored again in full. Tasks the quick
+    stage finished are not scored again; the tasks are then combined as in one stage."""
+    rest_entries: list[dict[str, Any]] = []
+    samples: dict[str, list[int]] = {}
+    again: set[str] = set()
+    for entry, quick_entry in zip(entries, quick_entries, strict=True):
+        name = entry["name"]
+        scored = quick["tasks"][name]
+        if _done(entry, quick_entry, quick):
+            continue
+        total = _total(entry, scored)
+        if total is None or scored.get("aggregation") != "mean" or "available" not in scored:
+            rest_entries.append(entry)
+            again.add(name)
+        else:
+            rest_entries.append(entry)
+            samples[name] = list(range(int(scored["n"]), total))
+    rest = accuracy_on(rest_entries, samples or None)
+    scores: dict[str, dict[str, Any]] = {}
+    how: dict[str, Any] = {}
+    for entry in entries:
+        name = entry["name"]
+        first = {**quick["tasks"][name], "accuracy": quick["tasks"][name]["score"]}
+        if name not in rest["tasks"]:
+            scores[name], how[name] = first, "scored in the quick stage"
+            continue
+        later = {**rest["tasks"][name], "accuracy": rest["tasks"][name]["score"]}
+        if name in again:
+            scores[name], how[name] = later, "scored again in full"
+            continue
+        k = int(first["n"])
+        mean, n, stderr = combine_means(
+            [
+                (float(first["accuracy"]), k, first.get("stderr")),
+                (float(later["accuracy"]), int(later["n"]), later.get("stderr")),
+            ]
+        )
+        if stderr is None:
+            stderr, stderr_from = accuracy_stderr(mean, n, None)
+        else:
+            stderr_from = first.get("stderr_from")
+        scores[name] = {**first, "accuracy": mean, "n": n, "stderr": stderr}
+        scores[name]["stderr_from"] = stderr_from
+        how[name] = {"quick_n": k, "rest_n": int(later["n"])}
+    for score in scores.values():
+        score.pop("score", None)
+        score.pop("weight", None)
+    weights = {e["name"]: float(e.get("weight", 1.0)) for e in entries}
+    combined = combine_tasks(scores, weights)
+    racing = next(iter(how.values())) if len(how) == 1 else how
     return {
-        **quick,
-        "accuracy": mean,
-        "n": n,
-        "stderr": stderr,
-        "stderr_from": stderr_from,
+        **combined,
         "seconds": float(quick["seconds"]) + float(rest["seconds"]),
-        "racing": {"quick_n": k, "rest_n": int(rest["n"])},
+        "racing": racing,
     }
 
 
@@ -199,6 +261,7 @@ def _record(
     co2_once = amortised_co2_per_1k(
         compression.joules, intensity, float(payload["carbon"]["deployment_tokens"])
     )
+    tasks = accuracy.get("tasks") or {}
     objectives = {
         "accuracy": float(accuracy["accuracy"]),
         "latency": float(latency["ms_per_token_median"]),
@@ -216,7 +279,9 @@ def _record(
         N_KEY: accuracy.get("n"),
         "objectives": {
             "accuracy": {
-                "how": f"lm-eval `{accuracy.get('task')}` {accuracy.get('metric')}",
+                "how": f"lm-eval `{accuracy.get('task')}` {accuracy.get('metric')}"
+                if len(tasks) <= 1
+                else f"lm-eval {accuracy.get('metric')}",
                 "measured": True,
                 "n": accuracy.get("n"),
                 "stderr": accuracy.get("stderr"),
@@ -251,7 +316,9 @@ def _record(
         "compression": {"energy": compression.to_dict(), **details},
         # The estimate made before loading next to the measured peak it estimates.
         "model_memory": rest["model_memory"],
-        "accuracy_run": plain(accuracy),
+        # Per task: score, stderr, n, metric, weight (what reports and constraints read).
+        "tasks": plain(tasks),
+        "accuracy_run": plain({k: v for k, v in accuracy.items() if k != "tasks"}),
         "latency_run": plain(latency),
     }
     return objectives, metadata

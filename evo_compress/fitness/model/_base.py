@@ -10,9 +10,9 @@ import platform
 from abc import abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from evo_compress.config import ModelConfig, format_validation_error
 from evo_compress.exceptions import ConfigError, EvaluationError
@@ -82,6 +82,97 @@ class ModelEvaluator(Evaluator):
         return type(self)({**self.settings, "threads": threads}, self.context)
 
 
+class TaskEntry(BaseModel):
+    """One entry of ``evaluator.settings.tasks``: an lm-eval task (or group) and how it is
+    scored and weighed in the accuracy objective."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, description="lm-eval task or group name")
+    weight: float = Field(1.0, gt=0, description="Weight in the accuracy's weighted mean")
+    limit: int | None = Field(None, ge=1, description="Score at most this many documents")
+    num_fewshot: int | None = Field(None, ge=0)
+    metric: str | None = Field(None, description="Default: the task's first listed metric")
+    apply_chat_template: bool = False
+    fewshot_as_multiturn: bool = False
+
+
+class CalibrationSettings(BaseModel):
+    """``evaluator.settings.calibration``: where calibration (Wanda, AWQ, GPTQ) and recovery
+    text comes from."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: Literal["task", "file", "hf"] = "task"
+    path: Path | None = Field(None, description="file: .txt (a text a line) or .jsonl")
+    name: str | None = Field(None, description="hf: data set name or local folder")
+    split: str | None = Field(None, description="hf: split (default: train)")
+    column: str = Field("text", min_length=1, description="jsonl / hf: the text column")
+    subset: str | None = Field(None, description="hf: configuration name")
+    samples: int = Field(64, ge=1, description="Calibration texts")
+    max_tokens: int = Field(512, ge=1, description="Each text truncated to this many tokens")
+
+
+def resolved_calibration(config: Any) -> CalibrationSettings:
+    """``calibration`` with the shorthands ``calibration_file`` / ``calibration_samples``
+    folded in; a config error when a shorthand and ``calibration`` set the same thing."""
+    calibration = getattr(config, "calibration", None) or CalibrationSettings()
+    given = calibration.model_fields_set
+    update: dict[str, Any] = {}
+    file = getattr(config, "calibration_file", None)
+    if file is not None:
+        if given & {"source", "path"}:
+            raise ConfigError(
+                "`evaluator.settings.calibration_file` and `evaluator.settings.calibration` "
+                "both say where calibration text comes from: keep one"
+            )
+        update.update(source="file", path=file)
+    samples = getattr(config, "calibration_samples", None)
+    if samples is not None:
+        if "samples" in given:
+            raise ConfigError(
+                "`evaluator.settings.calibration_samples` and "
+                "`evaluator.settings.calibration.samples` are both set: keep one"
+            )
+        update["samples"] = samples
+    resolved = calibration.model_copy(update=update)
+    if resolved.source == "file" and resolved.path is None:
+        raise ConfigError("`evaluator.settings.calibration.path` is required for source `file`")
+    if resolved.source == "hf" and not resolved.name:
+        raise ConfigError("`evaluator.settings.calibration.name` is required for source `hf`")
+    return resolved
+
+
+def task_entries(config: Any) -> list[TaskEntry]:
+    """The tasks a back end's settings name: ``tasks``, else the single ``task`` (weight 1,
+    the run-wide ``limit``)."""
+    tasks = getattr(config, "tasks", None)
+    if tasks:
+        return list(tasks)
+    return [TaskEntry(name=getattr(config, "task", REFERENCE_TASK))]
+
+
+def _check_tasks(config: Any) -> None:
+    tasks = getattr(config, "tasks", None)
+    if tasks is None:
+        return
+    if "task" in config.model_fields_set:
+        raise ConfigError(
+            "`evaluator.settings.task` and `evaluator.settings.tasks` are both set: use "
+            "`tasks` (a list) alone"
+        )
+    if not tasks:
+        raise ConfigError("`evaluator.settings.tasks` must name at least one task, got []")
+    names = [entry.name for entry in tasks]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"`evaluator.settings.tasks` names {twice[0]!r} more than once")
+    if REFERENCE_TASK in names and len(names) > 1:
+        raise ConfigError(
+            "`evaluator.settings.tasks`: the `reference` task cannot be combined with others"
+        )
+
+
 _Settings = TypeVar("_Settings", bound=BaseModel)
 
 
@@ -112,12 +203,16 @@ def parse_model_settings(
     except ValidationError as exc:
         message = format_validation_error(exc, "", prefix="evaluator.settings.")
         raise ConfigError(message.removeprefix(": ")) from None
-    task = getattr(config, "task", REFERENCE_TASK)
-    if context.model.id == REFERENCE_MODEL and task != REFERENCE_TASK:
-        raise ConfigError(
-            "`evaluator.settings.task`: the reference model only knows the `reference` "
-            f"task, got `{task}`"
-        )
+    _check_tasks(config)
+    if hasattr(config, "calibration"):
+        resolved_calibration(config)
+    field = "tasks" if getattr(config, "tasks", None) else "task"
+    for entry in task_entries(config):
+        if context.model.id == REFERENCE_MODEL and entry.name != REFERENCE_TASK:
+            raise ConfigError(
+                f"`evaluator.settings.{field}`: the reference model only knows the "
+                f"`reference` task, got `{entry.name}`"
+            )
     return config
 
 

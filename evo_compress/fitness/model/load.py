@@ -61,9 +61,10 @@ def load_and_compress(
     calibration = None
     batches: list[dict[str, torch.Tensor]] = []
     if texts:
-        calibration = tokenize(tokenizer, texts[: settings["calibration_samples"]], device)[
-            "input_ids"
-        ]
+        # The transformers back end resolves `calibration.samples` into the task's data;
+        # the vLLM back end still has `calibration_samples` in its settings.
+        samples = payload["task"].get("calibration_samples") or settings["calibration_samples"]
+        calibration = tokenize(tokenizer, texts[: int(samples)], device)["input_ids"]
         size = int(settings["recovery_batch_size"])
         batches = [
             tokenize(tokenizer, texts[i : i + size], device)

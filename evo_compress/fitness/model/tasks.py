@@ -126,14 +126,25 @@ def _number(value: Any) -> float | None:
     return None
 
 
-def _main_metric(results: dict[str, Any], name: str) -> tuple[str, float, float | None]:
+def _main_metric(
+    results: dict[str, Any], name: str, wanted: str | None = None
+) -> tuple[str, float, float | None]:
     """The task's first metric under its first filter, e.g. ``exact_match,none`` or, for
-    gsm8k, ``exact_match,strict-match``; a group reports its aggregate."""
+    gsm8k, ``exact_match,strict-match``; a group reports its aggregate. ``wanted`` names
+    the metric instead (its first filter)."""
     scores: dict[str, Any] = results["results"].get(name, {})
     config = results.get("configs", {}).get(name, {})
     metrics = [m["metric"] for m in config.get("metric_list", []) if isinstance(m, dict)]
     keys = [k for k in scores if "," in k and not k.split(",")[0].endswith("_stderr")]
-    if metrics:  # stable sort: the first listed metric first, filters in lm-eval's order
+    if wanted is not None:
+        found = [k for k in keys if k.split(",")[0] == wanted]
+        if not found:
+            known = sorted({k.split(",")[0] for k in keys})
+            raise EvaluationError(
+                f"task `{name}` reports no metric `{wanted}` (it reports {', '.join(known)})"
+            )
+        keys = found
+    elif metrics:  # stable sort: the first listed metric first, filters in lm-eval's order
         keys.sort(key=lambda k: k.split(",")[0] != metrics[0])
     for key in keys:
         value = _number(scores[key])
@@ -192,6 +203,120 @@ def run_task(
     }
 
 
+def _overlap(leaves: set[str], call: dict[str, Any]) -> bool:
+    return bool(leaves & call["leaves"])
+
+
+def run_tasks(
+    lm: Any,
+    entries: list[dict[str, Any]],
+    include_path: Path | None,
+    default_limit: int | None = None,
+    samples: dict[str, list[int]] | None = None,
+    allow_code_execution: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """Several lm-eval tasks (or groups) on one lm-eval model object, in as few
+    ``simple_evaluate`` calls as lm-eval allows: one, unless entries differ in
+    ``apply_chat_template`` / ``fewshot_as_multiturn`` (call-wide in lm-eval) or share
+    documents (a task listed alone and inside a group).
+
+    ``entries`` are plain dicts: ``name`` (the configured name, the key of the answer),
+    ``task`` (the lm-eval name, default ``name``), ``limit`` (default ``default_limit``),
+    ``num_fewshot``, ``metric``, ``apply_chat_template``, ``fewshot_as_multiturn``.
+    ``samples`` maps a configured name to the document indices to score instead of its
+    limit (racing's second stage). Per-task limits and few-shot counts are set on lm-eval's
+    task objects, which lm-eval takes as they are. Returns, per configured name, what
+    ``run_task`` returns for one task."""
+    from lm_eval import simple_evaluate
+
+    calls: list[dict[str, Any]] = []
+    with _LOCK:
+        for entry in entries:
+            name = str(entry["name"])
+            lm_name = str(entry.get("task") or name)
+            manager = find_task_manager(lm_name, include_path)
+            loaded = manager.load([lm_name])
+            top = loaded["groups"].get(lm_name) or loaded["tasks"].get(lm_name)
+            if top is None:
+                raise EvaluationError(
+                    f"`{lm_name}` is an lm-eval tag, not a task or group: list its tasks "
+                    "one by one"
+                )
+            leaves = dict(loaded["tasks"])
+            fewshot = entry.get("num_fewshot")
+            if fewshot is not None:
+                for leaf in leaves.values():
+                    leaf.set_config(key="num_fewshot", value=int(fewshot))
+            wanted: dict[str, list[int]] = {}
+            limit = entry.get("limit") or default_limit
+            for leaf_name, leaf in leaves.items():
+                if samples is not None and name in samples:
+                    total = len(leaf.eval_docs)
+                    wanted[leaf_name] = [i for i in samples[name] if i < total]
+                elif limit is not None:
+                    wanted[leaf_name] = list(range(min(int(limit), len(leaf.eval_docs))))
+            options = (
+                bool(entry.get("apply_chat_template")),
+                bool(entry.get("fewshot_as_multiturn")),
+            )
+            call = next(
+                (c for c in calls if c["options"] == options and not _overlap(set(leaves), c)),
+                None,
+            )
+            if call is None:
+                call = {"options": options, "objects": [], "samples": {}, "leaves": set()}
+                call["manager"] = manager
+                call["entries"] = []
+                calls.append(call)
+            call["objects"].append(top)
+            call["samples"].update(wanted)
+            call["leaves"] |= set(leaves)
+            call["entries"].append((name, lm_name, entry.get("metric")))
+
+        out: dict[str, dict[str, Any]] = {}
+        for call in calls:
+            chat, multiturn = call["options"]
+            with _no_context_progress_bar():
+                results = simple_evaluate(
+                    model=lm,
+                    tasks=call["objects"],
+                    task_manager=call["manager"],
+                    samples=call["samples"] or None,
+                    log_samples=False,
+                    bootstrap_iters=1000,
+                    apply_chat_template=chat,
+                    fewshot_as_multiturn=multiturn,
+                    confirm_run_unsafe_code=allow_code_execution,
+                    # Greedy decoding needs no seed; leave the caller's global RNGs untouched.
+                    random_seed=None,
+                    numpy_random_seed=None,
+                    torch_random_seed=None,
+                )
+            if results is None:  # only on non-zero ranks of a distributed run
+                raise EvaluationError("lm-eval returned no results")
+            for name, lm_name, metric_name in call["entries"]:
+                out[name] = _scores(results, lm_name, metric_name)
+    return out
+
+
+def _scores(results: dict[str, Any], name: str, wanted: str | None) -> dict[str, Any]:
+    metric, value, reported = _main_metric(results, name, wanted)
+    n = _n_docs(results, name)
+    stderr, stderr_from = accuracy_stderr(value, n, reported)
+    counts = results.get("n-samples", {}).get(name, {})
+    aggregation = _aggregation(results, name, metric)
+    return {
+        **({"available": int(counts["original"])} if "original" in counts else {}),
+        **({"aggregation": aggregation} if aggregation is not None else {}),
+        "accuracy": value,
+        "metric": metric,
+        "n": n,
+        "stderr": stderr,
+        "stderr_from": stderr_from,
+        "task": name,
+    }
+
+
 def _aggregation(results: dict[str, Any], name: str, metric: str) -> str | None:
     """How the task aggregates ``metric`` over documents, when its config names it (``mean``:
     the scores of two sets of documents combine into the score of both)."""
@@ -203,4 +328,4 @@ def _aggregation(results: dict[str, Any], name: str, metric: str) -> str | None:
     return None
 
 
-__all__ = ["find_task_manager", "quiet_lm_eval_logging", "run_task", "task_manager"]
+__all__ = ["find_task_manager", "quiet_lm_eval_logging", "run_task", "run_tasks", "task_manager"]
