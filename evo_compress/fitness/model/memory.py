@@ -484,6 +484,11 @@ class MemoryGuard:
             eval_batch=int(self.settings.get("eval_batch_size", 32)),
             recovery_batch=int(self.settings.get("recovery_batch_size", 16)),
             recovery_tokens=text,
-            calibration_samples=int(self.settings.get("calibration_samples", 64)),
+            # The task data's count (``calibration.samples`` resolved), else the setting.
+            calibration_samples=int(
+                self.task.get("calibration_samples")
+                or self.settings.get("calibration_samples")
+                or 64
+            ),
             gradient_checkpointing=bool(self.settings.get("gradient_checkpointing", True)),
         )
