@@ -159,7 +159,9 @@ def test_a_recipe_over_the_limit_is_refused_with_its_figures_before_loading(
     assert evaluator_for(folder, memory_limit_mib=4096).infeasible_reason(recipe, SPACE) is None
 
 
-def test_a_gpu_limit_comes_from_hardware_memory_gb(tmp_path) -> None:
+def test_a_gpu_limit_comes_from_hardware_memory_gb(tmp_path, monkeypatch) -> None:
+    # No CUDA here: the evaluator is told there is one, and only the memory check is tested.
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     folder = save_random_llama(tmp_path / "m", hidden_size=64, num_hidden_layers=2)
     context = EvaluationContext(
         ModelConfig(id=str(folder), dtype="bfloat16"),
@@ -167,7 +169,7 @@ def test_a_gpu_limit_comes_from_hardware_memory_gb(tmp_path) -> None:
         CarbonConfig(),
     )
     evaluator = make_evaluator("transformers", {"threads": 1}, context)
-    evaluator._capabilities = {}  # no CUDA here to probe; only the memory check is tested
+    evaluator._capabilities = {}  # nothing to probe without a GPU
     reason = evaluator.infeasible_reason(SPACE.baseline(), SPACE)
     assert reason is not None and reason.endswith("MiB limit (`hardware.memory_gb`)")
 
