@@ -89,11 +89,17 @@ def inventory_of_config(config: Any) -> Inventory:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from evo_compress.fitness.model.prune import decoder_linears
-    from evo_compress.fitness.model.quantize import target_linears
+    from evo_compress.fitness.model._quiet import quiet_output
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    # torchao (imported by transformers' modelling code and the quantization kernels) and torch
+    # announce missing optional kernels on import: in the search or CLI process that would
+    # print over the display.
+    with quiet_output():
+        from evo_compress.fitness.model.prune import decoder_linears
+        from evo_compress.fitness.model.quantize import target_linears
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
     decoder = set(decoder_linears(model))
     linears = tuple(
         Linear(name, lin.in_features, lin.out_features, _part(name), name in decoder)
