@@ -30,6 +30,7 @@ from evo_compress.fitness.hf.apply import AppliedRecipe, apply_serving
 from evo_compress.fitness.hf.measure import ModelPeakMeter, measure_latency, measure_memory
 from evo_compress.fitness.model import plain
 from evo_compress.fitness.model.load import load_and_compress
+from evo_compress.fitness.model.memory import MALLOC_MMAP_THRESHOLD
 from evo_compress.fitness.noise import N_KEY, STDERR_KEY, accuracy_stderr
 from evo_compress.fitness.racing import FULL, QUICK, STAGE_KEY, RaceRule, combine_means
 
@@ -54,7 +55,7 @@ def _return_freed_memory() -> None:
     try:
         libc = ctypes.CDLL(name) if name else None
         if libc is not None and hasattr(libc, "mallopt"):
-            libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (fixed: no dynamic raise)
+            libc.mallopt(-3, MALLOC_MMAP_THRESHOLD)  # M_MMAP_THRESHOLD (fixed, no dynamic raise)
     except OSError:  # not glibc: nothing to tune
         pass
 

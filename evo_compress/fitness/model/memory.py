@@ -4,7 +4,8 @@ quantize, serve), so that a recipe that cannot fit is refused instead of running
 
 It is an estimate: the formula (docs/config.md, "Memory estimate") counts tensors (weights as
 each method stores them, masks, LoRA and optimizer state, activations kept for the backward
-pass, the KV cache) and leaves out what the Python runtime, the allocator and the libraries add.
+pass, the KV cache, the activations a CPU training step leaves in glibc's heap) and leaves out
+what the Python runtime, the rest of the allocator's slack and the libraries add.
 ``benchmarks/bench_memory.py`` checks it against measured peaks.
 """
 
@@ -34,6 +35,9 @@ _ACT_INTERMEDIATE = 4
 _LOGIT_COPIES = 3
 # A teacher's precomputed logits keep this many per position when the vocabulary is larger.
 TEACHER_TOP_K = 64
+# On CPU the worker has glibc's malloc serve every allocation of this size or more with its
+# own mmap (``pipeline._return_freed_memory``); a smaller tensor is carved from the heap.
+MALLOC_MMAP_THRESHOLD = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -310,6 +314,17 @@ def estimate_memory(
     else:
         activations = tokens * inv.layers * act_per_token
     activations += tokens * inv.vocab * 4 * _LOGIT_COPIES
+    # Checkpointing frees each layer's activations, but on CPU those under the mmap threshold
+    # are freed into glibc's heap, which does not reuse the chunks (likely because the small
+    # allocations in between, such as LoRA's rank-wide products, split them): on the 106M model,
+    # the heap grew over the first steps until it held about one forward pass's activations
+    # as free chunks, all resident. Those tensors are counted as if kept (no checkpointing).
+    heap = 0
+    if gradient_checkpointing and device.startswith("cpu"):
+        for width, count in ((inv.hidden, _ACT_HIDDEN), (inv.intermediate, _ACT_INTERMEDIATE)):
+            size = tokens * width * b
+            if size < MALLOC_MMAP_THRESHOLD:
+                heap += count * inv.layers * size
     rank = _int(recipe, "recovery.lora_rank", _DEFAULT_RANK)
     lora_params = sum(
         rank * (lin.in_features + lin.out_features) for lin in inv.linears if lin.decoder
@@ -344,6 +359,7 @@ def estimate_memory(
             "masks": masks,
             "recovery": state,
             "activations": int(activations),
+            "freed activations (heap)": heap,
             "teacher logits": teacher,
         }
     if quant != "none":
@@ -381,6 +397,7 @@ def estimate_memory(
             "weights": int(served + upcast),
             "recovery": lora_params * 16,
             "activations": int(activations),
+            "freed activations (heap)": heap,
         }
     # Serving: the KV cache of `serve.max_num_seqs` sequences at the served context, plus the
     # evaluation's logits (lm-eval scores `eval_batch` sequences at a time).
@@ -422,6 +439,7 @@ def over_limit(estimate: MemoryEstimate, limit_mib: float | None, source: str) -
 
 
 __all__ = [
+    "MALLOC_MMAP_THRESHOLD",
     "TEACHER_TOP_K",
     "Inventory",
     "MemoryEstimate",
