@@ -30,9 +30,13 @@ logger = logging.getLogger(__name__)
 
 def _origin_of(obj: Any) -> str:
     """``built-in`` for an entry of evo_compress itself; else the module that registered it at
-    run time (a benchmark's landscape, a test's double), so neither passes for a built-in."""
+    run time (a benchmark's landscape, a test's double), so neither passes for a built-in.
+    The test doubles of ``evo_compress.testing`` are registered at run time too."""
     module = obj.partition(":")[0] if isinstance(obj, str) else getattr(obj, "__module__", "")
-    if module == "evo_compress" or str(module).startswith("evo_compress."):
+    module = str(module)
+    if module == "evo_compress.testing" or module.startswith("evo_compress.testing."):
+        return f"registered by `{module}`"
+    if module == "evo_compress" or module.startswith("evo_compress."):
         return BUILTIN
     return f"registered by `{module}`"
 
