@@ -186,21 +186,7 @@ def run_task(
         )
     if results is None:  # only on non-zero ranks of a distributed run
         raise EvaluationError(f"lm-eval returned no results for task `{name}`")
-    metric, value, reported = _main_metric(results, name)
-    n = _n_docs(results, name)
-    stderr, stderr_from = accuracy_stderr(value, n, reported)
-    counts = results.get("n-samples", {}).get(name, {})
-    aggregation = _aggregation(results, name, metric)
-    return {
-        **({"available": int(counts["original"])} if "original" in counts else {}),
-        **({"aggregation": aggregation} if aggregation is not None else {}),
-        "accuracy": value,
-        "metric": metric,
-        "n": n,
-        "stderr": stderr,
-        "stderr_from": stderr_from,
-        "task": name,
-    }
+    return _scores(results, name, None)
 
 
 def _overlap(leaves: set[str], call: dict[str, Any]) -> bool:
