@@ -561,10 +561,12 @@ def export_weights(
     (``runs.weights``): the checkpoint, the tokenizer, a model card with the recipe and its
     measured objectives. Returns the files written."""
     from evo_compress.fitness.model import model_fingerprint
-    from evo_compress.runs.export import DEFAULT_CAPABILITIES, _gather, _objective_entries
+    from evo_compress.runs.export import DEFAULT_CAPABILITIES, gather_individual, objective_entries
     from evo_compress.runs.weights import WeightsOrigin
 
-    info = _gather(store, ident, DEFAULT_CAPABILITIES)  # one line for an unknown or failed id
+    info = gather_individual(
+        store, ident, DEFAULT_CAPABILITIES
+    )  # one line for an unknown or failed id
     config = apply_overrides(store.config_data(), [], f"{store.run_dir} config")
     evaluator, _plan = configure_config_evaluator(config)
     warnings: list[str] = []
@@ -595,7 +597,7 @@ def export_weights(
         device="",
         task="",
         run=run,
-        objectives=_objective_entries(info),
+        objectives=objective_entries(info),
         tasks=tasks if isinstance(tasks, dict) and tasks else None,
         warnings=tuple(warnings),
     )

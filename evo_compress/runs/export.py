@@ -123,7 +123,7 @@ def export_recipe(
     ``caps`` is the serving environment the engine arguments are compiled for (default: vLLM
     0.33 with a quantization environment, GPU unknown). Existing non-empty export files are
     kept unless ``force``; then any export file this export does not write is removed."""
-    info = _gather(store, ident, caps or DEFAULT_CAPABILITIES)
+    info = gather_individual(store, ident, caps or DEFAULT_CAPABILITIES)
     files: dict[str, str] = {
         RECIPE_FILE: _recipe_yaml(info),
         OBJECTIVES_FILE: json.dumps(_objectives_json(info), indent=2, default=str) + "\n",
@@ -139,7 +139,9 @@ def export_recipe(
 
 
 # ---------------------------------------------------------------------- reading the run
-def _gather(store: RunStore, ident: int, caps: VLLMCapabilities) -> _Exported:
+def gather_individual(store: RunStore, ident: int, caps: VLLMCapabilities) -> _Exported:
+    """What the run holds on individual ``ident`` (recipe, evaluation, front membership), for
+    the recipe export and the weights export; one-line errors for an unknown or failed id."""
     row = store.individual(ident)  # an unknown id raises, naming it
     evaluation = store.evaluation(ident)
     if evaluation is None:
@@ -228,7 +230,7 @@ def _constraints(
     return out
 
 
-def _objective_entries(info: _Exported) -> dict[str, dict[str, Any]]:
+def objective_entries(info: _Exported) -> dict[str, dict[str, Any]]:
     """Value, unit and how each objective was obtained (the evaluator's own account)."""
     result = info.evaluation.result
     assert result.objectives is not None
@@ -302,7 +304,7 @@ def _objectives_json(info: _Exported) -> dict[str, Any]:
         "feasible": info.feasible,
         "constraints": info.constraints,
         "on_front": info.on_front,
-        "objectives": _objective_entries(info),
+        "objectives": objective_entries(info),
     }
     tasks = task_entries(evaluation.result.metadata)
     if tasks:  # each task's score, stderr, n, metric, weight (the accuracy is their mean)
@@ -439,7 +441,7 @@ def _fmt(value: Any) -> str:
 
 
 def _readme(info: _Exported, files: Mapping[str, str]) -> str:
-    entries = _objective_entries(info)
+    entries = objective_entries(info)
     yes_no = {True: "yes", False: "no"}
     lines = [
         f"# Recipe {info.short} from run `{info.run_name}`",
