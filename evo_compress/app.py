@@ -564,9 +564,8 @@ def export_weights(
     from evo_compress.runs.export import DEFAULT_CAPABILITIES, gather_individual, objective_entries
     from evo_compress.runs.weights import WeightsOrigin
 
-    info = gather_individual(
-        store, ident, DEFAULT_CAPABILITIES
-    )  # one line for an unknown or failed id
+    # One line for an unknown or failed id.
+    info = gather_individual(store, ident, DEFAULT_CAPABILITIES)
     config = apply_overrides(store.config_data(), [], f"{store.run_dir} config")
     evaluator, _plan = configure_config_evaluator(config)
     warnings: list[str] = []
@@ -672,7 +671,11 @@ def _write_weights(
         origin,
         settings=payload["settings"],
         device=str(payload["device"]),
-        task=str(payload["task"]["name"]),
+        # Every configured task by its name in the config (several with `tasks`).
+        task=", ".join(
+            str(entry["name"])
+            for entry in payload["task"].get("entries") or [{"name": payload["task"]["name"]}]
+        ),
     )
 
     def build(folder: Path) -> dict[str, Any]:

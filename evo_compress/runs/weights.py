@@ -330,8 +330,9 @@ def _how_section(origin: WeightsOrigin, saved: Mapping[str, Any]) -> list[str]:
         )
     lines += [
         f"- Base model: `{origin.model}` (fingerprint `{origin.model_fingerprint}`).",
-        f"- Evaluator: `{origin.evaluator}` on `{origin.device}`; task `{origin.task}` "
-        "(its texts calibrate and train the compression).",
+        f"- Evaluator: `{origin.evaluator}` on `{origin.device}`; tasks `{origin.task}`. "
+        "Calibration and recovery text as `evaluator.settings.calibration` says (by "
+        "default the tasks' own documents).",
         f"- Compression seed (`evaluator.settings.seed`): {origin.seed}; torch threads: "
         f"{origin.settings.get('threads')}.",
     ]
