@@ -63,12 +63,13 @@ def compress_weights(
     if needs_data and calibration is None:
         raise EvaluationError(
             "this recipe needs calibration text (Wanda, AWQ, GPTQ or another calibrated "
-            "quantization method): set "
-            "`evaluator.settings.calibration_file` for this task"
+            "quantization method) and the task gave none: set "
+            "`evaluator.settings.calibration` (or its shorthand `calibration_file`)"
         )
     if recovery != "none" and not batches:
         raise EvaluationError(
-            "recovery needs training text: set `evaluator.settings.calibration_file`"
+            "recovery needs training text and the task gave none: set "
+            "`evaluator.settings.calibration` (or its shorthand `calibration_file`)"
         )
     with EnergyMeter(device, watts_per_core=watts_per_core) as meter:
         teacher = None
