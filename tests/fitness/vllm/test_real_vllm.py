@@ -1,0 +1,286 @@
+"""The vLLM back end against vLLM itself: the CPU build that ``make vllm-env`` installs in
+``.venv-vllm`` (llm-compressor in ``.venv-quant``), serving the reference model.
+
+Skipped, with the reason, where ``make vllm-env`` has not been run; ``.ci/run`` runs it, so
+CI always runs these. Each evaluation starts a real server (about 30-60 s on two cores). The
+servers run without torch.compile (``--enforce-eager``) and with the engine in the API
+server's process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): both only shorten the start; the
+model, kernels and API are the same.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from evo_compress.config import CarbonConfig, HardwareConfig, ModelConfig
+from evo_compress.fitness import EVALUATORS, EvaluationContext
+from evo_compress.fitness.vllm.compile import CPU_BUILD
+from evo_compress.fitness.vllm.environment import (
+    QUANT_ENV,
+    QUANT_ENV_VAR,
+    SERVING_ENV,
+    SERVING_ENV_VAR,
+    cpu_isa,
+    find_environment,
+)
+from evo_compress.genomes import SearchSpace
+
+SERVING = find_environment(SERVING_ENV, SERVING_ENV_VAR)
+QUANT = find_environment(QUANT_ENV, QUANT_ENV_VAR)
+pytestmark = [
+    pytest.mark.vllm_real,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        SERVING is None or QUANT is None,
+        reason="no real vLLM: `make vllm-env` makes .venv-vllm and .venv-quant",
+    ),
+]
+SPACE = SearchSpace.builtin()
+LIMIT = 60  # accuracy items per evaluation
+FAST_START = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+ROOT = Path(__file__).resolve().parents[3]
+ISA = cpu_isa()
+
+
+def _context() -> EvaluationContext:
+    return EvaluationContext(
+        ModelConfig(id="reference"), HardwareConfig(device="cpu"), CarbonConfig()
+    )
+
+
+def real_evaluator(tmp_path: Path, **settings: Any) -> Any:
+    """The vLLM evaluator with its defaults: no `command`, no `python`, so the environments
+    of `make vllm-env` are used."""
+    base = {
+        "latency_requests": 4,
+        "max_new_tokens": 4,
+        "warmup_requests": 1,
+        "limit": LIMIT,
+        "startup_timeout_s": 300,
+        "checkpoint_dir": str(tmp_path / "ckpt"),
+        "threads": 1,
+        "extra_args": ["--enforce-eager"],
+        "env": FAST_START,
+    }
+    ev = EVALUATORS.get("vllm")(base | settings, _context())
+    ev.set_run_dir(tmp_path / "run")
+    return ev
+
+
+def _servers_of(folder: Path) -> list[int]:
+    """Processes whose command line names ``folder`` (a server serving from it)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if str(folder).encode() in cmdline and b"vllm" in cmdline:
+            found.append(int(entry))
+    return found
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    tmp = tmp_path_factory.mktemp("baseline")
+    ev = real_evaluator(tmp)
+    result = ev.evaluate(SPACE.recipe({}), SPACE)
+    assert result.ok, result.reason
+    return ev, result
+
+
+def test_the_baseline_is_served_by_the_cpu_build(baseline: Any) -> None:
+    ev, result = baseline
+    meta = result.metadata
+    assert meta["vllm_build"] == "vllm-cpu" and meta["vllm_version"] == "0.32.0"
+    assert meta["command"][0] == str(SERVING / "bin" / "vllm")
+    assert ev.caps.cpu_build and ev.caps.quantizer
+    assert result.objectives["accuracy"] > 0.5 and result.objectives["latency"] > 0
+    assert "resident memory" in meta["objectives"]["memory"]["how"]
+    split = meta["seconds_split"]
+    assert set(split) == {"checkpoint", "server_start", "latency", "accuracy"}, split
+    assert split["server_start"] > 1.0 and split["accuracy"] > 0.0
+    assert "--max-num-seqs" in meta["engine_args"]
+
+
+def test_the_baseline_accuracy_agrees_with_the_transformers_back_end(
+    baseline: Any, tmp_path: Path
+) -> None:
+    _, served = baseline
+    local = EVALUATORS.get("transformers")(
+        {"limit": LIMIT, "threads": 1, "latency_prompts": 2, "max_new_tokens": 2},
+        _context(),
+    )
+    result = local.evaluate(SPACE.recipe({}), SPACE)
+    assert result.ok, result.reason
+    a, b = served.objectives["accuracy"], result.objectives["accuracy"]
+    se = math.hypot(served.metadata["accuracy_stderr"], result.metadata["accuracy_stderr"])
+    assert abs(a - b) <= 2 * max(se, 1e-9), (a, b, se)
+
+
+def _served_or_refused(ev: Any, recipe: Any, gene: str, value: Any) -> Any:
+    """Evaluate ``recipe`` where this CPU's kernels serve ``gene`` = ``value``; elsewhere
+    check that it is refused before any step, with the reason, and return None."""
+    if value in CPU_BUILD[ISA][gene]:
+        result = ev.evaluate(recipe, SPACE)
+        assert result.ok, result.reason
+        return result
+    result = ev.evaluate(recipe, SPACE)
+    assert result.status == "infeasible" and f"CPU build ({ISA})" in result.reason
+    return None
+
+
+@pytest.mark.parametrize(
+    ("method", "scheme"), [("int8_w8a8", "W8A8"), ("gptq", "W4A16")], ids=["w8a8", "gptq"]
+)
+def test_quantized_checkpoints_are_built_and_served(
+    tmp_path: Path, method: str, scheme: str
+) -> None:
+    """GPTQ W4A16 needs the build's AVX-512 kernels: on an AVX2 CPU it is refused."""
+    ev = real_evaluator(tmp_path)
+    recipe = SPACE.recipe({"quant.method": method, "quant.group_size": 64})
+    result = _served_or_refused(ev, recipe, "quant.method", method)
+    if result is None:
+        return
+    (step,) = result.metadata["checkpoint"]["steps"]
+    assert step["step"] == "quantize" and step["scheme"] == scheme
+    assert result.metadata["seconds_split"]["quantization"] > 0
+    assert result.objectives["accuracy"] > 0.5
+
+
+def test_an_fp8_kv_cache_is_served_where_the_cpu_has_avx512(tmp_path: Path) -> None:
+    ev = real_evaluator(tmp_path)
+    result = _served_or_refused(ev, SPACE.recipe({"kv.dtype": "fp8"}), "kv.dtype", "fp8")
+    if result is not None:
+        assert result.metadata["engine_args"][:2] == ["--kv-cache-dtype", "fp8"]
+
+
+def test_a_pruned_recipe_with_lora_recovery_is_served(tmp_path: Path) -> None:
+    recipe = SPACE.recipe(
+        {
+            "prune.method": "wanda",
+            "prune.pattern": "2:4",
+            "recovery.method": "lora",
+            "recovery.lora_rank": 4,
+            "recovery.steps": 50,
+        }
+    )
+    result = real_evaluator(tmp_path).evaluate(recipe, SPACE)
+    assert result.ok, result.reason
+    assert result.metadata["checkpoint"]["steps"][0]["step"] == "prune+recover"
+    assert result.metadata["seconds_split"]["checkpoint"] > 0
+
+
+def test_another_max_num_seqs_starts_another_engine(baseline: Any, tmp_path: Path) -> None:
+    _, first = baseline
+    result = real_evaluator(tmp_path).evaluate(SPACE.recipe({"serve.max_num_seqs": 4}), SPACE)
+    assert result.ok, result.reason
+    args = result.metadata["engine_args"]
+    assert args[args.index("--max-num-seqs") + 1] == "4"
+    assert first.metadata["engine_args"] != args
+    assert result.metadata["objectives"]["latency"]["concurrency"] == 4
+
+
+def test_what_the_cpu_build_cannot_serve_is_refused_before_any_step(tmp_path: Path) -> None:
+    ev = real_evaluator(tmp_path)
+    for data, words in (
+        ({"quant.method": "fp8"}, "engine fails to start"),
+        ({"quant.method": "awq", "quant.group_size": 64}, "needs an accelerator"),
+        ({"quant.method": "int8_weight_only"}, "W8A16"),
+        ({"serve.attention_backend": "flashinfer"}, "CUDA kernel"),
+    ):
+        started = time.perf_counter()
+        result = ev.evaluate(SPACE.recipe(data), SPACE)
+        assert result.status == "infeasible" and "CPU build" in result.reason, result.reason
+        assert words in result.reason
+        assert time.perf_counter() - started < 5  # no quantization, no server
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_a_server_killed_mid_measurement_is_a_failure_with_its_log(tmp_path: Path) -> None:
+    ev = real_evaluator(tmp_path, latency_requests=400, max_new_tokens=16)
+    box: dict[str, Any] = {}
+    worker = threading.Thread(
+        target=lambda: box.update(result=ev.evaluate(SPACE.recipe({}), SPACE)), daemon=True
+    )
+    worker.start()
+    logs = tmp_path / "run" / "logs"
+    deadline = time.monotonic() + 300
+    killed = False
+    while time.monotonic() < deadline and worker.is_alive() and not killed:
+        for log in logs.glob("vllm-*.log"):
+            if "POST /v1/completions" in log.read_text(errors="replace"):
+                pgid = int(log.with_name(log.name + ".pgid").read_text().split()[0])
+                os.killpg(pgid, signal.SIGKILL)
+                killed = True
+        time.sleep(0.2)
+    assert killed, "the latency measurement never started"
+    worker.join(timeout=120)
+    result = box["result"]
+    assert not result.ok and "died while being measured" in result.reason, result.reason
+    assert str(logs) in result.reason  # names its log
+    assert _servers_of(tmp_path) == []
+
+
+def test_a_request_timeout_is_a_failure_and_leaves_no_server(tmp_path: Path) -> None:
+    ev = real_evaluator(tmp_path, request_timeout_s=0.001)
+    result = ev.evaluate(SPACE.recipe({}), SPACE)
+    assert not result.ok and "no response within 0.001s" in result.reason, result.reason
+    assert _servers_of(tmp_path) == []
+
+
+def test_ctrl_c_of_a_search_stops_its_server(tmp_path: Path) -> None:
+    config = tmp_path / "search.yaml"
+    config.write_text(
+        f"""
+name: ctrl-c
+model: {{id: reference}}
+hardware: {{device: cpu}}
+search: {{population_size: 4, generations: 1, seed: 0, recipes: conservative}}
+cache: {{enabled: false}}
+evaluator:
+  name: vllm
+  settings:
+    latency_requests: 400
+    max_new_tokens: 16
+    limit: {LIMIT}
+    threads: 1
+    checkpoint_dir: {tmp_path / "ckpt"}
+    extra_args: [--enforce-eager]
+    env: {{VLLM_CPU_KVCACHE_SPACE: "1", VLLM_ENABLE_V1_MULTIPROCESSING: "0"}}
+output: {{runs_root: {tmp_path / "runs"}}}
+"""
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "evo_compress.cli", "run", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    deadline = time.monotonic() + 300
+    serving = False
+    while time.monotonic() < deadline and proc.poll() is None and not serving:
+        serving = any(
+            "POST /v1/completions" in log.read_text(errors="replace")
+            for log in (tmp_path / "runs").glob("*/logs/vllm-*.log")
+        )
+        time.sleep(0.2)
+    assert serving, f"the search never reached a measurement: {proc.communicate()[1]}"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    time.sleep(1.0)
+    assert _servers_of(tmp_path) == [], "a vLLM process outlived the search"
