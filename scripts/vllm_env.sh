@@ -132,9 +132,12 @@ def _version_of(name):
 
 importlib.metadata.version = _version_of
 
-from vllm.entrypoints.cli.main import main
+# vLLM starts its engine in processes that re-import this script (multiprocessing's spawn):
+# only the first one runs the command.
+if __name__ == "__main__":
+    from vllm.entrypoints.cli.main import main
 
-sys.exit(main())
+    sys.exit(main())
 EOF
     chmod +x "$env/bin/vllm"
 }
@@ -203,6 +206,8 @@ main() {
     quant_want=$(fingerprint "$cuda torch==$TORCH_VERSION" "$QUANT_LOCK")
 
     if is_complete "$VLLM_ENV" "$vllm_want"; then
+        # The launcher is this script's, not the lock's: kept current on every run.
+        [ "$cuda" = yes ] || write_cpu_launcher "$VLLM_ENV"
         say "$VLLM_ENV: up to date"
     elif [ "$cuda" = yes ]; then
         build_vllm_cuda "$vllm_want"
