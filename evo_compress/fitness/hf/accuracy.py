@@ -4,17 +4,17 @@
 compressed model is measured as it is) and runs ``simple_evaluate`` on one task: the project's
 reference task (a ``TaskSpec`` or its name plus ``include_path``) or any lm-eval task name
 (``fitness/model/tasks.py`` finds and scores it). ``measure_tasks`` scores several tasks with
-weights and combines them into one accuracy (``combine_tasks``).
+weights and combines them into one accuracy (``fitness.model.tasks.combine_tasks``).
 """
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from evo_compress.fitness.model.tasks import (
+    combine_tasks,
     find_task_manager,
     quiet_lm_eval_logging,
     run_task,
@@ -133,54 +133,4 @@ def measure_tasks(
     return {**combine_tasks(scores, weights), "seconds": time.perf_counter() - start}
 
 
-def combine_tasks(scores: dict[str, dict[str, Any]], weights: dict[str, float]) -> dict[str, Any]:
-    """One accuracy from per-task scores: the weighted mean, its standard error
-    sqrt(sum((w_i / W)^2 se_i^2)) (the tasks' documents are independent; None when a task
-    has none), ``n`` the documents scored in all. ``tasks`` keeps each task's ``score``,
-    ``stderr``, ``n``, ``metric`` and ``weight`` (and what lm-eval said besides)."""
-    total = sum(weights[name] for name in scores)
-    mean = sum(weights[name] * float(s["accuracy"]) for name, s in scores.items()) / total
-    errors = [s.get("stderr") for s in scores.values()]
-    stderr: float | None = None
-    if len(errors) == 1:  # the task's own, exactly (not sqrt(se^2), one rounding off)
-        stderr = None if errors[0] is None else float(errors[0])
-    elif all(e is not None for e in errors):
-        stderr = math.sqrt(
-            sum(
-                (weights[name] / total) ** 2 * float(s["stderr"]) ** 2
-                for name, s in scores.items()
-            )
-        )
-    tasks = {
-        name: {
-            **{k: v for k, v in s.items() if k != "accuracy"},
-            "score": float(s["accuracy"]),
-            "weight": weights[name],
-        }
-        for name, s in scores.items()
-    }
-    if len(scores) == 1:
-        (only,) = scores.values()
-        combined = {**only, "stderr": stderr, "task": only["task"]}
-    else:
-        froms = {s.get("stderr_from") for s in scores.values()}
-        combined = {
-            "metric": "weighted mean of "
-            + ", ".join(
-                f"`{name}` {s['metric']} (weight {weights[name]:g})" for name, s in scores.items()
-            ),
-            "stderr_from": "combined from the tasks' ("
-            + ", ".join(sorted(str(f) for f in froms))
-            + ")",
-            "task": ", ".join(scores),
-        }
-    return {
-        **combined,
-        "accuracy": mean,
-        "n": sum(int(s["n"]) for s in scores.values()),
-        "stderr": stderr,
-        "tasks": tasks,
-    }
-
-
-__all__ = ["combine_tasks", "measure_accuracy", "measure_tasks"]
+__all__ = ["measure_accuracy", "measure_tasks"]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from evo_compress.exceptions import ConfigError, EvaluationError
+from evo_compress.exceptions import EvaluationError
 from evo_compress.fitness._base import EvaluationContext, EvaluationResult, Placement
 from evo_compress.fitness.model import (
     REFERENCE_TASK,
@@ -24,14 +24,8 @@ from evo_compress.fitness.model import (
     cpu_name,
     model_fingerprint,
     parse_model_settings,
-    prepare_model_and_task,
 )
-from evo_compress.fitness.model._base import (
-    CalibrationSettings,
-    TaskEntry,
-    resolved_calibration,
-    task_entries,
-)
+from evo_compress.fitness.model._base import CalibrationSettings, TaskEntry
 from evo_compress.fitness.racing import RaceRule
 from evo_compress.fitness.worker import WorkerLimits, run_in_worker
 
@@ -290,23 +284,15 @@ class TransformersEvaluator(ModelEvaluator):
 
     def prepare(self) -> None:
         """The model folder, and the tasks as plain data: each entry's lm-eval name and
-        options, latency prompts and calibration texts (``fitness.model.texts``), computed
+        options, latency prompts and calibration texts (``fitness.model.task_data``), computed
         here once rather than in every evaluation. Idempotent."""
         if self._model_path is not None and self._task is not None:
             return
+        from evo_compress.fitness.model.task_data import prepare_tasks
+
         self._usable_device()
-        entries = task_entries(self.config)
-        calibration = resolved_calibration(self.config)
-        reference = entries[0].name == REFERENCE_TASK
-        model_path, task = prepare_model_and_task(
-            self.context.model,
-            REFERENCE_TASK if reference else entries[0].name,
-            self.config.task_include_path,
-            None,
-        )
-        self._model_path, self._task = (
-            model_path,
-            _task_data(self.config, entries, calibration, model_path, task),
+        self._model_path, self._task = prepare_tasks(
+            self.config, self.context.model, self.config.latency_prompts
         )
 
     # ------------------------------------------------------------------ evaluation
@@ -368,100 +354,6 @@ class TransformersEvaluator(ModelEvaluator):
 
 def _data(estimate: MemoryEstimate | None) -> dict[str, Any] | None:
     return estimate.to_data() if estimate is not None else None
-
-
-def _task_data(
-    config: TransformersSettings,
-    entries: list[TaskEntry],
-    calibration: CalibrationSettings,
-    model_path: Path,
-    reference: dict[str, Any],
-) -> dict[str, Any]:
-    """``payload["task"]``: ``entries`` (lm-eval name and options of each configured task),
-    ``prompts`` (latency, cut to the served context), ``train_texts`` (calibration and
-    recovery, cut to ``max_tokens``), ``calibration_samples``; ``name`` and
-    ``include_path`` as before."""
-    from transformers import AutoTokenizer
-
-    from evo_compress.fitness.model import texts as T
-    from evo_compress.fitness.model.tasks import find_task_manager, quiet_lm_eval_logging
-
-    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
-    for i, entry in enumerate(entries):
-        if entry.apply_chat_template and not getattr(tokenizer, "chat_template", None):
-            raise ConfigError(
-                f"`evaluator.settings.tasks[{i}].apply_chat_template`: the tokenizer of "
-                f"`model.id` {model_path} has no chat template"
-            )
-    is_reference = entries[0].name == REFERENCE_TASK
-    include = reference.get("include_path")
-    include_path = Path(include) if include else None
-    lm_names = [reference["name"] if is_reference else e.name for e in entries]
-    wanted_prompts = max(64, int(config.latency_prompts))
-    wanted_texts = max(calibration.samples, T.RECOVERY_TEXTS)
-    leaves: dict[str, list[Any]] = {}
-    # Loaded even when neither prompts nor calibration come from them: an unknown name, an
-    # unreachable data set or a code task is then refused before any evaluation.
-    if not is_reference:
-        quiet_lm_eval_logging()
-        field = "tasks" if config.tasks else "task"
-        for name in lm_names:
-            try:
-                manager = find_task_manager(name, include_path)
-            except EvaluationError as exc:
-                raise ConfigError(f"`evaluator.settings.{field}`: {exc}") from None
-            try:
-                leaves.update(T.load_tasks([name], manager))
-            except Exception as exc:  # offline, not cached, a broken YAML: one clear line
-                why = str(exc).splitlines()[0] if str(exc) else ""
-                raise EvaluationError(
-                    f"`evaluator.settings.{field}`: cannot load lm-eval task `{name}` (its data "
-                    f"set is neither in the Hugging Face cache nor reachable, or its YAML is "
-                    f"broken): {type(exc).__name__}: {why}"
-                ) from None
-    all_leaves = [t for name in lm_names for t in leaves.get(name, [])]
-    unsafe = [t.task_name for t in all_leaves if getattr(t, "UNSAFE_CODE", False)]
-    if unsafe and not config.allow_code_execution:
-        raise ConfigError(
-            f"`evaluator.settings.allow_code_execution`: task `{unsafe[0]}` runs code the "
-            "model writes; set `allow_code_execution: true` to let it"
-        )
-    if config.latency_prompt_file is not None:
-        prompts = T.read_prompt_file(config.latency_prompt_file)
-    elif is_reference:
-        prompts = list(reference["prompts"])
-    else:
-        prompts = T.document_prompts(all_leaves, wanted_prompts)
-        if not prompts:
-            raise ConfigError(
-                "no latency prompts: the tasks have no test or validation documents; set "
-                "`evaluator.settings.latency_prompt_file`"
-            )
-    context = T.served_context(tokenizer, model_path)
-    if context is not None:
-        room = context - int(config.max_new_tokens)
-        if room < 1:
-            raise ConfigError(
-                f"`evaluator.settings.max_new_tokens` ({config.max_new_tokens}) leaves no room "
-                f"for a prompt in the model's context of {context} tokens"
-            )
-        prompts = T.truncate_tokens(tokenizer, prompts, room, keep="tail")
-    if calibration.source == "task" and is_reference:
-        train_texts = list(reference["train_texts"])
-    else:
-        train_texts = T.calibration_texts(calibration, all_leaves, wanted_texts)
-    train_texts = T.truncate_tokens(tokenizer, train_texts, calibration.max_tokens, keep="head")
-    return {
-        "name": lm_names[0],
-        "include_path": include,
-        "entries": [
-            {**entry.model_dump(mode="json"), "task": lm_name}
-            for entry, lm_name in zip(entries, lm_names, strict=True)
-        ],
-        "train_texts": train_texts,
-        "prompts": prompts,
-        "calibration_samples": calibration.samples,
-    }
 
 
 __all__ = ["TransformersEvaluator", "TransformersSettings"]

@@ -25,12 +25,13 @@ from evo_compress.fitness.energy import (
     co2_grams,
     describe_energy,
 )
-from evo_compress.fitness.hf.accuracy import combine_tasks, measure_tasks
+from evo_compress.fitness.hf.accuracy import measure_tasks
 from evo_compress.fitness.hf.apply import AppliedRecipe, apply_serving
 from evo_compress.fitness.hf.measure import ModelPeakMeter, measure_latency, measure_memory
 from evo_compress.fitness.model import plain
 from evo_compress.fitness.model.load import load_and_compress
 from evo_compress.fitness.model.memory import MALLOC_MMAP_THRESHOLD
+from evo_compress.fitness.model.tasks import combine_tasks
 from evo_compress.fitness.noise import N_KEY, STDERR_KEY, accuracy_stderr
 from evo_compress.fitness.racing import FULL, QUICK, STAGE_KEY, RaceRule, combine_means
 

@@ -1,5 +1,6 @@
 """What the real-model back ends (transformers, vLLM) share: preparing the model and task
-(``_base.py``), loading a model and compressing its weights (``load.py``, ``compress.py``
+(``_base.py``) and the tasks' data, prompts and calibration texts (``task_data.py``,
+``texts.py``), loading a model and compressing its weights (``load.py``, ``compress.py``
 with ``prune.py``, ``recover.py``, ``quantize.py``: the kernels of the compression methods)
 and lm-eval tasks (``tasks.py``).
 

@@ -61,8 +61,8 @@ def load_and_compress(
     calibration = None
     batches: list[dict[str, torch.Tensor]] = []
     if texts:
-        # The transformers back end resolves `calibration.samples` into the task's data;
-        # the vLLM back end still has `calibration_samples` in its settings.
+        # Both back ends resolve `calibration.samples` into the task's data (``task_data``);
+        # a payload made without it falls back on the settings' shorthand.
         samples = payload["task"].get("calibration_samples") or settings["calibration_samples"]
         calibration = tokenize(tokenizer, texts[: int(samples)], device)["input_ids"]
         size = int(settings["recovery_batch_size"])

@@ -1,7 +1,8 @@
 """lm-evaluation-harness tasks, shared by the real-model back ends: finding a task (the
-project's reference task or any lm-eval task name) and scoring one on an lm-eval model
-object, in memory (transformers) or a server client (vLLM). lm-eval is imported on first
-use: importing it takes seconds.
+project's reference task or any lm-eval task name), scoring one or several on an lm-eval
+model object, in memory (transformers) or a server client (vLLM), and combining several
+scores into one weighted accuracy (``combine_tasks``). lm-eval is imported on first use:
+importing it takes seconds.
 """
 
 from __future__ import annotations
@@ -303,6 +304,56 @@ def _scores(results: dict[str, Any], name: str, wanted: str | None) -> dict[str,
     }
 
 
+def combine_tasks(scores: dict[str, dict[str, Any]], weights: dict[str, float]) -> dict[str, Any]:
+    """One accuracy from per-task scores: the weighted mean, its standard error
+    sqrt(sum((w_i / W)^2 se_i^2)) (the tasks' documents are independent; None when a task
+    has none), ``n`` the documents scored in all. ``tasks`` keeps each task's ``score``,
+    ``stderr``, ``n``, ``metric`` and ``weight`` (and what lm-eval said besides)."""
+    total = sum(weights[name] for name in scores)
+    mean = sum(weights[name] * float(s["accuracy"]) for name, s in scores.items()) / total
+    errors = [s.get("stderr") for s in scores.values()]
+    stderr: float | None = None
+    if len(errors) == 1:  # the task's own, exactly (not sqrt(se^2), one rounding off)
+        stderr = None if errors[0] is None else float(errors[0])
+    elif all(e is not None for e in errors):
+        stderr = math.sqrt(
+            sum(
+                (weights[name] / total) ** 2 * float(s["stderr"]) ** 2
+                for name, s in scores.items()
+            )
+        )
+    tasks = {
+        name: {
+            **{k: v for k, v in s.items() if k != "accuracy"},
+            "score": float(s["accuracy"]),
+            "weight": weights[name],
+        }
+        for name, s in scores.items()
+    }
+    if len(scores) == 1:
+        (only,) = scores.values()
+        combined = {**only, "stderr": stderr, "task": only["task"]}
+    else:
+        froms = {s.get("stderr_from") for s in scores.values()}
+        combined = {
+            "metric": "weighted mean of "
+            + ", ".join(
+                f"`{name}` {s['metric']} (weight {weights[name]:g})" for name, s in scores.items()
+            ),
+            "stderr_from": "combined from the tasks' ("
+            + ", ".join(sorted(str(f) for f in froms))
+            + ")",
+            "task": ", ".join(scores),
+        }
+    return {
+        **combined,
+        "accuracy": mean,
+        "n": sum(int(s["n"]) for s in scores.values()),
+        "stderr": stderr,
+        "tasks": tasks,
+    }
+
+
 def _aggregation(results: dict[str, Any], name: str, metric: str) -> str | None:
     """How the task aggregates ``metric`` over documents, when its config names it (``mean``:
     the scores of two sets of documents combine into the score of both)."""
@@ -314,4 +365,11 @@ def _aggregation(results: dict[str, Any], name: str, metric: str) -> str | None:
     return None
 
 
-__all__ = ["find_task_manager", "quiet_lm_eval_logging", "run_task", "run_tasks", "task_manager"]
+__all__ = [
+    "combine_tasks",
+    "find_task_manager",
+    "quiet_lm_eval_logging",
+    "run_task",
+    "run_tasks",
+    "task_manager",
+]

@@ -1,6 +1,7 @@
 """Task accuracy of a served model: lm-evaluation-harness against the server's
 OpenAI-compatible completions endpoint (lm-eval's ``local-completions`` model type), with
-the same task lookup and metric choice as the transformers back end."""
+the same task lookup, metric choice and weighting of several tasks as the transformers back
+end (``fitness.model.tasks``)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from evo_compress.fitness.model.tasks import (
-    find_task_manager,
+    combine_tasks,
     quiet_lm_eval_logging,
-    run_task,
+    run_tasks,
 )
 from evo_compress.reference import default_cache_dir, set_hf_cache_env
 
@@ -29,23 +30,25 @@ def _quiet_completions(**kwargs: Any) -> Any:
     return QuietCompletions(**kwargs)
 
 
-def measure_server_accuracy(
+def measure_server_tasks(
     base_url: str,
     served_model: str,
     tokenizer: Path,
-    task: str,
+    entries: list[dict[str, Any]],
     include_path: Path | None = None,
     limit: int | None = None,
     concurrency: int = 1,
     timeout_s: float = 300.0,
+    allow_code_execution: bool = False,
 ) -> dict[str, Any]:
-    """Run one lm-eval task against ``base_url``. Prompts go as text (not token ids), so any
-    OpenAI-compatible completions server works; ``tokenizer`` (the served checkpoint's) is
-    what lm-eval uses to count context length. Returns what ``measure_accuracy`` returns."""
+    """Score ``entries`` (``task_data``'s: name, lm-eval task, weight and per-task options)
+    against ``base_url`` and combine them (``combine_tasks``); ``limit`` is the default
+    per-task limit. Prompts go as text (not token ids), so any OpenAI-compatible completions
+    server works; ``tokenizer`` (the served checkpoint's) is what lm-eval uses to count
+    context length. Returns what the transformers back end's ``measure_tasks`` returns."""
     start = time.perf_counter()
     set_hf_cache_env(default_cache_dir())
     quiet_lm_eval_logging()
-    manager = find_task_manager(task, include_path)
     lm = _quiet_completions(
         base_url=f"{base_url.rstrip('/')}/v1/completions",
         model=served_model,
@@ -56,9 +59,16 @@ def measure_server_accuracy(
         max_retries=3,
         timeout=int(timeout_s),
     )
-    scores = run_task(lm, task, manager, limit)
+    scores = run_tasks(
+        lm,
+        entries,
+        include_path,
+        default_limit=limit,
+        allow_code_execution=allow_code_execution,
+    )
+    weights = {str(e["name"]): float(e.get("weight", 1.0)) for e in entries}
     return {
-        **scores,
+        **combine_tasks(scores, weights),
         "seconds": time.perf_counter() - start,
         "via": f"lm-eval local-completions at {base_url}",
     }

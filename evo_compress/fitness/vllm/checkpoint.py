@@ -168,7 +168,8 @@ def _quantize(
             f"{step.scheme} {step.algorithm} needs a quantization step: set "
             "`evaluator.settings.python` to the vLLM environment's Python (with llm-compressor)"
         )
-    texts = list(task.get("train_texts") or [])[: int(settings["calibration_samples"])]
+    samples = task.get("calibration_samples") or settings.get("calibration_samples") or 64
+    texts = list(task.get("train_texts") or [])[: int(samples)]
     calibration.write_text("\n".join(t.replace("\n", " ") for t in texts) + "\n")
     command = [
         python,

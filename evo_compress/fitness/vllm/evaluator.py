@@ -45,6 +45,7 @@ from evo_compress.fitness.model import (
     model_fingerprint,
     parse_model_settings,
 )
+from evo_compress.fitness.model._base import CalibrationSettings, TaskEntry
 from evo_compress.fitness.noise import N_KEY, STDERR_KEY
 from evo_compress.fitness.vllm.compile import (
     CPU_KV_CACHE_GIB,
@@ -69,6 +70,7 @@ log = logging.getLogger(__name__)
 DEFAULT_VERSION = "0.32.0"  # assumed when the serving environment cannot be asked: the
 # release `make vllm-env` pins
 SERVED_NAME = "evo-compress"
+_MIN_NEW_TOKENS = 2  # the fewest output tokens a latency request can be measured with
 
 
 class VLLMSettings(BaseModel):
@@ -92,10 +94,26 @@ class VLLMSettings(BaseModel):
     env: dict[str, str] = Field(default_factory=dict, description="Extra server environment")
     extra_args: tuple[str, ...] = Field((), description="More engine arguments, verbatim")
     task: str = Field(REFERENCE_TASK, description="lm-eval task name, or `reference`")
-    task_include_path: Path | None = None
-    limit: int | None = Field(None, ge=1)
-    calibration_file: Path | None = None
-    calibration_samples: int = Field(64, ge=1)
+    tasks: list[TaskEntry] | None = Field(
+        None, description="Several lm-eval tasks, weighed; instead of `task`"
+    )
+    task_include_path: Path | None = Field(None, description="Folder of extra lm-eval YAMLs")
+    limit: int | None = Field(None, ge=1, description="Evaluate at most this many task docs")
+    allow_code_execution: bool = Field(
+        False, description="Let lm-eval run code tasks (its `confirm_run_unsafe_code`)"
+    )
+    calibration: CalibrationSettings | None = Field(
+        None, description="Where calibration and recovery text comes from"
+    )
+    calibration_file: Path | None = Field(
+        None, description="Shorthand for calibration {source: file, path: ...}"
+    )
+    calibration_samples: int | None = Field(
+        None, ge=1, description="Shorthand for calibration.samples (default 64)"
+    )
+    latency_prompt_file: Path | None = Field(
+        None, description="Latency prompts, one a line (default: the tasks' documents)"
+    )
     recovery_lr: float = Field(1e-3, gt=0)
     recovery_batch_size: int = Field(16, ge=1)
     latency_requests: int = Field(32, ge=1, description="Measured requests per evaluation")
@@ -254,6 +272,23 @@ class VLLMEvaluator(ModelEvaluator):
             data["serving"]["concurrent_evaluations"] = self.concurrent
         return data
 
+    def prepare(self) -> None:
+        """The model folder, and the tasks as plain data: each entry's lm-eval name and
+        options, latency prompts and calibration texts (``fitness.model.task_data``), as the
+        transformers back end computes them, once. A served context too short for
+        ``max_new_tokens`` is no error here: each request asks fewer (``_fit_to_context``).
+        Idempotent."""
+        if self._model_path is not None and self._task is not None:
+            return
+        from evo_compress.fitness.model.task_data import prepare_tasks
+
+        self._model_path, self._task = prepare_tasks(
+            self.config,
+            self.context.model,
+            self.config.latency_requests,
+            min_new_tokens=_MIN_NEW_TOKENS,
+        )
+
     # ------------------------------------------------------------------ evaluation
     def _evaluate(self, recipe: Recipe, placement: Placement) -> EvaluationResult:
         from evo_compress.fitness.vllm.checkpoint import ensure_checkpoint
@@ -360,7 +395,7 @@ class VLLMEvaluator(ModelEvaluator):
         device: str,
         gpu_env: Mapping[str, str],
     ) -> dict[str, Any]:
-        from evo_compress.fitness.vllm.accuracy import measure_server_accuracy
+        from evo_compress.fitness.vllm.accuracy import measure_server_tasks
         from evo_compress.fitness.vllm.client import measure_latency, scrape_metrics
 
         settings = self.config
@@ -391,15 +426,16 @@ class VLLMEvaluator(ModelEvaluator):
         kv_cache = kv_usage.record(metrics)
         latency_s = time.perf_counter() - timing
         timing = time.perf_counter()
-        accuracy = measure_server_accuracy(
+        accuracy = measure_server_tasks(
             server.base_url,
             SERVED_NAME,
             model,
-            str(task.get("name")),
+            list(task.get("entries") or [{"name": task.get("name"), "weight": 1.0}]),
             Path(task["include_path"]) if task.get("include_path") else None,
             limit=settings.limit,
             concurrency=min(concurrency, 8),
             timeout_s=settings.request_timeout_s,
+            allow_code_execution=settings.allow_code_execution,
         )
         accuracy_s = time.perf_counter() - timing
         peak = memory.stop()
@@ -445,8 +481,10 @@ class VLLMEvaluator(ModelEvaluator):
             checkpoint.energy_joules, carbon.grid_intensity_g_per_kwh, carbon.deployment_tokens
         )
         memory = measured["memory"]
+        accuracy = measured["accuracy"]
+        tasks = accuracy.get("tasks") or {}
         objectives = {
-            "accuracy": float(measured["accuracy"]["accuracy"]),
+            "accuracy": float(accuracy["accuracy"]),
             "latency": float(latency.tpot_median_ms),
             "memory": float(memory["mib"]),
             "energy": energy_per_1k,
@@ -459,8 +497,8 @@ class VLLMEvaluator(ModelEvaluator):
             "vllm_version": ".".join(map(str, self.caps.version)),
             "gpu": self.gpu["name"],
             # The accuracy's noise, in the place every back end keeps it (``fitness.noise``).
-            STDERR_KEY: measured["accuracy"]["stderr"],
-            N_KEY: measured["accuracy"]["n"],
+            STDERR_KEY: accuracy["stderr"],
+            N_KEY: accuracy["n"],
             "command": list(self.config.serve_command),
             "vllm_build": None if self.build is None else self.build.distribution,
             "engine_args": list(args),
@@ -473,12 +511,17 @@ class VLLMEvaluator(ModelEvaluator):
             },
             "objectives": {
                 "accuracy": {
-                    "how": f"lm-eval `{measured['accuracy']['task']}` "
-                    f"{measured['accuracy']['metric']} against the server (local-completions)",
+                    # A weighted mean's metric names each task, its metric and weight.
+                    "how": (
+                        f"lm-eval `{accuracy['task']}` {accuracy['metric']}"
+                        if len(tasks) <= 1
+                        else f"lm-eval {accuracy['metric']}"
+                    )
+                    + " against the server (local-completions)",
                     "measured": True,
-                    "n": measured["accuracy"]["n"],
-                    "stderr": measured["accuracy"]["stderr"],
-                    "stderr_from": measured["accuracy"].get("stderr_from"),
+                    "n": accuracy["n"],
+                    "stderr": accuracy["stderr"],
+                    "stderr_from": accuracy.get("stderr_from"),
                 },
                 "latency": {
                     "how": "median time per output token of streamed completions, "
@@ -501,6 +544,9 @@ class VLLMEvaluator(ModelEvaluator):
                     "compression_g_per_1k": co2_once,
                 },
             },
+            # Per task: score, stderr, n, metric, weight (what reports and constraints read).
+            "tasks": tasks,
+            "accuracy_run": {k: v for k, v in accuracy.items() if k != "tasks"},
             "kv_cache": measured["kv_cache"],
             "server_metrics": measured["metrics"],
             "server_log": measured["log"],
@@ -600,7 +646,7 @@ def _fit_to_context(
         raise EvaluationError(
             f"the longest latency prompt has {longest} tokens and the served model's context "
             f"is {limit}: no room for the 2 output tokens a latency measurement needs; use "
-            "shorter prompts (`evaluator.settings.calibration_file`) or a longer context "
+            "shorter prompts (`evaluator.settings.latency_prompt_file`) or a longer context "
             "(`evaluator.settings.extra_args`: --max-model-len)"
         )
     return room, (
@@ -628,12 +674,11 @@ def _sliding_window_config(model_id: str) -> tuple[bool, bool]:
 
 
 def _latency_prompts(task: Mapping[str, Any], count: int) -> list[str]:
+    """``count`` latency prompts, taken in turn from the task data's (``task_data``)."""
     pool = list(task.get("prompts") or [])
     if not pool:
-        pool = [t[: max(1, len(t) // 2)] for t in (task.get("train_texts") or [])[:64]]
-    if not pool:
         raise EvaluationError(
-            "no prompts for the latency measurement: set `evaluator.settings.calibration_file`"
+            "no prompts for the latency measurement: set `evaluator.settings.latency_prompt_file`"
         )
     return [pool[i % len(pool)] for i in range(count)]
 

@@ -5,6 +5,9 @@ same client and lm-eval path a real vLLM server gets."""
 from __future__ import annotations
 
 import json
+import math
+import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -15,6 +18,8 @@ from evo_compress.exceptions import ConfigError
 from evo_compress.fitness import EVALUATORS, EvaluationContext
 from evo_compress.fitness.vllm.evaluator import VLLMEvaluator, VLLMSettings, probe_version
 from evo_compress.genomes import SearchSpace
+from evo_compress.objectives import task_scores
+from evo_compress.testing.user_tasks import write_user_tasks
 
 STANDIN = [sys.executable, "-m", "evo_compress.testing.vllm_server"]
 SPACE = SearchSpace.builtin()
@@ -125,6 +130,10 @@ def test_a_recipe_is_served_and_measured_through_the_api(tmp_path):
     p, n = objectives["accuracy"], result.metadata["accuracy_n"]
     assert n == 12
     assert result.metadata["accuracy_stderr"] == pytest.approx((p * (1 - p) / (n - 1)) ** 0.5)
+    # One `task`: one entry of `metadata["tasks"]`, under the configured name.
+    [(name, scored)] = result.metadata["tasks"].items()
+    assert name == "reference" and scored["score"] == objectives["accuracy"]
+    assert scored["n"] == 12 and scored["weight"] == 1.0
     assert objectives["latency"] > 0 and objectives["memory"] > 0 and objectives["energy"] > 0
     meta = result.metadata
     assert meta["vllm_version"] == "0.33.0" and "--max-num-seqs" in meta["engine_args"]
@@ -194,6 +203,131 @@ def test_a_server_that_dies_while_measured_is_reported_dead(tmp_path):
     reason = died.reason or ""
     assert "the vLLM server died while being measured" in reason
     assert "fake crash at completion request 2" in reason  # the log's tail says why
+
+
+@pytest.fixture(scope="module")
+def user_tasks(tmp_path_factory) -> dict:
+    return write_user_tasks(tmp_path_factory.mktemp("tasks"))
+
+
+@pytest.fixture(scope="module")
+def user_model(tmp_path_factory) -> Path:
+    """The reference model as a user's model folder: one that may take lm-eval tasks."""
+    from evo_compress.reference import default_cache_dir, ensure_reference_model
+
+    model = tmp_path_factory.mktemp("user") / "mymodel"
+    shutil.copytree(ensure_reference_model(default_cache_dir(), progress=False), model)
+    return model
+
+
+def user_evaluator(tmp_path: Path, model: Path, folder: dict, **settings: object) -> VLLMEvaluator:
+    context = EvaluationContext(
+        ModelConfig(id=str(model)), HardwareConfig(device="cpu"), CarbonConfig()
+    )
+    base = {
+        "command": STANDIN,
+        "vllm_version": "0.33.0",
+        "latency_requests": 2,
+        "max_new_tokens": 2,
+        "warmup_requests": 0,
+        "startup_timeout_s": 120,
+        "checkpoint_dir": str(tmp_path / "ckpt"),
+        "threads": 1,
+        "task_include_path": str(folder["include_path"]),
+    }
+    ev = EVALUATORS.get("vllm")(base | settings, context)
+    assert isinstance(ev, VLLMEvaluator)
+    ev.set_run_dir(tmp_path / "run")
+    return ev
+
+
+@pytest.mark.slow
+def test_two_weighted_tasks_are_scored_against_the_server(tmp_path, user_model, user_tasks):
+    gen, mc = user_tasks["generate"], user_tasks["multiple_choice"]
+    tasks = [{"name": gen, "weight": 2, "limit": 10}, {"name": mc, "limit": 8}]
+    ev = user_evaluator(tmp_path, user_model, user_tasks, tasks=tasks)
+    ev.prepare()
+    assert ev._task is not None
+    # Latency prompts are the tasks' documents, as for the transformers back end.
+    assert [e["name"] for e in ev._task["entries"]] == [gen, mc]
+    assert all(re.fullmatch(r"\d{3}\+\d{3}=", p) for p in ev._task["prompts"])
+    result = ev.evaluate(SPACE.baseline(), SPACE)
+    assert result.ok and result.objectives, result.reason
+    meta = result.metadata
+    scored = meta["tasks"]
+    assert set(scored) == {gen, mc}
+    assert (scored[gen]["metric"], scored[gen]["n"], scored[gen]["weight"]) == (
+        "exact_match",
+        10,
+        2.0,
+    )
+    assert (scored[mc]["metric"], scored[mc]["n"], scored[mc]["weight"]) == ("acc", 8, 1.0)
+    # The trained model adds well through the API: neither score is a broken constant.
+    assert scored[gen]["score"] > 0.5 and scored[mc]["score"] > 0.25
+    mean = (2 * scored[gen]["score"] + scored[mc]["score"]) / 3
+    assert result.objectives["accuracy"] == pytest.approx(mean, rel=1e-12)
+    stderr = math.sqrt(
+        (2 / 3) ** 2 * scored[gen]["stderr"] ** 2 + (1 / 3) ** 2 * scored[mc]["stderr"] ** 2
+    )
+    assert meta["accuracy_stderr"] == pytest.approx(stderr, rel=1e-12)
+    assert meta["accuracy_n"] == 18
+    how = meta["objectives"]["accuracy"]["how"]
+    assert f"`{gen}`" in how and f"`{mc}`" in how and "local-completions" in how
+    # What `constraints.max_task_drop` reads: each task's score by its configured name.
+    assert ev.scored_tasks() == ("tasks", (gen, mc))
+    assert task_scores(meta) == {gen: scored[gen]["score"], mc: scored[mc]["score"]}
+
+
+def test_latency_prompts_and_calibration_come_from_the_settings(tmp_path, user_tasks):
+    from evo_compress.reference import default_cache_dir, ensure_reference_model
+
+    model = ensure_reference_model(default_cache_dir(), progress=False)
+    prompts, texts = tmp_path / "prompts.txt", tmp_path / "cal.txt"
+    prompts.write_text("12+34=\n56+78=\n")
+    texts.write_text("1+1=2\n2+2=4\n3+3=6\n")
+    ev = user_evaluator(
+        tmp_path,
+        model,
+        user_tasks,
+        tasks=[{"name": user_tasks["generate"]}],
+        latency_prompt_file=str(prompts),
+        calibration={"source": "file", "path": str(texts), "samples": 2},
+    )
+    ev.prepare()
+    assert ev._task is not None
+    assert ev._task["prompts"] == ["12+34=", "56+78="]
+    assert ev._task["train_texts"] == ["1+1=2", "2+2=4", "3+3=6"]
+    assert ev._task["calibration_samples"] == 2  # what the quantization job takes
+    # Without either: the task's documents and examples, 64 calibration texts.
+    default = user_evaluator(tmp_path, model, user_tasks, task=user_tasks["generate"])
+    default.prepare()
+    assert default._task is not None and default._task["calibration_samples"] == 64
+    assert all(re.fullmatch(r"\d{3}\+\d{3}=", p) for p in default._task["prompts"])
+
+
+@pytest.mark.parametrize(
+    ("settings", "fragment"),
+    [
+        ({"task": "my_gen", "tasks": [{"name": "my_mc"}]}, "`evaluator.settings.task` and"),
+        pytest.param(  # looked up among lm-eval's own tasks too: seconds to index them
+            {"tasks": [{"name": "no_such_task"}]},
+            "`evaluator.settings.tasks`: lm-eval knows no",
+            marks=pytest.mark.slow,
+        ),
+        (
+            {"calibration_samples": 8, "calibration": {"samples": 16}},
+            "`evaluator.settings.calibration_samples` and",
+        ),
+    ],
+)
+def test_bad_task_settings_are_one_line_naming_the_field(tmp_path, user_tasks, settings, fragment):
+    from evo_compress.reference import default_cache_dir, ensure_reference_model
+
+    model = ensure_reference_model(default_cache_dir(), progress=False)
+    with pytest.raises(ConfigError) as raised:
+        user_evaluator(tmp_path, model, user_tasks, **settings).prepare()
+    message = str(raised.value)
+    assert fragment in message and "\n" not in message
 
 
 def _real_vllm() -> str | None:
