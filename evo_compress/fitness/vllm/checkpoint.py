@@ -11,6 +11,7 @@ and kept beside the weights, so a reused checkpoint still carries its one-time C
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -64,7 +65,7 @@ def ensure_checkpoint(
 ) -> Checkpoint:
     """The served folder for ``plan``: the base model itself when no weight changes, else a
     cached folder (built now if missing). Raises ``EvaluationError`` when a step fails."""
-    key = plan.checkpoint_key(model_fingerprint)
+    key = plan.checkpoint_key(f"{model_fingerprint}:{_inputs_digest(task, settings)}")
     if not plan.weight_genes and plan.quant_step is None:
         return Checkpoint(model_path, key, {"steps": [], "energy_joules": 0.0}, reused=True)
     folder = cache_root / key[:24]
@@ -85,6 +86,22 @@ def ensure_checkpoint(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return Checkpoint(folder, key, json.loads(marker.read_text()), reused=False)
+
+
+def _inputs_digest(task: dict[str, Any], settings: dict[str, Any]) -> str:
+    """What a build reads besides the model and the recipe: the calibration and recovery
+    texts and the settings that steer the steps. Part of the checkpoint's key, so that a
+    checkpoint built from other texts or settings is never served in its place."""
+    inputs = {
+        "texts": task.get("train_texts") or [],
+        "calibration_samples": task.get("calibration_samples"),
+        **{
+            name: settings.get(name)
+            for name in ("calibration_samples", "recovery_lr", "recovery_batch_size", "seed")
+        },
+    }
+    text = json.dumps(inputs, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _build(
