@@ -31,9 +31,9 @@ from evo_compress.fitness.hf.measure import ModelPeakMeter, measure_latency, mea
 from evo_compress.fitness.model import plain
 from evo_compress.fitness.model.load import load_and_compress
 from evo_compress.fitness.model.memory import MALLOC_MMAP_THRESHOLD
-from evo_compress.fitness.model.tasks import combine_tasks
-from evo_compress.fitness.noise import N_KEY, STDERR_KEY, accuracy_stderr
-from evo_compress.fitness.racing import FULL, QUICK, STAGE_KEY, RaceRule, combine_means
+from evo_compress.fitness.model.stages import all_done, finish_accuracy, quick_entries
+from evo_compress.fitness.noise import N_KEY, STDERR_KEY
+from evo_compress.fitness.racing import FULL, QUICK, STAGE_KEY, RaceRule
 
 
 def load_and_apply(payload: dict[str, Any], recipe: dict[str, Any]) -> tuple[Any, AppliedRecipe]:
@@ -102,10 +102,8 @@ def evaluate_in_worker(payload: dict[str, Any]) -> EvaluationResult:
     # either way.
     race = RaceRule.from_data(payload["race"]) if payload.get("race") else None
     if race is not None:
-        quick_entries = [
-            {**e, "limit": min(race.quick_limit, e["limit"] or race.quick_limit)} for e in entries
-        ]
-        accuracy = accuracy_on(quick_entries)
+        quick = quick_entries(entries, race.quick_limit)
+        accuracy = accuracy_on(quick)
     else:
         accuracy = accuracy_on(entries)
 
@@ -157,95 +155,12 @@ def evaluate_in_worker(payload: dict[str, Any]) -> EvaluationResult:
     }
     if race is None:
         return result(accuracy, None)
-    quick = result(accuracy, QUICK)
-    if all(_done(e, q, accuracy) for e, q in zip(entries, quick_entries, strict=True)):
+    quick_result = result(accuracy, QUICK)
+    if all_done(entries, quick, accuracy):
         return result(accuracy, FULL)  # the quick stage scored every item already
-    if race.stop(quick.objectives or {}, quick.metadata):
-        return quick
-    return result(_finish_accuracy(accuracy, entries, quick_entries, accuracy_on), FULL)
-
-
-def _total(entry: dict[str, Any], scored: dict[str, Any]) -> int | None:
-    """The documents a full run scores of one task: its limit, capped at its documents
-    (None: every document, their number unknown, e.g. a group's)."""
-    available = scored.get("available")
-    if available is None:
-        return entry["limit"]
-    return min(entry["limit"] or available, available)
-
-
-def _done(entry: dict[str, Any], quick_entry: dict[str, Any], quick: dict[str, Any]) -> bool:
-    """The quick stage scored every document a full run scores of this task."""
-    if entry["limit"] is not None and quick_entry["limit"] >= entry["limit"]:
-        return True
-    scored = quick["tasks"][entry["name"]]
-    total = _total(entry, scored)
-    return total is not None and total <= int(scored["n"])
-
-
-def _finish_accuracy(
-    quick: dict[str, Any],
-    entries: list[dict[str, Any]],
-    quick_entries: list[dict[str, Any]],
-    accuracy_on: Any,
-) -> dict[str, Any]:
-    """The accuracy on every document a run without racing scores, given the quick stage's
-    on the first ones of each task: the rest of a task scored and combined with its first
-    ones (a mean metric of one task), else the task scored again in full. Tasks the quick
-    stage finished are not scored again; the tasks are then combined as in one stage."""
-    rest_entries: list[dict[str, Any]] = []
-    samples: dict[str, list[int]] = {}
-    again: set[str] = set()
-    for entry, quick_entry in zip(entries, quick_entries, strict=True):
-        name = entry["name"]
-        scored = quick["tasks"][name]
-        if _done(entry, quick_entry, quick):
-            continue
-        total = _total(entry, scored)
-        if total is None or scored.get("aggregation") != "mean" or "available" not in scored:
-            rest_entries.append(entry)
-            again.add(name)
-        else:
-            rest_entries.append(entry)
-            samples[name] = list(range(int(scored["n"]), total))
-    rest = accuracy_on(rest_entries, samples or None)
-    scores: dict[str, dict[str, Any]] = {}
-    how: dict[str, Any] = {}
-    for entry in entries:
-        name = entry["name"]
-        first = {**quick["tasks"][name], "accuracy": quick["tasks"][name]["score"]}
-        if name not in rest["tasks"]:
-            scores[name], how[name] = first, "scored in the quick stage"
-            continue
-        later = {**rest["tasks"][name], "accuracy": rest["tasks"][name]["score"]}
-        if name in again:
-            scores[name], how[name] = later, "scored again in full"
-            continue
-        k = int(first["n"])
-        mean, n, stderr = combine_means(
-            [
-                (float(first["accuracy"]), k, first.get("stderr")),
-                (float(later["accuracy"]), int(later["n"]), later.get("stderr")),
-            ]
-        )
-        if stderr is None:
-            stderr, stderr_from = accuracy_stderr(mean, n, None)
-        else:
-            stderr_from = first.get("stderr_from")
-        scores[name] = {**first, "accuracy": mean, "n": n, "stderr": stderr}
-        scores[name]["stderr_from"] = stderr_from
-        how[name] = {"quick_n": k, "rest_n": int(later["n"])}
-    for score in scores.values():
-        score.pop("score", None)
-        score.pop("weight", None)
-    weights = {e["name"]: float(e.get("weight", 1.0)) for e in entries}
-    combined = combine_tasks(scores, weights)
-    racing = next(iter(how.values())) if len(how) == 1 else how
-    return {
-        **combined,
-        "seconds": float(quick["seconds"]) + float(rest["seconds"]),
-        "racing": racing,
-    }
+    if race.stop(quick_result.objectives or {}, quick_result.metadata):
+        return quick_result
+    return result(finish_accuracy(accuracy, entries, quick, accuracy_on), FULL)
 
 
 def _record(

@@ -2,7 +2,7 @@
 (``_base.py``) and the tasks' data, prompts and calibration texts (``task_data.py``,
 ``texts.py``), loading a model and compressing its weights (``load.py``, ``compress.py``
 with ``prune.py``, ``recover.py``, ``quantize.py``: the kernels of the compression methods)
-and lm-eval tasks (``tasks.py``).
+and lm-eval tasks (``tasks.py``) with racing's two stages over them (``stages.py``).
 
 Importing this package loads no torch: the modules that need it are imported by name.
 """

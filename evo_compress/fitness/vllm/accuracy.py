@@ -37,6 +37,7 @@ def measure_server_tasks(
     entries: list[dict[str, Any]],
     include_path: Path | None = None,
     limit: int | None = None,
+    samples: dict[str, list[int]] | None = None,
     concurrency: int = 1,
     timeout_s: float = 300.0,
     allow_code_execution: bool = False,
@@ -45,7 +46,9 @@ def measure_server_tasks(
     against ``base_url`` and combine them (``combine_tasks``); ``limit`` is the default
     per-task limit. Prompts go as text (not token ids), so any OpenAI-compatible completions
     server works; ``tokenizer`` (the served checkpoint's) is what lm-eval uses to count
-    context length. Returns what the transformers back end's ``measure_tasks`` returns."""
+    context length. ``samples`` (per configured name) scores those documents instead of the
+    first ones (racing's second stage). Returns what the transformers back end's
+    ``measure_tasks`` returns."""
     start = time.perf_counter()
     set_hf_cache_env(default_cache_dir())
     quiet_lm_eval_logging()
@@ -64,6 +67,7 @@ def measure_server_tasks(
         entries,
         include_path,
         default_limit=limit,
+        samples=samples,
         allow_code_execution=allow_code_execution,
     )
     weights = {str(e["name"]): float(e.get("weight", 1.0)) for e in entries}

@@ -18,7 +18,7 @@ import shlex
 import subprocess
 import threading
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -46,7 +46,9 @@ from evo_compress.fitness.model import (
     parse_model_settings,
 )
 from evo_compress.fitness.model._base import CalibrationSettings, TaskEntry
+from evo_compress.fitness.model.stages import all_done, finish_accuracy, quick_entries
 from evo_compress.fitness.noise import N_KEY, STDERR_KEY
+from evo_compress.fitness.racing import FULL, QUICK, STAGE_KEY, RaceRule
 from evo_compress.fitness.vllm.compile import (
     CPU_KV_CACHE_GIB,
     CPU_KV_CACHE_VARIABLE,
@@ -158,6 +160,8 @@ class VLLMEvaluator(ModelEvaluator):
     """Serves each recipe with vLLM and measures it through the OpenAI-compatible API."""
 
     name: ClassVar[str] = "vllm"
+    # Racing's two stages share one server start (``_measure``).
+    supports_racing: ClassVar[bool] = True
 
     def __init__(self, settings: Mapping[str, Any], context: EvaluationContext) -> None:
         super().__init__(settings, context)
@@ -291,6 +295,17 @@ class VLLMEvaluator(ModelEvaluator):
 
     # ------------------------------------------------------------------ evaluation
     def _evaluate(self, recipe: Recipe, placement: Placement) -> EvaluationResult:
+        return self._run(recipe, placement, None)
+
+    def _evaluate_raced(
+        self, recipe: Recipe, placement: Placement, race: RaceRule
+    ) -> EvaluationResult:
+        # Both stages on one server start: `_measure` asks `race.stop` between them.
+        return self._run(recipe, placement, race)
+
+    def _run(
+        self, recipe: Recipe, placement: Placement, race: RaceRule | None
+    ) -> EvaluationResult:
         from evo_compress.fitness.vllm.checkpoint import ensure_checkpoint
         from evo_compress.reference import default_cache_dir
 
@@ -315,11 +330,16 @@ class VLLMEvaluator(ModelEvaluator):
         built = time.perf_counter() - building
         args = (*plan.engine_args, "--seed", str(self.config.seed), *self.config.extra_args)
         log_dir = (self.run_dir or default_cache_dir()) / "logs"
+        build_seconds = _build_seconds(checkpoint, built)
+
+        def result(measured: dict[str, Any]) -> EvaluationResult:
+            measured = {**measured, "seconds": {**build_seconds, **measured["seconds"]}}
+            return self._result(recipe, plan, checkpoint, args, measured, started)
+
         measured = self._serve_and_measure(
-            recipe, checkpoint.path, args, plan.env, log_dir, placement
+            recipe, checkpoint.path, args, plan.env, log_dir, placement, race, result
         )
-        measured["seconds"] = {**_build_seconds(checkpoint, built), **measured["seconds"]}
-        return self._result(recipe, plan, checkpoint, args, measured, started)
+        return result(measured)
 
     def _serve_and_measure(
         self,
@@ -329,6 +349,8 @@ class VLLMEvaluator(ModelEvaluator):
         env: Mapping[str, str],
         log_dir: Path,
         placement: Placement,
+        race: RaceRule | None = None,
+        as_result: Callable[[dict[str, Any]], EvaluationResult] | None = None,
     ) -> dict[str, Any]:
         from evo_compress.fitness.vllm.client import ClientError
         from evo_compress.fitness.vllm.server import ServerSpec, VLLMServer
@@ -356,7 +378,16 @@ class VLLMEvaluator(ModelEvaluator):
             started = time.perf_counter() - starting
             try:
                 measured = self._measure(
-                    server, model, prompts, concurrency, memory, log_path, device, gpu_env
+                    server,
+                    model,
+                    prompts,
+                    concurrency,
+                    memory,
+                    log_path,
+                    device,
+                    gpu_env,
+                    race,
+                    as_result,
                 )
                 measured["seconds"] = {"server_start": round(started, 3), **measured["seconds"]}
                 return measured
@@ -394,7 +425,15 @@ class VLLMEvaluator(ModelEvaluator):
         log_path: Path,
         device: str,
         gpu_env: Mapping[str, str],
+        race: RaceRule | None = None,
+        as_result: Callable[[dict[str, Any]], EvaluationResult] | None = None,
     ) -> dict[str, Any]:
+        """Latency, then accuracy, on the running ``server``. With ``race``: the accuracy of
+        the first ``race.quick_limit`` documents of each task first; when ``race.stop`` says
+        the result (made by ``as_result``, as the evaluation's would be) cannot reach the
+        front it is returned as it is (``stage: "quick"``), else the rest are scored on the
+        same server and combined with them (``stage: "full"``), as the transformers back
+        end does (``fitness.model.stages``)."""
         from evo_compress.fitness.vllm.accuracy import measure_server_tasks
         from evo_compress.fitness.vllm.client import measure_latency, scrape_metrics
 
@@ -425,20 +464,6 @@ class VLLMEvaluator(ModelEvaluator):
         metrics = scrape_metrics(server.base_url)
         kv_cache = kv_usage.record(metrics)
         latency_s = time.perf_counter() - timing
-        timing = time.perf_counter()
-        accuracy = measure_server_tasks(
-            server.base_url,
-            SERVED_NAME,
-            model,
-            list(task.get("entries") or [{"name": task.get("name"), "weight": 1.0}]),
-            Path(task["include_path"]) if task.get("include_path") else None,
-            limit=settings.limit,
-            concurrency=min(concurrency, 8),
-            timeout_s=settings.request_timeout_s,
-            allow_code_execution=settings.allow_code_execution,
-        )
-        accuracy_s = time.perf_counter() - timing
-        peak = memory.stop()
         energy = meter.result
         if energy.method == "cpu-time-estimate":
             # The server is another process: estimate from its CPU time, not ours.
@@ -449,18 +474,66 @@ class VLLMEvaluator(ModelEvaluator):
                 False,
                 {"cpu_seconds": cpu_serving, "watts_per_core": settings.watts_per_core},
             )
-        return {
-            "latency": latency,
-            "metrics": metrics,
-            "kv_cache": kv_cache,
-            "accuracy": accuracy,
-            "memory": peak,
-            "energy": energy,
-            "log": str(log_path),
-            "concurrency": concurrency,
-            "notes": [] if note is None else [note],
-            "seconds": {"latency": round(latency_s, 3), "accuracy": round(accuracy_s, 3)},
-        }
+
+        def accuracy_on(
+            entries: list[dict[str, Any]], samples: dict[str, list[int]] | None = None
+        ) -> dict[str, Any]:
+            return measure_server_tasks(
+                server.base_url,
+                SERVED_NAME,
+                model,
+                entries,
+                Path(task["include_path"]) if task.get("include_path") else None,
+                limit=settings.limit,
+                samples=samples,
+                concurrency=min(concurrency, 8),
+                timeout_s=settings.request_timeout_s,
+                allow_code_execution=settings.allow_code_execution,
+            )
+
+        def measured(
+            accuracy: dict[str, Any], peak: dict[str, Any], seconds: dict[str, float]
+        ) -> dict[str, Any]:
+            return {
+                "latency": latency,
+                "metrics": metrics,
+                "kv_cache": kv_cache,
+                "accuracy": accuracy,
+                "memory": peak,
+                "energy": energy,
+                "log": str(log_path),
+                "concurrency": concurrency,
+                "notes": [] if note is None else [note],
+                "seconds": {"latency": round(latency_s, 3), **seconds},
+            }
+
+        entries = list(task.get("entries") or [{"name": task.get("name"), "weight": 1.0}])
+        timing = time.perf_counter()
+        if race is None:
+            accuracy = accuracy_on(entries)
+            return measured(
+                accuracy, memory.stop(), {"accuracy": round(time.perf_counter() - timing, 3)}
+            )
+        assert as_result is not None
+        # Each task's own limit, else the run-wide one (None: every document), as in one stage.
+        entries = [{**e, "limit": e.get("limit") or settings.limit} for e in entries]
+        quick = quick_entries(entries, race.quick_limit)
+        accuracy = accuracy_on(quick)
+        quick_s = round(time.perf_counter() - timing, 3)
+        seconds = {"accuracy": quick_s, "accuracy_quick": quick_s}
+        if all_done(entries, quick, accuracy):  # the quick stage scored every item already
+            return {**measured(accuracy, memory.stop(), seconds), "stage": FULL}
+        so_far = {**measured(accuracy, memory.peak(), seconds), "stage": QUICK}
+        stopping = as_result(so_far)
+        if race.stop(stopping.objectives or {}, stopping.metadata):
+            memory.stop()
+            return so_far
+        timing = time.perf_counter()
+        accuracy = finish_accuracy(accuracy, entries, quick, accuracy_on)
+        rest_s = round(time.perf_counter() - timing, 3)
+        seconds = {"accuracy": round(quick_s + rest_s, 3), "accuracy_quick": quick_s}
+        seconds["accuracy_rest"] = rest_s
+        return {**measured(accuracy, memory.stop(), seconds), "stage": FULL}
 
     def _result(
         self,
@@ -553,6 +626,8 @@ class VLLMEvaluator(ModelEvaluator):
             "seconds": round(time.perf_counter() - started, 3),
             "seconds_split": measured["seconds"],
         }
+        if measured.get("stage") is not None:  # racing's stage (``fitness.racing``)
+            metadata[STAGE_KEY] = measured["stage"]
         return EvaluationResult.success(objectives, json.loads(json.dumps(metadata, default=str)))
 
 
@@ -820,6 +895,10 @@ class _MemorySampler:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        return self.peak()
+
+    def peak(self) -> dict[str, Any]:
+        """The peak so far (sampling goes on until ``stop``)."""
         self._peak = max(self._peak, self._read())
         if self._nvml is not None:
             return {

@@ -16,6 +16,7 @@ import pytest
 from evo_compress.config import CarbonConfig, HardwareConfig, ModelConfig
 from evo_compress.exceptions import ConfigError
 from evo_compress.fitness import EVALUATORS, EvaluationContext
+from evo_compress.fitness.racing import FULL, QUICK, STAGE_KEY, RaceMember, RaceRule
 from evo_compress.fitness.vllm.evaluator import VLLMEvaluator, VLLMSettings, probe_version
 from evo_compress.genomes import SearchSpace
 from evo_compress.objectives import task_scores
@@ -203,6 +204,52 @@ def test_a_server_that_dies_while_measured_is_reported_dead(tmp_path):
     reason = died.reason or ""
     assert "the vLLM server died while being measured" in reason
     assert "fake crash at completion request 2" in reason  # the log's tail says why
+
+
+RACING = {"latency_requests": 2, "max_new_tokens": 2, "warmup_requests": 0, "limit": 12}
+
+
+def server_starts(ev: VLLMEvaluator) -> int:
+    """How many times ``ev`` started a server: one log per start under its run's logs."""
+    assert ev.run_dir is not None
+    return len(list((ev.run_dir / "logs").glob("vllm-*.log")))
+
+
+@pytest.mark.slow
+def test_racing_stops_a_dominated_recipe_after_its_quick_stage(tmp_path):
+    ev = evaluator(tmp_path, **RACING)
+    # A member better in every objective, even against the quick accuracy as it is (z = 0).
+    best = RaceMember((-1.0, 0.0, 0.0, 0.0, 0.0), 0.0)
+    quick = ev.evaluate(SPACE.baseline(), SPACE, race=RaceRule(4, 0.0, (best,)))
+    assert quick.ok, quick.reason
+    assert quick.metadata[STAGE_KEY] == QUICK
+    assert quick.metadata["accuracy_n"] == 4 and quick.metadata["tasks"]["reference"]["n"] == 4
+    split = quick.metadata["seconds_split"]
+    assert split["accuracy"] == split["accuracy_quick"] and "accuracy_rest" not in split
+    assert server_starts(ev) == 1
+
+
+@pytest.mark.slow
+def test_racing_finishes_on_the_same_server_as_one_stage_measures(tmp_path):
+    plain = evaluator(tmp_path / "plain", **RACING).evaluate(SPACE.baseline(), SPACE)
+    assert plain.ok, plain.reason
+    assert STAGE_KEY not in plain.metadata
+    ev = evaluator(tmp_path / "raced", **RACING)
+    # No front: nothing can stop the recipe, so the rest is scored on the same server.
+    full = ev.evaluate(SPACE.baseline(), SPACE, race=RaceRule(4, 2.0))
+    assert full.ok, full.reason
+    assert full.metadata[STAGE_KEY] == FULL
+    assert server_starts(ev) == 1
+    assert full.metadata["accuracy_run"]["racing"] == {"quick_n": 4, "rest_n": 8}
+    assert full.metadata["accuracy_n"] == plain.metadata["accuracy_n"] == 12
+    assert (full.objectives or {})["accuracy"] == pytest.approx(
+        (plain.objectives or {})["accuracy"]
+    )
+    assert full.metadata["accuracy_stderr"] == pytest.approx(plain.metadata["accuracy_stderr"])
+    split = full.metadata["seconds_split"]
+    assert split["accuracy"] == pytest.approx(
+        split["accuracy_quick"] + split["accuracy_rest"], abs=0.002
+    )
 
 
 @pytest.fixture(scope="module")
