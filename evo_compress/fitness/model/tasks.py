@@ -73,11 +73,15 @@ def find_task_manager(name: str, include_path: Path | None) -> Any:
         manager = task_manager(include_path, with_defaults=False)
         if name in manager.all_tasks:
             return manager
-    manager = task_manager(include_path, with_defaults=True)
-    if name not in manager.all_tasks:
+    # lm-eval's own tasks are indexed once per process, whatever the include path: a name
+    # neither there nor in the include path is unknown without indexing both together.
+    defaults = task_manager(None, with_defaults=True)
+    if name not in defaults.all_tasks:
         where = f" (include_path {include_path})" if include_path is not None else ""
         raise EvaluationError(f"lm-eval knows no task `{name}`{where}")
-    return manager
+    if include_path is None:
+        return defaults
+    return task_manager(include_path, with_defaults=True)
 
 
 @contextlib.contextmanager
