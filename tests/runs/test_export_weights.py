@@ -210,13 +210,7 @@ def test_export_weights_of_a_missing_damaged_or_synthetic_run_is_one_line(
 @pytest.mark.parametrize(
     ("recipe", "weight_class"),
     [
-        (
-            {
-                "prune": {"method": "magnitude", "sparsity": 0.5},
-                "quant": {"method": "int8_weight_only"},
-            },
-            "Int8Tensor",
-        ),
+        # Pruned + int8 weights are saved and reloaded by the `export --weights` test below.
         ({"quant": {"method": "gptq", "group_size": 32}}, "IntxUnpackedToInt8Tensor"),
         ({"quant": {"method": "nf4", "group_size": 32}}, "Params4bit"),
         (
@@ -227,7 +221,7 @@ def test_export_weights_of_a_missing_damaged_or_synthetic_run_is_one_line(
             "Parameter",
         ),
     ],
-    ids=["magnitude+int8", "gptq", "nf4", "structured_mlp+lora"],
+    ids=["gptq", "nf4", "structured_mlp+lora"],
 )
 def test_compress_writes_a_folder_transformers_loads_as_the_compressed_model(
     tmp_path, tiny_model, recipe, weight_class
@@ -256,9 +250,6 @@ def test_compress_writes_a_folder_transformers_loads_as_the_compressed_model(
     assert type(model.lm_head.weight).__name__ == "Parameter"  # the head stays full precision
     if recipe.get("prune", {}).get("method") == "structured_mlp":
         assert model.config.intermediate_size == down.weight.shape[1] == 64
-    if recipe.get("prune", {}).get("method") == "magnitude":
-        dense = down.weight.dequantize()
-        assert float((dense == 0).float().mean()) >= 0.45
     with torch.no_grad():
         logits = model(torch.tensor([[5, 6, 7]])).logits
     assert torch.isfinite(logits).all()

@@ -235,7 +235,10 @@ def test_the_estimate_is_within_25_percent_of_the_measured_peak(tmp_path) -> Non
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("label", ["rtn 4-bit g64", "distill", "lora r16"])
+# LoRA's row: the largest peak and the most terms of the estimate. `make bench`
+# (bench_memory.py) measures every row on this model; the 4-bit and distillation rows cost
+# 40 s each here for little the LoRA row and the smaller models above do not check.
+@pytest.mark.parametrize("label", ["lora r16"])
 def test_the_estimate_is_within_25_percent_on_the_100m_model(label: str) -> None:
     from evo_compress.reference.zoo import ensure_zoo_model
 
