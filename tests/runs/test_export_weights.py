@@ -300,7 +300,7 @@ def test_exported_weights_reproduce_the_stored_accuracy(tmp_path):
         {**QLORA, "recovery": {"method": "qlora", "lora_rank": 4, "steps": 50}},
     ]
     (tmp_path / "recipes.yaml").write_text(yaml.safe_dump(recipes))
-    settings = {**SETTINGS, "limit": 100}
+    settings = {**SETTINGS, "limit": 60}
     data = {
         "name": "export-weights",
         "model": {"id": "reference"},
