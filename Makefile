@@ -52,6 +52,8 @@ bench: setup
 	$(PY) benchmarks/bench_racing.py
 	$(PY) benchmarks/bench_zoo.py
 	$(PY) benchmarks/bench_memory.py
+	$(MAKE) vllm-env
+	$(PY) benchmarks/bench_vllm_cpu.py
 
 # Runs with the machine's own python3 and its CUDA build of torch (setup installs a CPU
 # build into .venv); the machine needs the `hf` extra's other packages installed.
