@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from evo_compress.fitness.model.tasks import (
-    combine_tasks,
     find_task_manager,
     quiet_lm_eval_logging,
     run_task,
-    run_tasks,
+    score_tasks,
 )
 from evo_compress.reference import TaskSpec, default_cache_dir, set_hf_cache_env
 
@@ -119,18 +118,10 @@ def measure_tasks(
     model.eval()
     try:
         lm = _quiet_hflm(model, tokenizer, batch_size)
-        scores = run_tasks(
-            lm,
-            entries,
-            include_path,
-            default_limit=limit,
-            samples=samples,
-            allow_code_execution=allow_code_execution,
-        )
+        scores = score_tasks(lm, entries, include_path, limit, samples, allow_code_execution)
     finally:
         model.train(was_training)
-    weights = {str(e["name"]): float(e.get("weight", 1.0)) for e in entries}
-    return {**combine_tasks(scores, weights), "seconds": time.perf_counter() - start}
+    return {**scores, "seconds": time.perf_counter() - start}
 
 
 __all__ = ["measure_accuracy", "measure_tasks"]

@@ -14,18 +14,17 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from evo_compress.exceptions import EvaluationError
 from evo_compress.fitness._base import EvaluationContext, EvaluationResult, Placement
 from evo_compress.fitness.model import (
-    REFERENCE_TASK,
     ModelEvaluator,
     cpu_name,
     model_fingerprint,
     parse_model_settings,
 )
-from evo_compress.fitness.model._base import CalibrationSettings, TaskEntry
+from evo_compress.fitness.model._base import TaskSettings
 from evo_compress.fitness.racing import RaceRule
 from evo_compress.fitness.worker import WorkerLimits, run_in_worker
 
@@ -38,35 +37,12 @@ _ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2", "flashinfer")
 _PRELOAD = ("evo_compress.fitness.hf._preload",)
 
 
-class TransformersSettings(BaseModel):
+class TransformersSettings(TaskSettings):
     """``evaluator.settings`` of the transformers back end (docs/config.md lists them)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    task: str = Field(REFERENCE_TASK, description="lm-eval task name, or `reference`")
-    tasks: list[TaskEntry] | None = Field(
-        None, description="Several lm-eval tasks, weighed; instead of `task`"
-    )
-    task_include_path: Path | None = Field(None, description="Folder of extra lm-eval YAMLs")
-    limit: int | None = Field(None, ge=1, description="Evaluate at most this many task docs")
     eval_batch_size: int = Field(32, ge=1)
-    allow_code_execution: bool = Field(
-        False, description="Let lm-eval run code tasks (its `confirm_run_unsafe_code`)"
-    )
-    calibration: CalibrationSettings | None = Field(
-        None, description="Where calibration and recovery text comes from"
-    )
-    calibration_file: Path | None = Field(
-        None, description="Shorthand for calibration {source: file, path: ...}"
-    )
-    calibration_samples: int | None = Field(
-        None, ge=1, description="Shorthand for calibration.samples (default 64)"
-    )
-    latency_prompt_file: Path | None = Field(
-        None, description="Latency prompts, one a line (default: the tasks' documents)"
-    )
-    recovery_lr: float = Field(1e-3, gt=0)
-    recovery_batch_size: int = Field(16, ge=1)
     latency_prompts: int = Field(16, ge=1, description="Prompts per latency batch round")
     max_new_tokens: int = Field(8, ge=1)
     latency_repeats: int = Field(3, ge=1)

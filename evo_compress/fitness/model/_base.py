@@ -113,6 +113,37 @@ class CalibrationSettings(BaseModel):
     max_tokens: int = Field(512, ge=1, description="Each text truncated to this many tokens")
 
 
+class TaskSettings(BaseModel):
+    """The settings both real-model back ends take for their tasks, calibration and
+    recovery text (docs/config.md, "Tasks")."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    task: str = Field(REFERENCE_TASK, description="lm-eval task name, or `reference`")
+    tasks: list[TaskEntry] | None = Field(
+        None, description="Several lm-eval tasks, weighed; instead of `task`"
+    )
+    task_include_path: Path | None = Field(None, description="Folder of extra lm-eval YAMLs")
+    limit: int | None = Field(None, ge=1, description="Evaluate at most this many task docs")
+    allow_code_execution: bool = Field(
+        False, description="Let lm-eval run code tasks (its `confirm_run_unsafe_code`)"
+    )
+    calibration: CalibrationSettings | None = Field(
+        None, description="Where calibration and recovery text comes from"
+    )
+    calibration_file: Path | None = Field(
+        None, description="Shorthand for calibration {source: file, path: ...}"
+    )
+    calibration_samples: int | None = Field(
+        None, ge=1, description="Shorthand for calibration.samples (default 64)"
+    )
+    latency_prompt_file: Path | None = Field(
+        None, description="Latency prompts, one a line (default: the tasks' documents)"
+    )
+    recovery_lr: float = Field(1e-3, gt=0)
+    recovery_batch_size: int = Field(16, ge=1)
+
+
 def resolved_calibration(config: Any) -> CalibrationSettings:
     """``calibration`` with the shorthands ``calibration_file`` / ``calibration_samples``
     folded in; a config error when a shorthand and ``calibration`` set the same thing."""

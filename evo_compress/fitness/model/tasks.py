@@ -308,6 +308,28 @@ def _scores(results: dict[str, Any], name: str, wanted: str | None) -> dict[str,
     }
 
 
+def score_tasks(
+    lm: Any,
+    entries: list[dict[str, Any]],
+    include_path: Path | None,
+    limit: int | None = None,
+    samples: dict[str, list[int]] | None = None,
+    allow_code_execution: bool = False,
+) -> dict[str, Any]:
+    """``run_tasks`` on ``entries`` and their scores combined by the entries' weights
+    (``combine_tasks``): what both back ends record as the accuracy."""
+    scores = run_tasks(
+        lm,
+        entries,
+        include_path,
+        default_limit=limit,
+        samples=samples,
+        allow_code_execution=allow_code_execution,
+    )
+    weights = {str(e["name"]): float(e.get("weight", 1.0)) for e in entries}
+    return combine_tasks(scores, weights)
+
+
 def combine_tasks(scores: dict[str, dict[str, Any]], weights: dict[str, float]) -> dict[str, Any]:
     """One accuracy from per-task scores: the weighted mean, its standard error
     sqrt(sum((w_i / W)^2 se_i^2)) (the tasks' documents are independent; None when a task

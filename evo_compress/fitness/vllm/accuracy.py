@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from evo_compress.fitness.model.tasks import (
-    combine_tasks,
     quiet_lm_eval_logging,
-    run_tasks,
+    score_tasks,
 )
 from evo_compress.reference import default_cache_dir, set_hf_cache_env
 
@@ -62,17 +61,9 @@ def measure_server_tasks(
         max_retries=3,
         timeout=int(timeout_s),
     )
-    scores = run_tasks(
-        lm,
-        entries,
-        include_path,
-        default_limit=limit,
-        samples=samples,
-        allow_code_execution=allow_code_execution,
-    )
-    weights = {str(e["name"]): float(e.get("weight", 1.0)) for e in entries}
+    scores = score_tasks(lm, entries, include_path, limit, samples, allow_code_execution)
     return {
-        **combine_tasks(scores, weights),
+        **scores,
         "seconds": time.perf_counter() - start,
         "via": f"lm-eval local-completions at {base_url}",
     }

@@ -22,7 +22,7 @@ from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 from evo_compress.exceptions import EvaluationError
 from evo_compress.fitness._base import (
@@ -39,13 +39,12 @@ from evo_compress.fitness.energy import (
     nvml_device_handle,
 )
 from evo_compress.fitness.model import (
-    REFERENCE_TASK,
     ModelEvaluator,
     cpu_name,
     model_fingerprint,
     parse_model_settings,
 )
-from evo_compress.fitness.model._base import CalibrationSettings, TaskEntry
+from evo_compress.fitness.model._base import TaskSettings
 from evo_compress.fitness.model.stages import all_done, finish_accuracy, quick_entries
 from evo_compress.fitness.noise import N_KEY, STDERR_KEY
 from evo_compress.fitness.racing import FULL, QUICK, STAGE_KEY, RaceRule
@@ -75,7 +74,7 @@ SERVED_NAME = "evo-compress"
 _MIN_NEW_TOKENS = 2  # the fewest output tokens a latency request can be measured with
 
 
-class VLLMSettings(BaseModel):
+class VLLMSettings(TaskSettings):
     """``evaluator.settings`` of the vLLM back end (docs/config.md lists them)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -95,29 +94,6 @@ class VLLMSettings(BaseModel):
     )
     env: dict[str, str] = Field(default_factory=dict, description="Extra server environment")
     extra_args: tuple[str, ...] = Field((), description="More engine arguments, verbatim")
-    task: str = Field(REFERENCE_TASK, description="lm-eval task name, or `reference`")
-    tasks: list[TaskEntry] | None = Field(
-        None, description="Several lm-eval tasks, weighed; instead of `task`"
-    )
-    task_include_path: Path | None = Field(None, description="Folder of extra lm-eval YAMLs")
-    limit: int | None = Field(None, ge=1, description="Evaluate at most this many task docs")
-    allow_code_execution: bool = Field(
-        False, description="Let lm-eval run code tasks (its `confirm_run_unsafe_code`)"
-    )
-    calibration: CalibrationSettings | None = Field(
-        None, description="Where calibration and recovery text comes from"
-    )
-    calibration_file: Path | None = Field(
-        None, description="Shorthand for calibration {source: file, path: ...}"
-    )
-    calibration_samples: int | None = Field(
-        None, ge=1, description="Shorthand for calibration.samples (default 64)"
-    )
-    latency_prompt_file: Path | None = Field(
-        None, description="Latency prompts, one a line (default: the tasks' documents)"
-    )
-    recovery_lr: float = Field(1e-3, gt=0)
-    recovery_batch_size: int = Field(16, ge=1)
     latency_requests: int = Field(32, ge=1, description="Measured requests per evaluation")
     max_new_tokens: int = Field(64, ge=1, description="Output tokens per latency request")
     concurrency: int | None = Field(
