@@ -637,10 +637,10 @@ def compress_recipe(
 
 
 def _check_weights_evaluator(evaluator: Evaluator, what: str) -> None:
-    if evaluator.name != "transformers" or not hasattr(evaluator, "worker_payload"):
+    if not hasattr(evaluator, "worker_payload") and not hasattr(evaluator, "save_weights"):
         raise EvoCompressError(
-            f"weights are built with the `transformers` evaluator's model and settings; this "
-            f"{what} uses `{evaluator.name}`"
+            "weights are built with the `transformers` or `vllm` evaluator's model and "
+            f"settings; this {what} uses `{evaluator.name}`"
         )
 
 
@@ -661,6 +661,8 @@ def _write_weights(
 
     say = message or (lambda _text: None)
     failed = f"cannot export the weights of recipe {recipe.short_hash}"
+    if hasattr(evaluator, "save_weights"):
+        return _write_served_weights(evaluator, recipe, out, origin, force, say, failed)
     reason = unsaveable_reason(recipe)
     if reason is not None:
         raise EvoCompressError(f"{failed}: {reason}")
@@ -688,6 +690,44 @@ def _write_weights(
         except Exception as exc:  # a library's error while applying or saving: one line
             first = str(exc).splitlines()[0] if str(exc) else ""
             raise EvaluationError(f"{failed}: {type(exc).__name__}: {first}") from exc
+
+    try:
+        return write_weights(Path(out), origin, build, force=force, message=say)
+    finally:
+        evaluator.close()
+
+
+def _write_served_weights(
+    evaluator: Any,
+    recipe: Recipe,
+    out: Path,
+    origin: Any,
+    force: bool,
+    say: Callable[[str], None],
+    failed: str,
+) -> list[Path]:
+    """The vLLM back end's weights: the very checkpoint it serves for ``recipe`` (cached by
+    its evaluations, else built the same way), which ``vllm serve`` loads as it is."""
+    import dataclasses
+
+    from evo_compress.exceptions import EvaluationError
+    from evo_compress.fitness.model import task_entries
+    from evo_compress.runs.weights import check_target, write_weights
+
+    check_target(Path(out), force)
+    say(f"preparing model `{origin.model}` and its task")
+    origin = dataclasses.replace(
+        origin,
+        settings=evaluator.config.model_dump(mode="json"),
+        device=str(evaluator.device),
+        task=", ".join(entry.name for entry in task_entries(evaluator.config)),
+    )
+
+    def build(folder: Path) -> dict[str, Any]:
+        try:
+            return dict(evaluator.save_weights(recipe, folder, say))
+        except EvaluationError as exc:
+            raise EvaluationError(f"{failed}: {exc}") from None
 
     try:
         return write_weights(Path(out), origin, build, force=force, message=say)

@@ -371,3 +371,61 @@ def test_exported_weights_reproduce_the_stored_accuracy(tmp_path):
         stored_weights = stored.metadata["compression"]["quant"]["weight_bytes"]
         assert weights == stored_weights  # the same tensors, not a dequantized copy
     assert len(fingerprints) == 3  # each folder is its own model for the fitness cache
+
+
+@pytest.mark.slow
+def test_compress_on_the_vllm_back_end_writes_the_checkpoint_it_serves(tmp_path, tiny_model):
+    """The vLLM back end's weights are its served checkpoint (here a 2:4-pruned dense one,
+    built as an evaluation builds it), with the card and record of any export."""
+    import sys
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = tmp_path / "vllm.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "name": "weights-vllm",
+                "model": {"id": str(tiny_model)},
+                "hardware": {"device": "cpu"},
+                "evaluator": {
+                    "name": "vllm",
+                    "settings": {
+                        "command": [sys.executable, "-m", "evo_compress.testing.vllm_server"],
+                        "vllm_version": "0.32.0",
+                        "threads": 1,
+                        "checkpoint_dir": str(tmp_path / "ckpt"),
+                        "calibration_samples": 16,
+                    },
+                },
+                "output": {"runs_root": str(tmp_path / "runs")},
+            }
+        )
+    )
+    recipe = {"prune": {"method": "magnitude", "pattern": "2:4"}}
+    out = tmp_path / "out"
+    run_cli("compress", "-c", config, "-r", json.dumps(recipe), "-o", out)
+    record = json.loads((out / PROVENANCE_FILE).read_text())
+    assert record["evaluator"] == "vllm" and record["recipe"]["prune"]["method"] == "magnitude"
+    assert record["compression"]["format"] == "dense safetensors"
+    assert not (out / "evo_checkpoint.json").exists()  # the cache's own marker stays behind
+    assert "evo-compress" in front_matter((out / "README.md").read_text())["tags"]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    down = model.model.layers[0].mlp.down_proj.weight
+    assert float((down == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[5, 6, 7]])).logits).all()
+    # A recipe the back end cannot serve is one line, and nothing is written.
+    bad = run_cli(
+        "compress",
+        "-c",
+        config,
+        "-r",
+        '{"quant": {"method": "awq"}}',
+        "-o",
+        tmp_path / "x",
+        check=False,
+    )
+    assert_one_line_error(bad)
+    assert not (tmp_path / "x").exists()

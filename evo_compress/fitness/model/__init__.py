@@ -17,6 +17,7 @@ from evo_compress.fitness.model._base import (
     plain,
     prepare_model_and_task,
     settings_tasks,
+    task_entries,
 )
 
 __all__ = [
@@ -29,4 +30,5 @@ __all__ = [
     "plain",
     "prepare_model_and_task",
     "settings_tasks",
+    "task_entries",
 ]

@@ -279,18 +279,17 @@ class VLLMEvaluator(ModelEvaluator):
         # Both stages on one server start: `_measure` asks `race.stop` between them.
         return self._run(recipe, placement, race)
 
-    def _run(
-        self, recipe: Recipe, placement: Placement, race: RaceRule | None
-    ) -> EvaluationResult:
+    def checkpoint(self, recipe: Recipe, placement: Placement | None = None) -> tuple[Any, Any]:
+        """The serve plan of ``recipe`` and the checkpoint vLLM serves for it (built now, or
+        the cached one): what an evaluation serves and what ``export --weights`` copies.
+        Raises ``EvaluationError`` where vLLM cannot serve the recipe or a step fails."""
         from evo_compress.fitness.vllm.checkpoint import ensure_checkpoint
         from evo_compress.reference import default_cache_dir
 
+        placement = placement or Placement()
         self.prepare()
         assert self._model_path is not None and self._task is not None
-        started = time.perf_counter()
         plan = compile_recipe(dict(recipe), self.caps, defaults=self._defaults)
-        settings = self.config.model_dump(mode="json")
-        building = time.perf_counter()
         checkpoint = ensure_checkpoint(
             plan,
             model_path=self._model_path,
@@ -299,11 +298,59 @@ class VLLMEvaluator(ModelEvaluator):
             device=placement.device or self.device,
             dtype=self.context.model.dtype,
             task=self._task,
-            settings=settings,
+            settings=self.config.model_dump(mode="json"),
             python=self.config.quant_python,
             env=placement.env,
         )
-        built = time.perf_counter() - building
+        return plan, checkpoint
+
+    def save_weights(
+        self, recipe: Recipe, out: Path, message: Any = lambda _text: None
+    ) -> dict[str, Any]:
+        """Write the checkpoint vLLM serves for ``recipe`` into the folder ``out``: the
+        compressed-tensors checkpoint of its quantization step, or the pruned and recovered
+        dense one, or the base model. ``export --weights`` and ``compress`` of vLLM runs.
+        Returns what was done, as ``runs.weights`` records it."""
+        import shutil
+
+        from evo_compress.fitness.vllm.checkpoint import MARKER
+
+        message("building (or finding the cached) vLLM checkpoint")
+        plan, checkpoint = self.checkpoint(recipe)
+        message(f"copying {checkpoint.path} to {out}")
+        for item in Path(checkpoint.path).iterdir():
+            if item.name == MARKER:
+                continue
+            target = out / item.name
+            if item.is_dir():
+                shutil.copytree(item, target)
+            else:
+                shutil.copy2(item, target)
+        config = json.loads((out / "config.json").read_text())
+        step = plan.quant_step
+        return {
+            "details": {
+                "format": "compressed-tensors" if step is not None else "dense safetensors",
+                "checkpoint_key": checkpoint.key,
+                "steps": checkpoint.info.get("steps", []),
+                "serve": ["vllm", "serve", "FOLDER", *plan.engine_args],
+                "notes": list(plan.notes),
+            },
+            "quantization_config": config.get("quantization_config"),
+            "compression_energy": {
+                "joules": checkpoint.energy_joules,
+                "measured": checkpoint.energy_measured,
+            },
+        }
+
+    def _run(
+        self, recipe: Recipe, placement: Placement, race: RaceRule | None
+    ) -> EvaluationResult:
+        from evo_compress.reference import default_cache_dir
+
+        started = time.perf_counter()
+        plan, checkpoint = self.checkpoint(recipe, placement)
+        built = time.perf_counter() - started
         args = (*plan.engine_args, "--seed", str(self.config.seed), *self.config.extra_args)
         log_dir = (self.run_dir or default_cache_dir()) / "logs"
         build_seconds = _build_seconds(checkpoint, built)

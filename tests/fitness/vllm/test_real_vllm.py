@@ -10,6 +10,7 @@ model, kernels and API are the same.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -294,3 +295,46 @@ output: {{runs_root: {tmp_path / "runs"}}}
     assert proc.returncode == 130, err
     time.sleep(1.0)
     assert _servers_of(tmp_path) == [], "a vLLM process outlived the search"
+
+
+def test_the_exported_checkpoint_is_what_vllm_serves(tmp_path: Path) -> None:
+    """`compress` of a W8A8 recipe on the vLLM back end writes the compressed-tensors
+    checkpoint it serves; served as `model.id`, it measures as the recipe did."""
+    from evo_compress.app import checked_config, compress_recipe
+    from evo_compress.runs.weights import PROVENANCE_FILE
+
+    settings = {
+        "latency_requests": 4,
+        "max_new_tokens": 4,
+        "warmup_requests": 1,
+        "limit": LIMIT,
+        "threads": 1,
+        "checkpoint_dir": str(tmp_path / "ckpt"),
+        "extra_args": ["--enforce-eager"],
+        "env": FAST_START,
+    }
+    data = {
+        "name": "export",
+        "model": {"id": "reference"},
+        "hardware": {"device": "cpu"},
+        "evaluator": {"name": "vllm", "settings": settings},
+        "output": {"runs_root": str(tmp_path / "runs")},
+    }
+    recipe = SPACE.recipe({"quant.method": "int8_w8a8"})
+    out = tmp_path / "w8a8"
+    compress_recipe(checked_config(data), recipe, out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    record = json.loads((out / PROVENANCE_FILE).read_text())
+    assert record["evaluator"] == "vllm" and record["compression"]["format"] == (
+        "compressed-tensors"
+    )
+    # Served as a model of its own, with no recipe applied on top.
+    served = EVALUATORS.get("vllm")(
+        settings,
+        EvaluationContext(ModelConfig(id=str(out)), HardwareConfig(device="cpu"), CarbonConfig()),
+    )
+    served.set_run_dir(tmp_path / "run")
+    result = served.evaluate(SPACE.recipe({}), SPACE)
+    assert result.ok, result.reason
+    assert result.objectives["accuracy"] > 0.5
