@@ -182,8 +182,17 @@ def test_a_pruned_recovered_recipe_is_served_with_another_max_num_seqs(
     baseline: Any, tmp_path: Path
 ) -> None:
     """A Wanda 2:4 checkpoint with LoRA recovery, served with `max_num_seqs` 4 where the
-    baseline had 32: a second engine configuration on one more start."""
+    baseline had 32: a second engine configuration on one more start. Scored on a user's
+    task list (a generated and a multiple-choice task over local JSONL, weights 2:1), whose
+    documents also give the calibration and recovery text."""
+    from evo_compress.testing.user_tasks import write_user_tasks
+
     _, first, _ = baseline
+    user = write_user_tasks(tmp_path / "tasks")
+    tasks = [
+        {"name": user["generate"], "weight": 2, "limit": 20},
+        {"name": user["multiple_choice"], "weight": 1, "limit": 20},
+    ]
     recipe = SPACE.recipe(
         {
             "prune.method": "wanda",
@@ -194,8 +203,14 @@ def test_a_pruned_recovered_recipe_is_served_with_another_max_num_seqs(
             "serve.max_num_seqs": 4,
         }
     )
-    result = real_evaluator(tmp_path).evaluate(recipe, SPACE)
+    ev = real_evaluator(tmp_path, tasks=tasks, task_include_path=str(user["include_path"]))
+    result = ev.evaluate(recipe, SPACE)
     assert result.ok, result.reason
+    scores = result.metadata["tasks"]
+    assert set(scores) == {user["generate"], user["multiple_choice"]}
+    assert all(scores[name]["n"] == 20 for name in scores)
+    mean = (2 * scores[user["generate"]]["score"] + scores[user["multiple_choice"]]["score"]) / 3
+    assert result.objectives["accuracy"] == pytest.approx(mean)
     assert result.metadata["checkpoint"]["steps"][0]["step"] == "prune+recover"
     assert result.metadata["seconds_split"]["checkpoint"] > 0
     args, before = result.metadata["engine_args"], first.metadata["engine_args"]
