@@ -53,13 +53,11 @@ ROOT = Path(__file__).resolve().parents[3]
 ISA = cpu_isa()
 
 
-def _context() -> EvaluationContext:
-    return EvaluationContext(
-        ModelConfig(id="reference"), HardwareConfig(device="cpu"), CarbonConfig()
-    )
+def _context(model: str = "reference") -> EvaluationContext:
+    return EvaluationContext(ModelConfig(id=model), HardwareConfig(device="cpu"), CarbonConfig())
 
 
-def real_evaluator(tmp_path: Path, **settings: Any) -> Any:
+def real_evaluator(tmp_path: Path, model: str = "reference", **settings: Any) -> Any:
     """The vLLM evaluator with its defaults: no `command`, no `python`, so the environments
     of `make vllm-env` are used."""
     base = {
@@ -73,7 +71,7 @@ def real_evaluator(tmp_path: Path, **settings: Any) -> Any:
         "extra_args": ["--enforce-eager"],
         "env": FAST_START,
     }
-    ev = EVALUATORS.get("vllm")(base | settings, _context())
+    ev = EVALUATORS.get("vllm")(base | settings, _context(model))
     ev.set_run_dir(tmp_path / "run")
     return ev
 
@@ -203,7 +201,14 @@ def test_a_pruned_recovered_recipe_is_served_with_another_max_num_seqs(
             "serve.max_num_seqs": 4,
         }
     )
-    ev = real_evaluator(tmp_path, tasks=tasks, task_include_path=str(user["include_path"]))
+    # The user's tasks on the reference model's weights as a model folder of their own (the
+    # name `reference` stands for the reference task too).
+    from evo_compress.reference import default_cache_dir, ensure_reference_model
+
+    folder = str(ensure_reference_model(default_cache_dir()))
+    ev = real_evaluator(
+        tmp_path, model=folder, tasks=tasks, task_include_path=str(user["include_path"])
+    )
     result = ev.evaluate(recipe, SPACE)
     assert result.ok, result.reason
     scores = result.metadata["tasks"]
