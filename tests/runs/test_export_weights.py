@@ -192,7 +192,7 @@ def test_export_weights_of_a_missing_damaged_or_synthetic_run_is_one_line(
     proc = run_cli("export", run_dir, 9999, "--weights", out, check=False)
     assert_one_line_error(proc, "9999")
     proc = run_cli("export", run_dir, 1, "--weights", out, "-o", tmp_path / "r", check=False)
-    assert_one_line_error(proc, "`transformers` evaluator", "`synthetic`")
+    assert_one_line_error(proc, "`transformers` or `vllm` evaluator", "`synthetic`")
     assert not out.exists()
 
     # A run whose stored config was damaged: one line naming it.
