@@ -82,6 +82,12 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         help="every completion waits this long before its first token (a hung engine)",
     )
     parser.add_argument(
+        "--fake-burst-stream",
+        action="store_true",
+        help="each stream's chunks are held back and sent together at its end (an API "
+        "server that got no CPU while the engine generated)",
+    )
+    parser.add_argument(
         "--fake-exit-on-request",
         type=int,
         default=None,
@@ -724,7 +730,15 @@ class Handler(BaseHTTPRequestHandler):
         """One server-sent event, as one HTTP chunk (one write: no Nagle delay)."""
         payload = b"data: " + (data if isinstance(data, bytes) else json.dumps(data).encode())
         payload += b"\n\n"
-        self.wfile.write(b"%x\r\n%s\r\n" % (len(payload), payload))
+        framed = b"%x\r\n%s\r\n" % (len(payload), payload)
+        held = getattr(self, "_held", None)
+        if held is not None and data != b"[DONE]":
+            held.append(framed)
+            return
+        if held:
+            self._held = None
+            framed = b"".join(held) + framed
+        self.wfile.write(framed)
 
     def _stream(self, request: CompletionRequest, prepared: list[Prepared]) -> None:
         self.send_response(200)
@@ -736,6 +750,7 @@ class Handler(BaseHTTPRequestHandler):
         head = self._head()
         prompt_tokens = completion_tokens = 0
         time.sleep(self.server.args.fake_stall_s)
+        self._held: list[bytes] | None = [] if self.server.args.fake_burst_stream else None
         try:
             for index, (prompt, ids, max_tokens) in enumerate(prepared):
                 offset = 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import itertools
 import json
 import math
 import re
@@ -33,17 +34,23 @@ class ClientError(EvaluationError):
 
 @dataclass(frozen=True)
 class RequestTiming:
-    """One streamed request. ``tpot_s`` is None when fewer than two tokens came back."""
+    """One streamed request. ``tpot_s`` is None when fewer than two tokens came back.
+    ``paced``: its token chunks arrived one generation step apart (the median gap between
+    them is at least ``PACED_GAP_S``), so ``tpot_s`` times generation. A stream whose tokens
+    were held back and then arrived together (a busy API server on a CPU shared with the
+    engine) is not paced: its ``tpot_s`` is near 0 and says nothing about generation."""
 
     ttft_s: float
     tpot_s: float | None
     output_tokens: int
     total_s: float
+    paced: bool = True
 
 
 @dataclass(frozen=True)
 class LatencyReport:
-    """Medians and 95th percentiles over the measured requests (warm-up requests left out);
+    """Medians and 95th percentiles over the measured requests (warm-up requests left out),
+    the TPOT ones over the paced requests (``RequestTiming.paced``; NaN when none was);
     ``throughput_tok_s`` is every output token over the measured phase's wall time."""
 
     requests: int
@@ -56,9 +63,20 @@ class LatencyReport:
     tpot_median_ms: float
     tpot_p95_ms: float
     throughput_tok_s: float
+    paced_requests: int = 0
+
+    @property
+    def paced(self) -> bool:
+        """Whether at least half the requests were paced: then the TPOT figures, taken over
+        the paced requests only, time generation."""
+        return 2 * self.paced_requests >= self.requests
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields, NaN as None (strict JSON)."""
+        return {
+            k: None if isinstance(v, float) and math.isnan(v) else v
+            for k, v in asdict(self).items()
+        }
 
 
 # ---------------------------------------------------------------------- HTTP
@@ -212,6 +230,12 @@ def _events(call: _Call, deadline: float) -> Iterator[tuple[float, Any]]:
         call.close()
 
 
+# Below this median gap between a request's token chunks they were delivered together, not
+# as generated: a generation step takes milliseconds even for a tiny model on a GPU, while
+# chunks that waited in a buffer arrive tens of microseconds apart (measured on the CPU build).
+PACED_GAP_S = 0.0005
+
+
 def stream_completion(
     base_url: str,
     model: str,
@@ -237,6 +261,7 @@ def stream_completion(
     start = time.perf_counter()
     first = last = None
     chunks = 0
+    arrivals: list[float] = []
     usage_tokens: int | None = None
     for now, event in _events(call, start + timeout_s):
         if not isinstance(event, dict):
@@ -252,12 +277,15 @@ def stream_completion(
                 first = now if first is None else first
                 last = now
                 chunks += 1
+                arrivals.append(now)
     total = time.perf_counter() - start
     if first is None or last is None:
         raise call.fail("the stream carried no output tokens")
     tokens = usage_tokens if usage_tokens is not None else chunks
     tpot = (last - first) / (tokens - 1) if tokens >= 2 else None
-    return RequestTiming(first - start, tpot, tokens, total)
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    paced = bool(gaps) and _percentile(gaps, 50) >= PACED_GAP_S
+    return RequestTiming(first - start, tpot, tokens, total, paced)
 
 
 def complete(
@@ -300,6 +328,22 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
+def warm_up(
+    base_url: str,
+    model: str,
+    prompts: Sequence[str],
+    max_tokens: int,
+    requests: int = 2,
+    timeout_s: float = 300.0,
+) -> None:
+    """``requests`` uncounted streamed requests, one at a time, taken in turn from
+    ``prompts`` (first-request costs: kernel set-up, allocation)."""
+    if requests < 0:
+        raise ValueError(f"`warmup` must be >= 0, got {requests}")
+    for i in range(requests):
+        stream_completion(base_url, model, prompts[i % len(prompts)], max_tokens, timeout_s)
+
+
 def measure_latency(
     base_url: str,
     model: str,
@@ -318,10 +362,7 @@ def measure_latency(
         raise ValueError(f"`max_tokens` must be >= 2 to time output tokens, got {max_tokens}")
     if concurrency < 1:
         raise ValueError(f"`concurrency` must be >= 1, got {concurrency}")
-    if warmup < 0:
-        raise ValueError(f"`warmup` must be >= 0, got {warmup}")
-    for i in range(warmup):
-        stream_completion(base_url, model, prompts[i % len(prompts)], max_tokens, timeout_s)
+    warm_up(base_url, model, prompts, max_tokens, warmup, timeout_s)
     pool = ThreadPoolExecutor(concurrency, thread_name_prefix="evo-latency")
     try:
         start = time.perf_counter()
@@ -341,12 +382,13 @@ def measure_latency(
         # waited for: they end with their timeout, or at once when the server stops.
         pool.shutdown(wait=False, cancel_futures=True)
     ttfts = [t.ttft_s * 1000.0 for t in timings]
-    tpots = [t.tpot_s * 1000.0 for t in timings if t.tpot_s is not None]
-    if not tpots:
+    timed = [t for t in timings if t.tpot_s is not None]
+    if not timed:
         raise ClientError(
             f"POST {base_url.rstrip('/')}/v1/completions: no request returned two or more "
             "tokens, so the time per output token cannot be measured"
         )
+    tpots = [t.tpot_s * 1000.0 for t in timed if t.paced and t.tpot_s is not None]
     tokens = sum(t.output_tokens for t in timings)
     return LatencyReport(
         requests=len(timings),
@@ -359,6 +401,7 @@ def measure_latency(
         tpot_median_ms=_percentile(tpots, 50),
         tpot_p95_ms=_percentile(tpots, 95),
         throughput_tok_s=tokens / wall if wall > 0 else math.inf,
+        paced_requests=len(tpots),
     )
 
 
@@ -476,6 +519,34 @@ def kv_cache_figures(metrics: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+# The server's own time per output token, newest name first: vLLM V1's per-request figure
+# (decode time over tokens - 1, from the engine's timestamps), then the per-token one of
+# older releases and of the stand-in server.
+SERVER_TPOT_METRICS = (
+    "vllm:request_time_per_output_token_seconds",
+    "vllm:time_per_output_token_seconds",
+)
+
+
+def server_tpot_ms(
+    before: Mapping[str, Any], after: Mapping[str, Any]
+) -> tuple[float, str] | None:
+    """The server's mean time per output token (ms) over what it served between two
+    ``scrape_metrics`` results, and the histogram it came from; None when it reports none.
+    It times generation where the engine runs, so it holds when the streamed chunks did not
+    arrive as they were generated."""
+    for name in SERVER_TPOT_METRICS:
+        total = _number(after.get(f"{name}_sum"), float)
+        count = _number(after.get(f"{name}_count"), float)
+        if total is None or count is None:
+            continue
+        total -= _number(before.get(f"{name}_sum"), float) or 0.0
+        count -= _number(before.get(f"{name}_count"), float) or 0.0
+        if count > 0:
+            return total / count * 1000.0, name
+    return None
+
+
 def scrape_metrics(base_url: str, timeout_s: float = 10.0) -> dict[str, Any]:
     """The server's ``/metrics``, parsed by ``parse_metrics``."""
     call = _Call(_Endpoint(base_url), "GET", "/metrics", timeout_s)
@@ -491,6 +562,8 @@ __all__ = [
     "measure_latency",
     "parse_metrics",
     "scrape_metrics",
+    "server_tpot_ms",
     "stream_completion",
     "tokenize",
+    "warm_up",
 ]

@@ -458,7 +458,7 @@ class VLLMEvaluator(ModelEvaluator):
         same server and combined with them (``stage: "full"``), as the transformers back
         end does (``fitness.model.stages``)."""
         from evo_compress.fitness.vllm.accuracy import measure_server_tasks
-        from evo_compress.fitness.vllm.client import measure_latency, scrape_metrics
+        from evo_compress.fitness.vllm.client import measure_latency, scrape_metrics, warm_up
 
         settings = self.config
         task = self._task or {}
@@ -469,6 +469,16 @@ class VLLMEvaluator(ModelEvaluator):
             self._context_warned = True
             log.warning(note)
         memory.watch(server.pid)
+        # Warm-up requests stay out of the timing, the energy and the server's own figures.
+        warm_up(
+            server.base_url,
+            SERVED_NAME,
+            prompts,
+            max_tokens,
+            settings.warmup_requests,
+            settings.request_timeout_s,
+        )
+        before = scrape_metrics(server.base_url)
         cpu_before = _tree_cpu_seconds(server.pid)
         meter = EnergyMeter(device, watts_per_core=settings.watts_per_core, env=gpu_env)
         kv_usage = _KVUsageSampler(server.base_url)
@@ -480,11 +490,12 @@ class VLLMEvaluator(ModelEvaluator):
                 prompts,
                 max_tokens=max_tokens,
                 concurrency=concurrency,
-                warmup=settings.warmup_requests,
+                warmup=0,
                 timeout_s=settings.request_timeout_s,
             )
         cpu_serving = _tree_cpu_seconds(server.pid) - cpu_before
         metrics = scrape_metrics(server.base_url)
+        tpot = _time_per_output_token(latency, before, metrics)
         kv_cache = kv_usage.record(metrics)
         latency_s = time.perf_counter() - timing
         energy = meter.result
@@ -519,6 +530,7 @@ class VLLMEvaluator(ModelEvaluator):
         ) -> dict[str, Any]:
             return {
                 "latency": latency,
+                "tpot": tpot,
                 "metrics": metrics,
                 "kv_cache": kv_cache,
                 "accuracy": accuracy,
@@ -581,7 +593,7 @@ class VLLMEvaluator(ModelEvaluator):
         tasks = accuracy.get("tasks") or {}
         objectives = {
             "accuracy": float(accuracy["accuracy"]),
-            "latency": float(latency.tpot_median_ms),
+            "latency": float(measured["tpot"]["ms"]),
             "memory": float(memory["mib"]),
             "energy": energy_per_1k,
             "co2": co2_serving + co2_once,
@@ -620,9 +632,10 @@ class VLLMEvaluator(ModelEvaluator):
                     "stderr_from": accuracy.get("stderr_from"),
                 },
                 "latency": {
-                    "how": "median time per output token of streamed completions, "
-                    f"{latency.requests} requests at concurrency {latency.concurrency}",
+                    "how": measured["tpot"]["how"],
                     "measured": True,
+                    "source": measured["tpot"]["source"],
+                    "server_mean_ms": measured["tpot"]["server_mean_ms"],
                     **latency.to_json(),
                 },
                 "memory": {"measured": True, **memory},
@@ -655,6 +668,41 @@ class VLLMEvaluator(ModelEvaluator):
 
 
 # ---------------------------------------------------------------------- helpers
+def _time_per_output_token(
+    latency: Any, before: Mapping[str, Any], after: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The latency objective: the median TPOT of the paced streams when at least half the
+    requests were paced (``client.RequestTiming.paced``); else the server's own mean over
+    the same requests (``client.server_tpot_ms``), since chunks that were held back and
+    delivered together time the API server's turn on the CPU, not generation."""
+    from evo_compress.fitness.vllm.client import server_tpot_ms
+
+    runs = f"{latency.requests} requests at concurrency {latency.concurrency}"
+    server = server_tpot_ms(before, after)
+    if latency.paced:
+        return {
+            "ms": float(latency.tpot_median_ms),
+            "source": "stream",
+            "how": f"median time per output token of streamed completions, {runs}",
+            "server_mean_ms": None if server is None else server[0],
+        }
+    unpaced = f"{latency.requests - latency.paced_requests} of {latency.requests}"
+    if server is None:
+        raise EvaluationError(
+            f"the time per output token cannot be measured: {unpaced} streams arrived in "
+            "bursts (tokens held back, then delivered together) and the server reports no "
+            "time-per-output-token histogram in /metrics"
+        )
+    ms, name = server
+    return {
+        "ms": ms,
+        "source": "server",
+        "how": f"the server's mean time per output token ({name}), {runs}; {unpaced} streams "
+        "arrived in bursts, so their chunk times do not time generation",
+        "server_mean_ms": ms,
+    }
+
+
 def _build_seconds(checkpoint: Any, seconds: float) -> dict[str, float]:
     """The checkpoint's share of an evaluation's seconds: each build step (prune+recover,
     quantize) by its own clock, the rest (copying, caching) as ``checkpoint``; all 0 when

