@@ -127,6 +127,17 @@ def print_status(info: Mapping[str, Any]) -> None:
             f"{llm['output_tokens']} output tokens{cost}; {', '.join(llm['operators'])}",
             highlight=False,
         )
+    split = info.get("seconds_split")
+    if split:
+        phases = split["phases"]
+        total = sum(phases.values()) or 1.0
+        parts = " · ".join(
+            f"{name.replace('_', ' ')} {seconds:,.0f} s ({seconds / total:.0%})"
+            for name, seconds in sorted(phases.items(), key=lambda kv: -kv[1])
+        )
+        console.print(
+            f"time by phase over {split['evaluations']} evaluations: {parts}", highlight=False
+        )
     if info["hypervolume"] is not None:
         console.print(
             f"front: {info['front_size']} recipes, hypervolume {info['hypervolume']:.4f}",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,6 +116,7 @@ def _run_status(store: RunStore) -> dict[str, Any]:
     for row in evaluations.values():
         by_status[row.result.status] = by_status.get(row.result.status, 0) + 1
         by_source[row.source] = by_source.get(row.source, 0) + 1
+    split = _seconds_split(evaluations.values())
     target = store.target_generations()
     done = checkpoints[-1].generation + 1 if checkpoints else 0
     holder = lock_holder(store)
@@ -156,6 +157,7 @@ def _run_status(store: RunStore) -> dict[str, Any]:
         "by_status": by_status,
         "by_source": by_source,
         "llm": llm,
+        "seconds_split": split,
         "front_size": last.get("front_size"),
         "hypervolume": hv.last,
         "hv_box": hv.box.to_data() if hv.box is not None else None,
@@ -165,6 +167,26 @@ def _run_status(store: RunStore) -> dict[str, Any]:
             for c in checkpoints
         ],
     }
+
+
+def _seconds_split(rows: Iterable[Any]) -> dict[str, Any] | None:
+    """Where the evaluations' time went: each phase's seconds (checkpoint build steps,
+    quantization, server start, latency, accuracy, as the vLLM back end records them in
+    ``seconds_split``) summed over the evaluations this run made itself; None when none
+    recorded a split (other back ends, or every result from the cache)."""
+    phases: dict[str, float] = {}
+    count = 0
+    for row in rows:
+        split = row.result.metadata.get("seconds_split") if row.source == "evaluated" else None
+        if not isinstance(split, dict):
+            continue
+        count += 1
+        for phase, seconds in split.items():
+            if isinstance(seconds, int | float):
+                phases[phase] = phases.get(phase, 0.0) + float(seconds)
+    if not count:
+        return None
+    return {"evaluations": count, "phases": {k: round(v, 3) for k, v in phases.items()}}
 
 
 def lock_holder(store: RunStore) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -110,3 +111,38 @@ def test_status_counts_generations_and_evaluations(finished_run):
     assert info["evaluations"] == 1 + 8 * 4  # the baseline reference, then 4 generations
     assert info["state"] == "finished"
     assert [h["generation"] for h in info["history"]] == [0, 1, 2, 3]
+
+
+def test_status_sums_where_the_evaluations_time_went(finished_run):
+    with RunStore.open(finished_run) as store:
+        assert run_status(store)["seconds_split"] is None  # the synthetic back end has none
+    db = sqlite3.connect(finished_run / DB_NAME)
+    rows = db.execute("SELECT individual_id, metadata FROM evaluations LIMIT 3").fetchall()
+    splits = [{"server_start": 40.0, "latency": 2.0}, {"server_start": 30.5, "accuracy": 3.0}]
+    for (ident, metadata), split in zip(rows, splits, strict=False):
+        db.execute(
+            "UPDATE evaluations SET metadata = ? WHERE individual_id = ?",
+            (json.dumps({**json.loads(metadata), "seconds_split": split}), ident),
+        )
+    # A result taken from the cache cost this run nothing: its split is not counted.
+    ident, metadata = rows[2]
+    db.execute(
+        "UPDATE evaluations SET metadata = ?, source = 'cache' WHERE individual_id = ?",
+        (json.dumps({**json.loads(metadata), "seconds_split": {"server_start": 99.0}}), ident),
+    )
+    db.commit()
+    db.close()
+    with RunStore.open(finished_run) as store:
+        split = run_status(store)["seconds_split"]
+    assert split == {
+        "evaluations": 2,
+        "phases": {"server_start": 70.5, "latency": 2.0, "accuracy": 3.0},
+    }
+    shown = subprocess.run(
+        [sys.executable, "-m", "evo_compress", "status", str(finished_run)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "time by phase over 2 evaluations: server start 70 s (93%)" in shown.stdout
