@@ -16,6 +16,7 @@ from evo_compress.engine.archive import Archive
 from evo_compress.engine.problem import Constraints, objectives_of, set_fitness
 from evo_compress.exceptions import EvaluationError, RunStoreError
 from evo_compress.fitness import EvaluationResult, Evaluator, FitnessCache
+from evo_compress.fitness._base import with_failure_class
 from evo_compress.fitness.noise import STDERR_KEY
 from evo_compress.fitness.pool import EvaluationPool, Task
 from evo_compress.fitness.racing import QUICK, RaceMember, RaceRule, stage_of
@@ -231,7 +232,9 @@ class EvaluationChain:
         return None
 
     def commit(self, ident: int, recipe: Recipe, result: EvaluationResult) -> None:
-        """A fresh result into the run store and the cache, the moment it arrives."""
+        """A fresh result into the run store and the cache, the moment it arrives (a
+        failure with its class, whoever made it: the back end or the worker)."""
+        result = with_failure_class(result)
         self.store.add_evaluation(ident, result, "evaluated")
         if self.cache is not None:
             quick = stage_of(result.metadata) == QUICK and self.quick_fingerprint is not None

@@ -86,6 +86,59 @@ def limit_cause(result: EvaluationResult) -> str | None:
     return None
 
 
+# Why a failure happened, recorded with it (``metadata["failure_class"]``); it decides what
+# the fitness cache may serve again:
+# - ``recipe``: a deterministic outcome of this recipe on this model, back end and device
+#   (a method that raises on this model, a checkpoint the server rejects): served;
+# - ``limit``: a worker or request limit stopped it (``limit_cause``): served only to equal
+#   or tighter limits;
+# - ``environment``: a missing or broken package, a server or worker that could not start for
+#   reasons not the recipe's, a full disk, a killed worker, a stopped search: never served,
+#   since fixing the environment changes the outcome.
+FAILURE_CLASS_KEY = "failure_class"
+FAILURE_CLASSES = ("recipe", "limit", "environment")
+_ENVIRONMENT_WORDS = re.compile(
+    r"ModuleNotFoundError|ImportError|PackageNotFoundError|No module named|"
+    r"\bnot installed\b|cannot import name|No space left on device|Errno 28|ENOSPC|"
+    r"Permission denied|Address already in use|port already in use|Connection refused|"
+    r"cannot run `|cannot start the vLLM server|"
+    r"the worker died|cancelled: the search is stopping|"
+    r"(?:CUDA|NVIDIA) driver|no CUDA-capable device|CUDA error: (?:unknown|initialization)|"
+    r"illegal instruction|SIGILL",
+    re.IGNORECASE,
+)
+
+
+def classify_failure(result: EvaluationResult) -> str | None:
+    """``recipe``, ``limit`` or ``environment`` for a failure (None for any other result):
+    what the back end or worker recorded, else judged from the reason (``limit_cause``
+    first, then the words of a missing package, a full disk, a server or worker that could
+    not start); a failure with none of those signs is the recipe's."""
+    if result.status != "failed":
+        return None
+    tagged = result.metadata.get(FAILURE_CLASS_KEY)
+    if tagged in FAILURE_CLASSES:
+        return str(tagged)
+    if limit_cause(result) is not None:
+        return "limit"
+    text = "\n".join(
+        str(x) for x in (result.reason, result.metadata.get("traceback")) if isinstance(x, str)
+    )
+    return "environment" if _ENVIRONMENT_WORDS.search(text) else "recipe"
+
+
+def with_failure_class(result: EvaluationResult) -> EvaluationResult:
+    """``result`` with its ``failure_class`` recorded (itself when not a failure or when
+    already recorded)."""
+    cls = classify_failure(result)
+    if cls is None or result.metadata.get(FAILURE_CLASS_KEY) == cls:
+        return result
+    metadata = {**result.metadata, FAILURE_CLASS_KEY: cls}
+    return EvaluationResult(
+        result.status, result.objectives, result.reason, metadata, result.duration_s
+    )
+
+
 def limit_excess(result: EvaluationResult) -> float | None:
     """How far past a limit a failure went, relative: needed / allowed - 1 (>= 0), from the
     ``metadata["over_limit"]`` a back end records (``{"needed": ..., "limit": ...}``, one
@@ -313,7 +366,7 @@ class Evaluator(ABC):
                 f"{type(exc).__name__}: {exc}",
                 {"evaluator": self.name, "traceback": traceback.format_exc(limit=8)},
             )
-        return result.with_duration(time.perf_counter() - start)
+        return with_failure_class(result).with_duration(time.perf_counter() - start)
 
     def prepare(self) -> None:
         """One-time work before the first evaluation (train or download the model, write

@@ -3,9 +3,11 @@
 The key is the recipe's canonical hash plus a fingerprint of everything else that changes
 the result (evaluator and its settings, model, hardware, carbon data), so a hit is exactly
 the evaluation that would have been run. Failed evaluations are cached as failed, with
-their reason and the worker limits they ran under, so the same recipe is not retried
-forever, yet a failure a limit caused (a timeout, out of memory) is not served to more
-generous limits.
+their reason, class (``fitness._base.classify_failure``) and the worker limits they ran
+under: the recipe's own failures are served again, so the same recipe is not retried
+forever; a failure a limit caused (a timeout, out of memory) is served only to equal or
+tighter limits; one the environment caused (a missing package, a server that could not
+start) is never served, since fixing the environment changes the outcome.
 
 The cache is an optimisation: every row is validated when read (a bad one is a miss,
 evaluated again and overwritten), and a file that is not a cache, or a disk that fills up,
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from evo_compress.exceptions import RunStoreError
-from evo_compress.fitness._base import EvaluationResult, limit_cause
+from evo_compress.fitness._base import FAILURE_CLASS_KEY, EvaluationResult, with_failure_class
 from evo_compress.genomes import Recipe
 from evo_compress.objectives import check_objectives
 
@@ -58,6 +60,7 @@ COLUMNS = (
 # Caches written before the limits column existed get it added when opened.
 _ADDED_COLUMNS = {"limits": "TEXT"}
 _STATUSES = ("ok", "failed", "infeasible")
+SERVED_FAILURE_CLASSES = ("recipe", "limit")  # ``fitness._base.classify_failure``
 
 Limits = Mapping[str, float | None]
 Warn = Callable[[str], None]
@@ -179,8 +182,14 @@ class FitnessCache:
                 "overwritten (further ones are not reported)",
             )
             return None
-        if limit_cause(result) is not None and not _limits_cover(stored_limits, limits or {}):
-            return None  # e.g. a 4 s timeout says nothing about a 600 s limit
+        if result.status == "failed":
+            # Only a failure recorded as the recipe's or a limit's is served again: an
+            # environment's (or one from before failures were classed) may be gone now.
+            cls = result.metadata.get(FAILURE_CLASS_KEY)
+            if cls not in SERVED_FAILURE_CLASSES:
+                return None
+            if cls == "limit" and not _limits_cover(stored_limits, limits or {}):
+                return None  # e.g. a 4 s timeout says nothing about a 600 s limit
         return result
 
     def put(
@@ -194,6 +203,7 @@ class FitnessCache:
         is full or the file cannot be written, caching stops with one warning."""
         if not self._writable:
             return
+        result = with_failure_class(result)
         try:
             self._db.execute(
                 f"INSERT OR REPLACE INTO entries ({', '.join(COLUMNS)}) "

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-from evo_compress.fitness._base import EvaluationResult
+from evo_compress.fitness._base import EvaluationResult, with_failure_class
 
 _POLL_S = 0.1
 _CONTEXTS: dict[tuple[str, ...], Any] = {}
@@ -109,7 +109,9 @@ def run_in_worker(
             parent.close()
             child.close()
             os.unlink(log)
-            return EvaluationResult.failure("cancelled: the search is stopping")
+            return with_failure_class(
+                EvaluationResult.failure("cancelled: the search is stopping")
+            )
         process.start()
         _LIVE.add(process)
     child.close()
@@ -161,17 +163,20 @@ def run_in_worker(
     if reason is not None:
         meta["limit_cause"] = cause
         meta["over_limit"] = over
-        return EvaluationResult.failure(reason, meta).with_duration(seconds)
+        return with_failure_class(EvaluationResult.failure(reason, meta)).with_duration(seconds)
     if message is None:
         code = process.exitcode
         how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
         if code == -signal.SIGKILL:
             how += " (killed: often the kernel's out-of-memory killer)"
             meta["limit_cause"] = "memory"
-        return EvaluationResult.failure(f"the worker died ({how})", meta).with_duration(seconds)
+        died = EvaluationResult.failure(f"the worker died ({how})", meta)
+        return with_failure_class(died).with_duration(seconds)
     if message[0] == "error":
         meta["traceback"] = message[2]
-        return EvaluationResult.failure(message[1], meta).with_duration(seconds)
+        return with_failure_class(EvaluationResult.failure(message[1], meta)).with_duration(
+            seconds
+        )
     result: EvaluationResult = message[1]
     merged = {**result.metadata, **meta}
     return EvaluationResult(result.status, result.objectives, result.reason, merged, seconds)

@@ -9,6 +9,7 @@ import pytest
 
 from evo_compress.exceptions import RunStoreError
 from evo_compress.fitness import EvaluationContext, FitnessCache, make_evaluator
+from evo_compress.fitness._base import EvaluationResult, classify_failure, with_failure_class
 from evo_compress.fitness.cache import open_cache
 from evo_compress.genomes import SearchSpace
 from evo_compress.testing import CACHE_CORRUPTIONS, corrupt_cache, samples
@@ -183,3 +184,50 @@ def test_a_cache_from_before_limits_were_stored_is_upgraded_in_place(tmp_path):
     assert cache.get(timed_out, "fp", {"timeout_s": 600.0}) is None
     assert warnings == [] and len(cache) == 2
     cache.close()
+
+
+@pytest.mark.parametrize(
+    ("reason", "metadata", "expected"),
+    [
+        ("ValueError: sparsity 0.9 leaves no rows", {}, "recipe"),
+        ("RuntimeError: the server rejected the checkpoint's format", {}, "recipe"),
+        ("timeout: the evaluation ran past 4 s", {"limit_cause": "timeout"}, "limit"),
+        ("the worker died (signal 9) (killed: out of memory)", {}, "limit"),
+        (
+            "EvaluationError: the quantization step (W8A16 rtn) failed with exit code 1: "
+            "quantize_job: error: llm-compressor is not installed in this environment",
+            {},
+            "environment",
+        ),
+        ("ModuleNotFoundError: No module named 'peft'", {}, "environment"),
+        ("OSError: [Errno 28] No space left on device", {}, "environment"),
+        ("the worker died (exit code 1)", {}, "environment"),
+        ("cancelled: the search is stopping", {}, "environment"),
+        ("ServerError: cannot start the vLLM server guard: [Errno 2]", {}, "environment"),
+        ("anything at all", {"failure_class": "environment"}, "environment"),
+    ],
+)
+def test_every_failure_is_classed(reason, metadata, expected):
+    failed = EvaluationResult.failure(reason, metadata)
+    assert classify_failure(failed) == expected
+    assert with_failure_class(failed).metadata["failure_class"] == expected
+    assert classify_failure(EvaluationResult.failure(reason, metadata, "infeasible")) is None
+
+
+def test_only_the_recipe_s_and_a_limit_s_failures_are_served_again(tmp_path):
+    space = SearchSpace.builtin()
+    recipe_failure, environment_failure, old = samples(space, 3)
+    cache = FitnessCache(tmp_path / "c.sqlite")
+    cache.put(recipe_failure, "fp", EvaluationResult.failure("ValueError: no rows left"))
+    missing = EvaluationResult.failure("ModuleNotFoundError: No module named 'torchao'")
+    cache.put(environment_failure, "fp", missing)
+    served = cache.get(recipe_failure, "fp")
+    assert served is not None and served.metadata["failure_class"] == "recipe"
+    assert cache.get(environment_failure, "fp") is None  # the module may be there now
+    # A row from before failures were classed: treated as the environment's, not served.
+    cache.put(old, "fp", EvaluationResult.failure("ValueError: no rows left"))
+    db = sqlite3.connect(tmp_path / "c.sqlite")
+    db.execute("UPDATE entries SET metadata = '{}' WHERE recipe_hash = ?", (old.hash,))
+    db.commit()
+    db.close()
+    assert cache.get(old, "fp") is None
