@@ -8,7 +8,7 @@ live here too: ``evo_compress.config`` is the schema alone.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -398,6 +398,8 @@ def start_search(
                 else [r.to_dict(nested=False) for r in seeds]
             ),
             "fingerprint": evaluator.fingerprint(),
+            # Not part of the fingerprint: `resume` names what changed and goes on.
+            "packages": evaluator.packages(),
             "generations_target": config.search.generations,
             # How checkpoint stats measure hypervolume (runs before it stored `hv_scales`).
             "hv_box": {
@@ -421,6 +423,20 @@ def start_search(
     except BaseException:
         store.close()
         raise
+
+
+def package_changes(before: Mapping[str, Any] | None, now: Mapping[str, Any]) -> str | None:
+    """``torch 2.12.0 -> 2.13.0, peft none -> 0.22.0``: the versions that differ, or None
+    (also for a run from before versions were stored, which has nothing to compare)."""
+    if not isinstance(before, Mapping):
+        return None
+    names = sorted(set(before) | set(now))
+    parts = [
+        f"{name} {before.get(name) or 'none'} -> {now.get(name) or 'none'}"
+        for name in names
+        if before.get(name) != now.get(name)
+    ]
+    return ", ".join(parts) or None
 
 
 def resume_search(
@@ -471,12 +487,20 @@ def resume_search(
                 f"{run_dir}: the evaluator's settings or environment differ from the ones "
                 "this run started with, so its results would not be comparable"
             )
+        packages = evaluator.packages()
+        changed = package_changes(store.get_meta("packages", None), packages)
+        if changed:
+            (listener or ProgressListener()).message(
+                f"{run_dir}: packages changed since the run last ran: {changed}; each "
+                "evaluation records the versions that measured it"
+            )
+            store.set_meta({"packages": packages})
     except BaseException:
         store.close()
         raise
     cache_obj = open_config_cache(config, listener)
     if retry_failed and cache_obj is not None:
-        cache_obj.forget_failures(evaluator.fingerprint())
+        cache_obj.forget_failures(evaluator.cache_fingerprint())
     return _assemble(
         config,
         store,

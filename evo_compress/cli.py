@@ -343,7 +343,7 @@ def evaluate(
         store = None
         if cfg.cache.enabled:
             store = open_cache(cfg.cache.path or default_cache_path(cfg), _warn)
-        fingerprint, limits = evaluator.fingerprint(), evaluator.limits()
+        fingerprint, limits = evaluator.cache_fingerprint(), evaluator.limits()
         result = store.get(parsed, fingerprint, limits) if store is not None else None
         hit = result is not None
         if result is None:

@@ -581,3 +581,39 @@ def test_failures_are_graded_by_how_far_past_the_memory_limit_they_went(config_f
     by_ratio = sorted(failed, key=lambda f: ratio(f[1]))
     assert [cv for cv, _ in by_ratio] == sorted(cv for cv, _ in failed)
     assert len({cv for cv, _ in failed}) > 1
+
+
+def test_resume_after_a_package_upgrade_goes_on_and_names_what_changed(
+    config_factory, tmp_path, monkeypatch
+):
+    from evo_compress.fitness.synthetic import SyntheticEvaluator
+    from evo_compress.progress import ProgressListener
+
+    versions = {"torch": "2.12.0", "peft": None}
+    monkeypatch.setattr(SyntheticEvaluator, "packages", lambda self: dict(versions))
+    run_search(config_factory(search={"generations": 2}), tmp_path / "run")
+    with RunStore.open(tmp_path / "run") as store:
+        assert store.get_meta("packages") == versions
+        recorded = {
+            row.result.metadata.get("packages") == versions for row in store.evaluations().values()
+        }
+        assert recorded == {True}  # each evaluation says what measured it
+
+    versions.update(torch="2.13.0", peft="0.22.0")  # the user upgrades
+    lines: list[str] = []
+    listener = ProgressListener()
+    listener.message = lines.append  # type: ignore[method-assign]
+    search = app.resume_search(tmp_path / "run", generations=3, listener=listener)
+    search.run()
+    search.close()
+    changed = [line for line in lines if "packages changed" in line]
+    assert len(changed) == 1, lines
+    assert "peft none -> 0.22.0, torch 2.12.0 -> 2.13.0" in changed[0]
+    with RunStore.open(tmp_path / "run") as store:
+        assert store.get_meta("packages") == versions
+        last = max(store.evaluations().values(), key=lambda row: row.individual_id)
+        assert last.result.metadata["packages"]["torch"] == "2.13.0"
+    # Unchanged since: the next resume says nothing.
+    lines.clear()
+    app.resume_search(tmp_path / "run", listener=listener).close()
+    assert not [line for line in lines if "packages changed" in line]

@@ -47,7 +47,7 @@ class EvaluationChain:
         self.constraints = constraints
         self.listener = listener
         self.retry_failed = retry_failed
-        self.fingerprint = evaluator.fingerprint()
+        self.fingerprint = evaluator.cache_fingerprint()
         # Racing: quick results are cached under a key of their own, never served as full ones.
         self.quick_fingerprint = (
             evaluator.quick_fingerprint(fidelity.quick_limit) if fidelity.racing else None

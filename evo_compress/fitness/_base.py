@@ -14,7 +14,7 @@ import re
 import time
 import traceback
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -139,6 +139,19 @@ def with_failure_class(result: EvaluationResult) -> EvaluationResult:
     )
 
 
+def installed_versions(names: Sequence[str]) -> dict[str, str | None]:
+    """Each distribution's installed version in this environment (None: not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found: dict[str, str | None] = {}
+    for name in names:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
 def limit_excess(result: EvaluationResult) -> float | None:
     """How far past a limit a failure went, relative: needed / allowed - 1 (>= 0), from the
     ``metadata["over_limit"]`` a back end records (``{"needed": ..., "limit": ...}``, one
@@ -241,7 +254,7 @@ class Evaluator(ABC):
         items (never served as full ones)."""
         from evo_compress.fitness.racing import quick_fingerprint
 
-        return quick_fingerprint(self.fingerprint(), {"quick_limit": quick_limit})
+        return quick_fingerprint(self.cache_fingerprint(), {"quick_limit": quick_limit})
 
     def scored_tasks(self) -> tuple[str, tuple[str, ...]] | None:
         """The setting that names the tasks this back end scores (``tasks`` or ``task``) and
@@ -284,7 +297,26 @@ class Evaluator(ABC):
         return {}
 
     def fingerprint(self) -> str:
+        """What ``resume`` checks: the same settings, model and machine. Package versions
+        are left out (``packages``), so a run resumes after an upgrade."""
         text = json.dumps(self.fingerprint_data(), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def packages(self) -> dict[str, str | None]:
+        """The versions of the packages this back end's outcomes depend on (None: not
+        installed). They key the fitness cache (``cache_fingerprint``), so a changed
+        environment is never answered with an old result, and each evaluation records them
+        (``metadata["packages"]``)."""
+        return {}
+
+    def cache_fingerprint(self) -> str:
+        """The fitness cache's key besides the recipe: ``fingerprint`` and ``packages``."""
+        packages = self.packages()
+        if not packages:
+            return self.fingerprint()
+        text = json.dumps(
+            {"fingerprint": self.fingerprint(), "packages": packages}, sort_keys=True
+        )
         return hashlib.sha256(text.encode()).hexdigest()
 
     def infeasible_reason(self, recipe: Recipe, space: SearchSpace) -> str | None:
@@ -365,6 +397,14 @@ class Evaluator(ABC):
             result = EvaluationResult.failure(
                 f"{type(exc).__name__}: {exc}",
                 {"evaluator": self.name, "traceback": traceback.format_exc(limit=8)},
+            )
+        packages = self.packages()
+        if packages:  # what produced it, in its record
+            result = EvaluationResult(
+                result.status,
+                result.objectives,
+                result.reason,
+                {**result.metadata, "packages": packages},
             )
         return with_failure_class(result).with_duration(time.perf_counter() - start)
 

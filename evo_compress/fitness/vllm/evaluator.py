@@ -57,12 +57,15 @@ from evo_compress.fitness.vllm.compile import (
     unsupported_reason,
 )
 from evo_compress.fitness.vllm.environment import (
+    QUANT_PACKAGES,
+    SERVING_PACKAGES,
     VLLMBuild,
     cpu_isa,
     default_command,
     default_python,
     python_of,
     read_build,
+    read_versions,
 )
 from evo_compress.genomes import Recipe, SearchSpace
 
@@ -148,6 +151,7 @@ class VLLMEvaluator(ModelEvaluator):
         self._gpu: dict[str, Any] | None = None
         self._defaults: dict[str, Any] | None = None
         self._context_warned = False  # the output-token clamp is logged once
+        self._packages: dict[str, str | None] | None = None
 
     # ------------------------------------------------------------------ environment
     @property
@@ -230,6 +234,23 @@ class VLLMEvaluator(ModelEvaluator):
             for name in ("startup_timeout_s", "request_timeout_s", "build_timeout_s")
         }
 
+    def packages(self) -> dict[str, str | None]:
+        """The vLLM version served (declared, read or probed), the serving environment's
+        build, torch, transformers and compressed-tensors where its Python is known, and
+        the quantization environment's llm-compressor, compressed-tensors, torch and
+        transformers (``quantization <name>``). Read once."""
+        if self._packages is None:
+            found: dict[str, str | None] = {"vllm": ".".join(map(str, self.caps.version))}
+            python = python_of(self.config.serve_command)
+            if python is not None:
+                serving = read_versions(python, SERVING_PACKAGES) or {}
+                found.update({k: v for k, v in serving.items() if k != "vllm"})
+            if self.config.quant_python is not None:
+                quant = read_versions(self.config.quant_python, QUANT_PACKAGES) or {}
+                found.update({f"quantization {k}": v for k, v in quant.items()})
+            self._packages = found
+        return dict(self._packages)
+
     def fingerprint_data(self) -> dict[str, Any]:
         data = super().fingerprint_data()
         data["settings"] = self.config.model_dump(
@@ -242,8 +263,8 @@ class VLLMEvaluator(ModelEvaluator):
             },
         )
         data["model_content"] = model_fingerprint(self.context.model)
+        # The vLLM version is a package (``packages``): a run resumes after an upgrade.
         data["serving"] = {
-            "vllm_version": ".".join(map(str, self.caps.version)),
             "vllm_build": None if self.build is None else self.build.distribution,
             "gpu": self.gpu["name"],
             "cpu": cpu_name(),

