@@ -102,7 +102,7 @@ _ENVIRONMENT_WORDS = re.compile(
     r"\bnot installed\b|cannot import name|No space left on device|Errno 28|ENOSPC|"
     r"Permission denied|Address already in use|port already in use|Connection refused|"
     r"cannot run `|cannot start the vLLM server|"
-    r"the worker died|cancelled: the search is stopping|"
+    r"the worker died|server died while|cancelled: the search is stopping|"
     r"(?:CUDA|NVIDIA) driver|no CUDA-capable device|CUDA error: (?:unknown|initialization)|"
     r"illegal instruction|SIGILL",
     re.IGNORECASE,

@@ -202,6 +202,7 @@ def test_a_cache_from_before_limits_were_stored_is_upgraded_in_place(tmp_path):
         ("ModuleNotFoundError: No module named 'peft'", {}, "environment"),
         ("OSError: [Errno 28] No space left on device", {}, "environment"),
         ("the worker died (exit code 1)", {}, "environment"),
+        ("EvaluationError: the vLLM server died while being measured (...)", {}, "environment"),
         ("cancelled: the search is stopping", {}, "environment"),
         ("ServerError: cannot start the vLLM server guard: [Errno 2]", {}, "environment"),
         ("anything at all", {"failure_class": "environment"}, "environment"),
