@@ -1,5 +1,6 @@
 """The ``evo-compress`` command line: run, resume, evaluate, status, front, history,
-lineage, operators, report, export, compress, compare, ls, validate.
+lineage, operators, report, export, compress, compare, ls, validate, and ``cache`` (ls,
+stats, forget) for the fitness cache.
 
 An ``EvoCompressError`` becomes one line on stderr and exit code 2; ``--debug`` shows the
 traceback instead. What a command prints is formatted by ``evo_compress.output``: every
@@ -35,6 +36,9 @@ from evo_compress.output import (
     emit,
     err_console,
     front_csv,
+    print_cache_entries,
+    print_cache_forget,
+    print_cache_stats,
     print_evaluation,
     print_front,
     print_history,
@@ -713,6 +717,213 @@ def validate(
             *(f"  {r.short_hash}  {render_recipe(r)}" for r in recipes),
         ]
         emit(format, found, lambda: print_lines(lines))
+
+
+# ---------------------------------------------------------------------- cache
+cache_app = typer.Typer(
+    name="cache",
+    help="Look into the fitness cache (the SQLite file runs share) and clean it up: list "
+    "entries, count them, forget some; prune the vLLM back end's built checkpoints.",
+    no_args_is_help=True,
+)
+app.add_typer(cache_app)
+
+_CLASS_HELP = (
+    "Only failures of this class: recipe (the recipe itself fails; served again), limit (a "
+    "timeout or out of memory; served to equal or tighter limits) or environment (a missing "
+    "package, a server that did not start, or a failure cached before classes existed; "
+    "never served)."
+)
+
+
+def _cache_file_option() -> Any:
+    return typer.Option(
+        None,
+        "--cache",
+        help="Fitness cache file (default: the --config's cache, else "
+        "runs/.cache/fitness.sqlite in the working directory).",
+    )
+
+
+def _cache_config_option() -> Any:
+    return typer.Option(
+        None,
+        "--config",
+        "-c",
+        help="Take the cache file from this population config (`cache.path`, else "
+        "<output.runs_root>/.cache/fitness.sqlite) and, for `forget --checkpoints`, the "
+        "vLLM evaluator's `checkpoint_dir`.",
+    )
+
+
+def _failed_option() -> Any:
+    return typer.Option(False, "--failed", help="Only failed entries (any class).")
+
+
+def _class_option() -> Any:
+    return typer.Option(None, "--class", help=_CLASS_HELP, show_default=False)
+
+
+def _check_class(value: str | None) -> str | None:
+    from evo_compress.fitness._base import FAILURE_CLASSES
+
+    if value is not None and value not in FAILURE_CLASSES:
+        raise EvoCompressError(
+            f"`--class {value}`: a failure class is one of {', '.join(FAILURE_CLASSES)}"
+        )
+    return value
+
+
+def _cache_target(cache: Path | None, config: Path | None) -> tuple[Path, Any]:
+    """The cache file the flags name, and the config read (None without ``--config``)."""
+    if config is None:
+        return cache or Path("runs") / ".cache" / "fitness.sqlite", None
+    from evo_compress.app import default_cache_path, load_config
+
+    cfg = load_config(config)
+    return cache or cfg.cache.path or default_cache_path(cfg), cfg
+
+
+@cache_app.command("ls")
+def cache_ls(
+    cache: Path | None = _cache_file_option(),
+    config: Path | None = _cache_config_option(),
+    failed: bool = _failed_option(),
+    failure_class: str | None = _class_option(),
+    recipe: str | None = typer.Option(
+        None, "--recipe", help="Only entries whose recipe hash starts with this prefix."
+    ),
+    format: Format = _format_option(),
+) -> None:
+    """List the entries, oldest first.
+
+    One row per entry: recipe hash, status, failure class, when it was cached (UTC),
+    evaluator fingerprint, hits, the recipe, and its objectives or why it failed. Reads the
+    file only: a missing one is an error, not created."""
+    with _errors():
+        from evo_compress.fitness.cache_admin import EntryFilter, list_entries
+
+        path, _ = _cache_target(cache, config)
+        where = EntryFilter(failed, _check_class(failure_class), recipe)
+        rows = [e.to_json() for e in list_entries(path, where)]
+        emit(format, rows, lambda: print_cache_entries(rows))
+
+
+@cache_app.command("stats")
+def cache_stats(
+    cache: Path | None = _cache_file_option(),
+    config: Path | None = _cache_config_option(),
+    format: Format = _format_option(),
+) -> None:
+    """Count the entries: by status, failures by class, hits.
+
+    Entries, file size, entries by status and failures by class, evaluator fingerprints, the
+    oldest and newest entry, and how often entries were served (hits). Reads the file only:
+    a missing one is an error, not created."""
+    with _errors():
+        from evo_compress.fitness.cache_admin import cache_stats as stats_of
+
+        path, _ = _cache_target(cache, config)
+        info = stats_of(path)
+        emit(format, info, lambda: print_cache_stats(info))
+
+
+@cache_app.command("forget")
+def cache_forget(
+    cache: Path | None = _cache_file_option(),
+    config: Path | None = _cache_config_option(),
+    failed: bool = typer.Option(
+        False, "--failed", help="Forget failed entries (any class; with --class, that class)."
+    ),
+    failure_class: str | None = _class_option(),
+    recipe: str | None = typer.Option(
+        None,
+        "--recipe",
+        metavar="HASH_PREFIX",
+        help="Forget entries whose recipe hash starts with this prefix (as `cache ls` shows).",
+    ),
+    older_than: float | None = typer.Option(
+        None,
+        "--older-than",
+        min=0,
+        metavar="DAYS",
+        help="Forget entries cached more than DAYS days ago (a fraction is fine: 0.5 is 12 "
+        "hours); with --checkpoints, checkpoint folders last modified that long ago.",
+    ),
+    everything: bool = typer.Option(
+        False,
+        "--all",
+        help="Forget every entry (or, with --checkpoints, every checkpoint). Without "
+        "--all at least one filter is needed.",
+    ),
+    checkpoints: bool = typer.Option(
+        False,
+        "--checkpoints",
+        help="Prune the vLLM back end's built checkpoints instead of cache entries: remove "
+        "the subfolders of the checkpoint folder that hold evo_checkpoint.json (all, with "
+        "--all, or those --older-than DAYS); anything else there is left alone. They are "
+        "rebuilt when a recipe needs them again.",
+    ),
+    checkpoint_dir: Path | None = typer.Option(
+        None,
+        "--checkpoint-dir",
+        metavar="DIR",
+        help="The checkpoint folder for --checkpoints (default: the --config's vLLM "
+        "`checkpoint_dir`, else <EVO_COMPRESS_CACHE or the project cache>/vllm-checkpoints).",
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Only count what would be removed; remove nothing."
+    ),
+    format: Format = _format_option(),
+) -> None:
+    """Delete entries (or, with --checkpoints, vLLM checkpoints).
+
+    Deletes the entries that match every filter given (--failed, --class, --recipe,
+    --older-than; or --all), so they are evaluated again, and prints how many. With
+    --checkpoints it prunes the vLLM checkpoint folder instead."""
+    with _errors():
+        from evo_compress.fitness.cache_admin import (
+            EntryFilter,
+            default_checkpoint_dir,
+            forget_entries,
+            prune_checkpoints,
+        )
+
+        where = EntryFilter(failed, _check_class(failure_class), recipe, older_than)
+        out: dict[str, Any] = {"dry_run": dry_run}
+        if checkpoints:
+            if failed or failure_class is not None or recipe is not None:
+                raise EvoCompressError(
+                    "`--checkpoints` takes only --older-than DAYS or --all: a checkpoint "
+                    "is shared by recipes and has no status"
+                )
+            if older_than is None and not everything:
+                raise EvoCompressError(
+                    "name the checkpoints to remove: --older-than DAYS, or --all for every one"
+                )
+            _, cfg = _cache_target(cache, config)
+            folder = checkpoint_dir
+            if folder is None and cfg is not None and cfg.evaluator.name == "vllm":
+                folder = cfg.evaluator.settings.get("checkpoint_dir")
+            if checkpoint_dir is not None and not checkpoint_dir.is_dir():
+                raise EvoCompressError(f"`--checkpoint-dir {checkpoint_dir}`: no such folder")
+            out["checkpoints"] = prune_checkpoints(
+                Path(folder or default_checkpoint_dir()), older_than, dry_run
+            )
+        else:
+            if checkpoint_dir is not None:
+                raise EvoCompressError("`--checkpoint-dir` goes with --checkpoints")
+            if where.empty and not everything:
+                raise EvoCompressError(
+                    "name the entries to forget: --failed, --class CLASS, --recipe "
+                    "HASH_PREFIX, --older-than DAYS, or --all for every entry"
+                )
+            if everything and not where.empty:
+                raise EvoCompressError("`--all` forgets every entry: give it without filters")
+            path, _ = _cache_target(cache, config)
+            out["cache"] = path
+            out["entries_removed"] = forget_entries(path, where, dry_run)
+        emit(format, out, lambda: print_cache_forget(out))
 
 
 # ---------------------------------------------------------------------- helpers

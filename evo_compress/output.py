@@ -358,3 +358,111 @@ def print_registered(rows: Sequence[Mapping[str, Any]]) -> None:
             *(terminal_safe(str(row[c])) for c in ("kind", "name", "from", "description"))
         )
     console.print(table, markup=False, highlight=False)
+
+
+def print_cache_entries(rows: Sequence[Mapping[str, Any]]) -> None:
+    """``cache ls``: one row per fitness cache entry, oldest first."""
+    from evo_compress.genomes import render_recipe
+
+    if not rows:
+        console.print("no entries", highlight=False)
+        return
+    table = Table(title="Fitness cache", caption="full hashes and every value: --format json")
+    for name in ("recipe hash", "status", "class", "created (UTC)", "fingerprint", "hits"):
+        table.add_column(name, no_wrap=True, justify="right" if name == "hits" else "left")
+    table.add_column("recipe", overflow="fold")
+    table.add_column("objectives or reason", overflow="fold")
+    for row in rows:
+        try:
+            recipe = render_recipe(row["recipe"], omit=("serve",))
+        except Exception:  # a damaged row still lists
+            recipe = "?"
+        if isinstance(row.get("objectives"), Mapping):
+            outcome = " ".join(
+                f"{k}={fmt(v)}" if isinstance(v, (int, float)) else f"{k}={v}"
+                for k, v in row["objectives"].items()
+            )
+        else:
+            reason = str(row.get("reason") or "")
+            outcome = reason if len(reason) <= 100 else reason[:99] + "…"
+        created = row.get("created_at") or "-"
+        table.add_row(
+            *(
+                terminal_safe(str(v))
+                for v in (
+                    row["recipe_hash"][:12],
+                    row["status"],
+                    row.get("failure_class") or "",
+                    created.replace("T", " ").rstrip("Z"),
+                    row["fingerprint"][:12],
+                    "-" if row.get("hits") is None else row["hits"],
+                    recipe,
+                    outcome,
+                )
+            )
+        )
+    console.print(table, markup=False, highlight=False)
+
+
+def print_cache_stats(info: Mapping[str, Any]) -> None:
+    """``cache stats``: one fact a line."""
+
+    def counts(data: Mapping[str, int]) -> str:
+        return ", ".join(f"{v} {k}" for k, v in data.items()) or "none"
+
+    size = info["file_bytes"]
+    hits = info["hits"]
+    lines = [
+        f"fitness cache: {info['path']}",
+        f"file size: {_bytes(size)}",
+        f"entries: {info['entries']} ({counts(info['by_status'])})",
+        f"failures by class: {counts(info['by_failure_class'])}",
+        f"fingerprints: {info['fingerprints']}",
+        f"oldest: {info['oldest'] or '-'}",
+        f"newest: {info['newest'] or '-'}",
+        "hits: not counted (a cache from before hits were counted)"
+        if hits is None
+        else f"hits: {hits} (on {info['entries_hit']} entries)",
+    ]
+    for line in lines:
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+
+def print_cache_forget(info: Mapping[str, Any]) -> None:
+    """``cache forget``: what was removed (or would be, with --dry-run)."""
+    verb = "would remove" if info.get("dry_run") else "removed"
+    if "entries_removed" in info:
+        console.print(
+            f"{verb} {info['entries_removed']} entries from {info['cache']}",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
+    checkpoints = info.get("checkpoints")
+    if checkpoints is not None:
+        where = checkpoints["folder"]
+        if not checkpoints["exists"]:
+            text = f"no checkpoint folder at {where}: nothing to remove"
+        else:
+            text = (
+                f"{verb} {checkpoints['removed']} checkpoints from {where}, "
+                f"{_bytes(checkpoints['bytes_freed'])} "
+                + ("to free" if info.get("dry_run") else "freed")
+                + (f"; {checkpoints['kept']} newer kept" if checkpoints["kept"] else "")
+                + (
+                    f"; {checkpoints['skipped']} entries that are not checkpoints left alone"
+                    if checkpoints["skipped"]
+                    else ""
+                )
+            )
+        console.print(text, highlight=False, markup=False, soft_wrap=True)
+
+
+def _bytes(size: int) -> str:
+    """``512 B``, ``1.5 KiB``, ``3.2 GiB``."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{size} B" if unit == "B" else f"{value:,.1f} {unit}"
+        value /= 1024
+    return f"{size} B"

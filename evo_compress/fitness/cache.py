@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS entries (
     duration_s REAL NOT NULL,
     created_at REAL NOT NULL,
     limits TEXT,                          -- JSON: the worker limits it ran under
+    hits INTEGER NOT NULL DEFAULT 0,      -- times ``get`` served it
     PRIMARY KEY (recipe_hash, fingerprint)
 );
 """
@@ -57,8 +58,9 @@ COLUMNS = (
     "created_at",
     "limits",
 )
-# Caches written before the limits column existed get it added when opened.
-_ADDED_COLUMNS = {"limits": "TEXT"}
+# Caches written before a column existed get it added when opened.
+_ADDED_COLUMNS = {"limits": "TEXT", "hits": "INTEGER NOT NULL DEFAULT 0"}
+LAYOUT = (*COLUMNS, "hits")  # every column: ``put`` writes COLUMNS, ``get`` counts hits
 _STATUSES = ("ok", "failed", "infeasible")
 SERVED_FAILURE_CLASSES = ("recipe", "limit")  # ``fitness._base.classify_failure``
 
@@ -133,8 +135,8 @@ class FitnessCache:
         if not names:
             self._db.executescript(SCHEMA)
             return
-        missing = [c for c in COLUMNS if c not in names]
-        if [c for c in missing if c not in _ADDED_COLUMNS] or names - set(COLUMNS):
+        missing = [c for c in LAYOUT if c not in names]
+        if [c for c in missing if c not in _ADDED_COLUMNS] or names - set(LAYOUT):
             raise _BadEntry("layout", f"its `entries` table has the columns {sorted(names)}")
         for column in missing:
             try:
@@ -190,7 +192,27 @@ class FitnessCache:
                 return None
             if cls == "limit" and not _limits_cover(stored_limits, limits or {}):
                 return None  # e.g. a 4 s timeout says nothing about a 600 s limit
+        self._count_hit(recipe, fingerprint)
         return result
+
+    def _count_hit(self, recipe: Recipe, fingerprint: str) -> None:
+        """One more hit for the entry (``evo-compress cache stats``); a write error turns
+        writing off, as in ``put``."""
+        if not self._writable:
+            return
+        try:
+            self._db.execute(
+                "UPDATE entries SET hits = COALESCE(hits, 0) + 1 "
+                "WHERE recipe_hash = ? AND fingerprint = ?",
+                (recipe.hash, fingerprint),
+            )
+        except (sqlite3.Error, OSError) as exc:
+            self._writable = False
+            self._warn_once(
+                "write",
+                f"cannot be written ({exc}); the search goes on without caching new results "
+                "(the run itself keeps every result)",
+            )
 
     def put(
         self,
