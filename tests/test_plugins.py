@@ -1,7 +1,8 @@
-"""Third-party plugins from installed entry points: a toy plugin distribution (an evaluator
-and a mutation) and a broken one are installed for real with pip into a folder, then the
-plain CLI lists them, validates and runs a search with the toy plugin, and the toy plugin
-passes the contract suites. The broken plugin is one line, and only where it is used."""
+"""Third-party plugins from installed entry points: a toy plugin distribution (an evaluator,
+a mutation and an LLM provider) and a broken one are installed for real with pip into a
+folder, then the plain CLI lists them, validates and runs a search with the toy plugin (its
+provider answering the LLM operators), and the toy plugin passes the contract suites. The
+broken plugin is one line, and only where it is used."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -51,8 +53,10 @@ def cli(env: dict[str, str], *args: object) -> subprocess.CompletedProcess[str]:
     )
 
 
-def config(tmp_path: Path, evaluator: str, mutations: list[str]) -> Path:
-    data = {
+def config(
+    tmp_path: Path, evaluator: str, mutations: list[str], **operators: list[dict[str, Any]]
+) -> Path:
+    data: dict[str, Any] = {
         "name": "plugin",
         "model": {"id": "toy-1b"},
         "search": {
@@ -60,8 +64,8 @@ def config(tmp_path: Path, evaluator: str, mutations: list[str]) -> Path:
             "generations": 3,
             "seed": 3,
             "operators": {
-                "crossover": [{"name": "uniform"}],
-                "mutation": [{"name": name} for name in mutations],
+                "crossover": [{"name": "uniform"}, *operators.get("crossover", [])],
+                "mutation": [{"name": name} for name in mutations] + operators.get("mutation", []),
             },
         },
         "evaluator": {"name": evaluator, "settings": {"params_b": 2.0}},
@@ -80,6 +84,9 @@ def test_ls_lists_the_plugins_with_their_distribution(installed) -> None:
     assert toy["from"] == "evo-toy-plugin 0.1.0" and toy["kind"] == "evaluator"
     assert toy["description"].startswith("A closed-form toy back end from a plugin")
     assert rows[("evo_compress.mutations", "toy-flip")]["from"] == "evo-toy-plugin 0.1.0"
+    provider = rows[("evo_compress.providers", "toy-llm")]
+    assert provider["from"] == "evo-toy-plugin 0.1.0" and provider["kind"] == "LLM provider"
+    assert provider["description"].startswith("An offline LLM provider from a plugin")
     assert rows[("evo_compress.evaluators", "synthetic")]["from"] == "built-in"
     broken = rows[("evo_compress.evaluators", "broken")]
     assert "failed to load" in broken["description"]
@@ -116,6 +123,35 @@ def test_validate_and_run_find_the_plugin_with_no_package_edit(installed, tmp_pa
     more = cli(installed, "resume", run_dir, "--generations", "4")
     assert more.returncode == 0, more.stderr
     assert "generation 3:" in more.stdout
+
+
+def test_a_search_runs_with_the_plugin_provider(installed, tmp_path) -> None:
+    from evo_compress.runs import RunStore
+
+    def llm(**extra: Any) -> dict[str, Any]:
+        return {"name": "llm", "params": {"provider": "toy-llm", "model": "toy-1", **extra}}
+
+    # The plugin's own field check, one line naming the field, before anything runs.
+    wrong = config(tmp_path, "toy", ["gene"], mutation=[llm(base_url="http://127.0.0.1:1")])
+    refused = cli(installed, "validate", wrong)
+    assert refused.returncode == 2
+    [error] = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert "base_url` is not used by provider `toy-llm`" in error
+
+    path = config(tmp_path, "toy", ["gene"], mutation=[llm()], crossover=[llm()])
+    valid = cli(installed, "validate", path)
+    assert valid.returncode == 0, valid.stderr
+    run_dir = tmp_path / "run"
+    # The key variable is the one the provider class names.
+    env = {**installed, "EVO_TOY_LLM_KEY": "toy-key-0123456789"}
+    run = cli(env, "run", "--config", path, "--run-dir", run_dir, "--no-cache")
+    assert run.returncode == 0, run.stderr
+    assert "generation 2:" in run.stdout and "Pareto front" in run.stdout
+    with RunStore.open(run_dir) as store:
+        calls = list(store.llm_calls())
+    assert calls and {c.provider for c in calls} == {"toy-llm"}
+    assert "valid" in {c.outcome for c in calls}
+    assert all(c.model == "toy-llm-1" for c in calls if c.outcome == "valid")
 
 
 def test_a_broken_plugin_is_one_line_and_only_where_it_is_used(installed, tmp_path) -> None:

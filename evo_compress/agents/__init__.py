@@ -15,6 +15,7 @@ from evo_compress.agents.providers import (
     ProviderSettings,
     Usage,
     make_client,
+    settings_error,
 )
 
 __all__ = [
@@ -31,4 +32,5 @@ __all__ = [
     "ProviderSettings",
     "Usage",
     "make_client",
+    "settings_error",
 ]

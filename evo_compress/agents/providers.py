@@ -1,6 +1,11 @@
 """Clients that send one structured-output request to an LLM provider (Anthropic, OpenAI, Google
 or an OpenAI-compatible server) and return the reply text and token usage, with retries.
 
+``ProviderSettings.provider`` names an entry of :data:`PROVIDERS`: a built-in client, or an
+:class:`LLMClient` subclass a plugin registers under the ``evo_compress.providers`` entry point.
+Each client class says which environment variable holds its key (``default_key_env``) and
+checks the settings it is given (``check_settings``).
+
 The provider SDKs are imported inside the clients, so importing this module stays cheap and
 works without them. API keys come only from the environment and never appear in an error
 message, a repr, a log line or a recorded reply: every message and reply text is scrubbed of the
@@ -9,6 +14,7 @@ key before it leaves a client.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import logging
@@ -23,23 +29,23 @@ from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from evo_compress.exceptions import ConfigError, EvoCompressError
-from evo_compress.registry import Registry
+from evo_compress.exceptions import ConfigError, EvoCompressError, RegistryError
+from evo_compress.registry import BUILTIN, Registry
 from evo_compress.text import terminal_safe
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
-ProviderName = Literal["anthropic", "openai", "google", "openai-compatible"]
-
-DEFAULT_KEY_ENV: dict[str, str] = {
-    "anthropic": "ANTHROPIC_API_KEY",
-    "openai": "OPENAI_API_KEY",
-    "google": "GOOGLE_API_KEY",
-}
 NO_KEY_PLACEHOLDER = "not-needed"  # sent to OpenAI-compatible servers that need no key
 REDACTED = "***"
 MIN_SECRET_FRAGMENT = 8  # scrub any piece of the key this long (masked echoes, truncations)
@@ -69,9 +75,10 @@ _STATUS_LABELS: dict[int, str] = {
 
 
 # ---------------------------------------------------------------------------------- settings
-def _field_error(field: str, message: str, shown: object) -> ValidationError:
+def settings_error(field: str, message: str, shown: object = None) -> ValidationError:
     """A validation error on ``field`` whose recorded input is ``shown`` (never a secret):
-    pydantic merges it into the caller's error with the field path prefixed."""
+    pydantic merges it into the caller's error with the field path prefixed. What a provider's
+    :meth:`LLMClient.check_settings` raises for a field it refuses."""
     error = PydanticCustomError("value_error", message)
     return ValidationError.from_exception_data(
         "ProviderSettings", [InitErrorDetails(type=error, loc=(field,), input=shown)]
@@ -111,15 +118,17 @@ class ProviderSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    provider: ProviderName
+    provider: str = Field(
+        description="A registered LLM provider: a built-in or an installed provider plugin"
+    )
     model: str = Field(min_length=1)
     base_url: str | None = Field(
         None, description="Required for openai-compatible; a proxy or test server otherwise"
     )
     api_key_env: str | None = Field(
         None,
-        description="Environment variable holding the key (default: the provider's usual one; "
-        "openai-compatible: none needed)",
+        description="Environment variable holding the key (default: the provider's own "
+        "`default_key_env`; openai-compatible: none needed)",
     )
     temperature: float | None = Field(
         0.7, ge=0, le=2, description="None: the provider's default (reasoning models need it)"
@@ -141,7 +150,7 @@ class ProviderSettings(BaseModel):
         # echoes the bad value) can ever carry the key.
         if isinstance(data, Mapping):
             if "api_key" in data:
-                raise _field_error(
+                raise settings_error(
                     "api_key",
                     "is not accepted: API keys are read only from the environment; set "
                     "`api_key_env` to the name of the environment variable that holds the key",
@@ -151,7 +160,7 @@ class ProviderSettings(BaseModel):
             if env_name is not None and not (
                 isinstance(env_name, str) and _ENV_NAME.fullmatch(env_name)
             ):
-                raise _field_error(
+                raise settings_error(
                     "api_key_env",
                     "must be the name of an environment variable (letters, digits and "
                     "underscores), not the key itself",
@@ -159,28 +168,44 @@ class ProviderSettings(BaseModel):
                 )
         return data
 
+    @field_validator("provider")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        # Plugins are listed here but not imported: only the named one is loaded, below.
+        if name not in PROVIDERS:
+            known = PROVIDERS.names()
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean `{close[0]}`?)" if close else ""
+            raise PydanticCustomError(
+                "value_error",
+                f"is not a known LLM provider{hint}; known: {', '.join(known)}",
+            )
+        return name
+
     @model_validator(mode="after")
     def _check_provider_fields(self) -> ProviderSettings:
-        if self.provider == "openai-compatible" and not self.base_url:
-            raise _field_error(
-                "base_url",
-                "is required for provider `openai-compatible`: the server's URL, "
-                "e.g. http://127.0.0.1:8000/v1",
-                self.base_url,
-            )
-        if self.provider in ("anthropic", "google") and self.structured_output != "auto":
-            raise _field_error(
-                "structured_output",
-                f"applies to providers openai and openai-compatible only, not `{self.provider}`",
-                self.structured_output,
-            )
+        self.client_class().check_settings(self)
         return self
+
+    def client_class(self) -> type[LLMClient]:
+        """The client class registered under ``provider`` (a plugin is imported here)."""
+        try:
+            found = PROVIDERS.get(self.provider)
+        except RegistryError as exc:  # a plugin that fails to import: one line
+            raise settings_error("provider", str(exc), self.provider) from None
+        if not (isinstance(found, type) and issubclass(found, LLMClient)):
+            raise settings_error(
+                "provider",
+                f"`{self.provider}` is registered as {found!r}, not an LLMClient subclass",
+                self.provider,
+            )
+        return found
 
     def key_env(self) -> str | None:
         """The environment variable the key is read from (None: no key needed)."""
         if self.api_key_env is not None:
             return self.api_key_env
-        return DEFAULT_KEY_ENV.get(self.provider)
+        return self.client_class().default_key_env
 
     def cost(self, usage: Usage) -> float | None:
         """USD for ``usage`` at ``price`` (None when no price is configured)."""
@@ -388,7 +413,30 @@ class LLMClient(ABC):
     threads at once.
     """
 
-    provider: ClassVar[str]
+    provider: ClassVar[str]  # the name it is registered under
+    # The environment variable its API key is read from unless ``api_key_env`` names another
+    # (None: the provider needs no key).
+    default_key_env: ClassVar[str | None] = None
+    # Whether :meth:`_request` honours ``ProviderSettings.structured_output``.
+    structured_output_modes: ClassVar[bool] = False
+
+    @classmethod
+    def check_settings(cls, settings: ProviderSettings) -> None:
+        """Refuse settings this provider cannot serve, as ``raise settings_error(field,
+        message, shown)`` (the error names the field). Called when the settings are
+        validated; an override should call ``super().check_settings(settings)``."""
+        if not cls.structured_output_modes and settings.structured_output != "auto":
+            takers = [
+                name
+                for name in PROVIDERS.names()
+                if PROVIDERS.origin(name) == BUILTIN
+                and getattr(PROVIDERS.get(name), "structured_output_modes", False)
+            ]
+            raise settings_error(
+                "structured_output",
+                f"applies to providers {' and '.join(takers)} only, not `{settings.provider}`",
+                settings.structured_output,
+            )
 
     def __init__(self, settings: ProviderSettings, env: Mapping[str, str] | None = None) -> None:
         if settings.provider != self.provider:
@@ -593,6 +641,7 @@ class AnthropicClient(LLMClient):
     """Anthropic Messages API; the schema is a forced tool whose input is the reply."""
 
     provider = "anthropic"
+    default_key_env: ClassVar[str | None] = "ANTHROPIC_API_KEY"
 
     def _classify(self, exc: Exception) -> ProviderError | None:
         import anthropic
@@ -664,6 +713,8 @@ class OpenAIClient(LLMClient):
     """OpenAI Chat Completions with a strict JSON-schema response format."""
 
     provider = "openai"
+    default_key_env: ClassVar[str | None] = "OPENAI_API_KEY"
+    structured_output_modes = True
 
     def _classify(self, exc: Exception) -> ProviderError | None:
         import openai
@@ -748,6 +799,18 @@ class OpenAICompatibleClient(OpenAIClient):
     Ollama, ...); no key unless ``api_key_env`` names one."""
 
     provider = "openai-compatible"
+    default_key_env = None  # local servers need none; ``api_key_env`` names one if needed
+
+    @classmethod
+    def check_settings(cls, settings: ProviderSettings) -> None:
+        super().check_settings(settings)
+        if not settings.base_url:
+            raise settings_error(
+                "base_url",
+                "is required for provider `openai-compatible`: the server's URL, "
+                "e.g. http://127.0.0.1:8000/v1",
+                settings.base_url,
+            )
 
     def _token_limit(self) -> dict[str, int]:
         return {"max_tokens": self.settings.max_tokens}  # what local servers understand
@@ -758,6 +821,7 @@ class GoogleClient(LLMClient):
     """Google Gemini API (google-genai) with a JSON response schema."""
 
     provider = "google"
+    default_key_env: ClassVar[str | None] = "GOOGLE_API_KEY"
 
     def _classify(self, exc: Exception) -> ProviderError | None:
         from google.genai import errors

@@ -34,6 +34,7 @@ from evo_compress.agents.providers import (
     make_client,
     parse_retry_after,
     scrub,
+    settings_error,
 )
 from evo_compress.config import format_validation_error
 from evo_compress.exceptions import RegistryError
@@ -524,6 +525,68 @@ def test_invalid_settings_are_refused(
         ProviderSettings.model_validate(fields)
     error = caught.value.errors()[0]
     assert error["loc"] == where and words in error["msg"]
+
+
+def test_an_unknown_provider_is_one_line_listing_the_known_ones() -> None:
+    with pytest.raises(ValidationError) as caught:
+        ProviderSettings.model_validate({"provider": "anthropc", "model": "m"})
+    line = format_validation_error(caught.value, "config.yaml", "operators.llm.")
+    assert line == (
+        "config.yaml: `operators.llm.provider` is not a known LLM provider (did you mean "
+        "`anthropic`?); known: anthropic, google, openai, openai-compatible, got 'anthropc'"
+    )
+
+
+class EchoClient(LLMClient):
+    """A provider registered at run time, as a plugin's would be: its key variable and its
+    field checks come from the class."""
+
+    provider = "echo"
+    default_key_env = "ECHO_API_KEY"
+
+    @classmethod
+    def check_settings(cls, settings: ProviderSettings) -> None:
+        super().check_settings(settings)
+        if settings.temperature not in (None, 0.0):
+            raise settings_error("temperature", "must be 0 for provider `echo`", 0.7)
+
+    def _classify(self, exc: Exception) -> ProviderError | None:
+        return None
+
+    def _make_sdk_client(self) -> Any:
+        return None
+
+    def _request(
+        self, system: str, user: str, schema: dict[str, Any], schema_name: str
+    ) -> tuple[str, Usage, str]:
+        return json.dumps({"echo": user}), Usage(len(user), 1), "echo-1"
+
+
+@pytest.fixture
+def echo_registered(monkeypatch: pytest.MonkeyPatch) -> None:
+    # as the registry holds an entry-point plugin once it is loaded
+    PROVIDERS.names()  # discovery first, so the entries below are not rediscovered
+    monkeypatch.setitem(PROVIDERS._entries, "echo", EchoClient)
+    monkeypatch.setitem(PROVIDERS._origins, "echo", "evo-echo 1.0")
+
+
+def test_a_registered_provider_supplies_its_key_variable_and_checks(echo_registered) -> None:
+    settings = ProviderSettings(provider="echo", model="m", temperature=0)
+    assert settings.key_env() == "ECHO_API_KEY"
+    with pytest.raises(MissingKeyError, match="set the environment variable ECHO_API_KEY"):
+        make_client(settings, env={})
+    client = make_client(settings, env={"ECHO_API_KEY": "k-echo-123"})
+    assert isinstance(client, EchoClient)
+    assert json.loads(client.complete(SYSTEM, USER, SCHEMA).text) == {"echo": USER}
+    with pytest.raises(ValidationError) as caught:
+        ProviderSettings(provider="echo", model="m")
+    [error] = caught.value.errors()
+    assert error["loc"] == ("temperature",) and error["msg"] == "must be 0 for provider `echo`"
+    # the base class's own check: structured_output is for clients that honour it
+    with pytest.raises(ValidationError, match="openai and openai-compatible only, not `echo`"):
+        ProviderSettings(provider="echo", model="m", temperature=0, structured_output="none")
+    with pytest.raises(ValidationError, match="known: anthropic, echo, google"):
+        ProviderSettings(provider="ech", model="m")
 
 
 def test_settings_are_frozen_and_round_trip() -> None:

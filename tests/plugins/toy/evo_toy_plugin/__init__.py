@@ -1,13 +1,17 @@
-"""A third-party evo-compress plugin, as a user would write one: an evaluator and a mutation
-declared as entry points in ``pyproject.toml``, with no edit to evo-compress."""
+"""A third-party evo-compress plugin, as a user would write one: an evaluator, a mutation and
+an LLM provider declared as entry points in ``pyproject.toml``, with no edit to evo-compress."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+import hashlib
+import json
+import re
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 
+from evo_compress.agents import LLMClient, ProviderError, ProviderSettings, Usage, settings_error
 from evo_compress.fitness import EvaluationResult, Evaluator, Placement
 from evo_compress.genomes import Recipe
 from evo_compress.operators import Mutation
@@ -57,3 +61,71 @@ class FlipMutation(Mutation):
         if others:
             values[gene.name] = others[int(rng.integers(len(others)))]
         return values
+
+
+_PARENT = re.compile(r"## Parents?\n(?:### Parent 1\n)?```\n(.*?)\n```", re.DOTALL)
+
+
+def _choice_genes(schema: Mapping[str, Any], path: tuple[str, ...] = ()) -> Iterator[Any]:
+    """(path, non-null choices) of every enum gene of a nested recipe schema."""
+    for key, sub in sorted(schema.get("properties", {}).items()):
+        if "properties" in sub:
+            yield from _choice_genes(sub, (*path, key))
+        elif "enum" in sub:
+            yield (*path, key), [c for c in sub["enum"] if c is not None]
+
+
+class ToyLLMClient(LLMClient):
+    """An offline LLM provider from a plugin: echoes the first parent with one choice changed.
+
+    Deterministic: the prompt's hash picks the gene and its new value, so a replayed prompt
+    gets the same reply and a re-ask (a longer prompt) another one. Its key is read from
+    ``EVO_TOY_LLM_KEY``; it takes no ``base_url``."""
+
+    provider = "toy-llm"
+    default_key_env = "EVO_TOY_LLM_KEY"
+
+    @classmethod
+    def check_settings(cls, settings: ProviderSettings) -> None:
+        super().check_settings(settings)
+        if settings.base_url is not None:
+            raise settings_error(
+                "base_url", "is not used by provider `toy-llm` (it answers offline)", None
+            )
+
+    def _classify(self, exc: Exception) -> ProviderError | None:
+        return None  # no SDK: whatever goes wrong is a bug, not a transient failure
+
+    def _make_sdk_client(self) -> Any:
+        return None
+
+    def _request(
+        self, system: str, user: str, schema: dict[str, Any], schema_name: str
+    ) -> tuple[str, Usage, str]:
+        digest = int.from_bytes(hashlib.sha256(user.encode()).digest()[:8], "little")
+        if "recipes" in schema.get("properties", {}):  # a seeding request
+            recipe = self._recipe(schema["properties"]["recipes"]["items"], None, digest)
+            reply: dict[str, Any] = {"recipes": [recipe], "rationale": "toy"}
+        else:
+            found = _PARENT.search(user)
+            parent = json.loads(found.group(1))["recipe"] if found else None
+            recipe = self._recipe(schema["properties"]["recipe"], parent, digest)
+            reply = {"recipe": recipe, "rationale": "one gene changed", "confidence": 0.5}
+        return json.dumps(reply), Usage(len(user) // 4, 40), "toy-llm-1"
+
+    @staticmethod
+    def _recipe(schema: Mapping[str, Any], parent: Any, digest: int) -> dict[str, Any]:
+        genes = [(path, choices) for path, choices in _choice_genes(schema) if choices]
+        recipe: dict[str, Any] = json.loads(json.dumps(parent)) if parent else {}
+        for path, choices in genes:  # a missing gene: its first choice
+            node = recipe
+            for key in path[:-1]:
+                node = node.setdefault(key, {})
+            node.setdefault(path[-1], choices[0])
+        path, choices = genes[digest % len(genes)]
+        node = recipe
+        for key in path[:-1]:
+            node = node[key]
+        others = [c for c in choices if c != node[path[-1]]] or choices
+        node[path[-1]] = others[(digest >> 16) % len(others)]
+        return recipe
