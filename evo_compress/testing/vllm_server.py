@@ -559,6 +559,7 @@ class StandInServer(ThreadingHTTPServer):
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, chunked streams: like uvicorn
     server: StandInServer
+    _held: list[bytes] | None = None  # a stream's chunks held back (--fake-burst-stream)
 
     def setup(self) -> None:
         super().setup()
@@ -731,7 +732,7 @@ class Handler(BaseHTTPRequestHandler):
         payload = b"data: " + (data if isinstance(data, bytes) else json.dumps(data).encode())
         payload += b"\n\n"
         framed = b"%x\r\n%s\r\n" % (len(payload), payload)
-        held = getattr(self, "_held", None)
+        held = self._held
         if held is not None and data != b"[DONE]":
             held.append(framed)
             return
@@ -750,7 +751,7 @@ class Handler(BaseHTTPRequestHandler):
         head = self._head()
         prompt_tokens = completion_tokens = 0
         time.sleep(self.server.args.fake_stall_s)
-        self._held: list[bytes] | None = [] if self.server.args.fake_burst_stream else None
+        self._held = [] if self.server.args.fake_burst_stream else None
         try:
             for index, (prompt, ids, max_tokens) in enumerate(prepared):
                 offset = 0
