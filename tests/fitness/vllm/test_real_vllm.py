@@ -363,3 +363,73 @@ def test_the_exported_checkpoint_is_what_vllm_serves(tmp_path: Path) -> None:
     result = served.evaluate(SPACE.recipe({}), SPACE)
     assert result.ok, result.reason
     assert result.objectives["accuracy"] > 0.5
+
+
+def test_a_failure_the_environment_caused_is_not_served_once_it_is_fixed(
+    tmp_path: Path,
+) -> None:
+    """The reproduction of the cache issue: `evaluate` with `python:` naming a quantization
+    environment that lacks llm-compressor fails; once it has it, the same command (same
+    cache, same key: the package metadata is unchanged) gives the real outcome."""
+    assert QUANT is not None
+    shadow = tmp_path / "shadow" / "llmcompressor"
+    shadow.mkdir(parents=True)
+    # What a missing package looks like to the quantization job, without changing the
+    # environment's package metadata (so the cache key stays the same).
+    (shadow / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'llmcompressor'\")\n"
+    )
+    python = tmp_path / "quant" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(
+        f'#!/bin/sh\nif [ -e "{tmp_path}/missing" ]; then\n'
+        f'  export PYTHONPATH="{shadow.parent}"\nfi\n'
+        f'exec "{QUANT}/bin/python" "$@"\n'
+    )
+    python.chmod(0o755)
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"""
+name: env-failure
+model: {{id: reference}}
+hardware: {{device: cpu}}
+cache: {{path: {tmp_path / "fitness.sqlite"}}}
+evaluator:
+  name: vllm
+  settings:
+    python: {python}
+    latency_requests: 4
+    max_new_tokens: 4
+    warmup_requests: 1
+    limit: 20
+    threads: 1
+    checkpoint_dir: {tmp_path / "ckpt"}
+    extra_args: [--enforce-eager]
+    env: {{VLLM_CPU_KVCACHE_SPACE: "1", VLLM_ENABLE_V1_MULTIPROCESSING: "0"}}
+"""
+    )
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("quant: {method: int8_w8a8}\n")
+
+    def evaluate() -> dict[str, Any]:
+        command = (sys.executable, "-m", "evo_compress.cli", "evaluate", "-c", str(config))
+        proc = subprocess.run(
+            [*command, "-r", str(recipe), "--format", "json"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=600,
+        )
+        assert proc.stdout, proc.stderr
+        return dict(json.loads(proc.stdout))
+
+    (tmp_path / "missing").touch()
+    first = evaluate()
+    assert first["status"] == "failed" and "llm-compressor is not installed" in first["reason"]
+    assert first["cache_hit"] is False
+    assert first["metadata"]["failure_class"] == "environment"
+    assert first["metadata"]["packages"]["quantization llmcompressor"] is not None
+    (tmp_path / "missing").unlink()  # the user installs it, as the message says
+    second = evaluate()
+    assert second["status"] == "ok", second.get("reason")
+    assert second["cache_hit"] is False
