@@ -156,13 +156,13 @@ def _served_or_refused(ev: Any, recipe: Any, gene: str, value: Any) -> Any:
     return None
 
 
-@pytest.mark.parametrize(
-    ("method", "scheme"), [("int8_w8a8", "W8A8"), ("gptq", "W4A16")], ids=["w8a8", "gptq"]
-)
+@pytest.mark.parametrize(("method", "scheme"), [("gptq", "W4A16")], ids=["gptq"])
 def test_quantized_checkpoints_are_built_and_served(
     tmp_path: Path, method: str, scheme: str
 ) -> None:
-    """GPTQ W4A16 needs the build's AVX-512 kernels: on an AVX2 CPU it is refused."""
+    """GPTQ W4A16 needs the build's AVX-512 kernels: on an AVX2 CPU it is refused. (W8A8 is
+    built and served by `test_a_failure_the_environment_caused_is_not_served_once_it_is_fixed`,
+    the same checks on its second evaluation: one server start fewer.)"""
     ev = real_evaluator(tmp_path)
     recipe = SPACE.recipe({"quant.method": method, "quant.group_size": 64})
     result = _served_or_refused(ev, recipe, "quant.method", method)
@@ -433,3 +433,8 @@ evaluator:
     second = evaluate()
     assert second["status"] == "ok", second.get("reason")
     assert second["cache_hit"] is False
+    # The W8A8 checkpoint was built by llm-compressor and served.
+    (step,) = second["metadata"]["checkpoint"]["steps"]
+    assert step["step"] == "quantize" and step["scheme"] == "W8A8"
+    assert second["metadata"]["seconds_split"]["quantization"] > 0
+    assert second["objectives"]["accuracy"] > 0.5
