@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+import numpy as np
+
 from evo_compress.exceptions import EvaluationError
 
 
@@ -318,14 +320,8 @@ def tokenize(
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    ordered = sorted(values)
-    if not ordered:
-        return math.nan
-    rank = (len(ordered) - 1) * q / 100.0
-    low = math.floor(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+    """numpy's percentile (linear interpolation between closest ranks); NaN when empty."""
+    return float(np.percentile(values, q)) if len(values) else math.nan
 
 
 def warm_up(
