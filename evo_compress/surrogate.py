@@ -238,6 +238,11 @@ def _rank_and_crowding(F: np.ndarray, cv: np.ndarray) -> list[int]:
 
 
 def _crowding(F: np.ndarray) -> np.ndarray:
+    """NSGA-II's crowding distance of one front. Not pymoo's ``calc_crowding_distance``: it
+    orders some fronts differently, so the same history would choose other candidates. It
+    gives no infinity for an objective that is equal across the front (this gives its first
+    and last row one), and sums each side's gap on its own, so exact ties come apart in the
+    last bit (``[[0.6, 1.9], [0.7, 1.4], [1.0, 0.7], [1.1, 0.2]]``: rows 1 and 2 tie here)."""
     n, m = F.shape
     if n <= 2:
         return np.full(n, np.inf)

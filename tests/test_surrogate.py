@@ -9,7 +9,13 @@ import pytest
 
 from evo_compress.app import build_space, start_search
 from evo_compress.genomes import Recipe
-from evo_compress.surrogate import GaussianProcess, History, RecipeEncoder, Screening
+from evo_compress.surrogate import (
+    GaussianProcess,
+    History,
+    RecipeEncoder,
+    Screening,
+    _rank_and_crowding,
+)
 from evo_compress.testing import final_state, resume_search, search_front
 from tests.conftest import make_config
 
@@ -136,3 +142,14 @@ def test_screening_changes_what_is_evaluated(tmp_path: Path) -> None:
         return hashes
 
     assert evaluated(True, "on") != evaluated(False, "off")
+
+
+def test_the_order_within_a_front_is_not_pymoo_s() -> None:
+    # Where pymoo's calc_crowding_distance orders differently (so it does not replace ours):
+    # an exact tie stays a tie, in row order (pymoo: rows 2, 1) ...
+    tie = np.array([[0.6, 1.9], [0.7, 1.4], [1.0, 0.7], [1.1, 0.2]])
+    assert _rank_and_crowding(tie, np.zeros(4)) == [0, 3, 1, 2]
+    # ... and an objective equal across the front gives its first and last row an infinite
+    # distance (pymoo: none, so rows 1, 2, 0, 3).
+    flat = np.array([[0.2, 0.8, 5.0], [0.0, 1.0, 5.0], [1.0, 0.0, 5.0], [0.8, 0.2, 5.0]])
+    assert _rank_and_crowding(flat, np.zeros(4)) == [0, 1, 2, 3]

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
+import psutil
+
 from evo_compress.fitness._base import EvaluationResult, with_failure_class
 
 _POLL_S = 0.1
@@ -75,15 +77,12 @@ def _child(
 
 
 def rss_mib(pid: int) -> float | None:
-    """Resident memory of a process (Linux /proc), or None where it cannot be read."""
+    """Resident memory of a process (psutil), or None where it cannot be read: the process
+    has exited, or is not ours to read."""
     try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
+        return float(psutil.Process(pid).memory_info().rss) / 2**20
+    except (psutil.Error, ValueError):  # ValueError: a negative pid
         return None
-    return None
 
 
 def run_in_worker(

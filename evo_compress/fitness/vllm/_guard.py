@@ -1,11 +1,12 @@
 """A tiny supervisor between the search and a vLLM server: no server outlives the search.
 
 Run as ``python -I path/to/_guard.py --parent PID --grace S [--pid-file F] -- cmd ...``
-(or ``-m evo_compress.fitness.vllm._guard``). Standard library only, so it starts in
-milliseconds. It starts ``cmd`` in a new session (its own process group), becomes a child
-subreaper so that whatever the server starts stays below it, and stops the whole tree when
-asked (SIGTERM, SIGINT, SIGHUP) or when the search process dies (``PR_SET_PDEATHSIG`` and a
-``getppid()`` poll). When the server exits on its own, the guard exits with its code.
+(or ``-m evo_compress.fitness.vllm._guard``). Standard library only until it stops a tree
+(psutil lists the processes then), so it starts in milliseconds. It starts ``cmd`` in a new
+session (its own process group), becomes a child subreaper so that whatever the server
+starts stays below it, and stops the whole tree when asked (SIGTERM, SIGINT, SIGHUP) or when
+the search process dies (``PR_SET_PDEATHSIG`` and a ``getppid()`` poll). When the server
+exits on its own, the guard exits with its code.
 """
 
 from __future__ import annotations
@@ -49,30 +50,24 @@ def _prctl() -> Callable[[int, int], int] | None:
     return call
 
 
-def _proc_table() -> dict[int, tuple[int, int, str]] | None:
-    """pid -> (ppid, pgid, state) for every process, from /proc; None where /proc is absent."""
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return None
-    table: dict[int, tuple[int, int, str]] = {}
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as handle:
-                fields = handle.read().rsplit(b")", 1)[1].split()
-            table[int(entry)] = (int(fields[1]), int(fields[2]), fields[0].decode())
-        except (OSError, ValueError, IndexError):
-            continue  # exited while we looked
-    return table
-
-
 def live_processes(root: int, pgid: int) -> list[int] | None:
-    """Processes still running (zombies left out) below ``root`` or in group ``pgid``.
-    None where /proc cannot be read."""
-    table = _proc_table()
-    if table is None:
+    """Processes still running (zombies left out) below ``root`` or in group ``pgid``, read
+    with psutil; a process that exits while they are read is left out. None where the
+    processes cannot be listed (psutil missing, or no /proc)."""
+    try:
+        import psutil  # here, not at the top: the guard starts before anything is stopped
+    except ImportError:
+        return None
+    table: dict[int, tuple[int, int, str]] = {}  # pid -> (ppid, pgid, status)
+    try:
+        for process in psutil.process_iter(["ppid", "status"]):
+            with contextlib.suppress(OSError):  # exited while we looked
+                table[process.pid] = (
+                    process.info["ppid"],
+                    os.getpgid(process.pid),
+                    process.info["status"],
+                )
+    except (OSError, psutil.Error):
         return None
     children: dict[int, list[int]] = {}
     for pid, (ppid, _, _) in table.items():
@@ -84,7 +79,8 @@ def live_processes(root: int, pgid: int) -> list[int] | None:
         if pid not in found:
             found.add(pid)
             todo.extend(children.get(pid, []))
-    return sorted(pid for pid in found if pid != root and table[pid][2] not in ("Z", "X"))
+    dead = (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    return sorted(pid for pid in found if pid != root and table[pid][2] not in dead)
 
 
 class Guard:
@@ -134,7 +130,7 @@ class Guard:
         pids = live_processes(self.me, self.server_pid)
         if pids is not None:
             return pids
-        try:  # no /proc: the group is all we can see
+        try:  # the processes cannot be listed: the group is all we can see
             os.killpg(self.server_pid, 0)
         except (ProcessLookupError, PermissionError):
             return []

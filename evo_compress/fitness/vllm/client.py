@@ -12,13 +12,16 @@ import http.client
 import itertools
 import json
 import math
-import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from typing import Any
 from urllib.parse import urlsplit
+
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from evo_compress.exceptions import EvaluationError
 
@@ -318,14 +321,8 @@ def tokenize(
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    ordered = sorted(values)
-    if not ordered:
-        return math.nan
-    rank = (len(ordered) - 1) * q / 100.0
-    low = math.floor(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+    """numpy's percentile (linear interpolation between closest ranks); NaN when empty."""
+    return float(np.percentile(values, q)) if len(values) else math.nan
 
 
 def warm_up(
@@ -406,40 +403,20 @@ def measure_latency(
 
 
 # ---------------------------------------------------------------------- metrics
-_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
-
-
-def _parse_labels(text: str, start: int) -> tuple[dict[str, str], int] | None:
-    """Labels from ``{`` at ``start``; returns them and the index after ``}``."""
-    labels: dict[str, str] = {}
-    i = start + 1
-    while True:
-        while i < len(text) and text[i] in " ,":
-            i += 1
-        if i < len(text) and text[i] == "}":
-            return labels, i + 1
-        match = _NAME.match(text, i)
-        if match is None:
-            return None
-        key = match.group()
-        i = match.end()
-        while i < len(text) and text[i] == " ":
-            i += 1
-        if text[i : i + 2] != '="':
-            return None
-        i += 2
-        value: list[str] = []
-        while i < len(text) and text[i] != '"':
-            if text[i] == "\\" and i + 1 < len(text):
-                i += 1
-                value.append({"n": "\n"}.get(text[i], text[i]))
-            else:
-                value.append(text[i])
-            i += 1
-        if i >= len(text):
-            return None
-        labels[key] = "".join(value)
-        i += 1
+def _samples(text: str) -> Iterator[Sample]:
+    """The samples of a Prometheus text exposition, read by ``prometheus_client``'s parser a
+    line at a time: it gives up on the whole text at the first line it cannot read, so that
+    line alone is left out. Comments are left out before it sees them, ``# TYPE`` included:
+    for a counter whose samples lack ``_total`` it would add the suffix to their names."""
+    for line in text.splitlines():
+        if line.lstrip().startswith("#"):
+            continue
+        try:
+            families = list(text_string_to_metric_families(line))
+        except (ValueError, IndexError):  # IndexError: some malformed label sets
+            continue
+        for family in families:
+            yield from family.samples
 
 
 def parse_metrics(text: str) -> dict[str, Any]:
@@ -448,29 +425,12 @@ def parse_metrics(text: str) -> dict[str, Any]:
     labels; histogram ``*_bucket`` samples give ``{le: cumulative count}``; ``*_created``
     timestamps, comments and lines that do not parse are left out."""
     out: dict[str, Any] = {}
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        match = _NAME.match(line)
-        if match is None:
-            continue
-        name, i = match.group(), match.end()
-        labels: dict[str, str] = {}
-        if i < len(line) and line[i] == "{":
-            parsed = _parse_labels(line, i)
-            if parsed is None:
-                continue
-            labels, i = parsed
-        fields = line[i:].split()
-        if not fields or name.endswith("_created"):
-            continue
-        try:
-            value = float(fields[0])
-        except ValueError:
+    for sample in _samples(text):
+        name, labels, value = sample.name, sample.labels, float(sample.value)
+        if name.endswith("_created"):
             continue
         if name.endswith("_info"):
-            out.setdefault(name, labels)
+            out.setdefault(name, dict(labels))
         elif name.endswith("_bucket") and "le" in labels:
             buckets = out.setdefault(name, {})
             if isinstance(buckets, dict):

@@ -22,6 +22,7 @@ from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
+import psutil
 from pydantic import ConfigDict, Field, field_validator
 
 from evo_compress.exceptions import EvaluationError
@@ -775,17 +776,10 @@ def _running(pid: int | None) -> bool:
     if pid is None:
         return True  # not known yet: the guard's state decides
     try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
+        return psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.NoSuchProcess:
         return False
-    except (OSError, IndexError):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            pass
+    except psutil.AccessDenied:
         return True
 
 
@@ -850,38 +844,27 @@ def _latency_prompts(task: Mapping[str, Any], count: int) -> list[str]:
     return [pool[i % len(pool)] for i in range(count)]
 
 
-def _tree(root: int | None) -> list[int]:
-    """``root`` and every process below it (Linux /proc)."""
+def _tree(root: int | None) -> list[psutil.Process]:
+    """``root`` and every process below it; none when ``root`` has exited. A process that
+    exits while the tree is walked is left out."""
     if root is None:
         return []
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, []))
-    return out
+    try:
+        top = psutil.Process(root)
+        return [top, *top.children(recursive=True)]
+    except psutil.Error:
+        return []
 
 
 def _tree_cpu_seconds(root: int | None) -> float:
-    ticks = os.sysconf("SC_CLK_TCK")
+    """User and system CPU seconds of ``root`` and the processes below it."""
     total = 0.0
-    for pid in _tree(root):
+    for process in _tree(root):
         try:
-            with open(f"/proc/{pid}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / ticks
-        except (OSError, ValueError, IndexError):
+            times = process.cpu_times()
+        except psutil.Error:  # exited, or not ours to read
             continue
+        total += times.user + times.system
     return total
 
 
@@ -968,7 +951,7 @@ class _MemorySampler:
             return float(pynvml.nvmlDeviceGetMemoryInfo(handle).used) / 2**20
         from evo_compress.fitness.worker import rss_mib
 
-        return sum(rss_mib(pid) or 0.0 for pid in _tree(self._pid))
+        return sum(rss_mib(process.pid) or 0.0 for process in _tree(self._pid))
 
     def baseline(self) -> None:
         self._base = self._read() if self._nvml is not None else 0.0

@@ -386,7 +386,7 @@ class VLLMServer:
         found: set[int] = set()
         for group in groups:
             live = live_processes(-1, group)
-            if live is None:  # no /proc: ask the groups themselves
+            if live is None:  # the processes cannot be listed: ask the groups themselves
                 try:
                     os.killpg(group, 0)
                 except (ProcessLookupError, PermissionError):

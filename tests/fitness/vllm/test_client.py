@@ -223,6 +223,31 @@ def test_parse_metrics_reads_the_text_format() -> None:
     assert "this" not in metrics and "broken" not in metrics
 
 
+def test_a_line_that_does_not_parse_leaves_the_others() -> None:
+    # prometheus_client's parser gives up on a whole text at its first bad line; the lines
+    # after it, and those before, must still be read.
+    text = "\n".join(
+        [
+            "this line is not a metric",
+            'broken{label="unterminated} 1',
+            "# TYPE vllm:num_preemptions weird",
+            "vllm:num_preemptions 2",
+            'vllm:time_seconds_bucket{le="1.0"} 4',
+            "also not a metric",
+            "vllm:time_seconds_sum 3.5",
+            # A counter without `_total` keeps its name (the parser would add the suffix).
+            "# TYPE vllm:requests counter",
+            "vllm:requests 7",
+        ]
+    )
+    assert parse_metrics(text) == {
+        "vllm:num_preemptions": 2.0,
+        "vllm:time_seconds_bucket": {"1.0": 4.0},
+        "vllm:time_seconds_sum": 3.5,
+        "vllm:requests": 7.0,
+    }
+
+
 def test_an_unknown_model_is_a_client_error(server: VLLMServer) -> None:
     with pytest.raises(ClientError) as info:
         stream_completion(server.base_url, "no-such-model", "hi", max_tokens=4)

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from evo_compress.config import CarbonConfig, HardwareConfig, ModelConfig
@@ -79,15 +80,10 @@ def real_evaluator(tmp_path: Path, model: str = "reference", **settings: Any) ->
 def _servers_of(folder: Path) -> list[int]:
     """Processes whose command line names ``folder`` (a server serving from it)."""
     found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
-        except OSError:
-            continue
-        if str(folder).encode() in cmdline and b"vllm" in cmdline:
-            found.append(int(entry))
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or ())  # None: not ours to read
+        if process.pid != os.getpid() and str(folder) in cmdline and "vllm" in cmdline:
+            found.append(process.pid)
     return found
 
 

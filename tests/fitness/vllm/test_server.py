@@ -15,10 +15,12 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from evo_compress.exceptions import ConfigError, EvaluationError
 from evo_compress.fitness.vllm import server as server_module
+from evo_compress.fitness.vllm._guard import live_processes
 from evo_compress.fitness.vllm.server import ServerError, ServerSpec, VLLMServer
 
 STANDIN = (sys.executable, "-m", "evo_compress.testing.vllm_server")
@@ -37,9 +39,8 @@ def make(tmp_path: Path, *args: str, **kwargs: float) -> VLLMServer:
 def gone(pid: int) -> bool:
     """No such process, or only its zombie (some containers' init never reaps orphans)."""
     try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
+        return psutil.Process(pid).status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.NoSuchProcess:
         return True
 
 
@@ -326,3 +327,28 @@ def test_the_server_outlives_the_thread_that_started_it(tmp_path: Path) -> None:
         assert get(server.base_url, "/health")[0] == 200
     finally:
         server.stop()
+
+
+def test_live_processes_leave_out_zombies_and_processes_that_exit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    zombie = subprocess.Popen(["true"])  # not waited for: it stays a zombie
+    try:
+        assert wait_until(lambda: psutil.Process(zombie.pid).status() == psutil.STATUS_ZOMBIE)
+        live = live_processes(os.getpid(), -1)
+        assert live is not None and sleeper.pid in live and zombie.pid not in live
+        real_getpgid = os.getpgid
+
+        def getpgid(pid: int) -> int:  # the sleeper exits while the table is read
+            if pid == sleeper.pid:
+                raise ProcessLookupError(pid)
+            return real_getpgid(pid)
+
+        monkeypatch.setattr(os, "getpgid", getpgid)
+        live = live_processes(os.getpid(), -1)
+        assert live is not None and sleeper.pid not in live
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        zombie.wait()
