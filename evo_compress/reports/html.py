@@ -5,6 +5,8 @@ operator contributed, with plotly.js inline so that the file opens offline and f
 from __future__ import annotations
 
 import base64
+import functools
+import gzip
 import hashlib
 import html
 import json
@@ -52,8 +54,9 @@ _FRONT_COLOR = "#d62728"
 _ANCESTOR_COLOR = "#9aa5b1"
 _EVALUATED_COLOR = "rgba(154, 165, 177, 0.45)"
 
-# No request of any kind may leave the page (default-src 'none'), and only the two inline
-# scripts written here may run, by hash: nothing that slipped into the data could execute.
+# No request of any kind may leave the page (default-src 'none'), and only two scripts may run,
+# by hash: the page's own script and plotly.js, which it unpacks: nothing that slipped into the
+# data could execute.
 # No 'unsafe-eval': these plots draw without it (checked with plotly.js 2.35 and 4.1).
 # 'unsafe-inline' styles: plotly.js injects its own <style> elements. img-src: the modebar's
 # "download plot as png" renders through data:/blob: images.
@@ -389,8 +392,8 @@ def _scatter_matrix(data: ReportData) -> dict[str, Any]:
                         "showscale": panel == 1,
                         "colorbar": _colorbar(front) | {"len": 0.5, "y": 0.75},
                         "symbol": "circle" if data.front_feasible else "x",
-                        "size": 9,
-                        "line": {"width": 0.5, "color": "white"},
+                        # No outline: a style less on each of ten thousand points.
+                        "size": 8,
                     },
                 }
             )
@@ -408,7 +411,8 @@ def _round(value: float) -> float:
 
 def _parallel_coordinates(data: ReportData) -> dict[str, Any]:
     """One SVG line per front member over the objectives, each axis scaled to the front's range
-    and oriented better-up; each axis's best and worst values are written at its ends."""
+    and oriented better-up; each axis's best and worst values are written at its ends. Hover
+    a vertex for the member and that value (the scatter matrix shows its recipe)."""
     from plotly.colors import sample_colorscale
 
     front = data.front
@@ -421,30 +425,41 @@ def _parallel_coordinates(data: ReportData) -> dict[str, Any]:
         values = [m.objectives[o.name] for m in front]
         bounds[o.name] = (min(values), max(values))
     xs = list(range(len(OBJECTIVES)))
-    traces: list[dict[str, Any]] = []
+    # One trace per generation, its members' lines apart (a gap between them): plotly draws
+    # each as its own path, and a thousand-member front is tens of traces, not a thousand
+    # (which take seconds to draw).
+    lines: dict[int, dict[str, Any]] = {}
     for member, color in zip(front, colors, strict=True):
-        ys = []
-        for o in OBJECTIVES:
-            low, high = bounds[o.name]
-            share = 0.5 if high == low else (member.objectives[o.name] - low) / (high - low)
-            ys.append(round(share if o.direction == "max" else 1.0 - share, 4))
-        traces.append(
+        trace = lines.setdefault(
+            member.generation,
             {
                 "type": "scatter",
-                "mode": "lines+markers",
-                "name": f"#{member.id}",
-                "uid": f"member{member.id}",
-                "x": xs,
-                "y": ys,
+                "mode": "lines",
+                "name": f"generation {member.generation}",
+                "x": [],
+                "y": [],
+                "text": [],
                 "line": {"color": color, "width": 1.6},
-                "marker": {"color": color, "size": 5},
                 "opacity": 0.85,
-                # One hover text per member, not per vertex: %{meta} is the trace's.
-                "meta": _member_hover(member),
-                "hovertemplate": "%{meta}<extra></extra>",
+                "hovertemplate": "%{text}<extra></extra>",
                 "showlegend": False,
-            }
+            },
         )
+        for x, o in enumerate(OBJECTIVES):
+            low, high = bounds[o.name]
+            share = 0.5 if high == low else (member.objectives[o.name] - low) / (high - low)
+            trace["x"].append(x)
+            trace["y"].append(round(share if o.direction == "max" else 1.0 - share, 4))
+            trace["text"].append(
+                _text(
+                    f"#{member.id} · generation {member.generation} · {o.name} "
+                    f"{_member_value(member, o.name)} {o.unit}"
+                )
+            )
+        trace["x"].append(None)
+        trace["y"].append(None)
+        trace["text"].append("")
+    traces: list[dict[str, Any]] = [lines[g] for g in sorted(lines)]
     # The colour scale, on a trace with nothing to draw.
     traces.append(
         {
@@ -794,33 +809,59 @@ _NAV = (
     + "</nav>"
 )
 
-# Draws the figures; the counts in data-plots / data-rendered let a test (or a person) check
-# that every plot was drawn.
+# plotly.js (4.8 MB with plotly 7) and the figures travel gzipped and base64-encoded in data
+# blocks (``<script type="application/gzip">``, never run): a long run's page stays a few MB.
+# The page's one script unpacks them with the browser's DecompressionStream, runs plotly.js
+# (allowed by its hash) and draws the figures. The counts in data-plots / data-rendered let a
+# test (or a person) check that every plot was drawn.
 _APP = """(function () {
   "use strict";
-  var figures = __FIGURES__;
-  var config = {displaylogo: false, responsive: true};
-  var drawn = 0;
-  // A trace's "columns" names the figure's shared value lists to use ("marker.color": one
-  // level down): a long run's values are written once, not once per panel.
-  figures.forEach(function (figure) {
-    figure.data.forEach(function (trace) {
-      Object.keys(trace.columns || {}).forEach(function (key) {
-        var path = key.split("."), values = figure.columns[trace.columns[key]];
-        if (path.length === 2) { trace[path[0]][path[1]] = values; } else { trace[key] = values; }
-      });
-      delete trace.columns;
-    });
-  });
-  Promise.all(figures.map(function (figure) {
-    return Plotly.newPlot(figure.div, figure.data, figure.layout, config).then(function () {
-      drawn += 1;
-      document.body.setAttribute("data-rendered", String(drawn));
-    });
-  })).catch(function (error) {
+  function unpack(id) {
+    var text = atob(document.getElementById(id).textContent.trim());
+    var bytes = new Uint8Array(text.length);
+    for (var i = 0; i < text.length; i += 1) {
+      bytes[i] = text.charCodeAt(i);
+    }
+    var stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream("gzip"));
+    return new Response(stream).text();
+  }
+  function fail(error) {
     document.body.setAttribute("data-error", String(error));
     throw error;
-  });
+  }
+  if (typeof DecompressionStream === "undefined") {
+    fail(new Error("this browser cannot unpack the figures (no DecompressionStream): " +
+      "open the report in a browser from 2023 or later, or see the PNGs beside it"));
+  }
+  Promise.all([unpack("plotly-js"), unpack("report-figures")]).then(function (texts) {
+    var library = document.createElement("script");
+    library.textContent = texts[0];
+    document.head.appendChild(library);
+    var figures = JSON.parse(texts[1]);
+    var config = {displaylogo: false, responsive: true};
+    var drawn = 0;
+    // A trace's "columns" names the figure's shared value lists to use ("marker.color": one
+    // level down): a long run's values are written once, not once per panel.
+    figures.forEach(function (figure) {
+      figure.data.forEach(function (trace) {
+        Object.keys(trace.columns || {}).forEach(function (key) {
+          var path = key.split("."), values = figure.columns[trace.columns[key]];
+          if (path.length === 2) {
+            trace[path[0]][path[1]] = values;
+          } else {
+            trace[key] = values;
+          }
+        });
+        delete trace.columns;
+      });
+    });
+    return Promise.all(figures.map(function (figure) {
+      return Plotly.newPlot(figure.div, figure.data, figure.layout, config).then(function () {
+        drawn += 1;
+        document.body.setAttribute("data-rendered", String(drawn));
+      });
+    }));
+  }).catch(fail);
 })();
 """
 
@@ -829,9 +870,9 @@ def render_html(data: ReportData, plotly: str) -> str:
     """The report page for ``data`` with ``plotly`` (the plotly.js source) inline."""
     figs = figures(data)
     drawn = {f["div"] for f in figs}
-    library = _inline_script(plotly)
-    app = _inline_script(_APP.replace("__FIGURES__", script_json(figs)))
-    csp = _CSP.format(hashes=f"{_sha256(library)} {_sha256(app)}")
+    app = _inline_script(_APP)
+    # The hash of the text the page unpacks and runs, byte for byte.
+    csp = _CSP.format(hashes=f"{_sha256(plotly)} {_sha256(app)}")
     name = str(data.status.get("name") or data.status.get("run_dir") or "run")
     parts = [
         "<!DOCTYPE html>",
@@ -840,7 +881,6 @@ def render_html(data: ReportData, plotly: str) -> str:
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>evo-compress report: {_esc(name)}</title>",
         f"<style>{_STYLE}</style>",
-        f"<script>{library}</script>",
         f'</head><body data-plots="{len(figs)}" data-rendered="0">',
         f"<h1>evo-compress run <code>{_esc(name)}</code></h1>",
         _header(data),
@@ -860,6 +900,10 @@ def render_html(data: ReportData, plotly: str) -> str:
         _front_table(data),
         '<h2 id="section-config">Config</h2>',
         f"<pre>{_esc(data.config_yaml)}</pre>",
+        '<noscript><p class="warn">The figures need JavaScript: see the PNGs beside this '
+        "file (written by <code>evo-compress report</code>).</p></noscript>",
+        f'<script type="application/gzip" id="plotly-js">{_packed(plotly)}</script>',
+        f'<script type="application/gzip" id="report-figures">{pack(script_json(figs))}</script>',
         f"<script>{app}</script>",
         "</body></html>",
         "",
@@ -1030,6 +1074,16 @@ def script_json(value: Any) -> str:
     ):
         text = text.replace(char, escape)
     return text
+
+
+def pack(text: str) -> str:
+    """``text`` as UTF-8, gzipped and base64-encoded: what the page's script unpacks."""
+    return base64.b64encode(gzip.compress(text.encode("utf-8"), 6, mtime=0)).decode("ascii")
+
+
+@functools.lru_cache(maxsize=2)
+def _packed(text: str) -> str:
+    return pack(text)  # plotly.js: the same for every report a process writes
 
 
 def _inline_script(source: str) -> str:
