@@ -13,6 +13,7 @@ import re
 import shutil
 import sqlite3
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from html.parser import HTMLParser
@@ -34,6 +35,7 @@ from evo_compress.reports.html import (
 from evo_compress.runs import RunStore
 from evo_compress.runs.front import FrontMember, load_front
 from evo_compress.runs.store import DB_NAME, LLMCallRow
+from evo_compress.testing import invoke_cli
 
 PAYLOAD = "</script><script>alert(1)</script>"
 HOSTILE = PAYLOAD + ' <img src=x onerror="alert(2)"> & <!-- <b>bold</b>'
@@ -671,3 +673,34 @@ def test_a_long_runs_report_stays_small_and_draws_quickly(config_factory, tmp_pa
     assert len(points) == PANELS * (len(front) + MAX_EVALUATED_POINTS)
     shown = " ".join(dom.text)
     assert f"{MAX_EVALUATED_POINTS:,} of the {others:,} other evaluated recipes" in shown
+
+
+def test_the_command_writes_pngs_beside_the_report_unless_told_not_to(run_dir, tmp_path):
+    code, out, err = invoke_cli("report", run_dir)
+    assert code == 0, err
+    assert sorted(p.name for p in run_dir.glob("*.png")) == sorted(PNG_NAMES)
+    assert out.splitlines() == [f"report: {run_dir / 'report.html'}"] + [
+        f"plot: {run_dir / name}" for name in PNG_NAMES
+    ]
+    # --png still chooses the folder; --no-png writes the HTML file alone.
+    code, out, err = invoke_cli("report", run_dir, "--png", tmp_path / "plots")
+    assert code == 0 and len(list((tmp_path / "plots").glob("*.png"))) == len(PNG_NAMES)
+    alone = tmp_path / "alone" / "report.html"
+    code, out, err = invoke_cli("report", run_dir, "-o", alone, "--no-png")
+    assert code == 0 and out.splitlines() == [f"report: {alone}"]
+    assert not list((tmp_path / "alone").glob("*.png"))
+    code, out, err = invoke_cli("report", run_dir, "--png", tmp_path, "--no-png")
+    assert code == 2 and "`--png` and `--no-png`" in err
+
+
+def test_without_matplotlib_the_report_is_written_with_one_warning(run_dir, tmp_path, monkeypatch):
+    # As where matplotlib is not installed: importing it fails.
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    code, out, err = invoke_cli("report", run_dir, "-o", tmp_path)
+    assert code == 0, err
+    assert (tmp_path / "report.html").is_file() and not list(tmp_path.glob("*.png"))
+    assert out.splitlines() == [f"report: {tmp_path / 'report.html'}"]
+    warning = [line for line in err.splitlines() if line.strip()]
+    assert len(warning) == 1 and warning[0].startswith("warning: no PNG plots written")
