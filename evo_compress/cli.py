@@ -476,23 +476,31 @@ def report(
         None, "--out", "-o", help="HTML file to write (default: <run dir>/report.html)."
     ),
     png: Path | None = typer.Option(
-        None, "--png", help="Also write the plots as PNG files into this folder."
+        None, "--png", help="Folder for the PNG plots (default: the HTML report's folder)."
     ),
+    no_png: bool = typer.Option(False, "--no-png", help="Write the HTML report only."),
     format: Format = _format_option(),
 ) -> None:
     """Write one self-contained HTML report (opens offline): the front in five objectives,
     hypervolume per generation, the front's lineage, operator credit, how each value was
-    measured, and the run's config."""
+    measured, and the run's config; and its plots as PNG files beside it (``--no-png``: not)."""
     with _errors():
+        if no_png and png is not None:
+            raise ConfigError("`--png` and `--no-png` contradict each other: give one")
         from evo_compress.reports import write_pngs, write_report
         from evo_compress.runs import RunStore
 
+        pngs: list[Path] = []
         with (
             RunStore.open(run_dir, read_only=True) as store,
             store.snapshot(),
         ):  # the HTML and PNGs agree
             path = write_report(store, out or Path(run_dir) / "report.html")
-            pngs = write_pngs(store, png) if png is not None else []
+            if not no_png:
+                try:
+                    pngs = write_pngs(store, png if png is not None else path.parent)
+                except ImportError as exc:  # matplotlib draws them; the HTML needs none
+                    _warn(f"no PNG plots written: matplotlib cannot be imported ({exc})")
         emit(
             format,
             {"report": path, "plots": pngs},

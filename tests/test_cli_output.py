@@ -115,9 +115,15 @@ def test_operators(runs: dict[str, Path]) -> None:
 
 def test_report_and_export_list_what_they_wrote(runs: dict[str, Path]) -> None:
     out = runs["root"] / "report.html"
-    report = as_json("report", runs["a"], "--out", out)
+    report = as_json("report", runs["a"], "--out", out, "--no-png")
     assert report == {"report": str(out), "plots": []} and out.is_file()
-    assert ok("report", runs["a"], "--out", out).strip() == f"report: {out}"
+    assert ok("report", runs["a"], "--out", out, "--no-png").strip() == f"report: {out}"
+    # By default the PNG plots too, beside the HTML file.
+    report = as_json("report", runs["a"], "--out", out)
+    assert report["plots"] and all(Path(p).parent == out.parent for p in report["plots"])
+    assert ok("report", runs["a"], "--out", out).splitlines()[1:] == [
+        f"plot: {p}" for p in report["plots"]
+    ]
 
     ident = as_json("front", runs["a"])[0]["id"]
     first = as_json("export", runs["a"], str(ident), "--out", runs["root"] / "x")

@@ -5,6 +5,8 @@ operator contributed, with plotly.js inline so that the file opens offline and f
 from __future__ import annotations
 
 import base64
+import functools
+import gzip
 import hashlib
 import html
 import json
@@ -13,7 +15,7 @@ import textwrap
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,12 @@ from evo_compress.runs.store import RunStore
 
 REPORT_NAME = "report.html"
 # The plot divs, in page order; the page sets ``body[data-rendered]`` once each is drawn.
-PLOT_IDS = ("front-splom", "front-parcoords", "history", "lineage", "operators")
+PLOT_IDS = ("front-matrix", "front-parallel", "history", "lineage", "operators")
+# Drawn in SVG (plotly ``scatter``), not WebGL (``splom``, ``parcoords``, ``scattergl``): the
+# front must show in a browser without WebGL (headless, remote desktops, previews).
+FRONT_PLOT_IDS = PLOT_IDS[:2]
+# Evaluated recipes drawn behind the front at most: a long run's page stays small and quick.
+MAX_EVALUATED_POINTS = 2000
 SYNTHETIC_HOW = "synthetic (computed, not measured)"
 SHARES = (
     ("valid", "valid"),
@@ -45,9 +52,11 @@ _HOVER_CLIP = 600
 _COLORSCALE = "Viridis"
 _FRONT_COLOR = "#d62728"
 _ANCESTOR_COLOR = "#9aa5b1"
+_EVALUATED_COLOR = "rgba(154, 165, 177, 0.45)"
 
-# No request of any kind may leave the page (default-src 'none'), and only the two inline
-# scripts written here may run, by hash: nothing that slipped into the data could execute.
+# No request of any kind may leave the page (default-src 'none'), and only two scripts may run,
+# by hash: the page's own script and plotly.js, which it unpacks: nothing that slipped into the
+# data could execute.
 # No 'unsafe-eval': these plots draw without it (checked with plotly.js 2.35 and 4.1).
 # 'unsafe-inline' styles: plotly.js injects its own <style> elements. img-src: the modebar's
 # "download plot as png" renders through data:/blob: images.
@@ -71,6 +80,8 @@ class ReportData:
     operators: list[dict[str, Any]]
     lineage: Lineage
     positions: dict[int, tuple[float, float]]  # lineage node id -> (generation, row)
+    # Every other recipe evaluated with objectives (id, generation, objectives), by id.
+    evaluated: list[tuple[int, int, dict[str, float]]] = field(default_factory=list)
 
     @property
     def front_feasible(self) -> bool:
@@ -97,6 +108,8 @@ def _collect(store: RunStore) -> ReportData:
     lineage = load_lineage(store)
     created = store.get_meta("created_at", None)
     model = _get(config, "model", "id")
+    on_front = {m.id for m in front}
+    evaluated = [p for p in store.evaluated_objectives() if p[0] not in on_front]
     return ReportData(
         status=run_status(store),
         evaluator=str(evaluator or "unknown"),
@@ -108,6 +121,7 @@ def _collect(store: RunStore) -> ReportData:
         operators=operator_stats(store),
         lineage=lineage,
         positions=lineage_layout(lineage),
+        evaluated=evaluated,
     )
 
 
@@ -246,6 +260,16 @@ def lineage_layout(lineage: Lineage, sweeps: int = 2) -> dict[int, tuple[float, 
     return {ident: (float(lineage.nodes[ident].generation), row[ident]) for ident in row}
 
 
+def sample_evaluated(
+    points: Sequence[tuple[int, int, dict[str, float]]], limit: int = MAX_EVALUATED_POINTS
+) -> list[tuple[int, int, dict[str, float]]]:
+    """At most ``limit`` of ``points``, evenly spaced by id (so every stage of the search shows)
+    and the same on every call: two reports of one run draw the same points."""
+    if len(points) <= limit:
+        return list(points)
+    return [points[k * len(points) // limit] for k in range(limit)]
+
+
 def widest_layer(lineage: Lineage) -> int:
     """The most lineage nodes any one generation holds (1 for an empty lineage)."""
     counts = Counter(n.generation for n in lineage.nodes.values())
@@ -258,7 +282,7 @@ def figures(data: ReportData) -> list[dict[str, Any]]:
     Every string from the run is HTML-escaped here: plotly.js reads a subset of HTML in text."""
     out = []
     if data.front:
-        out += [_splom(data), _parcoords(data)]
+        out += [_scatter_matrix(data), _parallel_coordinates(data)]
     if data.history:
         out.append(_history(data))
     if data.lineage.nodes:
@@ -268,69 +292,244 @@ def figures(data: ReportData) -> list[dict[str, Any]]:
     return out
 
 
-def _splom(data: ReportData) -> dict[str, Any]:
+def _scatter_matrix(data: ReportData) -> dict[str, Any]:
+    """Every pair of objectives in its own panel (the lower triangle), front members over the
+    other evaluated recipes. Each column of values is written once under ``columns`` and the
+    page's script hands it to every panel that uses it (see ``_APP``)."""
     front = data.front
-    feasible = data.front_feasible
+    shown = sample_evaluated(data.evaluated)
     title = "The front in five objectives (colour: generation found"
-    title += ")" if feasible else "; no feasible recipe yet: the least-violating shown)"
-    trace = {
-        "type": "splom",
-        "dimensions": [
-            {"label": objective_label(o), "values": [m.objectives[o.name] for m in front]}
-            for o in OBJECTIVES
-        ],
-        "text": [_member_hover(m) for m in front],
-        "hovertemplate": "%{text}<extra></extra>",
-        "showupperhalf": False,
-        "diagonal": {"visible": False},
-        "marker": {
-            "color": [m.generation for m in front],
-            "colorscale": _COLORSCALE,
-            "showscale": True,
-            "colorbar": _colorbar(front),
-            "symbol": "circle" if feasible else "x",
-            "size": 9,
-            "line": {"width": 0.5, "color": "white"},
-        },
+    title += ")" if data.front_feasible else "; no feasible recipe yet: the least-violating shown)"
+    if shown:
+        grey = f"{len(shown):,} other evaluated recipes"
+        if len(shown) < len(data.evaluated):
+            grey = f"{len(shown):,} of the {len(data.evaluated):,} other evaluated recipes"
+            grey += ", sampled evenly by id"
+        title += f"<br><sup>grey: {grey}</sup>"
+    columns: dict[str, list[Any]] = {
+        "front.text": [_member_hover(m) for m in front],
+        "front.generation": [m.generation for m in front],
+        "evaluated.id": [p[0] for p in shown],
     }
-    layout = {
+    for o in OBJECTIVES:
+        columns[f"front.{o.name}"] = [m.objectives[o.name] for m in front]
+        columns[f"evaluated.{o.name}"] = [_round(p[2][o.name]) for p in shown]
+    n = len(OBJECTIVES) - 1  # rows: objectives 1..4 (y); columns: objectives 0..3 (x)
+    gap = 0.02
+    layout: dict[str, Any] = {
         "title": {"text": title},
-        "height": 760,
+        "height": 900,
         "hovermode": "closest",
-        "dragmode": "select",
-        "margin": {"l": 90, "r": 30, "t": 60, "b": 80},
+        "showlegend": True,
+        "legend": {"orientation": "h", "x": 1.0, "xanchor": "right", "y": 1.0},
+        "margin": {"l": 90, "r": 30, "t": 90, "b": 80},
     }
-    return {"div": "front-splom", "data": [trace], "layout": layout}
+    traces: list[dict[str, Any]] = []
+    panel = 0
+    for row in range(n):
+        y_objective = OBJECTIVES[row + 1]
+        for col in range(row + 1):
+            x_objective = OBJECTIVES[col]
+            panel += 1
+            suffix = "" if panel == 1 else str(panel)
+            # The first panel of a column (on the diagonal) and of a row own the ranges.
+            col_owner = col * (col + 1) // 2 + col + 1
+            row_owner = row * (row + 1) // 2 + 1
+            layout[f"xaxis{suffix}"] = {
+                "domain": [col / n + gap, (col + 1) / n - gap],
+                "anchor": f"y{suffix}",
+                "showticklabels": row == n - 1,
+                "title": {"text": objective_label(x_objective) if row == n - 1 else ""},
+                **({} if panel == col_owner else {"matches": f"x{_axis(col_owner)}"}),
+            }
+            layout[f"yaxis{suffix}"] = {
+                "domain": [1 - (row + 1) / n + gap, 1 - row / n - gap],
+                "anchor": f"x{suffix}",
+                "showticklabels": col == 0,
+                "title": {"text": objective_label(y_objective) if col == 0 else ""},
+                **({} if panel == row_owner else {"matches": f"y{_axis(row_owner)}"}),
+            }
+            axes = {"xaxis": f"x{suffix}", "yaxis": f"y{suffix}"}
+            if shown:
+                traces.append(
+                    {
+                        "type": "scatter",
+                        "mode": "markers",
+                        "name": "other evaluated recipes",
+                        "legendgroup": "evaluated",
+                        "showlegend": panel == 1,
+                        **axes,
+                        "columns": {
+                            "x": f"evaluated.{x_objective.name}",
+                            "y": f"evaluated.{y_objective.name}",
+                            "customdata": "evaluated.id",
+                        },
+                        "hovertemplate": f"#%{{customdata}}<br>{x_objective.name} %{{x}}<br>"
+                        f"{y_objective.name} %{{y}}<extra>evaluated</extra>",
+                        "marker": {"size": 4, "color": _EVALUATED_COLOR},
+                    }
+                )
+            traces.append(
+                {
+                    "type": "scatter",
+                    "mode": "markers",
+                    "name": "front",
+                    "legendgroup": "front",
+                    "showlegend": panel == 1,
+                    # The trace's class in the drawn SVG (``trace<uid>``): a test counts its
+                    # points.
+                    "uid": f"front{panel}",
+                    **axes,
+                    "columns": {
+                        "x": f"front.{x_objective.name}",
+                        "y": f"front.{y_objective.name}",
+                        "text": "front.text",
+                        "marker.color": "front.generation",
+                    },
+                    "hovertemplate": "%{text}<extra></extra>",
+                    "marker": {
+                        "colorscale": _COLORSCALE,
+                        "showscale": panel == 1,
+                        "colorbar": _colorbar(front) | {"len": 0.5, "y": 0.75},
+                        "symbol": "circle" if data.front_feasible else "x",
+                        # No outline: a style less on each of ten thousand points.
+                        "size": 8,
+                    },
+                }
+            )
+    return {"div": "front-matrix", "data": traces, "layout": layout, "columns": columns}
 
 
-def _parcoords(data: ReportData) -> dict[str, Any]:
+def _axis(panel: int) -> str:
+    return "" if panel == 1 else str(panel)
+
+
+def _round(value: float) -> float:
+    """Six significant digits: as many as a point in a plot shows, and a small page."""
+    return float(f"{value:.6g}")
+
+
+def _parallel_coordinates(data: ReportData) -> dict[str, Any]:
+    """One SVG line per front member over the objectives, each axis scaled to the front's range
+    and oriented better-up; each axis's best and worst values are written at its ends. Hover
+    a vertex for the member and that value (the scatter matrix shows its recipe)."""
+    from plotly.colors import sample_colorscale
+
     front = data.front
-    ids = [m.id for m in front]
-    id_axis: dict[str, Any] = {"label": "member #", "values": ids}
-    if len(ids) <= 40:
-        id_axis |= {"tickvals": ids, "ticktext": [f"#{i}" for i in ids]}
-    trace = {
-        "type": "parcoords",
-        "dimensions": [
-            id_axis,
-            *(
-                {"label": objective_label(o), "values": [m.objectives[o.name] for m in front]}
-                for o in OBJECTIVES
-            ),
-        ],
-        "line": {
-            "color": [m.generation for m in front],
-            "colorscale": _COLORSCALE,
-            "showscale": True,
-            "colorbar": _colorbar(front),
-        },
-    }
+    gens = [m.generation for m in front]
+    low_gen, high_gen = min(gens), max(gens)
+    shares = [0.5 if high_gen == low_gen else (g - low_gen) / (high_gen - low_gen) for g in gens]
+    colors = sample_colorscale(_COLORSCALE, shares)
+    bounds = {}
+    for o in OBJECTIVES:
+        values = [m.objectives[o.name] for m in front]
+        bounds[o.name] = (min(values), max(values))
+    xs = list(range(len(OBJECTIVES)))
+    # One trace per generation, its members' lines apart (a gap between them): plotly draws
+    # each as its own path, and a thousand-member front is tens of traces, not a thousand
+    # (which take seconds to draw).
+    lines: dict[int, dict[str, Any]] = {}
+    for member, color in zip(front, colors, strict=True):
+        trace = lines.setdefault(
+            member.generation,
+            {
+                "type": "scatter",
+                "mode": "lines",
+                "name": f"generation {member.generation}",
+                "x": [],
+                "y": [],
+                "text": [],
+                "line": {"color": color, "width": 1.6},
+                "opacity": 0.85,
+                "hovertemplate": "%{text}<extra></extra>",
+                "showlegend": False,
+            },
+        )
+        for x, o in enumerate(OBJECTIVES):
+            low, high = bounds[o.name]
+            share = 0.5 if high == low else (member.objectives[o.name] - low) / (high - low)
+            trace["x"].append(x)
+            trace["y"].append(round(share if o.direction == "max" else 1.0 - share, 4))
+            trace["text"].append(
+                _text(
+                    f"#{member.id} · generation {member.generation} · {o.name} "
+                    f"{_member_value(member, o.name)} {o.unit}"
+                )
+            )
+        trace["x"].append(None)
+        trace["y"].append(None)
+        trace["text"].append("")
+    traces: list[dict[str, Any]] = [lines[g] for g in sorted(lines)]
+    # The colour scale, on a trace with nothing to draw.
+    traces.append(
+        {
+            "type": "scatter",
+            "mode": "markers",
+            "x": [None],
+            "y": [None],
+            "hoverinfo": "skip",
+            "showlegend": False,
+            "marker": {
+                "color": [low_gen],
+                "cmin": low_gen,
+                "cmax": high_gen if high_gen > low_gen else low_gen + 1,
+                "colorscale": _COLORSCALE,
+                "showscale": True,
+                "colorbar": _colorbar(front),
+            },
+        }
+    )
+    annotations = []
+    shapes = []
+    for x, o in enumerate(OBJECTIVES):
+        low, high = bounds[o.name]
+        best, worst = (high, low) if o.direction == "max" else (low, high)
+        shapes.append(
+            {
+                "type": "line",
+                "x0": x,
+                "x1": x,
+                "y0": 0,
+                "y1": 1,
+                "layer": "below",
+                "line": {"color": "#57606a", "width": 1},
+            }
+        )
+        for y, value, anchor in ((1.0, best, "bottom"), (0.0, worst, "top")):
+            annotations.append(
+                {
+                    "x": x,
+                    "y": y,
+                    "text": _text(format_value(value)),
+                    "showarrow": False,
+                    "yanchor": anchor,
+                    "yshift": 4 if anchor == "bottom" else -4,
+                    "font": {"size": 11},
+                }
+            )
     layout = {
-        "title": {"text": "One line per front member (colour: generation found)"},
-        "height": 460,
-        "margin": {"l": 70, "r": 110, "t": 100, "b": 30},
+        "title": {
+            "text": "One line per front member, each axis better-up (colour: generation found)"
+        },
+        "height": 480,
+        "hovermode": "closest",
+        "xaxis": {
+            "tickvals": xs,
+            "ticktext": [
+                f"{_text(o.name)} {'↑' if o.direction == 'max' else '↓'}<br>({_text(o.unit)})"
+                for o in OBJECTIVES
+            ],
+            "range": [-0.3, len(OBJECTIVES) - 0.7],
+            "showgrid": False,
+            "zeroline": False,
+            "side": "bottom",
+        },
+        "yaxis": {"visible": False, "range": [-0.12, 1.12]},
+        "shapes": shapes,
+        "annotations": annotations,
+        "margin": {"l": 40, "r": 110, "t": 70, "b": 70},
     }
-    return {"div": "front-parcoords", "data": [trace], "layout": layout}
+    return {"div": "front-parallel", "data": traces, "layout": layout}
 
 
 def _history(data: ReportData) -> dict[str, Any]:
@@ -610,22 +809,59 @@ _NAV = (
     + "</nav>"
 )
 
-# Draws the figures; the counts in data-plots / data-rendered let a test (or a person) check
-# that every plot was drawn.
+# plotly.js (4.8 MB with plotly 7) and the figures travel gzipped and base64-encoded in data
+# blocks (``<script type="application/gzip">``, never run): a long run's page stays a few MB.
+# The page's one script unpacks them with the browser's DecompressionStream, runs plotly.js
+# (allowed by its hash) and draws the figures. The counts in data-plots / data-rendered let a
+# test (or a person) check that every plot was drawn.
 _APP = """(function () {
   "use strict";
-  var figures = __FIGURES__;
-  var config = {displaylogo: false, responsive: true};
-  var drawn = 0;
-  Promise.all(figures.map(function (figure) {
-    return Plotly.newPlot(figure.div, figure.data, figure.layout, config).then(function () {
-      drawn += 1;
-      document.body.setAttribute("data-rendered", String(drawn));
-    });
-  })).catch(function (error) {
+  function unpack(id) {
+    var text = atob(document.getElementById(id).textContent.trim());
+    var bytes = new Uint8Array(text.length);
+    for (var i = 0; i < text.length; i += 1) {
+      bytes[i] = text.charCodeAt(i);
+    }
+    var stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream("gzip"));
+    return new Response(stream).text();
+  }
+  function fail(error) {
     document.body.setAttribute("data-error", String(error));
     throw error;
-  });
+  }
+  if (typeof DecompressionStream === "undefined") {
+    fail(new Error("this browser cannot unpack the figures (no DecompressionStream): " +
+      "open the report in a browser from 2023 or later, or see the PNGs beside it"));
+  }
+  Promise.all([unpack("plotly-js"), unpack("report-figures")]).then(function (texts) {
+    var library = document.createElement("script");
+    library.textContent = texts[0];
+    document.head.appendChild(library);
+    var figures = JSON.parse(texts[1]);
+    var config = {displaylogo: false, responsive: true};
+    var drawn = 0;
+    // A trace's "columns" names the figure's shared value lists to use ("marker.color": one
+    // level down): a long run's values are written once, not once per panel.
+    figures.forEach(function (figure) {
+      figure.data.forEach(function (trace) {
+        Object.keys(trace.columns || {}).forEach(function (key) {
+          var path = key.split("."), values = figure.columns[trace.columns[key]];
+          if (path.length === 2) {
+            trace[path[0]][path[1]] = values;
+          } else {
+            trace[key] = values;
+          }
+        });
+        delete trace.columns;
+      });
+    });
+    return Promise.all(figures.map(function (figure) {
+      return Plotly.newPlot(figure.div, figure.data, figure.layout, config).then(function () {
+        drawn += 1;
+        document.body.setAttribute("data-rendered", String(drawn));
+      });
+    }));
+  }).catch(fail);
 })();
 """
 
@@ -634,9 +870,9 @@ def render_html(data: ReportData, plotly: str) -> str:
     """The report page for ``data`` with ``plotly`` (the plotly.js source) inline."""
     figs = figures(data)
     drawn = {f["div"] for f in figs}
-    library = _inline_script(plotly)
-    app = _inline_script(_APP.replace("__FIGURES__", script_json(figs)))
-    csp = _CSP.format(hashes=f"{_sha256(library)} {_sha256(app)}")
+    app = _inline_script(_APP)
+    # The hash of the text the page unpacks and runs, byte for byte.
+    csp = _CSP.format(hashes=f"{_sha256(plotly)} {_sha256(app)}")
     name = str(data.status.get("name") or data.status.get("run_dir") or "run")
     parts = [
         "<!DOCTYPE html>",
@@ -645,17 +881,14 @@ def render_html(data: ReportData, plotly: str) -> str:
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>evo-compress report: {_esc(name)}</title>",
         f"<style>{_STYLE}</style>",
-        f"<script>{library}</script>",
         f'</head><body data-plots="{len(figs)}" data-rendered="0">',
         f"<h1>evo-compress run <code>{_esc(name)}</code></h1>",
         _header(data),
         _NAV,
         '<h2 id="section-front">Front</h2>',
         _front_intro(data),
-        _plot_div("front-splom", drawn, "no front yet: no generation has completed"),
-        '<p class="note">Parallel coordinates: drag along an axis to filter; the first axis '
-        "names the member (see the table below).</p>",
-        _plot_div("front-parcoords", drawn, ""),
+        _plot_div("front-matrix", drawn, "no front yet: no generation has completed"),
+        _plot_div("front-parallel", drawn, ""),
         '<h2 id="section-progress">Progress</h2>',
         _plot_div("history", drawn, "no generation has completed yet"),
         '<h2 id="section-lineage">Lineage</h2>',
@@ -667,6 +900,10 @@ def render_html(data: ReportData, plotly: str) -> str:
         _front_table(data),
         '<h2 id="section-config">Config</h2>',
         f"<pre>{_esc(data.config_yaml)}</pre>",
+        '<noscript><p class="warn">The figures need JavaScript: see the PNGs beside this '
+        "file (written by <code>evo-compress report</code>).</p></noscript>",
+        f'<script type="application/gzip" id="plotly-js">{_packed(plotly)}</script>',
+        f'<script type="application/gzip" id="report-figures">{pack(script_json(figs))}</script>',
         f"<script>{app}</script>",
         "</body></html>",
         "",
@@ -837,6 +1074,16 @@ def script_json(value: Any) -> str:
     ):
         text = text.replace(char, escape)
     return text
+
+
+def pack(text: str) -> str:
+    """``text`` as UTF-8, gzipped and base64-encoded: what the page's script unpacks."""
+    return base64.b64encode(gzip.compress(text.encode("utf-8"), 6, mtime=0)).decode("ascii")
+
+
+@functools.lru_cache(maxsize=2)
+def _packed(text: str) -> str:
+    return pack(text)  # plotly.js: the same for every report a process writes
 
 
 def _inline_script(source: str) -> str:

@@ -492,6 +492,24 @@ class RunStore:
         )
         return {r[0]: _evaluation(self.run_dir, r) for r in rows}
 
+    def evaluated_objectives(self) -> list[tuple[int, int, dict[str, float]]]:
+        """``(id, generation, objectives)`` of every searched individual (generation >= 0)
+        evaluated with objectives, by id: the points a report draws behind the front. Reads
+        no metadata, so a long run's ten thousand rows load quickly."""
+        rows = self._query(
+            "SELECT e.individual_id, i.generation, e.objectives FROM evaluations e "
+            "JOIN individuals i ON i.id = e.individual_id "
+            "WHERE e.objectives IS NOT NULL AND i.generation >= 0 ORDER BY e.individual_id"
+        )
+        points = []
+        for ident, generation, text in rows:
+            try:
+                objectives = _objectives(_loads(text, "objectives"))
+            except _Damage as exc:
+                raise _damaged(self.run_dir, f"evaluation of individual {ident}", exc) from None
+            points.append((int(ident), int(generation), objectives))
+        return points
+
     # ------------------------------------------------------------------ LLM calls
     def add_llm_call(self, row: LLMCallRow) -> None:
         """Record one provider call the moment it ends (safe from worker threads)."""

@@ -1,14 +1,20 @@
-"""The run report: one self-contained HTML page that a real headless browser renders with the
-network cut off (no request, no console error, every plot drawn), data that cannot inject
-markup or script, and the PNG figures."""
+"""The run report: one self-contained HTML page that a real headless browser without WebGL
+renders with the network cut off (no request, no console error, every plot drawn, a mark for
+every front member), data that cannot inject markup or script, and the PNG figures."""
 
 from __future__ import annotations
 
+import base64
+import fcntl
+import gzip
 import json
+import os
 import re
 import shutil
 import sqlite3
 import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
@@ -19,10 +25,17 @@ import pytest
 from evo_compress.app import start_search
 from evo_compress.fitness import EvaluationResult
 from evo_compress.reports import PNG_NAMES, write_pngs, write_report
-from evo_compress.reports.html import PLOT_IDS, SYNTHETIC_HOW, how_text
+from evo_compress.reports.html import (
+    FRONT_PLOT_IDS,
+    MAX_EVALUATED_POINTS,
+    PLOT_IDS,
+    SYNTHETIC_HOW,
+    how_text,
+)
 from evo_compress.runs import RunStore
-from evo_compress.runs.front import load_front
+from evo_compress.runs.front import FrontMember, load_front
 from evo_compress.runs.store import DB_NAME, LLMCallRow
+from evo_compress.testing import invoke_cli
 
 PAYLOAD = "</script><script>alert(1)</script>"
 HOSTILE = PAYLOAD + ' <img src=x onerror="alert(2)"> & <!-- <b>bold</b>'
@@ -30,6 +43,11 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Every way an attribute makes a browser fetch something by itself.
 FETCHING_ATTRIBUTES = {"src", "href", "srcset", "action", "poster", "data", "background"}
 FETCHING_TAGS = {"link", "img", "iframe", "frame", "object", "embed", "audio", "video", "source"}
+VOID_TAGS = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source"}
+VOID_TAGS |= {"track", "wbr"}
+NO_WEBGL = "WebGL is not supported"
+# The scatter matrix's panels: every pair of the five objectives once.
+PANELS = 10
 
 
 @pytest.fixture
@@ -53,25 +71,45 @@ def chromium() -> str:
 
 # ---------------------------------------------------------------------- parsing helpers
 class _Page(HTMLParser):
-    """Tags with their attributes, the text of each <script> and <style>, and text nodes."""
+    """Tags with their attributes, the text of each <script> (by id too) and <style>, and text
+    nodes; for each tag, the plot it is drawn in and the plotly trace group it belongs to."""
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
         self.tags: list[tuple[str, dict[str, str | None]]] = []
+        self.where: list[tuple[str | None, str | None]] = []  # (plot div id, trace class)
         self.scripts: list[str] = []
+        self.script_ids: dict[str, int] = {}
         self.styles: list[str] = []
         self.text: list[str] = []
         self._inside: str | None = None
+        self._open: list[tuple[str, str | None, str | None]] = []  # (tag, plot, trace)
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        self.tags.append((tag, dict(attrs)))
+        found = dict(attrs)
+        plot, trace = self._open[-1][1:] if self._open else (None, None)
+        self.tags.append((tag, found))
+        self.where.append((plot, trace))
+        if tag not in VOID_TAGS:
+            if tag == "div" and found.get("id") in PLOT_IDS:
+                plot = found["id"]
+            classes = str(found.get("class") or "").split()
+            if tag == "g" and "trace" in classes:
+                trace = found.get("class")
+            self._open.append((tag, plot, trace))
         if tag in ("script", "style"):
             self._inside = tag
+            if tag == "script" and found.get("id"):
+                self.script_ids[str(found["id"])] = len(self.scripts)
             (self.scripts if tag == "script" else self.styles).append("")
 
     def handle_endtag(self, tag: str) -> None:
         if tag == self._inside:
             self._inside = None
+        for depth in range(len(self._open) - 1, -1, -1):
+            if self._open[depth][0] == tag:
+                del self._open[depth:]
+                break
 
     def handle_data(self, data: str) -> None:
         if self._inside == "script":
@@ -97,12 +135,43 @@ def parse(text: str) -> _Page:
     return page
 
 
+def unpack(page: _Page, ident: str) -> str:
+    """A data block the page's script unpacks (gzip, base64), as text."""
+    packed = page.scripts[page.script_ids[ident]]
+    return gzip.decompress(base64.b64decode(packed.strip())).decode("utf-8")
+
+
 def figures_of(page: _Page) -> list[dict[str, Any]]:
-    """The figure specs the report hands to plotly.js (the JSON inside its last script)."""
-    match = re.search(r"var figures = (.*?);\n", page.scripts[-1])
-    assert match is not None
-    figures: list[dict[str, Any]] = json.loads(match.group(1))
+    """The figure specs the report hands to plotly.js."""
+    figures: list[dict[str, Any]] = json.loads(unpack(page, "report-figures"))
     return figures
+
+
+def marks(dom: _Page, plot: str, trace: str | None, tag: str, kind: str) -> int:
+    """How many ``tag`` elements of class ``kind`` (``point``, ``js-line``) plotly drew in the
+    plot ``plot`` for the trace whose uid is ``trace`` (None: any); a path must have a shape."""
+    count = 0
+    for (name, attrs), (where, group) in zip(dom.tags, dom.where, strict=True):
+        if name != tag or where != plot or group is None:
+            continue
+        if trace is not None and f"trace{trace}" not in group.split():
+            continue
+        if kind in str(attrs.get("class") or "").split() and str(attrs.get("d") or "") not in (
+            "",
+            "M0,0Z",
+        ):
+            count += 1
+    return count
+
+
+def assert_front_drawn(dom: _Page, front: list[FrontMember]) -> None:
+    """Each front figure has a mark for every front member, and no WebGL notice anywhere."""
+    assert front
+    assert NO_WEBGL not in " ".join(dom.text)
+    for panel in range(1, PANELS + 1):
+        assert marks(dom, "front-matrix", f"front{panel}", "path", "point") >= len(front), panel
+    # One line per member: plotly draws each stretch between gaps as its own path.
+    assert marks(dom, "front-parallel", None, "path", "js-line") == len(front)
 
 
 # ---------------------------------------------------------------------- browser
@@ -122,9 +191,9 @@ def render(chromium: str, page: Path, work: Path) -> Rendered:
         "--headless=new",
         "--no-sandbox",
         "--disable-gpu",
-        # WebGL (splom, parcoords) on the CPU; without the flag chromium still falls back but
-        # logs a deprecation warning on the page's console.
-        "--enable-unsafe-swiftshader",
+        # No WebGL, like the chromium of CI, servers and locked-down desktops: every figure
+        # must draw in SVG.
+        "--disable-3d-apis",
         "--disable-dev-shm-usage",
         f"--user-data-dir={work / 'profile'}",
         "--no-first-run",
@@ -176,7 +245,7 @@ def page_requests(netlog: Path) -> list[str]:
     return urls
 
 
-def assert_all_plots_drawn(rendered: Rendered) -> None:
+def assert_all_plots_drawn(rendered: Rendered, front: list[FrontMember]) -> None:
     body = rendered.dom.body()
     assert rendered.dom.scripts, "chromium dumped no DOM"
     assert body.get("data-plots") == str(len(PLOT_IDS))
@@ -188,9 +257,152 @@ def assert_all_plots_drawn(rendered: Rendered) -> None:
         a for tag, a in rendered.dom.tags if tag == "svg" and "main-svg" in str(a.get("class"))
     ]
     assert len(svgs) >= len(PLOT_IDS)
-    # The WebGL traces (scatter matrix, parallel coordinates) made their canvases.
-    canvases = [a for tag, a in rendered.dom.tags if tag == "canvas"]
-    assert canvases
+    assert_front_drawn(rendered.dom, front)
+
+
+# ---------------------------------------------------------------------- DevTools
+class Devtools:
+    """Headless chromium driven over its DevTools protocol on a pipe
+    (``--remote-debugging-pipe``: JSON messages ended by NUL on fds 3 and 4), to time a page's
+    drawing and photograph its parts; no WebGL and no network, as in ``render``."""
+
+    def __init__(self, chromium: str, work: Path) -> None:
+        self._to_chromium = os.pipe()
+        self._from_chromium = os.pipe()
+        commands, replies = self._to_chromium[0], self._from_chromium[1]
+
+        def plumb() -> None:  # in the child, before exec: the protocol's fds
+            # Out of the way first: either pipe end may itself be fd 3 or 4.
+            high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (commands, replies)]
+            for target, fd in zip((3, 4), high, strict=True):
+                os.dup2(fd, target, inheritable=True)
+
+        self.process = subprocess.Popen(
+            [
+                chromium,
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-3d-apis",
+                "--disable-dev-shm-usage",
+                f"--user-data-dir={work / 'devtools-profile'}",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-extensions",
+                "--disable-sync",
+                "--host-resolver-rules=MAP * ~NOTFOUND",
+                "--proxy-server=127.0.0.1:9",
+                "--remote-debugging-pipe",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=plumb,  # before exec, in the child: only dup2 calls
+            close_fds=False,
+        )
+        os.close(commands)
+        os.close(replies)
+        self._buffer = b""
+        self._next = 0
+        self.console: list[str] = []
+        target = next(
+            t["targetId"]
+            for t in self.call("Target.getTargets")["targetInfos"]
+            if t["type"] == "page"
+        )
+        self._session = self.call("Target.attachToTarget", targetId=target, flatten=True)[
+            "sessionId"
+        ]
+        self.call("Page.enable", session=True)
+        self.call("Runtime.enable", session=True)
+
+    def call(self, method: str, session: bool = False, **params: Any) -> dict[str, Any]:
+        self._next += 1
+        message: dict[str, Any] = {"id": self._next, "method": method, "params": params}
+        if session:
+            message["sessionId"] = self._session
+        os.write(self._to_chromium[1], json.dumps(message).encode() + b"\0")
+        while True:
+            reply = self._read()
+            if reply.get("id") == self._next:
+                assert "error" not in reply, (method, reply["error"])
+                result: dict[str, Any] = reply.get("result", {})
+                return result
+            if reply.get("method") == "Runtime.consoleAPICalled":
+                args = reply["params"].get("args", [])
+                self.console.append(" ".join(str(a.get("value", a)) for a in args))
+            elif reply.get("method") == "Runtime.exceptionThrown":
+                self.console.append(str(reply["params"]["exceptionDetails"]))
+
+    def _read(self) -> dict[str, Any]:
+        while b"\0" not in self._buffer:
+            chunk = os.read(self._from_chromium[0], 1 << 20)
+            assert chunk, "chromium closed the DevTools pipe"
+            self._buffer += chunk
+        message, self._buffer = self._buffer.split(b"\0", 1)
+        found: dict[str, Any] = json.loads(message)
+        return found
+
+    def evaluate(self, expression: str) -> Any:
+        result = self.call(
+            "Runtime.evaluate", session=True, expression=expression, returnByValue=True
+        )
+        return result["result"].get("value")
+
+    def load(self, page: Path, width: int = 1280, height: int = 1000) -> float:
+        """Open ``page`` and wait until every plot is drawn; returns the seconds that took."""
+        self.call(
+            "Emulation.setDeviceMetricsOverride",
+            session=True,
+            width=width,
+            height=height,
+            deviceScaleFactor=1,
+            mobile=False,
+        )
+        start = time.perf_counter()
+        self.call("Page.navigate", session=True, url=page.as_uri())
+        state = "document.body && [document.body.dataset.rendered, document.body.dataset.plots, "
+        state += "document.body.dataset.error || null]"
+        while True:
+            found = self.evaluate(state)
+            if found and (found[2] or found[0] == found[1]):
+                assert found[2] is None, found[2]
+                return time.perf_counter() - start
+            assert time.perf_counter() - start < 120, f"not drawn in 120 s: {found}"
+            time.sleep(0.05)
+
+    def dom(self) -> _Page:
+        return parse(str(self.evaluate("document.documentElement.outerHTML")))
+
+    def screenshot(self, ident: str, path: Path) -> Path:
+        """A PNG of the element ``#ident`` as drawn."""
+        box = self.evaluate(
+            f"(function () {{ var r = document.getElementById({json.dumps(ident)})"
+            ".getBoundingClientRect(); return [r.left + window.scrollX, r.top + window.scrollY,"
+            " r.width, r.height]; })()"
+        )
+        x, y, width, height = box
+        assert width > 0 and height > 0, (ident, box)
+        shot = self.call(
+            "Page.captureScreenshot",
+            session=True,
+            format="png",
+            captureBeyondViewport=True,
+            clip={"x": x, "y": y, "width": width, "height": height, "scale": 1},
+        )
+        path.write_bytes(base64.b64decode(shot["data"]))
+        return path
+
+    def close(self) -> None:
+        try:
+            self.call("Browser.close")
+        except AssertionError:
+            pass  # it closed before answering
+        finally:
+            self.process.wait(timeout=30)
+            os.close(self._to_chromium[1])
+            os.close(self._from_chromium[0])
 
 
 # ---------------------------------------------------------------------- tests
@@ -208,7 +420,12 @@ def test_the_report_is_one_file_that_fetches_nothing(run_dir, tmp_path):
         fetching = {k: v for k, v in attrs.items() if k in FETCHING_ATTRIBUTES}
         # Only in-page links (#section) are allowed; they fetch nothing.
         assert all(k == "href" and str(v).startswith("#") for k, v in fetching.items()), attrs
-    assert [tag for tag, _ in page.tags].count("script") == 2
+    # Two data blocks (plotly.js and the figures, packed: never run) and the page's script.
+    assert [tag for tag, _ in page.tags].count("script") == 3
+    assert page.script_ids == {"plotly-js": 0, "report-figures": 1}
+    blocks = [a for tag, a in page.tags if tag == "script" and a.get("id")]
+    assert {a.get("type") for a in blocks} == {"application/gzip"}
+    assert "Plotly" in unpack(page, "plotly-js")
     for style in page.styles:
         assert "url(" not in style and "@import" not in style
     assert "http" not in page.scripts[-1]
@@ -223,14 +440,15 @@ def test_the_report_is_one_file_that_fetches_nothing(run_dir, tmp_path):
     shown = " ".join(" ".join(page.text).split())
     assert str(run_dir) in shown and "synthetic" in shown
     assert SYNTHETIC_HOW in shown
-    splom = figures_of(page)[0]["data"][0]
-    assert splom["type"] == "splom"
-    assert splom["dimensions"][0]["values"] == [m.objectives["accuracy"] for m in front]
+    matrix = figures_of(page)[0]
+    assert matrix["div"] == "front-matrix"
+    assert {t["type"] for t in matrix["data"]} == {"scatter"}  # SVG: no WebGL needed
+    assert matrix["columns"]["front.accuracy"] == [m.objectives["accuracy"] for m in front]
     assert "kv(" in shown or "quant=" in shown  # recipes summarised in the table
     # The accuracy's stderr (the synthetic `noise`), in the table and the front's hover text.
     best = front[0].objectives["accuracy"]
     assert f"{best:.3f} ± 0.003" in shown
-    assert f"accuracy {best:.3f} ± 0.003 fraction" in splom["text"][0]
+    assert f"accuracy {best:.3f} ± 0.003 fraction" in matrix["columns"]["front.text"][0]
     assert "search:" in shown  # the config, verbatim
 
     # A directory as the destination holds report.html.
@@ -241,10 +459,38 @@ def test_the_report_is_one_file_that_fetches_nothing(run_dir, tmp_path):
 def test_the_report_renders_offline_in_headless_chromium(run_dir, tmp_path, chromium):
     with RunStore.open(run_dir) as store:
         path = write_report(store, tmp_path / "report.html")
+        front = load_front(store)
     rendered = render(chromium, path, tmp_path)
     assert rendered.console == []
     assert rendered.requests == []
-    assert_all_plots_drawn(rendered)
+    assert_all_plots_drawn(rendered, front)
+
+
+def test_the_front_figures_draw_every_member_without_webgl(run_dir, tmp_path, chromium):
+    with RunStore.open(run_dir) as store:
+        path = write_report(store, tmp_path / "report.html")
+        front = load_front(store)
+        evaluated = len(store.evaluated_objectives())
+    browser = Devtools(chromium, tmp_path)
+    try:
+        browser.load(path)
+        dom = browser.dom()
+        shots = [browser.screenshot(i, tmp_path / f"{i}.png") for i in FRONT_PLOT_IDS]
+    finally:
+        browser.close()
+    assert browser.console == []
+    assert_front_drawn(dom, front)
+    # Each panel draws every searched recipe evaluated (fewer than the sampling limit here).
+    assert evaluated < MAX_EVALUATED_POINTS
+    points = [
+        tag
+        for (tag, attrs), (plot, group) in zip(dom.tags, dom.where, strict=True)
+        if plot == "front-matrix" and group and "point" in str(attrs.get("class")).split()
+    ]
+    assert len(points) == PANELS * evaluated
+    for shot in shots:
+        data = shot.read_bytes()
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 20_000, shot.name
 
 
 def test_the_browser_check_sees_a_page_that_fetches(tmp_path, chromium):
@@ -317,7 +563,7 @@ def test_run_data_cannot_inject_markup_or_script(run_dir, tmp_path, chromium):
     text = path.read_text(encoding="utf-8")
 
     assert PAYLOAD not in text and "<img src=x" not in text and "<b>bold" not in text
-    assert text.lower().count("<script") == 2 and text.lower().count("</script") == 2
+    assert text.lower().count("<script") == 3 and text.lower().count("</script") == 3
     page = parse(text)
     shown = "".join(page.text)
     # Shown as text where a person reads it: the title, the header, the recipe, the LLM's
@@ -336,9 +582,11 @@ def test_run_data_cannot_inject_markup_or_script(run_dir, tmp_path, chromium):
     rendered = render(chromium, path, tmp_path)
     assert rendered.console == []  # no CSP violation, no script error, no alert
     assert rendered.requests == []
-    assert_all_plots_drawn(rendered)
+    with RunStore.open(run_dir) as store:
+        assert_all_plots_drawn(rendered, load_front(store))
     dom_tags = [tag for tag, _ in rendered.dom.tags]
-    assert dom_tags.count("script") == 2 and "img" not in dom_tags and "b" not in dom_tags
+    # Those of the page, and plotly.js it unpacked: nothing from the data.
+    assert dom_tags.count("script") == 4 and "img" not in dom_tags and "b" not in dom_tags
     assert f"because {HOSTILE}" in "".join(rendered.dom.text)
 
 
@@ -383,3 +631,76 @@ def test_a_run_killed_before_its_first_generation_still_reports(config_factory, 
 def test_how_each_value_was_obtained(detail, expected):
     metadata = {"evaluator": "transformers", "objectives": {"memory": detail} if detail else {}}
     assert how_text(metadata, "memory") == expected
+
+
+@pytest.mark.slow
+def test_a_long_runs_report_stays_small_and_draws_quickly(config_factory, tmp_path, chromium):
+    # A run of ten thousand evaluations: its front (over a thousand members) and a sample of
+    # the rest, in a page under 5 MB that headless chromium draws in under 10 s.
+    search = start_search(
+        config_factory(search={"population_size": 100, "generations": 101}),
+        run_dir=tmp_path / "run",
+    )
+    search.run()
+    search.close()
+    with RunStore.open(tmp_path / "run") as store:
+        assert store.count_evaluations() >= 10_000
+        path = write_report(store, tmp_path / "report.html")
+        front = load_front(store)
+        evaluated = len(store.evaluated_objectives())
+    size = path.stat().st_size
+    assert size < 5_000_000, size
+    browser = Devtools(chromium, tmp_path)
+    try:
+        seconds = browser.load(path)
+        dom = browser.dom()
+        for ident in FRONT_PLOT_IDS:
+            browser.screenshot(ident, tmp_path / f"{ident}.png")
+    finally:
+        browser.close()
+    print(f"report of {evaluated:,} evaluations: {size:,} bytes, drawn in {seconds:.1f} s")
+    assert seconds < 10, seconds
+    assert browser.console == []
+    assert_front_drawn(dom, front)
+    # The other evaluated recipes: a sample of them, and the figure says so.
+    others = evaluated - len(front)
+    assert others > MAX_EVALUATED_POINTS
+    points = [
+        tag
+        for (tag, attrs), (plot, group) in zip(dom.tags, dom.where, strict=True)
+        if plot == "front-matrix" and group and "point" in str(attrs.get("class")).split()
+    ]
+    assert len(points) == PANELS * (len(front) + MAX_EVALUATED_POINTS)
+    shown = " ".join(dom.text)
+    assert f"{MAX_EVALUATED_POINTS:,} of the {others:,} other evaluated recipes" in shown
+
+
+def test_the_command_writes_pngs_beside_the_report_unless_told_not_to(run_dir, tmp_path):
+    code, out, err = invoke_cli("report", run_dir)
+    assert code == 0, err
+    assert sorted(p.name for p in run_dir.glob("*.png")) == sorted(PNG_NAMES)
+    assert out.splitlines() == [f"report: {run_dir / 'report.html'}"] + [
+        f"plot: {run_dir / name}" for name in PNG_NAMES
+    ]
+    # --png still chooses the folder; --no-png writes the HTML file alone.
+    code, out, err = invoke_cli("report", run_dir, "--png", tmp_path / "plots")
+    assert code == 0 and len(list((tmp_path / "plots").glob("*.png"))) == len(PNG_NAMES)
+    alone = tmp_path / "alone" / "report.html"
+    code, out, err = invoke_cli("report", run_dir, "-o", alone, "--no-png")
+    assert code == 0 and out.splitlines() == [f"report: {alone}"]
+    assert not list((tmp_path / "alone").glob("*.png"))
+    code, out, err = invoke_cli("report", run_dir, "--png", tmp_path, "--no-png")
+    assert code == 2 and "`--png` and `--no-png`" in err
+
+
+def test_without_matplotlib_the_report_is_written_with_one_warning(run_dir, tmp_path, monkeypatch):
+    # As where matplotlib is not installed: importing it fails.
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    code, out, err = invoke_cli("report", run_dir, "-o", tmp_path)
+    assert code == 0, err
+    assert (tmp_path / "report.html").is_file() and not list(tmp_path.glob("*.png"))
+    assert out.splitlines() == [f"report: {tmp_path / 'report.html'}"]
+    warning = [line for line in err.splitlines() if line.strip()]
+    assert len(warning) == 1 and warning[0].startswith("warning: no PNG plots written")
