@@ -52,6 +52,7 @@ bench: setup
 	$(PY) benchmarks/bench_racing.py
 	$(PY) benchmarks/bench_zoo.py
 	$(PY) benchmarks/bench_memory.py
+	$(PY) benchmarks/bench_report.py
 	$(MAKE) vllm-env
 	$(PY) benchmarks/bench_vllm_cpu.py
 
