@@ -151,7 +151,9 @@ class EvaluationChain:
             else:
                 waiting[recipe.hash] = [slot]
                 tasks.append(Task(slot, recipe, space, race))
-        for slot, fresh in self.pool.run(tasks):
+        # The back end's order (a vLLM server shared by neighbours), results still by slot.
+        order = self.pool.evaluator.plan_batch([t.recipe for t in tasks], space)
+        for slot, fresh in self.pool.run([tasks[i] for i in order]):
             self.commit(idents[slot], recipes[slot], fresh)
             done(slot, fresh, "evaluated")
             for repeat in waiting[recipes[slot].hash][1:]:

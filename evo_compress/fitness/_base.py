@@ -224,6 +224,9 @@ class Evaluator(ABC):
         # Evaluations run at once on this machine's CPUs (``fitness.pool``): measurements
         # taken under that contention are fingerprinted apart from solo ones.
         self.concurrent = 1
+        # Whether evaluations run one at a time, in the order ``plan_batch`` gave (the pool
+        # says): only then may a back end share work between consecutive evaluations.
+        self.sequential = True
 
     def set_run_dir(self, run_dir: Path | None) -> None:
         """Where this run's own files go (a serving back end's logs). The search sets it
@@ -248,6 +251,13 @@ class Evaluator(ABC):
         front, else finish (``stage: "full"``). Back ends with ``supports_racing`` override
         it; one that does not race measures everything, which is the full stage."""
         return self._evaluate(recipe, placement)
+
+    def plan_batch(self, recipes: Sequence[Recipe], space: SearchSpace) -> list[int]:
+        """The order in which to evaluate a batch (a generation's new recipes), as indices
+        into ``recipes``. A back end that shares work between recipes (one server for
+        several, ``fitness.vllm``) groups them here and remembers the batch. Default: as
+        given."""
+        return list(range(len(recipes)))
 
     def quick_fingerprint(self, quick_limit: int) -> str:
         """The fitness cache's key for this back end's quick results on ``quick_limit``

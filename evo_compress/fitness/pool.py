@@ -184,6 +184,7 @@ class LocalPool(EvaluationPool):
         super().__init__(evaluator, plan)
         self._placements = plan.placements()
         self._executor: ThreadPoolExecutor | None = None
+        evaluator.sequential = len(self._placements) == 1
 
     def run(self, tasks: Sequence[Task]) -> Iterator[tuple[int, EvaluationResult]]:
         if len(self._placements) == 1 or len(tasks) <= 1:

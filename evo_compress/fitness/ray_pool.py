@@ -138,6 +138,7 @@ class RayPool(EvaluationPool):
 
     def __init__(self, evaluator: Evaluator, plan: WorkerPlan, config: RayConfig) -> None:
         super().__init__(evaluator, plan)
+        evaluator.sequential = False  # each evaluation a Ray task: nothing shared between them
         self.config = config
         self._ray: Any = None
         self._owns = False  # this pool called ray.init, so close() shuts Ray down

@@ -18,7 +18,8 @@ import shlex
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -103,6 +104,11 @@ class VLLMSettings(TaskSettings):
     concurrency: int | None = Field(
         None, ge=1, description="Requests in flight (default: serve.max_num_seqs, capped)"
     )
+    share_servers: bool = Field(
+        True,
+        description="Recipes of one batch that differ only in serve.max_num_seqs are measured "
+        "on one server started with the largest value, each with its own requests in flight",
+    )
     warmup_requests: int = Field(2, ge=0)
     startup_timeout_s: float = Field(900.0, gt=0)
     request_timeout_s: float = Field(300.0, gt=0)
@@ -153,6 +159,11 @@ class VLLMEvaluator(ModelEvaluator):
         self._defaults: dict[str, Any] | None = None
         self._context_warned = False  # the output-token clamp is logged once
         self._packages: dict[str, str | None] | None = None
+        # Server sharing within a batch (``plan_batch``): recipe hash -> (group, largest
+        # max_num_seqs), evaluations each group still has to come, the server kept running.
+        self._groups: dict[str, tuple[str, int]] = {}
+        self._pending: dict[str, int] = {}
+        self._warm: _Warm | None = None
 
     # ------------------------------------------------------------------ environment
     @property
@@ -228,6 +239,42 @@ class VLLMEvaluator(ModelEvaluator):
         return unsupported_reason(
             dict(recipe), self.caps, defaults=self._defaults
         ) or super().infeasible_reason(recipe, space)
+
+    def plan_batch(self, recipes: Sequence[Recipe], space: SearchSpace) -> list[int]:
+        """Recipes that differ only in ``serve.max_num_seqs`` share a checkpoint and every
+        other engine argument: with ``share_servers`` (and evaluations one at a time) they
+        are grouped, next to each other, and measured on one server started with the
+        group's largest ``max_num_seqs``. Each still has at most its own ``max_num_seqs``
+        requests in flight, so the scheduler never batches more sequences than that value
+        allows; the KV cache is sized by ``gpu_memory_utilization`` (on the CPU build by
+        its fixed KV cache space), not by ``max_num_seqs``."""
+        self._stop_warm()
+        self._groups, self._pending = {}, {}
+        order = list(range(len(recipes)))
+        if not self.config.share_servers or not self.sequential:
+            return order
+        members: dict[str, list[int]] = {}
+        for i, recipe in enumerate(recipes):
+            if self.infeasible_reason(recipe, space) is None:
+                members.setdefault(_server_group(recipe), []).append(i)
+        for group, indices in members.items():
+            if len(indices) < 2:
+                continue
+            largest = max(_max_num_seqs(recipes[i]) for i in indices)
+            for i in indices:
+                self._groups[recipes[i].hash] = (group, largest)
+            self._pending[group] = len(indices)
+        position = {i: n for n, indices in enumerate(members.values()) for i in indices}
+        # Each group where its first member stood; the rest (infeasible) keep their places.
+        return sorted(order, key=lambda i: (position.get(i, i), i))
+
+    def close(self) -> None:
+        self._stop_warm()
+
+    def _stop_warm(self) -> None:
+        warm, self._warm = self._warm, None
+        if warm is not None:
+            warm.server.stop()
 
     def limits(self) -> dict[str, float | None]:
         return {
@@ -374,6 +421,9 @@ class VLLMEvaluator(ModelEvaluator):
         plan, checkpoint = self.checkpoint(recipe, placement)
         built = time.perf_counter() - started
         args = (*plan.engine_args, "--seed", str(self.config.seed), *self.config.extra_args)
+        shared = self._groups.get(recipe.hash)
+        if shared is not None:  # one server for the group: started with its largest value
+            args = _with_max_num_seqs(args, shared[1])
         log_dir = (self.run_dir or default_cache_dir()) / "logs"
         build_seconds = _build_seconds(checkpoint, built)
 
@@ -416,34 +466,72 @@ class VLLMEvaluator(ModelEvaluator):
         device = placement.device or self.device
         gpu_env = {**os.environ, **placement.env}  # which physical GPU `device` is
         memory = _MemorySampler(device, gpu_env)
-        memory.baseline()
-        server = VLLMServer(spec, log_path, startup_timeout_s=settings.startup_timeout_s)
-        starting = time.perf_counter()
-        with server:
-            started = time.perf_counter() - starting
+        shared = self._groups.get(recipe.hash)
+        key = (spec.command, spec.model, spec.args, tuple(sorted(spec.env.items())))
+        warm = self._warm
+        if warm is not None and (shared is None or warm.key != key):
+            self._stop_warm()
+            warm = None
+        started = 0.0
+        if warm is None:
+            memory.baseline()
+            server = VLLMServer(spec, log_path, startup_timeout_s=settings.startup_timeout_s)
+            starting = time.perf_counter()
             try:
-                measured = self._measure(
-                    server,
-                    model,
-                    prompts,
-                    concurrency,
-                    memory,
-                    log_path,
-                    device,
-                    gpu_env,
-                    race,
-                    as_result,
-                )
-                measured["seconds"] = {"server_start": round(started, 3), **measured["seconds"]}
-                return measured
-            except ClientError as exc:
-                # Asked while the server is still ours: once stopped it is never alive.
-                if _server_died(server, grace_s=0.0 if exc.status is not None else 3.0):
-                    raise EvaluationError(
-                        f"the vLLM server died while being measured ({exc}); last lines of "
-                        f"{log_path}: {server.log_tail(8)}"
-                    ) from None
+                server.start()
+            except BaseException:
+                server.stop()
                 raise
+            started = time.perf_counter() - starting
+            warm = _Warm(key, server, log_path, memory.base)
+        else:  # the group's server, already running: its log and memory baseline
+            server, log_path = warm.server, warm.log_path
+            memory.base = warm.base
+        reused = started == 0.0
+        try:
+            measured = self._measure(
+                server,
+                model,
+                prompts,
+                concurrency,
+                memory,
+                log_path,
+                device,
+                gpu_env,
+                race,
+                as_result,
+            )
+        except ClientError as exc:
+            # Asked while the server is still ours: once stopped it is never alive.
+            died = _server_died(server, grace_s=0.0 if exc.status is not None else 3.0)
+            self._warm = None
+            server.stop()
+            if died:
+                raise EvaluationError(
+                    f"the vLLM server died while being measured ({exc}); last lines of "
+                    f"{log_path}: {server.log_tail(8)}"
+                ) from None
+            raise
+        except BaseException:
+            self._warm = None
+            server.stop()
+            raise
+        measured["seconds"] = {"server_start": round(started, 3), **measured["seconds"]}
+        if shared is not None:
+            group, largest = shared
+            self._pending[group] = self._pending.get(group, 1) - 1
+            measured["server"] = {
+                "shared": True,
+                "reused": reused,
+                "started_with_max_num_seqs": largest,
+                "max_num_seqs": _max_num_seqs(recipe),
+            }
+            if self._pending[group] > 0:
+                self._warm = warm  # the next member of the group is measured on it
+                return measured
+        self._warm = None
+        server.stop()
+        return measured
 
     def _server_env(self, env: dict[str, str]) -> dict[str, str]:
         """The server's environment on top of ours. Unless the user's environment or
@@ -684,12 +772,44 @@ class VLLMEvaluator(ModelEvaluator):
             "seconds": round(time.perf_counter() - started, 3),
             "seconds_split": measured["seconds"],
         }
+        if measured.get("server") is not None:  # measured on a server shared by its group
+            metadata["server"] = measured["server"]
         if measured.get("stage") is not None:  # racing's stage (``fitness.racing``)
             metadata[STAGE_KEY] = measured["stage"]
         return EvaluationResult.success(objectives, json.loads(json.dumps(metadata, default=str)))
 
 
 # ---------------------------------------------------------------------- helpers
+@dataclass
+class _Warm:
+    """A server kept running for the next member of its group (``plan_batch``)."""
+
+    key: tuple[Any, ...]  # command, model, engine arguments, environment
+    server: Any
+    log_path: Path
+    base: float  # the memory used before it started (``_MemorySampler.base``)
+
+
+def _max_num_seqs(recipe: Recipe) -> int:
+    return int(recipe.get("serve.max_num_seqs", 32))
+
+
+def _server_group(recipe: Recipe) -> str:
+    """What recipes share when they differ only in ``serve.max_num_seqs``."""
+    rest = {k: v for k, v in recipe.items() if k != "serve.max_num_seqs"}
+    return json.dumps(rest, sort_keys=True, default=str)
+
+
+def _with_max_num_seqs(args: tuple[str, ...], value: int) -> tuple[str, ...]:
+    """``args`` with ``--max-num-seqs`` set to ``value`` (added when absent)."""
+    out = list(args)
+    if "--max-num-seqs" in out:
+        out[out.index("--max-num-seqs") + 1] = str(value)
+    else:
+        out += ["--max-num-seqs", str(value)]
+    return tuple(out)
+
+
 def _time_per_output_token(
     latency: Any, before: Mapping[str, Any], after: Mapping[str, Any]
 ) -> dict[str, Any]:
@@ -931,7 +1051,7 @@ class _MemorySampler:
         self.device = device
         self.interval_s = interval_s
         self._nvml: Any = None
-        self._base = 0.0
+        self.base = 0.0
         self._peak = 0.0
         self._pid: int | None = None
         self._stop = threading.Event()
@@ -954,7 +1074,7 @@ class _MemorySampler:
         return sum(rss_mib(process.pid) or 0.0 for process in _tree(self._pid))
 
     def baseline(self) -> None:
-        self._base = self._read() if self._nvml is not None else 0.0
+        self.base = self._read() if self._nvml is not None else 0.0
 
     def watch(self, pid: int | None) -> None:
         self._pid = pid
@@ -977,10 +1097,10 @@ class _MemorySampler:
         self._peak = max(self._peak, self._read())
         if self._nvml is not None:
             return {
-                "mib": max(self._peak - self._base, 0.0),
+                "mib": max(self._peak - self.base, 0.0),
                 "how": "peak GPU memory used while serving (NVML) minus the GPU's use "
                 "before the server started",
-                "gpu_used_before_mib": self._base,
+                "gpu_used_before_mib": self.base,
             }
         return {
             "mib": self._peak,

@@ -440,3 +440,39 @@ def test_auto_picks_transformers_without_a_gpu_or_vllm(tmp_path):
     assert isinstance(make("cuda", missing), TransformersEvaluator)
     with pytest.raises(ConfigError, match="one section per back end"):
         make("cpu", {"max_new_tokens": 4})
+
+
+def test_recipes_differing_only_in_max_num_seqs_share_one_server(tmp_path):
+    ev = evaluator(tmp_path, latency_requests=6)
+    base = {"prune.method": "magnitude", "prune.sparsity": 0.3}
+    recipes = [
+        SPACE.recipe({**base, "serve.max_num_seqs": 16}),
+        SPACE.recipe({"serve.max_num_seqs": 8}),  # alone: a server of its own
+        SPACE.recipe({**base, "serve.max_num_seqs": 2}),
+    ]
+    order = ev.plan_batch(recipes, SPACE)
+    assert order == [0, 2, 1]  # the group together, where its first member stood
+    results = [ev.evaluate(recipes[i], SPACE) for i in order]
+    ev.close()
+    assert all(r.ok for r in results), [r.reason for r in results]
+    first, second, alone = results
+    # One start for the group, with its largest max_num_seqs; each measured with its own.
+    assert first.metadata["server"] == {
+        "shared": True,
+        "reused": False,
+        "started_with_max_num_seqs": 16,
+        "max_num_seqs": 16,
+    }
+    assert second.metadata["server"]["reused"] is True
+    assert second.metadata["seconds_split"]["server_start"] == 0
+    assert second.metadata["objectives"]["latency"]["concurrency"] == 2
+    assert second.metadata["server_log"] == first.metadata["server_log"]
+    assert "server" not in alone.metadata
+    assert alone.metadata["seconds_split"]["server_start"] > 0
+    logs = sorted((tmp_path / "run" / "logs").glob("vllm-*.log"))
+    assert len(logs) == 2  # two starts for three recipes
+    # Without sharing (or with evaluations in parallel) every recipe starts its own.
+    off = evaluator(tmp_path / "off", latency_requests=6, share_servers=False)
+    assert off.plan_batch(recipes, SPACE) == [0, 1, 2]
+    ev.sequential = False
+    assert ev.plan_batch(recipes, SPACE) == [0, 1, 2]
