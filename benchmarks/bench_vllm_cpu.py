@@ -129,14 +129,15 @@ def _objectives(result: Any) -> str:
         return "-"
     o = result.objectives
     latency = result.metadata.get("objectives", {}).get("latency", {})
-    # vLLM's latency: from the paced streams (n of the requests) or the server's own mean.
-    source = latency.get("source")
-    if source == "stream":
-        how = f" ({latency['paced_requests']}/{latency['requests']} paced)"
-    elif source == "server":
-        how = " (server mean)"
-    else:
-        how = ""
+    # vLLM: the server's mean, then the streamed median over the paced requests beside it.
+    how = ""
+    if latency.get("source") is not None:
+        streamed = latency.get("tpot_median_ms")
+        how = (
+            f" (stream {streamed:.2f} ms, {latency['paced_requests']}/{latency['requests']} paced)"
+            if streamed is not None
+            else f" (stream: 0/{latency['requests']} paced)"
+        )
     return f"{o['accuracy']:.3f} · {o['latency']:.2f} ms{how} · {o['memory']:,.0f} MiB"
 
 
@@ -180,11 +181,12 @@ def render(rows: list[dict[str, Any]], build: str) -> str:
         "streamed through the HTTP API at concurrency up to 16; on transformers it is "
         "`generate` in process, one prompt at a time.",
         "",
-        "A vLLM latency is the median over the requests whose streamed chunks arrived "
-        "paced (n/16 paced); on these two shared cores the API server sometimes holds a "
-        "stream back and sends it at once, which would read as ~0 ms per token. With fewer "
-        "than half paced it is the server's own mean (`vllm:request_time_per_output_token_"
-        "seconds`) over the same requests.",
+        "A vLLM latency is the server's own mean time per output token over the 16 "
+        "requests (`vllm:request_time_per_output_token_seconds`, from the engine's "
+        "timestamps); in brackets the streamed median over the requests whose chunks "
+        "arrived paced. On these two shared cores the API server sometimes holds a stream "
+        "back and sends it at once, and the client's view includes the API server's own "
+        "work per token on the same cores.",
         "",
         "| recipe | vLLM (CPU build) | seconds: build · quantize · start · latency · "
         "accuracy | transformers | why it failed |",
@@ -210,10 +212,105 @@ def render(rows: list[dict[str, Any]], build: str) -> str:
     return "\n".join(lines)
 
 
+# One generation's worth of recipes that pair up on max_num_seqs (three groups of two).
+REUSE = {
+    "baseline": {},
+    "wanda 2:4": {"prune.method": "wanda", "prune.pattern": "2:4"},
+    "structured_mlp 25%": {"prune.method": "structured_mlp", "prune.sparsity": 0.25},
+}
+REUSE_SEQS = (4, 16)
+
+
+def measure_reuse(checkpoints: Path) -> dict[str, Any]:
+    """The REUSE batch evaluated twice in one run, each recipe once per ``share_servers``
+    setting, in ``plan_batch``'s order, with every checkpoint built beforehand (untimed), so
+    the difference is server starts alone."""
+    space = SearchSpace.builtin()
+    recipes = [
+        (f"{name} · max_num_seqs {seqs}", space.recipe({**genes, "serve.max_num_seqs": seqs}))
+        for name, genes in REUSE.items()
+        for seqs in REUSE_SEQS
+    ]
+    out: dict[str, Any] = {"recipes": [name for name, _ in recipes]}
+    for share in (False, True):
+        ev = EVALUATORS.get("vllm")(
+            {
+                "limit": LIMIT,
+                "latency_requests": 16,
+                "max_new_tokens": 16,
+                "threads": 1,
+                "checkpoint_dir": str(checkpoints),
+                "extra_args": ["--enforce-eager"],
+                "share_servers": share,
+            },
+            _context(),
+        )
+        ev.set_run_dir(checkpoints / f"run-{share}")
+        for _, recipe in recipes:
+            ev.checkpoint(recipe)  # built (or found) before the clock starts
+        order = ev.plan_batch([r for _, r in recipes], space)
+        started = time.perf_counter()
+        results: dict[int, Any] = {}
+        for i in order:
+            results[i] = ev.evaluate(recipes[i][1], space)
+            print(
+                f"share={share} {recipes[i][0]:36s} {'ok' if results[i].ok else results[i].reason}"
+            )
+        ev.close()
+        out[share] = {
+            "seconds": time.perf_counter() - started,
+            "results": [results[i] for i in range(len(recipes))],
+            "starts": sum(
+                1
+                for r in results.values()
+                if r.ok and (r.metadata.get("seconds_split") or {}).get("server_start", 0) > 0
+            ),
+        }
+    return out
+
+
+def render_reuse(m: dict[str, Any], build: str) -> str:
+    info = machine_info()
+    before, after = m[False], m[True]
+    lines = [
+        "## Server reuse on the real vLLM (`bench_vllm_cpu.py --reuse`)",
+        "",
+        f"Run {info['date']} on {info['cpu']} ({info['nproc']} cores shared, Python "
+        f"{info['python']}, {info['threads']}), {build}, reference model, {LIMIT} accuracy "
+        "items, 16 latency requests of 16 tokens, `--enforce-eager`. One generation's batch "
+        "of six recipes, three pairs that differ only in `serve.max_num_seqs`, evaluated in "
+        "the same run with `share_servers: false` (before: a server per recipe) and `true` "
+        "(after: one per pair, started with 16; the max_num_seqs 4 recipe keeps 4 requests "
+        "in flight). Checkpoints were built before the clock started.",
+        "",
+        f"Before: {before['starts']} server starts, {before['seconds']:.0f} s. After: "
+        f"{after['starts']} starts, {after['seconds']:.0f} s: "
+        f"{before['seconds'] / after['seconds']:.2f}x faster.",
+        "",
+        "| recipe | before: accuracy · latency · memory | after | after: server |",
+        "|---|---|---|---|",
+    ]
+    for name, b, a in zip(m["recipes"], before["results"], after["results"], strict=True):
+        server = a.metadata.get("server") or {}
+        how = (
+            ("reused" if server.get("reused") else "started")
+            + f" with max_num_seqs {server.get('started_with_max_num_seqs')}"
+            if server
+            else "own"
+        )
+        lines.append(f"| {name} | {_objectives(b)} | {_objectives(a)} | {how} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", nargs="*", choices=list(ROWS), help="Default: all")
     parser.add_argument("--no-write", action="store_true", help="Print, leave BENCHMARKS.md")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="Only the server-reuse comparison (before/after sharing servers), its section",
+    )
     args = parser.parse_args()
     serving = find_environment(SERVING_ENV, SERVING_ENV_VAR)
     if serving is None or find_environment(QUANT_ENV, QUANT_ENV_VAR) is None:
@@ -221,11 +318,16 @@ def main() -> None:
     found = read_build(serving / "bin" / "python")
     build = "unknown build" if found is None else f"{found.distribution} {found.version}"
     with tempfile.TemporaryDirectory(prefix="bench-vllm-") as tmp:
-        rows = measure(args.rows or list(ROWS), Path(tmp))
-    text = render(rows, build)
-    print(text)
+        if not args.reuse:
+            rows = measure(args.rows or list(ROWS), Path(tmp))
+            text = render(rows, build)
+            print(text)
+            if not args.no_write:
+                write_section("vllm-cpu", text)
+        reuse = render_reuse(measure_reuse(Path(tmp) / "reuse"), build)
+    print(reuse)
     if not args.no_write:
-        write_section("vllm-cpu", text)
+        write_section("vllm-reuse", reuse)
 
 
 if __name__ == "__main__":
