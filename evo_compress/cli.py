@@ -104,7 +104,10 @@ def _version(value: bool) -> None:
 @app.callback()
 def _main(
     debug: bool = typer.Option(
-        False, "--debug", help="Show full tracebacks instead of one-line errors."
+        False,
+        "--debug",
+        help="Show full tracebacks instead of one-line errors, and the seed recipes that "
+        "the back end cannot apply.",
     ),
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
@@ -117,8 +120,9 @@ def _main(
 class _RichProgress(ProgressListener):
     """Live progress: generation, evaluations done/total, cache hits, front size, hypervolume."""
 
-    def __init__(self, console: Console) -> None:
+    def __init__(self, console: Console, debug: bool = False) -> None:
         self.console = console
+        self.show_debug = debug
         self.progress = Progress(
             TextColumn("[bold]gen {task.fields[gen]}"),
             BarColumn(),
@@ -179,6 +183,10 @@ class _RichProgress(ProgressListener):
         # Messages quote LLM replies and provider errors: no markup, no control codes; one
         # line in a log.
         self.console.print(terminal_safe(text), markup=False, highlight=False, soft_wrap=True)
+
+    def debug(self, text: str) -> None:
+        if self.show_debug:
+            self.message(f"debug: {text}")
 
     def stop(self) -> None:
         self.progress.stop()
@@ -276,7 +284,7 @@ def run(
         data = read_yaml(config, "config file", ConfigError)
         cfg = apply_overrides(data, overrides, str(config))
         check_config(cfg, describe(str(config), overrides))
-        listener = _RichProgress(_progress_console(format))
+        listener = _RichProgress(_progress_console(format), debug=_state["debug"])
         search = start_search(cfg, run_dir=run_dir, listener=listener)
         _drive(search, listener, format)
 
@@ -305,7 +313,7 @@ def resume(
             *_overrides(("search.generations", generations, "--generations")),
             *_cache_overrides(cache, no_cache),
         ]
-        listener = _RichProgress(_progress_console(format))
+        listener = _RichProgress(_progress_console(format), debug=_state["debug"])
         search = resume_search(
             run_dir, overrides=overrides, listener=listener, retry_failed=retry_failed
         )
