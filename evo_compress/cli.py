@@ -49,6 +49,7 @@ from evo_compress.output import (
     write_text,
 )
 from evo_compress.progress import ProgressListener
+from evo_compress.quiet import quiet_libraries
 from evo_compress.text import terminal_safe
 
 app = typer.Typer(
@@ -114,6 +115,8 @@ def _main(
     ),
 ) -> None:
     _state["debug"] = debug
+    if not debug:  # before any command imports torch: see evo_compress.quiet
+        quiet_libraries()
 
 
 # ---------------------------------------------------------------------- progress display
