@@ -63,3 +63,43 @@ def test_importing_torchao_after_quiet_libraries_prints_nothing():
     )
     assert proc.returncode == 0, proc.stderr
     assert third_party_lines(proc.stderr) == [], proc.stderr
+
+
+@pytest.mark.slow
+def test_the_demos_first_evaluation_prints_no_third_party_line(tmp_path):
+    """`make demo`'s first seed recipe, evaluated as the CLI does: a worker process loads,
+    compresses and measures the reference model (trained first on a fresh machine)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("lm_eval")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    env.pop("TORCH_CPP_LOG_LEVEL", None)
+    recipe = "{quant: {method: int8_weight_only}, prune: {method: magnitude, sparsity: 0.1}}"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "evo_compress",
+            "evaluate",
+            "-c",
+            str(ROOT / "configs" / "demo.yaml"),
+            "-r",
+            recipe,
+            "--cache",
+            str(tmp_path / "cache.sqlite"),
+            # Fewer latency runs than the demo: the same code paths, in less time.
+            "--set",
+            "evaluator.settings.latency_prompts=2",
+            "--set",
+            "evaluator.settings.latency_repeats=1",
+            "--format",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert '"accuracy"' in proc.stdout
+    assert third_party_lines(proc.stderr) == [], proc.stderr
