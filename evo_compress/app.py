@@ -369,8 +369,10 @@ def start_search(
             if reason is None:
                 seeds.append(space.recipe(recipe))
             elif listener is not None:
+                # A built-in portfolio serves every back end: that one of its recipes does
+                # not fit this one is no news to the user, only to whoever debugs the run.
                 shown = render_recipe(recipe, baseline=full_space.baseline())
-                listener.message(f"seed recipe {shown} skipped: {reason}")
+                listener.debug(f"seed recipe {shown} skipped: {reason}")
     # A model that cannot be found (or trained) fails here, before a run directory exists.
     evaluator.prepare()
     run_dir = Path(run_dir or config.output.run_dir or default_run_dir(config))

@@ -49,6 +49,7 @@ from evo_compress.output import (
     write_text,
 )
 from evo_compress.progress import ProgressListener
+from evo_compress.quiet import quiet_libraries
 from evo_compress.text import terminal_safe
 
 app = typer.Typer(
@@ -104,21 +105,27 @@ def _version(value: bool) -> None:
 @app.callback()
 def _main(
     debug: bool = typer.Option(
-        False, "--debug", help="Show full tracebacks instead of one-line errors."
+        False,
+        "--debug",
+        help="Show full tracebacks instead of one-line errors, and the seed recipes that "
+        "the back end cannot apply.",
     ),
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
 ) -> None:
     _state["debug"] = debug
+    if not debug:  # before any command imports torch: see evo_compress.quiet
+        quiet_libraries()
 
 
 # ---------------------------------------------------------------------- progress display
 class _RichProgress(ProgressListener):
     """Live progress: generation, evaluations done/total, cache hits, front size, hypervolume."""
 
-    def __init__(self, console: Console) -> None:
+    def __init__(self, console: Console, debug: bool = False) -> None:
         self.console = console
+        self.show_debug = debug
         self.progress = Progress(
             TextColumn("[bold]gen {task.fields[gen]}"),
             BarColumn(),
@@ -179,6 +186,10 @@ class _RichProgress(ProgressListener):
         # Messages quote LLM replies and provider errors: no markup, no control codes; one
         # line in a log.
         self.console.print(terminal_safe(text), markup=False, highlight=False, soft_wrap=True)
+
+    def debug(self, text: str) -> None:
+        if self.show_debug:
+            self.message(f"debug: {text}")
 
     def stop(self) -> None:
         self.progress.stop()
@@ -276,7 +287,7 @@ def run(
         data = read_yaml(config, "config file", ConfigError)
         cfg = apply_overrides(data, overrides, str(config))
         check_config(cfg, describe(str(config), overrides))
-        listener = _RichProgress(_progress_console(format))
+        listener = _RichProgress(_progress_console(format), debug=_state["debug"])
         search = start_search(cfg, run_dir=run_dir, listener=listener)
         _drive(search, listener, format)
 
@@ -305,7 +316,7 @@ def resume(
             *_overrides(("search.generations", generations, "--generations")),
             *_cache_overrides(cache, no_cache),
         ]
-        listener = _RichProgress(_progress_console(format))
+        listener = _RichProgress(_progress_console(format), debug=_state["debug"])
         search = resume_search(
             run_dir, overrides=overrides, listener=listener, retry_failed=retry_failed
         )

@@ -39,3 +39,7 @@ class ProgressListener:
     def generation_finished(self, stats: GenerationStats) -> None: ...
 
     def message(self, text: str) -> None: ...
+
+    def debug(self, text: str) -> None:
+        """A detail for whoever debugs a run (the CLI shows it with ``--debug``), such as a
+        seed recipe the back end cannot apply."""

@@ -135,6 +135,17 @@ def test_debug_shows_the_traceback(tmp_path):
     assert proc.returncode != 0 and "Traceback" in proc.stderr
 
 
+def test_debug_details_show_only_with_debug():
+    from rich.console import Console
+
+    from evo_compress.cli import _RichProgress
+
+    for debug, shown in ((False, ""), (True, "debug: seed recipe quant=fp8 skipped\n")):
+        console = Console(file=io.StringIO(), width=200)
+        _RichProgress(console, debug=debug).debug("seed recipe quant=fp8 skipped")
+        assert console.file.getvalue() == shown  # type: ignore[attr-defined]
+
+
 def test_missing_run_dir_and_missing_config(tmp_path):
     assert_one_line_error(cli("status", tmp_path / "nope", check=False), "does not exist")
     assert_one_line_error(cli("resume", tmp_path / "nope", check=False), "does not exist")

@@ -21,6 +21,7 @@ import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -91,14 +92,24 @@ def run_in_worker(
     limits: WorkerLimits,
     preload: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
+    log_path: Path | None = None,
 ) -> EvaluationResult:
     """Call ``module:function(payload)`` in a worker process; the function returns an
     ``EvaluationResult`` (or raises). ``env`` is added to the worker's environment. Never
-    raises for the evaluation's own failures."""
+    raises for the evaluation's own failures.
+
+    What the worker prints (libraries' warnings and progress bars) goes to ``log_path``,
+    which is kept and named in the result's ``metadata["worker"]["log"]``; without one, to
+    a temporary file that is removed. A failed result carries the output's tail either way.
+    """
     ctx = _context(preload)
     parent, child = ctx.Pipe(duplex=False)
-    log_fd, log = tempfile.mkstemp(prefix="evo-compress-worker-", suffix=".log")
-    os.close(log_fd)
+    if log_path is None:
+        log_fd, log = tempfile.mkstemp(prefix="evo-compress-worker-", suffix=".log")
+        os.close(log_fd)
+    else:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        log = str(log_path)
     process = ctx.Process(
         target=_child, args=(target, payload, child, log, dict(env or {})), daemon=True
     )
@@ -107,7 +118,8 @@ def run_in_worker(
         if _STOPPING.is_set():  # the search is shutting down: start nothing new
             parent.close()
             child.close()
-            os.unlink(log)
+            if log_path is None:
+                os.unlink(log)
             return with_failure_class(
                 EvaluationResult.failure("cancelled: the search is stopping")
             )
@@ -156,7 +168,9 @@ def run_in_worker(
     meta: dict[str, Any] = {
         "worker": {"pid": process.pid, "seconds": round(seconds, 3), "peak_rss_mib": peak}
     }
-    output = _tail(log)
+    output = _tail(log, remove=log_path is None)
+    if log_path is not None:
+        meta["worker"]["log"] = log
     if reason is not None or message is None or message[0] == "error":
         meta["worker"]["output_tail"] = output
     if reason is not None:
@@ -197,15 +211,16 @@ def allow_workers() -> None:
     _STOPPING.clear()
 
 
-def _tail(path: str, limit: int = 4000) -> str:
+def _tail(path: str, limit: int = 4000, remove: bool = True) -> str:
     try:
         with open(path, errors="replace") as handle:
             return handle.read()[-limit:]
     except OSError:
         return ""
     finally:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+        if remove:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
 
 def _kill(process: Any) -> None:

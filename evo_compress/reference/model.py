@@ -323,16 +323,18 @@ def _versions() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def _transformers_progress_bars(enabled: bool) -> Iterator[None]:
+def _no_transformers_progress_bars() -> Iterator[None]:
+    """transformers' own bars off for the duration: its ``Writing model shards`` bar would
+    follow the training bar, in another style, for a one-file save that takes no time."""
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
-    if was_enabled and not enabled:
+    if was_enabled:
         hf_logging.disable_progress_bar()
     try:
         yield
     finally:
-        if was_enabled and not enabled:
+        if was_enabled:
             hf_logging.enable_progress_bar()
 
 
@@ -419,7 +421,7 @@ def train_reference_model(
             stacklevel=2,
         )
     out_dir.mkdir(parents=True, exist_ok=True)
-    with _transformers_progress_bars(progress):
+    with _no_transformers_progress_bars():
         model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     # reference.json last: its presence (with every other file) marks the folder complete.

@@ -70,3 +70,17 @@ def test_worker_output_stays_off_the_terminal_and_comes_back_on_failure(capfd):
     out, err = capfd.readouterr()
     assert "chatter from a library" not in out + err
     assert "chatter from a library" in result.metadata["worker"]["output_tail"]
+
+
+def test_a_log_path_keeps_the_workers_output(tmp_path, capfd):
+    log = tmp_path / "logs" / "worker-x.log"
+    failed = run_in_worker(
+        "evo_compress.testing:worker_print_then_raise", {}, LIMITS, log_path=log
+    )
+    out, err = capfd.readouterr()
+    assert "chatter from a library" not in out + err
+    assert "chatter from a library" in log.read_text()
+    assert failed.metadata["worker"]["log"] == str(log)
+    assert "chatter from a library" in failed.metadata["worker"]["output_tail"]
+    ok = run_in_worker("evo_compress.testing:worker_echo", {}, LIMITS, log_path=log)
+    assert ok.ok and ok.metadata["worker"]["log"] == str(log) and log.exists()

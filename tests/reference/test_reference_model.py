@@ -259,3 +259,16 @@ def test_unknown_task_is_an_evaluation_error(tmp_path: Path) -> None:
     # The fallback it searched is lm-eval's own index plus ours: real task names are known.
     manager = task_manager(spec.include_path, with_defaults=True)
     assert {"gsm8k", "evo_addition"} <= set(manager.all_tasks)
+
+
+@pytest.mark.slow  # a minute: two steps, then the accuracy of the held-out splits
+@pytest.mark.filterwarnings("ignore:the reference model reached only")
+def test_training_with_progress_shows_only_its_own_bar(tmp_path, task, capfd):
+    from evo_compress.reference.model import TrainingSettings, train_reference_model
+
+    settings = TrainingSettings(steps=2, warmup_steps=1, batch_size=8, attempts=1)
+    train_reference_model(tmp_path / "model", task, settings, progress=True)
+    err = capfd.readouterr().err
+    # transformers' own "Writing model shards" bar stays off; its switch is restored.
+    assert "Writing model shards" not in err and "it/s]" not in err, err
+    assert transformers.utils.logging.is_progress_bar_enabled()

@@ -10,6 +10,7 @@ the shared weight compression of ``fitness/model/``) and measures it (``measure.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -334,12 +335,19 @@ class TransformersEvaluator(ModelEvaluator):
             return EvaluationResult.failure(reason, {"evaluator": self.name}, "infeasible")
         payload = self.worker_payload(recipe, placement, race)
         limits = WorkerLimits(self.config.timeout_s, memory_limit_mib=self._memory_limit())
+        # In a run, what the libraries print in the worker (warnings, transformers' bars)
+        # is kept in the run's logs/, as the vLLM back end keeps its server's output.
+        log_path = None
+        if self.run_dir is not None:
+            name = f"worker-{recipe.short_hash}-{time.time_ns()}.log"
+            log_path = Path(self.run_dir) / "logs" / name
         return run_in_worker(
             "evo_compress.fitness.hf.pipeline:evaluate_in_worker",
             payload,
             limits,
             _PRELOAD,
             env=placement.env,
+            log_path=log_path,
         )
 
 

@@ -299,3 +299,24 @@ def test_config_rules_for_shapes_and_unknown_layouts():
     )
     assert "not one of" in (unsupported_reason(unknown, {"prune.method": "structured_mlp"}) or "")
     assert unsupported_reason(unknown, {"quant.method": "rtn", "quant.group_size": 32}) is None
+
+
+def test_in_a_run_the_workers_output_goes_to_the_runs_logs(prepared, monkeypatch, tmp_path):
+    evaluator = prepared(sorted(ZOO)[0])
+    kept: list[Any] = []
+
+    def run(*args: Any, log_path: Any = None, **kwargs: Any) -> Any:
+        kept.append(log_path)
+        return EvaluationResult.failure("not evaluated here")
+
+    monkeypatch.setattr(hf_evaluator, "run_in_worker", run)
+    recipe = SPACE.recipe({"quant": {"method": "rtn"}})
+    evaluator.evaluate(recipe, SPACE)  # outside a run: a temporary file, removed
+    evaluator.set_run_dir(tmp_path)
+    try:
+        evaluator.evaluate(recipe, SPACE)
+    finally:
+        evaluator.set_run_dir(None)
+    assert kept[0] is None
+    assert kept[1].parent == tmp_path / "logs"
+    assert kept[1].name.startswith(f"worker-{recipe.short_hash}-")
