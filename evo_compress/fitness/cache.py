@@ -207,12 +207,7 @@ class FitnessCache:
                 (recipe.hash, fingerprint),
             )
         except (sqlite3.Error, OSError) as exc:
-            self._writable = False
-            self._warn_once(
-                "write",
-                f"cannot be written ({exc}); the search goes on without caching new results "
-                "(the run itself keeps every result)",
-            )
+            self._stop_writing(exc)
 
     def put(
         self,
@@ -244,12 +239,16 @@ class FitnessCache:
                 ),
             )
         except (sqlite3.Error, OSError) as exc:
-            self._writable = False
-            self._warn_once(
-                "write",
-                f"cannot be written ({exc}); the search goes on without caching new results "
-                "(the run itself keeps every result)",
-            )
+            self._stop_writing(exc)
+
+    def _stop_writing(self, exc: BaseException) -> None:
+        """A write failed (a full disk, a read-only file): write nothing more, say so once."""
+        self._writable = False
+        self._warn_once(
+            "write",
+            f"cannot be written ({exc}); the search goes on without caching new results "
+            "(the run itself keeps every result)",
+        )
 
     def forget_failures(self, fingerprint: str) -> int:
         """Drop failed entries of one fingerprint so they are evaluated again."""
