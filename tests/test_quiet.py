@@ -86,11 +86,14 @@ def test_the_demos_first_evaluation_prints_no_third_party_line(tmp_path):
             recipe,
             "--cache",
             str(tmp_path / "cache.sqlite"),
-            # Fewer latency runs than the demo: the same code paths, in less time.
+            # Fewer latency runs and accuracy items than the demo: the same code paths,
+            # in less time.
             "--set",
             "evaluator.settings.latency_prompts=2",
             "--set",
             "evaluator.settings.latency_repeats=1",
+            "--set",
+            "evaluator.settings.limit=40",
             "--format",
             "json",
         ],
