@@ -182,29 +182,35 @@ class Rendered:
     requests: list[str]  # URLs the page asked the network stack for
 
 
+def headless(chromium: str, profile: Path) -> list[str]:
+    """Headless chromium as every browser check runs it: no WebGL (like the chromium of CI,
+    servers and locked-down desktops: every figure must draw in SVG), and no network (no
+    name resolves and every connection goes to a closed port: a fetch can only fail)."""
+    return [
+        chromium,
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-3d-apis",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-extensions",
+        "--disable-sync",
+        "--host-resolver-rules=MAP * ~NOTFOUND",
+        "--proxy-server=127.0.0.1:9",
+    ]
+
+
 def render(chromium: str, page: Path, work: Path) -> Rendered:
     """Load ``page`` in headless chromium with every network request bound to fail, and
     return the DOM after scripts ran, the console and the page's network requests."""
     netlog = work / "netlog.json"
     command = [
-        chromium,
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        # No WebGL, like the chromium of CI, servers and locked-down desktops: every figure
-        # must draw in SVG.
-        "--disable-3d-apis",
-        "--disable-dev-shm-usage",
-        f"--user-data-dir={work / 'profile'}",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
+        *headless(chromium, work / "profile"),
         "--disable-default-apps",
-        "--disable-extensions",
-        "--disable-sync",
-        # No name resolves and every connection goes to a closed port: a fetch can only fail.
-        "--host-resolver-rules=MAP * ~NOTFOUND",
-        "--proxy-server=127.0.0.1:9",
         f"--log-net-log={netlog}",
         "--enable-logging=stderr",
         "--v=0",
@@ -279,20 +285,7 @@ class Devtools:
 
         self.process = subprocess.Popen(
             [
-                chromium,
-                "--headless=new",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-3d-apis",
-                "--disable-dev-shm-usage",
-                f"--user-data-dir={work / 'devtools-profile'}",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-extensions",
-                "--disable-sync",
-                "--host-resolver-rules=MAP * ~NOTFOUND",
-                "--proxy-server=127.0.0.1:9",
+                *headless(chromium, work / "devtools-profile"),
                 "--remote-debugging-pipe",
                 "about:blank",
             ],
