@@ -174,7 +174,7 @@ def render(rows: list[dict[str, Any]], build: str) -> str:
         "(`CPU_BUILD`) is written from them. The transformers back end evaluated the same "
         "recipe in the same run.",
         "",
-        "Objectives are accuracy · median time per output token · peak memory. On the CPU "
+        "Objectives are accuracy · time per output token · peak memory. On the CPU "
         "vLLM's memory is the resident memory of the server's processes (Python, torch, the "
         "engine and a 1 GiB KV cache), about 3 GB for a 4 MB model; the transformers back "
         "end's is the peak of its own process's memory for the model. Latency on vLLM is "
