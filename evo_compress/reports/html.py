@@ -38,7 +38,7 @@ PLOT_IDS = ("front-matrix", "front-parallel", "history", "lineage", "operators")
 # front must show in a browser without WebGL (headless, remote desktops, previews).
 FRONT_PLOT_IDS = PLOT_IDS[:2]
 # Evaluated recipes drawn behind the front at most: a long run's page stays small and quick.
-MAX_EVALUATED_POINTS = 2000
+MAX_EVALUATED_POINTS = 1000
 SYNTHETIC_HOW = "synthetic (computed, not measured)"
 SHARES = (
     ("valid", "valid"),
