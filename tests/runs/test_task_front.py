@@ -4,9 +4,12 @@ which records two tasks the way the real-model back ends do."""
 
 from __future__ import annotations
 
+import base64
 import csv
+import gzip
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -105,8 +108,12 @@ def test_the_report_shows_task_scores_in_the_hover_and_the_table(
     entry = member.tasks["my_mc"]
     score = AccuracyEstimate(entry["score"], entry["stderr"]).text()
     assert f"{score}<div class='how'>acc, {entry['n']} items, weight 1</div>" in table
-    # the hover of each point of the front plots
-    assert f"task my_mc {score} (acc, {entry['n']} items, weight 1)" in page
+    # the hover of each point of the front plots, in the figures' packed data
+    packed = re.search(r'<script type="application/gzip" id="report-figures">([^<]*)<', page)
+    assert packed is not None
+    figures = json.loads(gzip.decompress(base64.b64decode(packed.group(1))).decode("utf-8"))
+    hovers = json.dumps(figures, ensure_ascii=False)
+    assert f"task my_mc {score} (acc, {entry['n']} items, weight 1)" in hovers
 
 
 def _member(how: dict[str, Any]) -> FrontMember:
