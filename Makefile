@@ -9,7 +9,7 @@ export MKL_NUM_THREADS ?= 1
 # Hugging Face caches stay inside the project's cache folder.
 export HF_HOME ?= $(CURDIR)/.cache/huggingface
 
-.PHONY: setup demo demo-synthetic test test-fast lint format bench gpu-check vllm-env demo-vllm clean
+.PHONY: setup demo demo-synthetic test test-slow test-fast lint format bench gpu-check vllm-env demo-vllm clean
 
 setup: $(STAMP)
 
@@ -28,8 +28,13 @@ demo: setup
 demo-synthetic: setup
 	$(VENV)/bin/evo-compress run --config configs/synthetic.yaml
 
+# The suite without the long tests (marked `slow`), but with the real-vLLM ones when
+# `make vllm-env` has built their environments; CI runs `test-slow` after it.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow or vllm_real"
+
+test-slow: setup
+	$(PY) -m pytest -q -m "slow and not vllm_real"
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
