@@ -59,7 +59,7 @@ COLUMNS = (
     "limits",
 )
 # Caches written before a column existed get it added when opened.
-_ADDED_COLUMNS = {"limits": "TEXT", "hits": "INTEGER NOT NULL DEFAULT 0"}
+ADDED_COLUMNS = {"limits": "TEXT", "hits": "INTEGER NOT NULL DEFAULT 0"}
 LAYOUT = (*COLUMNS, "hits")  # every column: ``put`` writes COLUMNS, ``get`` counts hits
 _STATUSES = ("ok", "failed", "infeasible")
 SERVED_FAILURE_CLASSES = ("recipe", "limit")  # ``fitness._base.classify_failure``
@@ -136,12 +136,12 @@ class FitnessCache:
             self._db.executescript(SCHEMA)
             return
         missing = [c for c in LAYOUT if c not in names]
-        if [c for c in missing if c not in _ADDED_COLUMNS] or names - set(LAYOUT):
+        if [c for c in missing if c not in ADDED_COLUMNS] or names - set(LAYOUT):
             raise _BadEntry("layout", f"its `entries` table has the columns {sorted(names)}")
         for column in missing:
             try:
                 self._db.execute(
-                    f"ALTER TABLE entries ADD COLUMN {column} {_ADDED_COLUMNS[column]}"
+                    f"ALTER TABLE entries ADD COLUMN {column} {ADDED_COLUMNS[column]}"
                 )
             except sqlite3.OperationalError:
                 # Another process sharing the cache may have just added it.

@@ -23,7 +23,7 @@ from typing import Any
 
 from evo_compress.exceptions import EvoCompressError, RunStoreError
 from evo_compress.fitness._base import FAILURE_CLASS_KEY, FAILURE_CLASSES
-from evo_compress.fitness.cache import _ADDED_COLUMNS, COLUMNS, LAYOUT
+from evo_compress.fitness.cache import ADDED_COLUMNS, COLUMNS, LAYOUT
 
 # ``fitness.vllm.checkpoint.MARKER`` (not imported: that module pulls in the back end).
 CHECKPOINT_MARKER = "evo_checkpoint.json"
@@ -132,7 +132,7 @@ def _connect(path: Path, write: bool) -> Iterator[tuple[sqlite3.Connection, set[
             names = {_str(row[1]) for row in db.execute("PRAGMA table_info(entries)")}
         except sqlite3.Error as exc:
             raise _unusable(path, str(exc)) from None
-        required = set(COLUMNS) - set(_ADDED_COLUMNS)
+        required = set(COLUMNS) - set(ADDED_COLUMNS)
         if not names:
             raise _unusable(path, "not a fitness cache: it has no `entries` table")
         if not required <= names or names - set(LAYOUT):

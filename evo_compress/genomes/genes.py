@@ -248,7 +248,10 @@ class BoolGene(Gene):
 
 
 @dataclass(frozen=True)
-class _RangeGene(Gene):
+class RangeGene(Gene):
+    """A numeric gene on a grid ``low, low + step, ..., high``: the shared base of
+    ``IntGene`` and ``FloatGene``, for code that treats both alike (operators, surrogate)."""
+
     low: float = 0
     high: float = 1
     step: float = 1
@@ -302,7 +305,7 @@ class _RangeGene(Gene):
 
 
 @dataclass(frozen=True)
-class IntGene(_RangeGene):
+class IntGene(RangeGene):
     type_name: ClassVar[str] = "int"
 
     def __post_init__(self) -> None:
@@ -323,7 +326,7 @@ class IntGene(_RangeGene):
 
 
 @dataclass(frozen=True)
-class FloatGene(_RangeGene):
+class FloatGene(RangeGene):
     type_name: ClassVar[str] = "float"
 
     def _cast(self, value: float) -> Value:
@@ -362,7 +365,7 @@ class Limits:
         values: list[tuple[str, Any]] = []
         if isinstance(gene, ChoiceGene):
             values += [("choices", c) for c in gene.choices]
-        elif isinstance(gene, _RangeGene):
+        elif isinstance(gene, RangeGene):
             values += [("low", gene.low), ("high", gene.high)]
             if self.kind == "int":
                 values.append(("step", gene.step))

@@ -149,7 +149,7 @@ def _expert_matrices(experts: Mapping[str, nn.Module]) -> dict[str, torch.Tensor
     }
 
 
-def _is_quantized(linear: nn.Module) -> bool:
+def is_quantized(linear: nn.Module) -> bool:
     return hasattr(linear.weight, "quant_state")
 
 
@@ -235,7 +235,7 @@ def reapply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
             linear = linears.get(module_name)
             if linear is None:
                 raise ValueError(f"mask `{name}` names no decoder linear layer of the model")
-            if _is_quantized(linear):
+            if is_quantized(linear):
                 raise ValueError(
                     f"cannot re-apply mask `{name}` to a 4-bit quantized weight; apply masks "
                     "before quantization"
@@ -249,7 +249,7 @@ def reapply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
             param.masked_fill_(~mask.to(device=param.device, dtype=torch.bool), 0)
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
     for param in model.parameters():
         return param.device
     return torch.device("cpu")
@@ -324,7 +324,7 @@ def collect_input_norms(
     for name, module in decoder_experts(model).items():
         handles.append(module.register_forward_pre_hook(make_expert_hook(name), with_kwargs=True))
     was_training = model.training
-    device = _model_device(model)
+    device = model_device(model)
     model.eval()
     try:
         with torch.no_grad():
@@ -414,7 +414,7 @@ def _prune_weights(
     masks: dict[str, torch.Tensor] = {}
     per_layer: dict[str, float] = {}
     for name, linear in linears.items():
-        if _is_quantized(linear):
+        if is_quantized(linear):
             raise ValueError(f"`{name}` is 4-bit quantized; prune before quantization")
         weight = linear.weight
         score = weight.detach().abs().float()
@@ -459,7 +459,7 @@ def _slice_linear(
     in_index: torch.Tensor | None = None,
 ) -> nn.Linear:
     """A new ``nn.Linear`` with only the given output rows / input columns of ``linear``."""
-    if _is_quantized(linear):
+    if is_quantized(linear):
         raise ValueError("cannot slice a 4-bit quantized linear layer; prune before quantization")
     weight = linear.weight.detach()
     bias = linear.bias.detach() if linear.bias is not None else None
@@ -768,7 +768,7 @@ def apply_pruning(
             "weights by input activation norms; got calibration=None"
         )
     linears = decoder_linears(model)
-    quantized = [name for name, linear in linears.items() if _is_quantized(linear)]
+    quantized = [name for name, linear in linears.items() if is_quantized(linear)]
     if quantized and method != "none":
         raise ValueError(
             f"`{quantized[0]}` is 4-bit quantized; prune the full-precision model, then quantize"

@@ -21,10 +21,10 @@ from torch import nn
 from evo_compress.exceptions import EvaluationError
 from evo_compress.fitness.model.prune import (
     RecipeValueError,
-    _is_quantized,
-    _model_device,
     decoder_linears,
+    is_quantized,
     measure_sparsity,
+    model_device,
     reapply_masks,
     restore_4bit_layout,
 )
@@ -178,7 +178,7 @@ def precompute_teacher_logits(
     """``model``'s outputs (in its dtype) on the first ``count`` of ``batches``: all its
     logits when the vocabulary has at most ``top_k`` entries, else the top ``top_k``
     log-probabilities at ``temperature`` and their indices."""
-    device = _model_device(model)
+    device = model_device(model)
     was_training = model.training
     model.eval()
     values: list[torch.Tensor] = []
@@ -272,7 +272,7 @@ def _train(
     if not params:
         raise ValueError("recovery found no trainable parameters")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    device = _model_device(model)
+    device = model_device(model)
     losses: list[float] = []
     checkpointed = _checkpointing(model, checkpointing)
     model.train()
@@ -310,7 +310,7 @@ def _lm_loss(model: nn.Module) -> Callable[[dict[str, torch.Tensor]], torch.Tens
 
 def _eval_loss(model: nn.Module, batch: Batch) -> float:
     with torch.no_grad():
-        inputs = _to_device(batch, _model_device(model))
+        inputs = _to_device(batch, model_device(model))
         return float(model(**inputs, use_cache=False).loss.item())
 
 
@@ -355,7 +355,7 @@ def _recover_lora(
     lr: float,
     checkpointing: bool,
 ) -> tuple[nn.Module, list[float], dict[str, Any]]:
-    quantized = [name for name, lin in decoder_linears(model).items() if _is_quantized(lin)]
+    quantized = [name for name, lin in decoder_linears(model).items() if is_quantized(lin)]
     if quantized:
         raise ValueError(
             "lora merges adapters into full-precision weights but the model is 4-bit quantized "
@@ -395,7 +395,7 @@ def _recover_qlora(
     checkpointing: bool,
 ) -> tuple[nn.Module, list[float], dict[str, Any]]:
     linears = decoder_linears(model)
-    quantized = [name for name, lin in linears.items() if _is_quantized(lin)]
+    quantized = [name for name, lin in linears.items() if is_quantized(lin)]
     if not quantized:
         raise ValueError(
             "qlora trains adapters on a 4-bit base, but no decoder linear layer is a "
@@ -439,7 +439,7 @@ def _recover_distill(
     if teacher is None:
         raise ValueError("recovery.method `distill` needs a teacher (the uncompressed model)")
     linears = decoder_linears(model)
-    quantized = [name for name, lin in linears.items() if _is_quantized(lin)]
+    quantized = [name for name, lin in linears.items() if is_quantized(lin)]
     if quantized:
         raise ValueError(
             "distill trains full-precision decoder weights but the model is 4-bit quantized "
@@ -487,7 +487,7 @@ def _recover_distill(
             return distillation_loss(student_logits, values, positions, temperature)
         assert module is not None
         with torch.no_grad():
-            device = _model_device(module)
+            device = model_device(module)
             teacher_inputs = {key: value.to(device) for key, value in inputs.items()}
             teacher_logits = module(**teacher_inputs, use_cache=False).logits
         teacher_logits = teacher_logits.to(student_logits.device)
@@ -606,7 +606,7 @@ def apply_recovery(
 
 def _cuda_devices(model: nn.Module) -> list[int]:
     """CUDA devices whose RNG a recovery run may draw from (forked and restored with the CPU's)."""
-    device = _model_device(model)
+    device = model_device(model)
     if device.type == "cuda":
         return [device.index if device.index is not None else torch.cuda.current_device()]
     return []
