@@ -30,3 +30,20 @@ def terminal_safe(text: str) -> str:
     """``text`` as a terminal may print it: control characters and escape sequences removed
     (tab and newline kept), lone surrogates replaced."""
     return _CONTROL.sub("", _ESCAPE_SEQUENCE.sub("", encodable(text)))
+
+
+def clip(text: str, limit: int, *, ellipsis: str = "…", flatten: bool = True) -> str:
+    """``text`` cut to at most ``limit`` characters, ending in ``ellipsis`` when cut.
+
+    Args:
+        text: What to shorten.
+        limit: The longest result, ellipsis included.
+        ellipsis: What marks a cut (``"..."`` where the text goes to a prompt or a log that
+            must stay ASCII).
+        flatten: Collapse every run of whitespace, newlines included, to one space first.
+
+    Returns:
+        The text itself when it fits, else its start and the ellipsis.
+    """
+    text = " ".join(str(text).split()) if flatten else text
+    return text if len(text) <= limit else text[: limit - len(ellipsis)] + ellipsis

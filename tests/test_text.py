@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from evo_compress.text import encodable, terminal_safe
+from evo_compress.text import clip, encodable, terminal_safe
 
 
 @pytest.mark.parametrize(
@@ -30,3 +30,11 @@ def test_terminal_safe_strips_what_a_terminal_acts_on(raw, shown):
 def test_encodable_replaces_lone_surrogates_only():
     assert encodable("a\udfffb\ud83d") == "a\ufffdb\ufffd"
     assert encodable("ok 🙂 \x1b[2J") == "ok 🙂 \x1b[2J"
+
+
+def test_clip_keeps_short_text_and_cuts_long_text_to_the_limit() -> None:
+    assert clip("a  b\nc", 10) == "a b c"
+    assert clip("a  b\nc", 10, flatten=False) == "a  b\nc"
+    assert clip("x" * 20, 10) == "x" * 9 + "…"
+    cut = clip("x" * 20, 10, ellipsis="...")
+    assert cut == "x" * 7 + "..." and len(cut) == 10

@@ -19,6 +19,7 @@ from typing import Any
 from evo_compress.agents.providers import LLMClient, ProviderSettings, make_client
 from evo_compress.config import LLMConfig
 from evo_compress.runs.store import LLMCallRow, RunStore
+from evo_compress.text import clip
 
 
 @dataclass(frozen=True)
@@ -212,7 +213,7 @@ class AgentSession:
             if failed:
                 why = "; ".join(
                     f"{len(details)} {kind}"
-                    + (f" (last: {_clip(details[-1])})" if details[-1] else "")
+                    + (f" (last: {clip(details[-1], 200, ellipsis='...')})" if details[-1] else "")
                     for kind, details in failed.items()
                 )
                 count = sum(len(d) for d in failed.values())
@@ -248,8 +249,3 @@ class AgentSession:
         self.cost = float(state.get("cost", 0.0))
         self.disabled = dict(state.get("disabled", {}))
         self.failures = {k: int(v) for k, v in dict(state.get("failures", {})).items()}
-
-
-def _clip(text: str, limit: int = 200) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -53,7 +53,7 @@ from evo_compress.operators._base import (
     make_mutation,
 )
 from evo_compress.runs.store import LLMCallRow
-from evo_compress.text import encodable
+from evo_compress.text import clip, encodable
 
 SEED_LABEL = "llm-seed"
 # of a validation error: it is stored and fed back, and may echo a megabyte value
@@ -190,7 +190,7 @@ class LLMAgent:
                     parsed = job.parse(text)
                     outcome, error = "valid", None
                 except ReplyError as exc:
-                    error = _clip(str(exc), MAX_ERROR_CHARS)
+                    error = clip(str(exc), MAX_ERROR_CHARS, ellipsis="...", flatten=False)
                     outcome = "invalid" if attempt + 1 < job.grant.calls else "fallback"
                 # A reply is parsed as it came; what is stored and fed back must encode.
                 text = encodable(text)
@@ -436,7 +436,3 @@ class LLMSeeder:
             if kind not in (WHY_OFF, WHY_BUDGET):
                 session.say(f"LLM seeding failed: {detail or kind}")
         return result
-
-
-def _clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
