@@ -545,7 +545,7 @@ class LLMClient(ABC):
             ``api_key_env`` names another (None: the provider needs no key).
         structured_output_modes: Whether ``_request`` honours
             ``ProviderSettings.structured_output``.
-        settings: ``settings``.
+        settings: The settings it was built with.
 
     Raises:
         ConfigError: ``settings.provider`` is another provider.

@@ -321,7 +321,7 @@ class Evaluator(ABC):
         name: The name the back end is registered under (``evaluator.name``).
         supports_racing: Whether ``_evaluate_raced`` measures a quick stage first.
         settings: A copy of ``settings``.
-        context: ``context``.
+        context: The model, hardware and carbon sections it was built with.
         run_dir: Where this run's own files go; set by ``set_run_dir``.
         concurrent: Evaluations the pool runs at once on this machine's CPUs.
         sequential: Whether evaluations run one at a time, in ``plan_batch`` order.

@@ -154,7 +154,7 @@ class Operator(ABC):
         informed: Whether it reads measured parents and makes the whole child itself.
         remote: Whether it calls a service: its children are made concurrently, each with
             its own RNG, and it is given the run's LLM session.
-        space: ``space``.
+        space: The search space it was built for.
         label: Its name in records; the engine makes it unique per run.
     """
 
