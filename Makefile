@@ -9,7 +9,7 @@ export MKL_NUM_THREADS ?= 1
 # Hugging Face caches stay inside the project's cache folder.
 export HF_HOME ?= $(CURDIR)/.cache/huggingface
 
-.PHONY: setup demo demo-synthetic test test-slow test-fast lint format bench gpu-check vllm-env demo-vllm clean
+.PHONY: setup demo demo-synthetic test test-slow test-fast lint format docs bench gpu-check vllm-env demo-vllm clean
 
 setup: $(STAMP)
 
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	# A CPU build of torch from local disk first: a bare `torch` requirement would pull
 	# several GB of CUDA wheels.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[hf,llm,ray,dev,bench]"
+	$(PY) -m pip install --quiet -e ".[hf,llm,ray,dev,bench,docs]"
 	touch $(STAMP)
 
 demo: setup
@@ -48,6 +48,11 @@ lint: setup
 format: setup
 	$(VENV)/bin/ruff check --fix evo_compress tests benchmarks scripts
 	$(VENV)/bin/ruff format evo_compress tests benchmarks scripts
+
+# The API reference (mkdocs.yml) into .cache/site; --strict: a docstring that griffe warns
+# about (a parameter documented that the signature lacks) or a broken link fails the build.
+docs: setup
+	$(VENV)/bin/mkdocs build --strict
 
 bench: setup
 	$(PY) benchmarks/bench_engine.py

@@ -75,6 +75,14 @@ class Registry(Generic[T]):
     plugins of that entry-point group join on first use; a plugin that reuses a built-in
     name is ignored, and one that fails to import fails only when its name is looked up,
     each with one line naming its distribution and entry point.
+
+    Args:
+        kind: What an entry is, in messages: "evaluator", "mutation operator".
+        group: The entry-point group whose plugins join the registry
+            (``evo_compress.evaluators``); None: built-in and run-time entries only.
+
+    Raises:
+        RegistryError: Another registry holds ``group`` already.
     """
 
     def __init__(self, kind: str, group: str | None = None) -> None:
@@ -89,7 +97,23 @@ class Registry(Generic[T]):
             _GROUPS[group] = self
 
     def register(self, name: str, factory: Callable[..., T] | str | None = None) -> Any:
-        """Register ``factory`` under ``name``; without a factory, return a decorator."""
+        """Register ``factory`` under ``name``; without a factory, return a decorator.
+
+        A built-in registered after the plugins were discovered replaces the plugin of that
+        name, with the warning a plugin that reuses a built-in name gets.
+
+        Args:
+            name: The name configs use (``evaluator.name``, an operator's ``name``).
+            factory: A class or factory, or a lazy ``"module:attr"`` string imported on the
+                first ``get``. None: return a decorator that registers what it decorates.
+
+        Returns:
+            ``factory``, or without one a decorator that registers its argument and returns
+            it unchanged.
+
+        Raises:
+            RegistryError: ``name`` is registered already (by anything but a plugin).
+        """
 
         def _add(obj: Any) -> Any:
             if name in self._entries:
@@ -107,6 +131,19 @@ class Registry(Generic[T]):
         return _add(factory)
 
     def get(self, name: str) -> Callable[..., T]:
+        """The factory registered under ``name``, imported now if it was lazy.
+
+        Args:
+            name: A registered name, built-in or plugin.
+
+        Returns:
+            The class or factory (a lazy entry or plugin is loaded once, then kept).
+
+        Raises:
+            RegistryError: ``name`` is unknown (with "did you mean" and the known names), or
+                it is a plugin that fails to import or is not callable.
+            ImportError: A lazy built-in entry's module cannot be imported.
+        """
         self._discover()
         try:
             entry = self._entries[name]
@@ -121,14 +158,34 @@ class Registry(Generic[T]):
         return entry
 
     def origin(self, name: str) -> str:
-        """``"built-in"``, or the plugin distribution (name and version) that provides it."""
+        """Where the entry ``name`` comes from, without importing it.
+
+        Args:
+            name: A registered name.
+
+        Returns:
+            ``"built-in"``; the plugin distribution that provides it (name and version); or
+            ``"registered by `module`"`` for an entry registered at run time outside
+            evo_compress (or by ``evo_compress.testing``).
+
+        Raises:
+            RegistryError: ``name`` is unknown.
+        """
         self._discover()
         if name not in self._origins:
             raise RegistryError(self.unknown_message(name))
         return self._origins[name]
 
     def describe(self, name: str) -> str:
-        """The first sentence of the entry's docstring; why it cannot load when it cannot."""
+        """One line about the entry ``name``, for ``evo-compress ls``.
+
+        Args:
+            name: A registered name.
+
+        Returns:
+            The first sentence of the entry's docstring (empty when it has none); the
+            error's message when the name is unknown or the entry cannot load.
+        """
         try:
             factory = self.get(name)
         except RegistryError as exc:
@@ -140,19 +197,35 @@ class Registry(Generic[T]):
         return (sentence + dot.strip()).replace("``", "`")
 
     def unknown_message(self, name: str) -> str:
+        """The message of the error for an unknown ``name``.
+
+        Args:
+            name: The name that was looked up.
+
+        Returns:
+            "unknown <kind> `name`", a "did you mean" for the closest known name, and the
+            known names.
+        """
         known = self.names()
         close = difflib.get_close_matches(name, known, n=1)
         hint = f" (did you mean `{close[0]}`?)" if close else ""
         return f"unknown {self.kind} `{name}`{hint}; known: {', '.join(known)}"
 
     def __contains__(self, name: object) -> bool:
+        """Whether ``name`` is registered (plugins included; none is imported)."""
         self._discover()
         return name in self._entries
 
     def __iter__(self) -> Iterator[str]:
+        """The registered names, sorted."""
         return iter(self.names())
 
     def names(self) -> list[str]:
+        """The registered names, sorted, the group's plugins included.
+
+        Returns:
+            Every name ``get`` accepts.
+        """
         self._discover()
         return sorted(self._entries)
 
@@ -198,5 +271,10 @@ class Registry(Generic[T]):
 
 
 def registries() -> dict[str, Registry[Any]]:
-    """Every registry with an entry-point group, by group, among the modules imported."""
+    """Every registry with an entry-point group, among the modules imported.
+
+    Returns:
+        The registries by entry-point group (``evo_compress.evaluators``, ...): what
+        ``evo-compress ls`` lists.
+    """
     return dict(_GROUPS)

@@ -78,7 +78,16 @@ _STATUS_LABELS: dict[int, str] = {
 def settings_error(field: str, message: str, shown: object = None) -> ValidationError:
     """A validation error on ``field`` whose recorded input is ``shown`` (never a secret):
     pydantic merges it into the caller's error with the field path prefixed. What a provider's
-    :meth:`LLMClient.check_settings` raises for a field it refuses."""
+    ``LLMClient.check_settings`` raises for a field it refuses.
+
+    Args:
+        field: The refused field of ``ProviderSettings``.
+        message: What is wrong, as the end of a sentence that starts with the field.
+        shown: The input the error records and echoes; never the key itself.
+
+    Returns:
+        The error, to be raised.
+    """
     error = PydanticCustomError("value_error", message)
     return ValidationError.from_exception_data(
         "ProviderSettings", [InitErrorDetails(type=error, loc=(field,), input=shown)]
@@ -86,7 +95,12 @@ def settings_error(field: str, message: str, shown: object = None) -> Validation
 
 
 class Price(BaseModel):
-    """USD per million tokens, to turn token usage into cost."""
+    """USD per million tokens, to turn token usage into cost.
+
+    Attributes:
+        input_per_mtok: USD per million input (prompt) tokens.
+        output_per_mtok: USD per million output tokens.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -96,7 +110,15 @@ class Price(BaseModel):
 
 @dataclass(frozen=True)
 class Usage:
-    """Tokens one request consumed, as the provider reported them (0 when it did not)."""
+    """Tokens one request consumed, as the provider reported them (0 when it did not).
+
+    Attributes:
+        input_tokens: Prompt tokens.
+        output_tokens: Reply tokens.
+
+    Raises:
+        ValueError: A count is negative.
+    """
 
     input_tokens: int = 0
     output_tokens: int = 0
@@ -107,6 +129,7 @@ class Usage:
 
     @property
     def total(self) -> int:
+        """Input and output tokens together."""
         return self.input_tokens + self.output_tokens
 
 
@@ -114,6 +137,30 @@ class ProviderSettings(BaseModel):
     """Which provider and model to ask, and how (limits, retries, structured output, price).
 
     No field holds an API key: ``api_key_env`` names the environment variable to read it from.
+    The provider's client class checks the settings too (``LLMClient.check_settings``), so
+    settings that validate are settings it can serve.
+
+    Attributes:
+        provider: A registered LLM provider: a built-in or an installed provider plugin.
+        model: The provider's model name.
+        base_url: The server's URL: required for ``openai-compatible``; a proxy or test
+            server otherwise.
+        api_key_env: The environment variable that holds the key (default: the provider's
+            ``default_key_env``; ``openai-compatible``: none needed).
+        temperature: Sampling temperature; None: the provider's default (reasoning models
+            need it).
+        max_tokens: Output tokens per request.
+        timeout_s: Seconds per HTTP request.
+        max_attempts: HTTP attempts per request (1: no retry).
+        backoff_initial_s: The first wait between attempts, in seconds.
+        backoff_max_s: The longest wait between attempts, in seconds.
+        structured_output: How the reply schema is enforced (OpenAI and openai-compatible
+            only); ``auto``: ``json_schema``.
+        price: USD per million tokens, for the cost of each call; None: not counted.
+
+    Raises:
+        pydantic.ValidationError: A field is invalid, an ``api_key`` is given, the provider
+            is unknown, or its client class refuses the settings.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -188,7 +235,15 @@ class ProviderSettings(BaseModel):
         return self
 
     def client_class(self) -> type[LLMClient]:
-        """The client class registered under ``provider`` (a plugin is imported here)."""
+        """The client class registered under ``provider`` (a plugin is imported here).
+
+        Returns:
+            The ``LLMClient`` subclass.
+
+        Raises:
+            pydantic.ValidationError: The provider's plugin fails to load, or is not an
+                ``LLMClient`` subclass.
+        """
         try:
             found = PROVIDERS.get(self.provider)
         except RegistryError as exc:  # a plugin that fails to import: one line
@@ -202,13 +257,25 @@ class ProviderSettings(BaseModel):
         return found
 
     def key_env(self) -> str | None:
-        """The environment variable the key is read from (None: no key needed)."""
+        """The environment variable the key is read from.
+
+        Returns:
+            ``api_key_env``, else the client class's ``default_key_env``; None: no key
+            needed.
+        """
         if self.api_key_env is not None:
             return self.api_key_env
         return self.client_class().default_key_env
 
     def cost(self, usage: Usage) -> float | None:
-        """USD for ``usage`` at ``price`` (None when no price is configured)."""
+        """USD for ``usage`` at ``price``.
+
+        Args:
+            usage: Tokens one or more requests consumed.
+
+        Returns:
+            The cost in USD; None when no price is configured.
+        """
         if self.price is None:
             return None
         return (
@@ -220,7 +287,16 @@ class ProviderSettings(BaseModel):
 # ---------------------------------------------------------------------------------- results
 @dataclass(frozen=True)
 class LLMReply:
-    """One answered request: the reply text (JSON for structured output) and what it cost."""
+    """One answered request: the reply text (JSON for structured output) and what it cost.
+
+    Attributes:
+        text: The reply, scrubbed of the key.
+        usage: Tokens the successful attempt consumed.
+        latency_s: Seconds from the first attempt to the reply, waits between attempts
+            included.
+        attempts: HTTP attempts, 1 when the first one succeeded.
+        model: The model as reported by the provider, else the configured one.
+    """
 
     text: str
     usage: Usage
@@ -238,7 +314,17 @@ def _restore_error(cls: type[ProviderError], args: tuple[Any, ...], state: dict[
 
 class ProviderError(EvoCompressError):
     """A request to an LLM provider failed. ``transient`` failures (rate limits, timeouts,
-    overloaded servers) are worth retrying; the others (a bad request, a wrong key) are not."""
+    overloaded servers) are worth retrying; the others (a bad request, a wrong key) are not.
+
+    Args:
+        message: What failed, in one line, never holding the key.
+        transient: Whether another attempt may succeed.
+        status: The HTTP status; None for timeouts and connection failures.
+        retry_after: Seconds the provider asked to wait before the next attempt.
+        attempts: HTTP attempts made; set by ``LLMClient.complete`` on the error it raises.
+        elapsed_s: Seconds from the first attempt to giving up, waits included; set by
+            ``LLMClient.complete``.
+    """
 
     def __init__(
         self,
@@ -261,6 +347,7 @@ class ProviderError(EvoCompressError):
 
     @property
     def message(self) -> str:
+        """The error's message."""
         return str(self.args[0]) if self.args else ""
 
     def _with(self, message: str, **changes: Any) -> ProviderError:
@@ -280,7 +367,11 @@ class ProviderError(EvoCompressError):
 
 
 class MissingKeyError(ProviderError):
-    """The environment variable that should hold the provider's API key is unset or empty."""
+    """The environment variable that should hold the provider's API key is unset or empty.
+
+    Args:
+        message: What is missing: the provider and the variable's name.
+    """
 
     def __init__(self, message: str) -> None:
         super().__init__(message, transient=False)
@@ -288,7 +379,15 @@ class MissingKeyError(ProviderError):
 
 # ---------------------------------------------------------------------------------- helpers
 def scrub(text: str, secret: str | None) -> str:
-    """``text`` with ``secret`` and every piece of it of 8+ characters replaced by ``***``."""
+    """``text`` with ``secret`` and every piece of it of 8+ characters replaced by ``***``.
+
+    Args:
+        text: Any text that may quote the secret (an error message, a reply).
+        secret: The API key; None or empty: nothing to scrub.
+
+    Returns:
+        The scrubbed text.
+    """
     if not secret:
         return text
     text = text.replace(secret, REDACTED)
@@ -319,7 +418,15 @@ def _pieces(secret: str) -> re.Pattern[str]:
 
 
 def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
-    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date)."""
+    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date).
+
+    Args:
+        headers: A response's headers (any case); None: none.
+
+    Returns:
+        The seconds (>= 0), ``retry-after-ms`` first; None when neither header holds a
+        valid value.
+    """
     if not headers:
         return None
     lowered = {str(k).lower(): str(v) for k, v in headers.items()}
@@ -348,12 +455,28 @@ def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
 
 
 def is_transient_status(status: int) -> bool:
-    """Rate limits, request timeouts and server errors (529: Anthropic overloaded)."""
+    """Whether an HTTP status is worth another attempt.
+
+    Args:
+        status: The HTTP status.
+
+    Returns:
+        True for rate limits (429), request timeouts (408) and server errors (5xx, 529:
+        Anthropic overloaded).
+    """
     return status in _TRANSIENT_STATUSES or status >= 500
 
 
 def error_detail(body: object, fallback: str | None = None) -> str:
-    """The provider's own explanation from an error body (``error.message`` or ``message``)."""
+    """The provider's own explanation from an error body (``error.message`` or ``message``).
+
+    Args:
+        body: The error body: parsed JSON or text.
+        fallback: What to say when the body says nothing.
+
+    Returns:
+        The explanation; the body as JSON when it is a mapping without one.
+    """
     if isinstance(body, Mapping):
         inner = body.get("error")
         if isinstance(inner, Mapping) and isinstance(inner.get("message"), str):
@@ -405,12 +528,29 @@ def _import_sdk(provider: str, module: str) -> Any:
 
 # ---------------------------------------------------------------------------------- clients
 class LLMClient(ABC):
-    """Sends one structured-output request per :meth:`complete`, retrying transient failures.
+    """Sends one structured-output request per ``complete``, retrying transient failures.
 
-    Subclasses write only the hooks: :meth:`_make_sdk_client` (SDK retries off),
-    :meth:`_classify` (SDK exception -> :class:`ProviderError`) and :meth:`_request` (one HTTP
-    attempt through :meth:`_send`). Thread-safe: the search asks one client from several
-    threads at once.
+    Subclasses write only the hooks: ``_make_sdk_client`` (SDK retries off), ``_classify``
+    (SDK exception -> ``ProviderError``) and ``_request`` (one HTTP attempt through
+    ``_send``). Thread-safe: the search asks one client from several threads at once.
+
+    Args:
+        settings: The provider, model and request settings; ``settings.provider`` must be
+            this class's ``provider``.
+        env: Where the key is read from; None: ``os.environ``.
+
+    Attributes:
+        provider: The name it is registered under.
+        default_key_env: The environment variable its API key is read from unless
+            ``api_key_env`` names another (None: the provider needs no key).
+        structured_output_modes: Whether ``_request`` honours
+            ``ProviderSettings.structured_output``.
+        settings: The settings it was built with.
+
+    Raises:
+        ConfigError: ``settings.provider`` is another provider.
+        MissingKeyError: The key's environment variable is unset or empty.
+        ProviderError: The provider's SDK is not installed (the built-in clients).
     """
 
     provider: ClassVar[str]  # the name it is registered under
@@ -424,7 +564,16 @@ class LLMClient(ABC):
     def check_settings(cls, settings: ProviderSettings) -> None:
         """Refuse settings this provider cannot serve, as ``raise settings_error(field,
         message, shown)`` (the error names the field). Called when the settings are
-        validated; an override should call ``super().check_settings(settings)``."""
+        validated; an override should call ``super().check_settings(settings)``.
+
+        Args:
+            settings: The settings being validated.
+
+        Raises:
+            pydantic.ValidationError: A field this provider refuses, from
+                ``settings_error``; the base refuses a ``structured_output`` other than
+                ``auto`` unless ``structured_output_modes``.
+        """
         if not cls.structured_output_modes and settings.structured_output != "auto":
             takers = [
                 name
@@ -483,7 +632,24 @@ class LLMClient(ABC):
     def complete(
         self, system: str, user: str, schema: dict[str, Any], schema_name: str = "proposal"
     ) -> LLMReply:
-        """Ask once (retrying transient failures); the reply, or a scrubbed ProviderError."""
+        """Ask once, retrying transient failures with exponential backoff.
+
+        Waits follow the provider's ``Retry-After`` when it sends one (at most
+        ``backoff_max_s``); at most ``max_attempts`` attempts are made.
+
+        Args:
+            system: The system prompt.
+            user: The user message.
+            schema: The JSON Schema the reply must follow.
+            schema_name: The schema's name in the request (a tool's or response format's).
+
+        Returns:
+            The reply, its text scrubbed of the key.
+
+        Raises:
+            ProviderError: The last attempt's failure, or the first one that is not
+                transient, scrubbed of the key, with ``attempts`` and ``elapsed_s`` set.
+        """
         from tenacity import Retrying, retry_if_exception, stop_after_attempt
 
         attempts = 0
@@ -594,9 +760,20 @@ class LLMClient(ABC):
         return ProviderError(f"{self.provider}: {what}: {detail}", transient=False)
 
     def _send(self, call: Callable[[], _T]) -> _T:
-        """Run one SDK call; its failure is raised as :meth:`_classify` maps it, outside the
+        """Run one SDK call; its failure is raised as ``_classify`` maps it, outside the
         except block, so the SDK's exception (whose text may quote the key) is not kept as the
-        ProviderError's context."""
+        ProviderError's context. ``_request`` makes its SDK calls through it.
+
+        Args:
+            call: The SDK call, without arguments.
+
+        Returns:
+            What ``call`` returns.
+
+        Raises:
+            ProviderError: ``call`` failed with an exception ``_classify`` maps.
+            Exception: ``call``'s own exception when ``_classify`` returns None for it.
+        """
         try:
             return call()
         except Exception as exc:
@@ -608,17 +785,50 @@ class LLMClient(ABC):
     # ------------------------------------------------------------------ subclass hooks
     @abstractmethod
     def _classify(self, exc: Exception) -> ProviderError | None:
-        """The ProviderError for an SDK exception (None: not the SDK's, let it through)."""
+        """The ProviderError for an SDK exception: a hook subclasses write.
+
+        ``_http_error``, ``_timeout_error``, ``_connection_error`` and ``_other_error`` build
+        the usual ones, scrubbed and marked transient or not.
+
+        Args:
+            exc: What the SDK call raised.
+
+        Returns:
+            The error to raise instead; None: not the SDK's, let it through.
+        """
 
     @abstractmethod
     def _make_sdk_client(self) -> Any:
-        """The provider SDK's client, with its own retries off and the timeout set."""
+        """The provider SDK's client: a hook subclasses write. Called once, by ``__init__``.
+
+        Returns:
+            The SDK's client, with its own retries off and ``settings.timeout_s`` set; the
+            key is ``self._sdk_key``.
+
+        Raises:
+            ProviderError: The SDK is not installed.
+        """
 
     @abstractmethod
     def _request(
         self, system: str, user: str, schema: dict[str, Any], schema_name: str
     ) -> tuple[str, Usage, str]:
-        """One HTTP attempt: (reply text, usage, model reported). Raises ProviderError."""
+        """One HTTP attempt: a hook subclasses write, making its SDK calls through ``_send``.
+
+        Args:
+            system: The system prompt.
+            user: The user message.
+            schema: The JSON Schema the reply must follow.
+            schema_name: The schema's name in the request.
+
+        Returns:
+            The reply text (JSON for structured output), the usage, and the model the
+            provider reported ("" when it did not).
+
+        Raises:
+            ProviderError: The attempt failed; ``transient`` says whether to retry. Any
+                other exception counts as a failure not worth retrying.
+        """
 
 
 def _backoff(settings: ProviderSettings) -> Callable[[Any], float]:
@@ -885,6 +1095,19 @@ class GoogleClient(LLMClient):
 
 
 def make_client(settings: ProviderSettings, env: Mapping[str, str] | None = None) -> LLMClient:
-    """The client for ``settings.provider``; raises MissingKeyError when its key is unset."""
+    """The client for ``settings.provider``.
+
+    Args:
+        settings: Validated provider settings.
+        env: Where the key is read from; None: ``os.environ``.
+
+    Returns:
+        The client; close it (or use it as a context manager) when done.
+
+    Raises:
+        MissingKeyError: The key's environment variable is unset or empty.
+        ProviderError: The provider's SDK is not installed.
+        RegistryError: The provider's plugin fails to load.
+    """
     client: LLMClient = PROVIDERS.get(settings.provider)(settings, env)
     return client

@@ -33,7 +33,18 @@ Status = Literal["ok", "failed", "infeasible"]
 @dataclass(frozen=True)
 class EvaluationResult:
     """What one evaluation produced. ``metadata`` says how each value was obtained (measured,
-    estimated or synthetic, device, repeats, spread) and is stored as plain JSON."""
+    estimated or synthetic, device, repeats, spread) and is stored as plain JSON.
+
+    Build one with ``success`` (which checks the objectives) or ``failure``.
+
+    Attributes:
+        status: ``"ok"``; ``"failed"`` (the evaluation raised or returned a failure); or
+            ``"infeasible"`` (the back end cannot apply the recipe).
+        objectives: The five objectives by name, in canonical order; None unless ok.
+        reason: Why it failed or is infeasible, in one line; None when ok.
+        metadata: How the values were obtained, as plain JSON data.
+        duration_s: Wall seconds of the evaluation, set by ``Evaluator.evaluate``.
+    """
 
     status: Status
     objectives: dict[str, float] | None = None
@@ -43,21 +54,53 @@ class EvaluationResult:
 
     @property
     def ok(self) -> bool:
+        """Whether the evaluation succeeded (``status == "ok"``)."""
         return self.status == "ok"
 
     @classmethod
     def success(
         cls, objectives: Mapping[str, float], metadata: Mapping[str, Any]
     ) -> EvaluationResult:
+        """A successful result, its objectives checked.
+
+        Args:
+            objectives: The five objectives (``evo_compress.objectives``) by name.
+            metadata: How they were obtained, as plain JSON data (copied).
+
+        Returns:
+            An ``ok`` result with the objectives in canonical order, as floats.
+
+        Raises:
+            ValueError: An objective is missing, unknown or not finite.
+        """
         return cls("ok", check_objectives(objectives), None, dict(metadata))
 
     @classmethod
     def failure(
         cls, reason: str, metadata: Mapping[str, Any] | None = None, status: Status = "failed"
     ) -> EvaluationResult:
+        """A result without objectives.
+
+        Args:
+            reason: Why, in one line (stored and shown in tables).
+            metadata: What is known about it, as plain JSON data (copied).
+            status: ``"failed"``, or ``"infeasible"`` for a recipe the back end cannot
+                apply.
+
+        Returns:
+            The failed (or infeasible) result.
+        """
         return cls(status, None, reason, dict(metadata or {}))
 
     def with_duration(self, seconds: float) -> EvaluationResult:
+        """A copy with ``duration_s`` set.
+
+        Args:
+            seconds: Wall seconds the evaluation took.
+
+        Returns:
+            The same result with ``duration_s = seconds``.
+        """
         return EvaluationResult(self.status, self.objectives, self.reason, self.metadata, seconds)
 
 
@@ -73,7 +116,14 @@ def limit_cause(result: EvaluationResult) -> str | None:
     """ "timeout" or "memory" when a failure may have been caused by a limit (the worker's
     time or memory limit, a server or request timeout) rather than by the recipe; None for
     every other result. The worker says so in ``metadata["limit_cause"]``; other failures
-    are judged by their reason, erring towards "may have been"."""
+    are judged by their reason, erring towards "may have been".
+
+    Args:
+        result: Any evaluation result.
+
+    Returns:
+        ``"timeout"``, ``"memory"``, or None.
+    """
     if result.status != "failed":
         return None
     tagged = result.metadata.get("limit_cause")
@@ -113,7 +163,15 @@ def classify_failure(result: EvaluationResult) -> str | None:
     """``recipe``, ``limit`` or ``environment`` for a failure (None for any other result):
     what the back end or worker recorded, else judged from the reason (``limit_cause``
     first, then the words of a missing package, a full disk, a server or worker that could
-    not start); a failure with none of those signs is the recipe's."""
+    not start); a failure with none of those signs is the recipe's.
+
+    Args:
+        result: Any evaluation result.
+
+    Returns:
+        ``"recipe"``, ``"limit"`` or ``"environment"`` for a failure; None for a success or
+        an infeasible recipe.
+    """
     if result.status != "failed":
         return None
     tagged = result.metadata.get(FAILURE_CLASS_KEY)
@@ -128,8 +186,15 @@ def classify_failure(result: EvaluationResult) -> str | None:
 
 
 def with_failure_class(result: EvaluationResult) -> EvaluationResult:
-    """``result`` with its ``failure_class`` recorded (itself when not a failure or when
-    already recorded)."""
+    """``result`` with its ``failure_class`` recorded.
+
+    Args:
+        result: Any evaluation result.
+
+    Returns:
+        A copy whose ``metadata["failure_class"]`` is ``classify_failure(result)``;
+        ``result`` itself when it is not a failure or has it recorded already.
+    """
     cls = classify_failure(result)
     if cls is None or result.metadata.get(FAILURE_CLASS_KEY) == cls:
         return result
@@ -140,7 +205,14 @@ def with_failure_class(result: EvaluationResult) -> EvaluationResult:
 
 
 def installed_versions(names: Sequence[str]) -> dict[str, str | None]:
-    """Each distribution's installed version in this environment (None: not installed)."""
+    """Each distribution's installed version in this environment.
+
+    Args:
+        names: Distribution names (``"torch"``, ``"transformers"``).
+
+    Returns:
+        Each name's version, None where it is not installed.
+    """
     from importlib.metadata import PackageNotFoundError, version
 
     found: dict[str, str | None] = {}
@@ -155,8 +227,15 @@ def installed_versions(names: Sequence[str]) -> dict[str, str | None]:
 def limit_excess(result: EvaluationResult) -> float | None:
     """How far past a limit a failure went, relative: needed / allowed - 1 (>= 0), from the
     ``metadata["over_limit"]`` a back end records (``{"needed": ..., "limit": ...}``, one
-    unit: the synthetic evaluator's memory, the worker's memory or time limit). None for a
-    success, or a failure whose record does not say."""
+    unit: the synthetic evaluator's memory, the worker's memory or time limit).
+
+    Args:
+        result: Any evaluation result.
+
+    Returns:
+        ``needed / limit - 1`` (at least 0); None for a success, or a failure whose record
+        does not say.
+    """
     if result.ok:
         return None
     over = result.metadata.get("over_limit")
@@ -183,6 +262,12 @@ class Placement:
     a server): ``CUDA_VISIBLE_DEVICES`` pins one GPU. ``device`` then replaces
     ``hardware.device`` inside those processes ("cuda": the one GPU they see). ``where``
     names the worker in the result's metadata.
+
+    Attributes:
+        slot: The pool's slot number (0 when evaluations run one at a time).
+        env: Environment variables for the processes the evaluation starts.
+        device: Replaces ``hardware.device`` in those processes; None: keep it.
+        where: The worker's name in the result's metadata.
     """
 
     slot: int = 0
@@ -191,6 +276,11 @@ class Placement:
     where: str = "this process"
 
     def describe(self) -> dict[str, Any]:
+        """The placement as plain data, for the result's metadata.
+
+        Returns:
+            ``slot`` and ``where``, and ``env`` when it sets anything.
+        """
         data: dict[str, Any] = {"slot": self.slot, "where": self.where}
         if self.env:
             data["env"] = dict(self.env)
@@ -199,7 +289,14 @@ class Placement:
 
 @dataclass(frozen=True)
 class EvaluationContext:
-    """What an evaluator needs besides its own settings: the model, hardware and carbon data."""
+    """What an evaluator needs besides its own settings: the model, hardware and carbon data.
+
+    Attributes:
+        model: The ``model`` section of the config: the model's id, revision and dtype.
+        hardware: The ``hardware`` section: the device, its name and its memory.
+        carbon: The ``carbon`` section: the grid's carbon intensity and the deployment's
+            tokens, for the ``co2`` objective.
+    """
 
     model: ModelConfig = field(default_factory=lambda: ModelConfig())
     hardware: HardwareConfig = field(default_factory=lambda: HardwareConfig())
@@ -211,6 +308,23 @@ class Evaluator(ABC):
 
     ``capabilities`` maps each gene the back end can apply to the values it supports (None:
     any value). A recipe that sets any other gene away from its default is infeasible here.
+
+    Subclasses write ``capabilities`` and ``_evaluate`` (and ``_evaluate_raced`` where they
+    race); the other methods have defaults a back end overrides when they do not hold for
+    it. Constructors only check the settings: heavy work goes in ``prepare``.
+
+    Args:
+        settings: The back end's own settings (``evaluator.settings`` of the config).
+        context: The model, hardware and carbon sections of the config.
+
+    Attributes:
+        name: The name the back end is registered under (``evaluator.name``).
+        supports_racing: Whether ``_evaluate_raced`` measures a quick stage first.
+        settings: A copy of ``settings``.
+        context: The model, hardware and carbon sections it was built with.
+        run_dir: Where this run's own files go; set by ``set_run_dir``.
+        concurrent: Evaluations the pool runs at once on this machine's CPUs.
+        sequential: Whether evaluations run one at a time, in ``plan_batch`` order.
     """
 
     name: ClassVar[str] = "evaluator"
@@ -230,18 +344,41 @@ class Evaluator(ABC):
 
     def set_run_dir(self, run_dir: Path | None) -> None:
         """Where this run's own files go (a serving back end's logs). The search sets it
-        before the first evaluation; ``evaluate`` outside a run leaves it None."""
+        before the first evaluation; ``evaluate`` outside a run leaves it None.
+
+        Args:
+            run_dir: The run directory, or None outside a run.
+        """
         self.run_dir = run_dir
 
     @abstractmethod
     def capabilities(self) -> Mapping[str, Collection[Any] | None]:
-        """Genes this back end can apply, each with its supported values (None: all)."""
+        """Genes this back end can apply, each with its supported values.
+
+        Returns:
+            Gene name -> the values supported (None: every value of the gene). Genes left
+            out can only keep their default.
+        """
 
     @abstractmethod
     def _evaluate(self, recipe: Recipe, placement: Placement) -> EvaluationResult:
-        """Apply ``recipe``, measure it and return the result (raise or return a failure).
+        """Apply ``recipe``, measure it and return the result: the hook subclasses write.
+
         Processes it starts get ``placement.env``; ``placement.device`` overrides the
-        configured device."""
+        configured device. ``evaluate`` has checked the capabilities before and checks the
+        objectives after.
+
+        Args:
+            recipe: A valid, canonical recipe this back end can apply.
+            placement: Where the evaluation runs.
+
+        Returns:
+            ``EvaluationResult.success`` with the five objectives, or a failure.
+
+        Raises:
+            Exception: Any failure of the recipe may be raised: ``evaluate`` records it as a
+                failed result with its traceback.
+        """
 
     def _evaluate_raced(
         self, recipe: Recipe, placement: Placement, race: RaceRule
@@ -249,19 +386,45 @@ class Evaluator(ABC):
         """``_evaluate`` with racing: measure on ``race.quick_limit`` items, return that
         result (``metadata.stage: "quick"``) when ``race.stop`` says it cannot reach the
         front, else finish (``stage: "full"``). Back ends with ``supports_racing`` override
-        it; one that does not race measures everything, which is the full stage."""
+        it; one that does not race measures everything, which is the full stage.
+
+        Args:
+            recipe: As for ``_evaluate``.
+            placement: As for ``_evaluate``.
+            race: When to stop after the quick stage.
+
+        Returns:
+            The quick or the full result.
+
+        Raises:
+            Exception: As ``_evaluate``.
+        """
         return self._evaluate(recipe, placement)
 
     def plan_batch(self, recipes: Sequence[Recipe], space: SearchSpace) -> list[int]:
         """The order in which to evaluate a batch (a generation's new recipes), as indices
         into ``recipes``. A back end that shares work between recipes (one server for
-        several, ``fitness.vllm``) groups them here and remembers the batch. Default: as
-        given."""
+        several, ``fitness.vllm``) groups them here and remembers the batch.
+
+        Args:
+            recipes: The batch.
+            space: The search space they belong to.
+
+        Returns:
+            A permutation of ``range(len(recipes))``; the default keeps the given order.
+        """
         return list(range(len(recipes)))
 
     def quick_fingerprint(self, quick_limit: int) -> str:
-        """The fitness cache's key for this back end's quick results on ``quick_limit``
-        items (never served as full ones)."""
+        """The fitness cache's key for this back end's quick (raced) results.
+
+        Args:
+            quick_limit: Test items of the quick stage.
+
+        Returns:
+            A key apart from ``cache_fingerprint``'s, so quick results are never served as
+            full ones.
+        """
         from evo_compress.fitness.racing import quick_fingerprint
 
         return quick_fingerprint(self.cache_fingerprint(), {"quick_limit": quick_limit})
@@ -269,29 +432,57 @@ class Evaluator(ABC):
     def scored_tasks(self) -> tuple[str, tuple[str, ...]] | None:
         """The setting that names the tasks this back end scores (``tasks`` or ``task``) and
         their names: each success records their scores in ``metadata["tasks"]``, which
-        `constraints.max_task_drop` reads. None: it scores no named tasks."""
+        `constraints.max_task_drop` reads.
+
+        Returns:
+            ``(setting, task names)``, or None when it scores no named tasks (the default).
+        """
         return None
 
     def shared_paths(self) -> list[Path]:
         """Files and folders every evaluation reads by path (the model, the task's files):
-        on a cluster they must exist at the same path on every node. After ``prepare``."""
+        on a cluster they must exist at the same path on every node. After ``prepare``.
+
+        Returns:
+            The paths; none by default.
+        """
         return []
 
     def uses_gpu(self) -> bool:
-        """Whether one evaluation occupies a GPU (parallel workers then get one each)."""
+        """Whether one evaluation occupies a GPU (parallel workers then get one each).
+
+        Returns:
+            False by default.
+        """
         return False
 
     def threads(self) -> int | None:
-        """torch threads of one evaluation, or None when it runs no torch of its own."""
+        """torch threads of one evaluation.
+
+        Returns:
+            The thread count, or None (the default) when it runs no torch of its own.
+        """
         return None
 
     def with_threads(self, threads: int) -> Evaluator:
         """This evaluator with ``threads`` per evaluation (a new object when that changes
-        anything); parallel CPU workers divide the cores this way."""
+        anything); parallel CPU workers divide the cores this way.
+
+        Args:
+            threads: torch threads per evaluation.
+
+        Returns:
+            An evaluator that uses ``threads``; ``self`` by default.
+        """
         return self
 
     def fingerprint_data(self) -> dict[str, Any]:
-        """Everything besides the recipe that changes the result; keys the fitness cache."""
+        """Everything besides the recipe that changes the result; keys the fitness cache.
+
+        Returns:
+            Plain data: the back end's name and settings and the model, hardware and carbon
+            sections. An override adds what else changes its results.
+        """
         return {
             "evaluator": self.name,
             "settings": self.settings,
@@ -303,12 +494,20 @@ class Evaluator(ABC):
     def limits(self) -> dict[str, float | None]:
         """The limits an evaluation runs under (worker timeout and memory, server timeouts):
         left out of the fingerprint, since they change whether an evaluation finishes, not
-        what it measures, but stored with a cached failure they may have caused."""
+        what it measures, but stored with a cached failure they may have caused.
+
+        Returns:
+            Limit name -> value (None: unlimited); none by default.
+        """
         return {}
 
     def fingerprint(self) -> str:
         """What ``resume`` checks: the same settings, model and machine. Package versions
-        are left out (``packages``), so a run resumes after an upgrade."""
+        are left out (``packages``), so a run resumes after an upgrade.
+
+        Returns:
+            The SHA-256 hex digest of ``fingerprint_data``.
+        """
         text = json.dumps(self.fingerprint_data(), sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()
 
@@ -316,11 +515,20 @@ class Evaluator(ABC):
         """The versions of the packages this back end's outcomes depend on (None: not
         installed). They key the fitness cache (``cache_fingerprint``), so a changed
         environment is never answered with an old result, and each evaluation records them
-        (``metadata["packages"]``)."""
+        (``metadata["packages"]``).
+
+        Returns:
+            Distribution name -> installed version (``installed_versions``); none by
+            default.
+        """
         return {}
 
     def cache_fingerprint(self) -> str:
-        """The fitness cache's key besides the recipe: ``fingerprint`` and ``packages``."""
+        """The fitness cache's key besides the recipe: ``fingerprint`` and ``packages``.
+
+        Returns:
+            A SHA-256 hex digest; ``fingerprint`` itself when ``packages`` is empty.
+        """
         packages = self.packages()
         if not packages:
             return self.fingerprint()
@@ -330,6 +538,16 @@ class Evaluator(ABC):
         return hashlib.sha256(text.encode()).hexdigest()
 
     def infeasible_reason(self, recipe: Recipe, space: SearchSpace) -> str | None:
+        """Why this back end cannot apply ``recipe``, from ``capabilities``.
+
+        Args:
+            recipe: The recipe.
+            space: Its search space (for the genes' defaults).
+
+        Returns:
+            The first gene value it does not support, in one line; None when it can apply
+            the recipe.
+        """
         caps = self.capabilities()
         for gene, value in recipe.items():
             if gene in caps:
@@ -345,8 +563,17 @@ class Evaluator(ABC):
 
     def restrict_space(self, space: SearchSpace) -> SearchSpace:
         """``space`` narrowed to what this back end can apply: genes it cannot apply are
-        pinned to their default, choices it does not support are dropped. Unchanged (the
-        same object) when the back end supports everything."""
+        pinned to their default, choices it does not support are dropped.
+
+        Args:
+            space: The configured search space.
+
+        Returns:
+            The narrowed space; ``space`` itself when the back end supports everything.
+
+        Raises:
+            ConfigError: The back end supports no value of some choice gene.
+        """
         from evo_compress.exceptions import ConfigError
         from evo_compress.genomes import BoolGene, ChoiceGene
 
@@ -387,8 +614,23 @@ class Evaluator(ABC):
         placement: Placement | None = None,
         race: RaceRule | None = None,
     ) -> EvaluationResult:
-        """Evaluate one recipe; never raises for a recipe's own failure. With ``race`` (and a
-        back end that races) the measurement may stop after its quick stage."""
+        """Evaluate one recipe; never raises for a recipe's own failure.
+
+        A recipe the back end cannot apply is ``infeasible`` without calling the hook; an
+        exception of ``_evaluate`` becomes a failed result with its traceback; a success
+        whose objectives are not five finite numbers becomes a failure. The result records
+        the ``packages``, its failure class and its duration.
+
+        Args:
+            recipe: A valid, canonical recipe of ``space``.
+            space: The search space (for the genes' defaults).
+            placement: Where it runs; None: this process, as configured.
+            race: With a back end that races, when the measurement may stop after its
+                quick stage; None: measure everything.
+
+        Returns:
+            The result: ok, failed or infeasible.
+        """
         placement = placement or Placement()
         start = time.perf_counter()
         reason = self.infeasible_reason(recipe, space)
@@ -420,7 +662,8 @@ class Evaluator(ABC):
 
     def prepare(self) -> None:
         """One-time work before the first evaluation (train or download the model, write
-        task files). Constructors only validate settings, so ``validate`` stays fast."""
+        task files). Constructors only validate settings, so ``validate`` stays fast. The
+        built-in back ends make it idempotent: a second call does nothing."""
 
     def close(self) -> None:
         """Release models, servers or worker processes. Safe to call twice."""
@@ -437,4 +680,19 @@ EVALUATORS.register("auto", "evo_compress.fitness.auto:make_auto_evaluator")
 def make_evaluator(
     name: str, settings: Mapping[str, Any], context: EvaluationContext
 ) -> Evaluator:
+    """The evaluator registered as ``name``, built from the config.
+
+    Args:
+        name: A registered back end (``synthetic``, ``transformers``, ``vllm``, ``auto``, or
+            a plugin's).
+        settings: Its settings (``evaluator.settings``).
+        context: The model, hardware and carbon sections.
+
+    Returns:
+        The evaluator (its constructor has checked the settings).
+
+    Raises:
+        RegistryError: ``name`` is unknown, or its plugin fails to load.
+        ConfigError: The back end refuses the settings.
+    """
     return EVALUATORS.get(name)(settings, context)
