@@ -13,13 +13,16 @@ export HF_HOME ?= $(CURDIR)/.cache/huggingface
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml doubles/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# A CPU build of torch from local disk first: a bare `torch` requirement would pull
 	# several GB of CUDA wheels.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[hf,llm,ray,dev,bench,docs]"
+	# The stand-ins of the tests and benchmarks (fake vLLM server, fake LLM provider): a
+	# distribution of their own, so that they stay out of the wheel users install.
+	$(PY) -m pip install --quiet --no-deps -e ./doubles
 	touch $(STAMP)
 
 demo: setup
@@ -40,14 +43,14 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
 lint: setup
-	$(VENV)/bin/ruff check evo_compress tests benchmarks scripts
-	$(VENV)/bin/ruff format --check evo_compress tests benchmarks scripts
+	$(VENV)/bin/ruff check evo_compress doubles tests benchmarks scripts
+	$(VENV)/bin/ruff format --check evo_compress doubles tests benchmarks scripts
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
 format: setup
-	$(VENV)/bin/ruff check --fix evo_compress tests benchmarks scripts
-	$(VENV)/bin/ruff format evo_compress tests benchmarks scripts
+	$(VENV)/bin/ruff check --fix evo_compress doubles tests benchmarks scripts
+	$(VENV)/bin/ruff format evo_compress doubles tests benchmarks scripts
 
 # The API reference (mkdocs.yml) into .cache/site; --strict: a docstring that griffe warns
 # about (a parameter documented that the signature lacks) or a broken link fails the build.

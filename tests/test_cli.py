@@ -265,7 +265,7 @@ def test_evaluate_reports_failures_and_bad_recipes(tmp_path):
 
 
 def test_run_with_llm_operators_reports_requests_and_missing_keys(tmp_path):
-    from evo_compress.testing.providers import FakeProviderServer, model_like
+    from evo_compress_doubles.providers import FakeProviderServer, model_like
 
     with FakeProviderServer(default=model_like()) as server:
         local = {

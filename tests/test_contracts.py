@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from evo_compress_doubles.providers import FakeProviderServer, model_like, operator_params
 
 from evo_compress.agents.session import AgentSession
 from evo_compress.config import CarbonConfig, HardwareConfig, LLMConfig, ModelConfig
@@ -19,7 +20,6 @@ from evo_compress.operators import CROSSOVERS, MUTATIONS
 from evo_compress.operators._base import Operator
 from evo_compress.registry import BUILTIN, Registry
 from evo_compress.testing.contracts import EvaluatorContract, OperatorContract
-from evo_compress.testing.providers import FakeProviderServer, model_like, operator_params
 
 REFERENCE_CPU = EvaluationContext(
     ModelConfig(id="reference"), HardwareConfig(device="cpu"), CarbonConfig()
@@ -34,7 +34,7 @@ TRANSFORMERS = {
     "timeout_s": 240,
 }
 VLLM = {
-    "command": [sys.executable, "-m", "evo_compress.testing.vllm_server"],
+    "command": [sys.executable, "-m", "evo_compress_doubles.vllm_server"],
     "vllm_version": "0.33.0",
     "latency_requests": 2,
     "max_new_tokens": 4,

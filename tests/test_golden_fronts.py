@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from evo_compress_doubles.providers import FakeProviderServer, llm_search_sections, model_like
 
 from evo_compress.app import start_search
 from evo_compress.runs import RunStore
 from evo_compress.runs.front import load_front
-from evo_compress.testing.providers import FakeProviderServer, llm_search_sections, model_like
 
 GOLDEN = Path(__file__).parent / "golden" / "fronts.json"
 

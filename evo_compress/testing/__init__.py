@@ -1,10 +1,10 @@
 """Test doubles and helpers for evo-compress and its plugins (Optuna's ``optuna.testing``).
 
-Production code never imports this package. ``providers`` is a fake LLM provider that speaks
-the OpenAI, Anthropic and Google wire formats; ``vllm_server`` a CPU stand-in for
-``vllm serve``; ``contracts`` the suites every evaluator and operator passes (pytest needed);
-``tasks`` a back end that records per-task scores (``metadata["tasks"]``) over the synthetic
-landscape.
+Production code never imports this package. ``contracts`` has the suites every evaluator
+and operator passes (pytest needed); ``tasks`` a back end that records per-task scores
+(``metadata["tasks"]``) over the synthetic landscape. The large stand-ins (a fake LLM provider,
+a CPU stand-in for ``vllm serve``) are the separate distribution ``evo-compress-doubles`` in
+the repository's ``doubles/`` folder, so they do not ship in the wheel.
 """
 
 from evo_compress.testing._helpers import (

@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-
-from evo_compress.testing.providers import FakeProviderServer, model_like
+from evo_compress_doubles.providers import FakeProviderServer, model_like
 
 
 @pytest.fixture

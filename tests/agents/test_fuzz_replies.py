@@ -14,6 +14,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+from evo_compress_doubles.providers import (
+    FakeProviderServer,
+    RecordedRequest,
+    Reply,
+    Response,
+    llm_search_sections,
+    operator_params,
+)
 
 from evo_compress.agents.reply import ProposalReply, ReplyError, parse_proposal, parse_seeds
 from evo_compress.agents.session import AgentSession
@@ -23,14 +31,6 @@ from evo_compress.genomes import SearchSpace, nest
 from evo_compress.operators import Measured, VariationContext
 from evo_compress.operators.llm import LLMMutation
 from evo_compress.runs import RunStore
-from evo_compress.testing.providers import (
-    FakeProviderServer,
-    RecordedRequest,
-    Reply,
-    Response,
-    llm_search_sections,
-    operator_params,
-)
 
 SPACE = SearchSpace.builtin()
 KEY = "sk-fuzz-0123456789abcdefFUZZ"

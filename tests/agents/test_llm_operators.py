@@ -10,6 +10,15 @@ from typing import Any
 
 import numpy as np
 import pytest
+from evo_compress_doubles.providers import (
+    FakeProviderServer,
+    Reply,
+    Status,
+    model_like,
+    request_schema,
+    request_system,
+    request_text,
+)
 
 from evo_compress.agents.schema import proposal_schema
 from evo_compress.agents.session import AgentSession, Grant
@@ -19,15 +28,6 @@ from evo_compress.genomes import Recipe, SearchSpace
 from evo_compress.operators import Measured, Pending, VariationContext
 from evo_compress.operators.llm import LLMCrossover, LLMMutation, LLMSeeder
 from evo_compress.runs import RunStore
-from evo_compress.testing.providers import (
-    FakeProviderServer,
-    Reply,
-    Status,
-    model_like,
-    request_schema,
-    request_system,
-    request_text,
-)
 
 SPACE = SearchSpace.builtin()
 PROVIDERS = ["openai-compatible", "openai", "anthropic", "google"]
@@ -259,7 +259,7 @@ def test_429_then_success_is_one_valid_call(fake_llm, tmp_path):
 
 
 def test_a_timeout_falls_back_with_the_reason_recorded(fake_llm, tmp_path):
-    from evo_compress.testing.providers import Hang
+    from evo_compress_doubles.providers import Hang
 
     s = session(tmp_path)
     op = mutation(fake_llm, "google", s, timeout_s=0.3, max_attempts=1)
@@ -391,7 +391,7 @@ def test_a_provider_that_only_replies_invalid_json_is_switched_off(fake_llm):
 
 
 def test_a_hung_provider_is_given_up_within_the_generation(fake_llm, tmp_path):
-    from evo_compress.testing.providers import Hang
+    from evo_compress_doubles.providers import Hang
 
     s = session(tmp_path, max_failures=2)
     op = mutation(fake_llm, "openai-compatible", s, timeout_s=0.3, max_attempts=2)
@@ -431,7 +431,7 @@ def test_the_budget_is_said_spent_only_when_it_is():
 
 
 def test_why_seeding_failed_is_said(fake_llm):
-    from evo_compress.testing.providers import FakeProviderServer, Hang
+    from evo_compress_doubles.providers import FakeProviderServer, Hang
 
     closed = FakeProviderServer()
     closed.close()  # nothing listens on its port: connection refused

@@ -10,14 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from evo_compress import app
-from evo_compress.exceptions import ConfigError
-from evo_compress.progress import ProgressListener
-from evo_compress.runs import RunStore
-from evo_compress.runs.front import load_front
-from evo_compress.testing import resume_search
-from evo_compress.testing.providers import (
+from evo_compress_doubles.providers import (
     FakeProviderServer,
     Hang,
     RecordedRequest,
@@ -27,6 +20,13 @@ from evo_compress.testing.providers import (
     llm_search_sections,
     model_like,
 )
+
+from evo_compress import app
+from evo_compress.exceptions import ConfigError
+from evo_compress.progress import ProgressListener
+from evo_compress.runs import RunStore
+from evo_compress.runs.front import load_front
+from evo_compress.testing import resume_search
 
 KEY = "sk-live-THISKEYMUSTNEVERLEAK-0123456789"
 
@@ -332,8 +332,7 @@ def test_llm_text_reaches_the_terminal_without_control_codes(tmp_path, keyed):
     import sys
 
     import yaml
-
-    from evo_compress.testing.providers import Reply
+    from evo_compress_doubles.providers import Reply
 
     hostile = "\x1b]0;pwned\x07\x1b[2J\x1b[31mred\x9b1m\x07\x08\r\x00\u202e [/] [bold]x"
     answer = model_like()

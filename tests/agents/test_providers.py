@@ -17,6 +17,17 @@ from email.utils import format_datetime
 from typing import Any
 
 import pytest
+from evo_compress_doubles.providers import (
+    FakeProviderServer,
+    Hang,
+    RecordedRequest,
+    Reply,
+    Response,
+    Status,
+    request_schema,
+    request_system,
+    request_text,
+)
 from pydantic import ValidationError
 
 from evo_compress.agents.providers import (
@@ -38,17 +49,6 @@ from evo_compress.agents.providers import (
 )
 from evo_compress.config import format_validation_error
 from evo_compress.exceptions import RegistryError
-from evo_compress.testing.providers import (
-    FakeProviderServer,
-    Hang,
-    RecordedRequest,
-    Reply,
-    Response,
-    Status,
-    request_schema,
-    request_system,
-    request_text,
-)
 
 ALL = ["anthropic", "openai", "google", "openai-compatible"]
 KEYED = ["anthropic", "openai", "google"]

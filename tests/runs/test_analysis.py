@@ -11,13 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from pymoo.indicators.hv import HV
-
-from evo_compress.runs import RunStore
-from evo_compress.runs.analysis import HISTORY_FIELDS, history, operator_stats
-from evo_compress.runs.store import DB_NAME
-from evo_compress.testing import run_search
-from evo_compress.testing.providers import (
+from evo_compress_doubles.providers import (
     FakeProviderServer,
     RecordedRequest,
     Reply,
@@ -25,6 +19,12 @@ from evo_compress.testing.providers import (
     llm_search_sections,
     model_like,
 )
+from pymoo.indicators.hv import HV
+
+from evo_compress.runs import RunStore
+from evo_compress.runs.analysis import HISTORY_FIELDS, history, operator_stats
+from evo_compress.runs.store import DB_NAME
+from evo_compress.testing import run_search
 
 SHARES = ("valid", "feasible", "dominated_parent", "entered_front")
 LLM_FIELDS = ("llm_calls", "llm_valid", "input_tokens", "output_tokens")

@@ -392,7 +392,7 @@ def test_compress_on_the_vllm_back_end_writes_the_checkpoint_it_serves(tmp_path,
                 "evaluator": {
                     "name": "vllm",
                     "settings": {
-                        "command": [sys.executable, "-m", "evo_compress.testing.vllm_server"],
+                        "command": [sys.executable, "-m", "evo_compress_doubles.vllm_server"],
                         "vllm_version": "0.32.0",
                         "threads": 1,
                         "checkpoint_dir": str(tmp_path / "ckpt"),

@@ -14,6 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from evo_compress_doubles.providers import (
+    FakeProviderServer,
+    RecordedRequest,
+    Reply,
+    Response,
+    llm_search_sections,
+    model_like,
+)
 
 from evo_compress.exceptions import EvoCompressError, RunStoreError
 from evo_compress.objectives import OBJECTIVE_NAMES
@@ -22,14 +30,6 @@ from evo_compress.runs.front import load_front
 from evo_compress.runs.lineage import Edge, Lineage, Node, load_lineage
 from evo_compress.runs.store import DB_NAME
 from evo_compress.testing import run_search
-from evo_compress.testing.providers import (
-    FakeProviderServer,
-    RecordedRequest,
-    Reply,
-    Response,
-    llm_search_sections,
-    model_like,
-)
 
 GRAPHML = "{http://graphml.graphdrawing.org/xmlns}"
 

@@ -4,7 +4,7 @@ vLLM under a guard that leaves no orphan, and measure it through the OpenAI-comp
 ``compile.py`` (recipe -> engine arguments), ``checkpoint.py`` (weights, cached),
 ``server.py`` + ``_guard.py`` (the server process), ``client.py`` (latency, ``/metrics``),
 ``accuracy.py`` (lm-eval against the server), ``evaluator.py`` (the ``vllm`` evaluator).
-``quantize_job.py`` runs in vLLM's own environment; ``evo_compress.testing.vllm_server``
+``quantize_job.py`` runs in vLLM's own environment; ``evo_compress_doubles.vllm_server``
 is a CPU stand-in for tests.
 """
 

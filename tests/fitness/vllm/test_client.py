@@ -25,7 +25,7 @@ from evo_compress.fitness.vllm.client import (
 )
 from evo_compress.fitness.vllm.server import ServerSpec, VLLMServer, free_port
 
-STANDIN = (sys.executable, "-m", "evo_compress.testing.vllm_server")
+STANDIN = (sys.executable, "-m", "evo_compress_doubles.vllm_server")
 NAME = "evo-compress"
 TTFT_MS = 30.0
 TOKEN_MS = 10.0

@@ -22,7 +22,7 @@ from evo_compress.genomes import SearchSpace
 from evo_compress.objectives import task_scores
 from evo_compress.testing.user_tasks import write_user_tasks
 
-STANDIN = [sys.executable, "-m", "evo_compress.testing.vllm_server"]
+STANDIN = [sys.executable, "-m", "evo_compress_doubles.vllm_server"]
 SPACE = SearchSpace.builtin()
 
 

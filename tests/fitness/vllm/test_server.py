@@ -23,7 +23,7 @@ from evo_compress.fitness.vllm import server as server_module
 from evo_compress.fitness.vllm._guard import live_processes
 from evo_compress.fitness.vllm.server import ServerError, ServerSpec, VLLMServer
 
-STANDIN = (sys.executable, "-m", "evo_compress.testing.vllm_server")
+STANDIN = (sys.executable, "-m", "evo_compress_doubles.vllm_server")
 
 
 def spec(*args: str) -> ServerSpec:
@@ -257,7 +257,7 @@ SEARCH = textwrap.dedent(
     from evo_compress.fitness.vllm.server import ServerSpec, VLLMServer
 
     log = Path(sys.argv[1])
-    command = (sys.executable, "-m", "evo_compress.testing.vllm_server")
+    command = (sys.executable, "-m", "evo_compress_doubles.vllm_server")
     spec = ServerSpec(command, "echo-model", ("--fake-spawn-child",))
     server = VLLMServer(spec, log, health_interval_s=0.05, stop_timeout_s=2)
     server.start()

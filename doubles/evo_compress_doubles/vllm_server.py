@@ -1,6 +1,6 @@
 """A stand-in for ``vllm serve``: vLLM's OpenAI-compatible HTTP API, served on the CPU.
 
-``python -m evo_compress.testing.vllm_server MODEL --host H --port P
+``python -m evo_compress_doubles.vllm_server MODEL --host H --port P
 --served-model-name N [vLLM engine args]`` answers ``/health``, ``/v1/models``, ``/metrics``,
 ``/tokenize`` and ``/v1/completions`` (streamed or not) like vLLM, context limit included.
 MODEL, a folder with ``config.json``, is run greedily with transformers when torch imports;
@@ -41,7 +41,7 @@ STANDIN_VERSION = "evo-compress stand-in server (not vLLM)"
 # ---------------------------------------------------------------------- arguments
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
-        prog="python -m evo_compress.testing.vllm_server",
+        prog="python -m evo_compress_doubles.vllm_server",
         description="A stand-in for `vllm serve` (CPU, test double).",
         allow_abbrev=False,
     )
