@@ -1,8 +1,10 @@
 """One self-contained HTML report of a run: the front, its progress, its lineage and what each
 operator contributed, with plotly.js inline so that the file opens offline and fetches nothing.
 
-This module assembles the page from ``ReportData`` (``data.py``) and the figures
-(``figures.py``).
+This module assembles the page: it turns ``ReportData`` (``data.py``) into the values the
+Jinja template ``templates/report.html.j2`` shows (autoescaped), packs plotly.js and the
+figures (``figures.py``) and signs the page's one script (``templates/report.js``) in its
+Content-Security-Policy.
 """
 
 from __future__ import annotations
@@ -11,13 +13,15 @@ import base64
 import functools
 import gzip
 import hashlib
-import html
 import json
 import math
 import time
 from collections.abc import Mapping, Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
+
+import jinja2
 
 from evo_compress.exceptions import EvoCompressError
 from evo_compress.genomes import render_recipe, render_recipe_yaml
@@ -44,8 +48,7 @@ from evo_compress.reports.formatting import (
     task_value,
 )
 from evo_compress.reports.layout import lineage_layout, widest_layer
-from evo_compress.runs.front import FrontMember, front_tasks
-from evo_compress.runs.lineage import Node
+from evo_compress.runs.front import front_tasks
 from evo_compress.runs.store import RunStore
 
 # Names that lived here before the report was split into data, layout, figures and page
@@ -76,6 +79,17 @@ __all__ = [
 ]
 
 REPORT_NAME = "report.html"
+_TEMPLATE = "report.html.j2"
+_SCRIPT = "report.js"
+# The page's sections, in order: (anchor, title in the navigation bar).
+_SECTIONS = (
+    ("front", "front"),
+    ("progress", "progress"),
+    ("lineage", "lineage"),
+    ("operators", "operators"),
+    ("recipes", "front recipes"),
+    ("config", "config"),
+)
 
 # No request of any kind may leave the page (default-src 'none'), and only two scripts may run,
 # by hash: the page's own script and plotly.js, which it unpacks: nothing that slipped into the
@@ -118,147 +132,52 @@ def plotly_js() -> str:
     return str(get_plotlyjs())
 
 
-# ---------------------------------------------------------------------- HTML
-_STYLE = """
-body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif;
-       margin: 0 auto; max-width: 1200px; padding: 1em 2em; color: #1f2328; }
-h1 { margin-bottom: 0.2em; }
-h2 { margin-top: 2em; border-bottom: 1px solid #d0d7de; padding-bottom: 0.2em; }
-dl.meta { display: grid; grid-template-columns: max-content auto; gap: 0.2em 1.2em; }
-dl.meta dt { font-weight: 600; }
-dl.meta dd { margin: 0; }
-table { border-collapse: collapse; font-size: 0.9em; margin: 1em 0; }
-th, td { border: 1px solid #d0d7de; padding: 0.3em 0.6em; vertical-align: top; text-align: left; }
-th { background: #f6f8fa; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-.how { color: #57606a; font-size: 0.85em; white-space: normal; }
-.note { color: #57606a; }
-.warn { color: #9a6700; }
-.llm { color: #57606a; font-size: 0.85em; margin-top: 0.3em; }
-pre { background: #f6f8fa; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
-code { font-size: 0.9em; }
-.plot { width: 100%; }
-"""
-
-_NAV = (
-    '<nav class="note">'
-    + " · ".join(
-        f'<a href="#section-{anchor}">{title}</a>'
-        for anchor, title in (
-            ("front", "front"),
-            ("progress", "progress"),
-            ("lineage", "lineage"),
-            ("operators", "operators"),
-            ("recipes", "front recipes"),
-            ("config", "config"),
-        )
-    )
-    + "</nav>"
-)
-
-# plotly.js (4.8 MB with plotly 7) and the figures travel gzipped and base64-encoded in data
-# blocks (``<script type="application/gzip">``, never run): a long run's page stays a few MB.
-# The page's one script unpacks them with the browser's DecompressionStream, runs plotly.js
-# (allowed by its hash) and draws the figures. The counts in data-plots / data-rendered let a
-# test (or a person) check that every plot was drawn.
-_APP = """(function () {
-  "use strict";
-  function unpack(id) {
-    var text = atob(document.getElementById(id).textContent.trim());
-    var bytes = new Uint8Array(text.length);
-    for (var i = 0; i < text.length; i += 1) {
-      bytes[i] = text.charCodeAt(i);
-    }
-    var stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream("gzip"));
-    return new Response(stream).text();
-  }
-  function fail(error) {
-    document.body.setAttribute("data-error", String(error));
-    throw error;
-  }
-  if (typeof DecompressionStream === "undefined") {
-    fail(new Error("this browser cannot unpack the figures (no DecompressionStream): " +
-      "open the report in a browser from 2023 or later, or see the PNGs beside it"));
-  }
-  Promise.all([unpack("plotly-js"), unpack("report-figures")]).then(function (texts) {
-    var library = document.createElement("script");
-    library.textContent = texts[0];
-    document.head.appendChild(library);
-    var figures = JSON.parse(texts[1]);
-    var config = {displaylogo: false, responsive: true};
-    var drawn = 0;
-    // A trace's "columns" names the figure's shared value lists to use ("marker.color": one
-    // level down): a long run's values are written once, not once per panel.
-    figures.forEach(function (figure) {
-      figure.data.forEach(function (trace) {
-        Object.keys(trace.columns || {}).forEach(function (key) {
-          var path = key.split("."), values = figure.columns[trace.columns[key]];
-          if (path.length === 2) {
-            trace[path[0]][path[1]] = values;
-          } else {
-            trace[key] = values;
-          }
-        });
-        delete trace.columns;
-      });
-    });
-    return Promise.all(figures.map(function (figure) {
-      return Plotly.newPlot(figure.div, figure.data, figure.layout, config).then(function () {
-        drawn += 1;
-        document.body.setAttribute("data-rendered", String(drawn));
-      });
-    }));
-  }).catch(fail);
-})();
-"""
-
-
 def render_html(data: ReportData, plotly: str) -> str:
     """The report page for ``data`` with ``plotly`` (the plotly.js source) inline."""
     figs = figures(data)
-    drawn = {f["div"] for f in figs}
-    app = _inline_script(_APP)
+    app = _inline_script(_page_script())
     # The hash of the text the page unpacks and runs, byte for byte.
     csp = _CSP.format(hashes=f"{_sha256(plotly)} {_sha256(app)}")
-    name = str(data.status.get("name") or data.status.get("run_dir") or "run")
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f'<meta http-equiv="Content-Security-Policy" content="{html.escape(csp)}">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>evo-compress report: {_esc(name)}</title>",
-        f"<style>{_STYLE}</style>",
-        f'</head><body data-plots="{len(figs)}" data-rendered="0">',
-        f"<h1>evo-compress run <code>{_esc(name)}</code></h1>",
-        _header(data),
-        _NAV,
-        '<h2 id="section-front">Front</h2>',
-        _front_intro(data),
-        _plot_div("front-matrix", drawn, "no front yet: no generation has completed"),
-        _plot_div("front-parallel", drawn, ""),
-        '<h2 id="section-progress">Progress</h2>',
-        _plot_div("history", drawn, "no generation has completed yet"),
-        '<h2 id="section-lineage">Lineage</h2>',
-        _plot_div("lineage", drawn, "no front, so no lineage to show"),
-        '<h2 id="section-operators">Operators</h2>',
-        _plot_div("operators", drawn, "no offspring yet: operators made nothing so far"),
-        _operator_table(data),
-        '<h2 id="section-recipes">Front recipes</h2>',
-        _front_table(data),
-        '<h2 id="section-config">Config</h2>',
-        f"<pre>{_esc(data.config_yaml)}</pre>",
-        '<noscript><p class="warn">The figures need JavaScript: see the PNGs beside this '
-        "file (written by <code>evo-compress report</code>).</p></noscript>",
-        f'<script type="application/gzip" id="plotly-js">{_packed(plotly)}</script>',
-        f'<script type="application/gzip" id="report-figures">{pack(script_json(figs))}</script>',
-        f"<script>{app}</script>",
-        "</body></html>",
-        "",
-    ]
-    return "\n".join(parts)
+    return _template().render(
+        csp=csp,
+        name=str(data.status.get("name") or data.status.get("run_dir") or "run"),
+        drawn={f["div"] for f in figs},
+        header=_header(data),
+        sections=_SECTIONS,
+        front_size=len(data.front),
+        feasible=data.front_feasible,
+        operators=_operator_table(data),
+        recipes=_front_table(data),
+        config_yaml=data.config_yaml,
+        plotly_js=_packed(plotly),
+        report_figures=pack(script_json(figs)),
+        app=app,  # marked safe in the template: ``_inline_script`` made it safe there
+    )
 
 
-def _header(data: ReportData) -> str:
+@functools.lru_cache(maxsize=1)
+def _template() -> jinja2.Template:
+    environment = jinja2.Environment(
+        loader=jinja2.PackageLoader("evo_compress.reports", "templates"),
+        autoescape=True,  # every value from the run is text, never markup
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    return environment.get_template(_TEMPLATE)
+
+
+@functools.lru_cache(maxsize=1)
+def _page_script() -> str:
+    """The page's one script, which unpacks plotly.js and the figures and draws them."""
+    path = resources.files("evo_compress.reports") / "templates" / _SCRIPT
+    return path.read_text(encoding="utf-8")
+
+
+# ---------------------------------------------------------------------- what the page shows
+def _header(data: ReportData) -> list[tuple[str, str]]:
+    """The run's facts above the figures, as (label, value)."""
     status = data.status
     done, target = status.get("generations_done"), status.get("generations_target")
     by_status = ", ".join(f"{k} {v}" for k, v in sorted((status.get("by_status") or {}).items()))
@@ -290,35 +209,13 @@ def _header(data: ReportData) -> str:
         )
     items.append(("started", format_time(data.created_at)))
     items.append(("report written", format_time(time.time())))
-    rows = "".join(f"<dt>{_esc(k)}</dt><dd>{_esc(v)}</dd>" for k, v in items)
-    return f'<dl class="meta">{rows}</dl>'
+    return items
 
 
-def _front_intro(data: ReportData) -> str:
-    if not data.front:
-        return ""
-    text = (
-        f"{len(data.front)} recipes that no other evaluated recipe dominates. "
-        "Hover a point for the member and its recipe; ↑ higher is better, ↓ lower is better."
-    )
-    out = f'<p class="note">{_esc(text)}</p>'
-    if not data.front_feasible:
-        out += (
-            '<p class="warn">No recipe met every constraint yet: shown are the members of '
-            "the population that violate them least.</p>"
-        )
-    return out
-
-
-def _plot_div(div: str, drawn: set[str], missing: str) -> str:
-    if div in drawn:
-        return f'<div id="{div}" class="plot"></div>'
-    return f'<p class="note">{_esc(missing)}</p>' if missing else ""
-
-
-def _operator_table(data: ReportData) -> str:
+def _operator_table(data: ReportData) -> dict[str, Any] | None:
+    """The operator table: its column labels and, per operator, its name and numeric cells."""
     if not data.operators:
-        return ""
+        return None
     llm = any(r.get("llm_calls") is not None for r in data.operators)
     head = ["operator", "children", *(label for _, label in SHARES), "HV contribution"]
     head += ["fallbacks"]
@@ -326,88 +223,70 @@ def _operator_table(data: ReportData) -> str:
         head += ["LLM requests (valid)", "tokens in", "tokens out", "cost (USD)"]
     rows = []
     for r in data.operators:
-        cells = [f"<td>{_esc(r['operator'])}</td>", _num(r.get("children"))]
-        cells += [f'<td class="num">{format_share(r.get(key))}</td>' for key, _ in SHARES]
-        cells += [_num(r.get("hv_contribution")), _num(r.get("fallbacks"))]
+        values = [format_value(r.get("children"))]
+        values += [format_share(r.get(key)) for key, _ in SHARES]
+        values += [format_value(r.get("hv_contribution")), format_value(r.get("fallbacks"))]
         if llm:
             calls = r.get("llm_calls")
-            text = "-" if calls is None else f"{calls} ({r.get('llm_valid')})"
-            cells += [f'<td class="num">{_esc(text)}</td>']
-            cells += [_num(r.get("input_tokens")), _num(r.get("output_tokens"))]
-            cells += [_num(r.get("cost"))]
-        rows.append("<tr>" + "".join(cells) + "</tr>")
-    header = "".join(f"<th>{_esc(h)}</th>" for h in head)
-    note = (
-        '<p class="note">valid: share of evaluated children that evaluated ok; feasible, '
-        "dominated a parent, entered the front: shares of the credited children; HV "
-        "contribution: front hypervolume only its children cover (summed).</p>"
-    )
-    return f"<table><thead><tr>{header}</tr></thead><tbody>{''.join(rows)}</tbody></table>{note}"
+            values.append("-" if calls is None else f"{calls} ({r.get('llm_valid')})")
+            values += [format_value(r.get(k)) for k in ("input_tokens", "output_tokens", "cost")]
+        rows.append({"name": str(r["operator"]), "cells": values})
+    return {"head": head, "rows": rows}
 
 
-def _front_table(data: ReportData) -> str:
+def _front_table(data: ReportData) -> dict[str, Any] | None:
+    """The front's table: one column per objective (with how its values were obtained, once
+    in the header where every member shares it) and per task, one row per member."""
     if not data.front:
-        return '<p class="note">no front yet</p>'
+        return None
     hows = {o.name: [how_text(m.how, o.name) for m in data.front] for o in OBJECTIVES}
     shared = {name: texts[0] for name, texts in hows.items() if len(set(texts)) == 1}
-    intro = ""
+    every = None
     if len(shared) == len(OBJECTIVES) and len(set(shared.values())) == 1:
         # One way for every value (the synthetic evaluator): say it once, above the table.
-        intro = f'<p class="note">Every value: {_esc(next(iter(shared.values())))}.</p>'
+        every = next(iter(shared.values()))
         shared = {name: "" for name in shared}
-    head = ["<th>#</th>", "<th>generation</th>"]
-    for o in OBJECTIVES:
-        arrow = "↑" if o.direction == "max" else "↓"
-        cell = f"{_esc(o.name)} {arrow}<br><span class='how'>{_esc(o.unit)}</span>"
-        if shared.get(o.name):
-            cell += f"<div class='how'>{_esc(shared[o.name])}</div>"
-        head.append(f"<th>{cell}</th>")
+    objectives = [
+        {
+            "name": o.name,
+            "arrow": "↑" if o.direction == "max" else "↓",
+            "unit": o.unit,
+            "how": shared.get(o.name, ""),
+        }
+        for o in OBJECTIVES
+    ]
     # Several tasks: one column of scores each (with one, accuracy is its score).
     tasks = front_tasks(data.front)
     tasks = tasks if len(tasks) > 1 else []
-    for task in tasks:
-        head.append(f"<th>task {_esc(task)}<br><span class='how'>score</span></th>")
-    head.append("<th>recipe</th>")
     rows = []
     for index, member in enumerate(data.front):
-        cells = [_num(member.id), _num(member.generation)]
-        for o in OBJECTIVES:
-            value = member_value(member, o.name)
-            how = "" if o.name in shared else f"<div class='how'>{_esc(hows[o.name][index])}</div>"
-            cells.append(f'<td class="num">{_esc(value)}{how}</td>')
+        values = [
+            (member_value(member, o.name), "" if o.name in shared else hows[o.name][index])
+            for o in OBJECTIVES
+        ]
+        scores = []
         for task in tasks:
             entry = member.tasks.get(task)
-            if entry is None:
-                cells.append('<td class="num">-</td>')
-                continue
-            how = task_how(entry)
-            how = f"<div class='how'>{_esc(how)}</div>" if how else ""
-            cells.append(f'<td class="num">{_esc(task_value(entry))}{how}</td>')
-        cells.append(f"<td>{_recipe_cell(member, data.lineage.nodes.get(member.id))}</td>")
-        rows.append("<tr>" + "".join(cells) + "</tr>")
-    note = intro
-    if not data.front_feasible:
-        note += '<p class="warn">Infeasible: no recipe met every constraint yet.</p>'
-    return (
-        f"{note}<table><thead><tr>{''.join(head)}</tr></thead>"
-        f"<tbody>{''.join(rows)}</tbody></table>"
-    )
+            scores.append(("-", "") if entry is None else (task_value(entry), task_how(entry)))
+        node = data.lineage.nodes.get(member.id)
+        rows.append(
+            {
+                "id": format_value(member.id),
+                "generation": format_value(member.generation),
+                "cells": values,
+                "scores": scores,
+                "recipe": render_recipe(member.recipe),
+                "made_by": None
+                if node is None
+                else " + ".join(node.operators) or "initial population",
+                "llm": None if node is None else node_rationale(node),
+                "recipe_yaml": render_recipe_yaml(member.recipe),
+            }
+        )
+    return {"every": every, "objectives": objectives, "tasks": tasks, "rows": rows}
 
 
-def _recipe_cell(member: FrontMember, node: Node | None) -> str:
-    out = f"<code>{_esc(render_recipe(member.recipe))}</code>"
-    if node is not None:
-        made = " + ".join(node.operators) or "initial population"
-        out += f"<div class='how'>made by: {_esc(made)}</div>"
-        said = node_rationale(node)
-        if said is not None:
-            who, rationale = said
-            out += f"<div class='llm'>LLM {_esc(who)}: {_esc(rationale)}</div>"
-    full = render_recipe_yaml(member.recipe)
-    return out + f"<details><summary>full recipe</summary><pre>{_esc(full)}</pre></details>"
-
-
-# ---------------------------------------------------------------------- escaping
+# ---------------------------------------------------------------------- packing and signing
 def script_json(value: Any) -> str:
     """JSON safe inside an inline ``<script>``: no ``<``, ``>`` or ``&`` (so no ``</script>``
     or ``<!--`` can end or bend the script), no raw U+2028/9; non-finite numbers become null."""
@@ -444,14 +323,6 @@ def _inline_script(source: str) -> str:
 def _sha256(script: str) -> str:
     digest = hashlib.sha256(script.encode("utf-8")).digest()
     return f"'sha256-{base64.b64encode(digest).decode('ascii')}'"
-
-
-def _esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _num(value: Any) -> str:
-    return f'<td class="num">{_esc(format_value(value))}</td>'
 
 
 def _finite(value: Any) -> Any:
