@@ -9,7 +9,9 @@ from typing import TYPE_CHECKING, Any
 
 from evo_compress.exceptions import EvoCompressError
 from evo_compress.objectives import OBJECTIVES
-from evo_compress.reports.html import SHARES, ReportData, collect, widest_layer
+from evo_compress.reports.data import ReportData, collect
+from evo_compress.reports.formatting import SHARES
+from evo_compress.reports.layout import widest_layer
 from evo_compress.runs.store import RunStore
 
 if TYPE_CHECKING:

@@ -7,6 +7,7 @@ evaluator serves with), the llm-compressor modifiers by ``quantize_job.describe_
 
 from __future__ import annotations
 
+import functools
 import json
 import shlex
 import textwrap
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import yaml
 
 from evo_compress.exceptions import EvaluationError, EvoCompressError, RunStoreError
@@ -42,6 +44,7 @@ LLMCOMPRESSOR_FILE = "llmcompressor_recipe.yaml"
 SERVE_FILE = "serve.sh"
 NOT_SERVABLE_FILE = "NOT_SERVABLE.txt"
 README_FILE = "README.md"
+_README_TEMPLATE = "README.md.j2"
 # Every file an export may write: a re-export with force replaces (or removes) all of them, so
 # a folder never mixes two exports (a stale serve.sh beside a new NOT_SERVABLE.txt).
 EXPORT_FILES = (
@@ -441,34 +444,10 @@ def _fmt(value: Any) -> str:
 
 
 def _readme(info: _Exported, files: Mapping[str, str]) -> str:
-    entries = objective_entries(info)
-    yes_no = {True: "yes", False: "no"}
-    lines = [
-        f"# Recipe {info.short} from run `{info.run_name}`",
-        "",
-        f"Individual {info.row.id} (generation {info.row.generation}) of run `{info.run_name}` "
-        f"(`{info.run_dir}`), model `{info.model}`, evaluated by `{info.evaluator}`: status "
-        f"{info.evaluation.result.status}, meets the run's constraints: "
-        f"{yes_no[info.feasible]}, on the run's front: {yes_no[info.on_front]}.",
-        "",
-        f"Recipe hash: `{info.recipe.hash}`",
-        "",
-        "## Recipe",
-        "",
-        render_recipe(info.recipe),
-        "",
-        "```yaml",
-        render_recipe_yaml(info.recipe).rstrip(),
-        "```",
-        "",
-        "## Objectives",
-        "",
-        "| objective | value | unit | better | how it was obtained |",
-        "|---|---:|---|---|---|",
-    ]
-    for name, entry in entries.items():
-        better = "higher" if entry["direction"] == "max" else "lower"
-        how = str(entry["how"]).replace("|", "\\|")
+    """README.md of the export, from ``templates/README.md.j2``."""
+    objectives = []
+    for name, entry in objective_entries(info).items():
+        how = str(entry["how"])
         if entry["measured"] is False and how != "synthetic":
             how += " (not measured)"
         value = _fmt(entry["value"])
@@ -478,80 +457,39 @@ def _readme(info: _Exported, files: Mapping[str, str]) -> str:
                 how += f" (± one standard error, {entry['n']} items)"
             else:
                 how += " (± one standard error)"
-        lines.append(f"| {name} | {value} | {entry['unit']} | {better} | {how} |")
-    tasks = task_entries(info.evaluation.result.metadata)
-    if tasks:
-        lines += [
-            "",
-            "Accuracy is the weighted mean of the task scores:",
-            "",
-            "| task | score | metric | items | weight |",
-            "|---|---:|---|---:|---:|",
-        ]
-        for name, task in tasks.items():
-            score = AccuracyEstimate(task["score"], task["stderr"]).text()
-            cells = [_fmt(task[k]).replace("|", "\\|") for k in ("metric", "n", "weight")]
-            shown = name.replace("|", "\\|")
-            lines.append(f"| {shown} | {score} | {' | '.join(cells)} |")
-    note = info.evaluation.result.metadata.get("note")
-    if note:
-        lines += ["", f"Evaluator note: {note}."]
-    if info.constraints:
-        lines += ["", "Constraints of the run:", ""]
-        for name, c in info.constraints.items():
-            verdict = {True: "met", False: "violated", None: "unknown"}[c["satisfied"]]
-            lines.append(f"- `{name}` <= {_fmt(c['limit'])}: {_fmt(c['value'])} ({verdict})")
-    lines += ["", "## Serving with vLLM", ""]
-    plan = info.plan
-    if plan is None:
-        lines += [
-            f"vLLM {info.caps.version_text} cannot serve this recipe as it is "
-            f"(`{NOT_SERVABLE_FILE}`): {info.unservable}",
-        ]
-    else:
-        args = shlex.join(plan.engine_args)
-        lines += [
-            f"`./{SERVE_FILE} CHECKPOINT_FOLDER` runs "
-            f"`vllm serve CHECKPOINT_FOLDER{' ' + args if args else ''}`"
-            + (
-                " with " + ", ".join(f"`{k}={v}`" for k, v in sorted(plan.env.items()))
-                if plan.env
-                else ""
-            )
-            + f" (compiled for vLLM {info.caps.version_text}).",
-            "",
-            f"CHECKPOINT_FOLDER: {_checkpoint_advice(info, plan)}.",
-        ]
-        if plan.quant_step is not None:
-            step = plan.quant_step
-            group = f", groups of {step.group_size}" if step.group_size is not None else ""
-            lines += [
-                "",
-                f"Quantization step: {step.scheme} by {step.algorithm}{group}, with "
-                f"llm-compressor (`{LLMCOMPRESSOR_FILE}`).",
-            ]
-        if info.weight_steps:
-            lines += [
-                "",
-                f"Pruning / recovery ({', '.join(info.weight_steps)}) has no llm-compressor "
-                f"equivalent here: build the checkpoint with evo-compress "
-                f"(`{_CHECKPOINT_BUILDER}`).",
-            ]
-        if plan.notes:
-            lines += ["", "Notes:", ""] + [f"- {n}" for n in plan.notes]
-    lines += [
-        "",
-        "## Re-evaluate",
-        "",
-        "From this folder, with the run's evaluator and settings:",
-        "",
-        "```sh",
-        info.evaluate_command,
-        "```",
-        "",
-        "## Files",
-        "",
+        better = "higher" if entry["direction"] == "max" else "lower"
+        objectives.append(
+            {"name": name, "value": value, "unit": entry["unit"], "better": better, "how": how}
+        )
+    tasks = [
+        {
+            "name": name,
+            "score": AccuracyEstimate(task["score"], task["stderr"]).text(),
+            **{key: _fmt(task[key]) for key in ("metric", "n", "weight")},
+        }
+        for name, task in task_entries(info.evaluation.result.metadata).items()
     ]
+    constraints = [
+        {
+            "name": name,
+            "limit": _fmt(c["limit"]),
+            "value": _fmt(c["value"]),
+            "verdict": {True: "met", False: "violated", None: "unknown"}[c["satisfied"]],
+        }
+        for name, c in info.constraints.items()
+    ]
+    serving: dict[str, Any] = {}
+    plan = info.plan
+    if plan is not None:
+        step = plan.quant_step
+        group = "" if step is None or step.group_size is None else f", groups of {step.group_size}"
+        env = ", ".join(f"`{k}={v}`" for k, v in sorted(plan.env.items()))
+        serving = {
+            "serve_command": shlex.join(["vllm", "serve", "CHECKPOINT_FOLDER", *plan.engine_args]),
+            "serve_env": f" with {env}" if env else "",
+            "checkpoint": _checkpoint_advice(info, plan),
+            "quant_step": None if step is None else f"{step.scheme} by {step.algorithm}{group}",
+        }
     about = {
         RECIPE_FILE: "the recipe (nested YAML; hash, run and model in its header)",
         OBJECTIVES_FILE: "the objectives with units, how each was obtained, status",
@@ -560,8 +498,41 @@ def _readme(info: _Exported, files: Mapping[str, str]) -> str:
         NOT_SERVABLE_FILE: "why vLLM cannot serve the recipe",
         README_FILE: "this summary",
     }
-    lines += [f"- `{name}`: {about[name]}" for name in (*files, README_FILE)]
-    return "\n".join(lines) + "\n"
+    return _readme_template().render(
+        info=info,
+        recipe=render_recipe(info.recipe),
+        recipe_yaml=render_recipe_yaml(info.recipe).rstrip(),
+        objectives=objectives,
+        tasks=tasks,
+        note=info.evaluation.result.metadata.get("note"),
+        constraints=constraints,
+        plan=plan,
+        **serving,
+        files=[(name, about[name]) for name in (*files, README_FILE)],
+        serve_file=SERVE_FILE,
+        not_servable_file=NOT_SERVABLE_FILE,
+        llmcompressor_file=LLMCOMPRESSOR_FILE,
+        checkpoint_builder=_CHECKPOINT_BUILDER,
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _readme_template() -> jinja2.Template:
+    environment = jinja2.Environment(
+        loader=jinja2.PackageLoader("evo_compress.runs", "templates"),
+        autoescape=False,  # Markdown: table cells go through `cell`, the rest as it is
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    environment.filters["cell"] = _table_cell
+    return environment.get_template(_README_TEMPLATE)
+
+
+def _table_cell(value: Any) -> str:
+    """``value`` as a Markdown table cell: a ``|`` would end the cell, so it is escaped."""
+    return str(value).replace("|", "\\|")
 
 
 # ---------------------------------------------------------------------- writing

@@ -107,7 +107,8 @@ def test_the_report_shows_task_scores_in_the_hover_and_the_table(
     member = front[0]
     entry = member.tasks["my_mc"]
     score = AccuracyEstimate(entry["score"], entry["stderr"]).text()
-    assert f"{score}<div class='how'>acc, {entry['n']} items, weight 1</div>" in table
+    cell = f'{score}<div class="how">acc, {entry["n"]} items, weight 1</div>'
+    assert cell in table
     # the hover of each point of the front plots, in the figures' packed data
     packed = re.search(r'<script type="application/gzip" id="report-figures">([^<]*)<', page)
     assert packed is not None
