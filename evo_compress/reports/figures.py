@@ -25,6 +25,7 @@ from evo_compress.reports.formatting import (
 from evo_compress.reports.layout import widest_layer
 from evo_compress.runs.front import FrontMember
 from evo_compress.runs.lineage import Node
+from evo_compress.text import clip
 
 # The plot divs, in page order; the page sets ``body[data-rendered]`` once each is drawn.
 PLOT_IDS = ("front-matrix", "front-parallel", "history", "lineage", "operators")
@@ -507,7 +508,7 @@ def _node_hover(node: Node) -> str:
     said = node_rationale(node)
     if said is not None:
         who, rationale = said
-        clipped = _clip(f"LLM {who}: {rationale}", _HOVER_CLIP)
+        clipped = clip(f"LLM {who}: {rationale}", _HOVER_CLIP)
         lines += textwrap.wrap(clipped, _HOVER_WIDTH)
     return "<br>".join(_text(line) for line in lines)
 
@@ -526,8 +527,3 @@ def _text(value: Any) -> str:
     """Text for plotly.js, which reads ``<br>``, ``<b>``, ``<a href>``... in its strings and
     decodes ``&amp;``, ``&lt;``, ``&gt;`` (but not ``&quot;``): escape just those three."""
     return html.escape(str(value), quote=False)
-
-
-def _clip(text: str, width: int) -> str:
-    flat = " ".join(str(text).split())
-    return flat if len(flat) <= width else flat[: width - 1] + "…"

@@ -16,7 +16,7 @@ from evo_compress.genomes import nest
 from evo_compress.objectives import OBJECTIVE_NAMES, OBJECTIVES
 from evo_compress.runs.front import load_front
 from evo_compress.runs.store import LLMCallRow, RunStore
-from evo_compress.text import terminal_safe
+from evo_compress.text import clip, terminal_safe
 
 SEED_LABEL = "llm-seed"
 FALLBACK_PREFIX = "fallback:"
@@ -275,13 +275,15 @@ class Lineage:
     def _tree_notes(self, node: Node, shown_parents: list[int]) -> list[str]:
         notes = []
         if node.status in ("failed", "infeasible") and node.reason:
-            notes.append(f"{node.status}: {_clip(node.reason)}")
+            notes.append(f"{node.status}: {clip(node.reason, RATIONALE_WIDTH)}")
         call = node.made_by
         if call is not None and node.rationale is not None:
-            notes.append(f"LLM {call['provider']}/{call['model']}: {_clip(node.rationale)}")
+            notes.append(
+                f"LLM {call['provider']}/{call['model']}: {clip(node.rationale, RATIONALE_WIDTH)}"
+            )
         elif node.fell_back and node.llm:
             error = node.llm[-1]["error"]
-            notes.append("LLM fell back" + (f": {_clip(error)}" if error else ""))
+            notes.append("LLM fell back" + (f": {clip(error, RATIONALE_WIDTH)}" if error else ""))
         hidden = [p for p in node.parents if p not in shown_parents and p not in self.absent]
         if hidden:
             notes.append("parents not shown: " + ", ".join(f"#{p}" for p in hidden))
@@ -452,11 +454,6 @@ def _summary(node: Node, units: bool, base: dict[str, float] | None = None) -> s
     if node.status not in (None, "ok"):
         parts.append(str(node.status))
     return " ".join(parts)
-
-
-def _clip(text: str, width: int = RATIONALE_WIDTH) -> str:
-    flat = " ".join(str(text).split())
-    return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
 def _dot_string(text: str) -> str:
