@@ -192,6 +192,12 @@ def _invalid_cases(model: Path, out: Path, calib: Path) -> list[tuple[list[Any],
             "--algorithm smoothquant-gptq needs calibration text",
         ),
         ([*gptq, "--calibration", out / "x"], "is not a file"),
+        ([*gptq, "--calibration-ids", out / "x"], "--calibration-ids"),
+        ([*gptq, "--calibration-ids", calib], f"--calibration-ids {calib} is not JSON"),
+        (
+            [*gptq, "--calibration", calib, "--calibration-ids", calib],
+            "give --calibration or --calibration-ids, not both",
+        ),
         (
             [*gptq, "--calibration", calib, "--samples", "0"],
             "needs --samples >= 1, got 0",
