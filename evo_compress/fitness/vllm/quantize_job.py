@@ -87,17 +87,20 @@ def check_scheme(scheme: str, algorithm: str, group_size: int | None) -> int | N
     return None
 
 
-def _quantization_kwargs(scheme: str, group_size: int | None) -> dict[str, Any]:
+def _quantization_kwargs(
+    scheme: str, group_size: int | None, symmetric: bool = True
+) -> dict[str, Any]:
     """The QuantizationMixin arguments (shared by QuantizationModifier and GPTQModifier)."""
     if scheme == "W8A8":
         # llm-compressor's preset: int8 per-channel weights, dynamic per-token activations.
         return {"targets": ["Linear"], "scheme": "W8A8", "ignore": list(IGNORE)}
     if scheme == "W4A16":
-        # The W4A16 preset with the chosen group size (presets are fixed at 128).
+        # The W4A16 preset (W4A16_ASYM for AWQ, as llm-compressor's AWQ examples use) with
+        # the chosen group size (presets are fixed at 128).
         weights = {
             "num_bits": 4,
             "type": "int",
-            "symmetric": True,
+            "symmetric": symmetric,
             "strategy": "group",
             "group_size": group_size,
             "dynamic": False,
@@ -127,10 +130,10 @@ def describe_recipe(scheme: str, algorithm: str, group_size: int | None) -> list
         return [{"class": "GPTQModifier", "kwargs": quant}]
     if algorithm == "awq":
         # AWQ only rescales channels (mappings inferred from the architecture); the
-        # QuantizationModifier after it quantizes.
+        # QuantizationModifier after it quantizes, with zero points.
         return [
             {"class": "AWQModifier", "kwargs": {}},
-            {"class": "QuantizationModifier", "kwargs": quant},
+            {"class": "QuantizationModifier", "kwargs": _quantization_kwargs(scheme, size, False)},
         ]
     assert algorithm == "smoothquant-gptq", algorithm
     return [

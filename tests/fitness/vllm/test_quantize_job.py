@@ -54,7 +54,10 @@ EXPECTED: dict[tuple[str, str, int | None], list[dict[str, Any]]] = {
     ],
     ("W4A16", "awq", 32): [
         {"class": "AWQModifier", "kwargs": {}},
-        {"class": "QuantizationModifier", "kwargs": _groups({**W4, "group_size": 32})},
+        {
+            "class": "QuantizationModifier",
+            "kwargs": _groups({**W4, "symmetric": False, "group_size": 32}),
+        },
     ],
     ("W8A16", "rtn", None): [{"class": "QuantizationModifier", "kwargs": _groups(W8_CHANNEL)}],
     ("W8A16", "gptq", None): [{"class": "GPTQModifier", "kwargs": _groups(W8_CHANNEL)}],
