@@ -1,11 +1,12 @@
 """Weight quantization on the transformers back end: apply a recipe's ``quant.*`` genes to a
 model, and measure the bytes its weights really occupy afterwards.
 
-torchao quantizes int8 (weight-only, w8a8), int4 RTN and AWQ, and fp8, and stores every int4
-result; GPTQ's int4 values come from llm-compressor in the quantization environment
-(``quantize_library``: the same job as the vLLM back end's). bitsandbytes does nf4. Only the
-decoder's linear layers are quantized: the embeddings and the output head (``lm_head``) stay
-in full precision, as in AWQ, GPTQ and bitsandbytes.
+torchao quantizes int8 (weight-only, w8a8), int4 RTN and fp8, and stores every int4 result.
+GPTQ's int4 values come from llm-compressor in the quantization environment
+(``quantize_library``: the same job as the vLLM back end's), and so do AWQ's on a CUDA device;
+elsewhere AWQ is this module's own, since llm-compressor's fails on the CPU. bitsandbytes
+does nf4. Only the decoder's linear layers are quantized: the embeddings and the output head
+(``lm_head``) stay in full precision, as in AWQ, GPTQ and bitsandbytes.
 """
 
 from __future__ import annotations
@@ -285,13 +286,19 @@ def torchao_storage_config(
 ) -> Any | None:
     """The torchao config whose tensors ``method`` leaves in the model (what a saved
     checkpoint declares as its ``TorchAoConfig``), or None for a method torchao does not
-    store. GPTQ's int4 values (from llm-compressor) go into the unpacked int4 tensor of
-    ``rtn`` on every device; AWQ and RTN use the int4 storage of ``_int4_config``."""
+    store. llm-compressor's int4 values (GPTQ, and AWQ where it runs) go into the unpacked
+    int4 tensor of ``rtn`` on every device; RTN and the hand-written AWQ use the int4
+    storage of ``_int4_config``."""
     dev = _device(device)
     if method in ("int8_weight_only", "int8_w8a8", "fp8"):
         return _torchao_config(method, group_size, dev)
     if method == "gptq":
         return _torchao_config("rtn", group_size, dev)
+    if method == "awq":
+        from evo_compress.fitness.model.quantize_library import library_unsupported
+
+        if library_unsupported("awq", dev) is None:
+            return _torchao_config("rtn", group_size, dev)
     if method in ("rtn", "awq"):
         return _int4_config(group_size, dev, dtype)[0]
     return None
@@ -685,8 +692,16 @@ def _rtn_kernel(job: _Job) -> tuple[nn.Module, dict[str, Any]]:
 
 
 def _awq_kernel(job: _Job) -> tuple[nn.Module, dict[str, Any]]:
+    from evo_compress.fitness.model.quantize_library import library_unsupported
+
+    if library_unsupported("awq", job.device) is None:
+        return _library_int4(job, "awq")
+    # llm-compressor's AWQ fails without a GPU: the hand-written AWQ, compared with it in
+    # BENCHMARKS.md (`make gpu-check`).
     assert job.calibration is not None
-    return _int4_store(job, {"awq": _awq(job.model, job.calibration, job.group_size, job.device)})
+    info = _awq(job.model, job.calibration, job.group_size, job.device)
+    where = "CPU" if job.device.type == "cpu" else job.device.type.upper()
+    return _int4_store(job, {"algorithm": f"awq (evo-compress, {where})", "awq": info})
 
 
 def _gptq_kernel(job: _Job) -> tuple[nn.Module, dict[str, Any]]:

@@ -74,6 +74,8 @@ def test_without_the_quantization_environment_gptq_is_left_out_with_the_reason(
     failed = EvaluationResult("failed", None, reason, {})
     assert classify_failure(failed) == "environment"
     assert quantization_unsupported("rtn", "cpu") is None
+    # AWQ keeps its hand-written kernel where llm-compressor cannot run.
+    assert quantization_unsupported("awq", "cpu") is None
     model = transformers.LlamaForCausalLM(
         transformers.LlamaConfig(
             vocab_size=32, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
@@ -83,6 +85,49 @@ def test_without_the_quantization_environment_gptq_is_left_out_with_the_reason(
     ids = torch.randint(3, 32, (2, 8), generator=torch.Generator().manual_seed(0))
     with pytest.raises(QuantizationUnsupportedError, match="make vllm-env"):
         apply_quantization(model, {"quant.method": "gptq", "quant.group_size": 32}, "cpu", ids)
+    awq = apply_quantization(model, {"quant.method": "awq", "quant.group_size": 32}, "cpu", ids)
+    assert awq.details["algorithm"] == "awq (evo-compress, CPU)"
+
+
+_PACK = """
+import json, sys
+import torch
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+from safetensors.torch import save_file
+
+folder = sys.argv[1]
+gen = torch.Generator().manual_seed(0)
+q = torch.randint(-8, 8, (24, 64), generator=gen, dtype=torch.int8)
+zero = torch.randint(-8, 8, (24, 2), generator=gen, dtype=torch.int8)
+scale = torch.rand(24, 2, generator=gen)
+save_file(
+    {
+        "layer.weight_packed": pack_to_int32(q, 4),
+        "layer.weight_zero_point": pack_to_int32(zero, 4, packed_dim=0).contiguous(),
+        "layer.weight_scale": scale,
+        "layer.weight_shape": torch.tensor([24, 64]),
+        "q": q, "zero": zero,
+    },
+    folder + "/model.safetensors",
+)
+weights = {"num_bits": 4, "strategy": "group", "group_size": 32, "symmetric": False}
+config = {"format": "pack-quantized", "config_groups": {"g": {"weights": weights}}}
+json.dump({"quantization_config": config}, open(folder + "/config.json", "w"))
+"""
+
+
+@needs_quant_env
+def test_zero_points_are_read_as_compressed_tensors_packs_them(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from evo_compress.fitness.model.quantize_library import read_int4
+
+    subprocess.run([default_python(), "-c", _PACK, str(tmp_path)], check=True, timeout=300)
+    packed = load_file(tmp_path / "model.safetensors")
+    ((qdata, scale, zero_point),) = read_int4(tmp_path, ["layer"], 32).values()
+    assert torch.equal(qdata, packed["q"])
+    assert zero_point is not None and torch.equal(zero_point, packed["zero"])
+    assert torch.equal(scale, packed["layer.weight_scale"])
 
 
 # --------------------------------------------------------------------------- same numbers
