@@ -214,3 +214,22 @@ def test_gptq_stores_the_int4_values_and_scales_of_the_vllm_checkpoint(tmp_path:
         assert torch.equal(weight.qdata, expected[f"{name}.qdata"]), name
         assert torch.equal(weight.scale, expected[f"{name}.scale"]), name
         assert not weight.zero_point.any()  # symmetric: no zero points
+
+
+def test_the_jobs_cpu_time_joins_a_cpu_time_estimate_only() -> None:
+    from evo_compress.fitness.energy import EnergyMeter, EnergyResult
+    from evo_compress.fitness.model.compress import _with_subprocess
+
+    with EnergyMeter(powercap_root="/nonexistent") as meter:  # no counter: the estimate
+        sum(range(10**5))
+    own = meter.result
+    details = {"quant": {"subprocess_cpu_seconds": 2.0}}
+    total = _with_subprocess(own, details, 15.0)
+    assert total.method == "cpu-time-estimate" and not total.measured
+    assert total.joules == pytest.approx(own.joules + 30.0)
+    assert total.details["subprocess_cpu_seconds"] == 2.0
+    assert "quantization job" in total.details["scope"]
+    # A power counter covers the whole CPU or GPU, the job included: nothing to add.
+    rapl = EnergyResult(50.0, 3.0, "rapl", True, {})
+    assert _with_subprocess(rapl, details, 15.0) is rapl
+    assert _with_subprocess(own, {"quant": {}}, 15.0) is own
