@@ -251,11 +251,12 @@ def check_awq(tmp: Path) -> bool | None:
                 os.environ.pop(QUANT_ENV_VAR, None)
             else:
                 os.environ[QUANT_ENV_VAR] = saved
+        quantized: Any = result.model
         errors = [
             float((q - r).norm() / r.norm())
-            for q, r in zip(layer_outputs(result.model), reference, strict=True)
+            for q, r in zip(layer_outputs(quantized), reference, strict=True)
         ]
-        accuracy = greedy_exact_match(result.model, tokenizer, questions, answers)
+        accuracy = greedy_exact_match(quantized, tokenizer, questions, answers)
         rows[name] = {"algorithm": result.details["algorithm"], "layer_errors": errors}
         rows[name]["accuracy"] = accuracy
         print(

@@ -169,7 +169,9 @@ def read_int4(
         zero_point = None
         if not weights.get("symmetric", True):
             zero_point = unpack_int4(
-                tensors[f"{name}.weight_zero_point"], tuple(scale.shape), packed_dim=0
+                tensors[f"{name}.weight_zero_point"],
+                (scale.shape[0], scale.shape[1]),
+                packed_dim=0,
             )
         found[name] = (qdata, scale, zero_point)
     return found

@@ -356,7 +356,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             }
             for row in ids
         ]
-        loader = torch.utils.data.DataLoader(batches, batch_size=None)
+        # A list is a map-style dataset to torch; its stubs ask for a Dataset.
+        loader: Any = torch.utils.data.DataLoader(batches, batch_size=None)  # type: ignore[arg-type]
         oneshot_kwargs.update(
             dataset=loader,
             processor=tokenizer if tokenizer is not None else _TokenIdsOnly(),
