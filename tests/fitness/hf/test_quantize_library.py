@@ -89,6 +89,15 @@ def test_without_the_quantization_environment_gptq_is_left_out_with_the_reason(
     assert awq.details["algorithm"] == "awq (evo-compress, CPU)"
 
 
+def test_a_quantization_environment_named_wrongly_is_the_environments_fault(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(QUANT_ENV_VAR, str(tmp_path / "nowhere"))
+    reason = quantization_unsupported("gptq", "cpu")
+    assert reason is not None and str(tmp_path / "nowhere") in reason
+    assert classify_failure(EvaluationResult("failed", None, reason, {})) == "environment"
+
+
 _PACK = """
 import json, sys
 import torch
