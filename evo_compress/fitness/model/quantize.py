@@ -696,8 +696,8 @@ def _awq_kernel(job: _Job) -> tuple[nn.Module, dict[str, Any]]:
 
     if library_unsupported("awq", job.device) is None:
         return _library_int4(job, "awq")
-    # llm-compressor's AWQ fails without a GPU: the hand-written AWQ, compared with it in
-    # BENCHMARKS.md (`make gpu-check`).
+    # llm-compressor's AWQ fails without a GPU: the hand-written AWQ, which `make gpu-check`
+    # compares with it on the reference model.
     assert job.calibration is not None
     info = _awq(job.model, job.calibration, job.group_size, job.device)
     where = "CPU" if job.device.type == "cpu" else job.device.type.upper()
