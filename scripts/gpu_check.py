@@ -12,6 +12,11 @@
    cache served by vLLM and measured through its API. Without vLLM this part says so and is
    skipped (the device machines have no vLLM).
 
+4. AWQ on the reference model: the hand-written kernel (what the CPU runs) against
+   llm-compressor's (what a CUDA device with a quantization environment runs), by each
+   decoder layer's output error and by accuracy. Skipped, saying why, where llm-compressor
+   is importable neither here nor in a quantization environment (`make vllm-env`).
+
 Exit code 0 only when everything that could run ran; without a GPU it says so and exits 1.
 Record the printed table, with the GPU's name, in BENCHMARKS.md.
 """
@@ -180,6 +185,90 @@ def check_pinned_worker(evaluator: Any, space: Any) -> bool:
     return result.ok and "NVML" in how.upper()
 
 
+def _quantization_python(tmp: Path) -> str | None:
+    """A Python with llm-compressor for the AWQ job: the quantization environment's, else
+    this Python's (as a one-line environment), else None."""
+    import importlib.util
+
+    from evo_compress.fitness.model.environments import QUANT_ENV_VAR, default_python
+
+    python = default_python()
+    if python is not None or importlib.util.find_spec("llmcompressor") is None:
+        return python
+    env = tmp / "quant-env"
+    (env / "bin").mkdir(parents=True)
+    (env / "bin" / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (env / "bin" / "python").chmod(0o755)
+    (env / ".installed").write_text("")
+    os.environ[QUANT_ENV_VAR] = str(env)
+    return str(env / "bin" / "python")
+
+
+def check_awq(tmp: Path) -> bool | None:
+    """Hand-written AWQ vs llm-compressor's on the reference model (int4, group 64, the same
+    calibration); None when llm-compressor cannot run here."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from evo_compress.fitness.model.environments import QUANT_ENV_VAR
+    from evo_compress.fitness.model.load import load_model, tokenize
+    from evo_compress.fitness.model.quantize import apply_quantization
+    from evo_compress.reference import default_cache_dir
+    from evo_compress.reference.model import ensure_reference_model, greedy_exact_match
+    from evo_compress.reference.task import ensure_reference_task, iter_problems
+
+    python = _quantization_python(tmp)
+    if python is None:
+        print("AWQ comparison: skipped: llm-compressor is not importable here and there is no")
+        print("  quantization environment (`make vllm-env`, or EVO_COMPRESS_QUANT_ENV)")
+        return None
+    cache = default_cache_dir()
+    folder = ensure_reference_model(cache, progress=False)
+    task = ensure_reference_task(cache)
+    problems = list(iter_problems(task.include_path / "test.jsonl"))
+    questions, answers = [p.question for p in problems], [p.answer for p in problems]
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    calibration = tokenize(tokenizer, list(task.train_texts[:64]), "cuda")["input_ids"]
+    held_out = tokenize(tokenizer, list(task.train_texts[-64:]), "cuda")["input_ids"]
+
+    def layer_outputs(model: Any) -> list[Any]:
+        with torch.no_grad():
+            states = model(held_out, output_hidden_states=True).hidden_states
+        return [h.float() for h in states[1:]]
+
+    reference = layer_outputs(load_model(str(folder), "float32", "cuda"))
+    recipe = {"quant.method": "awq", "quant.group_size": 64}
+    rows = {}
+    for name, quant_env in (("evo-compress", ""), ("llm-compressor", None)):
+        saved = os.environ.get(QUANT_ENV_VAR)
+        if quant_env is not None:  # no quantization environment: the hand-written kernel
+            os.environ[QUANT_ENV_VAR] = quant_env
+        try:
+            model = load_model(str(folder), "float32", "cuda")
+            result = apply_quantization(model, recipe, "cuda", calibration, tmp / name)
+        finally:
+            if saved is None:
+                os.environ.pop(QUANT_ENV_VAR, None)
+            else:
+                os.environ[QUANT_ENV_VAR] = saved
+        quantized: Any = result.model
+        errors = [
+            float((q - r).norm() / r.norm())
+            for q, r in zip(layer_outputs(quantized), reference, strict=True)
+        ]
+        accuracy = greedy_exact_match(quantized, tokenizer, questions, answers)
+        rows[name] = {"algorithm": result.details["algorithm"], "layer_errors": errors}
+        rows[name]["accuracy"] = accuracy
+        print(
+            f"AWQ {result.details['algorithm']:<34} accuracy {accuracy:.3f}, decoder layer "
+            "output errors " + " ".join(f"{e:.4f}" for e in errors)
+        )
+    out = os.environ.get("OUT")
+    if out:
+        Path(out, "gpu_check_awq.json").write_text(json.dumps(rows, indent=2))
+    return all(r["accuracy"] > 0 for r in rows.values())
+
+
 def main() -> int:
     if not check_environment():
         return 1
@@ -188,7 +277,8 @@ def main() -> int:
         build_model(folder)
         ok = check_back_end(folder)
         vllm_ok = check_vllm(folder)
-    ok = ok and vllm_ok is not False
+        awq_ok = check_awq(Path(tmp))
+    ok = ok and vllm_ok is not False and awq_ok is not False
     print("gpu-check:", "PASS" if ok else "FAIL")
     return 0 if ok else 1
 

@@ -154,7 +154,8 @@ _ENVIRONMENT_WORDS = re.compile(
     r"cannot run `|cannot start the vLLM server|"
     r"the worker died|server died while|cancelled: the search is stopping|"
     r"(?:CUDA|NVIDIA) driver|no CUDA-capable device|CUDA error: (?:unknown|initialization)|"
-    r"illegal instruction|SIGILL",
+    r"illegal instruction|SIGILL|"
+    r"`make vllm-env`",  # a missing or incomplete environment of its own, named for the fix
     re.IGNORECASE,
 )
 

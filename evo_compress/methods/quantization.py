@@ -86,7 +86,10 @@ BUILTIN: tuple[CompressionMethod, ...] = (
         weight_bits=4,
         calibration=True,
         group_sizes=GROUP_SIZES,
-        transformers=TransformersSupport(library="evo-compress AWQ, stored with torchao"),
+        transformers=TransformersSupport(
+            library="llm-compressor (quantization environment) on CUDA, evo-compress AWQ "
+            "elsewhere; stored with torchao"
+        ),
         vllm=VllmSupport(scheme="W4A16", algorithm="awq"),
         synthetic=SyntheticTraits(
             degradation=0.025, dequant_factor=1.2, compute_factor=0.85, calibration_j=7e5
@@ -99,7 +102,9 @@ BUILTIN: tuple[CompressionMethod, ...] = (
         weight_bits=4,
         calibration=True,
         group_sizes=GROUP_SIZES,
-        transformers=TransformersSupport(library="evo-compress GPTQ, stored with torchao"),
+        transformers=TransformersSupport(
+            library="llm-compressor (quantization environment), stored with torchao"
+        ),
         vllm=VllmSupport(scheme="W4A16", algorithm="gptq"),
         synthetic=SyntheticTraits(
             degradation=0.028, dequant_factor=1.25, compute_factor=0.85, calibration_j=1e6

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from evo_compress.exceptions import EvoCompressError
+from evo_compress.fitness.model.environments import QUANT_ENV, QUANT_ENV_VAR, find_environment
 from evo_compress.fitness.noise import N_KEY, STDERR_KEY
 from evo_compress.genomes import SearchSpace
 from evo_compress.runs.weights import PROVENANCE_FILE, WeightsOrigin, model_card, write_weights
@@ -211,7 +212,14 @@ def test_export_weights_of_a_missing_damaged_or_synthetic_run_is_one_line(
     ("recipe", "weight_class"),
     [
         # Pruned + int8 weights are saved and reloaded by the `export --weights` test below.
-        ({"quant": {"method": "gptq", "group_size": 32}}, "IntxUnpackedToInt8Tensor"),
+        pytest.param(
+            {"quant": {"method": "gptq", "group_size": 32}},
+            "IntxUnpackedToInt8Tensor",
+            marks=pytest.mark.skipif(
+                find_environment(QUANT_ENV, QUANT_ENV_VAR) is None,
+                reason="gptq runs llm-compressor: `make vllm-env` makes .venv-quant",
+            ),
+        ),
         ({"quant": {"method": "nf4", "group_size": 32}}, "Params4bit"),
         (
             {

@@ -123,7 +123,30 @@ def compress_weights(
             model = recovered.model
             details["recovery"] = _recovery_details(recovered)
     model.eval()
-    return CompressedModel(model, meter.result, details)
+    return CompressedModel(model, _with_subprocess(meter.result, details, watts_per_core), details)
+
+
+def _with_subprocess(
+    energy: EnergyResult, details: dict[str, Any], watts_per_core: float
+) -> EnergyResult:
+    """``energy`` with the CPU time of a quantization job run in a child process (gptq: the
+    llm-compressor job) added to a CPU-time estimate, which counts this process alone. A
+    power counter (RAPL, NVML) covers the whole CPU or GPU, the child included."""
+    cpu = float(details.get("quant", {}).get("subprocess_cpu_seconds") or 0.0)
+    if cpu <= 0 or energy.method != "cpu-time-estimate":
+        return energy
+    return EnergyResult(
+        energy.joules + cpu * watts_per_core,
+        energy.seconds,
+        energy.method,
+        energy.measured,
+        {
+            **energy.details,
+            "subprocess_cpu_seconds": cpu,
+            "scope": "estimate: this process's and its quantization job's CPU seconds x "
+            "watts per busy core; not measured, idle and other processes not included",
+        },
+    )
 
 
 def expert_bytes(model: nn.Module) -> tuple[int, int] | None:

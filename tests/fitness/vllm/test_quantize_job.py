@@ -54,7 +54,10 @@ EXPECTED: dict[tuple[str, str, int | None], list[dict[str, Any]]] = {
     ],
     ("W4A16", "awq", 32): [
         {"class": "AWQModifier", "kwargs": {}},
-        {"class": "QuantizationModifier", "kwargs": _groups({**W4, "group_size": 32})},
+        {
+            "class": "QuantizationModifier",
+            "kwargs": _groups({**W4, "symmetric": False, "group_size": 32}),
+        },
     ],
     ("W8A16", "rtn", None): [{"class": "QuantizationModifier", "kwargs": _groups(W8_CHANNEL)}],
     ("W8A16", "gptq", None): [{"class": "GPTQModifier", "kwargs": _groups(W8_CHANNEL)}],
@@ -192,6 +195,12 @@ def _invalid_cases(model: Path, out: Path, calib: Path) -> list[tuple[list[Any],
             "--algorithm smoothquant-gptq needs calibration text",
         ),
         ([*gptq, "--calibration", out / "x"], "is not a file"),
+        ([*gptq, "--calibration-ids", out / "x"], "--calibration-ids"),
+        ([*gptq, "--calibration-ids", calib], f"--calibration-ids {calib} is not JSON"),
+        (
+            [*gptq, "--calibration", calib, "--calibration-ids", calib],
+            "give --calibration or --calibration-ids, not both",
+        ),
         (
             [*gptq, "--calibration", calib, "--samples", "0"],
             "needs --samples >= 1, got 0",
