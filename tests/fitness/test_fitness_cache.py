@@ -240,10 +240,32 @@ def test_a_changed_package_version_changes_the_cache_key_not_the_run_s(monkeypat
     context = EvaluationContext()
     before = make_evaluator("transformers", {}, context)
     key, run_key = before.cache_fingerprint(), before.fingerprint()
-    assert set(before.packages()) == set(hf.PACKAGES)
+    assert set(hf.PACKAGES) <= set(before.packages())
     for changed in ("torch", "transformers", "torchao", "peft"):
         versions = dict(before.packages(), **{changed: "0.0.1"})
         monkeypatch.setattr(hf, "installed_versions", lambda names, v=versions: dict(v))
         after = make_evaluator("transformers", {}, context)
         assert after.cache_fingerprint() != key, changed
         assert after.fingerprint() == run_key, changed  # resume still accepts the run
+
+
+def test_the_quantization_job_s_packages_and_text_are_in_the_cache_key(monkeypatch):
+    # gptq on the transformers back end runs llm-compressor's job in the quantization
+    # environment: a changed job or llm-compressor may give other weights, so results the
+    # old one produced must not be served.
+    import sys
+
+    import evo_compress.fitness.model.environments as environments
+
+    monkeypatch.setattr(environments, "default_python", lambda: sys.executable)
+    context = EvaluationContext()
+    keys = []
+    for digest in ("job-a", "job-b"):
+        monkeypatch.setattr(environments, "quantize_job_digest", lambda d=digest: d)
+        evaluator = make_evaluator("transformers", {}, context)
+        packages = evaluator.packages()
+        assert packages["quantize_job"] == digest
+        assert "quantization llmcompressor" in packages
+        keys.append((evaluator.cache_fingerprint(), evaluator.fingerprint()))
+    assert keys[0][0] != keys[1][0]
+    assert keys[0][1] == keys[1][1]  # a run resumes after the job changed

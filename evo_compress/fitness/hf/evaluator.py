@@ -266,9 +266,24 @@ class TransformersEvaluator(ModelEvaluator):
 
     def packages(self) -> dict[str, str | None]:
         """torch, transformers, the quantization and recovery libraries, and lm-eval: a
-        changed one may change any objective."""
+        changed one may change any objective. Where the quantization environment exists
+        (gptq runs llm-compressor there), its packages (``quantization <name>``) and the
+        job's digest too."""
         if self._packages is None:
-            self._packages = installed_versions(PACKAGES)
+            from evo_compress.fitness.model.environments import (
+                QUANT_PACKAGES,
+                default_python,
+                quantize_job_digest,
+                read_versions,
+            )
+
+            found = installed_versions(PACKAGES)
+            python = default_python()
+            if python is not None:
+                quant = read_versions(python, QUANT_PACKAGES) or {}
+                found.update({f"quantization {k}": v for k, v in quant.items()})
+                found["quantize_job"] = quantize_job_digest()
+            self._packages = found
         return dict(self._packages)
 
     def _model_fingerprint(self) -> str:

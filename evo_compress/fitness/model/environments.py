@@ -7,7 +7,11 @@ both back ends find them: the vLLM back end serves from ``.venv-vllm`` and quant
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import os
+import subprocess
 from pathlib import Path
 
 from evo_compress.exceptions import ConfigError
@@ -22,6 +26,20 @@ STAMP = ".installed"  # written last by scripts/vllm_env.sh: the environment is 
 # standalone script (it imports nothing from evo_compress), so it is run, never imported:
 # naming its file keeps the back ends from importing each other.
 QUANTIZE_JOB = Path(__file__).resolve().parents[1] / "vllm" / "quantize_job.py"
+
+# The versions a quantized model depends on (``Evaluator.packages``) in that environment.
+QUANT_PACKAGES = ("llmcompressor", "compressed-tensors", "torch", "transformers")
+
+_READ_VERSIONS = (
+    "import importlib.metadata as m, json\n"
+    "found = {{}}\n"
+    "for name in {names!r}:\n"
+    "    try:\n"
+    "        found[name] = m.version(name)\n"
+    "    except m.PackageNotFoundError:\n"
+    "        found[name] = None\n"
+    "print(json.dumps(found))\n"
+)
 
 
 def _roots() -> list[Path]:
@@ -66,12 +84,46 @@ def default_python() -> str | None:
     return None if env is None else str(env / "bin" / "python")
 
 
+def read_versions(
+    python: Path | str, names: tuple[str, ...], timeout_s: float = 60.0
+) -> dict[str, str | None] | None:
+    """Each distribution's version installed for ``python`` (None: not installed), from
+    package metadata; None when that Python cannot be run."""
+    try:
+        proc = subprocess.run(
+            [str(python), "-c", _READ_VERSIONS.format(names=names)],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for line in reversed(proc.stdout.splitlines()):
+        try:
+            found = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(found, dict):
+            return {str(k): None if v is None else str(v) for k, v in found.items()}
+    return None
+
+
+@functools.cache
+def quantize_job_digest() -> str:
+    """A digest of ``quantize_job.py``'s text: a changed job may give other weights for the
+    same inputs, so checkpoints and cached results it built must not be served after it."""
+    return hashlib.sha256(QUANTIZE_JOB.read_bytes()).hexdigest()[:16]
+
+
 __all__ = [
     "QUANTIZE_JOB",
     "QUANT_ENV",
     "QUANT_ENV_VAR",
+    "QUANT_PACKAGES",
     "SERVING_ENV",
     "SERVING_ENV_VAR",
     "default_python",
     "find_environment",
+    "quantize_job_digest",
+    "read_versions",
 ]

@@ -26,6 +26,7 @@ from typing import Any
 from evo_compress.exceptions import EvaluationError
 from evo_compress.fitness._base import EvaluationResult
 from evo_compress.fitness.energy import EnergyMeter, EnergyResult
+from evo_compress.fitness.model.environments import quantize_job_digest
 from evo_compress.fitness.vllm.compile import ServePlan
 from evo_compress.fitness.worker import WorkerLimits, run_in_worker
 
@@ -95,6 +96,7 @@ def _inputs_digest(task: dict[str, Any], settings: dict[str, Any]) -> str:
     inputs = {
         "texts": task.get("train_texts") or [],
         "calibration_samples": task.get("calibration_samples"),
+        "quantize_job": quantize_job_digest(),
         **{
             name: settings.get(name)
             for name in ("calibration_samples", "recovery_lr", "recovery_batch_size", "seed")

