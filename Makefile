@@ -62,6 +62,7 @@ bench: setup
 	$(PY) benchmarks/bench_reference.py
 	$(PY) benchmarks/bench_parallel.py
 	$(PY) benchmarks/bench_quality.py
+	$(PY) benchmarks/bench_llm_surrogate.py
 	$(PY) benchmarks/bench_racing.py
 	$(PY) benchmarks/bench_zoo.py
 	$(PY) benchmarks/bench_memory.py

@@ -470,7 +470,8 @@ def operators(
     format: Format = _format_option(),
 ) -> None:
     """Per operator: children, the share valid, feasible, dominating a parent and entering the
-    front, hypervolume contribution, fallbacks, and for LLM operators calls, tokens and cost."""
+    front, hypervolume contribution, fallbacks, and for LLM operators calls, tokens and cost
+    (in all and per evaluated child)."""
     with _errors():
         from evo_compress.runs import RunStore
         from evo_compress.runs.analysis import operator_stats

@@ -204,6 +204,15 @@ class SurrogateConfig(_Section):
     exploration: float = Field(
         1.0, ge=0, le=10, description="Weight of the model's uncertainty: mean - w * std"
     )
+    llm_candidates: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description=(
+            "Children each LLM request proposes while screening is on, the model choosing "
+            "among them; default: `pool`"
+        ),
+    )
 
 
 class SearchConfig(_Section):

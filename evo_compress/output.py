@@ -289,6 +289,11 @@ def print_operators(rows: Sequence[Mapping[str, Any]]) -> None:
             cost = f", ${row['cost']:.4f}" if row.get("cost") is not None else ""
             tokens = int(row.get("input_tokens") or 0) + int(row.get("output_tokens") or 0)
             llm = f"{row['llm_calls']} calls, {tokens} tokens{cost}"
+            if row.get("tokens_per_evaluated_child") is not None:
+                llm += f"; {row['tokens_per_evaluated_child']:.0f} tokens"
+                if row.get("cost_per_evaluated_child") is not None:
+                    llm += f", ${row['cost_per_evaluated_child']:.4f}"
+                llm += " per evaluated child"
         table.add_row(
             str(row["operator"]),
             str(row.get("children", 0)),

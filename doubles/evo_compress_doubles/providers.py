@@ -509,7 +509,8 @@ class FakeProviderServer:
 def model_like(space: Any = None) -> Callable[[RecordedRequest], Response]:
     """Answer evo-compress prompts as a model would: valid recipes of ``space`` (default: the
     built-in one) drawn from a generator seeded by the prompt's text, so the same prompt always
-    gets the same reply (as a replayed one must) and a re-ask gets a new one."""
+    gets the same reply (as a replayed one must) and a re-ask gets a new one. A prompt that
+    asks for several candidate children gets that many."""
     import hashlib
     import re
 
@@ -531,6 +532,18 @@ def model_like(space: Any = None) -> Callable[[RecordedRequest], Response]:
         if wanted:
             recipes = [recipe_json(rng) for _ in range(int(wanted.group(1)))]
             return Reply(json.dumps({"recipes": recipes, "rationale": "a spread"}), 900, 400)
+        several = re.search(r"# Task: \w+\nPropose (\d+) distinct child recipes", text)
+        if several:
+            count = int(several.group(1))
+            candidates = [
+                {
+                    "recipe": recipe_json(rng),
+                    "rationale": "lower precision where accuracy has slack",
+                    "confidence": 0.6,
+                }
+                for _ in range(count)
+            ]
+            return Reply(json.dumps({"candidates": candidates}), 700, 120 * count)
         body = {
             "recipe": recipe_json(rng),
             "rationale": "lower precision where accuracy has slack",

@@ -81,34 +81,48 @@ instructions to you.
 """
 
 
-def mutation_prompt(parent: Measured, context: VariationContext, front_size: int) -> str:
+def mutation_prompt(
+    parent: Measured, context: VariationContext, front_size: int, candidates: int = 1
+) -> str:
+    """Ask for one child of ``parent``, or ``candidates`` distinct ones to choose from."""
     return "\n\n".join(
         [
-            "# Task: mutate\nPropose ONE child recipe that changes the parent below so that it "
-            "is likely to enter the Pareto front: fix what violates a constraint, or trade "
-            "slack in one objective for gains in others. Change one to three genes.",
+            f"# Task: mutate\nPropose {_children(candidates)} that changes the parent below "
+            "so that it is likely to enter the Pareto front: fix what violates a constraint, "
+            "or trade slack in one objective for gains in others. Change one to three genes.",
             _situation(context, front_size),
             "## Parent\n" + _block(_measured(parent)),
-            _reply_instructions(),
+            _reply_instructions(candidates),
         ]
     )
 
 
 def crossover_prompt(
-    parents: Sequence[Measured], context: VariationContext, front_size: int
+    parents: Sequence[Measured], context: VariationContext, front_size: int, candidates: int = 1
 ) -> str:
+    """Ask for one child combining ``parents``, or ``candidates`` distinct ones."""
     listed = "\n".join(
         f"### Parent {i + 1}\n{_block(_measured(p))}" for i, p in enumerate(parents)
     )
     return "\n\n".join(
         [
-            "# Task: crossover\nPropose ONE child recipe that combines the strengths of the "
-            "parents below (take each gene group from the parent whose measurements suggest "
-            "it helps), so that the child is likely to enter the Pareto front.",
+            f"# Task: crossover\nPropose {_children(candidates)} that combines the strengths "
+            "of the parents below (take each gene group from the parent whose measurements "
+            "suggest it helps), so that the child is likely to enter the Pareto front.",
             _situation(context, front_size),
             "## Parents\n" + listed,
-            _reply_instructions(),
+            _reply_instructions(candidates),
         ]
+    )
+
+
+def _children(candidates: int) -> str:
+    # The one-child wording is what runs recorded before candidates existed were asked.
+    if candidates == 1:
+        return "ONE child recipe"
+    return (
+        f"{candidates} distinct child recipes (a model of the measurements chooses which are "
+        "measured; make them differ in approach), each one"
     )
 
 
@@ -218,7 +232,13 @@ def _measured(m: Measured) -> dict[str, Any]:
     return out
 
 
-def _reply_instructions() -> str:
+def _reply_instructions(candidates: int = 1) -> str:
+    if candidates > 1:
+        return (
+            f"Reply with `candidates`, a list of {candidates} objects, each with `recipe` "
+            "(every gene; null for inactive genes), a short `rationale` (at most 3 sentences) "
+            "and your `confidence` (0 to 1) that this child enters the front."
+        )
     return (
         "Reply with `recipe` (every gene; null for inactive genes), a short `rationale` "
         "(at most 3 sentences) and your `confidence` (0 to 1) that the child enters the front."

@@ -34,6 +34,25 @@ class ProposalReply:
 
 
 @dataclass(frozen=True)
+class CandidatesReply:
+    proposals: tuple[ProposalReply, ...]
+    rejected: tuple[str, ...]  # why each dropped candidate was invalid
+
+    @property
+    def recipes(self) -> tuple[Recipe, ...]:
+        return tuple(p.recipe for p in self.proposals)
+
+    # What a call's record keeps of the reply: the first candidate's words.
+    @property
+    def rationale(self) -> str:
+        return self.proposals[0].rationale
+
+    @property
+    def confidence(self) -> float | None:
+        return self.proposals[0].confidence
+
+
+@dataclass(frozen=True)
 class SeedsReply:
     recipes: tuple[Recipe, ...]
     rationale: str
@@ -53,6 +72,51 @@ def parse_proposal(text: str, space: SearchSpace, seen: Collection[str] = ()) ->
             "propose a recipe that differs from every earlier one"
         )
     return ProposalReply(recipe, _rationale(data), _confidence(data))
+
+
+def parse_candidates(
+    text: str, space: SearchSpace, wanted: int, seen: Collection[str] = ()
+) -> CandidatesReply:
+    """Up to ``wanted`` distinct valid child recipes that ``seen`` (hashes of recipes already
+    evaluated) does not hold; an invalid, repeated or already evaluated candidate is dropped
+    with its reason. A reply without a single usable candidate is invalid as a whole."""
+    data = _json_object(text)
+    _only_fields(data, {"candidates"}, "the reply")
+    items = data.get("candidates")
+    if not isinstance(items, list) or not items:
+        raise ReplyError(
+            "`candidates` must be a non-empty list of objects with `recipe`, `rationale` "
+            f"and `confidence`, got {_kind(items)}"
+        )
+    proposals: list[ProposalReply] = []
+    hashes: set[str] = set()
+    rejected: list[str] = []
+    for i, item in enumerate(items):
+        where = f"`candidates[{i}]`"
+        try:
+            if not isinstance(item, dict):
+                raise ReplyError(f"{where} must be an object, got {_kind(item)}")
+            _only_fields(item, {"recipe", "rationale", "confidence"}, where)
+            if "recipe" not in item:
+                raise ReplyError(f"{where} has no `recipe` field")
+            recipe = _recipe(item["recipe"], space, f"{where}.recipe")
+            proposal = ProposalReply(recipe, _rationale(item), _confidence(item))
+        except ReplyError as exc:
+            rejected.append(str(exc))
+            continue
+        if recipe.hash in seen:
+            rejected.append(f"{where} has been evaluated in this run already")
+        elif recipe.hash in hashes:
+            rejected.append(f"{where} repeats an earlier candidate")
+        elif len(proposals) < wanted:
+            proposals.append(proposal)
+            hashes.add(recipe.hash)
+    if not proposals:
+        raise ReplyError(
+            "no usable recipe in `candidates` (each must be valid and differ from every "
+            "recipe evaluated earlier): " + "; ".join(rejected[:5])
+        )
+    return CandidatesReply(tuple(proposals), tuple(rejected))
 
 
 def parse_seeds(text: str, space: SearchSpace, wanted: int) -> SeedsReply:
@@ -159,6 +223,14 @@ def _recipe(value: Any, space: SearchSpace, where: str) -> Recipe:
         return space.recipe(values)
     except EvoCompressError as exc:
         raise ReplyError(f"{where}: {exc}") from None
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, list):
+        return "a list" if value else "an empty list"
+    return type(value).__name__
 
 
 def _rationale(data: Mapping[str, Any]) -> str:

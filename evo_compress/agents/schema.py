@@ -70,6 +70,17 @@ def proposal_schema(space: SearchSpace) -> dict[str, Any]:
     return schema
 
 
+def candidates_schema(space: SearchSpace) -> dict[str, Any]:
+    """Several children of the same parents, each as ``proposal_schema``: the surrogate
+    chooses which of them are evaluated."""
+    schema = _object()
+    schema["properties"] = {
+        "candidates": {"type": "array", "items": proposal_schema(space)},
+    }
+    schema["required"] = ["candidates"]
+    return schema
+
+
 def seeds_schema(space: SearchSpace) -> dict[str, Any]:
     """A portfolio of first-generation recipes."""
     schema = _object()

@@ -126,7 +126,8 @@ class Mating(InfillCriterion):
     def breed(self, pop: Population, n: int, algorithm: Any) -> list[Child]:
         """``n`` children to evaluate. With surrogate screening (once the run has
         ``min_evaluations`` successful results), ``pool`` x ``n`` candidates are bred and the
-        ``n`` the model rates best are kept, in the order they were bred."""
+        ``n`` the model rates best are kept, in the order they were bred. An LLM operator's
+        request then proposes ``llm_candidates`` (default ``pool``) of them at once."""
         surrogate = self.config.search.surrogate
         history = self.state.screening_history() if self.screening is not None else None
         if (
@@ -135,17 +136,24 @@ class Mating(InfillCriterion):
             or int((~history.failed).sum()) < surrogate.min_evaluations
         ):
             return self.make_offspring(pop, n, algorithm)
-        candidates = self.make_offspring(pop, n * surrogate.pool, algorithm)
+        per_request = surrogate.llm_candidates or surrogate.pool
+        candidates = self.make_offspring(pop, n * surrogate.pool, algorithm, per_request)
         chosen = self.screening.choose([c.recipe for c in candidates], history, n)
         return [candidates[i] for i in chosen]
 
-    def make_offspring(self, pop: Population, n: int, algorithm: Any) -> list[Child]:
+    def make_offspring(
+        self, pop: Population, n: int, algorithm: Any, per_request: int = 1
+    ) -> list[Child]:
         """Select parents by tournament, vary them, and re-draw any child whose recipe the run
-        has already seen. Returns fewer than ``n`` only when re-draws keep failing.
+        has already seen. Returns fewer than ``n`` only when re-draws keep failing or a remote
+        operator's candidates are dropped.
 
         Children of remote (LLM) operators are asked for concurrently after the other slots are
         drawn, and checked for duplicates in slot order afterwards; a re-draw never asks an LLM
-        again (its fallback stands in), so a slot makes at most one LLM request series."""
+        again (its fallback stands in), so a slot makes at most one LLM request series. With
+        ``per_request`` > 1 (screening) such a slot asks for that many candidates, which take
+        the places of as many children (the slots after it are not drawn); the ones that are
+        new all stay, and when none is, the slot is re-drawn as any other."""
         rng: np.random.Generator = algorithm.random_state
         max_redraws = self.config.search.max_redraws
         generation = self.state.generation
@@ -158,7 +166,7 @@ class Mating(InfillCriterion):
             if informed
             else VariationContext(space=self.space, generation=generation)
         )
-        made: dict[int, Child] = {}
+        made: dict[tuple[int, int], Child] = {}  # (slot, candidate of the slot)
         pending: list[tuple[int, _Deferred]] = []
 
         def select(count: int) -> np.ndarray:
@@ -172,12 +180,12 @@ class Mating(InfillCriterion):
                 random_state=rng,
             )
 
-        def context_at(slot: int) -> VariationContext:
+        def context_at(slot: int, candidates: int = 1) -> VariationContext:
             if not informed:
-                return replace(context, slot=slot)
+                return replace(context, slot=slot, candidates=candidates)
             # Informed operators steer clear of the children of this generation too: without
             # them, most of their re-draws are two slots proposing the same child.
-            return replace(context, slot=slot, seen=frozenset(taken))
+            return replace(context, slot=slot, seen=frozenset(taken), candidates=candidates)
 
         def redraw(slot: int, first_attempt: int) -> bool:
             for _ in range(first_attempt, max_redraws):
@@ -186,37 +194,46 @@ class Mating(InfillCriterion):
                 assert isinstance(child, Child)
                 if child.recipe.hash not in taken:
                     taken.add(child.recipe.hash)
-                    made[slot] = child
+                    made[slot, 0] = child
                     return True
             return False
 
         # One tournament round for the whole generation (as pymoo's own mating does); a slot
         # whose child is a duplicate draws a fresh pair.
         pairs = select(n)
-        for slot in range(n):
-            child = self._vary(pop, pairs[slot], rng, context_at(slot), remote=True)
+        slot, places = 0, 0
+        while places < n:
+            wanted = min(per_request, n - places)
+            child = self._vary(pop, pairs[slot], rng, context_at(slot, wanted), remote=True)
             if isinstance(child, _Deferred):
                 pending.append((slot, child))
-            elif child.recipe.hash not in taken:
-                taken.add(child.recipe.hash)
-                made[slot] = child
-            elif not redraw(slot, 1):
-                break
+                places += wanted
+            else:
+                places += 1
+                if child.recipe.hash not in taken:
+                    taken.add(child.recipe.hash)
+                    made[slot, 0] = child
+                elif not redraw(slot, 1):
+                    break
+            slot += 1
         if pending:
             self._run_remote([p for _, p in pending], generation)
             for slot, job in pending:  # slot order: deterministic whatever finished first
-                proposal = job.pending.finish()
-                child = Child(
-                    proposal.recipe,
-                    job.parents,
-                    proposal.operators,
-                    ((job.kind, job.index, proposal.fell_back),),
-                    job.parent_fitness,
-                )
-                if child.recipe.hash not in taken:
-                    taken.add(child.recipe.hash)
-                    made[slot] = child
-                else:
+                proposals = job.pending.finish_all() if per_request > 1 else [job.pending.finish()]
+                new = 0
+                for j, proposal in enumerate(proposals):
+                    child = Child(
+                        proposal.recipe,
+                        job.parents,
+                        proposal.operators,
+                        ((job.kind, job.index, proposal.fell_back),),
+                        job.parent_fitness,
+                    )
+                    if child.recipe.hash not in taken:
+                        taken.add(child.recipe.hash)
+                        made[slot, j] = child
+                        new += 1
+                if not new:
                     redraw(slot, 1)
             if self.session is not None:  # one line per LLM operator: valid, fell back, why
                 self.session.report(generation)

@@ -112,12 +112,11 @@ class Search:
         self._seen: set[str] = set()
         self._generation = 0
         self.completed_generations = 0
-        # Surrogate pre-screening; off with remote (LLM) operators, whose every candidate
-        # would cost a request.
+        # Surrogate pre-screening; a remote (LLM) operator's request proposes several
+        # candidates then, so screening costs no extra request per candidate (mating.py).
         surrogate = config.search.surrogate
-        remote = any(op.remote for op in (*self.crossovers, *self.mutations))
         self.screening: Screening | None = (
-            Screening(space, surrogate.exploration) if surrogate.enabled and not remote else None
+            Screening(space, surrogate.exploration) if surrogate.enabled else None
         )
         # What the screening model learns from: recipe hash -> (recipe, F, G, failed), filled
         # a generation at a time (-1 is the baseline reference).

@@ -76,6 +76,8 @@ class VariationContext:
         hardware: The ``hardware`` section, as plain data.
         seen: Hashes of the recipes this run has evaluated already or made earlier in
             this generation.
+        candidates: How many children a remote operator may propose for this slot: more
+            than one while surrogate screening chooses which children to evaluate.
     """
 
     space: SearchSpace
@@ -90,6 +92,8 @@ class VariationContext:
     hardware: Mapping[str, Any] = field(default_factory=dict)
     # Recipe hashes this run has evaluated already or made earlier in this generation.
     seen: frozenset[str] = frozenset()
+    # Children a remote operator may propose for the slot (> 1: the surrogate chooses).
+    candidates: int = 1
 
 
 @dataclass(frozen=True)
@@ -136,6 +140,15 @@ class Pending(ABC):
         Returns:
             The service's child, or the stand-in's (``fell_back``) when it gave none.
         """
+
+    def finish_all(self) -> list[Proposal]:
+        """Every child the service proposed (``context.candidates`` at most), or the
+        stand-in's; instead of ``finish``, for a slot whose children the surrogate screens.
+
+        Returns:
+            At least one proposal; by default ``finish``'s alone.
+        """
+        return [self.finish()]
 
 
 class Operator(ABC):

@@ -35,9 +35,16 @@ from evo_compress.agents.prompts import (
     seed_prompt,
 )
 from evo_compress.agents.providers import ProviderError, ProviderSettings, Usage
-from evo_compress.agents.reply import ProposalReply, ReplyError, SeedsReply, parse_proposal
+from evo_compress.agents.reply import (
+    CandidatesReply,
+    ProposalReply,
+    ReplyError,
+    SeedsReply,
+    parse_candidates,
+    parse_proposal,
+)
 from evo_compress.agents.reply import parse_seeds as _parse_seeds
-from evo_compress.agents.schema import proposal_schema, seeds_schema
+from evo_compress.agents.schema import candidates_schema, proposal_schema, seeds_schema
 from evo_compress.agents.session import AgentSession, Grant
 from evo_compress.config import format_validation_error
 from evo_compress.exceptions import OperatorError, RunStoreError
@@ -282,18 +289,28 @@ class _LLMOperator(ABC):
         prompt = self._prompt(parents, context)
         space = context.space
         seen = context.seen
+        wanted = context.candidates
+        parse: Callable[[str], ProposalReply | CandidatesReply]
+        if wanted > 1:  # the surrogate chooses among several children of one request
 
-        def parse(text: str) -> ProposalReply:
-            return parse_proposal(text, space, seen)
+            def parse(text: str) -> ProposalReply | CandidatesReply:
+                return parse_candidates(text, space, wanted, seen)
 
+            schema, schema_name = candidates_schema(space), "propose_candidates"
+        else:
+
+            def parse(text: str) -> ProposalReply | CandidatesReply:
+                return parse_proposal(text, space, seen)
+
+            schema, schema_name = proposal_schema(space), "propose_recipe"
         job = Job(
             role=self.role,
             label=self.label,
             generation=context.generation,
             slot=context.slot,
             prompt=prompt,
-            schema=proposal_schema(space),
-            schema_name="propose_recipe",
+            schema=schema,
+            schema_name=schema_name,
             parse=parse,
             parents=tuple(parents),
             rng=rng,
@@ -305,11 +322,18 @@ class _LLMOperator(ABC):
         return self.agent.run(job)
 
     def finish(self, job: Job) -> Proposal:
+        return self.finish_all(job)[0]
+
+    def finish_all(self, job: Job) -> list[Proposal]:
+        """Every child the reply proposed, in its order, or the fallback's child."""
         self.agent.finish(job)
-        if job.result is not None:
-            return Proposal(job.result.recipe, (self.label,))
+        result = job.result
+        if isinstance(result, CandidatesReply):
+            return [Proposal(recipe, (self.label,)) for recipe in result.recipes]
+        if result is not None:
+            return [Proposal(result.recipe, (self.label,))]
         assert job.rng is not None and job.context is not None
-        return self._fell_back(self.fallback.vary(job.parents, job.rng, job.context).recipe)
+        return [self._fell_back(self.fallback.vary(job.parents, job.rng, job.context).recipe)]
 
     def vary(
         self, parents: Sequence[Measured], rng: np.random.Generator, context: VariationContext
@@ -337,6 +361,9 @@ class _PendingChild(Pending):
 
     def finish(self) -> Proposal:
         return self.op.finish(self.job)
+
+    def finish_all(self) -> list[Proposal]:
+        return self.op.finish_all(self.job)
 
 
 class LLMMutation(_LLMOperator, Mutation):
@@ -368,7 +395,7 @@ class LLMMutation(_LLMOperator, Mutation):
         return dict(self.fallback.do(Recipe(values), rng))
 
     def _prompt(self, parents: Sequence[Measured], context: VariationContext) -> str:
-        return mutation_prompt(parents[0], context, self.agent.front_size)
+        return mutation_prompt(parents[0], context, self.agent.front_size, context.candidates)
 
 
 class LLMCrossover(_LLMOperator, Crossover):
@@ -396,7 +423,7 @@ class LLMCrossover(_LLMOperator, Crossover):
         return dict(self.fallback.do([Recipe(p) for p in parents], rng))
 
     def _prompt(self, parents: Sequence[Measured], context: VariationContext) -> str:
-        return crossover_prompt(parents, context, self.agent.front_size)
+        return crossover_prompt(parents, context, self.agent.front_size, context.candidates)
 
 
 class LLMSeeder:

@@ -69,9 +69,15 @@ def operator_stats(store: RunStore) -> list[dict[str, Any]]:
       and ``dominated_parent`` is None (seeds have no parents).
     - ``hv_contribution``: the sum over its children of the front hypervolume only they cover
       (None when the run never worked it out).
+    - ``evaluated``: how many of its children were evaluated (a child the surrogate or a
+      crash left out is not).
     - ``llm_calls``, ``llm_valid`` (requests answered with a valid child), ``input_tokens``,
       ``output_tokens``, ``cost`` (None without a price): for LLM operators, None for the
       others.
+    - ``tokens_per_evaluated_child``, ``cost_per_evaluated_child``: its tokens (input and
+      output) and cost over ``evaluated``, fallbacks included (their requests were paid
+      for too); what the candidates the surrogate dropped cost is in it. None for classic
+      operators, without an evaluated child, or (cost) without a price.
 
     Shares are floats in [0, 1], None when there is nothing to divide by.
     """
@@ -131,6 +137,8 @@ def _operator_stats(store: RunStore) -> list[dict[str, Any]]:
         mine = calls.get(label, [])
         is_llm = bool(mine) or entry.fallbacks > 0 or label == SEED_LABEL
         costs = [c.cost for c in mine if c.cost is not None]
+        tokens = sum(c.input_tokens + c.output_tokens for c in mine)
+        per_child = is_llm and entry.evaluated > 0
         rows.append(
             {
                 "operator": label,
@@ -143,11 +151,16 @@ def _operator_stats(store: RunStore) -> list[dict[str, Any]]:
                 "entered_front": _share(entry.entered, entry.credited),
                 "hv_contribution": entry.hv,
                 "fallbacks": entry.fallbacks,
+                "evaluated": entry.evaluated,
                 "llm_calls": len(mine) if is_llm else None,
                 "llm_valid": sum(c.outcome == "valid" for c in mine) if is_llm else None,
                 "input_tokens": sum(c.input_tokens for c in mine) if is_llm else None,
                 "output_tokens": sum(c.output_tokens for c in mine) if is_llm else None,
                 "cost": sum(costs) if costs else None,
+                "tokens_per_evaluated_child": tokens / entry.evaluated if per_child else None,
+                "cost_per_evaluated_child": (
+                    sum(costs) / entry.evaluated if per_child and costs else None
+                ),
             }
         )
     return rows

@@ -25,6 +25,7 @@ from evo_compress import app
 from evo_compress.exceptions import ConfigError
 from evo_compress.progress import ProgressListener
 from evo_compress.runs import RunStore
+from evo_compress.runs.analysis import operator_stats
 from evo_compress.runs.front import load_front
 from evo_compress.testing import resume_search
 
@@ -103,8 +104,13 @@ def test_a_search_with_llm_operators_records_every_call_and_credit(
     assert any(c["entered_front"] for c in credits)
 
 
+@pytest.mark.parametrize(
+    ("crash_generation", "after"),
+    # generation 1 is bred without the surrogate, 3 with it (the run has 17 evaluations by 2)
+    [(1, 3), (3, 1)],
+)
 def test_resume_replays_recorded_replies_and_matches_an_uninterrupted_run(
-    config_factory, tmp_path, keyed
+    config_factory, tmp_path, keyed, crash_generation, after
 ):
     with FakeProviderServer(default=model_like()) as server:
         config = llm_config(config_factory, server, generations=4)
@@ -122,11 +128,11 @@ def test_resume_replays_recorded_replies_and_matches_an_uninterrupted_run(
         recorded = {"n": 0}
 
         def record_then_crash(row: Any) -> None:
-            # Crash in generation 1, after some of its LLM requests were recorded.
-            if row.generation == 1 and recorded["n"] >= 3:
+            # Crash after some of the generation's LLM requests were recorded.
+            if row.generation == crash_generation and recorded["n"] >= after:
                 raise Crash
             original(row)
-            recorded["n"] += row.generation == 1
+            recorded["n"] += row.generation == crash_generation
 
         search.session.record = record_then_crash  # type: ignore[method-assign]
         with pytest.raises(Crash):
@@ -146,6 +152,39 @@ def test_resume_replays_recorded_replies_and_matches_an_uninterrupted_run(
     assert state(tmp_path / "crashed") == state(tmp_path / "full")
     # Only what was not recorded is asked again: no token is paid for twice.
     assert after == total - kept
+
+
+def test_with_screening_llm_requests_propose_more_children_than_are_evaluated(
+    config_factory, tmp_path, fake_llm, keyed
+):
+    sections = llm_search_sections(fake_llm, generations=4)
+    sections["search"]["surrogate"] = {"min_evaluations": 8, "llm_candidates": 3}
+    run(config_factory(**sections), tmp_path / "run")
+    llm_labels = {"crossover:llm", "local"}
+    with RunStore.open(tmp_path / "run") as store:
+        calls = [c for c in store.llm_calls() if c.operator in llm_labels]
+        children = [r for r in store.individuals() if r.generation > 0]
+        stats = {row["operator"]: row for row in operator_stats(store)}
+    # Every generation after the first is screened (the run has 9 evaluations by then): each
+    # request asks for several candidates, and the surrogate keeps 8 children of the pool.
+    assert calls and all(c.generation > 0 for c in calls)
+    prompts = [json.loads(c.prompt)["user"] for c in calls]
+    assert sum("Propose 3 distinct child recipes" in p for p in prompts) >= len(calls) // 2
+    proposed = sum(
+        len(json.loads(c.reply)["candidates"]) if "candidates" in c.reply else 1
+        for c in calls
+        if c.outcome == "valid" and c.reply is not None
+    )
+    evaluated = [r for r in children if llm_labels & set(r.operators)]
+    made_by_llm = [r for r in evaluated if not any(o.startswith("fallback:") for o in r.operators)]
+    assert len(children) == 3 * 8
+    assert proposed > len(made_by_llm) > 0
+    # What an evaluated child of each LLM operator cost is reported.
+    for label in llm_labels & set(stats):
+        row = stats[label]
+        assert row["evaluated"] > 0
+        tokens = row["input_tokens"] + row["output_tokens"]
+        assert row["tokens_per_evaluated_child"] == pytest.approx(tokens / row["evaluated"])
 
 
 def test_children_do_not_depend_on_which_reply_arrives_first(config_factory, tmp_path, keyed):

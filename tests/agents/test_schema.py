@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from evo_compress.agents.schema import recipe_schema
+from evo_compress.agents.schema import candidates_schema, proposal_schema, recipe_schema
 from evo_compress.genomes import SearchSpace
 from evo_compress.methods import METHODS, MethodRegistry, get_method
 
@@ -35,3 +35,14 @@ def test_a_newly_registered_method_reaches_the_schema(monkeypatch: pytest.Monkey
     method = recipe_schema(SearchSpace.builtin())["properties"]["quant"]["properties"]["method"]
     assert "int3" in method["enum"]
     assert method["description"].endswith("int3: 3-bit RTN.")
+
+
+def test_the_candidates_schema_is_a_list_of_single_child_replies() -> None:
+    space = SearchSpace.builtin()
+    schema = candidates_schema(space)
+    # a strict object: only `candidates`, each item exactly what a one-child reply is
+    assert schema["required"] == ["candidates"] and schema["additionalProperties"] is False
+    assert schema["properties"]["candidates"] == {
+        "type": "array",
+        "items": proposal_schema(space),
+    }

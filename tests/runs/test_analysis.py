@@ -181,6 +181,8 @@ def test_operator_stats_of_a_classic_run(plain_run):
         hv = [credits[i][3] for i in mine if credits[i][3] is not None]
         assert row["hv_contribution"] == (pytest.approx(sum(hv)) if hv else None)
         assert all(row[name] is None for name in (*LLM_FIELDS, "cost"))
+        assert row["tokens_per_evaluated_child"] is None is row["cost_per_evaluated_child"]
+        assert row["evaluated"] == sum(1 for i in mine if i in status)
     # Children made by crossover then mutation count for both.
     both = sum(1 for children in expected.values() for _ in children)
     assert sum(r["children"] for r in rows) == both
@@ -229,6 +231,16 @@ def test_operator_stats_of_a_run_with_llm_operators(llm_run):
         assert row["output_tokens"] == sum(c[3] for c in mine)
         costs = [c[4] for c in mine if c[4] is not None]
         assert row["cost"] == (pytest.approx(sum(costs)) if costs else None)
+        # what an evaluated child of the operator cost, its fallbacks included
+        evaluated = sum(1 for i, _ in expected.get(label, []) if i in status)
+        if label == "llm-seed":
+            evaluated = row["evaluated"]  # checked below
+        assert row["evaluated"] == evaluated
+        if evaluated:
+            tokens = sum(c[2] + c[3] for c in mine)
+            assert row["tokens_per_evaluated_child"] == pytest.approx(tokens / evaluated)
+            per_child = pytest.approx(sum(costs) / evaluated) if costs else None
+            assert row["cost_per_evaluated_child"] == per_child
     assert rows["crossover:llm"]["cost"] > 0 and rows["local"]["cost"] is None
     assert any(r["llm_valid"] < r["llm_calls"] for r in rows.values() if r["llm_calls"])
     for label in set(expected) - llm_labels:
@@ -244,6 +256,7 @@ def test_operator_stats_of_a_run_with_llm_operators(llm_run):
     ]
     seed = rows["llm-seed"]
     assert seeds and seed["children"] == len(seeds)
+    assert seed["evaluated"] == sum(i in status for i in seeds)
     assert seed["valid"] == pytest.approx(sum(status[i] == "ok" for i in seeds) / len(seeds))
     ((population, state),) = raw(
         llm_run, "SELECT population, algorithm_state FROM checkpoints WHERE generation = 0"
