@@ -11,6 +11,19 @@ from evo_compress.methods._base import (
 )
 
 GROUP_SIZES = (32, 64, 128)
+_Q = "evo_compress.fitness.model.quantize"  # the module of the built-in transformers kernels
+
+
+def _torchao(obj: str, **fields: object) -> TransformersSupport:
+    """A method that one torchao config applies and stores (``quantize._Torchao8bit``)."""
+    return TransformersSupport(
+        library="torchao",
+        kernel=f"{_Q}:{obj}",
+        probe=f"{_Q}:{obj}.probe",
+        storage=f"{_Q}:{obj}.storage",
+        **fields,  # type: ignore[arg-type]
+    )
+
 
 BUILTIN: tuple[CompressionMethod, ...] = (
     CompressionMethod(
@@ -29,7 +42,7 @@ BUILTIN: tuple[CompressionMethod, ...] = (
         kind="quantization",
         description="int8 weights, one scale per output channel; bf16 compute.",
         weight_bits=8,
-        transformers=TransformersSupport(library="torchao"),
+        transformers=_torchao("_INT8_WEIGHT_ONLY"),
         vllm=VllmSupport(
             scheme="W8A16",
             algorithm="rtn",
@@ -48,7 +61,7 @@ BUILTIN: tuple[CompressionMethod, ...] = (
         description="int8 weights and int8 activations (scaled per token at run time).",
         weight_bits=8,
         activation_bits=8,
-        transformers=TransformersSupport(library="torchao"),
+        transformers=_torchao("_INT8_W8A8"),
         vllm=VllmSupport(scheme="W8A8", algorithm="smoothquant-gptq"),
         synthetic=SyntheticTraits(
             degradation=0.015, dequant_factor=1.05, compute_factor=2.0, calibration_j=3e5
@@ -60,7 +73,7 @@ BUILTIN: tuple[CompressionMethod, ...] = (
         description="fp8 (e4m3) weights and activations with dynamic scales.",
         weight_bits=8,
         activation_bits=8,
-        transformers=TransformersSupport(library="torchao", min_compute_capability=(8, 9)),
+        transformers=_torchao("_FP8", min_compute_capability=(8, 9)),
         vllm=VllmSupport(quantization="fp8"),
         synthetic=SyntheticTraits(
             degradation=0.008, dequant_factor=1.03, compute_factor=2.0, calibration_j=2e4
@@ -73,7 +86,9 @@ BUILTIN: tuple[CompressionMethod, ...] = (
         weight_bits=4,
         group_sizes=GROUP_SIZES,
         scale_bits=32,
-        transformers=TransformersSupport(library="bitsandbytes"),
+        transformers=TransformersSupport(
+            library="bitsandbytes", kernel=f"{_Q}:_nf4_kernel", probe=f"{_Q}:_nf4_probe"
+        ),
         vllm=VllmSupport(quantization="bitsandbytes", group_sizes=(64,)),
         synthetic=SyntheticTraits(
             degradation=0.035, dequant_factor=3.0, compute_factor=0.5, calibration_j=0.0
@@ -86,7 +101,12 @@ BUILTIN: tuple[CompressionMethod, ...] = (
         weight_bits=4,
         calibration=True,
         group_sizes=GROUP_SIZES,
-        transformers=TransformersSupport(library="evo-compress AWQ, stored with torchao"),
+        transformers=TransformersSupport(
+            library="evo-compress AWQ, stored with torchao",
+            kernel=f"{_Q}:_awq_kernel",
+            probe=f"{_Q}:_int4_probe",
+            storage=f"{_Q}:_int4_storage",
+        ),
         vllm=VllmSupport(scheme="W4A16", algorithm="awq"),
         synthetic=SyntheticTraits(
             degradation=0.025, dequant_factor=1.2, compute_factor=0.85, calibration_j=7e5
@@ -99,7 +119,12 @@ BUILTIN: tuple[CompressionMethod, ...] = (
         weight_bits=4,
         calibration=True,
         group_sizes=GROUP_SIZES,
-        transformers=TransformersSupport(library="evo-compress GPTQ, stored with torchao"),
+        transformers=TransformersSupport(
+            library="evo-compress GPTQ, stored with torchao",
+            kernel=f"{_Q}:_gptq_kernel",
+            probe=f"{_Q}:_int4_probe",
+            storage=f"{_Q}:_int4_unpacked_storage",
+        ),
         vllm=VllmSupport(scheme="W4A16", algorithm="gptq"),
         synthetic=SyntheticTraits(
             degradation=0.028, dequant_factor=1.25, compute_factor=0.85, calibration_j=1e6
@@ -111,7 +136,12 @@ BUILTIN: tuple[CompressionMethod, ...] = (
         description="int4 weight-only, round-to-nearest per group.",
         weight_bits=4,
         group_sizes=GROUP_SIZES,
-        transformers=TransformersSupport(library="torchao"),
+        transformers=TransformersSupport(
+            library="torchao",
+            kernel=f"{_Q}:_rtn_kernel",
+            probe=f"{_Q}:_int4_probe",
+            storage=f"{_Q}:_int4_storage",
+        ),
         vllm=VllmSupport(scheme="W4A16", algorithm="rtn"),
         synthetic=SyntheticTraits(
             degradation=0.06, dequant_factor=1.25, compute_factor=0.85, calibration_j=2e4

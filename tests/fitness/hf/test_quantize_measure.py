@@ -166,12 +166,38 @@ def test_every_other_method_runs_on_cpu(method: str) -> None:
     assert quantization_unsupported(method, "cpu") is None
 
 
-def test_every_registered_transformers_method_has_a_kernel() -> None:
-    from evo_compress.fitness.model import quantize
+def test_every_registered_transformers_method_names_a_kernel_that_loads() -> None:
+    from evo_compress.fitness.model.quantize import resolve
     from evo_compress.methods import METHODS
 
-    registered = METHODS.names("quantization", backend="transformers")
-    assert set(quantize._KERNELS) | {"none"} == set(registered)
+    for method in METHODS.methods("quantization", backend="transformers"):
+        support = method.transformers
+        assert support is not None
+        if method.weight_bits == 16:  # leaves the weights as they are
+            assert support.kernel is None, method.name
+            continue
+        for reference in (support.kernel, support.probe, support.storage):
+            assert reference is None or callable(resolve(reference)), (method.name, reference)
+
+
+def test_a_kernel_that_cannot_load_is_one_line(model: Any, monkeypatch: Any) -> None:
+    from dataclasses import replace
+
+    from evo_compress.fitness.model import quantize
+    from evo_compress.methods import METHODS, MethodRegistry
+
+    registry = MethodRegistry()
+    for method in METHODS:
+        registry.register(method)
+    rtn = METHODS.get("rtn")
+    assert rtn.transformers is not None
+    broken = replace(rtn.transformers, kernel="evo_compress_no_such_module:kernel", probe=None)
+    registry.register(replace(rtn, name="int4_broken", transformers=broken))
+    monkeypatch.setattr(quantize, "METHODS", registry)
+    with pytest.raises(QuantizationUnsupportedError, match="No module named") as info:
+        apply_quantization(model, {"quant.method": "int4_broken", "quant.group_size": 32}, "cpu")
+    assert "`evo_compress_no_such_module:kernel` cannot be loaded" in str(info.value)
+    assert "\n" not in str(info.value)
 
 
 def test_unknown_method_and_group_size_the_model_cannot_take(model: Any) -> None:
@@ -274,6 +300,21 @@ def test_nf4_is_smaller_than_int8_and_honours_the_block_size(
         errors[group] = _rel_error(result.model, held_out, reference_logits)
         assert errors[group] < 0.4
         assert type(result.model.lm_head).__name__ == "Linear"
+
+
+def test_every_record_names_its_algorithm_and_library(quantized: Any) -> None:
+    expected = {
+        "int8_weight_only": "rtn per output channel (torchao ",
+        "rtn": "rtn (torchao ",
+        "awq": "awq (evo-compress, CPU)",
+        "nf4": "nf4 (bitsandbytes ",
+    }
+    for method, algorithm in expected.items():
+        group = 32 if method in ("rtn", "awq", "nf4") else None
+        details = quantized(method, group).details
+        assert details["algorithm"].startswith(algorithm), details["algorithm"]
+        assert details["library"] and details["bits"] in (4, 8)
+    assert "algorithm" in quantized("gptq", 32).details
 
 
 # --------------------------------------------------------------------------- accuracy
