@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from evo_compress.methods._base import (
     BACKENDS,
+    CPU_ISAS,
     KINDS,
     VLLM_SCHEMES,
     CompressionMethod,
@@ -36,6 +37,7 @@ def get_method(name: str, kind: Kind | None = None) -> CompressionMethod:
 
 __all__ = [
     "BACKENDS",
+    "CPU_ISAS",
     "ENTRY_POINT_GROUP",
     "KINDS",
     "METHODS",

