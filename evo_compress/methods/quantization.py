@@ -173,4 +173,28 @@ BUILTIN: tuple[CompressionMethod, ...] = (
             degradation=0.06, dequant_factor=1.25, compute_factor=0.85, calibration_j=2e4
         ),
     ),
+    CompressionMethod(
+        name="int8_bnb",
+        kind="quantization",
+        description="bitsandbytes LLM.int8: int8 weights, outlier input columns kept in 16 bits.",
+        weight_bits=8,
+        transformers=TransformersSupport(
+            library="bitsandbytes",
+            kernel=f"{_Q}:_int8_bnb_kernel",
+            probe=f"{_Q}:_int8_bnb_probe",
+        ),
+        # vLLM serves bitsandbytes 4-bit only (its loader quantizes to nf4/fp4), and its CPU
+        # build has no bitsandbytes loader at all.
+        vllm=None,
+        # LLM.int8() (Dettmers et al., 2022, arXiv:2208.07339) keeps zero-shot accuracy
+        # unchanged up to 175B: degradation a little under int8 weight-only RTN's 0.004.
+        # It is slower than fp16 at small batch: 15-23% for BLOOM-176B in Hugging Face's
+        # "A Gentle Introduction to 8-bit Matrix Multiplication" (2022), more for smaller
+        # models in the paper's timing appendix. Half the bytes of bf16 streamed 2.4x slower
+        # is 1.2x bf16's decode time; the int8 matmul plus the 16-bit outlier matmul keep
+        # large batches below bf16's compute (0.7). No calibration: rounded while loading.
+        synthetic=SyntheticTraits(
+            degradation=0.003, dequant_factor=2.4, compute_factor=0.7, calibration_j=2e4
+        ),
+    ),
 )

@@ -5,7 +5,7 @@ Each method's kernel, probe and storage config are named by its registry entry
 (``TransformersSupport``, ``"module:attr"``) and looked up here when used; this module holds
 the built-in ones. torchao quantizes int8 (weight-only, w8a8), int4 RTN and fp8, and stores
 the int4 values of AWQ and GPTQ (scales searched and errors compensated here, by hand);
-bitsandbytes does nf4. Only the decoder's linear layers are quantized: the
+bitsandbytes does nf4 and LLM.int8. Only the decoder's linear layers are quantized: the
 embeddings and the output head (``lm_head``) stay in full precision, as in AWQ, GPTQ and
 bitsandbytes.
 """
@@ -830,6 +830,66 @@ def _nf4(
     }
 
 
+LLM_INT8_THRESHOLD = 6.0  # LLM.int8's outlier threshold (Dettmers et al., 2022; the default)
+
+
+def _int8_bnb_probe(layer: nn.Linear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    import bitsandbytes as bnb
+
+    weight = layer.weight.detach().clone()
+    int8 = bnb.nn.Linear8bitLt(
+        layer.in_features,
+        layer.out_features,
+        bias=False,
+        has_fp16_weights=False,
+        threshold=LLM_INT8_THRESHOLD,
+    )
+    int8.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+    int8 = int8.to(x.device)  # Int8Params quantize on the move to the device
+    if int8.weight.dtype != torch.int8:
+        raise QuantizationUnsupportedError("bitsandbytes left the LLM.int8 weight unquantized")
+    return int8(x).to(x.dtype), x @ weight.t()
+
+
+def _int8_bnb(
+    model: Any, device: torch.device, workdir: Path | None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """LLM.int8 (bitsandbytes ``Linear8bitLt``): int8 weights with one fp32 scale per output
+    row; at run time, input columns with an outlier above the threshold go through a 16-bit
+    matmul and the rest through an int8 one. Loaded through transformers'
+    ``BitsAndBytesConfig(load_in_8bit=True)``, as its users do, so that it saves and loads."""
+    if workdir is None:
+        raise ValueError("int8_bnb needs a `workdir` to save the model to and reload it from")
+    import bitsandbytes as bnb
+    from transformers import BitsAndBytesConfig
+
+    targets = target_linears(model)
+    config = BitsAndBytesConfig(
+        load_in_8bit=True,
+        llm_int8_threshold=LLM_INT8_THRESHOLD,
+        llm_int8_has_fp16_weight=False,
+        llm_int8_skip_modules=_skipped_linears(model, targets),
+    )
+    loaded = _bnb_reload(model, config, device, workdir, "int8_bnb")
+    layers = {n: m for n, m in loaded.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)}
+    if set(layers) != set(targets) or any(m.weight.dtype != torch.int8 for m in layers.values()):
+        raise QuantizationUnsupportedError(
+            f"bitsandbytes quantized {len(layers)} layers to int8, expected {len(targets)}"
+        )
+    return loaded, {
+        "library": f"bitsandbytes {bnb.__version__}",
+        "algorithm": f"llm.int8 (bitsandbytes {bnb.__version__})",
+        "config": {
+            "load_in_8bit": True,
+            "llm_int8_threshold": LLM_INT8_THRESHOLD,
+            "llm_int8_has_fp16_weight": False,
+        },
+        "bits": 8,
+        "storage": "int8 values (Int8Params), one fp32 scale per output row (SCB); outlier "
+        "input columns are multiplied in 16 bits at run time, not stored apart",
+    }
+
+
 # --------------------------------------------------------------------------- kernels
 
 
@@ -948,6 +1008,10 @@ def _nf4_kernel(job: QuantizeJob) -> tuple[nn.Module, dict[str, Any]]:
     return out_model, {**info, "bits": 4, "group_size": job.group_size}
 
 
+def _int8_bnb_kernel(job: QuantizeJob) -> tuple[nn.Module, dict[str, Any]]:
+    return _int8_bnb(job.model, job.device, job.workdir)
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -1020,6 +1084,7 @@ def apply_quantization(
 
 
 __all__ = [
+    "LLM_INT8_THRESHOLD",
     "QuantResult",
     "QuantizationUnsupportedError",
     "QuantizeJob",
