@@ -3,6 +3,7 @@
 Production code never imports this package. ``providers`` is a fake LLM provider that speaks
 the OpenAI, Anthropic and Google wire formats; ``vllm_server`` a CPU stand-in for
 ``vllm serve``; ``contracts`` the suites every evaluator and operator passes (pytest needed);
+``methods`` the contract every compression method passes on each back end it claims;
 ``tasks`` a back end that records per-task scores (``metadata["tasks"]``) over the synthetic
 landscape.
 """
