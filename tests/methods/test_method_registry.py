@@ -57,6 +57,45 @@ def test_registering_a_name_twice_raises() -> None:
         registry.register(_method("int3", weight_bits=3))
 
 
+def test_plugin_methods_join_after_the_builtins_and_fail_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The entry points of the group, as a distribution declares them (the pip-installed toy
+    plugin of tests/test_plugins.py does the same for real)."""
+    import sys
+    import types
+    from importlib.metadata import EntryPoint
+
+    from evo_compress.methods import _base
+
+    module = types.ModuleType("evo_test_methods")
+    module.INT3 = _method("int3")  # type: ignore[attr-defined]
+    module.RTN = get_method("rtn")  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "evo_test_methods", module)
+    group = "evo_test.methods"
+    points = [
+        EntryPoint("int3", "evo_test_methods:INT3", group),
+        EntryPoint("rtn", "evo_test_methods:RTN", group),  # a built-in's name: ignored
+        EntryPoint("int2", "evo_test_methods:INT3", group),  # not named as its entry point
+        EntryPoint("gone", "evo_no_such_module:GONE", group),
+    ]
+    monkeypatch.setattr(_base, "entry_points", lambda group: points)
+    registry = MethodRegistry(group)
+    for method in METHODS:
+        registry.register(method)
+    with caplog.at_level("WARNING"):
+        assert registry.names() == [*METHODS.names(), "int3"]
+    [warning] = caplog.messages
+    assert "`rtn` ignored: the name is taken by a built-in" in warning
+    assert registry.origin("int3") == "unknown distribution"
+    assert registry.origin("rtn") == "built-in"
+    with pytest.raises(RegistryError, match=r"`gone` failed to load \(ModuleNotFoundError"):
+        registry.get("gone")
+    assert set(registry.broken()) == {"gone", "int2"}
+    assert "is not a CompressionMethod named `int2`" in registry.broken()["int2"]
+    assert registry.find("gone") is None
+
+
 def test_unknown_name_says_did_you_mean() -> None:
     with pytest.raises(
         RegistryError, match=r"unknown quantization method `gptqq` \(did you mean `gptq`\?\)"
@@ -213,3 +252,14 @@ def test_every_llm_compressor_step_is_one_the_job_runs() -> None:
     for method in METHODS:
         if method.vllm is not None and method.vllm.scheme is not None:
             assert method.vllm.algorithm in quantize_job.ALGORITHMS[method.vllm.scheme], method
+
+
+def test_kernel_references_are_module_attr() -> None:
+    from evo_compress.methods import TransformersSupport
+
+    with pytest.raises(ValueError, match='`kernel` must be "module:attr"'):
+        TransformersSupport(library="x", kernel="my_module.kernel")
+    with pytest.raises(ValueError, match="without a `kernel`"):
+        TransformersSupport(library="x", probe="m:probe")
+    ok = TransformersSupport(library="x", kernel="m:KERNEL", probe="m:KERNEL.probe")
+    assert ok.storage is None
