@@ -636,8 +636,8 @@ def ls(format: Format = _format_option()) -> None:
     with _errors():
         import importlib
 
-        from evo_compress.methods import BACKENDS, METHODS
-        from evo_compress.registry import BUILTIN, registries
+        from evo_compress.methods import BACKENDS, ENTRY_POINT_GROUP, METHODS
+        from evo_compress.registry import registries
 
         for module in _REGISTRY_MODULES:
             importlib.import_module(module)
@@ -654,17 +654,27 @@ def ls(format: Format = _format_option()) -> None:
             for group, registry in groups
             for name in registry.names()
         ]
-        # Methods have no entry-point group: a method needs kernels in the back ends too.
+        # Compression methods: built in, or from the `evo_compress.methods` entry points.
         rows += [
             {
                 "kind": f"{method.kind} method",
                 "name": method.name,
-                "from": BUILTIN,
+                "from": METHODS.origin(method.name),
                 "description": f"{method.description} Back ends: "
                 + ", ".join(b for b in BACKENDS if method.name in METHODS.names(backend=b)),
-                "group": None,
+                "group": ENTRY_POINT_GROUP,
             }
             for method in METHODS
+        ]
+        rows += [
+            {
+                "kind": "compression method",
+                "name": name,
+                "from": "plugin",
+                "description": reason,
+                "group": ENTRY_POINT_GROUP,
+            }
+            for name, reason in METHODS.broken().items()
         ]
         emit(format, rows, lambda: print_registered(rows))
 

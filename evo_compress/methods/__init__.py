@@ -2,14 +2,17 @@
 group sizes, what each back end supports), read by the search space, the back ends, the
 synthetic landscape, the expert mutation and the docs.
 
-To add a method: register its entry in ``quantization.py`` and write its kernels in the back
-ends that run it (``fitness/model/quantize.py``, ``fitness/vllm/compile.py``).
+To add a method: append its entry to ``quantization.py``, naming its transformers kernel
+(``"module:attr"``) and what vLLM does with it (``VllmSupport``); write the kernel and its
+test, and regenerate ``docs/methods.md``. A plugin distribution adds one through the
+``evo_compress.methods`` entry-point group (``docs/plugins.md``).
 """
 
 from __future__ import annotations
 
 from evo_compress.methods._base import (
     BACKENDS,
+    CPU_ISAS,
     KINDS,
     VLLM_SCHEMES,
     CompressionMethod,
@@ -21,7 +24,8 @@ from evo_compress.methods._base import (
 )
 from evo_compress.methods.quantization import BUILTIN as _QUANTIZATION
 
-METHODS = MethodRegistry()
+ENTRY_POINT_GROUP = "evo_compress.methods"
+METHODS = MethodRegistry(ENTRY_POINT_GROUP)
 for _method in _QUANTIZATION:
     METHODS.register(_method)
 
@@ -33,6 +37,8 @@ def get_method(name: str, kind: Kind | None = None) -> CompressionMethod:
 
 __all__ = [
     "BACKENDS",
+    "CPU_ISAS",
+    "ENTRY_POINT_GROUP",
     "KINDS",
     "METHODS",
     "VLLM_SCHEMES",

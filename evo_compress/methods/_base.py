@@ -7,30 +7,69 @@ mutation, the docs) reads these entries instead of keeping its own list of metho
 from __future__ import annotations
 
 import difflib
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from typing import Literal
 
 from evo_compress.exceptions import RegistryError
+from evo_compress.registry import BUILTIN
+
+logger = logging.getLogger(__name__)
 
 Kind = Literal["quantization"]
 KINDS: tuple[Kind, ...] = ("quantization",)
 BACKENDS = ("transformers", "vllm", "synthetic")
 VLLM_SCHEMES = ("W4A16", "W8A16", "W8A8")
+CPU_ISAS = ("avx512", "avx2")  # the kernels vLLM's CPU build ships
+
+
+def _check_reference(field_name: str, value: str | None) -> None:
+    module, colon, attr = (value or "").partition(":")
+    if value is not None and (not colon or not module or not attr):
+        raise ValueError(f'`{field_name}` must be "module:attr", got {value!r}')
 
 
 @dataclass(frozen=True)
 class TransformersSupport:
-    """How the transformers back end runs the method (its kernel is looked up by name)."""
+    """How the transformers back end runs the method: its kernel, the probe that says whether
+    it runs on a device, and the torchao config its saved checkpoint declares. Each is a
+    ``"module:attr"`` reference (``attr`` may be dotted), imported only when it is used, so
+    that the registry stays light (lm-eval's ``"hf": "lm_eval.models.huggingface:HFLM"``).
+
+    - ``kernel``: called with a ``evo_compress.fitness.model.quantize.QuantizeJob``; returns
+      ``(model, info)``, the quantized model and what was done (``library``, ``algorithm``,
+      ``bits``, ``storage``, ...). None: the method leaves the weights as they are.
+    - ``probe``: called with a small ``nn.Linear`` (128 -> 64) and an input ``x``; quantizes
+      the layer (groups of 64) and returns ``(y, reference)``: its output and, when it can,
+      the output of its dequantized weight. None: nothing to probe.
+    - ``storage``: called with ``(group_size, device, dtype)``; returns the torchao config
+      whose tensors the kernel leaves in the model, for saving. None: the method's model
+      saves as it is (plain weights, or the quantization config its loader gave it).
+    - ``requires``: called with ``(method, device)`` before every use (never cached); returns
+      why what the kernel needs beyond this Python is missing (an environment, a device), or
+      None. None: nothing beyond the probe.
+    """
 
     library: str
     """The library that does the work, for the docs (``torchao``, ``bitsandbytes``, ...)."""
+    kernel: str | None = None
+    probe: str | None = None
+    storage: str | None = None
+    requires: str | None = None
     min_compute_capability: tuple[int, int] | None = None
     """Needs a CUDA GPU of at least this compute capability; None: any device."""
 
     def __post_init__(self) -> None:
         if not self.library:
             raise ValueError("`library` must name the library that runs the method")
+        for field_name in ("kernel", "probe", "storage", "requires"):
+            _check_reference(field_name, getattr(self, field_name))
+        if self.kernel is None and (
+            self.probe is not None or self.storage is not None or self.requires is not None
+        ):
+            raise ValueError("a method without a `kernel` has nothing to probe, store or need")
         cc = self.min_compute_capability
         if cc is not None and (len(cc) != 2 or not all(isinstance(p, int) for p in cc)):
             raise ValueError(f"`min_compute_capability` must be (major, minor), got {cc!r}")
@@ -49,8 +88,15 @@ class VllmSupport:
     """The group sizes vLLM can serve, when fewer than the method's own."""
     why_not_online: str = ""
     """For an llm-compressor method: why vLLM's own in-flight quantization will not do."""
+    cpu_isas: tuple[str, ...] = ()
+    """The instruction sets (``avx512``, ``avx2``) on which vLLM's CPU build was measured to
+    serve the method; empty: the CPU build does not serve it."""
+    cpu_refused: str = ""
+    """Why vLLM's CPU build does not serve the method (where ``cpu_isas`` leaves it out)."""
 
     def __post_init__(self) -> None:
+        if not set(self.cpu_isas) <= set(CPU_ISAS):
+            raise ValueError(f"`cpu_isas` must be among {CPU_ISAS}, got {self.cpu_isas!r}")
         if self.quantization is not None and self.scheme is not None:
             raise ValueError("a vLLM method is quantized online or by llm-compressor, not both")
         if (self.scheme is None) != (self.algorithm is None):
@@ -145,19 +191,38 @@ class CompressionMethod:
 
 class MethodRegistry:
     """Compression methods by name, in registration order (the order of the search space's
-    choices). Registering a name twice raises; an unknown name raises with "did you mean"."""
+    choices). Registering a name twice raises; an unknown name raises with "did you mean".
 
-    def __init__(self) -> None:
+    With ``group``, the methods that installed distributions declare under that entry-point
+    group join after the built-ins, on the first lookup or listing (so the built-ins' order,
+    and every random draw over them, is unchanged)::
+
+        [project.entry-points."evo_compress.methods"]
+        my_int3 = "my_package.methods:MY_INT3"   # a CompressionMethod named `my_int3`
+
+    A plugin that reuses a registered name is ignored with one warning line; one that fails
+    to load is left out, and looking its name up raises one line naming its distribution.
+    """
+
+    def __init__(self, group: str | None = None) -> None:
+        self.group = group
         self._entries: dict[str, CompressionMethod] = {}
+        self._origins: dict[str, str] = {}
+        self._broken: dict[str, str] = {}
+        self._discovered = group is None
 
-    def register(self, method: CompressionMethod) -> CompressionMethod:
+    def register(self, method: CompressionMethod, origin: str = BUILTIN) -> CompressionMethod:
         if method.name in self._entries:
             raise RegistryError(f"compression method `{method.name}` is already registered")
         self._entries[method.name] = method
+        self._origins[method.name] = origin
         return method
 
     def get(self, name: str, kind: Kind | None = None) -> CompressionMethod:
+        self._discover()
         method = self._entries.get(name)
+        if method is None and name in self._broken:
+            raise RegistryError(self._broken[name])
         if method is None or (kind is not None and method.kind != kind):
             known = self.names(kind)
             close = difflib.get_close_matches(str(name), known, n=1)
@@ -168,8 +233,19 @@ class MethodRegistry:
 
     def find(self, name: object, kind: Kind | None = None) -> CompressionMethod | None:
         """The method named ``name`` (of ``kind``), or None: for values read from recipes."""
+        self._discover()
         method = self._entries.get(name) if isinstance(name, str) else None
         return method if method is not None and (kind is None or method.kind == kind) else None
+
+    def origin(self, name: str) -> str:
+        """``"built-in"``, or the plugin distribution (name and version) that registered it."""
+        self.get(name)
+        return self._origins[name]
+
+    def broken(self) -> dict[str, str]:
+        """The plugin methods that failed to load, by entry-point name: the one-line reason."""
+        self._discover()
+        return dict(self._broken)
 
     def methods(
         self, kind: Kind | None = None, backend: str | None = None
@@ -177,6 +253,7 @@ class MethodRegistry:
         """The registered methods (of ``kind``, run by ``backend``), in registration order."""
         if backend is not None and backend not in BACKENDS:
             raise RegistryError(f"unknown back end `{backend}`; known: {', '.join(BACKENDS)}")
+        self._discover()
         return [
             m
             for m in self._entries.values()
@@ -187,10 +264,60 @@ class MethodRegistry:
         return [m.name for m in self.methods(kind, backend)]
 
     def __contains__(self, name: object) -> bool:
+        self._discover()
         return name in self._entries
 
     def __iter__(self) -> Iterator[CompressionMethod]:
+        self._discover()
         return iter(list(self._entries.values()))
 
     def __len__(self) -> int:
+        self._discover()
         return len(self._entries)
+
+    # ------------------------------------------------------------------ plugins
+    def _discover(self) -> None:
+        """Load the group's methods, once, after the built-ins (entry points sorted by name,
+        so the order of the search space's choices does not depend on install order)."""
+        if self._discovered:
+            return
+        self._discovered = True
+        assert self.group is not None
+        found = sorted(entry_points(group=self.group), key=lambda ep: ep.name)
+        for entry_point in found:
+            dist = getattr(entry_point, "dist", None)
+            origin = (
+                f"{dist.metadata['Name']} {dist.version}"
+                if dist is not None
+                else "unknown distribution"
+            )
+            where = (
+                f"entry point `{entry_point.name} = {entry_point.value}` of distribution "
+                f"`{origin}` (group `{entry_point.group}`)"
+            )
+            if entry_point.name in self._entries:
+                taken = self._origins[entry_point.name]
+                owner = "a built-in" if taken == BUILTIN else f"distribution `{taken}`"
+                logger.warning(
+                    "warning: plugin compression method `%s` ignored: the name is taken by %s; %s",
+                    entry_point.name,
+                    owner,
+                    where,
+                )
+                continue
+            try:
+                method = entry_point.load()
+            except Exception as exc:  # a broken plugin is one line, where its name is used
+                detail = " ".join(f"{type(exc).__name__}: {exc}".split())
+                self._broken[entry_point.name] = (
+                    f"plugin compression method `{entry_point.name}` failed to load "
+                    f"({detail}); {where}"
+                )
+                continue
+            if not isinstance(method, CompressionMethod) or method.name != entry_point.name:
+                self._broken[entry_point.name] = (
+                    f"plugin compression method `{entry_point.name}` is not a "
+                    f"CompressionMethod named `{entry_point.name}`; {where}"
+                )
+                continue
+            self.register(method, origin)

@@ -1,7 +1,8 @@
 """Test doubles and helpers for evo-compress and its plugins (Optuna's ``optuna.testing``).
 
 Production code never imports this package. ``contracts`` has the suites every evaluator
-and operator passes (pytest needed); ``tasks`` a back end that records per-task scores
+and operator passes (pytest needed); ``methods`` the contract every compression method passes
+on each back end it claims; ``tasks`` a back end that records per-task scores
 (``metadata["tasks"]``) over the synthetic landscape. The large stand-ins (a fake LLM provider,
 a CPU stand-in for ``vllm serve``) are the separate distribution ``evo-compress-doubles`` in
 the repository's ``doubles/`` folder, so they do not ship in the wheel.

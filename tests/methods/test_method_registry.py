@@ -23,9 +23,9 @@ from evo_compress.methods import docs as methods_docs
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN_SPACE = ROOT / "tests" / "golden" / "builtin-space.json"
-# SearchSpace.builtin().fingerprint before the method lists moved into the registry: recipe
-# hashes, cache keys and the golden fronts depend on the built space staying exactly this.
-BUILTIN_FINGERPRINT = "b12307aff84088f502dfdca1c3080c02cd2a9e2f0e4f9ce1f5c92465e12ce106"
+# SearchSpace.builtin().fingerprint (since `int8_bnb` joined the methods): recipe hashes,
+# cache keys and the golden fronts depend on the built space staying exactly this.
+BUILTIN_FINGERPRINT = "c2c2263615283836b833628261c4d4c7cb1a31db537ef878534b91ce3ca39e0f"
 
 
 def _method(name: str = "int3", **fields: object) -> CompressionMethod:
@@ -55,6 +55,45 @@ def test_registering_a_name_twice_raises() -> None:
     registry.register(_method("int3"))
     with pytest.raises(RegistryError, match="`int3` is already registered"):
         registry.register(_method("int3", weight_bits=3))
+
+
+def test_plugin_methods_join_after_the_builtins_and_fail_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The entry points of the group, as a distribution declares them (the pip-installed toy
+    plugin of tests/test_plugins.py does the same for real)."""
+    import sys
+    import types
+    from importlib.metadata import EntryPoint
+
+    from evo_compress.methods import _base
+
+    module = types.ModuleType("evo_test_methods")
+    module.INT3 = _method("int3")  # type: ignore[attr-defined]
+    module.RTN = get_method("rtn")  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "evo_test_methods", module)
+    group = "evo_test.methods"
+    points = [
+        EntryPoint("int3", "evo_test_methods:INT3", group),
+        EntryPoint("rtn", "evo_test_methods:RTN", group),  # a built-in's name: ignored
+        EntryPoint("int2", "evo_test_methods:INT3", group),  # not named as its entry point
+        EntryPoint("gone", "evo_no_such_module:GONE", group),
+    ]
+    monkeypatch.setattr(_base, "entry_points", lambda group: points)
+    registry = MethodRegistry(group)
+    for method in METHODS:
+        registry.register(method)
+    with caplog.at_level("WARNING"):
+        assert registry.names() == [*METHODS.names(), "int3"]
+    [warning] = caplog.messages
+    assert "`rtn` ignored: the name is taken by a built-in" in warning
+    assert registry.origin("int3") == "unknown distribution"
+    assert registry.origin("rtn") == "built-in"
+    with pytest.raises(RegistryError, match=r"`gone` failed to load \(ModuleNotFoundError"):
+        registry.get("gone")
+    assert set(registry.broken()) == {"gone", "int2"}
+    assert "is not a CompressionMethod named `int2`" in registry.broken()["int2"]
+    assert registry.find("gone") is None
 
 
 def test_unknown_name_says_did_you_mean() -> None:
@@ -213,3 +252,14 @@ def test_every_llm_compressor_step_is_one_the_job_runs() -> None:
     for method in METHODS:
         if method.vllm is not None and method.vllm.scheme is not None:
             assert method.vllm.algorithm in quantize_job.ALGORITHMS[method.vllm.scheme], method
+
+
+def test_kernel_references_are_module_attr() -> None:
+    from evo_compress.methods import TransformersSupport
+
+    with pytest.raises(ValueError, match='`kernel` must be "module:attr"'):
+        TransformersSupport(library="x", kernel="my_module.kernel")
+    with pytest.raises(ValueError, match="without a `kernel`"):
+        TransformersSupport(library="x", probe="m:probe")
+    ok = TransformersSupport(library="x", kernel="m:KERNEL", probe="m:KERNEL.probe")
+    assert ok.storage is None

@@ -221,6 +221,7 @@ def test_export_weights_of_a_missing_damaged_or_synthetic_run_is_one_line(
             ),
         ),
         ({"quant": {"method": "nf4", "group_size": 32}}, "Params4bit"),
+        ({"quant": {"method": "int8_bnb"}}, "Int8Params"),
         (
             {
                 "prune": {"method": "structured_mlp", "sparsity": 0.5},
@@ -229,7 +230,7 @@ def test_export_weights_of_a_missing_damaged_or_synthetic_run_is_one_line(
             "Parameter",
         ),
     ],
-    ids=["gptq", "nf4", "structured_mlp+lora"],
+    ids=["gptq", "nf4", "int8_bnb", "structured_mlp+lora"],
 )
 def test_compress_writes_a_folder_transformers_loads_as_the_compressed_model(
     tmp_path, tiny_model, recipe, weight_class

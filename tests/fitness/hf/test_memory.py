@@ -136,7 +136,7 @@ def test_serving_weights_match_the_bytes_the_methods_store(tmp_path) -> None:
     )
     inv = inventory_of_folder(folder)
     calibration = torch.randint(3, 17, (4, 12))
-    for method in ("none", "int8_weight_only", "int8_w8a8", "rtn", "gptq", "nf4"):
+    for method in ("none", "int8_weight_only", "int8_w8a8", "rtn", "gptq", "nf4", "int8_bnb"):
         if quantization_unsupported(method, "cpu") is not None:
             continue
         recipe = {"quant.method": method, "quant.group_size": 64}

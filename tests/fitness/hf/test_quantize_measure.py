@@ -172,18 +172,44 @@ def test_fp8_is_unsupported_on_cpu_with_the_reason(model: Any) -> None:
 
 
 @pytest.mark.parametrize(
-    "method", ["none", "int8_weight_only", "int8_w8a8", "rtn", "awq", GPTQ, "nf4"]
+    "method", ["none", "int8_weight_only", "int8_w8a8", "rtn", "awq", GPTQ, "nf4", "int8_bnb"]
 )
 def test_every_other_method_runs_on_cpu(method: str) -> None:
     assert quantization_unsupported(method, "cpu") is None
 
 
-def test_every_registered_transformers_method_has_a_kernel() -> None:
-    from evo_compress.fitness.model import quantize
+def test_every_registered_transformers_method_names_a_kernel_that_loads() -> None:
+    from evo_compress.fitness.model.quantize import resolve
     from evo_compress.methods import METHODS
 
-    registered = METHODS.names("quantization", backend="transformers")
-    assert set(quantize._KERNELS) | {"none"} == set(registered)
+    for method in METHODS.methods("quantization", backend="transformers"):
+        support = method.transformers
+        assert support is not None
+        if method.weight_bits == 16:  # leaves the weights as they are
+            assert support.kernel is None, method.name
+            continue
+        for reference in (support.kernel, support.probe, support.storage):
+            assert reference is None or callable(resolve(reference)), (method.name, reference)
+
+
+def test_a_kernel_that_cannot_load_is_one_line(model: Any, monkeypatch: Any) -> None:
+    from dataclasses import replace
+
+    from evo_compress.fitness.model import quantize
+    from evo_compress.methods import METHODS, MethodRegistry
+
+    registry = MethodRegistry()
+    for method in METHODS:
+        registry.register(method)
+    rtn = METHODS.get("rtn")
+    assert rtn.transformers is not None
+    broken = replace(rtn.transformers, kernel="evo_compress_no_such_module:kernel", probe=None)
+    registry.register(replace(rtn, name="int4_broken", transformers=broken))
+    monkeypatch.setattr(quantize, "METHODS", registry)
+    with pytest.raises(QuantizationUnsupportedError, match="No module named") as info:
+        apply_quantization(model, {"quant.method": "int4_broken", "quant.group_size": 32}, "cpu")
+    assert "`evo_compress_no_such_module:kernel` cannot be loaded" in str(info.value)
+    assert "\n" not in str(info.value)
 
 
 def test_unknown_method_and_group_size_the_model_cannot_take(model: Any) -> None:
@@ -203,6 +229,8 @@ def test_calibration_and_workdir_are_required(model: Any) -> None:
             apply_quantization(model, {"quant.method": method, "quant.group_size": 32}, "cpu")
     with pytest.raises(ValueError, match="workdir"):
         apply_quantization(model, {"quant.method": "nf4", "quant.group_size": 64}, "cpu")
+    with pytest.raises(ValueError, match="workdir"):
+        apply_quantization(model, {"quant.method": "int8_bnb"}, "cpu")
 
 
 # --------------------------------------------------------------------------- weight bytes
@@ -287,6 +315,45 @@ def test_nf4_is_smaller_than_int8_and_honours_the_block_size(
         errors[group] = _rel_error(result.model, held_out, reference_logits)
         assert errors[group] < 0.4
         assert type(result.model.lm_head).__name__ == "Linear"
+
+
+def test_int8_bnb_is_llm_int8_with_real_int8_storage(
+    quantized: Any, base_model: Any, held_out: Any, reference_logits: Any
+) -> None:
+    import bitsandbytes as bnb
+
+    fp32 = _linear_fp32_bytes(base_model)
+    result = quantized("int8_bnb")
+    details = result.details
+    assert details["algorithm"].startswith("llm.int8 (bitsandbytes ")
+    assert details["config"]["llm_int8_threshold"] == 6.0 and details["bits"] == 8
+    layers = [m for m in result.model.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+    assert len(layers) == 14 and {m.state.threshold for m in layers} == {6.0}
+    assert all(m.weight.dtype == torch.int8 for m in layers)
+    # int8 values + one fp32 scale per output row (SCB), measured from the tensors.
+    layer_bytes = details["quantized_layer_bytes"]
+    assert 0.25 * fp32 < layer_bytes < 0.28 * fp32
+    assert 8.0 < details["bits_per_weight_measured"] < 9.0
+    assert result.weight_bytes == model_weight_bytes(result.model)
+    assert _rel_error(result.model, held_out, reference_logits) < 0.06
+    assert type(result.model.lm_head).__name__ == "Linear"
+
+
+def test_every_record_names_its_algorithm_and_library(quantized: Any) -> None:
+    expected = {
+        "int8_weight_only": "rtn per output channel (torchao ",
+        "rtn": "rtn (torchao ",
+        "awq": "awq (evo-compress, CPU)",
+        "nf4": "nf4 (bitsandbytes ",
+        "int8_bnb": "llm.int8 (bitsandbytes ",
+    }
+    for method, algorithm in expected.items():
+        group = 32 if method in ("rtn", "awq", "nf4") else None
+        details = quantized(method, group).details
+        assert details["algorithm"].startswith(algorithm), details["algorithm"]
+        assert details["library"] and details["bits"] in (4, 8)
+    # gptq's record ("gptq (llm-compressor ...)") is checked in test_quantize_library.py,
+    # where the quantization environment it needs is present.
 
 
 # --------------------------------------------------------------------------- accuracy

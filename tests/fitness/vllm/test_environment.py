@@ -13,7 +13,6 @@ from evo_compress.exceptions import ConfigError
 from evo_compress.fitness import EVALUATORS, EvaluationContext
 from evo_compress.fitness.vllm.compile import (
     CPU_BUILD,
-    CPU_REFUSED,
     VLLMCapabilities,
     capabilities,
     compile_recipe,
@@ -141,9 +140,10 @@ def test_the_cpu_build_serves_only_its_measured_table(caps: VLLMCapabilities) ->
     assert served["quant.method"] == list(table["quant.method"])
     assert served["kv.dtype"] == list(table["kv.dtype"])
     assert served["serve.attention_backend"] == ["auto"]
-    # Every quantization method of the registry is served, or refused with a reason.
-    for method in METHODS.names("quantization"):
-        assert method in table["quant.method"] or method in CPU_REFUSED, method
+    # Every vLLM method of the registry is served, or refused with the reason its entry gives.
+    for method in METHODS.methods("quantization", backend="vllm"):
+        assert method.vllm is not None
+        assert method.name in table["quant.method"] or method.vllm.cpu_refused, method.name
 
 
 def test_the_cpu_isa_is_read_from_the_cpu_flags(tmp_path: Path) -> None:
