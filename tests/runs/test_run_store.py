@@ -104,6 +104,30 @@ def test_a_store_from_a_newer_version_is_refused(finished_run):
         RunStore.open(finished_run)
 
 
+def schema_of(path):
+    db = sqlite3.connect(path)
+    rows = db.execute("SELECT type, name, sql FROM sqlite_master ORDER BY name").fetchall()
+    db.close()
+    return rows
+
+
+def test_an_older_store_is_upgraded_to_the_tables_a_new_one_has(finished_run, tmp_path):
+    fresh = RunStore.create(tmp_path / "fresh", "a: 1\n", {})
+    fresh.close()
+    db = sqlite3.connect(finished_run / DB_NAME)
+    db.executescript(
+        "DROP TABLE llm_calls; DROP TABLE credits;"
+        "UPDATE meta SET value = '1' WHERE key = 'schema_version';"
+    )
+    db.close()
+    front = [m.id for m in load_front(RunStore.open(finished_run, read_only=True))]
+    with RunStore.open(finished_run) as store:
+        assert store.get_meta("schema_version") == 2
+        assert store.llm_calls() == [] and store.credits() == []
+        assert [m.id for m in load_front(store)] == front
+    assert schema_of(finished_run / DB_NAME) == schema_of(tmp_path / "fresh" / DB_NAME)
+
+
 def test_status_counts_generations_and_evaluations(finished_run):
     with RunStore.open(finished_run) as store:
         info = run_status(store)
