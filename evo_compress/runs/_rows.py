@@ -15,6 +15,7 @@ from typing import Any
 
 from evo_compress.exceptions import RunStoreError
 from evo_compress.fitness._base import EvaluationResult
+from evo_compress.numeric import as_float, is_int, is_number
 from evo_compress.objectives import OBJECTIVE_NAMES
 
 
@@ -85,20 +86,6 @@ def show(value: Any, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    if isinstance(value, str):  # inf and nan are stored as text (JSON has neither)
-        try:
-            float(value)
-        except ValueError:
-            return False
-        return True
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 def _loads(text: Any, field: str) -> Any:
     try:
         return json.loads(text)
@@ -148,7 +135,7 @@ def _objectives(value: Any) -> dict[str, float]:
         if name not in objectives:
             raise _Damage(f"`objectives` lacks `{name}`")
         number = objectives[name]
-        if not _is_number(number) or not math.isfinite(float(number)):
+        if not is_number(number, text=True) or not math.isfinite(as_float(number)):
             raise _Damage(f"`objectives.{name}` must be a finite number, got {show(number)}")
     return objectives
 
@@ -181,7 +168,10 @@ def _population(value: Any) -> list[dict[str, Any]]:
     for index, entry in enumerate(value):
         where = f"population[{index}]"
         _mapping(entry, where)
-        for key, check, kind in (("id", is_int, "an integer"), ("cv", _is_number, "a number")):
+        for key, check, kind in (
+            ("id", is_int, "an integer"),
+            ("cv", lambda v: is_number(v, text=True), "a number"),
+        ):
             if key not in entry:
                 raise _Damage(f"`{where}` lacks `{key}`")
             if not check(entry[key]):

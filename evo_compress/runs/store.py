@@ -22,6 +22,7 @@ from typing import Any
 
 from evo_compress.exceptions import RunStoreError
 from evo_compress.fitness._base import EvaluationResult
+from evo_compress.numeric import is_int
 from evo_compress.runs._connection import (
     BUSY_TIMEOUT_S,
     connect,
@@ -46,7 +47,6 @@ from evo_compress.runs._rows import (
     damaged,
     evaluation_row,
     individual_row,
-    is_int,
     meta_value,
     show,
     stored_objectives,
