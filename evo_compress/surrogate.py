@@ -18,7 +18,7 @@ from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 from scipy.linalg import cho_solve, cholesky, solve_triangular
 
 from evo_compress.genomes import Recipe, SearchSpace
-from evo_compress.genomes.genes import BoolGene, ChoiceGene, Gene, _RangeGene
+from evo_compress.genomes.genes import BoolGene, ChoiceGene, Gene, RangeGene
 
 # Length scales tried (times sqrt of the feature count) and noise levels (of the standardised
 # target's variance); the pair with the best marginal likelihood is used.
@@ -75,7 +75,7 @@ class RecipeEncoder:
             elif isinstance(gene, BoolGene):
                 x[col] = 1.0 if value else 0.0
                 col += 1
-            elif isinstance(gene, _RangeGene):
+            elif isinstance(gene, RangeGene):
                 span = gene.high - gene.low
                 x[col] = (float(value) - gene.low) / span if span > 0 else 0.5
                 col += 1

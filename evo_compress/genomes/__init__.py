@@ -7,6 +7,7 @@ from evo_compress.genomes.genes import (
     FloatGene,
     Gene,
     IntGene,
+    RangeGene,
     Value,
     gene_from_data,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "ForbidRule",
     "Gene",
     "IntGene",
+    "RangeGene",
     "Recipe",
     "SearchSpace",
     "Value",

@@ -231,7 +231,10 @@ class BoolGene(Gene):
 
 
 @dataclass(frozen=True)
-class _RangeGene(Gene):
+class RangeGene(Gene):
+    """A number from ``low`` to ``high`` on a grid of ``step``: what ``IntGene`` and
+    ``FloatGene`` share, and what operators and the surrogate treat as numeric."""
+
     low: float = 0
     high: float = 1
     step: float = 1
@@ -285,7 +288,7 @@ class _RangeGene(Gene):
 
 
 @dataclass(frozen=True)
-class IntGene(_RangeGene):
+class IntGene(RangeGene):
     type_name: ClassVar[str] = "int"
 
     def __post_init__(self) -> None:
@@ -306,7 +309,7 @@ class IntGene(_RangeGene):
 
 
 @dataclass(frozen=True)
-class FloatGene(_RangeGene):
+class FloatGene(RangeGene):
     type_name: ClassVar[str] = "float"
 
     def _cast(self, value: float) -> Value:
@@ -345,7 +348,7 @@ class Limits:
         values: list[tuple[str, Any]] = []
         if isinstance(gene, ChoiceGene):
             values += [("choices", c) for c in gene.choices]
-        elif isinstance(gene, _RangeGene):
+        elif isinstance(gene, RangeGene):
             values += [("low", gene.low), ("high", gene.high)]
             if self.kind == "int":
                 values.append(("step", gene.step))

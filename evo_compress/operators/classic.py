@@ -9,7 +9,7 @@ import numpy as np
 
 from evo_compress.exceptions import OperatorError
 from evo_compress.genomes import BoolGene, ChoiceGene, Gene, SearchSpace
-from evo_compress.genomes.genes import _RangeGene
+from evo_compress.genomes.genes import RangeGene
 from evo_compress.operators._base import Crossover, Mutation
 
 
@@ -61,7 +61,7 @@ class GeneMutation(Mutation):
         self.step_scale = float(step_scale)
 
     def _do(self, values: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-        mutable = [n for n in values if n in self.space.genes and _can_vary(self.space.genes[n])]
+        mutable = [n for n in values if n in self.space.genes and can_vary(self.space.genes[n])]
         if not mutable:
             return values
         prob = self.gene_prob if self.gene_prob is not None else 1.0 / len(mutable)
@@ -79,7 +79,7 @@ class GeneMutation(Mutation):
         if isinstance(gene, ChoiceGene):
             others = [c for c in gene.choices if c != value]
             return others[int(rng.integers(len(others)))]
-        assert isinstance(gene, _RangeGene)
+        assert isinstance(gene, RangeGene)
         span = gene.high - gene.low
         delta = rng.normal(0.0, self.step_scale * span)
         steps = round(delta / gene.step)
@@ -97,9 +97,10 @@ class GeneMutation(Mutation):
         return gene.clip(moved, rng)
 
 
-def _can_vary(gene: Gene) -> bool:
+def can_vary(gene: Gene) -> bool:
+    """Whether a mutation can give ``gene`` another value (it has more than one)."""
     if isinstance(gene, ChoiceGene):
         return len(gene.choices) > 1
-    if isinstance(gene, _RangeGene):
+    if isinstance(gene, RangeGene):
         return gene.n_steps > 0
     return True

@@ -14,12 +14,12 @@ import numpy as np
 
 from evo_compress.exceptions import OperatorError, RecipeError
 from evo_compress.genomes import ChoiceGene, Recipe, SearchSpace, Value
-from evo_compress.genomes.genes import _RangeGene
+from evo_compress.genomes.genes import RangeGene
 from evo_compress.methods import METHODS
 from evo_compress.numeric import is_number
 from evo_compress.objectives import CONSTRAINTS, constraint_of
 from evo_compress.operators._base import Measured, Mutation, Proposal, VariationContext
-from evo_compress.operators.classic import GeneMutation, _can_vary
+from evo_compress.operators.classic import GeneMutation, can_vary
 
 # Gene names of the built-in `llm-compression` space; a rule whose genes a custom space lacks
 # (or whose target values it does not allow) simply does not apply there.
@@ -152,7 +152,7 @@ class Rule(ABC):
         """Numeric gene ``name`` moved ``steps`` grid steps, clipped to its range; ``None`` if
         it is inactive, not numeric, or already at that bound."""
         gene = self.space.genes.get(name)
-        if name not in values or not isinstance(gene, _RangeGene) or not is_number(values[name]):
+        if name not in values or not isinstance(gene, RangeGene) or not is_number(values[name]):
             return None
         moved = _shifted(gene, float(values[name]) + steps * gene.step)
         return None if moved == values[name] else moved
@@ -160,7 +160,7 @@ class Rule(ABC):
     def _at(self, name: str, target: float) -> Value | None:
         """Numeric gene ``name`` set as near ``target`` as its range and step allow."""
         gene = self.space.genes.get(name)
-        return _shifted(gene, target) if isinstance(gene, _RangeGene) else None
+        return _shifted(gene, target) if isinstance(gene, RangeGene) else None
 
     def _neighbours(self, values: Mapping[str, Any], name: str) -> list[Value]:
         """Values one step away: the adjacent grid points of a number, the adjacent choices of
@@ -169,7 +169,7 @@ class Rule(ABC):
         if name not in values or gene is None:
             return []
         value = values[name]
-        if isinstance(gene, _RangeGene):
+        if isinstance(gene, RangeGene):
             moved = (self._shift(values, name, -1), self._shift(values, name, 1))
             return [v for v in moved if v is not None]
         if isinstance(gene, ChoiceGene):
@@ -201,7 +201,7 @@ class Rule(ABC):
             out[name] = value
 
 
-def _shifted(gene: _RangeGene, target: float) -> Value:
+def _shifted(gene: RangeGene, target: float) -> Value:
     """The grid point of ``gene`` nearest ``target`` (which may lie outside the range)."""
     k = min(max(round((target - gene.low) / gene.step), 0), gene.n_steps)
     return gene.check(gene.low + k * gene.step)
@@ -273,7 +273,7 @@ class StructuredToUnstructured(Rule):
         values[PRUNE] = self._allowed(PRUNE, ["wanda", "magnitude"])[0]
         self._set(values, PATTERN, "unstructured")
         gene = self.space.genes.get(SPARSITY)
-        if SPARSITY in values and isinstance(gene, _RangeGene):
+        if SPARSITY in values and isinstance(gene, RangeGene):
             values[SPARSITY] = _shifted(gene, float(values[SPARSITY]) - gene.step)
         return values
 
@@ -294,7 +294,7 @@ class DenseSparsityPattern(Rule):
         assert fixed is not None
         values[PATTERN] = "unstructured"
         gene = self.space.genes.get(SPARSITY)
-        if isinstance(gene, _RangeGene):
+        if isinstance(gene, RangeGene):
             self._set(values, SPARSITY, _shifted(gene, fixed - gene.step))
         return values
 
@@ -329,7 +329,7 @@ class MoreRecovery(Rule):
     def _moves(self, values: Mapping[str, Any]) -> list[tuple[str, Value]]:
         moves: list[tuple[str, Value]] = []
         gene = self.space.genes.get(STEPS)
-        if STEPS in values and isinstance(gene, _RangeGene):
+        if STEPS in values and isinstance(gene, RangeGene):
             doubled = _shifted(gene, max(2 * float(values[STEPS]), values[STEPS] + gene.step))
             if doubled != values[STEPS]:
                 moves.append((STEPS, doubled))
@@ -684,7 +684,7 @@ class ExpertMutation(Mutation):
         return repeat or (child, "none")
 
     def _random_gene(self, values: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-        mutable = [n for n in values if n in self.space.genes and _can_vary(self.space.genes[n])]
+        mutable = [n for n in values if n in self.space.genes and can_vary(self.space.genes[n])]
         if not mutable:
             return values
         name = _pick(rng, mutable)
