@@ -12,7 +12,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, get_args
 
 from pydantic import (
     AfterValidator,
@@ -30,7 +30,7 @@ from pydantic_core import ErrorDetails, PydanticCustomError
 from typing_extensions import NotRequired, TypedDict
 
 from evo_compress.exceptions import RunStoreError
-from evo_compress.fitness._base import EvaluationResult
+from evo_compress.fitness import EvaluationResult, Status
 from evo_compress.numeric import as_float, is_number
 from evo_compress.objectives import OBJECTIVE_NAMES
 
@@ -135,7 +135,6 @@ Names = Annotated[list[StrictStr], _as_a_whole("a list of names")]
 Number = Annotated[Any, AfterValidator(_number)]
 FiniteNumber = Annotated[Any, AfterValidator(_finite_number)]
 
-Status = Literal["ok", "failed", "infeasible"]
 STATUSES: tuple[str, ...] = get_args(Status)
 
 

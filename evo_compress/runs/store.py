@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from evo_compress.exceptions import RunStoreError
-from evo_compress.fitness._base import EvaluationResult
+from evo_compress.fitness import EvaluationResult
 from evo_compress.numeric import is_int
 from evo_compress.runs._connection import (
     BUSY_TIMEOUT_S,
