@@ -6,6 +6,7 @@ from evo_compress.fitness._base import (
     EvaluationResult,
     Evaluator,
     Placement,
+    Status,
     make_evaluator,
 )
 from evo_compress.fitness.cache import FitnessCache
@@ -17,5 +18,6 @@ __all__ = [
     "Evaluator",
     "FitnessCache",
     "Placement",
+    "Status",
     "make_evaluator",
 ]

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from evo_compress.exceptions import RecipeError, SearchSpaceError
+from evo_compress.numeric import as_float, is_int, is_number
 
 Value = str | int | float | bool
 
@@ -23,24 +24,6 @@ MAX_STEPS = 10**6  # values of one range gene: rng.integers needs them to fit an
 
 # PyYAML reads an unquoted 2:4 as the base-60 integer 124; say so instead of a bare "not one of".
 _SEXAGESIMAL_HINTS = {124: "2:4", 248: "4:8", 128: "2:8"}
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-def _as_float(value: Any) -> float:
-    """``float(value)``, with integers too large for a float mapped to +-inf."""
-    try:
-        return float(value)
-    except OverflowError:
-        return math.inf if value > 0 else -math.inf
-
-
-def _is_number(value: Any) -> bool:
-    return _is_int(value) or (
-        isinstance(value, (float, np.floating)) and not isinstance(value, bool)
-    )
 
 
 @dataclass(frozen=True)
@@ -188,7 +171,7 @@ class ChoiceGene(Gene):
             raise SearchSpaceError(f"`{self.name}.choices` has duplicates: {list(self.choices)}")
 
     def _numeric(self) -> bool:
-        return all(_is_number(c) for c in self.choices)
+        return all(is_number(c) for c in self.choices)
 
     def check(self, value: Any) -> Value:
         for choice in self.choices:
@@ -196,7 +179,7 @@ class ChoiceGene(Gene):
             if value == choice and isinstance(value, bool) == isinstance(choice, bool):
                 return choice
         error = self._fail(value, f"one of {list(self.choices)}")
-        if _is_int(value) and int(value) in _SEXAGESIMAL_HINTS:
+        if is_int(value) and int(value) in _SEXAGESIMAL_HINTS:
             quoted = _SEXAGESIMAL_HINTS[int(value)]
             error = RecipeError(
                 f"{error} (write '{quoted}' in quotes: YAML reads {quoted} as {value})"
@@ -208,8 +191,8 @@ class ChoiceGene(Gene):
             return self.check(value)
         except RecipeError:
             pass
-        if self._numeric() and _is_number(value):
-            target = _as_float(value)
+        if self._numeric() and is_number(value):
+            target = as_float(value)
             if math.isinf(target):
                 return (max if target > 0 else min)(self.choices, key=float)
             return min(self.choices, key=lambda c: (abs(float(c) - target), float(c)))
@@ -261,7 +244,7 @@ class RangeGene(Gene):
             raise SearchSpaceError(f"`{self.name}`: low {self.low} must be <= high {self.high}")
         if not self.step > 0:
             raise SearchSpaceError(f"`{self.name}.step` must be > 0, got {self.step}")
-        steps = (_as_float(self.high) - _as_float(self.low)) / _as_float(self.step)
+        steps = (as_float(self.high) - as_float(self.low)) / as_float(self.step)
         if not steps <= MAX_STEPS:
             raise SearchSpaceError(
                 f"`{self.name}`: [{self.low}, {self.high}] in steps of {self.step} has "
@@ -282,17 +265,17 @@ class RangeGene(Gene):
         """Turn a snapped number into this gene's canonical type."""
 
     def check(self, value: Any) -> Value:
-        if not _is_number(value) or math.isnan(_as_float(value)):
+        if not is_number(value) or math.isnan(as_float(value)):
             raise self._fail(value, f"a number in [{self.low}, {self.high}]")
         tolerance = self.step * 1e-9
-        if not self.low - tolerance <= _as_float(value) <= self.high + tolerance:
+        if not self.low - tolerance <= as_float(value) <= self.high + tolerance:
             raise self._fail(value, f"in [{self.low}, {self.high}]")
-        return self._snap(_as_float(value))
+        return self._snap(as_float(value))
 
     def clip(self, value: Any, rng: np.random.Generator) -> Value:
-        if not _is_number(value) or math.isnan(_as_float(value)):
+        if not is_number(value) or math.isnan(as_float(value)):
             return self.sample(rng)
-        return self._snap(min(max(_as_float(value), self.low), self.high))
+        return self._snap(min(max(as_float(value), self.low), self.high))
 
     def sample(self, rng: np.random.Generator) -> Value:
         return self._cast(self.low + int(rng.integers(self.n_steps + 1)) * self.step)
@@ -311,13 +294,13 @@ class IntGene(RangeGene):
     def __post_init__(self) -> None:
         super().__post_init__()
         for attr in ("low", "high", "step"):
-            if not _is_int(getattr(self, attr)):
+            if not is_int(getattr(self, attr)):
                 raise SearchSpaceError(f"`{self.name}.{attr}` must be an integer")
 
     def check(self, value: Any) -> Value:
         if isinstance(value, float) and value.is_integer():
             value = int(value)
-        if not _is_int(value):
+        if not is_int(value):
             raise self._fail(value, f"an integer in [{self.low}, {self.high}]")
         return super().check(value)
 
@@ -352,13 +335,13 @@ class Limits:
     def holds(self, value: Any) -> bool:
         if self.kind == "bool":
             return isinstance(value, (bool, np.bool_))
-        if self.kind == "int" and not (_is_int(value) and not isinstance(value, bool)):
+        if self.kind == "int" and not (is_int(value) and not isinstance(value, bool)):
             return False
-        if not _is_number(value) or not math.isfinite(_as_float(value)):
+        if not is_number(value) or not math.isfinite(as_float(value)):
             return False
         low = -math.inf if self.low is None else self.low
         high = math.inf if self.high is None else self.high
-        return low <= _as_float(value) <= high
+        return low <= as_float(value) <= high
 
     def check(self, gene: Gene) -> None:
         """Raise ``SearchSpaceError`` naming the first domain value outside the limits."""
@@ -439,7 +422,7 @@ def gene_from_data(name: str, data: Mapping[str, Any]) -> Gene:
             "step": data.get("step", 1 if kind == "int" else 0.01),
         }
         for key, value in raw.items():
-            if not _is_number(value) or not math.isfinite(_as_float(value)):
+            if not is_number(value) or not math.isfinite(as_float(value)):
                 raise SearchSpaceError(f"`{where}.{key}` must be a finite number, got {value!r}")
             if kind == "int" and not float(value).is_integer():
                 raise SearchSpaceError(f"`{where}.{key}` must be an integer, got {value!r}")

@@ -14,8 +14,9 @@ import numpy as np
 
 from evo_compress.exceptions import OperatorError, RecipeError
 from evo_compress.genomes import ChoiceGene, Recipe, SearchSpace, Value
-from evo_compress.genomes.genes import RangeGene, _is_number
+from evo_compress.genomes.genes import RangeGene
 from evo_compress.methods import METHODS
+from evo_compress.numeric import is_number
 from evo_compress.objectives import CONSTRAINTS, constraint_of
 from evo_compress.operators._base import Measured, Mutation, Proposal, VariationContext
 from evo_compress.operators.classic import GeneMutation, can_vary
@@ -151,7 +152,7 @@ class Rule(ABC):
         """Numeric gene ``name`` moved ``steps`` grid steps, clipped to its range; ``None`` if
         it is inactive, not numeric, or already at that bound."""
         gene = self.space.genes.get(name)
-        if name not in values or not isinstance(gene, RangeGene) or not _is_number(values[name]):
+        if name not in values or not isinstance(gene, RangeGene) or not is_number(values[name]):
             return None
         moved = _shifted(gene, float(values[name]) + steps * gene.step)
         return None if moved == values[name] else moved
@@ -174,7 +175,7 @@ class Rule(ABC):
         if isinstance(gene, ChoiceGene):
             if value not in gene.choices:
                 return []
-            if all(_is_number(c) for c in gene.choices):
+            if all(is_number(c) for c in gene.choices):
                 ordered = sorted(gene.choices, key=float)
                 i = ordered.index(value)
                 return [ordered[j] for j in (i - 1, i + 1) if 0 <= j < len(ordered)]

@@ -95,6 +95,70 @@ def test_a_damaged_checkpoint_row_names_the_checkpoint(finished_run):
         load_front(store)
 
 
+@pytest.mark.parametrize(
+    ("sql", "read", "message"),
+    [
+        (
+            "UPDATE checkpoints SET population = json_remove(population, '$[0].id')",
+            RunStore.checkpoints,
+            "checkpoint of generation 0 is damaged: `population[0]` lacks `id`",
+        ),
+        (
+            "UPDATE checkpoints SET population = json_set(population, '$[1].cv', 'x')",
+            RunStore.checkpoints,
+            "`population[1].cv` must be a number, got 'x'",
+        ),
+        (
+            "UPDATE checkpoints SET algorithm_state = json_set(algorithm_state, '$.survival', 3)",
+            RunStore.checkpoints,
+            "`algorithm_state.survival` must be a mapping, got 3",
+        ),
+        (
+            "UPDATE evaluations SET objectives = json_set(objectives, '$.energy', 'inf') "
+            "WHERE status = 'ok'",
+            RunStore.evaluated_objectives,
+            "`objectives.energy` must be a finite number, got 'inf'",
+        ),
+        (
+            "UPDATE evaluations SET objectives = replace(objectives, '\"co2\": ', "
+            "'\"co2\": 1' || printf('%0400d', 0) || ', \"was\": ') WHERE status = 'ok'",
+            RunStore.evaluations,
+            "`objectives.co2` must be a finite number, got 1000",
+        ),
+        (
+            "UPDATE evaluations SET status = 'done'",
+            RunStore.evaluations,
+            "`status` must be 'ok', 'failed' or 'infeasible', got 'done'",
+        ),
+        (
+            "UPDATE evaluations SET objectives = NULL WHERE status = 'ok'",
+            RunStore.evaluations,
+            "`objectives` is missing from a successful evaluation",
+        ),
+        (
+            "UPDATE individuals SET operators = '[\"uniform\", 3]' WHERE generation = 1",
+            RunStore.individuals,
+            "`operators` must be a list of names, got ['uniform', 3]",
+        ),
+        (
+            "UPDATE individuals SET recipe = '[1]' WHERE generation = 1",
+            RunStore.individuals,
+            "`recipe` must be a mapping, got [1]",
+        ),
+    ],
+)
+def test_a_damaged_field_is_named_with_its_path(finished_run, sql, read, message):
+    db = sqlite3.connect(finished_run / DB_NAME)
+    assert db.execute(sql).rowcount > 0
+    db.commit()
+    db.close()
+    with RunStore.open(finished_run) as store, pytest.raises(RunStoreError) as caught:
+        read(store)
+    assert str(caught.value).startswith(f"run store {finished_run}: ")
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
 def test_a_store_from_a_newer_version_is_refused(finished_run):
     db = sqlite3.connect(finished_run / DB_NAME)
     db.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
@@ -102,6 +166,30 @@ def test_a_store_from_a_newer_version_is_refused(finished_run):
     db.close()
     with pytest.raises(RunStoreError, match="newer evo-compress"):
         RunStore.open(finished_run)
+
+
+def schema_of(path):
+    db = sqlite3.connect(path)
+    rows = db.execute("SELECT type, name, sql FROM sqlite_master ORDER BY name").fetchall()
+    db.close()
+    return rows
+
+
+def test_an_older_store_is_upgraded_to_the_tables_a_new_one_has(finished_run, tmp_path):
+    fresh = RunStore.create(tmp_path / "fresh", "a: 1\n", {})
+    fresh.close()
+    db = sqlite3.connect(finished_run / DB_NAME)
+    db.executescript(
+        "DROP TABLE llm_calls; DROP TABLE credits;"
+        "UPDATE meta SET value = '1' WHERE key = 'schema_version';"
+    )
+    db.close()
+    front = [m.id for m in load_front(RunStore.open(finished_run, read_only=True))]
+    with RunStore.open(finished_run) as store:
+        assert store.get_meta("schema_version") == 2
+        assert store.llm_calls() == [] and store.credits() == []
+        assert [m.id for m in load_front(store)] == front
+    assert schema_of(finished_run / DB_NAME) == schema_of(tmp_path / "fresh" / DB_NAME)
 
 
 def test_status_counts_generations_and_evaluations(finished_run):
