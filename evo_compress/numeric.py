@@ -44,3 +44,14 @@ def as_float(value: Any) -> float:
         return float(value)
     except OverflowError:
         return math.inf if value > 0 else -math.inf
+
+
+def finite_float(value: Any) -> float | None:
+    """``value`` as a float when it is a finite number (``bool`` excluded), else None: for
+    scores, standard errors and counts read from records, where NaN or a string means absent.
+    """
+    if is_number(value):
+        number = as_float(value)
+        if math.isfinite(number):
+            return number
+    return None

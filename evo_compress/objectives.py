@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from evo_compress.numeric import finite_float
+
 
 @dataclass(frozen=True)
 class Objective:
@@ -210,16 +212,16 @@ def task_entries(metadata: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         return {}
     out: dict[str, dict[str, Any]] = {}
     for name, entry in tasks.items():
-        if not isinstance(entry, Mapping) or not _finite(entry.get("score")):
+        if not isinstance(entry, Mapping) or finite_float(entry.get("score")) is None:
             continue
-        stderr, n = _number(entry.get("stderr")), _number(entry.get("n"))
+        stderr, n = finite_float(entry.get("stderr")), finite_float(entry.get("n"))
         metric = entry.get("metric")
         out[str(name)] = {
             "score": float(entry["score"]),
             "stderr": stderr if stderr is not None and stderr >= 0 else None,
             "n": int(n) if n is not None and n.is_integer() and n >= 0 else None,
             "metric": metric if isinstance(metric, str) else None,
-            "weight": _number(entry.get("weight")),
+            "weight": finite_float(entry.get("weight")),
         }
     return out
 
@@ -227,14 +229,6 @@ def task_entries(metadata: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 def task_scores(metadata: Mapping[str, Any]) -> dict[str, float]:
     """Each task's score in a record's ``metadata["tasks"]`` (finite numbers only)."""
     return {name: entry["score"] for name, entry in task_entries(metadata).items()}
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _number(value: Any) -> float | None:
-    return float(value) if _finite(value) else None
 
 
 def constrained_values(

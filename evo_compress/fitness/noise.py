@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from evo_compress.numeric import finite_float
+
 STDERR_KEY = "accuracy_stderr"
 N_KEY = "accuracy_n"
 
@@ -59,8 +61,8 @@ class AccuracyEstimate:
         n: Any = metadata.get(N_KEY)
         return cls(
             float(objectives["accuracy"]),
-            float(stderr) if _number(stderr) and stderr >= 0 else None,
-            int(n) if _number(n) and float(n).is_integer() and n >= 1 else None,
+            float(stderr) if finite_float(stderr) is not None and stderr >= 0 else None,
+            int(n) if finite_float(n) is not None and float(n).is_integer() and n >= 1 else None,
         )
 
     def text(self, digits: int = 3) -> str:
@@ -68,10 +70,6 @@ class AccuracyEstimate:
         if self.stderr is None:
             return f"{self.value:.{digits}f}"
         return f"{self.value:.{digits}f} ± {self.stderr:.{digits}f}"
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def within_noise(a: AccuracyEstimate, b: AccuracyEstimate, z: float = 2.0) -> bool:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from evo_compress.fitness.noise import N_KEY, STDERR_KEY
+from evo_compress.numeric import finite_float
 from evo_compress.objectives import to_minimization
 
 STAGE_KEY = "stage"  # metadata key: "quick" or "full"; absent on results of a run without racing
@@ -67,7 +68,7 @@ class RaceRule:
         accuracies within noise of each other are never decided on quick items)."""
         if not self.front:
             return False
-        stderr = _number(metadata.get(STDERR_KEY))
+        stderr = finite_float(metadata.get(STDERR_KEY))
         n = metadata.get(N_KEY)
         quick = to_minimization(objectives)
         for member in self.front:
@@ -126,12 +127,6 @@ def combine_means(
         squares += (k - 1) * variance + k * m * m
     variance = max(0.0, (squares - n * mean * mean) / (n - 1))
     return mean, n, math.sqrt(variance / n)
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    return None
 
 
 __all__ = [

@@ -18,6 +18,7 @@ from typing import Any
 
 from evo_compress.exceptions import EvaluationError
 from evo_compress.fitness.noise import accuracy_stderr
+from evo_compress.numeric import finite_float
 
 # Indexing lm-eval's built-in tasks takes seconds: keep one TaskManager per set of paths.
 _TASK_MANAGERS: dict[tuple[tuple[str, ...], bool], Any] = {}
@@ -125,12 +126,6 @@ def _apply_template(template: str, doc: dict[str, Any]) -> str:
     return str(_template(template).render(**doc))
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, (int, float)) and math.isfinite(value):
-        return float(value)
-    return None
-
-
 def _main_metric(
     results: dict[str, Any], name: str, wanted: str | None = None
 ) -> tuple[str, float, float | None]:
@@ -152,10 +147,10 @@ def _main_metric(
     elif metrics:  # stable sort: the first listed metric first, filters in lm-eval's order
         keys.sort(key=lambda k: k.split(",")[0] != metrics[0])
     for key in keys:
-        value = _number(scores[key])
+        value = finite_float(scores[key])
         if value is not None:
             metric, _, filt = key.partition(",")
-            return metric, value, _number(scores.get(f"{metric}_stderr,{filt}"))
+            return metric, value, finite_float(scores.get(f"{metric}_stderr,{filt}"))
     raise EvaluationError(f"lm-eval returned no numeric metric for task `{name}`: {scores}")
 
 
