@@ -47,3 +47,10 @@ def clip(text: str, limit: int, *, ellipsis: str = "…", flatten: bool = True) 
     """
     text = " ".join(str(text).split()) if flatten else text
     return text if len(text) <= limit else text[: limit - len(ellipsis)] + ellipsis
+
+
+def format_value(value: object) -> str:
+    """A value as a table cell shows it: a float to six significant digits, None as ``-``."""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "-" if value is None else str(value)

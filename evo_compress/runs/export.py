@@ -37,6 +37,7 @@ from evo_compress.objectives import (
     task_entries,
 )
 from evo_compress.runs.store import CONFIG_NAME, EvaluationRow, IndividualRow, RunStore
+from evo_compress.text import format_value
 
 RECIPE_FILE = "recipe.yaml"
 OBJECTIVES_FILE = "objectives.json"
@@ -437,12 +438,6 @@ def _not_servable(info: _Exported) -> str:
     )
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return "-" if value is None else str(value)
-
-
 def _readme(info: _Exported, files: Mapping[str, str]) -> str:
     """README.md of the export, from ``templates/README.md.j2``."""
     objectives = []
@@ -450,7 +445,7 @@ def _readme(info: _Exported, files: Mapping[str, str]) -> str:
         how = str(entry["how"])
         if entry["measured"] is False and how != "synthetic":
             how += " (not measured)"
-        value = _fmt(entry["value"])
+        value = format_value(entry["value"])
         if entry.get("stderr") is not None:
             value = AccuracyEstimate(entry["value"], entry["stderr"]).text()
             if entry.get("n") is not None:
@@ -465,15 +460,15 @@ def _readme(info: _Exported, files: Mapping[str, str]) -> str:
         {
             "name": name,
             "score": AccuracyEstimate(task["score"], task["stderr"]).text(),
-            **{key: _fmt(task[key]) for key in ("metric", "n", "weight")},
+            **{key: format_value(task[key]) for key in ("metric", "n", "weight")},
         }
         for name, task in task_entries(info.evaluation.result.metadata).items()
     ]
     constraints = [
         {
             "name": name,
-            "limit": _fmt(c["limit"]),
-            "value": _fmt(c["value"]),
+            "limit": format_value(c["limit"]),
+            "value": format_value(c["value"]),
             "verdict": {True: "met", False: "violated", None: "unknown"}[c["satisfied"]],
         }
         for name, c in info.constraints.items()

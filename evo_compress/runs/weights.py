@@ -24,6 +24,7 @@ from evo_compress import __version__
 from evo_compress.exceptions import EvoCompressError
 from evo_compress.fitness.noise import AccuracyEstimate
 from evo_compress.genomes import Recipe, render_recipe, render_recipe_yaml
+from evo_compress.text import format_value
 
 PROVENANCE_FILE = "evo_compress_export.json"
 CARD_FILE = "README.md"
@@ -216,14 +217,8 @@ def _front_matter(origin: WeightsOrigin) -> str:
     return "---\n" + yaml.safe_dump(data, sort_keys=False) + "---\n"
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return "-" if value is None else str(value)
-
-
 def _cell(value: Any) -> str:
-    return _fmt(value).replace("|", "\\|").replace("\n", " ")
+    return format_value(value).replace("|", "\\|").replace("\n", " ")
 
 
 def model_card(origin: WeightsOrigin, saved: Mapping[str, Any]) -> str:
@@ -293,7 +288,7 @@ def _objectives_section(origin: WeightsOrigin) -> list[str]:
         "|---|---:|---|---|---|",
     ]
     for name, entry in origin.objectives.items():
-        value = _fmt(entry.get("value"))
+        value = format_value(entry.get("value"))
         if entry.get("stderr") is not None:
             value = AccuracyEstimate(entry["value"], entry["stderr"]).text()
         better = "higher" if entry.get("direction") == "max" else "lower"
@@ -340,14 +335,14 @@ def _how_section(origin: WeightsOrigin, saved: Mapping[str, Any]) -> list[str]:
     if prune:
         lines.append(
             f"- Pruning: `{origin.recipe.get('prune.method')}`, measured sparsity "
-            f"{_fmt(prune.get('sparsity'))}."
+            f"{format_value(prune.get('sparsity'))}."
         )
     recovery = details.get("recovery")
     if recovery:
         lines.append(
             f"- Recovery: `{origin.recipe.get('recovery.method')}`, {recovery.get('steps')} "
-            f"steps, training loss {_fmt(recovery.get('loss_first'))} -> "
-            f"{_fmt(recovery.get('loss_last'))}."
+            f"steps, training loss {format_value(recovery.get('loss_first'))} -> "
+            f"{format_value(recovery.get('loss_last'))}."
         )
     quant = details.get("quant") or {}
     if quant.get("method") not in (None, "none"):
@@ -364,7 +359,8 @@ def _how_section(origin: WeightsOrigin, saved: Mapping[str, Any]) -> list[str]:
         lines.append(
             f"- Checked on saving: the folder loads back with the same {check.get('parameters')} "
             f"parameters (class, dtype, shape) and logits within "
-            f"{_fmt(check.get('max_logit_difference'))} on {check.get('texts')} task texts."
+            f"{format_value(check.get('max_logit_difference'))} on {check.get('texts')} task "
+            "texts."
         )
     lines.append(
         "- Versions: " + ", ".join(f"{name} {version}" for name, version in versions.items()) + "."

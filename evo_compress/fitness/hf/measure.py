@@ -40,10 +40,6 @@ ATTENTION_BACKENDS = {
 }
 
 
-def _device(device: torch.device | str) -> torch.device:
-    return device if isinstance(device, torch.device) else torch.device(device)
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -55,7 +51,7 @@ def _sync(device: torch.device) -> None:
 def attention_unsupported(backend: str, device: torch.device | str) -> str | None:
     """Why the ``serve.attention_backend`` value cannot run on ``device`` with transformers
     (None if it can); ``set_attention`` also checks what depends on the model."""
-    dev = _device(device)
+    dev = torch.device(device)
     if backend == "flashinfer":
         return "flashinfer is a vLLM / SGLang kernel; transformers has no flashinfer attention"
     if backend not in ATTENTION_BACKENDS:
@@ -207,7 +203,7 @@ def measure_latency(
         )
     if not prompts:
         raise ValueError("`prompts` must not be empty")
-    dev = _device(device)
+    dev = torch.device(device)
     saved_side, set_pad = tokenizer.padding_side, tokenizer.pad_token is None
     tokenizer.padding_side = "left"
     if set_pad:
@@ -331,7 +327,7 @@ class MemoryMeter:
 
     def __init__(self, model: nn.Module, device: torch.device | str = "cpu") -> None:
         self.model = model
-        self.device = _device(device)
+        self.device = torch.device(device)
         self._result: dict[str, Any] | None = None
         self._rss0 = 0
         self._hwm_reset = False
@@ -399,7 +395,7 @@ class ModelPeakMeter:
     """
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
-        self.device = _device(device)
+        self.device = torch.device(device)
         self._peak = 0
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
