@@ -82,19 +82,25 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of a causal LM (``model.model.layers`` in the Llama family)."""
+    """The decoder blocks of a causal LM (``model.model.layers`` in the Llama family, else
+    ``get_decoder().layers``), a peft wrapper looked through: the one rule pruning, recovery
+    and the calibrated quantization kernels (AWQ) share.
+
+    Raises:
+        ValueError: the model has no non-empty ``nn.ModuleList`` of decoder layers there.
+    """
     base = _unwrap(model)
     layers = getattr(getattr(base, "model", None), "layers", None)
-    if isinstance(layers, nn.ModuleList):
+    if isinstance(layers, nn.ModuleList) and len(layers):
         return layers
     get_decoder = getattr(base, "get_decoder", None)
     if callable(get_decoder):
         layers = getattr(get_decoder(), "layers", None)
-        if isinstance(layers, nn.ModuleList):
+        if isinstance(layers, nn.ModuleList) and len(layers):
             return layers
     raise ValueError(
-        f"{type(base).__name__} has no decoder layers at `model.layers`; pruning supports "
-        "Llama-family causal LMs"
+        f"{type(base).__name__} has no decoder layers at `model.layers`; pruning and "
+        "calibrated quantization support Llama-family causal LMs"
     )
 
 

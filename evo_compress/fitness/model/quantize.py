@@ -144,10 +144,6 @@ def resolve(reference: str) -> Any:
     return obj
 
 
-def _device(device: torch.device | str) -> torch.device:
-    return device if isinstance(device, torch.device) else torch.device(device)
-
-
 def target_linears(model: nn.Module) -> dict[str, nn.Linear]:
     """The linear layers that get quantized: every ``nn.Linear`` but the output head."""
     get_head = getattr(model, "get_output_embeddings", None)
@@ -202,7 +198,7 @@ def quantization_unsupported(
     is a multiple of the group size: torchao's int4 tensors require it, and bitsandbytes'
     CPU kernel dequantizes wrongly otherwise (checked on bitsandbytes 0.50).
     """
-    dev = _device(device)
+    dev = torch.device(device)
     entry = _method(method)
     if entry is None:
         known = ", ".join(METHODS.names("quantization", backend="transformers"))
@@ -340,7 +336,7 @@ def torchao_storage_config(
     entry = _method(method)
     if entry is None or entry.transformers is None or entry.transformers.storage is None:
         return None
-    return resolve(entry.transformers.storage)(group_size, _device(device), dtype)
+    return resolve(entry.transformers.storage)(group_size, torch.device(device), dtype)
 
 
 def _quantize_torchao(model: nn.Module, config: Any, names: set[str]) -> None:
@@ -371,14 +367,12 @@ class _StopForward(Exception):
 
 
 def _decoder_layers(model: nn.Module, method: str) -> nn.ModuleList:
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise QuantizationUnsupportedError(
-            f"{method} needs a decoder with `model.layers` (Llama-style); "
-            f"{type(model).__name__} has none"
-        )
-    return layers
+    from evo_compress.fitness.model.prune import decoder_layers
+
+    try:
+        return decoder_layers(model)
+    except ValueError as exc:
+        raise QuantizationUnsupportedError(f"{method}: {exc}") from None
 
 
 @torch.no_grad()
@@ -915,7 +909,7 @@ def apply_quantization(
     save + reload). Raises ``QuantizationUnsupportedError`` for a method this device or model
     cannot run, never falling back silently.
     """
-    dev = _device(device)
+    dev = torch.device(device)
     method = str(recipe.get("quant.method", "none"))
     group_size = int(recipe.get("quant.group_size", DEFAULT_GROUP_SIZE))
     entry = _method(method)
