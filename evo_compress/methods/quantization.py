@@ -119,17 +119,14 @@ BUILTIN: tuple[CompressionMethod, ...] = (
         calibration=True,
         group_sizes=GROUP_SIZES,
         transformers=TransformersSupport(
-            library="llm-compressor (quantization environment) on CUDA, evo-compress AWQ "
-            "elsewhere; stored with torchao",
+            library="llm-compressor (quantization environment), else evo-compress AWQ; "
+            "stored with torchao",
             kernel=f"{_Q}:_awq_kernel",
             probe=f"{_Q}:_int4_probe",
             storage=f"{_Q}:_awq_storage",
         ),
         vllm=VllmSupport(
-            scheme="W4A16",
-            algorithm="awq",
-            cpu_refused="llm-compressor's AWQ needs an accelerator (`pin_memory`: \"Cannot "
-            'access accelerator device when none is available")',
+            scheme="W4A16", algorithm="awq", cpu_isas=("avx512",), cpu_refused=_CPU_NO_WNA16
         ),
         synthetic=SyntheticTraits(
             degradation=0.025, dequant_factor=1.2, compute_factor=0.85, calibration_j=7e5

@@ -38,8 +38,8 @@ class LibraryQuantizationError(EvaluationError):
 
 def library_unsupported(method: str, device: torch.device) -> str | None:
     """Why llm-compressor cannot quantize ``method`` for this back end here (None if it can):
-    the quantization environment is missing, or (AWQ) there is no CUDA device; llm-compressor's
-    AWQ fails on the CPU (BENCHMARKS.md)."""
+    the quantization environment is missing. Its AWQ runs on the CPU too, once the job leaves
+    out the memory pinning that needs an accelerator (``quantize_job.py``)."""
     try:
         python = default_python()
     except ConfigError as exc:
@@ -50,8 +50,6 @@ def library_unsupported(method: str, device: torch.device) -> str | None:
             f"environment is not installed: run `make vllm-env`, or set `{QUANT_ENV_VAR}` to "
             "an environment it made"
         )
-    if method == "awq" and device.type != "cuda":
-        return "llm-compressor's AWQ needs a CUDA device (it fails on the CPU)"
     return None
 
 
@@ -177,6 +175,38 @@ def read_int4(
     return found
 
 
+def read_unquantized(folder: Path, targets: list[str]) -> dict[str, torch.Tensor]:
+    """Every tensor of a compressed-tensors checkpoint that is not part of a quantized layer
+    in ``targets``: the norms, embeddings and biases, which AWQ's smoothing rescales."""
+    from safetensors import safe_open
+
+    prefixes = tuple(f"{name}.weight_" for name in targets)
+    found: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():  # noqa: SIM118
+                if not key.startswith(prefixes):
+                    found[key] = f.get_tensor(key)
+    return found
+
+
+def _copy_changed(model: nn.Module, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Copy into ``model`` each tensor whose values the job changed (AWQ folds its scales
+    into the layer before each smoothed one: a norm's weight); the names of those copied."""
+    state = model.state_dict()
+    changed = []
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            mine = state.get(name)
+            if mine is None or mine.shape != tensor.shape:
+                continue
+            value = tensor.to(mine.device, mine.dtype)
+            if not torch.equal(mine, value):
+                mine.copy_(value)
+                changed.append(name)
+    return changed
+
+
 def quantize_with_library(
     model: nn.Module,
     *,
@@ -217,6 +247,7 @@ def quantize_with_library(
         wall, cpu = _run_job(command, log, algorithm)
         marker = json.loads((output / "evo_quantize.json").read_text())
         found = read_int4(output, sorted(targets), group_size)
+        rescaled = _copy_changed(model, read_unquantized(output, sorted(targets)))
         errors: list[float] = []
         for name, linear in targets.items():
             qdata, scale, zero_point = found[name]
@@ -242,6 +273,7 @@ def quantize_with_library(
             "log": str(log),
             "calibration": "token ids [N, T], as given",
             "symmetric": all(z is None for _q, _s, z in found.values()),
+            "rescaled_tensors": rescaled,
         },
         "weight_relative_error_mean": sum(errors) / max(len(errors), 1),
         # The job ran in a child process: a CPU-time energy estimate of this process misses
@@ -255,5 +287,6 @@ __all__ = [
     "library_unsupported",
     "quantize_with_library",
     "read_int4",
+    "read_unquantized",
     "unpack_int4",
 ]

@@ -365,6 +365,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
     from llmcompressor import oneshot
 
+    _no_pinning_without_an_accelerator()
     oneshot(**oneshot_kwargs)
     args.output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(args.output), save_compressed=True)
@@ -383,6 +384,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     (args.output / MARKER).write_text(json.dumps(info, indent=1) + "\n")
     return info
+
+
+def _no_pinning_without_an_accelerator() -> None:
+    """llm-compressor's AWQ pins its cached activations in page-locked memory so that they
+    reach an accelerator faster; with none, ``pin_memory`` raises ("Cannot access accelerator
+    device when none is available") and AWQ fails on the CPU. Pinning changes no value, so
+    without an accelerator it is left out and AWQ runs on the CPU."""
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and accelerator.is_available():
+        return
+    try:
+        from llmcompressor.pipelines.cache import IntermediatesCache
+    except ImportError:  # a release without the cache pins nothing
+        return
+    if hasattr(IntermediatesCache, "pin_memory"):
+        IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None  # type: ignore[method-assign]
 
 
 def main(argv: list[str] | None = None) -> int:

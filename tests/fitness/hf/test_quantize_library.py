@@ -86,7 +86,7 @@ def test_without_the_quantization_environment_gptq_is_left_out_with_the_reason(
     with pytest.raises(QuantizationUnsupportedError, match="make vllm-env"):
         apply_quantization(model, {"quant.method": "gptq", "quant.group_size": 32}, "cpu", ids)
     awq = apply_quantization(model, {"quant.method": "awq", "quant.group_size": 32}, "cpu", ids)
-    assert awq.details["algorithm"] == "awq (evo-compress, CPU)"
+    assert awq.details["algorithm"] == "awq (evo-compress, no quantization environment)"
 
 
 def test_a_quantization_environment_named_wrongly_is_the_environments_fault(

@@ -38,6 +38,7 @@ from evo_compress.fitness.model.quantize import (  # noqa: E402
     quantization_unsupported,
     target_linears,
 )
+from evo_compress.fitness.model.quantize_library import library_unsupported  # noqa: E402
 
 TINY = {
     "vocab_size": 32,
@@ -343,7 +344,9 @@ def test_every_record_names_its_algorithm_and_library(quantized: Any) -> None:
     expected = {
         "int8_weight_only": "rtn per output channel (torchao ",
         "rtn": "rtn (torchao ",
-        "awq": "awq (evo-compress, CPU)",
+        "awq": "awq (llm-compressor "
+        if library_unsupported("awq", torch.device("cpu")) is None
+        else "awq (evo-compress, no quantization environment)",
         "nf4": "nf4 (bitsandbytes ",
         "int8_bnb": "llm.int8 (bitsandbytes ",
     }
@@ -378,12 +381,17 @@ def test_errors_order_as_bits_and_methods_should(
 
 def test_awq_uses_calibration_and_differs_from_rtn(quantized: Any, base_model: Any) -> None:
     awq, rtn = quantized("awq", 32), quantized("rtn", 32)
-    info = awq.details["awq"]
-    assert set(info["alphas"]) == {
-        f"layers.{i}.{g}" for i in range(2) for g in ("qkv", "o", "gate_up", "down")
-    }
-    assert any(alpha > 0 for alpha in info["alphas"].values())
-    assert all(ratio <= 1.0 for ratio in info["error_vs_rtn"].values())
+    if HAS_QUANT_ENV:  # llm-compressor's AWQ: its rescaled norms are copied in too
+        rescaled = awq.details["llmcompressor"]["rescaled_tensors"]
+        assert "model.layers.0.input_layernorm.weight" in rescaled
+        assert awq.details["algorithm"].startswith("awq (llm-compressor ")
+    else:  # the hand-written AWQ
+        info = awq.details["awq"]
+        assert set(info["alphas"]) == {
+            f"layers.{i}.{g}" for i in range(2) for g in ("qkv", "o", "gate_up", "down")
+        }
+        assert any(alpha > 0 for alpha in info["alphas"].values())
+        assert all(ratio <= 1.0 for ratio in info["error_vs_rtn"].values())
     assert awq.details["calibration_shape"] == [8, 32]
     # The 1/s folds into the norms: a norm weight changed, and so did the int4 values.
     norm_awq = awq.model.model.layers[0].input_layernorm.weight

@@ -160,12 +160,12 @@ def test_the_cpu_isa_is_read_from_the_cpu_flags(tmp_path: Path) -> None:
     [
         (CPU, {"quant.method": "fp8"}, "engine fails to start"),
         (CPU, {"quant.method": "int8_weight_only"}, "W8A16"),
-        (CPU, {"quant.method": "awq", "quant.group_size": 64}, "needs an accelerator"),
         (CPU, {"quant.method": "nf4", "quant.group_size": 64}, "bitsandbytes"),
         (CPU, {"serve.attention_backend": "flash_attention_2"}, "CUDA kernel"),
         (CPU, {"serve.gpu_memory_utilization": 0.5}, "VLLM_CPU_KVCACHE_SPACE"),
         (AVX2, {"quant.method": "gptq", "quant.group_size": 64}, "cpu_gemm_wna16"),
         (AVX2, {"quant.method": "rtn", "quant.group_size": 64}, "needs AVX-512"),
+        (AVX2, {"quant.method": "awq", "quant.group_size": 64}, "cpu_gemm_wna16"),
         (AVX2, {"kv.dtype": "fp8"}, "AVX-512 or AMX"),
     ],
 )

@@ -229,7 +229,6 @@ def test_what_the_cpu_build_cannot_serve_is_refused_before_any_step(tmp_path: Pa
     ev = real_evaluator(tmp_path)
     for data, words in (
         ({"quant.method": "fp8"}, "engine fails to start"),
-        ({"quant.method": "awq", "quant.group_size": 64}, "needs an accelerator"),
         ({"quant.method": "int8_weight_only"}, "W8A16"),
         ({"serve.attention_backend": "flashinfer"}, "CUDA kernel"),
     ):
