@@ -31,7 +31,19 @@ for _method in _QUANTIZATION:
 
 
 def get_method(name: str, kind: Kind | None = None) -> CompressionMethod:
-    """The registered method ``name``; unknown names raise with "did you mean"."""
+    """The registered method ``name`` (``METHODS.get``).
+
+    Args:
+        name: The method's name.
+        kind: Only a method of this kind; None: any.
+
+    Returns:
+        The method.
+
+    Raises:
+        RegistryError: No method of that name (and kind) is registered ("did you mean" and
+            the known names), or the plugin method of that name failed to load.
+    """
     return METHODS.get(name, kind)
 
 

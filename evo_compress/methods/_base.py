@@ -50,14 +50,23 @@ class TransformersSupport:
     - ``requires``: called with ``(method, device)`` before every use (never cached); returns
       why what the kernel needs beyond this Python is missing (an environment, a device), or
       None. None: nothing beyond the probe.
+
+    Raises:
+        ValueError: ``library`` is empty, a reference is not ``"module:attr"``, a probe,
+            storage or requirement is given without a kernel, or ``min_compute_capability``
+            is not ``(major, minor)``.
     """
 
     library: str
     """The library that does the work, for the docs (``torchao``, ``bitsandbytes``, ...)."""
     kernel: str | None = None
+    """``"module:attr"`` of the function that quantizes the model; None: weights unchanged."""
     probe: str | None = None
+    """``"module:attr"`` of the probe that says whether the kernel runs on a device."""
     storage: str | None = None
+    """``"module:attr"`` of the function that gives the torchao config to save with."""
     requires: str | None = None
+    """``"module:attr"`` of the check of what the kernel needs beyond this Python."""
     min_compute_capability: tuple[int, int] | None = None
     """Needs a CUDA GPU of at least this compute capability; None: any device."""
 
@@ -79,11 +88,20 @@ class TransformersSupport:
 class VllmSupport:
     """How the vLLM back end serves the method: quantized by vLLM while loading
     (``quantization``, its ``--quantization`` name), or by an llm-compressor step before
-    serving (``scheme`` and ``algorithm``). Neither: nothing to do (the unquantized model)."""
+    serving (``scheme`` and ``algorithm``). Neither: nothing to do (the unquantized model).
+
+    Raises:
+        ValueError: Both ``quantization`` and ``scheme`` are given, only one of ``scheme``
+            and ``algorithm`` is, ``scheme`` is not one of ``VLLM_SCHEMES``, or
+            ``cpu_isas`` names an instruction set not in ``CPU_ISAS``.
+    """
 
     quantization: str | None = None
+    """vLLM's ``--quantization`` name, for a method vLLM quantizes while loading."""
     scheme: str | None = None
+    """llm-compressor's scheme (``W4A16``, ``W8A16``, ``W8A8``), for an offline step."""
     algorithm: str | None = None
+    """The algorithm of that step (``rtn``, ``gptq``, ``awq``, ``smoothquant-gptq``)."""
     group_sizes: tuple[int, ...] | None = None
     """The group sizes vLLM can serve, when fewer than the method's own."""
     why_not_online: str = ""
@@ -112,7 +130,14 @@ class VllmSupport:
 
 @dataclass(frozen=True)
 class SyntheticTraits:
-    """The method's terms in the synthetic landscape, for a 7B model at group size 128."""
+    """The method's terms in the synthetic landscape, for a 7B model at group size 128.
+
+    A method without them is not run by the synthetic back end (``SyntheticEvaluator``).
+
+    Raises:
+        ValueError: ``degradation`` or ``calibration_j`` is negative, or ``dequant_factor``
+            or ``compute_factor`` is not positive.
+    """
 
     degradation: float
     """Accuracy degradation (see ``SyntheticEvaluator._accuracy``)."""
@@ -135,10 +160,21 @@ class CompressionMethod:
     """One compression method: what it is, what it needs and which back ends run it.
 
     A back end supports the method exactly when its field is set (``transformers``,
-    ``vllm``, ``synthetic``)."""
+    ``vllm``, ``synthetic``). A plugin distribution exports one such entry under the
+    ``evo_compress.methods`` entry-point group, its entry-point name equal to ``name``
+    (``MethodRegistry``); ``evo_compress.testing.methods.check_method`` checks it.
+
+    Raises:
+        ValueError: A field is out of range: ``name`` not lower-case letters, digits and
+            ``_``; an unknown ``kind``; a ``description`` that is empty or not one line; bits
+            outside 1..32; group sizes that are not distinct positive integers; or vLLM group
+            sizes that are not among the method's own.
+    """
 
     name: str
+    """The method's name in recipes and configs (lower-case letters, digits and ``_``)."""
     kind: Kind
+    """What kind of compression it is (``"quantization"``)."""
     description: str
     """One line for the docs."""
     weight_bits: int
@@ -152,8 +188,11 @@ class CompressionMethod:
     scale_bits: int = 16
     """Bits of the scale stored per group (grouped methods only)."""
     transformers: TransformersSupport | None = None
+    """How the transformers back end runs it; None: it does not."""
     vllm: VllmSupport | None = None
+    """How the vLLM back end serves it; None: it does not."""
     synthetic: SyntheticTraits | None = None
+    """Its terms in the synthetic landscape; None: the synthetic back end does not offer it."""
 
     def __post_init__(self) -> None:
         if (
@@ -212,6 +251,19 @@ class MethodRegistry:
         self._discovered = group is None
 
     def register(self, method: CompressionMethod, origin: str = BUILTIN) -> CompressionMethod:
+        """Add a method after those registered.
+
+        Args:
+            method: The method.
+            origin: Who registered it: ``"built-in"``, or a plugin's distribution (name and
+                version).
+
+        Returns:
+            ``method`` itself.
+
+        Raises:
+            RegistryError: A method of that name is registered already.
+        """
         if method.name in self._entries:
             raise RegistryError(f"compression method `{method.name}` is already registered")
         self._entries[method.name] = method
@@ -219,6 +271,20 @@ class MethodRegistry:
         return method
 
     def get(self, name: str, kind: Kind | None = None) -> CompressionMethod:
+        """The method named ``name``.
+
+        Args:
+            name: Its name.
+            kind: Only a method of this kind; None: any.
+
+        Returns:
+            The method.
+
+        Raises:
+            RegistryError: No method of that name (and kind) is registered: the message
+                says "did you mean" and lists the known names; or the plugin method of that
+                name failed to load, naming its distribution.
+        """
         self._discover()
         method = self._entries.get(name)
         if method is None and name in self._broken:
@@ -232,25 +298,58 @@ class MethodRegistry:
         return method
 
     def find(self, name: object, kind: Kind | None = None) -> CompressionMethod | None:
-        """The method named ``name`` (of ``kind``), or None: for values read from recipes."""
+        """The method named ``name`` (of ``kind``), or None: for values read from recipes.
+
+        Args:
+            name: Any value; only a string can name a method.
+            kind: Only a method of this kind; None: any.
+
+        Returns:
+            The method, or None when there is no such method (of ``kind``).
+        """
         self._discover()
         method = self._entries.get(name) if isinstance(name, str) else None
         return method if method is not None and (kind is None or method.kind == kind) else None
 
     def origin(self, name: str) -> str:
-        """``"built-in"``, or the plugin distribution (name and version) that registered it."""
+        """Who registered a method.
+
+        Args:
+            name: The method's name.
+
+        Returns:
+            ``"built-in"``, or the plugin distribution (name and version) that registered it.
+
+        Raises:
+            RegistryError: No method of that name is registered (as ``get``).
+        """
         self.get(name)
         return self._origins[name]
 
     def broken(self) -> dict[str, str]:
-        """The plugin methods that failed to load, by entry-point name: the one-line reason."""
+        """The plugin methods that failed to load.
+
+        Returns:
+            The one-line reason of each, by entry-point name (a copy).
+        """
         self._discover()
         return dict(self._broken)
 
     def methods(
         self, kind: Kind | None = None, backend: str | None = None
     ) -> list[CompressionMethod]:
-        """The registered methods (of ``kind``, run by ``backend``), in registration order."""
+        """The registered methods, in registration order.
+
+        Args:
+            kind: Only those of this kind; None: any.
+            backend: Only those this back end runs (one of ``BACKENDS``); None: any.
+
+        Returns:
+            The methods.
+
+        Raises:
+            RegistryError: ``backend`` is not one of ``BACKENDS``.
+        """
         if backend is not None and backend not in BACKENDS:
             raise RegistryError(f"unknown back end `{backend}`; known: {', '.join(BACKENDS)}")
         self._discover()
@@ -261,6 +360,18 @@ class MethodRegistry:
         ]
 
     def names(self, kind: Kind | None = None, backend: str | None = None) -> list[str]:
+        """The names of the registered methods, in registration order.
+
+        Args:
+            kind: Only those of this kind; None: any.
+            backend: Only those this back end runs (one of ``BACKENDS``); None: any.
+
+        Returns:
+            The names.
+
+        Raises:
+            RegistryError: ``backend`` is not one of ``BACKENDS``.
+        """
         return [m.name for m in self.methods(kind, backend)]
 
     def __contains__(self, name: object) -> bool:

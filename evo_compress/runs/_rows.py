@@ -37,6 +37,18 @@ from evo_compress.objectives import OBJECTIVE_NAMES
 
 @dataclass(frozen=True)
 class IndividualRow:
+    """One individual, as stored.
+
+    Attributes:
+        id: Its id in the run.
+        generation: Its generation (-1: the baseline reference).
+        slot: Its place in the generation.
+        hash: Its recipe's canonical hash.
+        recipe: Its recipe, as the JSON mapping stored.
+        parents: The ids of its parents (empty for the initial population).
+        operators: The names of the operators that made it.
+    """
+
     id: int
     generation: int
     slot: int
@@ -48,6 +60,14 @@ class IndividualRow:
 
 @dataclass(frozen=True)
 class EvaluationRow:
+    """One individual's evaluation, as stored.
+
+    Attributes:
+        individual_id: The individual evaluated.
+        result: What the evaluation produced.
+        source: Where it came from: ``"evaluated"``, ``"cache"`` or ``"run"``.
+    """
+
     individual_id: int
     result: EvaluationResult
     source: str
@@ -80,6 +100,17 @@ class LLMCallRow:
 
 @dataclass(frozen=True)
 class Checkpoint:
+    """What resuming after a completed generation needs, as plain JSON data.
+
+    Attributes:
+        generation: The generation completed.
+        population: The surviving population: one mapping per member, with its ``id`` and
+            ``cv`` (constraint violation) besides its rank and crowding.
+        algorithm_state: The search algorithm's state (``n_iter``, ``rng``, ...).
+        operator_state: The operators' state.
+        stats: The generation's statistics.
+    """
+
     generation: int
     population: list[dict[str, Any]]
     algorithm_state: dict[str, Any]

@@ -86,12 +86,28 @@ _CHECKPOINT_WAIT_MS = 200
 
 
 def is_run_dir(path: Path) -> bool:
-    """Whether ``path`` is a run directory (it holds a run store)."""
+    """Whether ``path`` is a run directory.
+
+    Args:
+        path: Any path.
+
+    Returns:
+        True when ``path`` holds a run store (``run.sqlite``).
+    """
     return (path / DB_NAME).is_file()
 
 
 class RunStore:
-    """Read and write one run directory. Use ``create`` or ``open``, then ``lock`` to write."""
+    """Read and write one run directory. Use ``create`` or ``open``, then ``lock`` to write.
+
+    Every method that reads or writes raises ``RunStoreError`` with one line when SQLite
+    cannot (a full disk says so, with what to do once space is freed), and every row read
+    back is checked: a damaged one raises ``RunStoreError`` naming the row and the field.
+    One store may be shared by threads (the LLM operators record their calls from workers).
+
+    Attributes:
+        run_dir: The run directory the store is in.
+    """
 
     def __init__(self, run_dir: Path, db: sqlite3.Connection) -> None:
         self.run_dir = run_dir
@@ -115,7 +131,23 @@ class RunStore:
         """A new store, locked for writing. It appears whole or not at all: it is built in a
         scratch file, synced and renamed into place, so a crash (kill -9, a full disk) leaves
         either no store or a complete one. An unfinished store an older version left behind
-        after such a crash is replaced, with a ``note``."""
+        after such a crash is replaced, with a ``note``.
+
+        Args:
+            run_dir: The run directory, made (with its parents) when missing.
+            config_yaml: The run's config as YAML, written to ``config.yaml`` and to meta
+                ``config``.
+            meta: More meta values (plain JSON data), besides ``schema_version``, ``config``
+                and ``created_at``.
+            note: Told, in one line, when an unfinished store is replaced.
+
+        Returns:
+            The new store, holding the writer lock.
+
+        Raises:
+            RunStoreError: ``run_dir`` holds a run already, cannot be made, or is locked by
+                another process; or the store cannot be written (a full disk).
+        """
         run_dir = Path(run_dir)
         path = run_dir / DB_NAME
         if path.exists() and not is_unfinished_store(path):
@@ -152,7 +184,21 @@ class RunStore:
         """An existing store. ``read_only``: for commands that only read (status, front,
         ...): nothing is written, not even the WAL's index where the directory forbids it,
         so a run directory one may not write (another user's, a read-only mount) can be
-        read."""
+        read. A store of an older schema is upgraded (read-only: empty stand-ins for the
+        newer tables, in this connection only).
+
+        Args:
+            run_dir: The run directory.
+            read_only: Open it for reading only.
+
+        Returns:
+            The store, without the writer lock (``lock`` takes it).
+
+        Raises:
+            RunStoreError: ``run_dir`` does not exist, holds no run store, holds an
+                unfinished or foreign one, was written by a newer evo-compress, or cannot
+                be opened or upgraded.
+        """
         run_dir = Path(run_dir)
         if not run_dir.is_dir():
             raise RunStoreError(f"run directory {run_dir} does not exist")
@@ -232,12 +278,18 @@ class RunStore:
         """Take the run's writer lock; a second process gets a clear error, never a mixed run.
 
         ``flock`` is released by the kernel when the process dies, even by ``kill -9``.
-        A store from ``create`` holds it already.
+        A store from ``create`` holds it already; taking it again does nothing.
+
+        Raises:
+            RunStoreError: Another process holds the lock (its pid is named), or the lock
+                file cannot be made.
         """
         if self._lock_fd is None:
             self._lock_fd = take_lock(self.run_dir)
 
     def close(self) -> None:
+        """Close the store. A writer first copies the write-ahead log into the store file
+        (``checkpoint_wal``), then releases its lock."""
         if self._lock_fd is not None:  # the writer
             self.checkpoint_wal()
         self._db.close()
@@ -253,6 +305,15 @@ class RunStore:
 
     # ------------------------------------------------------------------ meta
     def set_meta(self, values: dict[str, Any]) -> None:
+        """Write meta values, in one transaction, replacing those of the same keys.
+
+        Args:
+            values: Values by key, each plain JSON data.
+
+        Raises:
+            RunStoreError: The store cannot be written (a full disk, no lock on a read-only
+                store).
+        """
         with self._transaction():
             self._db.executemany(
                 "INSERT OR REPLACE INTO meta VALUES (?, ?)",
@@ -260,6 +321,19 @@ class RunStore:
             )
 
     def get_meta(self, key: str, default: Any = ...) -> Any:
+        """A meta value.
+
+        Args:
+            key: Its key (``schema_version``, ``config``, ``generations_target``, ...).
+            default: Returned when the store lacks ``key``; left out, a missing key raises.
+
+        Returns:
+            The value, decoded from its JSON.
+
+        Raises:
+            RunStoreError: The store lacks ``key`` and no ``default`` is given, the value is
+                not valid JSON, or the store cannot be read.
+        """
         row = self._query("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         if row is None:
             if default is ...:
@@ -268,7 +342,14 @@ class RunStore:
         return meta_value(self.run_dir, key, row[0])
 
     def config_data(self) -> dict[str, Any]:
-        """The run's config as the mapping its YAML holds (meta `config`)."""
+        """The run's config as the mapping its YAML holds (meta `config`).
+
+        Returns:
+            The config's YAML, parsed (not validated as a config).
+
+        Raises:
+            RunStoreError: Meta `config` is missing, not valid YAML or not a mapping.
+        """
         import yaml
 
         text = self.get_meta("config")
@@ -284,7 +365,14 @@ class RunStore:
         return data
 
     def target_generations(self) -> int:
-        """How many generations the run is to have in all (meta `generations_target`)."""
+        """How many generations the run is to have in all (meta `generations_target`).
+
+        Returns:
+            The number, >= 1.
+
+        Raises:
+            RunStoreError: Meta `generations_target` is missing or not an integer >= 1.
+        """
         value = self.get_meta("generations_target")
         if not is_int(value) or value < 1:
             raise damaged(
@@ -296,7 +384,20 @@ class RunStore:
 
     # ------------------------------------------------------------------ individuals
     def add_individuals(self, rows: Sequence[dict[str, Any]]) -> list[int]:
-        """Insert one generation's individuals in one transaction; returns their ids."""
+        """Insert one generation's individuals in one transaction.
+
+        Args:
+            rows: One mapping per individual with ``generation``, ``slot``, ``hash``,
+                ``recipe`` (its canonical JSON text), ``parents`` (ids) and ``operators``
+                (names).
+
+        Returns:
+            Their ids, in the order of ``rows``.
+
+        Raises:
+            RunStoreError: The store cannot be written (a full disk, or an individual
+                already at that generation and slot); nothing is inserted.
+        """
         now = time.time()
         ids = []
         with self._transaction():
@@ -318,6 +419,18 @@ class RunStore:
         return ids
 
     def individual_at(self, generation: int, slot: int) -> IndividualRow | None:
+        """The individual at ``slot`` of ``generation``.
+
+        Args:
+            generation: The generation (-1: the baseline reference).
+            slot: Its place in the generation.
+
+        Returns:
+            The individual, or None when there is none there.
+
+        Raises:
+            RunStoreError: Its row is damaged, or the store cannot be read.
+        """
         row = self._query(
             "SELECT id, generation, slot, hash, recipe, parents, operators FROM individuals "
             "WHERE generation = ? AND slot = ?",
@@ -326,6 +439,17 @@ class RunStore:
         return individual_row(self.run_dir, row) if row else None
 
     def individuals(self, generation: int | None = None) -> list[IndividualRow]:
+        """The stored individuals, by id.
+
+        Args:
+            generation: Only those of this generation; None: all.
+
+        Returns:
+            The individuals, oldest first.
+
+        Raises:
+            RunStoreError: A row is damaged, or the store cannot be read.
+        """
         sql = "SELECT id, generation, slot, hash, recipe, parents, operators FROM individuals"
         args: tuple[Any, ...] = ()
         if generation is not None:
@@ -334,6 +458,18 @@ class RunStore:
         return [individual_row(self.run_dir, r) for r in self._query(sql + " ORDER BY id", args)]
 
     def individual(self, individual_id: int) -> IndividualRow:
+        """The individual ``individual_id``.
+
+        Args:
+            individual_id: Its id.
+
+        Returns:
+            The individual.
+
+        Raises:
+            RunStoreError: The run has no such individual, its row is damaged, or the store
+                cannot be read.
+        """
         row = self._query(
             "SELECT id, generation, slot, hash, recipe, parents, operators FROM individuals "
             "WHERE id = ?",
@@ -344,6 +480,17 @@ class RunStore:
         return individual_row(self.run_dir, row)
 
     def hashes_up_to(self, generation: int) -> set[str]:
+        """The recipe hashes of the searched individuals of generations 0 to ``generation``.
+
+        Args:
+            generation: The last generation included.
+
+        Returns:
+            The hashes (for duplicate elimination).
+
+        Raises:
+            RunStoreError: The store cannot be read.
+        """
         rows = self._query(
             "SELECT hash FROM individuals WHERE generation >= 0 AND generation <= ?", (generation,)
         )
@@ -351,6 +498,18 @@ class RunStore:
 
     # ------------------------------------------------------------------ evaluations
     def add_evaluation(self, individual_id: int, result: EvaluationResult, source: str) -> None:
+        """Record an individual's evaluation, committed at once; it replaces an earlier one.
+
+        Args:
+            individual_id: The individual evaluated.
+            result: What the evaluation produced (its metadata stored as JSON; values JSON
+                cannot hold are stored as text).
+            source: Where the result came from: ``"evaluated"`` (a fresh evaluation),
+                ``"cache"`` (the fitness cache) or ``"run"`` (an equal recipe of this run).
+
+        Raises:
+            RunStoreError: The store cannot be written (a full disk).
+        """
         with self._transaction():
             self._db.execute(
                 "INSERT OR REPLACE INTO evaluations VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -367,6 +526,17 @@ class RunStore:
             )
 
     def evaluation(self, individual_id: int) -> EvaluationRow | None:
+        """The evaluation of individual ``individual_id``.
+
+        Args:
+            individual_id: The individual's id.
+
+        Returns:
+            Its evaluation, or None when it has none yet.
+
+        Raises:
+            RunStoreError: The row is damaged, or the store cannot be read.
+        """
         row = self._query(
             "SELECT individual_id, status, objectives, reason, source, duration_s, metadata "
             "FROM evaluations WHERE individual_id = ?",
@@ -375,6 +545,14 @@ class RunStore:
         return evaluation_row(self.run_dir, row) if row else None
 
     def failed_hashes(self) -> set[str]:
+        """The recipe hashes of every individual whose evaluation failed.
+
+        Returns:
+            The hashes.
+
+        Raises:
+            RunStoreError: The store cannot be read.
+        """
         rows = self._query(
             "SELECT i.hash FROM evaluations e JOIN individuals i ON i.id = e.individual_id "
             "WHERE e.status = 'failed'"
@@ -382,6 +560,18 @@ class RunStore:
         return {r[0] for r in rows}
 
     def count_evaluations(self, min_generation: int | None = None) -> int:
+        """How many evaluations the store holds.
+
+        Args:
+            min_generation: Only those of individuals of this generation or later; None:
+                all.
+
+        Returns:
+            The count.
+
+        Raises:
+            RunStoreError: The store cannot be read.
+        """
         if min_generation is None:
             return int(self._query("SELECT COUNT(*) FROM evaluations").fetchone()[0])
         row = self._query(
@@ -392,6 +582,14 @@ class RunStore:
         return int(row[0])
 
     def evaluations(self) -> dict[int, EvaluationRow]:
+        """Every evaluation.
+
+        Returns:
+            The evaluations by individual id, in id order.
+
+        Raises:
+            RunStoreError: A row is damaged, or the store cannot be read.
+        """
         rows = self._query(
             "SELECT individual_id, status, objectives, reason, source, duration_s, metadata "
             "FROM evaluations ORDER BY individual_id"
@@ -401,7 +599,14 @@ class RunStore:
     def evaluated_objectives(self) -> list[tuple[int, int, dict[str, float]]]:
         """``(id, generation, objectives)`` of every searched individual (generation >= 0)
         evaluated with objectives, by id: the points a report draws behind the front. Reads
-        no metadata, so a long run's ten thousand rows load quickly."""
+        no metadata, so a long run's ten thousand rows load quickly.
+
+        Returns:
+            One ``(individual id, generation, objectives)`` tuple per such evaluation.
+
+        Raises:
+            RunStoreError: Stored objectives are damaged, or the store cannot be read.
+        """
         rows = self._query(
             "SELECT e.individual_id, i.generation, e.objectives FROM evaluations e "
             "JOIN individuals i ON i.id = e.individual_id "
@@ -414,7 +619,15 @@ class RunStore:
 
     # ------------------------------------------------------------------ LLM calls
     def add_llm_call(self, row: LLMCallRow) -> None:
-        """Record one provider call the moment it ends (safe from worker threads)."""
+        """Record one provider call the moment it ends (safe from worker threads); it
+        replaces an earlier record of the same generation, slot, operator and attempt.
+
+        Args:
+            row: The call.
+
+        Raises:
+            RunStoreError: The store cannot be written (a full disk).
+        """
         values = tuple(getattr(row, c) for c in LLM_CALL_COLUMNS)
         with self._transaction():
             self._db.execute(
@@ -426,6 +639,20 @@ class RunStore:
     def llm_call(
         self, generation: int, slot: int, operator: str, attempt: int
     ) -> LLMCallRow | None:
+        """The recorded provider call of one attempt, for replaying it on resume.
+
+        Args:
+            generation: The generation of the child it was for.
+            slot: The child's slot.
+            operator: The operator's name.
+            attempt: Which attempt, counting from 0.
+
+        Returns:
+            The call, or None when none was recorded.
+
+        Raises:
+            RunStoreError: The store cannot be read.
+        """
         row = self._query(
             f"SELECT {', '.join(LLM_CALL_COLUMNS)} FROM llm_calls WHERE generation = ? "
             "AND slot = ? AND operator = ? AND attempt = ?",
@@ -434,6 +661,17 @@ class RunStore:
         return LLMCallRow(*row) if row else None
 
     def llm_calls(self, generation: int | None = None) -> list[LLMCallRow]:
+        """The recorded provider calls, in the order they were recorded.
+
+        Args:
+            generation: Only those of this generation; None: all.
+
+        Returns:
+            The calls.
+
+        Raises:
+            RunStoreError: The store cannot be read.
+        """
         sql = f"SELECT {', '.join(LLM_CALL_COLUMNS)} FROM llm_calls"
         args: tuple[Any, ...] = ()
         if generation is not None:
@@ -443,6 +681,15 @@ class RunStore:
 
     # ------------------------------------------------------------------ operator credit
     def add_credits(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Record operator credit, in one transaction, replacing rows of the same individual.
+
+        Args:
+            rows: One mapping per individual with the ``CREDIT_COLUMNS`` (``operators`` a
+                list of names).
+
+        Raises:
+            RunStoreError: The store cannot be written (a full disk).
+        """
         with self._transaction():
             self._db.executemany(
                 f"INSERT OR REPLACE INTO credits ({', '.join(CREDIT_COLUMNS)}) "
@@ -454,6 +701,14 @@ class RunStore:
             )
 
     def credits(self) -> list[dict[str, Any]]:
+        """The recorded operator credit.
+
+        Returns:
+            One mapping of the ``CREDIT_COLUMNS`` per individual, by id.
+
+        Raises:
+            RunStoreError: A row's operators are damaged, or the store cannot be read.
+        """
         rows = self._query(
             f"SELECT {', '.join(CREDIT_COLUMNS)} FROM credits ORDER BY individual_id"
         )
@@ -468,6 +723,15 @@ class RunStore:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Record a completed generation's checkpoint, replacing one of the same generation,
+        then copy the write-ahead log into the store file (``checkpoint_wal``).
+
+        Args:
+            checkpoint: The checkpoint (its parts plain JSON data).
+
+        Raises:
+            RunStoreError: The store cannot be written (a full disk).
+        """
         with self._transaction():
             self._db.execute(
                 "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?, ?)",
@@ -489,7 +753,9 @@ class RunStore:
 
         A reader holding an older snapshot (``status`` at that moment) can keep part of the
         log from being copied; the writer does not wait long for it, and the next
-        generation's checkpoint copies the rest."""
+        generation's checkpoint copies the rest. A checkpoint SQLite cannot do now (a full
+        disk) is skipped without an error: the rows are committed in the log either way.
+        """
         with self._mutex:
             try:
                 self._db.execute(f"PRAGMA busy_timeout = {_CHECKPOINT_WAIT_MS}")
@@ -503,6 +769,14 @@ class RunStore:
                 pass
 
     def checkpoints(self) -> list[Checkpoint]:
+        """Every checkpoint.
+
+        Returns:
+            The checkpoints, oldest generation first.
+
+        Raises:
+            RunStoreError: A checkpoint is damaged, or the store cannot be read.
+        """
         rows = self._query(
             "SELECT generation, population, algorithm_state, operator_state, stats "
             "FROM checkpoints ORDER BY generation"
@@ -512,7 +786,18 @@ class RunStore:
     def last_checkpoint(self, on_damage: Callable[[str], None] | None = None) -> Checkpoint | None:
         """The newest checkpoint. A damaged one raises, unless ``on_damage`` is given: it is
         told, and the one before is tried (a generation is then done again, re-using what the
-        store holds of it); the oldest one damaged still raises."""
+        store holds of it); the oldest one damaged still raises.
+
+        Args:
+            on_damage: Told, in one line, of each damaged checkpoint passed over.
+
+        Returns:
+            The newest (readable) checkpoint, or None when there is none.
+
+        Raises:
+            RunStoreError: The newest checkpoint is damaged and no ``on_damage`` is given,
+                every checkpoint is damaged, or the store cannot be read.
+        """
         sql = (
             "SELECT generation, population, algorithm_state, operator_state, stats "
             "FROM checkpoints ORDER BY generation DESC"
@@ -532,7 +817,14 @@ class RunStore:
     def snapshot(self) -> Iterator[RunStore]:
         """Every read inside sees the store as of one moment (a WAL read transaction), even
         while a search writes it: a front, its lineage and the history agree. Re-entrant;
-        this connection must not write meanwhile."""
+        this connection must not write meanwhile.
+
+        Yields:
+            This store.
+
+        Raises:
+            RunStoreError: The store cannot be read.
+        """
         with self._mutex:
             if self._snapshot:
                 yield self

@@ -63,27 +63,58 @@ def _check_result(result: EvaluationResult, recipe: Recipe) -> None:
 
 class EvaluatorContract:
     """Five finite objectives or a recorded failure with a reason; the recipe never modified;
-    capabilities honoured; the promised objectives deterministic."""
+    capabilities honoured; the promised objectives deterministic.
+
+    Subclass it in a test module and give it a class-scoped ``evaluator`` fixture (a fresh
+    ``Evaluator``); override the other fixtures where the defaults do not fit. Each test
+    fails with ``AssertionError`` naming the recipe and what broke.
+    """
 
     @pytest.fixture(scope="class")
     @classmethod
     def space(cls) -> SearchSpace:
+        """Fixture: the search space the recipes are drawn from.
+
+        Returns:
+            The built-in search space.
+        """
         return SearchSpace.builtin()
 
     @pytest.fixture(scope="class")
     @classmethod
     def deterministic_objectives(cls) -> tuple[str, ...]:
+        """Fixture: the objectives the back end promises to repeat exactly for a recipe.
+
+        Returns:
+            Their names; none by default (``test_promised_objectives_repeat_exactly`` is
+            then skipped).
+        """
         return ()
 
     @pytest.fixture(scope="class")
     @classmethod
     def sample_count(cls) -> int:
+        """Fixture: how many recipes are evaluated besides the baseline.
+
+        Returns:
+            2 by default.
+        """
         return 2
 
     @pytest.fixture(scope="class")
     @classmethod
     def recipes(cls, evaluator: Evaluator, space: SearchSpace, sample_count: int) -> list[Recipe]:
-        """The baseline and ``sample_count`` draws of the space the back end can apply."""
+        """Fixture: the recipes evaluated.
+
+        Args:
+            evaluator: The evaluator under test.
+            space: The search space.
+            sample_count: How many draws besides the baseline.
+
+        Returns:
+            The baseline and ``sample_count`` draws (seeded) of the part of ``space`` the
+            back end can apply, as recipes of ``space``.
+        """
         restricted = evaluator.restrict_space(space)
         drawn = [restricted.baseline(), *samples(restricted, sample_count, seed=0)]
         return [space.recipe(dict(recipe)) for recipe in drawn]
@@ -93,6 +124,17 @@ class EvaluatorContract:
     def evaluated(
         cls, evaluator: Evaluator, space: SearchSpace, recipes: list[Recipe]
     ) -> Evaluated:
+        """Fixture: every recipe evaluated once, after ``evaluator.prepare()``.
+
+        Args:
+            evaluator: The evaluator under test.
+            space: The search space.
+            recipes: The recipes to evaluate.
+
+        Returns:
+            ``(recipe, its canonical JSON before evaluating, result)`` per recipe, the
+            baseline first.
+        """
         evaluator.prepare()
         out = []
         for recipe in recipes:
@@ -103,14 +145,18 @@ class EvaluatorContract:
     def test_results_are_five_finite_objectives_or_a_failure_with_a_reason(
         self, evaluated: Evaluated
     ) -> None:
+        """Each result is ok with the five objectives, finite, or a failure with a reason;
+        its metadata is plain JSON."""
         for recipe, _, result in evaluated:
             _check_result(result, recipe)
 
     def test_the_baseline_is_measured(self, evaluated: Evaluated) -> None:
+        """The baseline (every gene at its default) evaluates ok."""
         recipe, _, result = evaluated[0]
         assert result.ok, f"the baseline {recipe.summary()} failed: {result.reason}"
 
     def test_the_recipe_is_never_modified(self, evaluated: Evaluated) -> None:
+        """Evaluating leaves the recipe, and its hash, as they were."""
         for recipe, before, _ in evaluated:
             assert recipe.canonical_json() == before
             assert _content_hash(recipe) == recipe.hash
@@ -118,11 +164,14 @@ class EvaluatorContract:
     def test_only_recipes_it_names_a_reason_for_are_infeasible(
         self, evaluator: Evaluator, space: SearchSpace, evaluated: Evaluated
     ) -> None:
+        """An infeasible result carries the reason ``infeasible_reason`` gives."""
         for recipe, _, result in evaluated:
             if result.status == "infeasible":
                 assert result.reason == evaluator.infeasible_reason(recipe, space)
 
     def test_capabilities_are_honoured(self, evaluator: Evaluator, space: SearchSpace) -> None:
+        """The restricted space holds only what ``capabilities`` says the back end applies,
+        and a recipe outside it is infeasible with a reason before anything runs."""
         caps = evaluator.capabilities()
 
         def applies(recipe: Recipe) -> bool:
@@ -156,6 +205,7 @@ class EvaluatorContract:
         evaluated: Evaluated,
         deterministic_objectives: tuple[str, ...],
     ) -> None:
+        """Evaluating the baseline again gives the same ``deterministic_objectives``."""
         if not deterministic_objectives:
             pytest.skip("the back end promises no objective to repeat exactly")
         recipe, _, first = evaluated[0]
@@ -206,17 +256,31 @@ def _vary(operator: Operator, space: SearchSpace, seed: int) -> tuple[list[Measu
 
 class OperatorContract:
     """Parents never modified; children valid canonical recipes of the space; the same seeds
-    give the same children; pinned genes stay pinned."""
+    give the same children; pinned genes stay pinned.
+
+    Subclass it in a test module and give it a ``make_operator`` fixture: a function from a
+    search space to a fresh operator on it; override ``space`` where the default does not
+    fit. Each test fails with ``AssertionError``.
+
+    Attributes:
+        seeds: The seeds each test varies with.
+    """
 
     seeds = range(6)
 
     @pytest.fixture
     def space(self) -> SearchSpace:
+        """Fixture: the search space the parents are drawn from.
+
+        Returns:
+            The built-in search space.
+        """
         return SearchSpace.builtin()
 
     def test_parents_are_never_modified(
         self, make_operator: Callable[[SearchSpace], Operator], space: SearchSpace
     ) -> None:
+        """``vary`` leaves the parents, and their hashes, as they were."""
         operator = make_operator(space)
         for seed in self.seeds:
             parents = _parents(space, int(getattr(operator, "n_parents", 1)), seed)
@@ -228,6 +292,8 @@ class OperatorContract:
     def test_children_are_valid_canonical_recipes_of_the_space(
         self, make_operator: Callable[[SearchSpace], Operator], space: SearchSpace
     ) -> None:
+        """Each child is a valid recipe of the space, already canonical, its hash that of
+        its content."""
         operator = make_operator(space)
         for seed in self.seeds:
             _, child = _vary(operator, space, seed)
@@ -239,6 +305,7 @@ class OperatorContract:
     def test_the_same_seeds_give_the_same_children(
         self, make_operator: Callable[[SearchSpace], Operator], space: SearchSpace
     ) -> None:
+        """Two fresh operators given the same seeds and parents make the same children."""
         first, second = make_operator(space), make_operator(space)
         children = [
             [_vary(op, space, seed)[1].hash for seed in self.seeds] for op in (first, second)
@@ -248,6 +315,7 @@ class OperatorContract:
     def test_pinned_genes_stay_pinned(
         self, make_operator: Callable[[SearchSpace], Operator], space: SearchSpace
     ) -> None:
+        """On a space with genes pinned, every child keeps the pinned values."""
         drawn = space.sample(np.random.default_rng(3))
         free = [n for n, g in space.genes.items() if not g.active_if.clauses and n in drawn]
         pins: dict[str, Any] = {name: drawn[name] for name in free[::2]}

@@ -40,8 +40,19 @@ __all__ = ["check_method", "method_cases"]
 
 
 def method_cases(names: Iterable[str] | None = None) -> list[tuple[str, str]]:
-    """(method, back end) for every back end each method claims: the registered methods,
-    or those named."""
+    """The cases for ``check_method``: one per method and back end it claims.
+
+    Args:
+        names: The methods to check, by name; None: every registered method (built-ins and
+            installed plugins).
+
+    Returns:
+        ``(method name, back end)`` pairs, for ``pytest.mark.parametrize``.
+
+    Raises:
+        RegistryError: A name is not a registered method, or names a plugin that failed to
+            load.
+    """
     methods = [METHODS.get(n) for n in names] if names is not None else list(METHODS)
     return [(m.name, backend) for m in methods for backend in m.backends]
 
@@ -49,8 +60,24 @@ def method_cases(names: Iterable[str] | None = None) -> list[tuple[str, str]]:
 def check_method(
     method: CompressionMethod | str, backend: str, workdir: Path | None = None
 ) -> str | None:
-    """Check ``method`` on ``backend``. None: it passed; a string: why it cannot be checked
-    here (skip with it). A broken contract raises ``AssertionError`` naming what broke."""
+    """Check ``method`` on ``backend`` against the contract the module describes.
+
+    Args:
+        method: The method entry, or the name of a registered one.
+        backend: One of the back ends the method claims (``transformers``, ``vllm``,
+            ``synthetic``).
+        workdir: Scratch directory for the transformers check; None: a temporary one.
+
+    Returns:
+        None when it passed; else why it cannot be checked here (skip with it), such as a
+        kernel that does not run on the CPU.
+
+    Raises:
+        AssertionError: The contract is broken (the message names what broke), or the
+            method does not claim ``backend``.
+        RegistryError: ``method`` names no registered method.
+        ImportError: torch or transformers is missing, for the transformers check.
+    """
     entry = METHODS.get(method) if isinstance(method, str) else method
     assert backend in entry.backends, f"`{entry.name}` does not claim back end `{backend}`"
     if backend == "transformers":
