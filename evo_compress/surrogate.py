@@ -145,11 +145,13 @@ class GaussianProcess:
         d = max(self.X.shape[1], 1)
         best: tuple[float, float, np.ndarray, np.ndarray] | None = None
         n = len(self.X)
+        diagonal = np.arange(n)
         for ls in _LENGTH_SCALES:
             length = ls * np.sqrt(d)
             K0 = np.exp(-0.5 * sq / length**2)
             for noise in _NOISES:
-                K = K0 + (noise + _JITTER) * np.eye(n)
+                K = K0.copy()  # K0 + noise * I without building I: the same numbers
+                K[diagonal, diagonal] += noise + _JITTER
                 try:
                     L = cholesky(K, lower=True, check_finite=False)
                 except np.linalg.LinAlgError:
