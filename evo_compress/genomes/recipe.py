@@ -15,11 +15,15 @@ from typing import Any
 from evo_compress.exceptions import RecipeError
 from evo_compress.genomes.genes import Value
 
+_SCALARS = frozenset({str, int, float, bool})
+
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{quant: {method: nf4}}`` and ``{"quant.method": nf4}`` both become the flat form."""
     if not isinstance(data, Mapping):
         raise RecipeError(f"a recipe must be a mapping of genes, got {type(data).__name__}")
+    if not prefix and all(type(k) is str and type(v) in _SCALARS for k, v in data.items()):
+        return dict(data)  # flat already (a recipe, an operator's proposal)
     flat: dict[str, Any] = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
@@ -71,6 +75,10 @@ class Recipe(Mapping[str, Value]):
 
     def __getitem__(self, name: str) -> Value:
         return self._values[name]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        # Mapping's own get goes through __getitem__ and an exception for a missing gene.
+        return self._values.get(name, default)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._values)
