@@ -150,10 +150,12 @@ class GaussianProcess:
             length = ls * np.sqrt(d)
             K0 = np.exp(-0.5 * sq / length**2)
             for noise in _NOISES:
-                K = K0.copy()  # K0 + noise * I without building I: the same numbers
+                # K0 + noise * I without building I, in the column order LAPACK works in so
+                # that the factorisation can overwrite it: the same numbers, fewer copies.
+                K = np.array(K0, order="F")
                 K[diagonal, diagonal] += noise + _JITTER
                 try:
-                    L = cholesky(K, lower=True, check_finite=False)
+                    L = cholesky(K, lower=True, overwrite_a=True, check_finite=False)
                 except np.linalg.LinAlgError:
                     continue
                 alpha = _cho_solve(L, Z)
