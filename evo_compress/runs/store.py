@@ -468,6 +468,26 @@ class RunStore:
         ).fetchone()
         return _evaluation(self.run_dir, row) if row else None
 
+    def evaluated_individuals(
+        self, generation: int
+    ) -> list[tuple[IndividualRow, EvaluationRow | None]]:
+        """Each individual of ``generation`` by id, with its evaluation (None when it has
+        none): ``individuals`` and ``evaluation`` in one query instead of one per individual."""
+        rows = self._query(
+            "SELECT i.id, i.generation, i.slot, i.hash, i.recipe, i.parents, i.operators, "
+            "e.individual_id, e.status, e.objectives, e.reason, e.source, e.duration_s, "
+            "e.metadata FROM individuals i LEFT JOIN evaluations e ON e.individual_id = i.id "
+            "WHERE i.generation = ? ORDER BY i.id",
+            (generation,),
+        )
+        return [
+            (
+                _individual(self.run_dir, row[:7]),
+                None if row[7] is None else _evaluation(self.run_dir, row[7:]),
+            )
+            for row in rows
+        ]
+
     def failed_hashes(self) -> set[str]:
         rows = self._query(
             "SELECT i.hash FROM evaluations e JOIN individuals i ON i.id = e.individual_id "
