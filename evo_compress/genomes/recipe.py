@@ -16,6 +16,9 @@ from evo_compress.exceptions import RecipeError
 from evo_compress.genomes.genes import Value
 
 _SCALARS = frozenset({str, int, float, bool})
+# What json.dumps(values, sort_keys=True, separators=(",", ":")) builds on every call: every
+# child of every generation is a new recipe.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -55,7 +58,7 @@ class Recipe(Mapping[str, Value]):
     def __init__(self, values: Mapping[str, Value]) -> None:
         # Callers pass canonical values (SearchSpace guarantees it); we only fix the key order.
         self._values: dict[str, Value] = {k: values[k] for k in sorted(values)}
-        self._json = json.dumps(self._values, sort_keys=True, separators=(",", ":"))
+        self._json = _CANONICAL.encode(self._values)
         self._hash = hashlib.sha256(self._json.encode()).hexdigest()
 
     @property
