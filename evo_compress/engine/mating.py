@@ -165,7 +165,7 @@ class Mating(InfillCriterion):
         new all stay, and when none is, the slot is re-drawn as any other."""
         rng: np.random.Generator = algorithm.random_state
         max_redraws = self.config.search.max_redraws
-        self._parents: dict[int, _Parent] = {}  # what _vary reads of each member of ``pop``
+        self._parents = {}  # what _vary reads of each member of ``pop``, read once
         generation = self.state.generation
         taken = set(self.state.seen)
         # The front and measurements only matter to informed operators: skip the queries
