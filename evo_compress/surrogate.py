@@ -47,6 +47,24 @@ class RecipeEncoder:
         self.genes: tuple[Gene, ...] = tuple(space.genes.values())
         self.width = sum(_width(g) for g in self.genes)
         self._rows: dict[str, np.ndarray] = {}  # by recipe hash: a run re-encodes its history
+        # Per gene, worked out once: its column and how a value fills it. Screening encodes
+        # hundreds of new candidates a generation, so the per-recipe work is a table look-up.
+        self._columns: list[_Column] = []
+        col = 0
+        for gene in self.genes:
+            if isinstance(gene, ChoiceGene):
+                k = len(gene.choices)
+                if _numeric_choices(gene):
+                    order = sorted(range(k), key=lambda j: float(gene.choices[j]))
+                    cells = [(0, order.index(j) / max(k - 1, 1)) for j in range(k)]
+                else:
+                    cells = [(j, 1.0) for j in range(k)]
+                self._columns.append(_Column(gene, col, "choice", cells=cells))
+            elif isinstance(gene, BoolGene):
+                self._columns.append(_Column(gene, col, "bool"))
+            elif isinstance(gene, RangeGene):
+                self._columns.append(_Column(gene, col, "range"))
+            col += _width(gene)  # an unknown gene type: no information, a constant column
 
     def __call__(self, recipes: Sequence[Recipe]) -> np.ndarray:
         X = np.zeros((len(recipes), self.width))
@@ -59,29 +77,49 @@ class RecipeEncoder:
 
     def _encode(self, recipe: Recipe) -> np.ndarray:
         x = np.zeros(self.width)
-        col = 0
-        for gene in self.genes:
+        for column in self._columns:
+            gene = column.gene
             value = recipe.get(gene.name, gene.default)
-            if isinstance(gene, ChoiceGene):
-                k = len(gene.choices)
-                index = _index(gene, value)
-                if _numeric_choices(gene):
-                    order = sorted(range(k), key=lambda j: float(gene.choices[j]))
-                    x[col] = order.index(index) / max(k - 1, 1)
-                    col += 1
-                else:
-                    x[col + index] = 1.0
-                    col += k
-            elif isinstance(gene, BoolGene):
-                x[col] = 1.0 if value else 0.0
-                col += 1
-            elif isinstance(gene, RangeGene):
+            if column.kind == "choice":
+                offset, cell = column.cells[column.index(value)]
+                x[column.col + offset] = cell
+            elif column.kind == "bool":
+                x[column.col] = 1.0 if value else 0.0
+            else:
+                assert isinstance(gene, RangeGene)
                 span = gene.high - gene.low
-                x[col] = (float(value) - gene.low) / span if span > 0 else 0.5
-                col += 1
-            else:  # an unknown gene type: no information, keep the column constant
-                col += _width(gene)
+                x[column.col] = (float(value) - gene.low) / span if span > 0 else 0.5
         return x
+
+
+class _Column:
+    """Where one gene sits in the encoding; for a choice, the (offset, value) of each choice."""
+
+    __slots__ = ("_lookup", "cells", "col", "gene", "kind")
+
+    def __init__(
+        self, gene: Gene, col: int, kind: str, cells: list[tuple[int, float]] | None = None
+    ) -> None:
+        self.gene = gene
+        self.col = col
+        self.kind = kind
+        self.cells = cells or []
+        self._lookup: dict[tuple[object, bool], int] = {}
+        if isinstance(gene, ChoiceGene):
+            for j, choice in reversed(list(enumerate(gene.choices))):  # the first match wins
+                try:
+                    if choice == choice:  # a NaN choice matches nothing, as in ``_index``
+                        self._lookup[choice, isinstance(choice, bool)] = j
+                except TypeError:
+                    pass
+
+    def index(self, value: object) -> int:
+        """``_index(gene, value)``, by hash when the value allows it."""
+        try:
+            return self._lookup[value, isinstance(value, bool)]
+        except (KeyError, TypeError):
+            assert isinstance(self.gene, ChoiceGene)
+            return _index(self.gene, value)
 
 
 def _index(gene: ChoiceGene, value: object) -> int:
@@ -107,13 +145,17 @@ class GaussianProcess:
         d = max(self.X.shape[1], 1)
         best: tuple[float, float, np.ndarray, np.ndarray] | None = None
         n = len(self.X)
+        diagonal = np.arange(n)
         for ls in _LENGTH_SCALES:
             length = ls * np.sqrt(d)
             K0 = np.exp(-0.5 * sq / length**2)
             for noise in _NOISES:
-                K = K0 + (noise + _JITTER) * np.eye(n)
+                # K0 + noise * I without building I, in the column order LAPACK works in so
+                # that the factorisation can overwrite it: the same numbers, fewer copies.
+                K = np.array(K0, order="F")
+                K[diagonal, diagonal] += noise + _JITTER
                 try:
-                    L = cholesky(K, lower=True, check_finite=False)
+                    L = cholesky(K, lower=True, overwrite_a=True, check_finite=False)
                 except np.linalg.LinAlgError:
                     continue
                 alpha = _cho_solve(L, Z)

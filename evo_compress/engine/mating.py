@@ -72,6 +72,14 @@ class _Deferred:
     parent_fitness: tuple[tuple[np.ndarray, float], ...]
 
 
+@dataclass(frozen=True)
+class _Parent:
+    ind: Any
+    recipe: Recipe
+    iid: int
+    fitness: tuple[np.ndarray, float]
+
+
 class Mating(InfillCriterion):
     """Replaces pymoo's ``Mating``: tournament ``selection`` from pymoo, variation by our
     operators, re-draws instead of pymoo's duplicate elimination (one round: the children
@@ -101,6 +109,7 @@ class Mating(InfillCriterion):
         self.listener = listener
         self.session = session
         self.screening = screening
+        self._parents: dict[int, _Parent] = {}
 
     def _do(
         self,
@@ -156,6 +165,7 @@ class Mating(InfillCriterion):
         new all stay, and when none is, the slot is re-drawn as any other."""
         rng: np.random.Generator = algorithm.random_state
         max_redraws = self.config.search.max_redraws
+        self._parents = {}  # what _vary reads of each member of ``pop``, read once
         generation = self.state.generation
         taken = set(self.state.seen)
         # The front and measurements only matter to informed operators: skip the queries
@@ -181,8 +191,8 @@ class Mating(InfillCriterion):
             )
 
         def context_at(slot: int, candidates: int = 1) -> VariationContext:
-            if not informed:
-                return replace(context, slot=slot, candidates=candidates)
+            if not informed:  # no operator reads it: skip a copy per child
+                return context
             # Informed operators steer clear of the children of this generation too: without
             # them, most of their re-draws are two slots proposing the same child.
             return replace(context, slot=slot, seen=frozenset(taken), candidates=candidates)
@@ -253,9 +263,10 @@ class Mating(InfillCriterion):
         draw of the slot is not applied. A remote one's child is deferred (``remote``) or its
         stand-in's (``remote=False``)."""
         ops = self.config.search.operators
-        first, second = pop[int(pair[0])], pop[int(pair[1])]
-        recipe: Recipe = first.get("recipe")
-        parents: tuple[int, ...] = (int(first.get("iid")),)
+        mother, father = self._parent(pop, int(pair[0])), self._parent(pop, int(pair[1]))
+        first, second = mother.ind, father.ind
+        recipe: Recipe = mother.recipe
+        parents: tuple[int, ...] = (mother.iid,)
         names: tuple[str, ...] = ()
         credited: list[tuple[str, int, bool]] = []
         drawn: list[tuple[str, int, Operator, Sequence[Any]]] = []
@@ -265,8 +276,8 @@ class Mating(InfillCriterion):
             if op.informed:
                 drawn.append(("crossover", i, op, (first, second)))
             else:
-                recipe = op.do([first.get("recipe"), second.get("recipe")], rng)
-                parents += (int(second.get("iid")),)
+                recipe = op.do([mother.recipe, father.recipe], rng)
+                parents += (father.iid,)
                 names += (op.label,)
                 credited.append(("crossover", i, False))
         if not drawn and rng.random() < ops.mutation_prob:
@@ -279,7 +290,7 @@ class Mating(InfillCriterion):
                 names += (mut.label,)
                 credited.append(("mutation", j, False))
         if not drawn:
-            parent_fitness = tuple(fitness(ind) for ind in (first, second)[: len(parents)])
+            parent_fitness = tuple(p.fitness for p in (mother, father)[: len(parents)])
             return Child(recipe, parents, names, tuple(credited), parent_fitness)
         kind, index, informed, inds = drawn[0]
         measured = [self.state.measure(ind) for ind in inds]
@@ -295,6 +306,16 @@ class Mating(InfillCriterion):
             ((kind, index, proposal.fell_back),),
             parent_fitness,
         )
+
+    def _parent(self, pop: Population, index: int) -> _Parent:
+        """``pop[index]``'s recipe, id and fitness, read once per ``make_offspring``: a
+        screened generation breeds several children of each member."""
+        parent = self._parents.get(index)
+        if parent is None:
+            ind = pop[index]
+            parent = _Parent(ind, ind.get("recipe"), int(ind.get("iid")), fitness(ind))
+            self._parents[index] = parent
+        return parent
 
     def _run_remote(self, jobs: list[_Deferred], generation: int) -> None:
         """The LLM requests of one generation, at most ``llm.concurrency`` at a time."""

@@ -283,8 +283,7 @@ class Search:
         and makes the same choice. Read from the store once per generation, kept in memory."""
         rows = self._history
         for generation in range(self._history_next, self._generation):
-            for row in self.store.individuals(generation):
-                evaluation = self.store.evaluation(row.id)
+            for row, evaluation in self.store.evaluated_individuals(generation):
                 if evaluation is None or row.hash in rows:
                     continue
                 result = evaluation.result

@@ -11,6 +11,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, ClassVar
 
 import numpy as np
@@ -173,7 +174,21 @@ class ChoiceGene(Gene):
     def _numeric(self) -> bool:
         return all(is_number(c) for c in self.choices)
 
+    @cached_property
+    def _canonical(self) -> dict[tuple[Value, bool], Value]:
+        """``check``'s answer for each choice, found by hash (repair checks every gene of
+        every child); keyed with whether it is a bool, as ``check`` keeps 1 and True apart."""
+        table: dict[tuple[Value, bool], Value] = {}
+        for choice in reversed(self.choices):  # the first equal choice wins, as in the loop
+            if choice == choice:  # NaN equals nothing; leave it to the loop
+                table[choice, isinstance(choice, bool)] = choice
+        return table
+
     def check(self, value: Any) -> Value:
+        try:
+            return self._canonical[value, isinstance(value, bool)]
+        except (KeyError, TypeError):  # not a choice, or unhashable: the loop decides
+            pass
         for choice in self.choices:
             # 1 == True in Python; a bool must not stand in for a number or vice versa.
             if value == choice and isinstance(value, bool) == isinstance(choice, bool):
@@ -187,6 +202,10 @@ class ChoiceGene(Gene):
         raise error
 
     def clip(self, value: Any, rng: np.random.Generator) -> Value:
+        try:
+            return self._canonical[value, isinstance(value, bool)]
+        except (KeyError, TypeError):
+            pass
         try:
             return self.check(value)
         except RecipeError:
@@ -251,7 +270,7 @@ class RangeGene(Gene):
                 f"{steps:.3g} values; at most {MAX_STEPS:,}"
             )
 
-    @property
+    @cached_property
     def n_steps(self) -> int:
         return math.floor((self.high - self.low) / self.step + 1e-9)
 
@@ -273,9 +292,15 @@ class RangeGene(Gene):
         return self._snap(as_float(value))
 
     def clip(self, value: Any, rng: np.random.Generator) -> Value:
-        if not is_number(value) or math.isnan(as_float(value)):
+        if type(value) is float:  # the common case, without the generic checks
+            number = value
+        elif is_number(value):
+            number = as_float(value)
+        else:
             return self.sample(rng)
-        return self._snap(min(max(as_float(value), self.low), self.high))
+        if math.isnan(number):
+            return self.sample(rng)
+        return self._snap(min(max(number, self.low), self.high))
 
     def sample(self, rng: np.random.Generator) -> Value:
         return self._cast(self.low + int(rng.integers(self.n_steps + 1)) * self.step)

@@ -15,11 +15,18 @@ from typing import Any
 from evo_compress.exceptions import RecipeError
 from evo_compress.genomes.genes import Value
 
+_SCALARS = frozenset({str, int, float, bool})
+# What json.dumps(values, sort_keys=True, separators=(",", ":")) builds on every call: every
+# child of every generation is a new recipe.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{quant: {method: nf4}}`` and ``{"quant.method": nf4}`` both become the flat form."""
     if not isinstance(data, Mapping):
         raise RecipeError(f"a recipe must be a mapping of genes, got {type(data).__name__}")
+    if not prefix and all(type(k) is str and type(v) in _SCALARS for k, v in data.items()):
+        return dict(data)  # flat already (a recipe, an operator's proposal)
     flat: dict[str, Any] = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
@@ -51,7 +58,7 @@ class Recipe(Mapping[str, Value]):
     def __init__(self, values: Mapping[str, Value]) -> None:
         # Callers pass canonical values (SearchSpace guarantees it); we only fix the key order.
         self._values: dict[str, Value] = {k: values[k] for k in sorted(values)}
-        self._json = json.dumps(self._values, sort_keys=True, separators=(",", ":"))
+        self._json = _CANONICAL.encode(self._values)
         self._hash = hashlib.sha256(self._json.encode()).hexdigest()
 
     @property
@@ -71,6 +78,10 @@ class Recipe(Mapping[str, Value]):
 
     def __getitem__(self, name: str) -> Value:
         return self._values[name]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        # Mapping's own get goes through __getitem__ and an exception for a missing gene.
+        return self._values.get(name, default)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._values)

@@ -108,6 +108,11 @@ class SearchSpace:
                     raise SearchSpaceError(f"`forbid[{i}].when` names unknown gene `{dep}`")
         self.genes: dict[str, Gene] = {g.name: g for g in _topological(genes)}
         self.forbid: tuple[ForbidRule, ...] = tuple(forbid)
+        # What repair walks for every child: each gene with its condition (None: always on).
+        self._plan = tuple(
+            (name, gene.active_if if gene.active_if.clauses else None, gene.clip, gene.sample)
+            for name, gene in self.genes.items()
+        )
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -290,11 +295,9 @@ class SearchSpace:
     # ------------------------------------------------------------------ helpers
     def _resolve(self, current: Mapping[str, Any], rng: np.random.Generator) -> dict[str, Value]:
         values: dict[str, Value] = {}
-        for name, gene in self.genes.items():
-            if gene.active_if.holds(values):
-                values[name] = (
-                    gene.clip(current[name], rng) if name in current else gene.sample(rng)
-                )
+        for name, condition, clip, sample in self._plan:
+            if condition is None or condition.holds(values):
+                values[name] = clip(current[name], rng) if name in current else sample(rng)
         return values
 
     def _break(self, rule: ForbidRule, values: dict[str, Any], rng: np.random.Generator) -> None:

@@ -262,7 +262,7 @@ class Crossover(Operator):
             raise OperatorError(
                 f"crossover `{self.name}` takes {self.n_parents} parents, got {len(parents)}"
             )
-        proposal = self._do([dict(p) for p in parents], rng)
+        proposal = self._do([_plain(p) for p in parents], rng)
         return self.space.repair(proposal, rng)
 
     def vary(
@@ -312,7 +312,7 @@ class Mutation(Operator):
         Raises:
             SearchSpaceError: No recipe satisfies the space's forbid rules.
         """
-        proposal = self._do(dict(recipe), rng)
+        proposal = self._do(_plain(recipe), rng)
         return self.space.repair(proposal, rng)
 
     def vary(
@@ -460,3 +460,8 @@ def operator_labels(crossover: Sequence[Any], mutation: Sequence[Any]) -> list[s
                 raise OperatorError(f"operator label `{label}` is used twice; labels must differ")
             labels[i] = f"{label}#{labels[:i].count(label) + 1}"
     return labels
+
+
+def _plain(recipe: Mapping[str, Any]) -> dict[str, Any]:
+    """A plain copy of a recipe's gene values (``dict(recipe)`` reads a recipe gene by gene)."""
+    return recipe.to_dict(nested=False) if isinstance(recipe, Recipe) else dict(recipe)

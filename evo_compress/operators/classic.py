@@ -59,9 +59,11 @@ class GeneMutation(Mutation):
             raise OperatorError(f"`step_scale` must be > 0, got {step_scale}")
         self.gene_prob = gene_prob
         self.step_scale = float(step_scale)
+        self._variable: tuple[SearchSpace, frozenset[str]] | None = None
 
     def _do(self, values: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-        mutable = [n for n in values if n in self.space.genes and can_vary(self.space.genes[n])]
+        variable = self._variable_genes()
+        mutable = [n for n in values if n in variable]
         if not mutable:
             return values
         prob = self.gene_prob if self.gene_prob is not None else 1.0 / len(mutable)
@@ -72,6 +74,13 @@ class GeneMutation(Mutation):
         for name in chosen:
             out[name] = self._mutate_gene(self.space.genes[name], out[name], rng)
         return out
+
+    def _variable_genes(self) -> frozenset[str]:
+        """The genes of ``space`` that ``can_vary``, worked out once per space."""
+        if self._variable is None or self._variable[0] is not self.space:
+            genes = self.space.genes
+            self._variable = (self.space, frozenset(n for n, g in genes.items() if can_vary(g)))
+        return self._variable[1]
 
     def _mutate_gene(self, gene: Gene, value: Any, rng: np.random.Generator) -> Any:
         if isinstance(gene, BoolGene):

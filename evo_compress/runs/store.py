@@ -544,6 +544,37 @@ class RunStore:
         ).fetchone()
         return evaluation_row(self.run_dir, row) if row else None
 
+    def evaluated_individuals(
+        self, generation: int
+    ) -> list[tuple[IndividualRow, EvaluationRow | None]]:
+        """Each individual of ``generation`` by id, with its evaluation: ``individuals`` and
+        ``evaluation`` in one query instead of one per individual.
+
+        Args:
+            generation: The generation to read.
+
+        Returns:
+            ``(individual, evaluation)`` pairs in id order; the evaluation is None when the
+            individual has none yet.
+
+        Raises:
+            RunStoreError: A row is damaged, or the store cannot be read.
+        """
+        rows = self._query(
+            "SELECT i.id, i.generation, i.slot, i.hash, i.recipe, i.parents, i.operators, "
+            "e.individual_id, e.status, e.objectives, e.reason, e.source, e.duration_s, "
+            "e.metadata FROM individuals i LEFT JOIN evaluations e ON e.individual_id = i.id "
+            "WHERE i.generation = ? ORDER BY i.id",
+            (generation,),
+        )
+        return [
+            (
+                individual_row(self.run_dir, row[:7]),
+                None if row[7] is None else evaluation_row(self.run_dir, row[7:]),
+            )
+            for row in rows
+        ]
+
     def failed_hashes(self) -> set[str]:
         """The recipe hashes of every individual whose evaluation failed.
 
