@@ -69,6 +69,7 @@ bench: setup
 	$(PY) benchmarks/bench_report.py
 	$(MAKE) vllm-env
 	$(PY) benchmarks/bench_vllm_cpu.py
+	$(PY) benchmarks/bench_awq.py
 
 # Runs with the machine's own python3 and its CUDA build of torch (setup installs a CPU
 # build into .venv); the machine needs the `hf` extra's other packages installed.

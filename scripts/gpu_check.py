@@ -12,10 +12,11 @@
    cache served by vLLM and measured through its API. Without vLLM this part says so and is
    skipped (the device machines have no vLLM).
 
-4. AWQ on the reference model: the hand-written kernel (what the CPU runs) against
-   llm-compressor's (what a CUDA device with a quantization environment runs), by each
-   decoder layer's output error and by accuracy. Skipped, saying why, where llm-compressor
-   is importable neither here nor in a quantization environment (`make vllm-env`).
+4. AWQ on the reference model: the hand-written kernel (what runs without a quantization
+   environment) against llm-compressor's, on the GPU, by each decoder layer's output error
+   and by accuracy (`benchmarks/bench_awq.py` does the same on the CPU). Skipped, saying why,
+   where llm-compressor is importable neither here nor in a quantization environment
+   (`make vllm-env`).
 
 Exit code 0 only when everything that could run ran; without a GPU it says so and exits 1.
 Record the printed table, with the GPU's name, in BENCHMARKS.md.
@@ -204,9 +205,9 @@ def _quantization_python(tmp: Path) -> str | None:
     return str(env / "bin" / "python")
 
 
-def check_awq(tmp: Path) -> bool | None:
+def check_awq(tmp: Path, device: str = "cuda") -> bool | None:
     """Hand-written AWQ vs llm-compressor's on the reference model (int4, group 64, the same
-    calibration); None when llm-compressor cannot run here."""
+    calibration) on ``device``; None when llm-compressor cannot run here."""
     import torch
     from transformers import AutoTokenizer
 
@@ -228,15 +229,15 @@ def check_awq(tmp: Path) -> bool | None:
     problems = list(iter_problems(task.include_path / "test.jsonl"))
     questions, answers = [p.question for p in problems], [p.answer for p in problems]
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    calibration = tokenize(tokenizer, list(task.train_texts[:64]), "cuda")["input_ids"]
-    held_out = tokenize(tokenizer, list(task.train_texts[-64:]), "cuda")["input_ids"]
+    calibration = tokenize(tokenizer, list(task.train_texts[:64]), device)["input_ids"]
+    held_out = tokenize(tokenizer, list(task.train_texts[-64:]), device)["input_ids"]
 
     def layer_outputs(model: Any) -> list[Any]:
         with torch.no_grad():
             states = model(held_out, output_hidden_states=True).hidden_states
         return [h.float() for h in states[1:]]
 
-    reference = layer_outputs(load_model(str(folder), "float32", "cuda"))
+    reference = layer_outputs(load_model(str(folder), "float32", device))
     recipe = {"quant.method": "awq", "quant.group_size": 64}
     rows = {}
     for name, quant_env in (("evo-compress", ""), ("llm-compressor", None)):
@@ -244,8 +245,8 @@ def check_awq(tmp: Path) -> bool | None:
         if quant_env is not None:  # no quantization environment: the hand-written kernel
             os.environ[QUANT_ENV_VAR] = quant_env
         try:
-            model = load_model(str(folder), "float32", "cuda")
-            result = apply_quantization(model, recipe, "cuda", calibration, tmp / name)
+            model = load_model(str(folder), "float32", device)
+            result = apply_quantization(model, recipe, device, calibration, tmp / name)
         finally:
             if saved is None:
                 os.environ.pop(QUANT_ENV_VAR, None)
