@@ -127,6 +127,13 @@ class EvaluationChain:
                 )
         new_ids = iter(self.store.add_individuals(rows)) if rows else iter(())
         idents = [row.id if row is not None else next(new_ids) for row in existing]
+        # A screened generation's LLM child may sit in another slot than its request's.
+        moved = [
+            (ident, ind.get("request_slot"))
+            for slot, (ident, ind) in enumerate(zip(idents, offspring, strict=True))
+            if ind.get("request_slot") is not None and ind.get("request_slot") != slot
+        ]
+        self.store.set_request_slots(moved)
         recipes: list[Recipe] = [ind.get("recipe") for ind in offspring]
         counts = {"evaluated": 0, "cache": 0, "run": 0, "failed": 0, "quick": 0}
         results: list[EvaluationResult | None] = [None] * len(offspring)

@@ -59,6 +59,8 @@ class Child:
     operators: tuple[str, ...]
     credited: tuple[tuple[str, int, bool], ...]
     parent_fitness: tuple[tuple[np.ndarray, float], ...]
+    request_slot: int | None = None
+    """The slot its LLM request was recorded under (``llm_calls.slot``); None: its own."""
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,7 @@ class Mating(InfillCriterion):
             ind.set("operators", child.operators)
             ind.set("credited", child.credited)
             ind.set("parent_fitness", child.parent_fitness)
+            ind.set("request_slot", child.request_slot)
         return off
 
     def breed(self, pop: Population, n: int, algorithm: Any) -> list[Child]:
@@ -238,6 +241,7 @@ class Mating(InfillCriterion):
                         proposal.operators,
                         ((job.kind, job.index, proposal.fell_back),),
                         job.parent_fitness,
+                        request_slot=slot,
                     )
                     if child.recipe.hash not in taken:
                         taken.add(child.recipe.hash)

@@ -10,7 +10,7 @@ changes the file that stores are written as, so they are kept as they were first
 from __future__ import annotations
 
 # 2: the llm_calls and credits tables (added to a version-1 store when it is opened).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 META = """\
 CREATE TABLE IF NOT EXISTS meta (
@@ -95,6 +95,14 @@ CREATE TABLE IF NOT EXISTS credits (
     reward REAL NOT NULL                  -- what adaptive operator selection was credited
 )"""
 
+LLM_CHILDREN = """\
+CREATE TABLE IF NOT EXISTS llm_children (
+    individual_id INTEGER PRIMARY KEY REFERENCES individuals (id),
+    request_slot INTEGER NOT NULL         -- the llm_calls slot of the request it came from,
+                                          -- where that is not its own slot (a screened
+                                          -- generation: one request proposes several)
+)"""
+
 # Every table by name, in the order the migrations create them.
 TABLES: dict[str, str] = {
     "meta": META,
@@ -103,6 +111,7 @@ TABLES: dict[str, str] = {
     "checkpoints": CHECKPOINTS,
     "llm_calls": LLM_CALLS,
     "credits": CREDITS,
+    "llm_children": LLM_CHILDREN,
 }
 
 # (version, statements): what turns a store of the version before into one of this version.
@@ -110,6 +119,7 @@ TABLES: dict[str, str] = {
 MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
     (1, (META, INDIVIDUALS, INDIVIDUALS_HASH, EVALUATIONS, CHECKPOINTS)),
     (2, (LLM_CALLS, CREDITS)),
+    (3, (LLM_CHILDREN,)),
 )
 assert MIGRATIONS[-1][0] == SCHEMA_VERSION
 

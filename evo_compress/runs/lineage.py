@@ -344,6 +344,8 @@ def _load_lineage(store: RunStore, ids: Sequence[int] | None, depth: int | None)
     calls: dict[tuple[int, int, str], list[LLMCallRow]] = {}
     for call in store.llm_calls():
         calls.setdefault((call.generation, call.slot, call.operator), []).append(call)
+    # A screened generation's LLM child sits in another slot than the request it came from.
+    request_slots = store.request_slots()
 
     nodes: dict[int, Node] = {}
     for ident in sorted(distance):
@@ -361,7 +363,9 @@ def _load_lineage(store: RunStore, ids: Sequence[int] | None, depth: int | None)
             objectives=dict(result.objectives) if result and result.objectives else None,
             reason=result.reason if result is not None else None,
             on_front=ident in archive,
-            llm=_llm_requests(row.generation, row.slot, row.operators, calls),
+            llm=_llm_requests(
+                row.generation, request_slots.get(ident, row.slot), row.operators, calls
+            ),
             parents=parents_of(ident),
         )
     edges = [

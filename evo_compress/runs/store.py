@@ -710,6 +710,39 @@ class RunStore:
             args = (generation,)
         return [LLMCallRow(*r) for r in self._query(sql + " ORDER BY id", args)]
 
+    def set_request_slots(self, pairs: Sequence[tuple[int, int]]) -> None:
+        """Record, for children of LLM requests that are not in their request's slot, the
+        slot their request was recorded under (``llm_calls.slot``): in a screened generation
+        one request proposes several candidates, and the chosen ones move to other slots.
+
+        Args:
+            pairs: ``(individual_id, request_slot)`` pairs; a pair already recorded is
+                replaced (a resumed generation records its children again).
+
+        Raises:
+            RunStoreError: The store cannot be written (a full disk).
+        """
+        if not pairs:
+            return
+        with self._transaction():
+            self._db.executemany(
+                "INSERT OR REPLACE INTO llm_children (individual_id, request_slot) VALUES (?, ?)",
+                [(int(i), int(s)) for i, s in pairs],
+            )
+
+    def request_slots(self) -> dict[int, int]:
+        """The request slot of each child recorded by ``set_request_slots``.
+
+        Returns:
+            ``individual_id -> request_slot``; children in their request's own slot are not
+            listed.
+
+        Raises:
+            RunStoreError: The store cannot be read.
+        """
+        rows = self._query("SELECT individual_id, request_slot FROM llm_children")
+        return {int(i): int(s) for i, s in rows}
+
     # ------------------------------------------------------------------ operator credit
     def add_credits(self, rows: Sequence[dict[str, Any]]) -> None:
         """Record operator credit, in one transaction, replacing rows of the same individual.

@@ -318,6 +318,8 @@ def test_llm_children_carry_their_requests(llm_run):
     llm_labels = {c[2] for c in calls} - {"llm-seed"}
     with RunStore.open(llm_run) as store:
         lineage = load_lineage(store, list(individuals))
+        # A screened generation's LLM child may sit in another slot than its request's.
+        request_slots = store.request_slots()
     seeds = [n for n in lineage.nodes.values() if n.operators == ["llm-seed"]]
     assert seeds
     for seed in seeds:
@@ -328,13 +330,14 @@ def test_llm_children_carry_their_requests(llm_run):
         if node.generation < 1:
             continue
         labels = [op for op in node.operators if op in llm_labels]
+        slot = request_slots.get(node.id, node.slot)
         expected = sorted(
-            (c for label in labels for c in by_key.get((node.generation, node.slot, label), [])),
+            (c for label in labels for c in by_key.get((node.generation, slot, label), [])),
             key=lambda c: (c[2], c[3]),
         )
         columns = ("operator", "attempt", "provider", "model", "outcome", "rationale")
         got = [
-            (node.generation, node.slot, *(c[k] for k in columns), c["input_tokens"])
+            (node.generation, slot, *(c[k] for k in columns), c["input_tokens"])
             for c in node.llm
         ]
         assert got == expected

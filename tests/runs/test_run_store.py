@@ -13,6 +13,7 @@ import pytest
 from evo_compress.app import start_search
 from evo_compress.exceptions import RunStoreError
 from evo_compress.runs import RunStore
+from evo_compress.runs._schema import SCHEMA_VERSION
 from evo_compress.runs.front import load_front, run_status
 from evo_compress.runs.store import DB_NAME
 
@@ -186,7 +187,7 @@ def test_an_older_store_is_upgraded_to_the_tables_a_new_one_has(finished_run, tm
     db.close()
     front = [m.id for m in load_front(RunStore.open(finished_run, read_only=True))]
     with RunStore.open(finished_run) as store:
-        assert store.get_meta("schema_version") == 2
+        assert store.get_meta("schema_version") == SCHEMA_VERSION
         assert store.llm_calls() == [] and store.credits() == []
         assert [m.id for m in load_front(store)] == front
     assert schema_of(finished_run / DB_NAME) == schema_of(tmp_path / "fresh" / DB_NAME)
