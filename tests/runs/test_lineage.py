@@ -337,8 +337,7 @@ def test_llm_children_carry_their_requests(llm_run):
         )
         columns = ("operator", "attempt", "provider", "model", "outcome", "rationale")
         got = [
-            (node.generation, slot, *(c[k] for k in columns), c["input_tokens"])
-            for c in node.llm
+            (node.generation, slot, *(c[k] for k in columns), c["input_tokens"]) for c in node.llm
         ]
         assert got == expected
         if labels and not node.fell_back:

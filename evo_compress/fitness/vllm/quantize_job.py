@@ -401,7 +401,7 @@ def _no_pinning_without_an_accelerator() -> None:
     except ImportError:  # a release without the cache pins nothing
         return
     if hasattr(IntermediatesCache, "pin_memory"):
-        IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None  # type: ignore[method-assign]
+        IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
 
 
 def main(argv: list[str] | None = None) -> int:
