@@ -309,3 +309,13 @@ def amortised_co2_per_1k(
     """One-time energy (compression, calibration, recovery training) as g CO2e per 1,000 of
     the ``deployment_tokens`` the deployment will serve; add it to the serving CO2."""
     return per_1k_tokens(co2_grams(one_time_joules, grid_intensity_g_per_kwh), deployment_tokens)
+
+
+def children_cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process's waited-for child processes so far: the
+    difference around a subprocess is its CPU time, which a CPU-time energy estimate of this
+    process alone would miss."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return float(usage.ru_utime + usage.ru_stime)

@@ -28,10 +28,10 @@ import torch
 from torch import nn
 
 from evo_compress.exceptions import EvaluationError
+from evo_compress.fitness.model.quantize_library import INT4
 from evo_compress.methods import METHODS, CompressionMethod
 
 DEFAULT_GROUP_SIZE = 128  # the gene's default, used when a recipe leaves it out
-INT4: torch.dtype = torch.int4  # type: ignore[attr-defined]  # missing from torch's stubs
 
 AWQ_GRID = 20  # alphas 0, 0.05, ..., 0.95, as in llm-awq's auto_scale
 AWQ_MAX_ROWS = 512  # calibration rows (tokens) kept per layer group for the alpha search

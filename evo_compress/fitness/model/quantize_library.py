@@ -9,7 +9,6 @@ measures int4 storage, not weights unpacked to full precision.
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import tempfile
 import time
@@ -22,14 +21,11 @@ import torch
 from torch import nn
 
 from evo_compress.exceptions import ConfigError, EvaluationError
+from evo_compress.fitness.energy import children_cpu_seconds
 from evo_compress.fitness.model.environments import QUANT_ENV_VAR, QUANTIZE_JOB, default_python
 
 INT4: torch.dtype = torch.int4  # type: ignore[attr-defined]  # missing from torch's stubs
 LOG_TAIL = 5  # lines of the job's log quoted in a failure
-STORAGE = (
-    "int4 values stored unpacked, one per int8 (torchao IntxUnpackedToInt8Tensor), "
-    "plus one scale (model dtype) and one int8 zero point per group"
-)
 
 
 class LibraryQuantizationError(EvaluationError):
@@ -99,14 +95,9 @@ def _folder(workdir: Path | None) -> Iterator[Path]:
         yield Path(tmp)
 
 
-def _children_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return float(usage.ru_utime + usage.ru_stime)
-
-
 def _run_job(command: list[str], log: Path, algorithm: str) -> tuple[float, float]:
     """Run the job, its output in ``log``; (wall seconds, CPU seconds of the job)."""
-    started, cpu_before = time.perf_counter(), _children_cpu_seconds()
+    started, cpu_before = time.perf_counter(), children_cpu_seconds()
     with log.open("w") as out:
         try:
             proc = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, check=False)
@@ -120,7 +111,7 @@ def _run_job(command: list[str], log: Path, algorithm: str) -> tuple[float, floa
             f"llm-compressor's {algorithm} (quantize_job.py) failed with exit code "
             f"{proc.returncode}: " + " | ".join(tail)
         )
-    return time.perf_counter() - started, _children_cpu_seconds() - cpu_before
+    return time.perf_counter() - started, children_cpu_seconds() - cpu_before
 
 
 def _check_config(folder: Path, group_size: int) -> dict[str, Any]:

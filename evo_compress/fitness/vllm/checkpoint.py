@@ -25,7 +25,7 @@ from typing import Any
 
 from evo_compress.exceptions import EvaluationError
 from evo_compress.fitness._base import EvaluationResult
-from evo_compress.fitness.energy import EnergyMeter, EnergyResult
+from evo_compress.fitness.energy import EnergyMeter, EnergyResult, children_cpu_seconds
 from evo_compress.fitness.model.environments import quantize_job_digest
 from evo_compress.fitness.vllm.compile import ServePlan
 from evo_compress.fitness.worker import WorkerLimits, run_in_worker
@@ -212,7 +212,7 @@ def _quantize(
         command += ["--calibration", str(calibration)]
     log = output.parent / "quantize.log"
     started = time.perf_counter()
-    children_before = _children_cpu_seconds()
+    children_before = children_cpu_seconds()
     full_env = {**os.environ, **env}  # a parallel worker's GPU (CUDA_VISIBLE_DEVICES)
     meter = EnergyMeter(device, watts_per_core=float(settings["watts_per_core"]), env=full_env)
     with meter, log.open("w") as out:
@@ -243,7 +243,7 @@ def _quantize(
     if energy.method == "cpu-time-estimate":
         # The job ran in a child process, which the meter's own CPU time misses: estimate
         # from the child's CPU time instead.
-        cpu = _children_cpu_seconds() - children_before
+        cpu = children_cpu_seconds() - children_before
         watts = float(settings["watts_per_core"])
         energy = EnergyResult(
             cpu * watts,
@@ -258,13 +258,6 @@ def _quantize(
         "seconds": round(time.perf_counter() - started, 3),
         "energy": energy.to_dict(),
     }
-
-
-def _children_cpu_seconds() -> float:
-    import resource
-
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return float(usage.ru_utime + usage.ru_stime)
 
 
 def build_weights_in_worker(payload: dict[str, Any]) -> EvaluationResult:
