@@ -5,8 +5,8 @@ Each method's kernel, probe and storage config are named by its registry entry
 (``TransformersSupport``, ``"module:attr"``) and looked up here when used; this module holds
 the built-in ones. torchao quantizes int8 (weight-only, w8a8), int4 RTN and fp8, and stores
 every int4 result. GPTQ's int4 values come from llm-compressor in the quantization
-environment (``quantize_library``: the same job as the vLLM back end's), and so do AWQ's on a
-CUDA device; elsewhere AWQ is this module's own, since llm-compressor's fails on the CPU.
+environment (``quantize_library``: the same job as the vLLM back end's), and so do AWQ's;
+without that environment AWQ is this module's own, named so in its record.
 bitsandbytes does nf4 and LLM.int8. Only the decoder's linear layers are quantized: the
 embeddings and the output head (``lm_head``) stay in full precision, as in AWQ, GPTQ and
 bitsandbytes.
