@@ -221,7 +221,10 @@ def quantization_unsupported(
             )
     reason = _probe(method, dev.type)
     if reason is None and entry.transformers.requires is not None:
-        reason = resolve(entry.transformers.requires)(method, dev)
+        try:  # a plugin's reference that does not load is a reason, not a crash
+            reason = resolve(entry.transformers.requires)(method, dev)
+        except QuantizationUnsupportedError as exc:
+            reason = f"{method}: {exc}"
     if reason is not None:
         return reason
     if entry.grouped and group_size is not None and model is not None:

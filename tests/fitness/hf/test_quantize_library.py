@@ -242,3 +242,18 @@ def test_the_jobs_cpu_time_joins_a_cpu_time_estimate_only() -> None:
     rapl = EnergyResult(50.0, 3.0, "rapl", True, {})
     assert _with_subprocess(rapl, details, 15.0) is rapl
     assert _with_subprocess(own, {"quant": {}}, 15.0) is own
+
+
+def test_a_requires_reference_that_does_not_load_is_a_reason(monkeypatch) -> None:
+    from dataclasses import replace
+
+    import evo_compress.fitness.model.quantize as quantize
+
+    entry = quantize._method("gptq")
+    assert entry is not None and entry.transformers is not None
+    broken = replace(
+        entry, transformers=replace(entry.transformers, requires="no_such_module:check")
+    )
+    monkeypatch.setattr(quantize, "_method", lambda name: broken)
+    reason = quantize.quantization_unsupported("gptq", "cpu")
+    assert reason is not None and "no_such_module:check" in reason
